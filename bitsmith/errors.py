@@ -1,0 +1,52 @@
+"""Typed errors a user can act on; every layer raises these (they import nothing)."""
+
+from __future__ import annotations
+
+
+class BitsmithError(Exception):
+    """Base class: the CLI prints these as one line and exits 2."""
+
+
+class UnsupportedOpError(BitsmithError):
+    """An op (from a captured model, or in the IR) that a frontend or target cannot handle."""
+
+    def __init__(self, op: str, *, module_path: str = "", source: str = "", target: str = "",
+                 detail: str = "") -> None:
+        self.op, self.module_path, self.source, self.target = op, module_path, source, target
+        where = ", ".join(p for p in (f"module {module_path}" if module_path else "",
+                                      f"source {source}" if source else "",
+                                      f"target {target}" if target else "") if p)
+        msg = f"unsupported op {op}" + (f" ({where})" if where else "")
+        super().__init__(msg + (f": {detail}" if detail else ""))
+
+
+class UnknownTargetError(BitsmithError):
+    def __init__(self, target: str, known: list[str] | tuple[str, ...]) -> None:
+        self.target, self.known = target, tuple(known)
+        super().__init__(f"unknown target {target!r}; known targets: {', '.join(sorted(known)) or '(none)'}")
+
+
+class UnknownOptionError(BitsmithError):
+    def __init__(self, what: str, name: str, valid: list[str] | tuple[str, ...]) -> None:
+        self.name, self.valid = name, tuple(valid)
+        super().__init__(f"unknown {what} {name!r}; valid: {', '.join(sorted(valid)) or '(none)'}")
+
+
+class ArtifactError(BitsmithError):
+    """An artifact directory that is missing, corrupted, truncated or inconsistent."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(f"bad artifact file {path}: {problem}")
+
+
+class PluginError(BitsmithError):
+    """A backend plugin that could not be loaded."""
+
+
+class ModelLoadError(BitsmithError):
+    """A model name or path that cannot be loaded."""
+
+
+class PassError(BitsmithError):
+    """A pass failed or left an ill-formed module; names the pass and those before it."""

@@ -1,0 +1,14 @@
+"""bitsmith's typed SSA IR: types, ops, graphs, verifier, text form and reference interpreter."""
+
+from .builder import GraphBuilder
+from .graph import Function, Location, Module, Node, TensorInfo, TensorTable, Value
+from .interpreter import InterpreterError, evaluate, run_function
+from .ops import OPS, get_op
+from .types import DTYPES, IRTypeError, TensorType
+from .verifier import VerificationError, verify_module
+
+__all__ = [
+    "DTYPES", "Function", "GraphBuilder", "IRTypeError", "InterpreterError", "Location", "Module",
+    "Node", "OPS", "TensorInfo", "TensorTable", "TensorType", "Value", "VerificationError",
+    "evaluate", "get_op", "run_function", "verify_module",
+]

@@ -1,0 +1,147 @@
+"""Symbolic tensor dimensions.
+
+A dimension is an ``int`` or a canonical polynomial string over named symbols, such as
+``"seq"``, ``"past+seq"`` or ``"batch*seq"``. Polynomials with integer coefficients are
+enough for the shapes LLM graphs produce (concatenating caches adds lengths, flattening
+batch and sequence multiplies them) and keep equality a plain string comparison.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Union
+
+Dim = Union[int, str]
+
+# A monomial is a sorted tuple of symbol names (with repetition); () is the constant term.
+Poly = dict[tuple[str, ...], int]
+
+_TOKEN = re.compile(r"\s*(?:(\d+)|([A-Za-z_][A-Za-z0-9_]*)|(.))")
+SYMBOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SymbolicDimError(ValueError):
+    """A dimension expression that cannot be parsed or evaluated."""
+
+
+def _parse(text: str) -> Poly:
+    tokens: list[tuple[str, str]] = []
+    for number, name, other in _TOKEN.findall(text):
+        if number:
+            tokens.append(("int", number))
+        elif name:
+            tokens.append(("sym", name))
+        elif other.strip():
+            if other not in "+-*":
+                raise SymbolicDimError(f"bad character {other!r} in dimension {text!r}")
+            tokens.append(("op", other))
+    poly: Poly = {}
+    sign, coeff, mono, expect_factor = 1, 1, [], True
+    for kind, tok in tokens + [("op", "+")]:
+        if expect_factor:
+            if kind == "op" and tok == "-" and coeff == 1 and not mono:
+                sign = -sign
+                continue
+            if kind == "int":
+                coeff *= int(tok)
+            elif kind == "sym":
+                mono.append(tok)
+            else:
+                raise SymbolicDimError(f"malformed dimension {text!r}")
+            expect_factor = False
+        else:
+            if kind != "op":
+                raise SymbolicDimError(f"malformed dimension {text!r}")
+            if tok == "*":
+                expect_factor = True
+                continue
+            key = tuple(sorted(mono))
+            poly[key] = poly.get(key, 0) + sign * coeff
+            sign, coeff, mono, expect_factor = (-1 if tok == "-" else 1), 1, [], True
+    return {k: v for k, v in poly.items() if v != 0}
+
+
+def _to_poly(d: Dim) -> Poly:
+    if isinstance(d, bool):
+        raise SymbolicDimError(f"dimension must be int or str, got {d!r}")
+    if isinstance(d, int):
+        return {(): d} if d else {}
+    if isinstance(d, str):
+        return _parse(d)
+    raise SymbolicDimError(f"dimension must be int or str, got {type(d).__name__}")
+
+
+def _from_poly(p: Poly) -> Dim:
+    p = {k: v for k, v in p.items() if v != 0}
+    if not p:
+        return 0
+    if set(p) == {()}:
+        return p[()]
+    terms = []
+    # symbols first (sorted), constant last: "past+seq+1"
+    for mono in sorted(p, key=lambda m: (m == (), m)):
+        c = p[mono]
+        body = "*".join(mono)
+        if not mono:
+            body = str(abs(c))
+        elif abs(c) != 1:
+            body = f"{abs(c)}*{body}"
+        terms.append(("-" if c < 0 else "+", body))
+    text = "".join(s + b for s, b in terms)
+    return text[1:] if text.startswith("+") else text
+
+
+def canonical(d: Dim) -> Dim:
+    """The canonical form of a dimension: an int when constant, else a sorted polynomial."""
+    return _from_poly(_to_poly(d))
+
+
+def add(a: Dim, b: Dim) -> Dim:
+    pa, pb = _to_poly(a), _to_poly(b)
+    for k, v in pb.items():
+        pa[k] = pa.get(k, 0) + v
+    return _from_poly(pa)
+
+
+def sub(a: Dim, b: Dim) -> Dim:
+    return add(a, mul(b, -1))
+
+
+def mul(a: Dim, b: Dim) -> Dim:
+    out: Poly = {}
+    for ka, va in _to_poly(a).items():
+        for kb, vb in _to_poly(b).items():
+            key = tuple(sorted(ka + kb))
+            out[key] = out.get(key, 0) + va * vb
+    return _from_poly(out)
+
+
+def product(dims: tuple[Dim, ...]) -> Dim:
+    out: Dim = 1
+    for d in dims:
+        out = mul(out, d)
+    return out
+
+
+def symbols(d: Dim) -> set[str]:
+    return {s for mono in _to_poly(d) for s in mono}
+
+
+def evaluate(d: Dim, bindings: Mapping[str, int]) -> int:
+    total = 0
+    for mono, c in _to_poly(d).items():
+        term = c
+        for s in mono:
+            if s not in bindings:
+                raise SymbolicDimError(f"symbol {s!r} of dimension {d!r} is unbound")
+            term *= bindings[s]
+        total += term
+    return total
+
+
+def is_static(d: Dim) -> bool:
+    return isinstance(d, int)
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    return canonical(a) == canonical(b)
