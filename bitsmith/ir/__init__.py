@@ -4,11 +4,13 @@ from .builder import GraphBuilder
 from .graph import Function, Location, Module, Node, TensorInfo, TensorTable, Value
 from .interpreter import InterpreterError, evaluate, run_function
 from .ops import OPS, get_op
+from .parser import IRParseError, parse_module
+from .printer import print_module
 from .types import DTYPES, IRTypeError, TensorType
 from .verifier import VerificationError, verify_module
 
 __all__ = [
-    "DTYPES", "Function", "GraphBuilder", "IRTypeError", "InterpreterError", "Location", "Module",
+    "DTYPES", "Function", "GraphBuilder", "IRParseError", "IRTypeError", "InterpreterError", "Location", "Module",
     "Node", "OPS", "TensorInfo", "TensorTable", "TensorType", "Value", "VerificationError",
-    "evaluate", "get_op", "run_function", "verify_module",
+    "evaluate", "get_op", "parse_module", "print_module", "run_function", "verify_module",
 ]

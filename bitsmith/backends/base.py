@@ -1,0 +1,107 @@
+"""The Backend interface and the registry that finds backends through entry points.
+
+Built-in backends register exactly as a third-party plugin does: an entry in the
+``bitsmith.backends`` entry-point group whose key is the backend name and whose object is a
+``Backend`` subclass declaring the targets it serves.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from importlib import metadata
+from typing import Any, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import PluginError, UnknownTargetError
+from ..ir import Module
+
+ENTRY_POINT_GROUP = "bitsmith.backends"
+
+
+class Executable(ABC):
+    """A module built for one target: runs IR functions on numpy arrays."""
+
+    @abstractmethod
+    def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        ...
+
+    def files(self) -> dict[str, bytes]:
+        """Target files (kernel libraries, programs) that an artifact must store."""
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        return {}
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    targets: ClassVar[tuple[str, ...]]
+
+    def option_defaults(self, target: str) -> dict[str, Any]:
+        """Target-specific compile options this backend accepts, with their defaults."""
+        return {}
+
+    def pipeline(self, target: str, options: Mapping[str, Any]) -> list[str]:
+        """Pass specs (names in the pass registry) to run before ``build``."""
+        return []
+
+    @abstractmethod
+    def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
+        ...
+
+    @abstractmethod
+    def load(self, module: Module, target: str, options: Mapping[str, Any],
+             files: Mapping[str, bytes]) -> Executable:
+        """Rebuilds an Executable from a saved artifact's (already hash-checked) files."""
+
+
+_BACKENDS: dict[str, Backend] | None = None
+
+
+def _load_entry_point(ep: metadata.EntryPoint) -> Backend:
+    try:
+        obj = ep.load()
+    except Exception as e:  # any import failure of a plugin is the plugin's problem, named
+        raise PluginError(f"backend plugin {ep.name!r} ({ep.value}) failed to load: "
+                          f"{type(e).__name__}: {e}") from e
+    if not (isinstance(obj, type) and issubclass(obj, Backend)):
+        raise PluginError(f"backend plugin {ep.name!r} ({ep.value}) is not a bitsmith Backend subclass")
+    if getattr(obj, "name", None) != ep.name:
+        raise PluginError(f"backend plugin {ep.name!r} ({ep.value}) declares name {getattr(obj, 'name', None)!r}; "
+                          f"the entry-point key must equal it")
+    targets = getattr(obj, "targets", None)
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise PluginError(f"backend plugin {ep.name!r} ({ep.value}) declares no targets")
+    return obj()
+
+
+def backends(refresh: bool = False) -> dict[str, Backend]:
+    """All registered backends by name (entry points are read once per process)."""
+    global _BACKENDS
+    if _BACKENDS is None or refresh:
+        found: dict[str, Backend] = {}
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name in found:
+                continue  # the same distribution seen twice on sys.path
+            found[ep.name] = _load_entry_point(ep)
+        _BACKENDS = found
+    return _BACKENDS
+
+
+def targets() -> dict[str, Backend]:
+    """Every target name mapped to the backend that serves it."""
+    out: dict[str, Backend] = {}
+    for backend in backends().values():
+        for t in backend.targets:
+            if t in out:
+                raise PluginError(f"target {t!r} is served by both backend {out[t].name!r} and {backend.name!r}")
+            out[t] = backend
+    return out
+
+
+def backend_for_target(target: str) -> Backend:
+    known = targets()
+    if target not in known:
+        raise UnknownTargetError(target, list(known))
+    return known[target]

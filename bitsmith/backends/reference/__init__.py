@@ -1,0 +1,33 @@
+"""Backend ``reference``: runs the IR on the numpy reference interpreter (the oracle)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ...ir import Module, run_function
+from ..base import Backend, Executable
+
+
+class ReferenceExecutable(Executable):
+    def __init__(self, module: Module) -> None:
+        self.module = module
+
+    def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return run_function(self.module, function, args)
+
+    def report(self) -> dict[str, Any]:
+        return {"executor": "numpy reference interpreter"}
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    targets = ("reference",)
+
+    def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
+        return ReferenceExecutable(module)
+
+    def load(self, module: Module, target: str, options: Mapping[str, Any],
+             files: Mapping[str, bytes]) -> Executable:
+        return ReferenceExecutable(module)

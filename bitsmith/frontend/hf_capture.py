@@ -1,0 +1,105 @@
+"""Capture of Hugging Face causal LMs (Llama / SmolLM2, GPT-2, Qwen2) with torch.export.
+
+The model is exported once with dynamic batch and sequence dims (torch.export specializes
+sizes 0 and 1, so the capture uses batch 2 and sequence 8), with ``position_ids`` as an
+explicit input and attention routed through bitsmith's causal op. The KV cache is then
+added in the IR (see kv_cache.py) rather than exported from HF's cache classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from ..ir import Module, verify_module
+from .attention import ATTENTION_IMPL
+from .export_capture import lower_exported_program
+from .kv_cache import add_kv_cache
+
+CAPTURE_BATCH, CAPTURE_SEQ = 2, 8
+
+
+@dataclass
+class CapturedModel:
+    """What the frontend hands to the compiler: IR plus what the runtime needs beside it."""
+
+    module: Module
+    tokenizer_json: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _LogitsOnly(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.m(input_ids=input_ids, position_ids=position_ids, use_cache=False, return_dict=False)[0]
+
+
+@contextlib.contextmanager
+def _bitsmith_attention(model: torch.nn.Module) -> Iterator[None]:
+    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    saved = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = ATTENTION_IMPL
+    try:
+        yield
+    finally:
+        for c, s in zip(configs, saved):
+            c._attn_implementation = s
+
+
+def _max_positions(model: torch.nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 16)
+
+
+def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None) -> CapturedModel:
+    """Exports ``model`` (an HF causal LM in eval mode) to an IR module with a KV cache."""
+    if model.training:
+        model = model.eval()
+    t0 = time.perf_counter()
+    vocab = int(model.config.vocab_size)
+    ids = torch.arange(CAPTURE_BATCH * CAPTURE_SEQ).reshape(CAPTURE_BATCH, CAPTURE_SEQ) % vocab
+    pos = torch.arange(CAPTURE_SEQ).expand(CAPTURE_BATCH, CAPTURE_SEQ)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq", max=_max_positions(model))
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    with _bitsmith_attention(model), torch.no_grad():
+        ep = torch.export.export(_LogitsOnly(model), (ids, pos), dynamic_shapes=dyn)
+    t1 = time.perf_counter()
+    fn, tensors = lower_exported_program(ep, [("batch", "seq"), ("batch", "seq")],
+                                         ["input_ids", "position_ids"], module_prefix="m.")
+    cached, layers = add_kv_cache(fn)
+    cfg = model.config
+    attrs = {
+        "kind": "causal_lm",
+        "architecture": type(model).__name__,
+        "vocab_size": vocab,
+        "num_layers": len(layers),
+        "kv_heads": tuple(l["heads"] for l in layers),
+        "key_dims": tuple(l["key_dim"] for l in layers),
+        "value_dims": tuple(l["value_dim"] for l in layers),
+        "max_positions": _max_positions(model),
+        "name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
+    }
+    module = verify_module(Module((cached,), tensors, attrs))
+    t2 = time.perf_counter()
+    tok_json, bos, eos = None, None, None
+    if tokenizer is not None:
+        backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+        tok_json = backend.to_str() if backend is not None else None
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    gen = getattr(model, "generation_config", None)
+    bos = bos if bos is not None else getattr(gen, "bos_token_id", None) or getattr(cfg, "bos_token_id", None)
+    eos = eos if eos is not None else getattr(gen, "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return CapturedModel(module, tok_json, bos, eos, {"export": t1 - t0, "lower": t2 - t1})

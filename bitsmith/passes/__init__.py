@@ -1,0 +1,21 @@
+"""Module -> Module compiler passes, a registry of them by name, and the PassManager.
+
+Target-neutral: imports only ``bitsmith.ir`` and ``bitsmith.errors``; each backend picks its
+own pipeline of these passes.
+"""
+
+from . import instruments
+from .base import PASSES, Pass, get_pass, parse_pass_spec, register_pass
+from .instruments import DumpToFolder, PassInstrument, PassTiming, PrintAfter
+from .manager import PassManager
+
+# Importing the pass modules registers them.
+from .cse import CommonSubexpressionElimination
+from .dce import DeadCodeElimination
+from .fold import ConstantFolding
+
+__all__ = [
+    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder",
+    "PASSES", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "get_pass",
+    "instruments", "parse_pass_spec", "register_pass",
+]

@@ -1,0 +1,104 @@
+"""CompiledModel: what ``bitsmith.compile`` returns and ``bitsmith.load`` gives back.
+
+It is stateless between calls (the KV cache lives only inside ``generate``), and it never
+imports the frontend or passes: a loaded artifact runs without capture or re-compilation.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..backends.base import Executable
+from ..ir import Module
+from .generate import forward_logits, greedy_generate
+
+
+@dataclass
+class LanguageModelInfo:
+    """Tokenizer and special ids shipped with a causal LM."""
+
+    tokenizer_json: str | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _to_torch(a: np.ndarray, dtype: str = "float32") -> Any:
+    try:
+        import torch
+    except ImportError:  # a deployed artifact may run without torch: hand back numpy
+        return a
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+
+
+@dataclass
+class CompiledModel:
+    module: Module
+    executable: Executable
+    target: str
+    options: dict[str, Any] = field(default_factory=dict)
+    lm: LanguageModelInfo | None = None
+    compile_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_language_model(self) -> bool:
+        return self.module.attr("kind") == "causal_lm"
+
+    def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.executable.run(function, args)
+
+    def __call__(self, *inputs: Any) -> Any:
+        if self.is_language_model:
+            if len(inputs) != 1:
+                raise TypeError(f"a compiled language model takes input_ids only, got {len(inputs)} inputs")
+            ids = _to_numpy(inputs[0]).astype(np.int64)
+            if ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+            return _to_torch(forward_logits(self.run, self.module, ids))
+        outs = self.run("main", [_to_numpy(x) for x in inputs])
+        outs = [_to_torch(o.astype(np.float32)) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def generate(self, input_ids: Any, max_new_tokens: int = 20, eos_token_id: int | None = None) -> Any:
+        if not self.is_language_model:
+            raise TypeError("generate() needs a causal language model; this module is a plain "
+                            "nn.Module compiled through torch.fx")
+        ids = greedy_generate(self.run, self.module, _to_numpy(input_ids), max_new_tokens, eos_token_id)
+        return _to_torch(ids, "int64")
+
+    def tokenizer(self) -> Any:
+        if self.lm is None or self.lm.tokenizer_json is None:
+            raise ValueError("this compiled model carries no tokenizer")
+        from tokenizers import Tokenizer
+        return Tokenizer.from_str(self.lm.tokenizer_json)
+
+    def save(self, path: str) -> None:
+        from .artifact import save_artifact
+        save_artifact(self, path)
+
+    def report(self) -> dict[str, Any]:
+        tensors = self.module.tensors
+        params = int(sum(tensors[n].size for n in tensors))
+        weight_bytes = int(tensors.nbytes())
+        op_counts: Mapping[str, int] = collections.Counter(
+            n.op for f in self.module.functions for n in f.nodes)
+        return {
+            "target": self.target,
+            "params": params,
+            "weight_bytes": weight_bytes,
+            "bits_per_weight": (8.0 * weight_bytes / params) if params else 0.0,
+            "op_counts": dict(sorted(op_counts.items())),
+            "pass_seconds": dict(self.compile_info.get("pass_seconds", {})),
+            "compile_seconds": dict(self.compile_info.get("seconds", {})),
+            "options": dict(self.options),
+            "executable": self.executable.report(),
+        }
