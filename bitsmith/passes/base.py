@@ -35,8 +35,8 @@ def register_pass(cls: P) -> P:
     """Class decorator: adds a frozen-dataclass Pass subclass to PASSES under its ``name``."""
     if not (isinstance(cls, type) and issubclass(cls, Pass)):
         raise TypeError(f"{cls!r} is not a Pass subclass")
-    params = getattr(cls, "__dataclass_params__", None)
-    if not dataclasses.is_dataclass(cls) or params is None or not params.frozen:
+    params = cls.__dict__.get("__dataclass_params__")  # its own, not one inherited from Pass
+    if params is None or not params.frozen:
         raise TypeError(f"pass {cls.__name__} must be a frozen dataclass")
     if not cls.name:
         raise TypeError(f"pass {cls.__name__} has no name")

@@ -1,0 +1,94 @@
+"""``bitsmith.compile`` and ``bitsmith.load``: the user-facing entry points."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .backends import backend_for_target
+from .errors import UnknownOptionError
+from .runtime import CompiledModel, LanguageModelInfo
+
+# Target-neutral cleanup run before a backend's own pipeline.
+DEFAULT_PIPELINE: tuple[str, ...] = ("dce", "cse", "fold", "dce")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Everything ``compile`` takes besides the model, as one reusable value."""
+
+    target: str = "reference"
+    passes: tuple[str, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    dump_ir: str | None = None
+    print_after: str | None = None
+
+
+def _pass_specs(passes: str | Sequence[str] | None) -> list[str]:
+    if passes is None:
+        return []
+    return [passes] if isinstance(passes, str) else list(passes)
+
+
+def compile(model: Any, target: str | None = None, *, config: CompileConfig | None = None,
+            example_inputs: tuple | None = None, passes: str | Sequence[str] | None = None,
+            dump_ir: str | None = None, print_after: str | None = None, **options: Any) -> CompiledModel:
+    """Compiles ``model`` (nn.Module, model name or path) for ``target``.
+
+    ``passes`` adds pass specs (e.g. ``"cse,dce"`` or ``"fold{max_elements=64}"``) after the
+    default cleanup and the backend's pipeline; ``dump_ir`` writes the IR after every pass
+    to a folder; ``print_after`` ("all" or pass names, comma separated) prints it to stderr.
+    Backend-specific ``options`` are checked against what the target declares.
+    """
+    from .frontend import capture
+    from .passes import DumpToFolder, PassManager, PrintAfter, parse_pass_spec
+
+    config = config or CompileConfig()
+    target = target or config.target
+    options = {**config.options, **options}
+    specs = list(config.passes) + _pass_specs(passes)
+    dump_ir = dump_ir or config.dump_ir
+    print_after = print_after or config.print_after
+
+    backend = backend_for_target(target)  # unknown targets fail before the slow capture
+    defaults = backend.option_defaults(target)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        valid = list(defaults) + ["config", "example_inputs", "passes", "dump_ir", "print_after"]
+        raise UnknownOptionError(f"option for target {target!r}", unknown[0], valid)
+    resolved = {**defaults, **options}
+    pipeline = []
+    for spec in list(DEFAULT_PIPELINE) + backend.pipeline(target, resolved) + specs:
+        pipeline.extend(parse_pass_spec(spec))
+
+    t0 = time.perf_counter()
+    captured = capture(model, example_inputs)
+    t1 = time.perf_counter()
+    instruments: list[Any] = []
+    if dump_ir:
+        instruments.append(DumpToFolder(dump_ir))
+    if print_after:
+        names = "all" if print_after == "all" else tuple(print_after.split(","))
+        instruments.append(PrintAfter(names))
+    manager = PassManager(pipeline, instruments)
+    module = manager.run(captured.module)
+    t2 = time.perf_counter()
+    executable = backend.build(module, target, resolved)
+    t3 = time.perf_counter()
+
+    pass_seconds: dict[str, float] = {}
+    for name, seconds in manager.timings:  # a pass that runs twice (dce) adds up
+        pass_seconds[name] = pass_seconds.get(name, 0.0) + seconds
+    info = {"seconds": {**captured.seconds, "capture": t1 - t0, "passes": t2 - t1, "build": t3 - t2},
+            "pass_seconds": pass_seconds, "pipeline": [p.name for p in pipeline]}
+    lm = None
+    if module.attr("kind") == "causal_lm":
+        lm = LanguageModelInfo(captured.tokenizer_json, captured.bos_token_id, captured.eos_token_id)
+    return CompiledModel(module, executable, target, resolved, lm, info)
+
+
+def load(path: str) -> CompiledModel:
+    """Loads a saved artifact; validates every file before running anything from it."""
+    from .runtime.artifact import load_artifact
+    return load_artifact(path)
