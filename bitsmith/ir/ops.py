@@ -76,9 +76,9 @@ def _same_dtype(types: tuple[TensorType, ...], op: str) -> str:
 
 
 def _axis(axis: int, rank: int, op: str) -> int:
-    if not -rank <= axis < max(rank, 1):
+    if not -rank <= axis < rank:  # a rank-0 tensor has no axis to reduce, slice or concat along
         raise IRTypeError(f"{op}: axis {axis} out of range for rank {rank}")
-    return axis % rank if rank else 0
+    return axis % rank
 
 
 def _require_float(t: TensorType, op: str) -> None:
@@ -194,6 +194,8 @@ def _reduce(name: str) -> None:
     def infer(types, attrs, _name=name):
         (t,) = types
         axes = {_axis(a, t.rank, _name) for a in attrs["axes"]}
+        if len(axes) != len(attrs["axes"]):
+            raise IRTypeError(f"{_name}: axes {attrs['axes']} name an axis twice")
         if _name == "mean":
             _require_float(t, _name)
         shape = tuple(1 if i in axes else d for i, d in enumerate(t.shape)

@@ -86,7 +86,7 @@ class _Parser:
 
     def expect(self, text: str | None = None, kind: str | None = None, what: str | None = None) -> Token:
         if not self.peek(text, kind):
-            raise self.error(what or repr(text) if text else what or kind or "token")
+            raise self.error(what or (repr(text) if text else str(kind)))
         return self.next()
 
     def accept(self, text: str) -> bool:

@@ -47,7 +47,7 @@ def verify_function(fn: Function, module: Module | None = None) -> None:
                 raise VerificationError(f"{where}: operand %{i} is not defined before use")
         try:
             inferred = verify_node_types(node, tuple(defined[i] for i in node.inputs))
-        except (IRTypeError, KeyError, TypeError, ValueError) as e:
+        except (IRTypeError, LookupError, TypeError, ValueError) as e:
             raise VerificationError(f"{where}: {e}") from e
         if inferred is None:
             if node.op == "constant" and module is not None:

@@ -131,6 +131,7 @@ def save_artifact(cm: CompiledModel, path: str | os.PathLike[str]) -> None:
     dest = Path(path)
     _check_destination(dest)
     body = _manifest_body(cm, backend_for_target(cm.target).name)
+    dest = Path(os.path.abspath(dest))  # "." and "x/.." have no name to build a sibling from
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.partial")
     staging.mkdir()
@@ -172,7 +173,7 @@ def _load_weights(file: Path, listed: list[dict[str, Any]]) -> TensorTable:
     where = str(file)
     try:
         arrays = safetensors.numpy.load_file(where)
-    except (safetensors.SafetensorError, OSError, ValueError) as e:
+    except (safetensors.SafetensorError, OSError, TypeError, ValueError) as e:
         raise ArtifactError(where, f"not a readable safetensors file: {e}") from None
     expected = {t["name"]: t for t in listed}
     if set(arrays) != set(expected):
