@@ -126,7 +126,9 @@ class Function:
 
 
 def sha256_of(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    # hash the buffer in place: .tobytes() would copy every weight once more
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return hashlib.sha256(memoryview(flat)).hexdigest()
 
 
 @dataclass(frozen=True)
