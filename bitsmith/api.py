@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .backends import backend_for_target
 from .errors import UnknownOptionError
@@ -33,13 +33,15 @@ def _pass_specs(passes: str | Sequence[str] | None) -> list[str]:
 
 def compile(model: Any, target: str | None = None, *, config: CompileConfig | None = None,
             example_inputs: tuple | None = None, passes: str | Sequence[str] | None = None,
-            dump_ir: str | None = None, print_after: str | None = None, **options: Any) -> CompiledModel:
+            dump_ir: str | None = None, print_after: str | None = None,
+            progress: Callable[[str], None] | None = None, **options: Any) -> CompiledModel:
     """Compiles ``model`` (nn.Module, model name or path) for ``target``.
 
     ``passes`` adds pass specs (e.g. ``"cse,dce"`` or ``"fold{max_elements=64}"``) after the
     default cleanup and the backend's pipeline; ``dump_ir`` writes the IR after every pass
     to a folder; ``print_after`` ("all" or pass names, comma separated) prints it to stderr.
-    Backend-specific ``options`` are checked against what the target declares.
+    Backend-specific ``options`` are checked against what the target declares;
+    ``progress`` receives a line at the start of each step that can take seconds.
     """
     from .frontend import capture
     from .passes import DumpToFolder, PassManager, PrintAfter, parse_pass_spec
@@ -55,15 +57,16 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     defaults = backend.option_defaults(target)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        valid = list(defaults) + ["config", "example_inputs", "passes", "dump_ir", "print_after"]
+        valid = list(defaults) + ["config", "example_inputs", "passes", "dump_ir", "print_after", "progress"]
         raise UnknownOptionError(f"option for target {target!r}", unknown[0], valid)
     resolved = {**defaults, **options}
     pipeline = []
     for spec in list(DEFAULT_PIPELINE) + backend.pipeline(target, resolved) + specs:
         pipeline.extend(parse_pass_spec(spec))
 
+    say = progress or (lambda message: None)
     t0 = time.perf_counter()
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, progress=say)
     t1 = time.perf_counter()
     instruments: list[Any] = []
     if dump_ir:
@@ -71,9 +74,11 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     if print_after:
         names = "all" if print_after == "all" else tuple(print_after.split(","))
         instruments.append(PrintAfter(names))
+    say(f"running passes: {', '.join(p.name for p in pipeline)}")
     manager = PassManager(pipeline, instruments)
     module = manager.run(captured.module)
     t2 = time.perf_counter()
+    say(f"building for target {target} (backend {backend.name})")
     executable = backend.build(module, target, resolved)
     t3 = time.perf_counter()
 

@@ -60,9 +60,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     compile_fn = getattr(bitsmith, "compile", None)
     if compile_fn is None:
         raise BitsmithError("this installation has no bitsmith.compile (the frontend is missing)")
-    _progress(f"capturing and compiling {args.model} for target {args.target}...")
     start = time.perf_counter()
-    cm = compile_fn(args.model, target=args.target, passes=args.passes or None, **options)
+
+    def step(message: str) -> None:
+        _progress(f"[{time.perf_counter() - start:6.1f}s] {message}...")
+
+    cm = compile_fn(args.model, target=args.target, passes=args.passes or None, progress=step, **options)
     phases = cm.compile_info.get("seconds", {}) if isinstance(cm.compile_info, dict) else {}
     detail = ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if isinstance(v, (int, float)))
     _progress(f"compiled in {time.perf_counter() - start:.1f}s" + (f" ({detail})" if detail else ""))

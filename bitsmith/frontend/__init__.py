@@ -5,27 +5,33 @@ Imports torch and transformers; the runtime never imports this package.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import ModelLoadError
 from .hf_capture import CapturedModel, capture_causal_lm
 
 
-def capture(model: Any, example_inputs: tuple | None = None) -> CapturedModel:
+def capture(model: Any, example_inputs: tuple | None = None,
+            progress: Callable[[str], None] | None = None) -> CapturedModel:
     """A model name, a path (HF dir or .gguf), an HF causal LM, or a plain nn.Module → IR."""
     import torch
 
+    say = progress or (lambda message: None)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         from .models import load_pretrained
+        say(f"loading {model}")
         hf_model, tokenizer = load_pretrained(str(model))
+        say("capturing with torch.export and lowering to IR")
         return capture_causal_lm(hf_model, tokenizer)
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"cannot compile a {type(model).__name__}: pass an nn.Module, a model name or a path")
     if _is_hf_causal_lm(model) and example_inputs is None:
+        say("capturing with torch.export and lowering to IR")
         return capture_causal_lm(model)
     if example_inputs is None:
         raise ModelLoadError("a plain nn.Module needs example_inputs=(tensor, ...) to be traced")
     from .fx_capture import capture_module
+    say("tracing with torch.fx and lowering to IR")
     return capture_module(model, tuple(example_inputs))
 
 
