@@ -57,8 +57,7 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     defaults = backend.option_defaults(target)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        valid = list(defaults) + ["config", "example_inputs", "passes", "dump_ir", "print_after", "progress"]
-        raise UnknownOptionError(f"option for target {target!r}", unknown[0], valid)
+        raise UnknownOptionError(f"option for target {target!r}", unknown[0], list(defaults))
     resolved = {**defaults, **options}
     pipeline = []
     for spec in list(DEFAULT_PIPELINE) + backend.pipeline(target, resolved) + specs:

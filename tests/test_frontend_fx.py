@@ -85,3 +85,14 @@ def test_unsupported_function_is_named():
 def test_plain_module_needs_example_inputs():
     with pytest.raises(bitsmith.ModelLoadError, match="example_inputs"):
         bitsmith.compile(torch.nn.Linear(3, 3))
+
+
+@pytest.mark.parametrize("fn", [lambda x, y: torch.add(x, y, alpha=3),
+                                 lambda x, y: torch.div(x, y, rounding_mode="floor")])
+def test_binary_keyword_arguments_are_refused_not_ignored(fn):
+    class M(torch.nn.Module):
+        def forward(self, x, y):
+            return fn(x, y)
+
+    with pytest.raises(UnsupportedOpError, match="alpha or rounding_mode"):
+        bitsmith.compile(M(), example_inputs=(torch.randn(2, 3), torch.randn(2, 3)))

@@ -310,6 +310,8 @@ def _expand(ctx, n):
 def _permute(ctx, n):
     x = ctx.value(n.args[0])
     rank = ctx.type_of(x).rank
+    if rank < 2 and n.target != aten.permute.default:
+        return x  # transposing a 0-d or 1-d tensor is the identity
     if n.target == aten.permute.default:
         perm = [p % rank for p in n.args[1]]
     else:

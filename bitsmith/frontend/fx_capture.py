@@ -164,7 +164,9 @@ def _softmax_module(ctx, n, a):
 @_rules(FUNCTION_RULES, F.softmax, torch.softmax)
 def _softmax_fn(ctx, n, a):
     x = ctx.value(a[0])
-    dim = a[1] if len(a) > 1 else n.kwargs["dim"]
+    dim = a[1] if len(a) > 1 else n.kwargs.get("dim")
+    if dim is None:
+        raise ctx.unsupported("softmax without an explicit dim")
     return ctx.emit("softmax", [x], {"axis": dim % ctx.type_of(x).rank})
 
 
@@ -174,6 +176,8 @@ _BINARY = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub
 
 @_rules(FUNCTION_RULES, *_BINARY)
 def _binary(ctx, n, a):
+    if n.kwargs.get("alpha", 1) != 1 or n.kwargs.get("rounding_mode") is not None:
+        raise ctx.unsupported("alpha or rounding_mode arguments")
     dtype = ctx.meta_type(n).dtype
     return ctx.emit(_BINARY[n.target], [ctx.operand(a[0], dtype), ctx.operand(a[1], dtype)])
 

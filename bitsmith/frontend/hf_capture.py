@@ -61,6 +61,10 @@ def _max_positions(model: torch.nn.Module) -> int:
     return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 16)
 
 
+def _first_set(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
 def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None) -> CapturedModel:
     """Exports ``model`` (an HF causal LM in eval mode) to an IR module with a KV cache."""
     if model.training:
@@ -98,8 +102,8 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None) -> Captured
         tok_json = backend.to_str() if backend is not None else None
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     gen = getattr(model, "generation_config", None)
-    bos = bos if bos is not None else getattr(gen, "bos_token_id", None) or getattr(cfg, "bos_token_id", None)
-    eos = eos if eos is not None else getattr(gen, "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
+    bos = _first_set(bos, getattr(gen, "bos_token_id", None), getattr(cfg, "bos_token_id", None))
+    eos = _first_set(eos, getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
+    if isinstance(eos, (list, tuple)):  # several EOS ids: the runtime stops on the first only
         eos = eos[0] if eos else None
     return CapturedModel(module, tok_json, bos, eos, {"export": t1 - t0, "lower": t2 - t1})

@@ -65,10 +65,12 @@ def _load_hf_dir(path: Path) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     except Exception as e:
         raise ModelLoadError(f"cannot load Hugging Face model directory {path}: {type(e).__name__}: {e}") from e
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception:
-        tok = None  # a model directory without a tokenizer still compiles; `run` needs one
+    tok = None  # a model directory without a tokenizer still compiles; `run` needs one
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:
+            raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
     return model.eval(), tok
 
 

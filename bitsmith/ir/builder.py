@@ -48,7 +48,7 @@ class GraphBuilder:
         return out
 
     def constant(self, tensor_name: str, array: np.ndarray, loc: Location | None = None) -> str:
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")  # ascontiguousarray would make 0-d arrays 1-d
         if tensor_name in self.tensors and self.tensors[tensor_name] is not array:
             raise ValueError(f"tensor {tensor_name!r} added twice with different data")
         self.tensors[tensor_name] = array

@@ -148,7 +148,7 @@ class TensorTable(Mapping[str, np.ndarray]):
         self._data: dict[str, np.ndarray] = {}
         self._info: dict[str, TensorInfo] = {}
         for name, arr in (tensors or {}).items():
-            arr = np.ascontiguousarray(arr)
+            arr = np.require(arr, requirements="C")  # keeps 0-d arrays 0-d
             dtype_of_numpy(arr.dtype)  # refuses dtypes the IR cannot type
             arr.setflags(write=False)
             self._data[name] = arr

@@ -10,6 +10,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import BitsmithError
 from . import symbolic as sym
 from .graph import Function, Module, Node
 from .types import numpy_dtype
@@ -18,7 +19,7 @@ Impl = Callable[[Sequence[np.ndarray], Node, "EvalContext"], Sequence[np.ndarray
 RULES: dict[str, Impl] = {}
 
 
-class InterpreterError(RuntimeError):
+class InterpreterError(BitsmithError, RuntimeError):
     """An op could not be evaluated; the message names the node and its location."""
 
 
@@ -234,8 +235,14 @@ def _expand(xs, node, ctx):
 @rule("slice")
 def _slice(xs, node, ctx):
     x = xs[0]
+    axis = node.attr("axis")
+    start, end = ctx.dim(node.attr("start")), ctx.dim(node.attr("end"))
+    if not 0 <= start <= end <= x.shape[axis]:
+        # symbolic bounds (e.g. "seq-3") can leave the range at a size the capture never saw
+        raise InterpreterError(f"slice [{start}:{end}] out of range for axis {axis} of size "
+                               f"{x.shape[axis]} ({node.attr('start')}:{node.attr('end')})")
     idx = [slice(None)] * x.ndim
-    idx[node.attr("axis")] = slice(ctx.dim(node.attr("start")), ctx.dim(node.attr("end")), node.attr("step"))
+    idx[axis] = slice(start, end, node.attr("step"))
     return [x[tuple(idx)]]
 
 

@@ -51,6 +51,10 @@ def greedy_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
     if ids.ndim != 2 or ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
     b, s = ids.shape
+    limit = module.attr("max_positions")
+    if isinstance(limit, int) and s + max_new_tokens > limit:
+        raise ValueError(f"prompt ({s} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"{limit} positions")
     cache = empty_cache(module, b)
     step_ids, start = ids, 0
     finished = np.zeros(b, dtype=bool)

@@ -61,8 +61,8 @@ class CompiledModel:
             if len(inputs) != 1:
                 raise TypeError(f"a compiled language model takes input_ids only, got {len(inputs)} inputs")
             ids = _to_numpy(inputs[0]).astype(np.int64)
-            if ids.ndim != 2:
-                raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+            if ids.ndim != 2 or ids.shape[1] == 0:
+                raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
             return _to_torch(forward_logits(self.run, self.module, ids))
         outs = self.run("main", [_to_numpy(x) for x in inputs])
         outs = [_to_torch(o.astype(np.float32)) for o in outs]
