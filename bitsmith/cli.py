@@ -57,6 +57,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import bitsmith
 
     options = _parse_options(args.option)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # fail before a compile that can take a minute
+        raise ValueError(f"--out {args.out} exists and is not a directory")
     compile_fn = getattr(bitsmith, "compile", None)
     if compile_fn is None:
         raise BitsmithError("this installation has no bitsmith.compile (the frontend is missing)")
