@@ -6,9 +6,8 @@ imports the frontend or passes: a loaded artifact runs without capture or re-com
 
 from __future__ import annotations
 
-import collections
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -89,14 +88,13 @@ class CompiledModel:
         tensors = self.module.tensors
         params = int(sum(tensors[n].size for n in tensors))
         weight_bytes = int(tensors.nbytes())
-        op_counts: Mapping[str, int] = collections.Counter(
-            n.op for f in self.module.functions for n in f.nodes)
+        from .artifact import op_counts
         return {
             "target": self.target,
             "params": params,
             "weight_bytes": weight_bytes,
             "bits_per_weight": (8.0 * weight_bytes / params) if params else 0.0,
-            "op_counts": dict(sorted(op_counts.items())),
+            "op_counts": op_counts(self.module),
             "pass_seconds": dict(self.compile_info.get("pass_seconds", {})),
             "compile_seconds": dict(self.compile_info.get("seconds", {})),
             "options": dict(self.options),
