@@ -162,7 +162,7 @@ class LoweringContext:
         aten.lift_fresh_copy.default, aten.dropout.default)
 def _identity(ctx, n):
     if n.target == aten.dropout.default and len(n.args) > 2 and n.args[2]:
-        raise ctx.unsupported("dropout in training mode; call model.eval() first")
+        raise ctx.unsupported("dropout in training mode; switch the model to inference mode (model.train(False)) first")
     return ctx.value(n.args[0])
 
 

@@ -248,7 +248,7 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple[Any, ...]) -> 
     """Traces ``module`` with torch.fx; dim 0 of every input is the symbolic dim ``batch``."""
     if not example_inputs or not all(isinstance(x, torch.Tensor) and x.dim() >= 1 for x in example_inputs):
         raise ValueError("example_inputs must be a non-empty tuple of tensors with a batch dim 0")
-    module = module.eval()
+    module = module.train(False)  # inference mode (nn.Module.eval)
     try:
         gm = torch.fx.symbolic_trace(module)
     except Exception as e:

@@ -68,7 +68,7 @@ def _first_set(*values: Any) -> Any:
 def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None) -> CapturedModel:
     """Exports ``model`` (an HF causal LM in eval mode) to an IR module with a KV cache."""
     if model.training:
-        model = model.eval()
+        model = model.train(False)  # inference mode
     t0 = time.perf_counter()
     vocab = int(model.config.vocab_size)
     ids = torch.arange(CAPTURE_BATCH * CAPTURE_SEQ).reshape(CAPTURE_BATCH, CAPTURE_SEQ) % vocab

@@ -55,7 +55,7 @@ def _load_gguf(path: Path) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as e:
         raise ModelLoadError(f"cannot load GGUF file {path}: {type(e).__name__}: {e}") from e
-    return model.eval(), tok
+    return model.train(False), tok  # inference mode
 
 
 def _load_hf_dir(path: Path) -> tuple[Any, Any]:
@@ -71,7 +71,7 @@ def _load_hf_dir(path: Path) -> tuple[Any, Any]:
             tok = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
-    return model.eval(), tok
+    return model.train(False), tok  # inference mode
 
 
 def load_pretrained(name_or_path: str) -> tuple[Any, Any]:
