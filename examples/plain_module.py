@@ -10,7 +10,7 @@ import torch
 import bitsmith
 
 mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.LayerNorm(32),
-                          torch.nn.Linear(32, 8)).eval()
+                          torch.nn.Linear(32, 8)).train(False)
 cm = bitsmith.compile(mlp, target="reference", example_inputs=(torch.randn(4, 8),))
 for batch in (1, 3, 16):
     x = torch.randn(batch, 8)
