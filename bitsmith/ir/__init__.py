@@ -4,6 +4,7 @@ from .builder import GraphBuilder
 from .graph import Function, Location, Module, Node, TensorInfo, TensorTable, Value
 from .interpreter import InterpreterError, evaluate, run_function
 from .ops import OPS, get_op
+from . import quantized as _quantized  # registers the qlinear op and its interpreter rule
 from .parser import IRParseError, parse_module
 from .printer import print_module
 from .types import DTYPES, IRTypeError, TensorType

@@ -228,7 +228,10 @@ def _infer_matmul(types, attrs):
     return (TensorType(batch + (a.shape[-2], b.shape[-1]), dtype),)
 
 
-@register_op("linear", (2, 3), doc="x @ w.T (+ b); w is [out, in] as in torch.nn.Linear.")
+@register_op("linear", (2, 3), optional=("sparsity", "outliers"),
+             doc="x @ w.T (+ b); w is [out, in] as in torch.nn.Linear. Optional annotations for "
+                 "the quantize pass: sparsity 'N:M' (w is already N:M pruned) and outliers (the "
+                 "fraction of weights to keep in fp16).")
 def _infer_linear(types, attrs):
     x, w = types[0], types[1]
     dtype = _same_dtype(types, "linear")
