@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .backends import backend_for_target
+from .compression import CompressionOptions
 from .errors import UnknownOptionError
 from .runtime import CompiledModel, LanguageModelInfo
 
@@ -34,7 +35,8 @@ def _pass_specs(passes: str | Sequence[str] | None) -> list[str]:
 def compile(model: Any, target: str | None = None, *, config: CompileConfig | None = None,
             example_inputs: tuple | None = None, passes: str | Sequence[str] | None = None,
             dump_ir: str | None = None, print_after: str | None = None,
-            progress: Callable[[str], None] | None = None, **options: Any) -> CompiledModel:
+            progress: Callable[[str], None] | None = None, tokenizer: Any = None,
+            **options: Any) -> CompiledModel:
     """Compiles ``model`` (nn.Module, model name or path) for ``target``.
 
     ``passes`` adds pass specs (e.g. ``"cse,dce"`` or ``"fold{max_elements=64}"``) after the
@@ -42,6 +44,10 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     to a folder; ``print_after`` ("all" or pass names, comma separated) prints it to stderr.
     Backend-specific ``options`` are checked against what the target declares;
     ``progress`` receives a line at the start of each step that can take seconds.
+    Compression options (see ``CompressionOptions``): ``quant`` (a scheme such as
+    "bitmod-w3"), ``group_size``, ``outliers``, ``sparsity`` ("2:4"), ``sparsity_method``,
+    ``calibrate`` with ``calib_text``, ``layers`` (globs over module paths). ``tokenizer``
+    supplies one when an nn.Module is compiled and calibration or generation needs it.
     """
     from .frontend import capture
     from .passes import DumpToFolder, PassManager, PrintAfter, parse_pass_spec
@@ -54,10 +60,13 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     print_after = print_after or config.print_after
 
     backend = backend_for_target(target)  # unknown targets fail before the slow capture
+    options = dict(options)
+    compression = CompressionOptions.from_options(options)
     defaults = backend.option_defaults(target)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise UnknownOptionError(f"option for target {target!r}", unknown[0], list(defaults))
+        raise UnknownOptionError(f"option for target {target!r}", unknown[0],
+                                 list(defaults) + list(CompressionOptions.names()))
     resolved = {**defaults, **options}
     pipeline = []
     for spec in list(DEFAULT_PIPELINE) + backend.pipeline(target, resolved) + specs:
@@ -66,6 +75,10 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
     captured = capture(model, example_inputs, progress=say)
+    if tokenizer is not None and captured.tokenizer_json is None:
+        captured = _with_tokenizer(captured, tokenizer)
+    pipeline = pipeline[:len(DEFAULT_PIPELINE)] + compression.build_passes(captured.tokenizer_json) \
+        + pipeline[len(DEFAULT_PIPELINE):]
     t1 = time.perf_counter()
     instruments: list[Any] = []
     if dump_ir:
@@ -89,7 +102,19 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     lm = None
     if module.attr("kind") == "causal_lm":
         lm = LanguageModelInfo(captured.tokenizer_json, captured.bos_token_id, captured.eos_token_id)
-    return CompiledModel(module, executable, target, resolved, lm, info)
+    return CompiledModel(module, executable, target, {**resolved, **compression.as_json()}, lm, info)
+
+
+def _with_tokenizer(captured: Any, tokenizer: Any) -> Any:
+    import dataclasses
+    if isinstance(tokenizer, str):
+        text = tokenizer
+    else:
+        backend = getattr(tokenizer, "backend_tokenizer", None) or tokenizer
+        text = backend.to_str()
+    bos = captured.bos_token_id if captured.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
+    eos = captured.eos_token_id if captured.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    return dataclasses.replace(captured, tokenizer_json=text, bos_token_id=bos, eos_token_id=eos)
 
 
 def load(path: str) -> CompiledModel:

@@ -1,0 +1,101 @@
+"""The compression options of ``bitsmith.compile`` (quantization, outliers, N:M sparsity) and
+the passes they turn into. Validated before the slow capture, built into passes after it
+(calibration needs the captured model's tokenizer)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UnknownOptionError
+
+NO_QUANT = ("fp32", "none")
+
+
+@dataclass(frozen=True)
+class CompressionOptions:
+    quant: str | None = None
+    group_size: int = 128
+    outliers: float = 0.0
+    sparsity: str | None = None
+    sparsity_method: str = "magnitude"
+    calibrate: bool = False
+    calib_text: str | None = None
+    calib_sequences: int = 64
+    calib_seq_len: int = 512
+    layers: tuple[str, ...] = ()
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(cls.__dataclass_fields__)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "CompressionOptions":
+        """Takes (pops) the compression keys out of ``options`` and validates them."""
+        picked = {k: options.pop(k) for k in list(options) if k in cls.__dataclass_fields__}
+        if isinstance(picked.get("layers"), str):
+            picked["layers"] = (picked["layers"],)
+        if picked.get("layers") is not None:
+            picked["layers"] = tuple(picked["layers"])
+        else:
+            picked.pop("layers", None)
+        opts = cls(**picked)
+        opts.validate()
+        return opts
+
+    @property
+    def scheme(self) -> str | None:
+        return None if self.quant is None or self.quant in NO_QUANT else self.quant
+
+    def validate(self) -> None:
+        from .ir.datatypes import SCHEMES
+        if self.quant is not None and self.quant not in NO_QUANT and self.quant not in SCHEMES:
+            raise UnknownOptionError("quantization scheme", self.quant, list(SCHEMES) + list(NO_QUANT))
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+        if not 0.0 <= float(self.outliers) < 1.0:
+            raise ValueError(f"outliers is a fraction in [0, 1), got {self.outliers!r}")
+        if self.outliers and self.scheme is None:
+            raise ValueError("outliers needs a quantization scheme (quant=...)")
+        if self.sparsity is not None:
+            from .ir.quantized import parse_sparsity
+            parse_sparsity(self.sparsity)
+        if self.sparsity_method not in ("magnitude", "activation"):
+            raise UnknownOptionError("sparsity method", self.sparsity_method, ["magnitude", "activation"])
+        if self.calibrate and self.scheme is None:
+            raise ValueError("calibrate needs a quantization scheme (quant=...)")
+        if self.needs_calibration:
+            if not self.calib_text:
+                raise ValueError("calibration (calibrate=True or sparsity_method='activation') needs calib_text=FILE")
+            if not Path(self.calib_text).is_file():
+                raise ValueError(f"calibration text {self.calib_text} does not exist")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.calibrate) or (self.sparsity is not None and self.sparsity_method == "activation")
+
+    def as_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    def build_passes(self, tokenizer_json: str | None) -> list[Any]:
+        from .passes import get_pass
+        calibration = None
+        if self.needs_calibration:
+            if tokenizer_json is None:
+                raise ValueError("calibration needs the model's tokenizer: compile by name or path, "
+                                 "or pass tokenizer=...")
+            from .passes.quantization.calibration import TextCalibration
+            calibration = TextCalibration(self.calib_text, tokenizer_json, self.calib_sequences, self.calib_seq_len)
+        out = []
+        if self.sparsity is not None:
+            out.append(get_pass("sparsify", pattern=self.sparsity, method=self.sparsity_method,
+                                layers=self.layers, calibration=calibration))
+        if self.outliers:
+            out.append(get_pass("outliers", fraction=float(self.outliers), layers=self.layers))
+        if self.scheme is not None:
+            out.append(get_pass("quantize", scheme=self.scheme, group_size=self.group_size, layers=self.layers,
+                                calibrate=bool(self.calibrate), calibration=calibration))
+        return out
