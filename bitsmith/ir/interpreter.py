@@ -80,16 +80,29 @@ def _erf(x: np.ndarray) -> np.ndarray:
     return (np.sign(x) * (1.0 - poly * np.exp(-z * z))).astype(x.dtype)
 
 
+def _one_plus_exp_neg(x: np.ndarray) -> np.ndarray:
+    # exp(-x) overflows to inf for very negative x, which gives sigmoid's correct limit 0
+    e = np.negative(x, out=np.empty_like(x))
+    with np.errstate(over="ignore"):
+        np.exp(e, out=e)
+    e += 1
+    return e
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # numerically stable for large |x| in both directions
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype)
+    e = _one_plus_exp_neg(x)
+    return np.reciprocal(e, out=e)
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    e = _one_plus_exp_neg(x)
+    return np.divide(x, e, out=e)
 
 
 _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "neg": np.negative, "abs": np.abs, "exp": np.exp, "log": np.log, "sqrt": np.sqrt,
     "rsqrt": lambda x: (1 / np.sqrt(x)).astype(x.dtype), "tanh": np.tanh, "sigmoid": _sigmoid,
-    "silu": lambda x: x * _sigmoid(x), "relu": lambda x: np.maximum(x, x.dtype.type(0)),
+    "silu": _silu, "relu": lambda x: np.maximum(x, x.dtype.type(0)),
     "cos": np.cos, "sin": np.sin, "erf": _erf, "reciprocal": lambda x: (1 / x).astype(x.dtype),
     "logical_not": np.logical_not,
 }
@@ -199,13 +212,19 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, 
     b, hq, s, d = q.shape
     hk, t = k.shape[1], k.shape[2]
     g = hq // hk
-    qg = q.reshape(b, hk, g, s, d)
-    scores = np.matmul(qg, np.swapaxes(k, -1, -2)[:, :, None]) * q.dtype.type(scale)  # [b,hk,g,s,t]
-    if causal:
+    # the g query heads of a group share one kv head: stack them along the query axis so each
+    # product is one plain batched GEMM (broadcasting the kv head would leave BLAS)
+    qg = q.reshape(b, hk, g * s, d) * q.dtype.type(scale)
+    scores = np.matmul(qg, np.ascontiguousarray(np.swapaxes(k, -1, -2)))  # [b,hk,g*s,t]
+    if causal:  # in place: the score tensor is the largest intermediate of the whole model
         allowed = np.arange(t)[None, :] <= np.arange(s)[:, None] + (t - s)
-        scores = np.where(allowed, scores, q.dtype.type(-np.inf))
-    probs = softmax(scores, axis=-1)
-    out = np.matmul(probs, v[:, :, None])  # [b,hk,g,s,dv]
+        scores.reshape(b, hk, g, s, t)[...] += np.where(allowed, q.dtype.type(0), q.dtype.type(-np.inf))
+    m = scores.max(axis=-1, keepdims=True)
+    m[~np.isfinite(m)] = 0
+    scores -= m
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, v)  # [b,hk,g*s,dv]
     return out.reshape(b, hq, s, v.shape[-1])
 
 

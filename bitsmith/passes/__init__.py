@@ -13,9 +13,12 @@ from .manager import PassManager
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .fold import ConstantFolding
+from .outliers import MarkOutliers
+from .quantize import Quantize
+from .sparsify import Sparsify
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder",
-    "PASSES", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "get_pass",
-    "instruments", "parse_pass_spec", "register_pass",
+    "MarkOutliers", "PASSES", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "Quantize",
+    "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]

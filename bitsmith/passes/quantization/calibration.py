@@ -1,0 +1,193 @@
+"""Calibration statistics: the input activations of every linear layer on real text.
+
+GPTQ (Frantar et al., ICLR 2023) needs each layer's Hessian of the output error,
+``H = 2 XᵀX`` over the calibration tokens ``X`` [tokens, K]; activation-aware N:M selection
+(Wanda, Sun et al., ICLR 2024) needs each input column's norm ``‖X[:, k]‖₂``. Both come from one
+pass of the reference interpreter over calibration windows, observing the value that feeds
+each ``linear`` (or ``qlinear``) node.
+
+Deviation from GPTQ: the paper quantizes layer by layer, feeding each layer the outputs of the
+already-quantized layers before it. Here every layer's statistics come from one run of the
+full-precision model as captured ("non-sequential" GPTQ): one forward per window instead of
+one per layer, at a usually small cost in accuracy.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bitsmith.ir import Module
+from bitsmith.ir import symbolic as sym
+from bitsmith.ir.graph import Node
+from bitsmith.ir.interpreter import run_function
+from bitsmith.ir.types import numpy_dtype
+
+LINEAR_OPS = frozenset({"linear", "qlinear"})
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Second-moment statistics of one linear layer input over the calibration tokens."""
+
+    hessian: np.ndarray  # float64 [K, K]: XᵀX / tokens (GPTQ's 2XᵀX up to a positive factor,
+    #                      which GPTQ's result does not depend on)
+    column_norms: np.ndarray  # float64 [K]: ‖X[:, k]‖₂ over all calibration tokens
+    tokens: int
+
+
+def linear_inputs(module: Module, function: str = "main") -> dict[str, int]:
+    """The values that feed a linear or qlinear node of ``function``, with their feature size."""
+    fn = module.function(function)
+    types = fn.value_types()
+    out: dict[str, int] = {}
+    for node in fn.nodes:
+        if node.op in LINEAR_OPS:
+            k = types[node.inputs[0]].shape[-1]
+            if not isinstance(k, int):
+                raise ValueError(f"{node.op} input %{node.inputs[0]} has symbolic features {k}")
+            out[node.inputs[0]] = k
+    return out
+
+
+def _empty_caches(module: Module, batch: int) -> list[np.ndarray]:
+    """Zero-length past key/value arrays for ``main``'s parameters after (input_ids, position_ids),
+    as bitsmith.runtime.generate.empty_cache makes them (passes do not import the runtime)."""
+    out = []
+    for p in module.function("main").params[2:]:
+        shape = tuple(sym.evaluate(d, {"batch": batch, "past": 0}) for d in p.type.shape)
+        out.append(np.zeros(shape, dtype=numpy_dtype(p.type.dtype)))
+    return out
+
+
+class _Accumulator:
+    """Sums XᵀX (float64) per observed value; one sgemm per window and value."""
+
+    def __init__(self, wanted: dict[str, int]) -> None:
+        self.wanted = wanted
+        self.sums = {name: np.zeros((k, k), dtype=np.float64) for name, k in wanted.items()}
+        self.tokens = dict.fromkeys(wanted, 0)
+
+    def add(self, name: str, x: np.ndarray) -> None:
+        x = np.asarray(x).reshape(-1, self.wanted[name])
+        x32 = x.astype(np.float32, copy=False)
+        # float32 products of one window (a few hundred tokens, relative error ~1e-6), summed
+        # across windows in float64
+        self.sums[name] += (x32.T @ x32).astype(np.float64)
+        self.tokens[name] += x.shape[0]
+
+    def observe(self, node: Node, outputs: Sequence[np.ndarray]) -> None:
+        for value, array in zip(node.outputs, outputs):
+            if value.name in self.sums:
+                self.add(value.name, array)
+
+    def stats(self) -> dict[str, LayerStats]:
+        out = {}
+        for name, total in self.sums.items():
+            n = self.tokens[name]
+            if n == 0:
+                raise ValueError(f"linear input %{name} was never computed on the calibration windows")
+            hessian, norms = total / n, np.sqrt(np.diag(total))
+            hessian.setflags(write=False)  # shared by every pass that asks (see TextCalibration)
+            norms.setflags(write=False)
+            out[name] = LayerStats(hessian=hessian, column_norms=norms, tokens=n)
+        return out
+
+
+def collect_statistics(module: Module, windows: list[np.ndarray],
+                       progress: bool = False) -> dict[str, LayerStats]:
+    """Runs the causal-LM ``main`` of ``module`` on each window (int64 [1, L] token ids, positions
+    0..L-1, empty caches) and returns the statistics of every linear layer input, keyed by the
+    name of the value feeding the layer (q/k/v projections that share an input share one entry).
+    """
+    if not windows:
+        raise ValueError("no calibration windows")
+    wanted = linear_inputs(module)
+    acc = _Accumulator(wanted)
+    unobservable = sorted(set(wanted) & {p.name for p in module.function("main").params})
+    if unobservable:  # the observe hook sees node outputs only
+        raise ValueError(f"linear inputs {unobservable} are parameters of main; only computed values are observed")
+    start = last_report = time.perf_counter()
+    for i, ids in enumerate(windows):
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None, :]
+        b, length = ids.shape
+        positions = np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)).copy()
+        run_function(module, "main", [ids, positions, *_empty_caches(module, b)], observe=acc.observe)
+        now = time.perf_counter()
+        if progress and (now - last_report >= 10 or i + 1 == len(windows)):  # a window of SmolLM2: ~10 s
+            print(f"calibration: {i + 1}/{len(windows)} windows, {now - start:.0f}s", file=sys.stderr, flush=True)
+            last_report = now
+    return acc.stats()
+
+
+def calibration_windows(token_ids: np.ndarray, sequences: int = 64, length: int = 512) -> list[np.ndarray]:
+    """The first ``sequences`` non-overlapping windows of ``length`` tokens, each int64 [1, length]
+    (fewer when the text is short; a partial last window is dropped)."""
+    ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+    if sequences < 1 or length < 1:
+        raise ValueError(f"need sequences >= 1 and length >= 1, got {sequences}, {length}")
+    count = min(sequences, len(ids) // length)
+    if count == 0:
+        raise ValueError(f"calibration text has {len(ids)} tokens, fewer than one window of {length}")
+    return [ids[i * length:(i + 1) * length][None, :].copy() for i in range(count)]
+
+
+def _fingerprint(module: Module) -> tuple:
+    """What calibration statistics depend on, apart from linear weights: the values feeding the
+    linear layers and every constant not used as a linear layer's weight or bias. Passes that only
+    rewrite linear weights (sparsify, outliers, quantize) keep it."""
+    fn = module.function("main")
+    constant_of = {n.outputs[0].name: n.attr("name") for n in fn.nodes if n.op == "constant"}
+    other_constants: set[str] = set()
+    for node in fn.nodes:
+        if node.op not in LINEAR_OPS and node.op != "constant":
+            other_constants.update(constant_of[v] for v in node.inputs if v in constant_of)
+    return (tuple(sorted(linear_inputs(module).items())),
+            tuple(module.tensors.info(t) for t in sorted(other_constants)))
+
+
+class TextCalibration:
+    """Calibration statistics from a text file, given to passes as ``calibration=``.
+
+    ``TextCalibration(text_path, tokenizer_json)(module)`` tokenizes the text (no special
+    tokens), runs the first ``sequences`` windows of ``length`` tokens through ``module`` and
+    returns :func:`collect_statistics`' result. The result is cached: a later call with a module
+    whose fingerprint matches (same module, or one whose linear weights alone were rewritten,
+    e.g. by sparsify before quantize) returns the first statistics, so every pass sees those of
+    the full-precision model as captured (non-sequential GPTQ; see the module docstring).
+    """
+
+    def __init__(self, text_path: str, tokenizer_json: str, sequences: int = 64, length: int = 512) -> None:
+        self.text_path = str(text_path)
+        self.tokenizer_json = tokenizer_json
+        self.sequences = sequences
+        self.length = length
+        self._cache: list[tuple[tuple, dict[str, LayerStats]]] = []
+
+    def __repr__(self) -> str:  # passes print their options; keep the tokenizer JSON out of it
+        return f"TextCalibration({self.text_path!r}, sequences={self.sequences}, length={self.length})"
+
+    def windows(self) -> list[np.ndarray]:
+        from tokenizers import Tokenizer
+        text = Path(self.text_path).read_text(encoding="utf-8")
+        ids = Tokenizer.from_str(self.tokenizer_json).encode(text, add_special_tokens=False).ids
+        return calibration_windows(np.asarray(ids, dtype=np.int64), self.sequences, self.length)
+
+    def __call__(self, module: Module) -> dict[str, LayerStats]:
+        key = _fingerprint(module)
+        for cached_key, stats in self._cache:
+            if cached_key == key:
+                return stats
+        windows = self.windows()
+        print(f"calibration: {len(windows)} windows of {self.length} tokens from {self.text_path}",
+              file=sys.stderr, flush=True)
+        stats = collect_statistics(module, windows, progress=True)
+        self._cache.append((key, stats))
+        return stats

@@ -1,0 +1,131 @@
+"""Pass ``quantize``: replaces selected ``linear`` nodes by ``qlinear`` nodes on packed weights.
+
+Each selected linear whose weight is a table constant becomes a ``qlinear`` (see
+``bitsmith/ir/quantized.py``) whose operands are new constants named after the weight:
+``<weight>.codes``, ``.scales`` and, as the scheme and annotations need, ``.zeros``,
+``.selectors``, ``.nm_index``, ``.outlier_values``, ``.outlier_cols``, ``.outlier_rowptr``.
+
+It consumes the annotations earlier passes left on the linear:
+* ``sparsity="N:M"`` (pass ``sparsify``): only the kept weights are quantized, in groups along
+  the kept weights of a row, with their in-block indices stored;
+* ``outliers=f`` (pass ``outliers``): the ``ceil(f * weights)`` weights with the largest
+  quantization-error impact (SpQR), weighted by the Hessian diagonal when calibrating, are
+  stored exactly as fp16 in a CSR side matrix, and their groups are fitted without them.
+
+Weights are rounded to nearest (``calibrate=False``) or with GPTQ error compensation
+(``calibrate=True``, Frantar et al. 2023), which needs ``calibration``: a callable
+``module -> {linear input value name: statistics with .hessian [K, K] and .column_norms [K]}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bitsmith.ir import Module, Node
+from bitsmith.ir.datatypes import Scheme, get_scheme
+
+from .base import Pass, register_pass
+from .quantization.groups import QuantizedMatrix, quantize_matrix, select_outliers
+from .quantization.nm import compress_nm, expand_nm, nm_mask, parse_pattern
+from .quantization.pack import operand_roles, qlinear_operands
+from .quantization.sites import (LinearSite, Names, NewTensors, constant_node, drop_dead, normalize_layers,
+                                 rewrite_linears)
+
+
+def qlinear_attrs(shape: tuple[int, ...], scheme: Scheme, group_size: int, sparsity: str, outliers: float,
+                  has_bias: bool) -> dict:
+    out_features, in_features = shape
+    return {"scheme": scheme.name, "group_size": group_size, "in_features": int(in_features),
+            "out_features": int(out_features), "sparsity": sparsity, "outliers": float(outliers),
+            "bias": has_bias}
+
+
+def pack_weight(weight: np.ndarray, scheme: Scheme, attrs: dict, stats: object = None) -> list[np.ndarray]:
+    """The qlinear weight operands of one [out, in] weight, quantized as ``attrs`` say
+    (``stats``: calibration statistics of its input for GPTQ; None: round-to-nearest)."""
+    w = np.asarray(weight, dtype=np.float32)
+    group_size, sparsity, outliers = attrs["group_size"], attrs["sparsity"], attrs["outliers"]
+    kept, index, nm = w, None, None
+    if sparsity:
+        nm = parse_pattern(sparsity)
+        kept, index = compress_nm(w, nm_mask(w, *nm), *nm)
+    importance = None if stats is None else np.diag(np.asarray(stats.hessian, dtype=np.float64)).copy()
+    outlier_kept = select_outliers(kept, scheme, group_size, outliers, importance) if outliers else None
+    participates = None if outlier_kept is None else ~outlier_kept
+    qm: QuantizedMatrix
+    if stats is None:
+        qm = quantize_matrix(kept, scheme, group_size, participates)
+    else:
+        from .quantization.gptq import gptq_quantize_matrix
+        qm = gptq_quantize_matrix(kept, np.asarray(stats.hessian, dtype=np.float64), scheme, group_size,
+                                  mask=participates)
+    outlier_dense = outlier_kept
+    if outlier_kept is not None and nm is not None:
+        outlier_dense = expand_nm(outlier_kept, index, *nm, w.shape[1])
+    return qlinear_operands(qm, scheme, attrs, outlier_dense, w, index)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Options: ``scheme`` (one of bitsmith.ir.datatypes.SCHEMES), ``group_size``, ``layers``
+    module-path globs (default: every linear but ``*lm_head``), ``calibrate`` (GPTQ) and
+    ``calibration`` (the statistics source ``calibrate`` needs)."""
+
+    name = "quantize"
+    scheme: str = ""
+    group_size: int = 128
+    layers: tuple[str, ...] = ()
+    calibrate: bool = False
+    calibration: object = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.scheme:
+            from bitsmith.ir.datatypes import SCHEMES
+            raise ValueError(f"quantize needs scheme=NAME; valid: {', '.join(SCHEMES)}")
+        get_scheme(self.scheme)  # unknown scheme: ValueError listing the valid ones
+        if not isinstance(self.group_size, int) or self.group_size <= 0:
+            raise ValueError(f"quantize: group_size must be a positive integer, got {self.group_size!r}")
+        object.__setattr__(self, "layers", normalize_layers(self.layers))
+
+    def apply(self, module: Module) -> Module:
+        scheme = get_scheme(self.scheme)
+        if self.calibrate and self.calibration is None:
+            raise ValueError("quantize{calibrate=true} needs calibration activations "
+                             "(e.g. bitsmith.compile(..., calibrate=True, calib_text=FILE))")
+        stats_by_input = self.calibration(module) if self.calibrate else {}
+        added = NewTensors(module)
+
+        def rewrite(site: LinearSite, names: Names) -> list[Node]:
+            node = site.node
+            sparsity = str(node.attr("sparsity") or "")
+            outliers = float(node.attr("outliers") or 0.0)
+            stats = None
+            if self.calibrate:
+                if sparsity:
+                    raise ValueError(f"linear {site.module_path}: calibrate with N:M sparsity is not supported")
+                stats = stats_by_input.get(node.inputs[0])
+                if stats is None:
+                    raise ValueError(f"calibration has no statistics for the input %{node.inputs[0]} "
+                                     f"of linear {site.module_path}")
+            attrs = qlinear_attrs(site.weight.shape, scheme, self.group_size, sparsity, outliers,
+                                  len(node.inputs) == 3)
+            roles = operand_roles(attrs)
+            key = (site.weight_name, sparsity, outliers, node.inputs[0] if self.calibrate else None)
+            prefix, made = added.prefix(site.weight_name, key, [f".{r}" for r in roles])
+            if not made:  # a weight shared by several linears is quantized once
+                try:
+                    operands = pack_weight(site.weight, scheme, attrs, stats)
+                except ValueError as e:
+                    raise ValueError(f"linear {site.module_path}: {e}") from None
+                for role, array in zip(roles, operands):
+                    added.add(f"{prefix}.{role}", array)
+            consts = [constant_node(names, added, f"{prefix}.{r}", f"{node.output.name}.{r}", site.weight_loc)
+                      for r in roles]
+            inputs = (node.inputs[0],) + tuple(c.output.name for c in consts) + node.inputs[2:]
+            return consts + [Node("qlinear", inputs, node.outputs, attrs, node.loc)]
+
+        out = rewrite_linears(module, self.layers, rewrite)
+        return drop_dead(added.into(out))
