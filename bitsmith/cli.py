@@ -1,4 +1,4 @@
-"""The ``bitsmith`` command line: targets, compile, run, inspect.
+"""The ``bitsmith`` command line: targets, compile, run, eval, inspect.
 
 Every user-facing failure (a BitsmithError, a missing file, a bad value) prints one line,
 ``bitsmith: error: <message>``, on stderr and exits 2; set BITSMITH_DEBUG=1 for the traceback.
@@ -41,6 +41,60 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
     return options
 
 
+_QUANT_FLAGS = ("quant", "group_size", "outliers", "sparsity", "sparsity_method", "calib_text",
+                "calib_sequences", "calib_seq_len")
+
+
+def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The compression keyword arguments of ``bitsmith.compile`` given on the command line,
+    validated now (an unknown scheme fails before a compile that can take a minute)."""
+    from .compression import CompressionOptions
+
+    options = {k: getattr(args, k) for k in _QUANT_FLAGS if getattr(args, k) is not None}
+    if args.calibrate:
+        options["calibrate"] = True
+    if args.layers:
+        options["layers"] = list(args.layers)
+    CompressionOptions.from_options(dict(options))
+    return options
+
+
+def _compile_with_progress(model: str, target: str, passes: Sequence[str] | None,
+                           options: dict[str, Any]) -> Any:
+    """``bitsmith.compile`` with a progress line per step on stderr and a timing summary."""
+    import bitsmith
+
+    compile_fn = getattr(bitsmith, "compile", None)
+    if compile_fn is None:
+        raise BitsmithError("this installation has no bitsmith.compile (the frontend is missing)")
+    start = time.perf_counter()
+
+    def step(message: str) -> None:
+        _progress(f"[{time.perf_counter() - start:6.1f}s] {message}...")
+
+    cm = compile_fn(model, target=target, passes=passes or None, progress=step, **options)
+    phases = cm.compile_info.get("seconds", {}) if isinstance(cm.compile_info, dict) else {}
+    detail = ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if isinstance(v, (int, float)))
+    _progress(f"compiled in {time.perf_counter() - start:.1f}s" + (f" ({detail})" if detail else ""))
+    return cm
+
+
+class _ProgressBar:
+    """A one-line ``\r``-updated progress bar on stderr: ``label [#####-----] 3/8 12.1s``."""
+
+    def __init__(self, label: str, width: int = 30) -> None:
+        self.label, self.width, self.start = label, width, time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        filled = self.width * done // max(total, 1)
+        bar = "#" * filled + "-" * (self.width - filled)
+        elapsed = time.perf_counter() - self.start
+        eta = f", eta {elapsed / done * (total - done):.0f}s" if 0 < done < total else ""
+        end = "\n" if done >= total else ""
+        print(f"\r{self.label} [{bar}] {done}/{total} {elapsed:.1f}s{eta}", end=end, file=sys.stderr,
+              flush=True)
+
+
 # --- subcommands -------------------------------------------------------------------------
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -54,24 +108,15 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    import bitsmith
-
     options = _parse_options(args.option)
+    quant = _quant_options(args)
+    clash = sorted(set(options) & set(quant))
+    if clash:
+        raise ValueError(f"{clash[0]!r} is given both as a flag and as --option; give it once")
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # fail before a compile that can take a minute
         raise ValueError(f"--out {args.out} exists and is not a directory")
-    compile_fn = getattr(bitsmith, "compile", None)
-    if compile_fn is None:
-        raise BitsmithError("this installation has no bitsmith.compile (the frontend is missing)")
-    start = time.perf_counter()
-
-    def step(message: str) -> None:
-        _progress(f"[{time.perf_counter() - start:6.1f}s] {message}...")
-
-    cm = compile_fn(args.model, target=args.target, passes=args.passes or None, progress=step, **options)
-    phases = cm.compile_info.get("seconds", {}) if isinstance(cm.compile_info, dict) else {}
-    detail = ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if isinstance(v, (int, float)))
-    _progress(f"compiled in {time.perf_counter() - start:.1f}s" + (f" ({detail})" if detail else ""))
+    cm = _compile_with_progress(args.model, args.target, args.passes, {**options, **quant})
     start = time.perf_counter()
     cm.save(args.out)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
@@ -98,6 +143,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = cm.generate(np.asarray([ids], dtype=np.int64), max_new_tokens=args.max_new_tokens, eos_token_id=eos)
     new_ids = [int(t) for t in np.asarray(out)[0, len(ids):]]
     print(tokenizer.decode(new_ids, skip_special_tokens=True))
+    return 0
+
+
+def _is_artifact_dir(path: str) -> bool:
+    from .runtime.manifest import MANIFEST
+    return (Path(path) / MANIFEST).is_file()
+
+
+def _eval_model(args: argparse.Namespace, quant: dict[str, Any]) -> Any:
+    """The compiled model to score: MODEL loaded as an artifact, or compiled with the options."""
+    if _is_artifact_dir(args.model):
+        if set(quant) - {"quant"} or quant.get("quant", "fp32") not in ("fp32", "none"):
+            raise ValueError(f"{args.model} is a compiled artifact: quantization options apply only when "
+                             "compiling a model (drop --quant and its options to evaluate it as saved)")
+        from .runtime.artifact import load_artifact
+        cm = load_artifact(args.model)
+        if args.target is not None and args.target != cm.target:
+            raise ValueError(f"{args.model} was compiled for target {cm.target!r}, not {args.target!r}")
+        _progress(f"loaded artifact {args.model} (target {cm.target})")
+        return cm
+    return _compile_with_progress(args.model, args.target or "reference", None, quant)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .evaluation import quantization_summary
+    from .runtime.perplexity import perplexity
+
+    quant = _quant_options(args)  # an unknown scheme fails here, before loading anything
+    text = Path(args.text).read_text(encoding="utf-8")
+    if args.ctx < 2 or args.windows < 1:
+        raise ValueError(f"need --ctx >= 2 and --windows >= 1, got --ctx {args.ctx} --windows {args.windows}")
+    cm = _eval_model(args, quant)
+    if not cm.is_language_model:
+        raise ValueError(f"{args.model} is no causal language model; `bitsmith eval` scores text")
+    start = time.perf_counter()
+    ids = np.asarray(cm.tokenizer().encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    _progress(f"tokenized {args.text}: {len(ids):,} tokens in {time.perf_counter() - start:.1f}s")
+    if len(ids) // args.ctx < args.windows and len(ids) >= args.ctx:
+        _progress(f"warning: the text holds only {len(ids) // args.ctx} windows of {args.ctx} tokens; "
+                  f"scoring those, not {args.windows}")
+    result = perplexity(cm, ids, ctx=args.ctx, windows=args.windows, progress=_ProgressBar("perplexity"))
+    summary = quantization_summary(cm)
+    record = {"model": args.model, "text": args.text, "target": cm.target, **summary, **result}
+    gs = f" g{summary['group_size']}" if summary["group_size"] else ""
+    bpw = summary["bits_per_weight"]
+    print(f"{args.model} {summary['quant']}{gs} on {Path(args.text).name}: ppl {result['ppl']:.4f} "
+          f"({result['windows']} x {result['ctx']} tokens, {result['tokens_scored']:,} scored, "
+          f"{result['seconds']:.1f}s), "
+          + (f"{bpw:.3f} bits/weight, " if isinstance(bpw, (int, float)) else "")
+          + f"{summary['model_bytes'] / 1e6:.1f} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _progress(f"wrote {args.json}")
     return 0
 
 
@@ -152,7 +252,19 @@ def _print_inspect_text(s: dict[str, Any]) -> None:
         print(f"  {name:<{width}}  {size:>16}  sha256 {f['sha256'][:16]}")
 
 
+def _write_datatype_plot(artifact: str, out: str) -> None:
+    from .plots import require_pyplot, plot_datatype_shares
+    from .runtime.datatype_usage import layer_datatypes
+
+    require_pyplot()  # a missing matplotlib fails before any reading
+    layers = layer_datatypes(artifact)
+    plot_datatype_shares(layers, out, title=f"datatype chosen per layer: {Path(artifact).name}")
+    _progress(f"wrote {out} ({len(layers)} quantized layers)")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.plot:
+        _write_datatype_plot(args.artifact, args.plot)
     summary = _inspect_summary(args.artifact, args.verify)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -162,6 +274,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # --- entry point -------------------------------------------------------------------------
+
+def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantization")
+    g.add_argument("--quant", metavar="SCHEME", help="fp32 (default: no quantization), rtn-int2/3/4[-sym], "
+                                                    "fp3, fp4, bitmod-w3, bitmod-w4")
+    g.add_argument("--group-size", type=int, metavar="G", help="weights per scale group (default 128)")
+    g.add_argument("--outliers", type=float, metavar="F", help="fraction kept in fp16, e.g. 0.005")
+    g.add_argument("--sparsity", metavar="N:M", help='structured sparsity, e.g. "2:4"')
+    g.add_argument("--sparsity-method", metavar="METHOD", help="magnitude or activation")
+    g.add_argument("--calibrate", action="store_true", help="GPTQ-style calibration (needs --calib-text)")
+    g.add_argument("--calib-text", metavar="FILE", help="calibration text (never the evaluation text)")
+    g.add_argument("--calib-sequences", type=int, metavar="N", help="calibration sequences (default 64)")
+    g.add_argument("--calib-seq-len", type=int, metavar="L", help="tokens per calibration sequence (default 512)")
+    g.add_argument("--layers", nargs="+", action="extend", default=[], metavar="GLOB",
+                   help="module paths to quantize (globs; default: all linear layers but lm_head)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitsmith", description="Compile LLMs into deployable artifacts.")
@@ -178,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help='a pass spec, e.g. "cse,fold{max_elements=64}" (repeatable)')
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a compile option; VALUE is read as JSON when it parses (repeatable)")
+    _add_quant_arguments(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="generate text with a compiled language model")
@@ -186,10 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("eval", help="perplexity of a compiled (optionally quantized) language model on a text")
+    p.add_argument("model", metavar="MODEL", help="a model name, HF directory or .gguf, or an artifact DIR")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    p.add_argument("--target", help="a target name (default reference; an artifact keeps its own)")
+    p.add_argument("--ctx", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument("--windows", type=int, default=16, help="non-overlapping windows scored (default 16)")
+    p.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT")
+    _add_quant_arguments(p)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("inspect", help="describe an artifact without loading its weights or native code")
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--verify", action="store_true", help="also check every file's sha256 (reads, never loads)")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw each quantized layer's share of each "
+                                                     "datatype (reads only the selector tensors)")
     p.set_defaults(func=cmd_inspect)
     return parser
 

@@ -63,6 +63,8 @@ class CompressionOptions:
             parse_sparsity(self.sparsity)
         if self.sparsity_method not in ("magnitude", "activation"):
             raise UnknownOptionError("sparsity method", self.sparsity_method, ["magnitude", "activation"])
+        if self.calibrate and self.sparsity is not None:
+            raise ValueError("calibrate with N:M sparsity is not supported (GPTQ over pruned rows)")
         if self.calibrate and self.scheme is None:
             raise ValueError("calibrate needs a quantization scheme (quant=...)")
         if self.needs_calibration:

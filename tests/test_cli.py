@@ -110,23 +110,9 @@ def test_compile_with_unknown_target(capsys, tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    """A random-init Llama saved as a Hugging Face directory with a word-level tokenizer."""
     pytest.importorskip("transformers")
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    from hf_configs import VOCAB, make_model
-
-    path = tmp_path_factory.mktemp("hf") / "tiny-llama"
-    words = {"<eos>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
-    backend = Tokenizer(WordLevel(words, unk_token="w1"))
-    backend.pre_tokenizer = Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
-    make_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    from tiny_llama import save_tiny_llama
+    return save_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny-llama")
 
 
 def test_compile_inspect_run_end_to_end(capsys, tmp_path: Path, tiny_llama_dir: Path):

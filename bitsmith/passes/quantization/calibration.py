@@ -14,6 +14,7 @@ one per layer, at a usually small cost in accuracy.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass
@@ -169,7 +170,6 @@ class TextCalibration:
         self.tokenizer_json = tokenizer_json
         self.sequences = sequences
         self.length = length
-        self._cache: list[tuple[tuple, dict[str, LayerStats]]] = []
 
     def __repr__(self) -> str:  # passes print their options; keep the tokenizer JSON out of it
         return f"TextCalibration({self.text_path!r}, sequences={self.sequences}, length={self.length})"
@@ -181,13 +181,22 @@ class TextCalibration:
         return calibration_windows(np.asarray(ids, dtype=np.int64), self.sequences, self.length)
 
     def __call__(self, module: Module) -> dict[str, LayerStats]:
-        key = _fingerprint(module)
-        for cached_key, stats in self._cache:
+        text_digest = hashlib.sha256(Path(self.text_path).read_bytes()).hexdigest()
+        tok_digest = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
+        key = (text_digest, tok_digest, self.sequences, self.length, _fingerprint(module))
+        for cached_key, stats in _STATS_CACHE:
             if cached_key == key:
                 return stats
         windows = self.windows()
         print(f"calibration: {len(windows)} windows of {self.length} tokens from {self.text_path}",
               file=sys.stderr, flush=True)
         stats = collect_statistics(module, windows, progress=True)
-        self._cache.append((key, stats))
+        _STATS_CACHE.append((key, stats))
+        del _STATS_CACHE[:-_STATS_CACHE_SIZE]
         return stats
+
+
+# Process-wide, so compiles of the same model with several schemes (a quality table) share one
+# calibration run; small, since each entry holds a Hessian per distinct linear input.
+_STATS_CACHE: list[tuple[tuple, dict[str, LayerStats]]] = []
+_STATS_CACHE_SIZE = 2

@@ -1,0 +1,246 @@
+"""Quality of the quantization schemes: SmolLM2-135M perplexity on Pride and Prejudice.
+
+Every number is measured on the compiled model (reference target, computed from its packed
+codes): the first N non-overlapping windows of ``ctx`` tokens of prideprejudice.txt, no BOS
+token (bitsmith.runtime.perplexity). Calibration reads only sensesensibility.txt.
+
+SmolLM2-135M's weights arrive as GGUF Q4_1 (asymmetric int4, blocks of 32): re-quantizing
+with exactly that scheme would be lossless and mean nothing. Every row here uses groups of
+128 along the input features, so rtn-int4 g128 is a real (lossy) result.
+
+    python benchmarks/quality.py                 # all rows, 64 windows of 1024 tokens
+    python benchmarks/quality.py --rows fp32 bitmod-w3 --windows 8
+    python benchmarks/quality.py --smoke         # 2 windows of 128 tokens, fp32 + rtn-int4
+
+Results go to benchmarks/results/quality.md and quality.json (``--smoke``: quality-smoke.*),
+rewritten after every row; rows already in quality.json measured with the same settings are
+kept, so a long run can be done in pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from machine import machine_line  # noqa: E402
+
+TEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+EVAL_TEXT = TEXT_DIR / "prideprejudice.txt"
+CALIB_TEXT = TEXT_DIR / "sensesensibility.txt"
+MODEL = "smollm2-135m"
+GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    quant: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.options.get("calibrate"))
+
+    def compile_kwargs(self) -> dict[str, Any]:
+        if self.quant is None:
+            return {}
+        out = {"quant": self.quant, "group_size": GROUP_SIZE, **self.options}
+        if self.calibrated:
+            out["calib_text"] = str(CALIB_TEXT)
+        return out
+
+
+CAL = {"calibrate": True}
+ROWS: tuple[Row, ...] = (
+    Row("fp32", None),
+    Row("rtn-int4", "rtn-int4"),
+    Row("fp4", "fp4"),
+    Row("bitmod-w4", "bitmod-w4"),
+    Row("rtn-int3", "rtn-int3"),
+    Row("fp3", "fp3"),
+    Row("bitmod-w3", "bitmod-w3"),
+    Row("bitmod-w3+calibrate", "bitmod-w3", CAL),
+    Row("bitmod-w4+calibrate", "bitmod-w4", CAL),
+    Row("bitmod-w3+calibrate+outliers0.5%", "bitmod-w3", {**CAL, "outliers": 0.005}),
+    Row("bitmod-w4+2:4", "bitmod-w4", {"sparsity": "2:4", "sparsity_method": "magnitude"}),
+)
+ROW_BY_KEY = {r.key: r for r in ROWS}
+SMOKE_ROWS = ("fp32", "rtn-int4")
+
+
+# ------------------------------------------------------------------------------- measuring
+
+def compile_row(row: Row, model: Any, tokenizer: Any) -> Any:
+    """Compiles the loaded module; a calibrated row needs the tokenizer for its text: passed
+    as ``tokenizer=`` where compile takes it, else the model is compiled by name."""
+    import bitsmith
+
+    kwargs = row.compile_kwargs()
+    if row.calibrated:
+        if "tokenizer" in inspect.signature(bitsmith.compile).parameters:
+            return bitsmith.compile(model, target="reference", tokenizer=tokenizer, **kwargs)
+        return bitsmith.compile(MODEL, target="reference", **kwargs)
+    return bitsmith.compile(model, target="reference", **kwargs)
+
+
+def measure(row: Row, model: Any, tokenizer: Any, ids: Any, ctx: int, windows: int) -> dict[str, Any]:
+    from bitsmith.evaluation import quantization_summary
+    from bitsmith.runtime.perplexity import perplexity
+
+    t0 = time.perf_counter()
+    cm = compile_row(row, model, tokenizer)
+    compile_seconds = time.perf_counter() - t0
+
+    def bar(done: int, total: int) -> None:
+        print(f"\r  {row.key}: window {done}/{total} ({time.perf_counter() - t1:.0f}s)", end="",
+              file=sys.stderr, flush=True)
+
+    t1 = time.perf_counter()
+    result = perplexity(cm, ids, ctx=ctx, windows=windows, progress=bar)
+    print(file=sys.stderr)
+    summary = quantization_summary(cm)
+    del cm
+    gc.collect()
+    return {"row": row.key, "compile_options": row.compile_kwargs(), **summary,
+            "compile_wall_seconds": compile_seconds, "ppl": result["ppl"], "nll": result["nll"],
+            "windows": result["windows"], "ctx": result["ctx"], "tokens_scored": result["tokens_scored"],
+            "eval_seconds": result["seconds"]}
+
+
+# ------------------------------------------------------------------------------- reporting
+
+def with_deltas(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    base = next((r["ppl"] for r in rows if r["row"] == "fp32"), None)
+    for r in rows:
+        r["delta_ppl"] = None if base is None else r["ppl"] - base
+        r["delta_pct"] = None if base is None else 100.0 * (r["ppl"] - base) / base
+    return rows
+
+
+def goals(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
+    """(goal, met or None when a row it needs was not measured, detail)."""
+    ppl = {r["row"]: r["ppl"] for r in rows}
+    out: list[tuple[str, bool | None, str]] = []
+
+    def need(*keys: str) -> bool:
+        return all(k in ppl for k in keys)
+
+    for w in (3, 4):
+        keys = (f"bitmod-w{w}", f"rtn-int{w}", f"fp{w}")
+        text = f"{w}-bit: bitmod-w{w} below rtn-int{w} and fp{w}"
+        if need(*keys):
+            detail = " vs ".join(f"{k} {ppl[k]:.3f}" for k in keys)
+            out.append((text, ppl[keys[0]] < min(ppl[keys[1]], ppl[keys[2]]), detail))
+        else:
+            out.append((text, None, "not measured"))
+    text = "calibrate at least halves bitmod-w3's gap to fp32"
+    if need("fp32", "bitmod-w3", "bitmod-w3+calibrate"):
+        gap, cal_gap = ppl["bitmod-w3"] - ppl["fp32"], ppl["bitmod-w3+calibrate"] - ppl["fp32"]
+        out.append((text, cal_gap <= 0.5 * gap, f"gap {gap:.3f} -> {cal_gap:.3f} ({cal_gap / gap:.0%} of it)"
+                    if gap else f"gap {gap:.3f} -> {cal_gap:.3f}"))
+    else:
+        out.append((text, None, "not measured"))
+    text = "bitmod-w4+calibrate within 5% of fp32"
+    if need("fp32", "bitmod-w4+calibrate"):
+        pct = 100.0 * (ppl["bitmod-w4+calibrate"] / ppl["fp32"] - 1)
+        out.append((text, pct <= 5.0, f"{pct:+.2f}%"))
+    else:
+        out.append((text, None, "not measured"))
+    return out
+
+
+def _num(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Quantization quality: SmolLM2-135M on Pride and Prejudice",
+        "",
+        f"Perplexity of the compiled model (target reference, computed from its packed codes) over the "
+        f"first {meta['windows']} non-overlapping windows of {meta['ctx']} tokens of `{meta['eval_text']}` "
+        f"(no BOS; {meta['ctx'] - 1} tokens scored per window). Calibration text: `{meta['calib_text']}` "
+        f"only. All quantized rows use groups of {GROUP_SIZE}; embeddings and lm_head stay fp32. "
+        "SmolLM2 ships as Q4_1 (int4, blocks of 32): that exact scheme would be lossless, so it is not a row.",
+        "",
+        "| row | ppl | Δ ppl | Δ % | bits/weight | model MB | quantize s | eval s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['row']} | {r['ppl']:.3f} | {_num(r['delta_ppl'], '+.3f')} | "
+                     f"{_num(r['delta_pct'], '+.2f')} | {_num(r['bits_per_weight'], '.3f')} | "
+                     f"{r['model_bytes'] / 1e6:.1f} | {r['quantize_seconds']:.1f} | {r['eval_seconds']:.1f} |")
+    lines += ["", "## Goals", ""]
+    for text, met, detail in goals(rows):
+        status = "not measured" if met is None else ("met" if met else "NOT met")
+        lines.append(f"- {text}: **{status}**" + (f" ({detail})" if met is not None else ""))
+    lines += ["", f"Machine: {meta['machine']}", ""]
+    return "\n".join(lines)
+
+
+def load_previous(path: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of an earlier run with the same settings (so runs in pieces add up)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    same = all(old.get("meta", {}).get(k) == meta[k] for k in ("windows", "ctx", "eval_text", "calib_text"))
+    return [r for r in old.get("rows", []) if r.get("row") in ROW_BY_KEY] if same else []
+
+
+def write(out_dir: Path, stem: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    order = {k: i for i, k in enumerate(ROW_BY_KEY)}
+    rows = with_deltas(sorted(rows, key=lambda r: order[r["row"]]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = render(meta, rows)
+    (out_dir / f"{stem}.md").write_text(table)
+    goal_list = [{"goal": t, "met": m, "detail": d} for t, m, d in goals(rows)]
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "goals": goal_list}, indent=2) + "\n")
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--windows", type=int, default=64)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--rows", nargs="+", choices=list(ROW_BY_KEY), metavar="ROW",
+                   help=f"rows to measure (default all): {', '.join(ROW_BY_KEY)}")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--smoke", action="store_true", help="2 windows of 128 tokens, fp32 + rtn-int4")
+    args = p.parse_args()
+    if args.smoke:
+        args.windows, args.ctx, args.rows = 2, 128, args.rows or list(SMOKE_ROWS)
+    stem = "quality-smoke" if args.smoke else "quality"
+    keys = args.rows or list(ROW_BY_KEY)
+
+    import numpy as np
+    from bitsmith.frontend.models import load_pretrained
+
+    model, tokenizer = load_pretrained(MODEL)
+    text = EVAL_TEXT.read_text(encoding="utf-8")
+    ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    meta = {"model": MODEL, "eval_text": f"../shared/data/text/{EVAL_TEXT.name}",
+            "calib_text": f"../shared/data/text/{CALIB_TEXT.name}", "windows": args.windows,
+            "ctx": args.ctx, "group_size": GROUP_SIZE, "text_tokens": int(len(ids)), "machine": machine_line()}
+    done = {r["row"]: r for r in load_previous(args.out_dir / f"{stem}.json", meta)}
+    for key in keys:
+        print(f"[{key}] compiling and scoring {args.windows} x {args.ctx} tokens...", file=sys.stderr, flush=True)
+        row = measure(ROW_BY_KEY[key], model, tokenizer, ids, args.ctx, args.windows)
+        print(f"[{key}] ppl {row['ppl']:.3f}, {row['bits_per_weight']} bits/weight, quantize "
+              f"{row['quantize_seconds']:.1f}s, eval {row['eval_seconds']:.1f}s", file=sys.stderr, flush=True)
+        done[key] = row
+        write(args.out_dir, stem, meta, list(done.values()))  # a partial run still leaves a table
+    print(write(args.out_dir, stem, meta, list(done.values())))
+
+
+if __name__ == "__main__":
+    main()
