@@ -208,7 +208,13 @@ def _layer_norm(xs, node, ctx):
 
 
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
-    """Grouped-query attention; query head h reads key/value head h // (hq // hkv)."""
+    """Grouped-query attention; query head h reads key/value head h // (hq // hkv).
+
+    Computed in float64 and rounded once: as the oracle it should carry less error than the
+    fp32 kernels it judges (fp32 here put SmolLM2's logits 1.4e-4 from torch's, over the bound).
+    """
+    out_dtype = q.dtype
+    q, k, v = (a.astype(np.float64) for a in (q, k, v))
     b, hq, s, d = q.shape
     hk, t = k.shape[1], k.shape[2]
     g = hq // hk
@@ -225,7 +231,7 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, 
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     out = np.matmul(scores, v)  # [b,hk,g*s,dv]
-    return out.reshape(b, hq, s, v.shape[-1])
+    return out.reshape(b, hq, s, v.shape[-1]).astype(out_dtype)
 
 
 @rule("attention")
