@@ -68,17 +68,19 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
         raise UnknownOptionError(f"option for target {target!r}", unknown[0],
                                  list(defaults) + list(CompressionOptions.names()))
     resolved = {**defaults, **options}
-    pipeline = []
-    for spec in list(DEFAULT_PIPELINE) + backend.pipeline(target, resolved) + specs:
-        pipeline.extend(parse_pass_spec(spec))
+    def parsed(spec_list: Sequence[str]) -> list[Any]:
+        return [p for spec in spec_list for p in parse_pass_spec(spec)]
+
+    cleanup = parsed(DEFAULT_PIPELINE)  # parsed now so a bad spec fails before the capture
+    later = parsed(backend.pipeline(target, resolved) + specs)
 
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
     captured = capture(model, example_inputs, progress=say)
     if tokenizer is not None and captured.tokenizer_json is None:
         captured = _with_tokenizer(captured, tokenizer)
-    pipeline = pipeline[:len(DEFAULT_PIPELINE)] + compression.build_passes(captured.tokenizer_json) \
-        + pipeline[len(DEFAULT_PIPELINE):]
+    # compression passes need the captured tokenizer (calibration), so they join only now
+    pipeline = cleanup + compression.build_passes(captured.tokenizer_json) + later
     t1 = time.perf_counter()
     instruments: list[Any] = []
     if dump_ir:
