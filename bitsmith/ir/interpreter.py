@@ -300,8 +300,13 @@ def bind_symbols(fn: Function, args: Sequence[np.ndarray]) -> dict[str, int]:
 
 
 def run_function(module: Module, name: str, args: Sequence[np.ndarray],
-                 observe: Callable[[Node, Sequence[np.ndarray]], None] | None = None) -> list[np.ndarray]:
-    """Evaluates function ``name`` on numpy arrays and returns its results."""
+                 observe: Callable[[Node, Sequence[np.ndarray]], None] | None = None,
+                 overrides: Mapping[str, Impl] | None = None) -> list[np.ndarray]:
+    """Evaluates function ``name`` on numpy arrays and returns its results.
+
+    ``overrides`` maps op names to implementations used instead of the reference rules, so a
+    backend can run its own kernels for some ops (e.g. qlinear) and the oracle for the rest.
+    """
     fn = module.function(name)
     if len(args) != len(fn.params):
         raise InterpreterError(f"function {name!r} takes {len(fn.params)} inputs "
@@ -315,7 +320,9 @@ def run_function(module: Module, name: str, args: Sequence[np.ndarray],
             last_use[v] = i
     keep = set(fn.results)
     for i, node in enumerate(fn.nodes):
-        impl = RULES.get(node.op)
+        impl = overrides.get(node.op) if overrides else None
+        if impl is None:
+            impl = RULES.get(node.op)
         if impl is None:
             raise InterpreterError(f"no interpreter rule for op {node.op!r}")
         try:

@@ -1,0 +1,164 @@
+"""LUT GEMV / small-batch GEMM on the CPU: the lut-cpu engine against dense and dequantizing baselines.
+
+One run measures, for N = K = 4096 and SmolLM2-135M's linear shapes, M = 1, 4, 16, 2/3/4-bit
+weights (rtn-intK, group 128, int8 tables) on 1 and 2 threads:
+
+* lut: the fast C executor running the layer's instruction stream (docs/lut-isa.md);
+* numpy: dequantize the packed codes (bitsmith.ir.quantized.dequantize) then matmul;
+* torch: fp32 matmul on the dense weight (torch.nn.functional.linear);
+* tvm-llvm: the tvm backend's quantized kernel for the same qlinear, where that backend builds.
+
+Weights are "cold": the LUT executor rotates through copies of the layer totalling >= 128 MiB
+(> the 32 MiB L3), so each call reads its weights from DRAM. Read bandwidth is measured in the
+same run (torch.sum over 512 MiB of float32, per thread count). GB/s counts the bytes the
+engine reads for the weights (weight words + SCALE parameters); "codes GB/s" counts the
+packed codes alone (N*K*bits/8), as in shared/notes/cpu-lut-kernels.md.
+
+    python benchmarks/lut_gemv.py                 # everything (a few minutes)
+    python benchmarks/lut_gemv.py --quick         # N = K = 4096 only, 4-bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bitsmith.backends.lut import native
+from bitsmith.backends.lut.codegen import LayerProgram, generate
+from bitsmith.backends.lut.decompose import decompose
+from bitsmith.ir import GraphBuilder, TensorType
+from bitsmith.ir.datatypes import group_count, pack_codes
+from bitsmith.ir.quantized import dequantize
+
+SHAPES = {"4096x4096": (4096, 4096), "smollm2 q/o 576x576": (576, 576), "smollm2 k/v 192x576": (192, 576),
+          "smollm2 gate/up 1536x576": (1536, 576), "smollm2 down 576x1536": (576, 1536)}
+GROUP = 128
+COLD_BYTES = 128 << 20
+
+
+def timeit(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
+    """Min over ``repeats`` of the mean time of a call, each mean over >= min_seconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_seconds and n >= 2:
+                break
+        best = min(best, dt / n)
+    return best
+
+
+def read_bandwidth(threads: int) -> float:
+    torch.set_num_threads(threads)
+    a = torch.ones(128 << 20)  # 512 MiB
+    t = timeit(lambda: a.sum(), 0.3)
+    return a.numel() * 4 / t / 1e9
+
+
+def quantized_layer(n: int, k: int, bits: int, rng: np.random.Generator) -> tuple[dict, list[np.ndarray]]:
+    scheme = f"rtn-int{bits}"
+    groups = group_count(k, GROUP)
+    attrs = dict(scheme=scheme, group_size=GROUP, in_features=k, out_features=n, sparsity="", outliers=False,
+                 bias=False)
+    ops = [pack_codes(rng.integers(0, 1 << bits, (n, k)), bits),
+           rng.uniform(0.001, 0.01, (n, groups)).astype(np.float16),
+           rng.integers(0, 1 << bits, (n, groups)).astype(np.uint8)]
+    return attrs, ops
+
+
+def tvm_runner(attrs: dict, ops: list[np.ndarray], m: int) -> tuple[Callable[[np.ndarray], object] | None, str]:
+    """A callable running the qlinear on target tvm-llvm, or (None, why not)."""
+    try:
+        from bitsmith.backends.base import backend_for_target
+        backend = backend_for_target("tvm-llvm")
+        b = GraphBuilder()
+        x = b.param("x", TensorType((m, attrs["in_features"]), "float32"))
+        names = ["codes", "scales", "zeros"]
+        ins = [x] + [b.constant(f"layer.weight.{r}", a) for r, a in zip(names, ops)]
+        module = b.module([b.op("qlinear", ins, attrs)])
+        exe = backend.build(module, "tvm-llvm", backend.option_defaults("tvm-llvm"))
+        return (lambda xv: exe.run("main", [xv])), "ok"
+    except Exception as e:  # the tvm backend may not be built yet: report, don't fail
+        return None, f"{type(e).__name__}: {str(e)[:60]}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="N = K = 4096, 4-bit only")
+    args = ap.parse_args()
+    shapes = {"4096x4096": SHAPES["4096x4096"]} if args.quick else SHAPES
+    bit_list = (4,) if args.quick else (2, 3, 4)
+    if not native.cpu_has_avx2():
+        raise SystemExit("this benchmark needs an AVX2 CPU (the fast LUT executor)")
+    lut = native.load_library(native.build_library())
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"machine: {cpu}, {os.cpu_count()} cpus, torch {torch.__version__}, numpy {np.__version__}")
+    bw = {t: read_bandwidth(t) for t in (1, 2)}
+    print(f"measured read bandwidth (torch.sum over 512 MiB): 1 thread {bw[1]:.1f} GB/s, 2 threads {bw[2]:.1f} GB/s")
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"\n{'shape':<26}{'bits':>4}{'M':>4}{'T':>3} | {'lut ms':>8}{'GB/s':>7}{'%rdBW':>7}{'codesGB/s':>10} | "
+          f"{'torch ms':>9}{'x':>6} | {'numpy ms':>9}{'x':>6} | {'tvm ms':>8}")
+    for label, (n, k) in shapes.items():
+        dense_w = None
+        for bits in bit_list:
+            attrs, ops = quantized_layer(n, k, bits, rng)
+            prog = generate(decompose(attrs, ops))
+            read = prog.weights.nbytes + prog.params.nbytes
+            copies = max(1, min(512, COLD_BYTES // read))
+            progs = [LayerProgram(prog.stream, prog.weights.copy(), prog.params.copy(), prog.outliers, k)
+                     for _ in range(copies)]
+            w = dequantize(attrs, ops)
+            dense_w = torch.from_numpy(w)
+            for m in (1, 4, 16):
+                x = rng.normal(size=(m, k)).astype(np.float32)
+                xt = torch.from_numpy(x)
+                tvm_fn, tvm_note = tvm_runner(attrs, ops, m)
+                t_np = timeit(lambda: x @ dequantize(attrs, ops).T, 0.1, 2)
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    state = {"i": 0}
+
+                    def run_lut() -> None:
+                        state["i"] = (state["i"] + 1) % copies
+                        lut.run(progs[state["i"]], x, True, threads)
+
+                    t_lut = timeit(run_lut)
+                    t_torch = timeit(lambda: torch.nn.functional.linear(xt, dense_w))
+                    t_tvm = timeit(lambda: tvm_fn(x)) if tvm_fn is not None else None
+                    gbs = read / t_lut / 1e9
+                    row = dict(shape=label, bits=bits, m=m, threads=threads, lut=t_lut, gbs=gbs, frac=gbs / bw[threads],
+                               codes=n * k * bits / 8 / t_lut / 1e9, torch=t_torch, numpy=t_np, tvm=t_tvm)
+                    rows.append(row)
+                    tvm_txt = f"{t_tvm * 1e3:8.3f}" if t_tvm is not None else "     n/a"
+                    print(f"{label:<26}{bits:>4}{m:>4}{threads:>3} | {t_lut * 1e3:8.3f}{gbs:7.1f}{100 * row['frac']:6.0f}%"
+                          f"{row['codes']:10.1f} | {t_torch * 1e3:9.3f}{t_torch / t_lut:6.1f} | {t_np * 1e3:9.2f}"
+                          f"{t_np / t_lut:6.0f} | {tvm_txt}", flush=True)
+                if tvm_fn is None and m == 1 and bits == bit_list[0] and label == next(iter(shapes)):
+                    print(f"  (tvm-llvm quantized kernel: n/a, {tvm_note})")
+    goal = {(r["threads"]): r for r in rows if r["shape"] == "4096x4096" and r["bits"] == 4 and r["m"] == 1}
+    if goal:
+        g1, g2 = goal[1], goal[2]
+        print(f"\ngoals at M=1, 4-bit, N=K=4096: speedup over torch fp32 dense on 1 thread {g1['torch'] / g1['lut']:.2f}x "
+              f"(goal >= 3x); fraction of measured read bandwidth on 2 threads {100 * g2['frac']:.0f}% (goal >= 60%)")
+    print("numpy = dequantize (unpack codes, scale) + matmul each call, numpy's BLAS threads; "
+          "torch/tvm weights are not rotated (4096x4096 fp32 = 64 MiB exceeds L3 anyway)")
+
+
+if __name__ == "__main__":
+    main()

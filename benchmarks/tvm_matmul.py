@@ -1,0 +1,109 @@
+"""Micro-benchmark: tvm-llvm dense and quantized GEMV/GEMM kernels vs torch fp32 dense.
+
+    python benchmarks/tvm_matmul.py                 # both thread counts, each in a fresh process
+    python benchmarks/tvm_matmul.py --threads 1 --shapes 4096x4096 --schemes bitmod-w4
+
+Prints one table per thread count: shape, m, torch fp32 ms, tvm ms and GB/s (bytes of the
+weight operands the kernel reads: fp32 weights, or codes + scales + metadata), speed-up over torch.
+Weights are random codes/scales in the IR's packed format (speed does not depend on values).
+The machine is shared and noisy: torch and tvm are timed alternately in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+
+SHAPES = ["576x576", "576x192", "576x1536", "1536x576", "576x49152", "4096x4096"]  # in x out
+
+
+def _bench(fn, min_time: float = 0.2, repeats: int = 5) -> float:
+    fn()
+    t0, calls = time.perf_counter(), 0
+    while time.perf_counter() - t0 < min_time / 4 or calls < 3:
+        fn()
+        calls += 1
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best
+
+
+def _random_qlinear(scheme_name: str, k: int, n: int, group_size: int, rng):
+    import numpy as np
+    from bitsmith.ir.datatypes import get_scheme, group_count, pack_codes
+    scheme = get_scheme(scheme_name)
+    groups = group_count(k, group_size)
+    arrays = [pack_codes(rng.integers(0, len(scheme.candidates[0].values), (n, k)), scheme.bits),
+              (rng.random((n, groups)) * 0.02 + 0.001).astype(np.float16)]
+    if scheme.asymmetric:
+        arrays.append(rng.integers(0, 1 << scheme.bits, (n, groups)).astype(np.uint8))
+    if scheme.selector_bits:
+        arrays.append(pack_codes(rng.integers(0, len(scheme.candidates), (n, groups)), scheme.selector_bits))
+    attrs = dict(scheme=scheme_name, group_size=group_size, in_features=k, out_features=n,
+                 sparsity="", outliers=0, bias=False)
+    return attrs, arrays
+
+
+def run(threads: int, shapes: list[str], schemes: list[str], ms: list[int], group_size: int) -> None:
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import numpy as np
+    import torch
+    from bitsmith.backends.tvm.matmul import compile_linear, compile_qlinear, qlinear_operands
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    print(f"\n## threads={threads}  machine: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cpus, torch {torch.__version__}")
+    print("| shape (in x out) | kernel | m | torch fp32 ms | tvm ms | tvm GB/s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        wt = torch.from_numpy(w)
+        kernels = [("fp32 dense", compile_linear(w), w.nbytes)]
+        for name in schemes:
+            attrs, arrays = _random_qlinear(name, k, n, group_size, rng)
+            ops = qlinear_operands(attrs, arrays, "float32")
+            kernels.append((name, compile_qlinear(attrs, arrays), sum(a.nbytes for a in ops)))
+        for m in ms:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            xt = torch.from_numpy(x)
+            for label, fn, nbytes in kernels:
+                import tvm
+                xs = tvm.runtime.tensor(x)
+                y = tvm.runtime.tensor(np.empty((m, n), np.float32))
+                args = [xs, *fn.constants, y]
+                t_torch = _bench(lambda: torch.nn.functional.linear(xt, wt))
+                t_tvm = _bench(lambda: fn.function(*args))
+                t_torch = min(t_torch, _bench(lambda: torch.nn.functional.linear(xt, wt)))
+                print(f"| {shape} | {label} | {m} | {t_torch * 1e3:.3f} | {t_tvm * 1e3:.3f} | "
+                      f"{nbytes / t_tvm / 1e9:.1f} | {t_torch / t_tvm:.2f}x |", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--shapes", nargs="*", default=SHAPES)
+    p.add_argument("--schemes", nargs="*", default=["rtn-int4", "bitmod-w4", "bitmod-w3"])
+    p.add_argument("--m", type=int, nargs="*", default=[1, 4, 16])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child or len(a.threads) == 1:
+        run(a.threads[0], a.shapes, a.schemes, a.m, a.group_size)
+        return
+    for t in a.threads:  # TVM reads TVM_NUM_THREADS once per process: one process per count
+        subprocess.run([sys.executable, __file__, "--child", "--threads", str(t), "--shapes", *a.shapes,
+                        "--schemes", *a.schemes, "--m", *map(str, a.m), "--group-size", str(a.group_size)],
+                       check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Building, storing and loading the C fast executor (native/lutexec.c).
+
+The library is compiled once per process at compile time with a portable AVX2 build
+(x86-64-v3: ``-mavx2 -mfma``), its bytes go into the artifact, and loading writes those
+(already sha256-checked) bytes to a private temporary file for ``ctypes``. A CPU without AVX2
+gets ``None`` from ``load_library`` and the caller falls back to the reference executor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+
+import numpy as np
+
+from ...errors import BitsmithError
+from .codegen import LayerProgram
+
+SOURCE = "lutexec.c"
+LIBRARY_FILE = "lut/lutexec.so"
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+ERRORS = {1: "bad stream header", 2: "unknown opcode", 3: "TABLE out of range", 4: "weight words out of range",
+          5: "LUTACC field out of range", 6: "SCALE out of range", 7: "OUTLIER out of range",
+          8: "STORE out of range", 9: "instruction out of order", 10: "out of memory", 11: "bad arguments"}
+
+
+class NativeBuildError(BitsmithError):
+    """The C executor could not be compiled (no gcc, or a compiler error)."""
+
+
+class StreamError(BitsmithError, ValueError):
+    """The fast executor refused a stream (it validates every instruction before running)."""
+
+
+def source_text() -> bytes:
+    return resources.files(__package__).joinpath("native", SOURCE).read_bytes()
+
+
+def cpu_has_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx2", "fma"} <= flags
+    except OSError:
+        return False
+    return False
+
+
+@functools.lru_cache(maxsize=4)
+def build_library(source: bytes | None = None) -> bytes:
+    """The shared library's bytes, compiled from ``source`` (default: the packaged C file)."""
+    source = source_text() if source is None else source
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        raise NativeBuildError("target lut-cpu needs a C compiler (gcc) at compile time to build its executor")
+    with tempfile.TemporaryDirectory(prefix="bitsmith-lut-") as d:
+        src, out = os.path.join(d, SOURCE), os.path.join(d, "lutexec.so")
+        with open(src, "wb") as f:
+            f.write(source)
+        proc = subprocess.run([cc, *CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True)
+        if proc.returncode:
+            raise NativeBuildError(f"building the LUT executor failed ({cc} {' '.join(CFLAGS)}):\n{proc.stderr[-2000:]}")
+        with open(out, "rb") as f:
+            return f.read()
+
+
+class NativeExecutor:
+    """ctypes binding of ``lut_run``; one per loaded library."""
+
+    def __init__(self, library: bytes) -> None:
+        self.sha256 = hashlib.sha256(library).hexdigest()
+        fd, path = tempfile.mkstemp(prefix="bitsmith-lutexec-", suffix=".so")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(library)
+            self._lib = ctypes.CDLL(path)
+        finally:
+            os.unlink(path)  # the mapping stays valid; nothing is left on disk
+        fn = self._lib.lut_run
+        p = ctypes.c_void_p
+        fn.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p, ctypes.c_int64, p, ctypes.c_int64, p,
+                       ctypes.c_int64, p, ctypes.c_int, ctypes.c_int]
+        fn.restype = ctypes.c_int64
+        self._run = fn
+
+    def run(self, program: LayerProgram, x: np.ndarray, int8_tables: bool = True, threads: int = 0) -> np.ndarray:
+        """y [M, N] for x [M, K]."""
+        head = program.header
+        m = x.shape[0]
+        if x.shape[1] == head.padded_in and x.dtype == np.float32 and x.flags.c_contiguous:
+            xp = x
+        else:
+            xp = np.zeros((m, head.padded_in), np.float32)
+            xp[:, :x.shape[1]] = x
+        y = np.zeros((m, head.out_features), np.float32)  # rows no STORE writes are 0 (spec)
+        if m == 0:
+            return y
+        err = self._run(program.stream.ctypes.data, program.stream.size, program.weights.ctypes.data,
+                        program.weights.size, program.params.ctypes.data, program.params.size,
+                        program.outliers.ctypes.data, program.outliers.size, xp.ctypes.data, m,
+                        y.ctypes.data, 0 if int8_tables else 1, int(threads))
+        if err:
+            raise StreamError(f"LUT executor refused the stream: {ERRORS.get(err & 0xFF, 'error')} "
+                              f"at word {err >> 8}")
+        return y
+
+
+def load_library(library: bytes) -> NativeExecutor | None:
+    """The executor for these library bytes, or None on a CPU without AVX2/FMA."""
+    if not cpu_has_avx2():
+        return None
+    return NativeExecutor(library)

@@ -1,0 +1,336 @@
+/* Fast executor of the LUT engine's instruction stream (spec: docs/lut-isa.md).
+ *
+ * It decodes the 64-bit instructions of one layer's stream and dispatches each to a vectorized
+ * loop: TABLE builds activation tables, LUTACC looks 16 rows x 4 table indices up per weight
+ * word with AVX2 pshufb (int8 tables) or scalar loads (fp32 tables), SCALE/OUTLIER/STORE finish
+ * a tile. Every float operation follows the order the spec gives (build with
+ * -ffp-contract=off, no -ffast-math), so results equal the Python reference executor's bit for
+ * bit. A first pass validates the whole stream against its operands before anything runs.
+ * Adapted from the project's AVX2 T-MAC kernel (shared/notes/lutkern.c).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#define LUT_MAGIC 0x313041534954554cULL /* "LUTISA01" little-endian */
+#define LUT_VERSION 1
+#define HEADER_WORDS 4
+
+enum { OP_END = 0, OP_TABLE = 1, OP_SYNC = 2, OP_TILE = 3, OP_LUTACC = 4, OP_SCALE = 5, OP_OUTLIER = 6,
+       OP_STORE = 7 };
+enum { ERR_HEADER = 1, ERR_OPCODE = 2, ERR_TABLE = 3, ERR_WEIGHTS = 4, ERR_LUTACC = 5, ERR_SCALE = 6,
+       ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11 };
+
+#define FIELD(w, lo, width) (((w) >> (lo)) & ((1ULL << (width)) - 1))
+
+typedef struct { int32_t row, col; float val; } outlier_t;
+
+static int64_t fail(int64_t pos, int code) { return (pos << 8) | code; }
+
+int lut_abi_version(void) { return 1; }
+
+/* ------------------------------------------------------------------ tables */
+
+static void build_table(const float* X, int64_t kpad, int64_t m, int64_t kg0, int64_t nkg, int fp32,
+                        void* tables, int64_t tstride, float* ts, float* xs) {
+    const float* xr = X + m * kpad + 4 * kg0;
+    float s = 0.f;
+    for (int64_t i = 0; i < 4 * nkg; i++) s = s + xr[i];
+    *xs = s;
+    float mx = 0.f;
+    for (int pass = fp32 ? 1 : 0; pass < 2; pass++) {
+        const float inv = mx > 0.f ? 127.f / mx : 0.f;
+        for (int64_t kg = 0; kg < nkg; kg++) {
+            const float* q = xr + 4 * kg;
+            for (int e = 0; e < 16; e++) {
+                float t = (e & 1) ? q[0] : 0.f;
+                t = t + ((e & 2) ? q[1] : 0.f);
+                t = t + ((e & 4) ? q[2] : 0.f);
+                t = t + ((e & 8) ? q[3] : 0.f);
+                if (pass == 0) {
+                    const float a = t < 0.f ? -t : t;
+                    mx = a > mx ? a : mx;
+                } else if (fp32) {
+                    ((float*)tables)[m * tstride + (kg0 + kg) * 16 + e] = t;
+                } else {
+                    float r = __builtin_rintf(t * inv);
+                    r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+                    ((int8_t*)tables)[m * tstride + (kg0 + kg) * 16 + e] = (int8_t)r;
+                }
+            }
+        }
+    }
+    *ts = fp32 ? 1.f : mx / 127.f;
+}
+
+/* ------------------------------------------------------------------ lookup-accumulate, int8 tables */
+
+#define I8_BODY(MC)                                                                                   \
+    {                                                                                                 \
+        __m256i a_lo[MC], a_hi[MC];                                                                   \
+        for (int u = 0; u < MC; u++) { a_lo[u] = _mm256_setzero_si256(); a_hi[u] = a_lo[u]; }        \
+        for (int w = 0; w < nwords; w++) {                                                            \
+            const __m256i v = _mm256_loadu_si256((const __m256i*)(wp + 32 * (int64_t)w));             \
+            const __m256i lo = _mm256_and_si256(v, mask);                                             \
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                       \
+            for (int u = 0; u < MC; u++) {                                                            \
+                const int8_t* tr = T + (m + u) * tstride;                                             \
+                if (quad) {                                                                           \
+                    const __m256i tb = _mm256_broadcastsi128_si256(                                   \
+                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + w) * 16)));                      \
+                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, lo))); \
+                    a_hi[u] = _mm256_add_epi16(a_hi[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, hi))); \
+                } else {                                                                              \
+                    const __m256i t0 = _mm256_broadcastsi128_si256(                                   \
+                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w) * 16)));                  \
+                    const __m256i t1 = _mm256_broadcastsi128_si256(                                   \
+                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w + 1) * 16)));              \
+                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t0, lo))); \
+                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t1, hi))); \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int u = 0; u < MC; u++) {                                                                \
+            float* acc = ACC + (m + u) * 16;                                                          \
+            const __m256 ts = _mm256_set1_ps(TS[(m + u) * tsstride]);                                 \
+            __m256i l0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a_lo[u]));                       \
+            __m256i l1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a_lo[u], 1));                  \
+            l0 = _mm256_sll_epi32(l0, sh_lo);                                                         \
+            l1 = _mm256_sll_epi32(l1, sh_lo);                                                         \
+            if (quad) {                                                                               \
+                l0 = _mm256_add_epi32(l0, _mm256_sll_epi32(                                           \
+                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a_hi[u])), sh_hi));                   \
+                l1 = _mm256_add_epi32(l1, _mm256_sll_epi32(                                           \
+                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a_hi[u], 1)), sh_hi));              \
+            }                                                                                         \
+            _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc),                                  \
+                                                _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));           \
+            _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8),                          \
+                                                    _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));       \
+        }                                                                                             \
+    }
+
+static void lutacc_i8(const uint8_t* wp, int nwords, int quad, int plane, int64_t kg0, const int8_t* T,
+                      int64_t tstride, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    const __m256i w12 = _mm256_set1_epi16(0x0201); /* unsigned bytes 1, 2: planes p and p+1 */
+    const __m128i sh_lo = _mm_cvtsi32_si128(plane), sh_hi = _mm_cvtsi32_si128(plane + 2);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) I8_BODY(4)
+    for (; m < M; m++) I8_BODY(1)
+}
+
+/* ------------------------------------------------------------------ lookup-accumulate, fp32 tables */
+
+static void lutacc_f32(const uint8_t* wp, int nwords, int quad, int plane, int64_t kg0, const float* T,
+                       int64_t tstride, int64_t M, float* ACC) {
+    const float s_lo = (float)(1 << plane), s_hi = (float)(1 << (plane + 2));
+    for (int64_t m = 0; m < M; m++) {
+        const float* tr = T + m * tstride;
+        float lo_part[16] = {0}, hi_part[16] = {0};
+        for (int w = 0; w < nwords; w++) {
+            const uint8_t* b = wp + 32 * (int64_t)w;
+            const float* t0 = tr + (quad ? kg0 + w : kg0 + 2 * w) * 16;
+            const float* t1 = t0 + 16;
+            for (int r = 0; r < 16; r++) {
+                const int l0 = b[2 * r] & 15, l1 = b[2 * r + 1] & 15, h0 = b[2 * r] >> 4, h1 = b[2 * r + 1] >> 4;
+                lo_part[r] = lo_part[r] + (t0[l0] + t0[l1] * 2.f);
+                if (quad) hi_part[r] = hi_part[r] + (t0[h0] + t0[h1] * 2.f);
+                else lo_part[r] = lo_part[r] + (t1[h0] + t1[h1] * 2.f);
+            }
+        }
+        float* acc = ACC + m * 16;
+        for (int r = 0; r < 16; r++) {
+            acc[r] = acc[r] + lo_part[r] * s_lo;
+            if (quad) acc[r] = acc[r] + hi_part[r] * s_hi;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ validation */
+
+typedef struct {
+    int64_t n, kpad, kg, blocks;
+    int64_t ntables, nsegs;
+    int64_t *tables, *segs; /* positions of TABLE instructions and TILE instructions */
+} plan_t;
+
+static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t pblocks, int64_t nout, plan_t* p) {
+    if (nw < HEADER_WORDS + 1 || s[0] != LUT_MAGIC || (s[1] & 0xff) != LUT_VERSION) return fail(0, ERR_HEADER);
+    p->n = (int64_t)(s[2] & 0xffffffffULL);
+    p->kpad = (int64_t)(s[2] >> 32);
+    p->blocks = (int64_t)s[3];
+    if (p->kpad % 4 || p->n <= 0) return fail(0, ERR_HEADER);
+    p->kg = p->kpad / 4;
+    p->tables = malloc(sizeof(int64_t) * nw);
+    p->segs = malloc(sizeof(int64_t) * nw);
+    if (!p->tables || !p->segs) return fail(0, ERR_MEMORY);
+    p->ntables = p->nsegs = 0;
+    int phase = 0; /* 0 tables, 1 between tiles, 2 inside a tile, 3 ended */
+    int64_t wptr = 0;
+    for (int64_t i = HEADER_WORDS; i < nw; i++) {
+        const uint64_t w = s[i];
+        const int op = (int)(w & 0xff);
+        switch (op) {
+        case OP_TABLE: {
+            const int64_t g = FIELD(w, 8, 20), kg0 = FIELD(w, 28, 20), nkg = FIELD(w, 48, 16) + 1;
+            if (phase != 0) return fail(i, ERR_ORDER);
+            if (g >= p->blocks || kg0 + nkg > p->kg) return fail(i, ERR_TABLE);
+            p->tables[p->ntables++] = i;
+            break;
+        }
+        case OP_SYNC:
+            if (phase != 0 || w >> 8) return fail(i, ERR_ORDER);
+            phase = 1;
+            break;
+        case OP_TILE:
+            if (phase != 1) return fail(i, ERR_ORDER);
+            wptr = (int64_t)FIELD(w, 8, 56);
+            p->segs[p->nsegs++] = i;
+            phase = 2;
+            break;
+        case OP_LUTACC: {
+            const int quad = FIELD(w, 8, 1) == 0;
+            const int64_t plane = FIELD(w, 9, 4), kg0 = FIELD(w, 13, 20), nwords = FIELD(w, 33, 7) + 1;
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if (w >> 60 || (int64_t)FIELD(w, 40, 20) >= p->blocks || plane + (quad ? 3 : 1) > 15
+                || nwords > (quad ? 64 : 32)
+                || kg0 + (quad ? nwords : 2 * nwords) > p->kg + 1) return fail(i, ERR_LUTACC);
+            if (wptr < 0 || wptr + nwords > wwords) return fail(i, ERR_WEIGHTS);
+            wptr += nwords;
+            break;
+        }
+        case OP_SCALE:
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if ((int64_t)FIELD(w, 8, 20) + (int64_t)FIELD(w, 28, 8) + 1 > p->blocks
+                || (int64_t)FIELD(w, 36, 28) >= pblocks) return fail(i, ERR_SCALE);
+            break;
+        case OP_OUTLIER: {
+            const int64_t start = FIELD(w, 8, 36), count = FIELD(w, 44, 20) + 1;
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if (start + count > nout) return fail(i, ERR_OUTLIER);
+            break;
+        }
+        case OP_STORE: {
+            const int64_t row0 = FIELD(w, 8, 32), nrows = FIELD(w, 40, 5) + 1;
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if (w >> 45 || nrows > 16 || row0 + nrows > p->n) return fail(i, ERR_STORE);
+            phase = 1;
+            break;
+        }
+        case OP_END:
+            if (phase != 1 || w >> 8 || i != nw - 1) return fail(i, ERR_ORDER);
+            phase = 3;
+            break;
+        default:
+            return fail(i, ERR_OPCODE);
+        }
+    }
+    return phase == 3 ? 0 : fail(nw, ERR_ORDER);
+}
+
+/* ------------------------------------------------------------------ execution */
+
+static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uint8_t* W, const float* P,
+                        const outlier_t* O, const float* X, int64_t M, float* Y, int fp32, const void* tables,
+                        int64_t tstride, const float* TS, const float* XS, float* acc, float* yt) {
+    int64_t wptr = (int64_t)FIELD(s[i], 8, 56);
+    memset(acc, 0, sizeof(float) * 16 * M);
+    memset(yt, 0, sizeof(float) * 16 * M);
+    for (i = i + 1;; i++) {
+        const uint64_t w = s[i];
+        switch ((int)(w & 0xff)) {
+        case OP_LUTACC: {
+            const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
+            const int64_t kg0 = FIELD(w, 13, 20);
+            const int nwords = (int)FIELD(w, 33, 7) + 1;
+            if (fp32) lutacc_f32(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, M, acc);
+            else lutacc_i8(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, TS + FIELD(w, 40, 20),
+                           p->blocks, M, acc);
+            wptr += nwords;
+            break;
+        }
+        case OP_SCALE: {
+            const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;
+            const float* blk = P + 32 * (int64_t)FIELD(w, 36, 28);
+            for (int64_t m = 0; m < M; m++) {
+                float xs = XS[m * p->blocks + b0];
+                for (int64_t b = b0 + 1; b < b0 + nb; b++) xs = xs + XS[m * p->blocks + b];
+                float* y = yt + m * 16;
+                float* a = acc + m * 16;
+                for (int r = 0; r < 16; r++) {
+                    const float t2 = a[r] * blk[r], t3 = blk[16 + r] * xs;
+                    y[r] = y[r] + (t2 - t3);
+                    a[r] = 0.f;
+                }
+            }
+            break;
+        }
+        case OP_OUTLIER: {
+            const int64_t start = FIELD(w, 8, 36), count = FIELD(w, 44, 20) + 1;
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t o = start; o < start + count; o++)
+                    yt[m * 16 + O[o].row] = yt[m * 16 + O[o].row] + O[o].val * X[m * p->kpad + O[o].col];
+            break;
+        }
+        case OP_STORE: {
+            const int64_t row0 = FIELD(w, 8, 32), nrows = FIELD(w, 40, 5) + 1;
+            for (int64_t m = 0; m < M; m++) memcpy(Y + m * p->n + row0, yt + m * 16, sizeof(float) * nrows);
+            return;
+        }
+        default:
+            return; /* unreachable after validation */
+        }
+    }
+}
+
+/* Runs one stream. X: [M, Kpad] float32; Y: [M, N] float32. Returns 0, or (word << 8) | error. */
+int64_t lut_run(const uint64_t* s, int64_t nw, const uint8_t* W, int64_t wbytes, const float* P, int64_t pfloats,
+                const void* O, int64_t nout, const float* X, int64_t M, float* Y, int fp32, int threads) {
+    if (M <= 0 || wbytes % 32 || pfloats % 32) return fail(0, ERR_ARGS);
+    plan_t p = {0};
+    int64_t err = validate(s, nw, wbytes / 32, pfloats / 32, nout, &p);
+    if (err) { free(p.tables); free(p.segs); return err; }
+    /* outlier columns are validated here: they index X rows */
+    for (int64_t o = 0; o < nout; o++) {
+        const outlier_t* r = (const outlier_t*)O + o;
+        if (r->row < 0 || r->row >= 16 || r->col < 0 || r->col >= p.kpad) {
+            free(p.tables); free(p.segs); return fail(0, ERR_OUTLIER);
+        }
+    }
+    const int64_t tstride = (p.kg + 1) * 16;
+    void* tables = calloc((size_t)(M * tstride), fp32 ? 4 : 1);
+    float* TS = calloc((size_t)(M * p.blocks), sizeof(float));
+    float* XS = calloc((size_t)(M * p.blocks), sizeof(float));
+    int oom = !tables || !TS || !XS;
+    if (!oom) {
+        #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
+        {
+            #pragma omp for schedule(static) collapse(2)
+            for (int64_t t = 0; t < p.ntables; t++)
+                for (int64_t m = 0; m < M; m++) {
+                    const uint64_t w = s[p.tables[t]];
+                    const int64_t g = FIELD(w, 8, 20);
+                    build_table(X, p.kpad, m, FIELD(w, 28, 20), FIELD(w, 48, 16) + 1, fp32, tables, tstride,
+                                TS + m * p.blocks + g, XS + m * p.blocks + g);
+                }
+            float* accbuf = aligned_alloc(64, (size_t)(64 * ((M * 16 * 4 + 63) / 64)));
+            float* yt = aligned_alloc(64, (size_t)(64 * ((M * 16 * 4 + 63) / 64)));
+            if (!accbuf || !yt) {
+                #pragma omp atomic write
+                oom = 1;
+            }
+            #pragma omp for schedule(static)
+            for (int64_t g = 0; g < p.nsegs; g++)
+                if (accbuf && yt)
+                    run_segment(s, p.segs[g], &p, W, P, (const outlier_t*)O, X, M, Y, fp32, tables, tstride,
+                                TS, XS, accbuf, yt);
+            free(accbuf);
+            free(yt);
+        }
+    }
+    free(tables); free(TS); free(XS); free(p.tables); free(p.segs);
+    return oom ? fail(0, ERR_MEMORY) : 0;
+}

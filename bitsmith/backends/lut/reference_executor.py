@@ -1,0 +1,101 @@
+"""The slow, obviously correct executor: decodes a stream and runs it one instruction at a time.
+
+Every float operation is written in the order docs/lut-isa.md specifies, in float32, so the
+fast C executor (which follows the same order) agrees with it bit for bit; integer table
+sums are exact in both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import isa
+from .codegen import LayerProgram
+
+_BITS = ((np.arange(16)[:, None] >> np.arange(4)[None, :]) & 1).astype(np.float32)  # [e, j]
+
+
+def build_tables(xq: np.ndarray, int8: bool) -> tuple[np.ndarray, np.float32 | np.ndarray, np.ndarray]:
+    """Tables of quads ``xq`` [M, nkg, 4] -> (T [M, nkg, 16], TS [M], XS [M]).
+
+    T[e] = ((b0 x0 + b1 x1) + b2 x2) + b3 x3 in float32 (b_j = bit j of e). int8 tables: one
+    scale per row, TS = max|T| / 127, entries rint(T * (127 / max|T|)). XS is the sequential
+    float32 sum of the quads' activations (the offset term needs it).
+    """
+    t = xq[..., 0, None] * _BITS[:, 0]
+    for j in (1, 2, 3):
+        t = t + xq[..., j, None] * _BITS[:, j]
+    xs = np.cumsum(xq.reshape(xq.shape[0], -1), axis=1, dtype=np.float32)[:, -1]
+    if not int8:
+        return t, np.ones(xq.shape[0], np.float32), xs
+    mx = np.abs(t).reshape(t.shape[0], -1).max(axis=1)
+    inv = np.where(mx > 0, np.float32(127) / np.where(mx > 0, mx, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(t * inv[:, None, None]), -127, 127).astype(np.int32)
+    return q, (mx / np.float32(127)).astype(np.float32), xs
+
+
+def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True) -> np.ndarray:
+    """y [M, N] = the layer applied to x [M, K] (float32), by interpreting the stream."""
+    head = program.header
+    m = x.shape[0]
+    xp = np.zeros((m, head.padded_in), np.float32)
+    xp[:, :x.shape[1]] = x
+    kg_total = head.padded_in // 4
+    acc_type = np.int64 if int8_tables else np.float32
+    tables = np.zeros((m, kg_total + 1, 16), acc_type)
+    ts = np.zeros((m, head.blocks), np.float32)
+    xs = np.zeros((m, head.blocks), np.float32)
+    y = np.zeros((m, head.out_features), np.float32)
+    words = program.weights.reshape(-1, isa.WORD_BYTES)
+    params = program.params.reshape(-1, isa.PARAM_FLOATS)
+    acc = yt = None
+    wptr = 0
+    for ins in isa.decode(program.stream[isa.HEADER_WORDS:]):
+        f = dict(ins.args)
+        if ins.op == "TABLE":
+            k0, nk, g = f["kg0"], f["nkg"], f["block"]
+            xq = xp[:, 4 * k0:4 * (k0 + nk)].reshape(m, nk, 4)
+            tables[:, k0:k0 + nk], ts[:, g], xs[:, g] = build_tables(xq, int8_tables)
+        elif ins.op == "TILE":
+            acc = np.zeros((m, 16), np.float32)
+            yt = np.zeros((m, 16), np.float32)
+            wptr = f["wptr"]
+        elif ins.op == "LUTACC":
+            p, kg0, nw = f["plane"], f["kg0"], f["nwords"]
+            lo_part = np.zeros((m, 16), acc_type)
+            hi_part = np.zeros((m, 16), acc_type)
+            two = acc_type(2)
+            for w in range(nw):
+                byte = words[wptr + w].reshape(16, 2)
+                lo, hi = byte & 15, byte >> 4
+                if f["mode"] == isa.MODE_QUAD:
+                    tab = tables[:, kg0 + w]
+                    lo_part = lo_part + (tab[:, lo[:, 0]] + tab[:, lo[:, 1]] * two)
+                    hi_part = hi_part + (tab[:, hi[:, 0]] + tab[:, hi[:, 1]] * two)
+                else:
+                    t0, t1 = tables[:, kg0 + 2 * w], tables[:, kg0 + 2 * w + 1]
+                    lo_part = lo_part + (t0[:, lo[:, 0]] + t0[:, lo[:, 1]] * two)
+                    lo_part = lo_part + (t1[:, hi[:, 0]] + t1[:, hi[:, 1]] * two)
+            wptr += nw
+            if int8_tables:  # exact integer sum, converted once, times the block's table scale
+                part = lo_part * 2 ** p + (hi_part * 2 ** (p + 2) if f["mode"] == isa.MODE_QUAD else 0)
+                acc = acc + part.astype(np.float32) * ts[:, f["block"], None]
+            else:
+                acc = acc + lo_part * np.float32(2 ** p)
+                if f["mode"] == isa.MODE_QUAD:
+                    acc = acc + hi_part * np.float32(2 ** (p + 2))
+        elif ins.op == "SCALE":
+            blk, b0 = params[f["pidx"]], f["block0"]
+            xsum = xs[:, b0]
+            for b in range(b0 + 1, b0 + f["nblocks"]):
+                xsum = xsum + xs[:, b]
+            yt = yt + (acc * blk[None, :16] - blk[None, 16:] * xsum[:, None])
+            acc = np.zeros_like(acc)
+        elif ins.op == "OUTLIER":
+            for rec in program.outliers[f["start"]:f["start"] + f["count"]]:
+                yt[:, rec["row"]] = yt[:, rec["row"]] + np.float32(rec["val"]) * xp[:, rec["col"]]
+        elif ins.op == "STORE":
+            y[:, f["row0"]:f["row0"] + f["nrows"]] = yt[:, :f["nrows"]]
+        elif ins.op == "END":
+            break
+    return y

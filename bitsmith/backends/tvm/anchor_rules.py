@@ -1,0 +1,105 @@
+"""Lowering rules for ops that are kernels of their own: linear, qlinear, attention, embedding.
+
+Each rule appends executor steps (views + one call) to the LoweringContext. Matmul weights
+must be IR constants; the matmul kernels come from ``matmul.py`` (x flattened to [m, in]).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ...ir import symbolic as sym
+from ...ir.graph import Node
+from .attention import attention_kernel, embedding_kernel
+
+AnchorRule = Callable[[Node, "LoweringContext"], None]  # noqa: F821
+ANCHOR_RULES: dict[str, AnchorRule] = {}
+
+
+def register_anchor(*ops: str) -> Callable[[AnchorRule], AnchorRule]:
+    def deco(fn: AnchorRule) -> AnchorRule:
+        for op in ops:
+            if op in ANCHOR_RULES:
+                raise ValueError(f"tvm anchor rule for {op!r} registered twice")
+            ANCHOR_RULES[op] = fn
+        return fn
+    return deco
+
+
+def _flatten_in(node: Node, ctx) -> tuple[int, list]:
+    """Views x [..., in] as [m, in]; returns (slot, leading dims)."""
+    x = ctx.types[node.inputs[0]]
+    lead = list(x.shape[:-1])
+    m = sym.product(tuple(lead)) if lead else 1
+    return ctx.view(ctx.slot(node.inputs[0]), [m, x.shape[-1]]), lead
+
+
+def _finish_out(node: Node, ctx, y2: int) -> None:
+    ctx.view(y2, node.output.type.shape, ctx.slot(node.output.name))
+
+
+def _matmul_out(node: Node, ctx, lead: list) -> int:
+    t = node.output.type
+    m = sym.product(tuple(lead)) if lead else 1
+    return ctx.out(ctx.new_slot(), [m, t.shape[-1]], t.dtype)
+
+
+@register_anchor("linear")
+def _linear(node: Node, ctx) -> None:
+    from . import matmul
+    if node.attr("sparsity") or node.attr("outliers"):
+        raise ctx.unsupported(node, "linear with sparsity/outlier annotations (quantize it to qlinear)")
+    consts = [ctx.constant_of(v) for v in node.inputs[1:]]
+    if any(c is None for c in consts):
+        raise ctx.unsupported(node, "weight and bias must be constants")
+    w = consts[0]
+    x_dtype = ctx.types[node.inputs[0]].dtype
+    kdef = matmul.linear_kernel(w.shape[1], w.shape[0], len(consts) == 2, x_dtype, ctx.types[node.inputs[1]].dtype)
+    x2, lead = _flatten_in(node, ctx)
+    out = _matmul_out(node, ctx, lead)
+    ctx.call(kdef, [x2] + [ctx.slot(v) for v in node.inputs[1:]], [out])
+    _finish_out(node, ctx, out[0])
+
+
+@register_anchor("qlinear")
+def _qlinear(node: Node, ctx) -> None:
+    from . import matmul
+    arrays = [ctx.constant_of(v) for v in node.inputs[1:]]
+    if any(a is None for a in arrays):
+        raise ctx.unsupported(node, "quantized operands must be constants")
+    x_dtype = ctx.types[node.inputs[0]].dtype
+    attrs = node.attr_dict
+    operands = matmul.qlinear_operands(attrs, arrays, x_dtype)
+    kdef = matmul.qlinear_kernel(attrs, operands, x_dtype)
+    slots = [ctx.derived_const(node.output.name, k, a) for k, a in enumerate(operands)]
+    x2, lead = _flatten_in(node, ctx)
+    out = _matmul_out(node, ctx, lead)
+    ctx.call(kdef, [x2] + slots, [out])
+    _finish_out(node, ctx, out[0])
+
+
+@register_anchor("attention")
+def _attention(node: Node, ctx) -> None:
+    q, k, v = (ctx.types[i] for i in node.inputs)
+    if not all(isinstance(d, int) for d in (q.shape[1], q.shape[3], k.shape[1], v.shape[3])):
+        raise ctx.unsupported(node, "head counts and head dims must be static")
+    if q.shape[1] % k.shape[1]:
+        raise ctx.unsupported(node, f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
+    kdef = attention_kernel(q.shape[1], k.shape[1], q.shape[3], v.shape[3], float(node.attr("scale")),
+                            bool(node.attr("causal")), q.dtype)
+    t = node.output.type
+    ctx.call(kdef, [ctx.slot(i) for i in node.inputs], [ctx.out(ctx.slot(node.output.name), t.shape, t.dtype)])
+
+
+@register_anchor("embedding")
+def _embedding(node: Node, ctx) -> None:
+    table, ids = (ctx.types[i] for i in node.inputs)
+    if not all(isinstance(d, int) for d in table.shape):
+        raise ctx.unsupported(node, "the table shape must be static")
+    kdef = embedding_kernel(table.shape[0], table.shape[1], ids.dtype, table.dtype)
+    n = sym.product(tuple(ids.shape)) if ids.shape else 1
+    flat_ids = ctx.view(ctx.slot(node.inputs[1]), [n])
+    t = node.output.type
+    out = ctx.out(ctx.new_slot(), [n, table.shape[1]], t.dtype)
+    ctx.call(kdef, [ctx.slot(node.inputs[0]), flat_ids], [out], check_ids=(flat_ids, table.shape[0]))
+    _finish_out(node, ctx, out[0])

@@ -1,0 +1,174 @@
+"""Compile one KernelDef for CUDA: schedule, TVM codegen, nvcc; cached on disk.
+
+A compiled kernel is five files under the tvm kernel cache (``cache.cache_dir()``), named by
+``cache.kernel_key`` of the (scratch-rewritten) definition, the CUDA schedule id and the
+target:
+  ``<key>.so``      the host launch code + the device module (exported by TVM),
+  ``<key>.cu``      the CUDA C source TVM generated,
+  ``<key>.fatbin``  sm_XX SASS + compute_XX PTX built by nvcc from that source,
+  ``<key>.ptx``     the PTX nvcc produced (kept for inspection and for the artifact),
+  ``<key>.json``    functions in the library and scratch specs.
+Without nvcc on PATH the fatbin/ptx are absent, and the device code is compiled from the
+source when the library is loaded on a GPU (``cuda_runtime``).
+
+Why the fatbin is not inside the .so: TVM 0.27 built without the CUDA runtime (the PyPI
+wheel) keeps only the source in the exported device module (``CUDAFallbackModuleNode``,
+format "cuda"); a CUDA-enabled runtime compiles it at load through the
+``tvm_callback_cuda_compile`` hook. ``cuda_runtime`` installs a hook that returns the
+nvcc-built fatbin stored here for that exact source, so no compiler runs at load time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tvm
+
+from ...errors import BitsmithError
+from .cache import cache_dir, kernel_key
+from .cuda_runtime import SCHEDULE_ID, source_digest
+from .cuda_scratch import ScratchSpec, promote_to_params
+from .kernel import KernelDef
+
+SCRATCH_BY_KIND = {"attention": ("scores",)}  # intermediates that must be parameters on CUDA
+
+
+def nvcc_path() -> str | None:
+    return shutil.which("nvcc")
+
+
+def _arch_number(target: Any) -> str:
+    arch = str(target.attrs.get("arch", "sm_90"))
+    return arch[3:]
+
+
+def nvcc_compile(source: str, target: Any) -> tuple[bytes, str, float]:
+    """(fatbin with SASS for the target arch and its PTX, the PTX text, seconds) by nvcc."""
+    nvcc = nvcc_path()
+    if nvcc is None:
+        raise BitsmithError("nvcc not found on PATH")
+    num = _arch_number(target)
+    gencode = f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bitsmith-nvcc-") as d:
+        cu = Path(d) / "kernel.cu"
+        cu.write_text(source)
+        cmd = [nvcc, "--fatbin", "-O3", "--use_fast_math", gencode, "--keep", "--keep-dir", d,
+               "-o", str(Path(d) / "kernel.fatbin"), str(cu)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BitsmithError(f"nvcc failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+        ptx_files = sorted(Path(d).glob("*.ptx"))
+        if not ptx_files:
+            raise BitsmithError("nvcc --keep produced no PTX file")
+        return (Path(d) / "kernel.fatbin").read_bytes(), ptx_files[0].read_text(), time.perf_counter() - t0
+
+
+@dataclass(frozen=True)
+class CudaKernel:
+    """One compiled kernel: its files' bytes and what the runtime needs to call it."""
+
+    key: str
+    name: str
+    kind: str
+    functions: tuple[str, ...]          # "main", and "main_gemv" for dynamic-row linears
+    scratch: tuple[ScratchSpec, ...]
+    library: bytes
+    source: str
+    fatbin: bytes | None
+    ptx: str | None
+
+    def meta(self) -> dict[str, Any]:
+        return {"key": self.key, "name": self.name, "kind": self.kind, "functions": list(self.functions),
+                "scratch": [s.to_json() for s in self.scratch],
+                "source_sha256": source_digest(self.source)}
+
+
+@dataclass
+class CudaCompiler:
+    """Compiles through the disk cache; counts hits/misses and compile/nvcc seconds."""
+
+    target: Any
+    use_nvcc: bool = True
+    directory: Path = field(default_factory=cache_dir)
+    hits: int = 0
+    misses: int = 0
+    compile_seconds: float = 0.0
+    nvcc_seconds: float = 0.0
+
+    def prepare(self, kdef: KernelDef) -> tuple[KernelDef, list[ScratchSpec]]:
+        names = SCRATCH_BY_KIND.get(kdef.kind, ())
+        if not names:
+            return kdef, []
+        n_out = 1
+        func, specs = promote_to_params(kdef.func, names, n_out)
+        return KernelDef(kdef.name, func, kdef.kind), specs
+
+    def compile(self, kdef: KernelDef) -> CudaKernel:
+        kdef, specs = self.prepare(kdef)
+        want_nvcc = self.use_nvcc and nvcc_path() is not None
+        key = kernel_key(kdef, SCHEDULE_ID + ("+nvcc" if want_nvcc else ""), self.target)
+        cached = self._read(key, kdef, want_nvcc)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        self.misses += 1
+        from .schedule_cuda import schedule_kernel
+        t0 = time.perf_counter()
+        mod = schedule_kernel(kdef, self.target)
+        with self.target:
+            lib = tvm.compile(mod, target=self.target)
+        source = lib.mod.imports[0].inspect_source()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.directory) as tmp:
+            so = Path(tmp) / "lib.so"
+            lib.export_library(str(so))
+            library = so.read_bytes()
+        self.compile_seconds += time.perf_counter() - t0
+        fatbin = ptx = None
+        if want_nvcc:
+            fatbin, ptx, secs = nvcc_compile(source, self.target)
+            self.nvcc_seconds += secs
+        kernel = CudaKernel(key, kdef.name, kdef.kind, tuple(f.name_hint for f in mod.get_global_vars()),
+                            tuple(specs), library, source, fatbin, ptx)
+        self._write(kernel)
+        return kernel
+
+    # ------------------------------------------------------------ disk cache
+
+    def _files(self, key: str) -> dict[str, Path]:
+        return {ext: self.directory / f"{key}.{ext}" for ext in ("so", "cu", "json", "fatbin", "ptx")}
+
+    def _write(self, k: CudaKernel) -> None:
+        blobs: dict[str, bytes] = {"so": k.library, "cu": k.source.encode(), "json": json.dumps(k.meta()).encode()}
+        if k.fatbin is not None and k.ptx is not None:
+            blobs["fatbin"], blobs["ptx"] = k.fatbin, k.ptx.encode()
+        paths = self._files(k.key)
+        for ext in ("so", "cu", "fatbin", "ptx", "json"):  # json last: its presence marks a complete entry
+            if ext in blobs:
+                tmp = paths[ext].with_suffix(f".{ext}.tmp{os.getpid()}")
+                tmp.write_bytes(blobs[ext])
+                os.replace(tmp, paths[ext])
+
+    def _read(self, key: str, kdef: KernelDef, want_nvcc: bool) -> CudaKernel | None:
+        paths = self._files(key)
+        try:
+            meta = json.loads(paths["json"].read_text())
+            library = paths["so"].read_bytes()
+            source = paths["cu"].read_text()
+            fatbin = paths["fatbin"].read_bytes() if want_nvcc else None
+            ptx = paths["ptx"].read_text() if want_nvcc else None
+        except (OSError, ValueError):
+            return None
+        if meta.get("source_sha256") != source_digest(source) or not library:
+            return None
+        scratch = tuple(ScratchSpec.from_json(s) for s in meta.get("scratch", []))
+        return CudaKernel(key, kdef.name, kdef.kind, tuple(meta["functions"]), scratch, library, source, fatbin, ptx)

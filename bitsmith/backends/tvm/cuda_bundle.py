@@ -1,0 +1,58 @@
+"""Standalone compiled CUDA kernels on disk, for benchmarks and GPU checks.
+
+A bundle is ``<name>.so`` + ``<name>.json`` (functions, scratch specs, source sha256) and,
+where nvcc ran, ``<name>.fatbin`` + ``<name>.ptx``. It is built where TVM's compiler is
+(``save_kernel``) and loaded where only TVM's runtime and a GPU are (``load_kernel``): the
+fatbin is handed to TVM through the compile hook of ``cuda_runtime``, so loading compiles
+nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from ...errors import BitsmithError
+from .cuda_runtime import BINARIES, DeviceKernel, KernelLibraries, source_digest
+from .cuda_scratch import ScratchSpec
+from .kernel import KernelDef
+
+_LIBS: list[KernelLibraries] = []  # keeps loaded bundles' temp dirs alive for the process
+
+
+def save_kernel(kdef: KernelDef, directory: str | Path, name: str, arch: str = "sm_90") -> dict[str, Any]:
+    """Compiles ``kdef`` for CUDA into ``directory/name.*``; returns its metadata."""
+    from .cuda_build import CudaCompiler
+    from .schedule_cuda import cuda_target
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    k = CudaCompiler(cuda_target(arch)).compile(kdef)
+    meta = {**k.meta(), "bundle": name, "arch": arch, "nvcc": k.fatbin is not None}
+    (d / f"{name}.so").write_bytes(k.library)
+    if k.fatbin is not None and k.ptx is not None:
+        (d / f"{name}.fatbin").write_bytes(k.fatbin)
+        (d / f"{name}.ptx").write_text(k.ptx)
+    (d / f"{name}.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return meta
+
+
+def load_kernel(directory: str | Path, name: str, max_rows: int = 8) -> tuple[Callable[..., None], DeviceKernel]:
+    """(callable taking device tensors: inputs, scratch, outputs; the DeviceKernel)."""
+    d = Path(directory)
+    try:
+        meta = json.loads((d / f"{name}.json").read_text())
+        library = (d / f"{name}.so").read_bytes()
+    except (OSError, ValueError) as e:
+        raise BitsmithError(f"kernel bundle {d / name}: {e}") from None
+    fatbin = d / f"{name}.fatbin"
+    if fatbin.is_file():
+        BINARIES.add(str(meta["source_sha256"]), fatbin.read_bytes())
+    BINARIES.install()
+    if not _LIBS:
+        _LIBS.append(KernelLibraries())
+    fn = _LIBS[0].load(str(meta["key"]), library, meta["functions"], max_rows)
+    return fn, DeviceKernel(fn, tuple(ScratchSpec.from_json(s) for s in meta["scratch"]))
+
+
+__all__ = ["save_kernel", "load_kernel", "source_digest"]

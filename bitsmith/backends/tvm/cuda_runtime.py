@@ -1,0 +1,213 @@
+"""tvm-cuda at run time: find the GPU, load kernel libraries, run a plan on device tensors.
+
+Loading never compiles when the artifact carries nvcc-built fatbins: TVM's CUDA runtime
+compiles a device module stored as source through the global ``tvm_callback_cuda_compile``
+hook, and the hook installed here answers with the fatbin built for that exact source
+(looked up by sha256). Only a source without a stored binary falls through to TVM's own
+compiler (nvcc when ``TVM_CUDA_COMPILE_MODE=nvcc``, else NVRTC); ``BINARIES.misses``
+counts those.
+
+The executor mirrors ``executor.PlanExecutor`` (same plan, same step order), but every
+slot holds a ``tvm.runtime.Tensor`` on the GPU: constants are uploaded once, inputs per
+call, reshapes are views, and intermediates that do not escape are reused across calls of
+the same shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ...errors import BitsmithError
+from ...ir import symbolic as sym
+from .cuda_scratch import ScratchSpec
+from .plan import Call, FunctionPlan, View
+
+NO_GPU = "tvm-cuda needs a CUDA GPU; none found"
+SCHEDULE_ID = "cuda-v1"  # part of the kernel cache key: bump when a CUDA schedule changes
+
+
+def source_digest(source: str) -> str:
+    return hashlib.sha256(source.encode()).hexdigest()
+
+
+def gpu_available() -> bool:
+    try:
+        import tvm
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001 - a runtime without CUDA support raises on the query
+        return False
+
+
+def require_gpu() -> Any:
+    if not gpu_available():
+        raise BitsmithError(NO_GPU)
+    import tvm
+    return tvm.cuda(0)
+
+
+@dataclass
+class BinaryStore:
+    """Prebuilt device binaries by sha256 of the CUDA source they were built from."""
+
+    binaries: dict[str, bytes] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+    installed: bool = False
+
+    def add(self, source_sha256: str, fatbin: bytes) -> None:
+        self.binaries[source_sha256] = fatbin
+
+    def install(self) -> None:
+        """Registers the compile hook (idempotent) in front of TVM's own."""
+        if self.installed:
+            return
+        import tvm_ffi
+        try:  # TVM's own hook, kept as the fallback for sources without a stored binary
+            from tvm.support import nvcc as tvm_nvcc
+            fallback: Callable[[str], Any] | None = tvm_nvcc.tvm_callback_cuda_compile
+        except Exception:  # noqa: BLE001 - a runtime-only install may lack the compiler helpers
+            fallback = None
+        store = self
+
+        def compile_hook(code: str) -> Any:
+            binary = store.binaries.get(source_digest(code))
+            if binary is not None:
+                store.hits += 1
+                return bytearray(binary)
+            store.misses += 1
+            if fallback is None:
+                raise BitsmithError("tvm-cuda: a kernel has no prebuilt binary and no CUDA compiler is available")
+            return fallback(code)
+
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_hook, override=True)
+        self.installed = True
+
+
+BINARIES = BinaryStore()
+
+
+class LinearDispatch:
+    """Calls "main_gemv" when the row count (first dim of the first argument) is small."""
+
+    def __init__(self, general: Callable, gemv: Callable, max_rows: int) -> None:
+        self.general, self.gemv, self.max_rows = general, gemv, max_rows
+
+    def __call__(self, *args: Any) -> None:
+        fn = self.gemv if args[0].shape[0] <= self.max_rows else self.general
+        fn(*args)
+
+
+class KernelLibraries:
+    """Kernel libraries written from bytes to a private temp dir and loaded on the GPU."""
+
+    def __init__(self) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="bitsmith-cuda-")
+        self.path = Path(self._tmp.name)
+        self._modules: list[Any] = []
+
+    def load(self, key: str, library: bytes, functions: Sequence[str], max_rows: int) -> Callable:
+        import tvm
+        p = self.path / f"{key}.so"
+        p.write_bytes(library)
+        mod = tvm.runtime.load_module(str(p))
+        self._modules.append(mod)
+        if "main_gemv" in functions:
+            return LinearDispatch(mod["main"], mod["main_gemv"], max_rows)
+        return mod["main"]
+
+
+@dataclass(frozen=True)
+class DeviceKernel:
+    fn: Callable
+    scratch: tuple[ScratchSpec, ...]
+
+
+class CudaPlanExecutor:
+    """Runs one FunctionPlan on the GPU (see the module docstring)."""
+
+    def __init__(self, plan: FunctionPlan, kernels: Mapping[str, DeviceKernel],
+                 consts: Mapping[int, np.ndarray], device: Any) -> None:
+        import tvm
+        self.tvm, self.plan, self.device, self.kernels = tvm, plan, device, kernels
+        self.base_env: list[Any] = [None] * plan.num_slots
+        for slot, arr in consts.items():
+            self.base_env[slot] = tvm.runtime.tensor(np.ascontiguousarray(arr), device)
+        self.param_dtypes = [np.dtype(_np_dtype(dt)) for _, dt in plan.param_types]
+        for s in plan.steps:
+            if isinstance(s, Call) and s.kernel not in kernels:
+                raise BitsmithError(f"kernel {s.kernel} of the plan is missing")
+        self.escaping = set(plan.results)
+        for s in reversed(plan.steps):
+            if isinstance(s, View) and s.dst in self.escaping:
+                self.escaping.add(s.src)
+        self._pool: dict[tuple[int, int], Any] = {}
+
+    def _bind(self, args: Sequence[np.ndarray]) -> dict[str, int]:
+        b: dict[str, int] = {}
+        for k, (dims, _) in enumerate(self.plan.param_types):
+            if len(dims) != args[k].ndim:
+                raise BitsmithError(f"input {k}: expected rank {len(dims)}, got shape {args[k].shape}")
+            for ax, d in enumerate(dims):
+                if isinstance(d, str) and sym.SYMBOL_NAME.match(d):
+                    v = args[k].shape[ax]
+                    if b.setdefault(d, v) != v:
+                        raise BitsmithError(f"symbol {d!r} bound to both {b[d]} and {v}")
+        return b
+
+    def _shape(self, shape_id: int, b: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else int(sym.evaluate(d, b)) for d in self.plan.shapes[shape_id])
+
+    def _empty(self, key: tuple[int, int], shape: tuple[int, ...], dtype: str, reuse: bool) -> Any:
+        a = self._pool.get(key) if reuse else None
+        if a is None or tuple(a.shape) != shape:
+            a = self.tvm.runtime.empty(shape, dtype, self.device)
+            if reuse:
+                self._pool[key] = a
+        return a
+
+    def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        plan = self.plan
+        if len(args) != len(plan.params):
+            raise BitsmithError(f"function {plan.name!r} takes {len(plan.params)} inputs, got {len(args)}")
+        host = [np.ascontiguousarray(np.asarray(a), dtype=dt) for a, dt in zip(args, self.param_dtypes)]
+        b = self._bind(host)
+        env = list(self.base_env)
+        host_env: dict[int, np.ndarray] = {}
+        for slot, a in zip(plan.params, host):
+            env[slot] = self.tvm.runtime.tensor(a, self.device)
+            host_env[slot] = a
+        for n, step in enumerate(plan.steps):
+            if isinstance(step, View):
+                shape = self._shape(step.shape, b)
+                env[step.dst] = env[step.src]._create_view(shape)
+                if step.src in host_env:
+                    host_env[step.dst] = host_env[step.src].reshape(shape)
+                continue
+            if step.check_ids is not None:
+                ids = host_env.get(step.check_ids[0])
+                if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= step.check_ids[1]):
+                    raise BitsmithError(f"token id out of range [0, {step.check_ids[1]}): "
+                                        f"min {ids.min()}, max {ids.max()}")
+            kernel = self.kernels[step.kernel]
+            ins = [env[i] for i in step.inputs]
+            scratch = [self._empty((n, -1 - k), spec.shape(ins), spec.dtype, True)
+                       for k, spec in enumerate(kernel.scratch)]
+            outs = []
+            for slot, shp, dt in step.outputs:
+                a = self._empty((n, slot), self._shape(shp, b), dt, slot not in self.escaping)
+                env[slot] = a
+                outs.append(a)
+            kernel.fn(*ins, *scratch, *outs)
+        return [env[r].numpy().astype(np.float32) if env[r].dtype in ("float16", "float32")
+                else env[r].numpy() for r in plan.results]
+
+
+def _np_dtype(name: str) -> np.dtype:
+    from ...ir.types import numpy_dtype
+    return numpy_dtype(name)

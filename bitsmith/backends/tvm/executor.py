@@ -1,0 +1,179 @@
+"""Runs a FunctionPlan: the per-call loop evaluates shapes, allocates and calls kernels.
+
+Everything that can be decided once is decided in ``__init__``: symbol binding recipes,
+per-dim polynomials, a flat tuple per step. Compiled llvm kernels take numpy arrays
+directly, but they assume 64-byte aligned, C-contiguous data (misaligned data crashes
+vectorised code), so every array handed to a kernel is allocated aligned here; views
+(reshapes) of them stay aligned. Intermediate arrays that never reach the caller are
+reused across calls when their shape repeats (decode steps), so a call is not re-entrant:
+one executor must not run in two threads at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import ctypes
+
+import numpy as np
+
+from ...errors import BitsmithError
+from ...ir import symbolic as sym
+from .plan import Call, FunctionPlan, View
+
+ALIGN = 64
+_CALL, _VIEW = 0, 1
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * dtype.itemsize
+    buf = np.empty(nbytes + ALIGN, np.uint8)
+    off = -buf.ctypes.data % ALIGN
+    if n == 0:  # numpy gives empty arrays odd strides, which TVM rejects as non-compact
+        strides, acc = [], dtype.itemsize
+        for d in reversed(shape):
+            strides.append(acc)
+            acc *= d
+        return np.ndarray(shape, dtype, buf, off, tuple(reversed(strides)))
+    return buf[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def aligned_copy(a: np.ndarray) -> np.ndarray:
+    if a.flags.c_contiguous and a.ctypes.data % ALIGN == 0 and a.size:
+        return a
+    out = aligned_empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def kernel_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(array a kernel accepts, object to keep alive): aligned, and writable in flags only.
+
+    DLPack as tvm_ffi speaks it cannot mark a tensor read-only, so it refuses read-only
+    numpy arrays (the module's constants). Kernels never write their inputs, so a writable
+    alias of the same memory is passed instead of a copy of every weight.
+    """
+    a = aligned_copy(np.asarray(a))
+    if a.flags.writeable:
+        return a, a
+    raw = (ctypes.c_byte * max(a.nbytes, 1)).from_address(a.ctypes.data)
+    return np.frombuffer(raw, dtype=a.dtype, count=a.size).reshape(a.shape), a
+
+
+class ExecutionError(BitsmithError, RuntimeError):
+    """Bad inputs to a compiled function (shape, dtype, token ids)."""
+
+
+class PlanExecutor:
+    def __init__(self, plan: FunctionPlan, kernels: Mapping[str, Callable], consts: Mapping[int, np.ndarray]) -> None:
+        self.plan = plan
+        self.base_env: list[Any] = [None] * plan.num_slots
+        self._keep_alive = []
+        for slot, arr in consts.items():
+            self.base_env[slot], owner = kernel_view(arr)
+            self._keep_alive.append(owner)
+        self.param_dtypes = [np.dtype(_np_dtype(dt)) for _, dt in plan.param_types]
+        # binding recipe: (param index, axis, int | symbol | compound)
+        self._plain: list[tuple[int, int, str]] = []
+        self._checks: list[tuple[int, int, Any]] = []
+        for k, (dims, _) in enumerate(plan.param_types):
+            for ax, d in enumerate(dims):
+                if isinstance(d, str) and sym.SYMBOL_NAME.match(d):
+                    self._plain.append((k, ax, d))
+                else:
+                    self._checks.append((k, ax, d))
+        dims = {d for s in plan.shapes for d in s if isinstance(d, str)}
+        dims |= {d for _, _, d in self._checks if isinstance(d, str)}
+        self._dims = sorted(dims)
+        self._dim_index = {d: i for i, d in enumerate(self._dims)}
+        self._polys = [[(c, mono) for mono, c in sym._to_poly(d).items()] for d in self._dims]
+        self._shape_recipes = [tuple((True, d) if isinstance(d, int) else (False, self._dim_index[d]) for d in s)
+                               for s in plan.shapes]
+        escaping = set(plan.results)
+        for s in reversed(plan.steps):  # a view's source escapes with it
+            if isinstance(s, View) and s.dst in escaping:
+                escaping.add(s.src)
+        self._steps: list[tuple] = []
+        for s in plan.steps:
+            if isinstance(s, Call):
+                if s.kernel not in kernels:
+                    raise BitsmithError(f"kernel {s.kernel} of the plan is missing")
+                outs = tuple((slot, shp, np.dtype(dt), slot in escaping) for slot, shp, dt in s.outputs)
+                self._steps.append((_CALL, kernels[s.kernel], tuple(s.inputs), outs, s.check_ids))
+            else:
+                self._steps.append((_VIEW, s.src, s.dst, s.shape))
+        self._pool: dict[int, np.ndarray] = {}
+
+    def _bind(self, args: Sequence[np.ndarray]) -> list[tuple[int, ...]]:
+        b: dict[str, int] = {}
+        for k, ax, name in self._plain:
+            v = args[k].shape[ax]
+            if b.setdefault(name, v) != v:
+                raise ExecutionError(f"symbol {name!r} bound to both {b[name]} and {v} "
+                                     f"(input {k} has shape {args[k].shape})")
+        vals = []
+        for poly in self._polys:
+            total = 0
+            for c, mono in poly:
+                term = c
+                for s_ in mono:
+                    if s_ not in b:
+                        raise ExecutionError(f"symbol {s_!r} is not bound by the inputs")
+                    term *= b[s_]
+                total += term
+            vals.append(total)
+        for k, ax, d in self._checks:
+            want = d if isinstance(d, int) else vals[self._dim_index[d]]
+            if args[k].shape[ax] != want:
+                raise ExecutionError(f"input {k}: dim {ax} should be {d} = {want}, got shape {args[k].shape}")
+        return [tuple(d if static else vals[d] for static, d in r) for r in self._shape_recipes]
+
+    def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        plan = self.plan
+        if len(args) != len(plan.params):
+            raise ExecutionError(f"function {plan.name!r} takes {len(plan.params)} inputs, got {len(args)}")
+        arrays = []
+        for k, (a, dt) in enumerate(zip(args, self.param_dtypes)):
+            a = np.asarray(a)
+            if a.dtype != dt:
+                a = a.astype(dt)
+            if a.ndim != len(plan.param_types[k][0]):
+                raise ExecutionError(f"input {k}: expected rank {len(plan.param_types[k][0])}, got shape {a.shape}")
+            if not a.flags.writeable:
+                a = a.copy()
+            arrays.append(aligned_copy(a))
+        shapes = self._bind(arrays)
+        env = list(self.base_env)
+        for slot, a in zip(plan.params, arrays):
+            env[slot] = a
+        pool = self._pool
+        for step in self._steps:
+            if step[0] == _CALL:
+                _, fn, ins, outs, check = step
+                if check is not None:
+                    ids = env[check[0]]
+                    if ids.size and (ids.min() < 0 or ids.max() >= check[1]):
+                        raise ExecutionError(f"token id out of range [0, {check[1]}): min {ids.min()}, max {ids.max()}")
+                out_arrays = []
+                for slot, shp, dt, escapes in outs:
+                    shape = shapes[shp]
+                    a = None if escapes else pool.get(slot)
+                    if a is None or a.shape != shape:
+                        a = aligned_empty(shape, dt)
+                        if not escapes:
+                            pool[slot] = a
+                    env[slot] = a
+                    out_arrays.append(a)
+                fn(*[env[i] for i in ins], *out_arrays)
+            else:
+                _, src, dst, shp = step
+                env[dst] = env[src].reshape(shapes[shp])
+        return [env[r] for r in plan.results]
+
+
+def _np_dtype(name: str) -> np.dtype:
+    from ...ir.types import numpy_dtype
+    return numpy_dtype(name)

@@ -1,0 +1,175 @@
+"""Target ``tvm-llvm``: fused TIR kernels compiled by LLVM for the host CPU.
+
+Options: ``mcpu`` ("host" = ``llvm_get_system_cpu()``; or an LLVM CPU name such as the
+portable baseline "x86-64-v3") and ``threads`` (0 = every core; see ``runtime_cpu``).
+The artifact stores ``plan.json`` and ``kernels/<key>.so``; loading dlopens those libraries
+from a private temp dir and never calls the compiler.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import tvm
+
+from ...errors import BitsmithError
+from ...ir import Module
+from ..base import Executable
+from . import runtime_cpu
+from .cache import KernelCache
+from .executor import PlanExecutor
+from .lowering import lower_function
+from .plan import PLAN_FORMAT, FunctionPlan, PlanError
+from .schedule_cpu import SCHEDULE_ID, schedule_cpu
+from .targets import TargetSpec, register_target
+
+TARGET = "tvm-llvm"
+
+
+def option_defaults() -> dict[str, Any]:
+    return {"mcpu": "host", "threads": 0}
+
+
+def resolve_mcpu(mcpu: Any) -> str:
+    if not isinstance(mcpu, str) or not mcpu:
+        raise BitsmithError(f"tvm-llvm option mcpu must be a CPU name or 'host', got {mcpu!r}")
+    return runtime_cpu.host_cpu() if mcpu in ("host", "native") else mcpu
+
+
+def make_target(options: Mapping[str, Any]) -> Any:
+    mcpu = resolve_mcpu(options.get("mcpu", "host"))
+    try:
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    except Exception as e:  # TVM rejects unknown CPU names with its own error type
+        raise BitsmithError(f"tvm-llvm: bad mcpu {mcpu!r}: {e}") from None
+
+
+def _threads(options: Mapping[str, Any]) -> int:
+    t = options.get("threads", 0)
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        raise BitsmithError(f"tvm-llvm option threads must be an int >= 0 (0 = all cores), got {t!r}")
+    return t
+
+
+def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
+    """The arrays of a plan's constant slots (qlinear operands are re-derived from the IR)."""
+    from .matmul import qlinear_operands
+    out: dict[int, np.ndarray] = {}
+    fn = module.function(plan.name)
+    producers = fn.producers()
+    operands: dict[str, list[np.ndarray]] = {}
+    for c in plan.consts:
+        if c.tensor:
+            if c.tensor not in module.tensors:
+                raise PlanError(f"plan names tensor {c.tensor!r} that the module lacks")
+            out[c.slot] = module.tensors[c.tensor]
+        elif c.scalar is not None:
+            out[c.slot] = np.array(c.scalar[0], dtype=np.dtype(c.scalar[1]))
+        elif derived is not None and c.slot in derived:
+            out[c.slot] = derived[c.slot]
+        else:
+            if c.qlinear not in operands:
+                node = producers.get(c.qlinear)
+                if node is None or node.op != "qlinear":
+                    raise PlanError(f"plan names qlinear value {c.qlinear!r} that the module lacks")
+                arrays = [module.tensors[producers[i].attr("name")] for i in node.inputs[1:]]
+                operands[c.qlinear] = qlinear_operands(node.attr_dict, arrays, plan.act_dtype)
+            out[c.slot] = operands[c.qlinear][c.index]
+    return out
+
+
+class LLVMExecutable(Executable):
+    def __init__(self, plans: dict[str, FunctionPlan], executors: dict[str, PlanExecutor], libraries: dict[str, bytes],
+                 options: Mapping[str, Any], info: dict[str, Any]) -> None:
+        self.plans, self.executors, self.libraries = plans, executors, libraries
+        self.options, self.info = dict(options), info
+        self.threads = _threads(options)
+
+    def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if function not in self.executors:
+            raise BitsmithError(f"no compiled function {function!r}; have {sorted(self.executors)}")
+        runtime_cpu.set_threads(self.threads)
+        return self.executors[function].run(args)
+
+    def files(self) -> dict[str, bytes]:
+        plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
+                "functions": [p.to_json() for p in self.plans.values()]}
+        out = {f"kernels/{k}.so": v for k, v in self.libraries.items()}
+        out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
+        return out
+
+    def report(self) -> dict[str, Any]:
+        calls = sum(1 for p in self.plans.values() for s in p.steps if hasattr(s, "kernel"))
+        return {**self.info, "kernels": len(self.libraries), "kernel_calls_per_run": calls,
+                "threads": self.threads, "threads_effective": runtime_cpu.num_threads(),
+                "executor": "flat plan of TVM llvm kernels on numpy arrays (64-byte aligned, "
+                            "destination-passing, reshapes as views)"}
+
+
+def build(module: Module, options: Mapping[str, Any]) -> Executable:
+    target = make_target(options)
+    _threads(options)
+    cache = KernelCache()
+    t0 = time.perf_counter()
+    plans: dict[str, FunctionPlan] = {}
+    executors: dict[str, PlanExecutor] = {}
+    libraries: dict[str, bytes] = {}
+    loaded: dict[str, Callable] = {}
+    lower_seconds = 0.0
+    for fn in module.functions:
+        t1 = time.perf_counter()
+        plan, kdefs, derived = lower_function(module, fn, TARGET)
+        lower_seconds += time.perf_counter() - t1
+        rename: dict[str, str] = {}
+        for digest, kdef in kdefs.items():
+            key, data = cache.library(kdef, schedule_cpu, SCHEDULE_ID, target)
+            rename[digest] = key
+            if key not in loaded:
+                libraries[key] = data
+                loaded[key] = runtime_cpu.load_library(cache.directory / f"{key}.so")
+        for s in plan.steps:
+            if hasattr(s, "kernel"):
+                s.kernel = rename[s.kernel]
+        plans[fn.name] = plan
+        executors[fn.name] = PlanExecutor(plan, loaded, resolve_consts(module, plan, derived))
+    info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
+            "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
+            "cache_dir": str(cache.directory), "mcpu": str(target.attrs.get("mcpu", "")), "target": str(target)}
+    return LLVMExecutable(plans, executors, libraries, options, info)
+
+
+def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes]) -> Executable:
+    t0 = time.perf_counter()
+    if "plan.json" not in files:
+        raise BitsmithError("tvm-llvm artifact lacks plan.json")
+    try:
+        doc = json.loads(files["plan.json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"plan.json is not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or not isinstance(doc.get("functions"), list):
+        raise PlanError(f"plan.json: unsupported format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+    plans = {p.name: p for p in (FunctionPlan.from_json(d) for d in doc["functions"])}
+    libdir = runtime_cpu.LibraryDir()
+    libraries: dict[str, bytes] = {}
+    loaded: dict[str, Callable] = {}
+    for plan in plans.values():
+        for s in plan.steps:
+            if hasattr(s, "kernel") and s.kernel not in loaded:
+                name = f"kernels/{s.kernel}.so"
+                if name not in files:
+                    raise PlanError(f"plan.json calls kernel {s.kernel} but {name} is missing")
+                libraries[s.kernel] = files[name]
+                loaded[s.kernel] = libdir.load(s.kernel, files[name])
+    executors = {name: PlanExecutor(p, loaded, resolve_consts(module, p)) for name, p in plans.items()}
+    info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
+            "mcpu": str(doc.get("mcpu", "")), "loaded_from_artifact": True}
+    exe = LLVMExecutable(plans, executors, libraries, options, info)
+    exe._libdir = libdir  # keeps the temp dir (and the dlopened files) alive with the executable
+    return exe
+
+
+register_target(TargetSpec(TARGET, option_defaults, build, load,
+                           doc="CPU kernels compiled by LLVM (TVM TIR), run from a flat plan on numpy arrays"))

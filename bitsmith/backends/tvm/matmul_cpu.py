@@ -1,0 +1,80 @@
+"""CPU (llvm) scheduling of the matmul kernels: a hand-vectorized kernel of the same signature
+when one applies (``matmul_cpu_kernels``), else a generic schedule of the TE definition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .kernel import KernelDef
+from .matmul_defs import ATTR
+from .qlinear_layout import LANES, QLinearLayout
+
+
+def host_llvm_target(tvm):
+    """llvm target for this machine's CPU as LLVM names it (e.g. znver3: AVX2 + FMA + F16C)."""
+    from tvm.target import codegen
+    return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())})
+
+
+def generic_schedule(kdef: KernelDef):
+    """Correct for every definition: decode inlined into the reduction, tiles of 8 output rows
+    in parallel. Slow (scalar); used where the vector kernel does not apply."""
+    import tvm
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": kdef.func}))
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    if "decode" in names:
+        sch.compute_inline(sch.get_sblock("decode"))
+    i, n, k = sch.get_loops(sch.get_sblock("matmul"))
+    no, ni = sch.split(n, [None, 8])
+    sch.reorder(no, i, ni, k)
+    sch.parallel(no)
+    sch.parallel(sch.get_loops(sch.get_sblock("epilogue"))[0])
+    if "outliers" in names:
+        sch.parallel(sch.get_loops(sch.get_sblock("outliers"))[0])
+    return sch.mod
+
+
+def _has(target, feature: str) -> bool:
+    from tvm.target import codegen
+    try:
+        return bool(codegen.llvm_cpu_has_features(feature, target))
+    except Exception:  # non-x86 triples may not know the feature name
+        return False
+
+
+def _layout_from_attrs(a: dict[str, Any]) -> QLinearLayout:
+    nm = str(a["nm"])
+    return QLinearLayout(
+        in_features=int(a["in_features"]), out_features=int(a["out_features"]),
+        group_size=int(a["group_size"]), scheme=str(a["scheme"]), bits=int(a["bits"]), kept=int(a["kept"]),
+        groups=int(a["groups"]), asymmetric=bool(a["asymmetric"]), candidates=int(a["candidates"]),
+        has_selectors=bool(a["has_selectors"]), nm=tuple(int(p) for p in nm.split(":")) if nm else None,
+        nm_width=int(a["nm_width"]), outlier_width=int(a["outlier_width"]), has_bias=bool(a["has_bias"]))
+
+
+def _param_shapes(func, skip_first: int = 1) -> list[tuple[tuple[int, ...], str]]:
+    out = []
+    for p in list(func.params)[skip_first:-1]:
+        buf = p.buffer if hasattr(p, "buffer") else p
+        out.append((tuple(int(s) for s in buf.shape), str(buf.dtype)))
+    return out
+
+
+def schedule(kdef: KernelDef, target):
+    import tvm
+    from . import matmul_cpu_kernels as kern
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    attrs = kdef.func.attrs[ATTR] if kdef.func.attrs is not None and ATTR in kdef.func.attrs else None
+    if attrs is None or target.kind.name != "llvm":
+        return generic_schedule(kdef)
+    a = {str(k): v for k, v in attrs.items()}
+    if str(a["op"]) == "linear":
+        func = kern.dense_kernel(int(a["in_features"]), int(a["out_features"]), bool(a["has_bias"]),
+                                 str(a["act_dtype"]), str(a["weight_dtype"]))
+    else:
+        lay = _layout_from_attrs(a)
+        if lay.group_size % LANES:
+            return generic_schedule(kdef)
+        func = kern.qlinear_kernel(lay, _param_shapes(kdef.func), str(a["act_dtype"]),
+                                   use_pshufb=_has(target, "ssse3"))
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})

@@ -1,0 +1,333 @@
+"""Hand-vectorized llvm (CPU) kernels for ``linear`` and ``qlinear`` (TVMScript generators).
+
+Why hand-written: decoding a grid value per weight wants a byte shuffle (``pshufb``: 16 int8
+grid values indexed by 16 codes in one instruction); a scheduled TE gather would become a slow
+vector gather. Each kernel has exactly the signature of its ``KernelDef`` so the executor can
+use either.
+
+Structure (both kernels): a parallel loop over tiles of ``ROWS`` output rows; inside, m is
+walked in tiles of 4 rows (each weight chunk decoded once, used 4 times) and then the leftover
+rows one at a time (m == 1 decode: one pass over the weights). A row's reduction runs over
+chunks of 16 weights: the chunk is decoded into a float32x16 vector in registers
+(``(grid value or code - zero) * scale``), multiplied by the 16 activations and accumulated
+in float32 (``ACC`` independent accumulators per row hide the FMA latency); the last
+``k % 16`` weights go through a scalar loop. Nothing larger than one 16-weight chunk is ever
+decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .qlinear_layout import LANES, QLinearLayout, chunk_fields
+
+V = LANES  # weights per chunk
+F32 = "float32"
+VF32 = f"float32x{V}"
+
+
+@dataclass(frozen=True)
+class Tiling:
+    rows: int = 8  # output rows per parallel task
+    mtile: int = 4  # activation rows sharing one decoded chunk
+    acc1: int = 2  # independent accumulators per row when m is walked one row at a time
+    unroll: int = 4  # chunks per inner iteration (dense)
+    row_block: int = 1  # dense, one activation row: weight rows sharing each x load (divides rows)
+    grouped: bool = True  # qlinear, one row: scale group sums instead of every weight
+
+
+def _vload(buf, row, start):
+    return buf[row, tirx.Ramp(start, 1, V)]
+
+
+def _field_vec(buf, width: int, n, c):
+    """uint8x16: fields of chunk ``c`` (16 consecutive fields) of row ``n`` of a sliced16 stream."""
+    per_byte = 8 // width
+    raw = buf[n, tirx.Ramp(tirx.floordiv(c, per_byte) * V, 1, V)]
+    shift = tirx.Cast("uint8", width * tirx.floormod(c, per_byte))
+    return tirx.bitwise_and(tirx.shift_right(raw, tirx.Broadcast(shift, V)),
+                            tirx.Broadcast(tirx.const((1 << width) - 1, "uint8"), V))
+
+
+def _field_scalar(buf, width: int, n, kk):
+    per_byte = 8 // width
+    raw = buf[n, tirx.floordiv(kk, chunk_fields(width)) * V + tirx.floormod(kk, V)]
+    shift = tirx.Cast("uint8", width * tirx.floormod(tirx.floordiv(kk, V), per_byte))
+    return tirx.bitwise_and(tirx.shift_right(raw, shift), tirx.const((1 << width) - 1, "uint8"))
+
+
+@T.macro
+def hsum(acc, base, s):
+    """s[0] = sum of the 16 lanes at acc[base:], as a tree (a scalar chain would serialize 16 adds)."""
+    acc[T.Ramp(base, 1, 8)] = acc[T.Ramp(base, 1, 8)] + acc[T.Ramp(base + 8, 1, 8)]
+    acc[T.Ramp(base, 1, 4)] = acc[T.Ramp(base, 1, 4)] + acc[T.Ramp(base + 4, 1, 4)]
+    acc[T.Ramp(base, 1, 2)] = acc[T.Ramp(base, 1, 2)] + acc[T.Ramp(base + 2, 1, 2)]
+    s[0] = acc[base] + acc[base + 1]
+
+
+DENSE_TILING = Tiling(rows=16, acc1=4, unroll=4, row_block=4)  # memory-bound: more loads in flight per row
+
+
+def dense_kernel(k: int, n: int, has_bias: bool, act: str, wdt: str, t: Tiling = DENSE_TILING):
+    """PrimFunc main(x [m, k] act, w [n, k] wdt, [bias [n] act], y [m, n] act)."""
+    kc, kt = k // V, k % V
+    unroll = t.unroll
+    acc_n = max(t.acc1, 1)
+    tasks = -(-n // t.rows)
+    rows = t.rows
+
+    @T.macro
+    def row(X, W, B, Y, acc, mt, acc_count, m0, r):
+        for z in T.unroll(mt * acc_count):
+            acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        for cb in range(kc // unroll):
+            for u in T.unroll(unroll):
+                wv = T.Cast(VF32, _vload(W, r, (cb * unroll + u) * V))
+                for mi in T.unroll(mt):
+                    acc[T.Ramp((mi * acc_count + u % acc_count) * V, 1, V)] = (
+                        acc[T.Ramp((mi * acc_count + u % acc_count) * V, 1, V)]
+                        + T.Cast(VF32, _vload(X, m0 + mi, (cb * unroll + u) * V)) * wv)
+        for c in range(kc % unroll):
+            wv = T.Cast(VF32, _vload(W, r, (kc // unroll * unroll + c) * V))
+            for mi in T.unroll(mt):
+                acc[T.Ramp(mi * acc_count * V, 1, V)] = (
+                    acc[T.Ramp(mi * acc_count * V, 1, V)]
+                    + T.Cast(VF32, _vload(X, m0 + mi, (kc // unroll * unroll + c) * V)) * wv)
+        for mi in T.unroll(mt):
+            for a in T.unroll(acc_count - 1):
+                acc[T.Ramp(mi * acc_count * V, 1, V)] = (acc[T.Ramp(mi * acc_count * V, 1, V)]
+                                                       + acc[T.Ramp((mi * acc_count + a + 1) * V, 1, V)])
+            s = T.alloc_buffer((1,), F32, scope="local")
+            hsum(acc, mi * acc_count * V, s)
+            for j in range(kt):
+                s[0] = s[0] + T.Cast(F32, X[m0 + mi, kc * V + j]) * T.Cast(F32, W[r, kc * V + j])
+            if has_bias:
+                s[0] = s[0] + T.Cast(F32, B[r])
+            Y[m0 + mi, r] = T.Cast(act, s[0])
+
+    nr = t.row_block
+
+    @T.macro
+    def rows_one_x(X, W, B, Y, acc, m0, r0):
+        """``nr`` weight rows against one activation row: the x chunk is loaded once for all."""
+        for z in T.unroll(nr):
+            acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        for cb in range(kc // unroll):
+            for u in T.unroll(unroll):
+                xv = T.Cast(VF32, _vload(X, m0, (cb * unroll + u) * V))
+                for z in T.unroll(nr):
+                    acc[T.Ramp(z * V, 1, V)] = acc[T.Ramp(z * V, 1, V)] + xv * T.Cast(
+                        VF32, _vload(W, r0 + z, (cb * unroll + u) * V))
+        for c in range(kc % unroll):
+            xv = T.Cast(VF32, _vload(X, m0, (kc // unroll * unroll + c) * V))
+            for z in T.unroll(nr):
+                acc[T.Ramp(z * V, 1, V)] = acc[T.Ramp(z * V, 1, V)] + xv * T.Cast(
+                    VF32, _vload(W, r0 + z, (kc // unroll * unroll + c) * V))
+        for z in T.unroll(nr):
+            s = T.alloc_buffer((1,), F32, scope="local")
+            hsum(acc, z * V, s)
+            for j in range(kt):
+                s[0] = s[0] + T.Cast(F32, X[m0, kc * V + j]) * T.Cast(F32, W[r0 + z, kc * V + j])
+            if has_bias:
+                s[0] = s[0] + T.Cast(F32, B[r0 + z])
+            Y[m0, r0 + z] = T.Cast(act, s[0])
+
+    @T.prim_func(s_tir=True)
+    def main(x: T.handle, w: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int32()
+        X = T.match_buffer(x, (m, k), act)
+        W = T.match_buffer(w, (n, k), wdt)
+        B = T.match_buffer(bias, (n,), act)
+        Y = T.match_buffer(y, (m, n), act)
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((max(t.mtile * acc_n, nr) * V,), F32, scope="local")
+            for mo in range(m // t.mtile):
+                for rr in range(rows):
+                    if task * rows + rr < n:
+                        row(X, W, B, Y, acc, t.mtile, 1, mo * t.mtile, task * rows + rr)
+            for mi in range(m % t.mtile):
+                for rb in range(rows // nr):
+                    if task * rows + rb * nr + nr <= n:
+                        rows_one_x(X, W, B, Y, acc, m // t.mtile * t.mtile + mi, task * rows + rb * nr)
+                    else:
+                        for rr in range(nr):
+                            if task * rows + rb * nr + rr < n:
+                                row(X, W, B, Y, acc, 1, acc_n, m // t.mtile * t.mtile + mi,
+                                    task * rows + rb * nr + rr)
+
+    keep = [0, 1] + ([2] if has_bias else []) + [3]
+    return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
+
+
+def _pshufb(table, idx):
+    return tirx.call_llvm_pure_intrin(f"int8x{V}", "llvm.x86.ssse3.pshuf.b.128", table,
+                                      tirx.reinterpret(f"int8x{V}", idx))
+
+
+def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]], act: str,
+                   use_pshufb: bool, t: Tiling = Tiling()):
+    """PrimFunc with the params of ``matmul_defs.qlinear_func(lay, shapes, act)``.
+    Needs ``lay.group_size % 16 == 0`` (a chunk never straddles two groups)."""
+    if lay.group_size % V:
+        raise ValueError("the vector qlinear kernel needs group_size % 16 == 0")
+    roles = lay.roles()
+    shape_of = dict(zip(roles, shapes))
+
+    def shp(role):
+        return shape_of[role][0] if role in shape_of else (1,)
+
+    def dt(role, default):
+        return shape_of[role][1] if role in shape_of else default
+
+    k, n, gs = lay.in_features, lay.out_features, lay.group_size
+    two_streams = len(lay.code_streams) == 2
+    w0 = lay.code_streams[0][0]
+    asym, has_sel, has_bias = lay.asymmetric, lay.has_selectors, lay.has_bias
+    nm = lay.nm is not None
+    nm_keep, nm_block = lay.nm if nm else (1, 1)
+    nm_w = lay.nm_width if nm else 1
+    ell = lay.outlier_width
+    cg = gs // V  # chunks per group
+    unroll = next(u for u in (8, 4, 2, 1) if cg % u == 0)
+    gfull = lay.kept // gs
+    tail = lay.kept - gfull * gs
+    tail_chunks, tail_scalar = tail // V, tail % V
+    acc_n = max(t.acc1, 1)
+    tasks = -(-n // t.rows)
+    rows = t.rows
+    acc_len = max(t.mtile, acc_n) * acc_n * V
+
+    def code_vec(C0, C1, r, c):
+        code = _field_vec(C0, w0, r, c)
+        if two_streams:
+            code = tirx.bitwise_or(code, tirx.shift_left(_field_vec(C1, 1, r, c),
+                                                         tirx.Broadcast(tirx.const(2, "uint8"), V)))
+        return code
+
+    def code_scalar(C0, C1, r, kk):
+        code = _field_scalar(C0, w0, r, kk)
+        if two_streams:
+            code = tirx.bitwise_or(code, tirx.shift_left(_field_scalar(C1, 1, r, kk), tirx.const(2, "uint8")))
+        return code
+
+    def value_vec(C0, C1, Z, G, SEL, r, g, c):
+        code = code_vec(C0, C1, r, c)
+        if asym:
+            return tirx.Cast(VF32, code) - tirx.Broadcast(tirx.Cast(F32, Z[r, g]), V)
+        sel = tirx.Cast("int32", SEL[r, g]) if has_sel else 0
+        if use_pshufb:
+            return tirx.Cast(VF32, _pshufb(G[sel, tirx.Ramp(0, 1, V)], code))
+        return tirx.Cast(VF32, G[sel, tirx.Cast(f"int32x{V}", code)])
+
+    def value_scalar(C0, C1, Z, G, SEL, r, g, kk):
+        code = code_scalar(C0, C1, r, kk)
+        if asym:
+            return tirx.Cast(F32, code) - tirx.Cast(F32, Z[r, g])
+        sel = tirx.Cast("int32", SEL[r, g]) if has_sel else 0
+        return tirx.Cast(F32, G[sel, tirx.Cast("int32", code)])
+
+    def xvec(X, NMI, i, r, c):
+        if not nm:
+            return tirx.Cast(VF32, _vload(X, i, c * V))
+        cols = (tirx.floordiv(tirx.Ramp(c * V, 1, V), nm_keep) * nm_block
+                + tirx.Cast(f"int32x{V}", _field_vec(NMI, nm_w, r, c)))
+        return tirx.Cast(VF32, X[i, cols])
+
+    def xscalar(X, NMI, i, r, kk):
+        if not nm:
+            return tirx.Cast(F32, X[i, kk])
+        col = tirx.floordiv(kk, nm_keep) * nm_block + tirx.Cast("int32", _field_scalar(NMI, nm_w, r, kk))
+        return tirx.Cast(F32, X[i, col])
+
+    def scale_vec(S, r, g):
+        return tirx.Broadcast(tirx.Cast(F32, S[r, g]), V)
+
+    @T.macro
+    def chunk(X, C0, C1, S, Z, G, SEL, NMI, acc, mt, acc_count, slot, m0, r, g, c, scaled):
+        if scaled:
+            wv = value_vec(C0, C1, Z, G, SEL, r, g, c) * scale_vec(S, r, g)
+        else:
+            wv = value_vec(C0, C1, Z, G, SEL, r, g, c)
+        for mi in T.unroll(mt):
+            acc[T.Ramp((mi * acc_count + slot) * V, 1, V)] = (
+                acc[T.Ramp((mi * acc_count + slot) * V, 1, V)] + xvec(X, NMI, m0 + mi, r, c) * wv)
+
+    @T.macro
+    def row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, B, Y, acc, gacc, mt, acc_count, grouped, m0, r):
+        for z in T.unroll(mt * acc_count):
+            acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        for g in range(gfull):
+            if grouped:  # one row: sum x * grid value over the group, then scale once
+                for z in T.unroll(acc_count):
+                    gacc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
+                for cb in range(cg // unroll):
+                    for u in T.unroll(unroll):
+                        chunk(X, C0, C1, S, Z, G, SEL, NMI, gacc, 1, acc_count, u % acc_count, m0, r, g,
+                              g * cg + cb * unroll + u, False)
+                for z in T.unroll(acc_count - 1):
+                    gacc[T.Ramp(0, 1, V)] = gacc[T.Ramp(0, 1, V)] + gacc[T.Ramp((z + 1) * V, 1, V)]
+                acc[T.Ramp(0, 1, V)] = acc[T.Ramp(0, 1, V)] + gacc[T.Ramp(0, 1, V)] * scale_vec(S, r, g)
+            else:
+                for cb in range(cg // unroll):
+                    for u in T.unroll(unroll):
+                        chunk(X, C0, C1, S, Z, G, SEL, NMI, acc, mt, acc_count, u % acc_count, m0, r, g,
+                              g * cg + cb * unroll + u, True)
+        for c in range(tail_chunks):
+            chunk(X, C0, C1, S, Z, G, SEL, NMI, acc, mt, acc_count, 0, m0, r, gfull, gfull * cg + c, True)
+        for mi in T.unroll(mt):
+            for a in T.unroll(acc_count - 1):
+                acc[T.Ramp(mi * acc_count * V, 1, V)] = (acc[T.Ramp(mi * acc_count * V, 1, V)]
+                                                       + acc[T.Ramp((mi * acc_count + a + 1) * V, 1, V)])
+            s = T.alloc_buffer((1,), F32, scope="local")
+            hsum(acc, mi * acc_count * V, s)
+            for j in range(tail_scalar):
+                s[0] = s[0] + xscalar(X, NMI, m0 + mi, r, gfull * gs + tail_chunks * V + j) * (
+                    value_scalar(C0, C1, Z, G, SEL, r, gfull, gfull * gs + tail_chunks * V + j)
+                    * T.Cast(F32, S[r, gfull]))
+            if ell > 0:
+                for e in range(ell):
+                    s[0] = s[0] + T.Cast(F32, X[m0 + mi, OC[r, e]]) * OD[r, e]
+            if has_bias:
+                s[0] = s[0] + T.Cast(F32, B[r])
+            Y[m0 + mi, r] = T.Cast(act, s[0])
+
+    @T.prim_func(s_tir=True)
+    def main(x: T.handle, c0: T.handle, c1: T.handle, scales: T.handle, zeros: T.handle, grid: T.handle,
+             selectors: T.handle, nm_index: T.handle, ocols: T.handle, ocorr: T.handle, bias: T.handle,
+             y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int32()
+        X = T.match_buffer(x, (m, k), act)
+        C0 = T.match_buffer(c0, shp("codes0"), "uint8")
+        C1 = T.match_buffer(c1, shp("codes1"), "uint8")
+        S = T.match_buffer(scales, shp("scales"), "float16")
+        Z = T.match_buffer(zeros, shp("zeros"), "uint8")
+        G = T.match_buffer(grid, shp("grid"), "int8")
+        SEL = T.match_buffer(selectors, shp("selectors"), "uint8")
+        NMI = T.match_buffer(nm_index, shp("nm_index"), "uint8")
+        OC = T.match_buffer(ocols, shp("outlier_cols"), "int32")
+        OD = T.match_buffer(ocorr, shp("outlier_corrections"), "float32")
+        B = T.match_buffer(bias, shp("bias"), dt("bias", act))
+        Y = T.match_buffer(y, (m, n), act)
+        for task in T.parallel(tasks):
+            acc = T.alloc_buffer((acc_len,), F32, scope="local")
+            gacc = T.alloc_buffer((acc_n * V,), F32, scope="local")
+            for mo in range(m // t.mtile):
+                for rr in range(rows):
+                    if task * rows + rr < n:
+                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, B, Y, acc, gacc, t.mtile, 1, False, mo * t.mtile,
+                            task * rows + rr)
+            for mi in range(m % t.mtile):
+                for rr in range(rows):
+                    if task * rows + rr < n:
+                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, B, Y, acc, gacc, 1, acc_n, t.grouped,
+                            m // t.mtile * t.mtile + mi, task * rows + rr)
+
+    names = ["x", "codes0", "codes1", "scales", "zeros", "grid", "selectors", "nm_index",
+             "outlier_cols", "outlier_corrections", "bias", "y"]
+    keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
+    return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)

@@ -1,0 +1,153 @@
+"""The executor's plan: a flat, JSON-serialisable list of steps over numbered value slots.
+
+``plan.json`` in an artifact holds one FunctionPlan per IR function. It contains only
+ints and strings: slot numbers, shape templates (IR dims), kernel keys, tensor names.
+Loading validates the types and never evaluates anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import BitsmithError
+from ...ir.symbolic import Dim
+
+PLAN_FORMAT = 1
+
+
+class PlanError(BitsmithError):
+    """A plan (usually from an artifact's plan.json) that is malformed."""
+
+
+@dataclass
+class Call:
+    kernel: str                       # kernel key (cache digest)
+    inputs: list[int]
+    outputs: list[tuple[int, int, str]]  # (slot, shape id, numpy dtype name)
+    check_ids: tuple[int, int] | None = None  # (slot, exclusive bound): embedding ids range check
+
+
+@dataclass
+class View:
+    src: int
+    dst: int
+    shape: int
+
+
+@dataclass
+class Const:
+    slot: int
+    tensor: str = ""        # a module tensor by name
+    scalar: tuple[Any, str] | None = None  # (value, dtype)
+    qlinear: str = ""       # derived: operand ``index`` of the qlinear node producing value ``qlinear``
+    index: int = 0
+
+
+@dataclass
+class FunctionPlan:
+    name: str
+    num_slots: int
+    params: list[int]
+    param_types: list[tuple[list[Dim], str]]
+    results: list[int]
+    shapes: list[list[Dim]]
+    consts: list[Const] = field(default_factory=list)
+    steps: list[Call | View] = field(default_factory=list)
+    act_dtype: str = "float32"
+
+    def to_json(self) -> dict[str, Any]:
+        steps = []
+        for s in self.steps:
+            if isinstance(s, Call):
+                steps.append({"call": s.kernel, "in": s.inputs, "out": [list(o) for o in s.outputs],
+                              **({"check_ids": list(s.check_ids)} if s.check_ids else {})})
+            else:
+                steps.append({"view": [s.src, s.dst, s.shape]})
+        consts = []
+        for c in self.consts:
+            d: dict[str, Any] = {"slot": c.slot}
+            if c.tensor:
+                d["tensor"] = c.tensor
+            elif c.scalar is not None:
+                d["scalar"] = list(c.scalar)
+            else:
+                d["qlinear"], d["index"] = c.qlinear, c.index
+            consts.append(d)
+        return {"name": self.name, "num_slots": self.num_slots, "params": self.params,
+                "param_types": [[list(s), dt] for s, dt in self.param_types], "results": self.results,
+                "shapes": [list(s) for s in self.shapes], "consts": consts, "steps": steps,
+                "act_dtype": self.act_dtype}
+
+    @staticmethod
+    def from_json(d: Any) -> "FunctionPlan":
+        try:
+            steps: list[Call | View] = []
+            for s in d["steps"]:
+                if "call" in s:
+                    steps.append(Call(_str(s["call"]), _ints(s["in"]),
+                                      [(_int(o[0]), _int(o[1]), _str(o[2])) for o in s["out"]],
+                                      tuple(_ints(s["check_ids"])) if "check_ids" in s else None))
+                else:
+                    a, b, c = _ints(s["view"])
+                    steps.append(View(a, b, c))
+            consts = []
+            for c in d["consts"]:
+                if "tensor" in c:
+                    consts.append(Const(_int(c["slot"]), tensor=_str(c["tensor"])))
+                elif "scalar" in c:
+                    v, dt = c["scalar"]
+                    if not isinstance(v, (int, float, bool)):
+                        raise PlanError(f"bad scalar {v!r}")
+                    consts.append(Const(_int(c["slot"]), scalar=(v, _str(dt))))
+                else:
+                    consts.append(Const(_int(c["slot"]), qlinear=_str(c["qlinear"]), index=_int(c["index"])))
+            plan = FunctionPlan(_str(d["name"]), _int(d["num_slots"]), _ints(d["params"]),
+                                [([_dim(x) for x in s], _str(dt)) for s, dt in d["param_types"]],
+                                _ints(d["results"]), [[_dim(x) for x in s] for s in d["shapes"]],
+                                consts, steps, _str(d.get("act_dtype", "float32")))
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
+        plan.check()
+        return plan
+
+    def check(self) -> None:
+        n = self.num_slots
+        slots = list(self.params) + list(self.results) + [c.slot for c in self.consts]
+        for s in self.steps:
+            if isinstance(s, Call):
+                slots += s.inputs + [o[0] for o in s.outputs]
+                if any(not 0 <= o[1] < len(self.shapes) for o in s.outputs):
+                    raise PlanError("shape id out of range")
+            else:
+                slots += [s.src, s.dst]
+                if not 0 <= s.shape < len(self.shapes):
+                    raise PlanError("shape id out of range")
+        if any(not 0 <= x < n for x in slots):
+            raise PlanError(f"slot out of range [0, {n})")
+
+
+def _int(x: Any) -> int:
+    if not isinstance(x, int) or isinstance(x, bool):
+        raise PlanError(f"expected an int, got {x!r}")
+    return x
+
+
+def _ints(xs: Any) -> list[int]:
+    if not isinstance(xs, list):
+        raise PlanError(f"expected a list, got {xs!r}")
+    return [_int(x) for x in xs]
+
+
+def _str(x: Any) -> str:
+    if not isinstance(x, str):
+        raise PlanError(f"expected a string, got {x!r}")
+    return x
+
+
+def _dim(x: Any) -> Dim:
+    if isinstance(x, bool) or not isinstance(x, (int, str)):
+        raise PlanError(f"expected a dim, got {x!r}")
+    return x

@@ -1,0 +1,256 @@
+"""Kernel-ready operands of a ``qlinear``: the packed codes re-laid out so a vector of 16
+consecutive codes comes out of 16 aligned bytes with one shift and one mask.
+
+Layout "sliced16" of a stream of ``b``-bit fields (b in 1, 2, 4, 8; ``P = 8 // b`` fields per
+byte): the stream is cut into chunks of ``16 * P`` fields stored in 16 bytes; field ``h * 16 + j``
+of a chunk sits in bits ``[b*h, b*h + b)`` of byte ``j``. So lane ``j`` of a 16-lane vector reads
+byte ``j`` for every ``h``: a contiguous 16-byte load, a shift by the constant ``b*h``, a mask. Rows
+are zero-padded to whole chunks (padding is never read as a weight: loops stop at the row length).
+
+* 2- and 4-bit codes: one sliced16 stream (exactly 2 / 4 bits per code plus row padding).
+* 3-bit codes: split into a 2-bit stream of the low bits and a 1-bit stream of the high bit
+  (3 bits per code in memory, like the IR's dense stream, but no code straddles a byte, so
+  decoding needs no unaligned 16-bit reads and vectorizes).
+* N:M index codes: a sliced16 stream at log2(M) bits rounded up to 1/2/4/8 (3-bit indices
+  of M = 8 are stored in 4 bits: it is metadata read once per kept weight).
+* Grid values (symmetric and BitMoD schemes): a small int8 table ``[candidates, 16]`` (grid
+  values are integers with |v| <= 16); selectors are unpacked to one byte per group.
+* Outliers: the IR's CSR is turned into a fixed-width per-row list (ELL) of ``E = max nnz per
+  row`` (at least 1) columns and *corrections* ``value - decoded(row, col)`` in float32,
+  padding entries (col 0, 0.0). The reference (``quantized.dequantize``) *replaces* the decoded
+  weight at an outlier position, so adding the correction gives the same weight (to float32
+  rounding of one addition) without a dense weight matrix.
+
+No dense float weight matrix is built: decoding of the few outlier positions aside, only
+integer codes are reshuffled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ...errors import BitsmithError
+from ...ir.datatypes import Scheme, get_scheme, group_count, unpack_codes
+from ...ir.quantized import index_bits, kept_per_row, operand_types, parse_sparsity
+
+LANES = 16  # bytes per chunk = vector lanes of one decode
+
+
+def field_width(bits: int) -> int:
+    """Smallest of 1, 2, 4, 8 that holds ``bits``."""
+    for w in (1, 2, 4, 8):
+        if bits <= w:
+            return w
+    raise BitsmithError(f"{bits}-bit fields are not supported by the tvm qlinear kernels")
+
+
+def chunk_fields(width: int) -> int:
+    return LANES * (8 // width)
+
+
+def sliced_length(count: int, width: int) -> int:
+    """Bytes per row of ``count`` fields of ``width`` bits in layout sliced16."""
+    return -(-count // chunk_fields(width)) * LANES
+
+
+def pack_sliced(fields: np.ndarray, width: int) -> np.ndarray:
+    """uint8 [rows, sliced_length]: fields [rows, count] (values < 2**width) in layout sliced16."""
+    rows, count = fields.shape
+    per_byte, cf = 8 // width, chunk_fields(width)
+    chunks = -(-count // cf)
+    padded = np.zeros((rows, chunks * cf), dtype=np.uint8)
+    padded[:, :count] = fields
+    f = padded.reshape(rows, chunks, per_byte, LANES).astype(np.uint16)  # [row, chunk, h, j]
+    out = np.zeros((rows, chunks, LANES), dtype=np.uint16)
+    for h in range(per_byte):
+        out |= f[:, :, h, :] << (width * h)
+    return out.astype(np.uint8).reshape(rows, chunks * LANES)
+
+
+def unpack_sliced(packed: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_sliced`."""
+    rows = packed.shape[0]
+    per_byte = 8 // width
+    b = packed.reshape(rows, -1, 1, LANES)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * width).reshape(1, 1, per_byte, 1)
+    f = (b >> shifts) & ((1 << width) - 1)
+    return f.reshape(rows, -1)[:, :count].astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class QLinearLayout:
+    """Everything the kernel generators need to know about one qlinear's operands."""
+
+    in_features: int
+    out_features: int
+    group_size: int
+    scheme: str
+    bits: int
+    kept: int  # weights stored per row
+    groups: int
+    asymmetric: bool
+    candidates: int  # rows of the grid table (0 for asymmetric schemes)
+    has_selectors: bool
+    nm: tuple[int, int] | None  # (N, M)
+    nm_width: int  # field width of the N:M index stream (0 without sparsity)
+    outlier_width: int  # E of the ELL outlier list (0 without outliers)
+    has_bias: bool
+
+    @property
+    def code_streams(self) -> tuple[tuple[int, int], ...]:
+        """(field width, shift into the code) of each code stream, low bits first."""
+        if self.bits == 3:
+            return ((2, 0), (1, 2))
+        return ((self.bits, 0),)
+
+    def roles(self) -> list[str]:
+        """Names of the kernel operands, in order."""
+        out = [f"codes{i}" for i in range(len(self.code_streams))] + ["scales"]
+        if self.asymmetric:
+            out.append("zeros")
+        else:
+            out.append("grid")
+        if self.has_selectors:
+            out.append("selectors")
+        if self.nm is not None:
+            out.append("nm_index")
+        if self.outlier_width:
+            out += ["outlier_cols", "outlier_corrections"]
+        if self.has_bias:
+            out.append("bias")
+        return out
+
+    def as_attrs(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["nm"] = f"{self.nm[0]}:{self.nm[1]}" if self.nm else ""
+        return d
+
+
+def _check_attrs(attrs: Mapping[str, Any]) -> None:
+    missing = {"scheme", "group_size", "in_features", "out_features", "sparsity", "outliers", "bias"} - set(attrs)
+    if missing:
+        raise BitsmithError(f"qlinear attributes lack {sorted(missing)}")
+
+
+def layout_for(attrs: Mapping[str, Any], outlier_width: int) -> QLinearLayout:
+    _check_attrs(attrs)
+    scheme = get_scheme(str(attrs["scheme"]))
+    if scheme.bits not in (2, 3, 4):
+        raise BitsmithError(f"qlinear scheme {scheme.name}: {scheme.bits}-bit codes are not supported by tvm")
+    k, gs = int(attrs["in_features"]), int(attrs["group_size"])
+    kept = kept_per_row(k, str(attrs["sparsity"]))
+    nm = parse_sparsity(str(attrs["sparsity"]))
+    return QLinearLayout(
+        in_features=k, out_features=int(attrs["out_features"]), group_size=gs, scheme=scheme.name,
+        bits=scheme.bits, kept=kept, groups=group_count(kept, gs), asymmetric=scheme.asymmetric,
+        candidates=0 if scheme.asymmetric else len(scheme.candidates),
+        has_selectors=bool(scheme.selector_bits), nm=nm,
+        nm_width=field_width(index_bits(nm[1])) if nm else 0,
+        outlier_width=outlier_width if attrs["outliers"] else 0, has_bias=bool(attrs["bias"]))
+
+
+def grid_table(scheme: Scheme) -> np.ndarray:
+    """int8 [candidates, 16]: value of code c under candidate grid i (unused codes 0)."""
+    table = np.zeros((len(scheme.candidates), 16), dtype=np.int8)
+    for i, g in enumerate(scheme.candidates):
+        table[i, :len(g.values)] = g.values
+    return table
+
+
+def _split_operands(attrs: Mapping[str, Any], arrays: Sequence[np.ndarray]) -> tuple[dict, list]:
+    roles = [r for r, _ in operand_types(dict(attrs))]
+    want = len(roles) + (3 if attrs["outliers"] else 0) + (1 if attrs["bias"] else 0)
+    if len(arrays) != want:
+        raise BitsmithError(f"qlinear {attrs['scheme']}: expected {want} constant operands "
+                            f"({', '.join(roles)}{', outliers' if attrs['outliers'] else ''}"
+                            f"{', bias' if attrs['bias'] else ''}), got {len(arrays)}")
+    for (role, t), a in zip(operand_types(dict(attrs)), arrays):
+        if tuple(a.shape) != tuple(t.shape) or str(a.dtype) != t.dtype:
+            raise BitsmithError(f"qlinear operand {role}: {a.dtype}{list(a.shape)} != {t}")
+    return dict(zip(roles, arrays)), list(arrays[len(roles):])
+
+
+def _decoded_at(attrs, ops: dict, scheme: Scheme, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """float32 decoded (pre-outlier) weight at dense positions (rows[i], cols[i]); 0 where N:M
+    pruned. Decodes only the rows involved, one row at a time, never the whole matrix."""
+    k, gs = int(attrs["in_features"]), int(attrs["group_size"])
+    kept = kept_per_row(k, str(attrs["sparsity"]))
+    nm = parse_sparsity(str(attrs["sparsity"]))
+    table = grid_table(scheme).astype(np.float32) if not scheme.asymmetric else None
+    out = np.zeros(len(rows), dtype=np.float32)
+    for r in np.unique(rows):
+        sel_i = np.flatnonzero(rows == r)
+        codes = unpack_codes(ops["codes"][r:r + 1], scheme.bits, kept)[0]
+        if nm is None:
+            kk = cols[sel_i].astype(np.int64)
+            present = np.ones(len(kk), dtype=bool)
+        else:
+            n, m = nm
+            idx = unpack_codes(ops["nm_index"][r:r + 1], index_bits(m), kept)[0].astype(np.int64)
+            dense_col = (np.arange(kept) // n) * m + idx
+            where = {int(c): i for i, c in enumerate(dense_col)}
+            kk = np.array([where.get(int(c), -1) for c in cols[sel_i]], dtype=np.int64)
+            present = kk >= 0
+            kk = np.where(present, kk, 0)
+        g = kk // gs
+        scale = ops["scales"][r, g].astype(np.float32)
+        c = codes[kk]
+        if scheme.asymmetric:
+            v = (c.astype(np.float32) - ops["zeros"][r, g].astype(np.float32)) * scale
+        else:
+            sel = unpack_codes(ops["selectors"][r:r + 1], scheme.selector_bits, group_count(kept, gs))[0][g] \
+                if scheme.selector_bits else np.zeros_like(c)
+            v = table[sel, c] * scale
+        out[sel_i] = np.where(present, v, np.float32(0))
+    return out
+
+
+def qlinear_operands(attrs: Mapping[str, Any], arrays: Sequence[np.ndarray], act_dtype: str) -> list[np.ndarray]:
+    """Kernel operands (see the module docstring and ``QLinearLayout.roles``) from a qlinear
+    node's constant operands (everything after x, in IR order). Deterministic."""
+    _check_attrs(attrs)
+    scheme = get_scheme(str(attrs["scheme"]))
+    ops, rest = _split_operands(attrs, arrays)
+    n_out = int(attrs["out_features"])
+    width = 0
+    ell: list[np.ndarray] = []
+    if attrs["outliers"]:
+        vals, cols, ptr = (np.asarray(a) for a in rest[:3])
+        rest = rest[3:]
+        if ptr.shape != (n_out + 1,) or ptr[0] != 0 or ptr[-1] != len(vals) or (np.diff(ptr) < 0).any():
+            raise BitsmithError("qlinear outlier rowptr is not a valid CSR row pointer")
+        if len(cols) and (cols.min() < 0 or cols.max() >= int(attrs["in_features"])):
+            raise BitsmithError("qlinear outlier column out of range")
+        counts = np.diff(ptr)
+        width = max(1, int(counts.max()) if len(counts) else 1)
+        rows = np.repeat(np.arange(n_out), counts)
+        corr = (vals.astype(np.float64) - _decoded_at(attrs, ops, scheme, rows, cols)).astype(np.float32)
+        slot = np.arange(len(vals)) - ptr[rows]
+        ecols = np.zeros((n_out, width), dtype=np.int32)
+        ecorr = np.zeros((n_out, width), dtype=np.float32)
+        ecols[rows, slot] = cols
+        ecorr[rows, slot] = corr
+        ell = [ecols, ecorr]
+    layout = layout_for(attrs, width)
+    codes = unpack_codes(ops["codes"], scheme.bits, layout.kept)
+    out = [pack_sliced((codes >> shift) & ((1 << w) - 1), w) for w, shift in layout.code_streams]
+    out.append(np.ascontiguousarray(ops["scales"], dtype=np.float16))
+    if scheme.asymmetric:
+        out.append(np.ascontiguousarray(ops["zeros"], dtype=np.uint8))
+    else:
+        out.append(grid_table(scheme))
+    if scheme.selector_bits:
+        out.append(unpack_codes(ops["selectors"], scheme.selector_bits, layout.groups))
+    if layout.nm is not None:
+        idx = unpack_codes(ops["nm_index"], index_bits(layout.nm[1]), layout.kept)
+        out.append(pack_sliced(idx, layout.nm_width))
+    out += ell
+    if attrs["bias"]:
+        bias = np.asarray(rest[0])
+        if bias.shape != (n_out,):
+            raise BitsmithError(f"qlinear bias has shape {bias.shape}, expected ({n_out},)")
+        out.append(bias.astype(act_dtype))
+    return out

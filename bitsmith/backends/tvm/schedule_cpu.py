@@ -1,0 +1,61 @@
+"""CPU (llvm) schedules, chosen by a KernelDef's ``kind``.
+
+* ``fused`` / ``injective``: spatial loops of each block fused, the outer part parallel
+  when a block is large enough to pay for a thread-pool launch is not known statically, so
+  only the attention and matmul kernels go parallel; LLVM vectorises the inner loops.
+* ``attention``: one parallel loop over (batch, head); every stage computed per query row.
+* ``gemv`` / ``qgemv``: ``matmul.schedule_matmul_cpu`` (the matmul helper's schedules).
+
+``SCHEDULE_ID`` is part of the kernel-cache key: bump it when a schedule changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import tvm
+
+from .kernel import KernelDef
+
+SCHEDULE_ID = "cpu-v1"
+CpuSchedule = Callable[[KernelDef, Any], Any]
+CPU_SCHEDULES: dict[str, CpuSchedule] = {}
+
+
+def register_cpu_schedule(*kinds: str) -> Callable[[CpuSchedule], CpuSchedule]:
+    def deco(fn: CpuSchedule) -> CpuSchedule:
+        for k in kinds:
+            CPU_SCHEDULES[k] = fn
+        return fn
+    return deco
+
+
+def schedule_cpu(kdef: KernelDef, target: Any) -> Any:
+    try:
+        fn = CPU_SCHEDULES[kdef.kind]
+    except KeyError:
+        raise KeyError(f"no CPU schedule for kernel kind {kdef.kind!r} ({kdef.name})") from None
+    return fn(kdef, target)
+
+
+@register_cpu_schedule("fused", "injective")
+def _plain(kdef: KernelDef, target: Any) -> Any:
+    return tvm.IRModule({"main": kdef.func})
+
+
+@register_cpu_schedule("gemv", "qgemv")
+def _matmul(kdef: KernelDef, target: Any) -> Any:
+    from .matmul import schedule_matmul_cpu
+    return schedule_matmul_cpu(kdef, target)
+
+
+@register_cpu_schedule("attention")
+def _attention(kdef: KernelDef, target: Any) -> Any:
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": kdef.func}))
+    out = sch.get_sblock("out")
+    b, h, i, e = sch.get_loops(out)
+    for name in ("weighted", "row_sum", "probs", "row_max", "scores"):
+        sch.compute_at(sch.get_sblock(name), i)
+    bh = sch.fuse(b, h)
+    sch.parallel(bh)
+    return sch.mod

@@ -1,0 +1,260 @@
+"""CUDA schedules for tvm-backend kernels: dlight rules plus hand-written linear schedules.
+
+Every KernelDef (an unscheduled TIR function) becomes a scheduled IRModule for a CUDA
+target. Dense and quantized linear kernels ("gemv", "qgemv") with a dynamic row count get
+two schedules, compiled side by side ("main", "main_gemv"); the runtime picks one per call
+by the row count m:
+
+* few rows (decode): a hand-written GEMV. One thread block per (row, tile of output
+  features); its threads split the reduction and combine partial sums with a warp/block
+  all-reduce. Quantized weights are decoded in registers right where they are multiplied:
+  the decode block is inlined into the product, so no dense weight is ever written.
+* any rows (prefill): dlight's ``Matmul`` rule, whose tiles also inline the decode into the
+  shared-memory load of the weight tile.
+
+Every other kernel goes through dlight's default rules (``Reduction``, ``GeneralReduction``,
+``RMSNorm``, ``Fallback``, ...). All functions carry ``dlight.do_not_tensorize``: TVM 0.27's
+fp16 tensor-core path (Tensorize) segfaults for M, N, K > 64 on sm >= 70
+(docs/../notes/toolchain.md), so matmuls use CUDA cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import tvm
+from tvm import tirx as tir
+
+from ...errors import BitsmithError
+from .kernel import KernelDef
+
+DEFAULT_ARCH = "sm_90"
+LINEAR_KINDS = frozenset({"gemv", "qgemv"})
+
+
+class CudaScheduleError(BitsmithError):
+    """A kernel could not be scheduled for CUDA (names the kernel and the rule that failed)."""
+
+
+def check_arch(arch: Any) -> str:
+    if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
+        raise BitsmithError(f"tvm-cuda: arch must look like 'sm_90' or 'sm_90a', got {arch!r}")
+    return arch
+
+
+def cuda_target(arch: str = DEFAULT_ARCH) -> tvm.target.Target:
+    """The CUDA target for ``arch`` (e.g. "sm_90"), with an LLVM host for the launch code.
+
+    TVM 0.27 rejects the string form "cuda -arch=sm_90"; the dict form is the supported one.
+    """
+    check_arch(arch)
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host="llvm")
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Thread layout of the hand-written GEMV: ``threads_k`` threads share one output's
+    reduction, ``rows`` output features per block, ``unroll_k`` consecutive k per thread step
+    (so a thread decodes whole packed bytes), ``max_rows`` the largest row count (m) that
+    takes this path when m is dynamic."""
+
+    threads_k: int = 64
+    rows: int = 4
+    unroll_k: int = 8
+    max_rows: int = 8
+
+
+DEFAULT_GEMV = GemvConfig()
+
+
+# ---------------------------------------------------------------- analysis helpers
+
+def _blocks(sch: tvm.s_tir.Schedule) -> list[Any]:
+    root = sch.get_sblock("root")
+    return list(sch.get_child_blocks(root))
+
+
+def _is_reduction(sch: tvm.s_tir.Schedule, block: Any) -> bool:
+    return any(iv.iter_type == tir.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _with_attrs(func: tir.PrimFunc, name: str) -> tir.PrimFunc:
+    return func.with_attr("global_symbol", name).with_attr("dlight.do_not_tensorize", True)
+
+
+def _row_dim(func: tir.PrimFunc) -> Any:
+    """The leading dim of the first parameter (activations x [m, in]) of a linear kernel.
+    (In TVM 0.27 a PrimFunc's pointer parameters are the buffers themselves.)"""
+    shape = getattr(func.params[0], "shape", None)
+    if shape is None or len(shape) != 2:
+        raise CudaScheduleError("linear kernel: first parameter is not a 2-D activation buffer")
+    return shape[0]
+
+
+# ---------------------------------------------------------------- hand-written GEMV
+
+def schedule_gemv(func: tir.PrimFunc, cfg: GemvConfig = DEFAULT_GEMV) -> tir.PrimFunc:
+    """Schedules a linear kernel (one reduction block y[i, j] += f(x[i, k], w[j, k]) with
+    spatial prologue blocks that decode w, and spatial epilogue blocks) as a low-batch GEMV.
+
+    Raises CudaScheduleError when the function does not have that shape.
+    """
+    sch = tvm.s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reductions) != 1:
+        raise CudaScheduleError(f"GEMV schedule needs exactly one reduction block, found {len(reductions)}")
+    red = reductions[0]
+    red_name = sch.get(red).name_hint
+    position = [sch.get(b).name_hint for b in blocks].index(red_name)
+    for b in reversed(blocks[:position]):  # decode / cast prologue: computed where it is used
+        sch.compute_inline(b)
+    epilogue = [sch.get(b).name_hint for b in blocks[position + 1:]]
+    red = sch.get_sblock(red_name)
+    iters = sch.get(red).iter_vars
+    loops = sch.get_loops(red)
+    spatial = [lp for lp, iv in zip(loops, iters) if iv.iter_type == tir.IterVar.DataPar]
+    reduce = [lp for lp, iv in zip(loops, iters) if iv.iter_type == tir.IterVar.CommReduce]
+    if len(spatial) != 2 or not reduce:
+        raise CudaScheduleError(f"GEMV schedule needs spatial loops (m, out) and a reduction, "
+                                f"got {len(spatial)} spatial, {len(reduce)} reduction loops")
+    i, j = spatial
+    k = sch.fuse(*reduce) if len(reduce) > 1 else reduce[0]
+    jo, jt = sch.split(j, [None, cfg.rows])
+    ko, kx, ku = sch.split(k, [None, cfg.threads_k, cfg.unroll_k])
+    sch.reorder(i, jo, jt, ko, kx, ku)
+    sch.bind(i, "blockIdx.y")
+    sch.bind(jo, "blockIdx.x")
+    sch.bind(jt, "threadIdx.y")
+    sch.bind(kx, "threadIdx.x")
+    sch.unroll(ku)
+    for name in epilogue:  # cast / bias: one thread per output, after the all-reduce
+        b = sch.get_sblock(name)
+        sch.reverse_compute_at(b, jt, preserve_unit_loops=True)
+    for name in epilogue:
+        b = sch.get_sblock(name)
+        try:
+            sch.reverse_compute_inline(b)
+        except Exception:  # noqa: BLE001 - keep it as its own block under jt
+            pass
+    if epilogue:
+        sch.set_scope(red, 0, "local")
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+# ---------------------------------------------------------------- dlight
+
+# dlight's GPU rules by class name, tried in order (imported lazily: dlight needs TVM's
+# compiler library, which a runtime-only install that loads artifacts does not have)
+DLIGHT_RULES = ("Matmul", "GEMV", "LowBatchGEMV", "Reduction", "GeneralReduction", "RMSNorm", "Fallback")
+MATMUL_RULES = ("Matmul", "Fallback")
+
+
+def schedule_dlight(func: tir.PrimFunc, target: tvm.target.Target,
+                    rules: tuple[str, ...] = DLIGHT_RULES) -> tir.PrimFunc:
+    """dlight's first applicable rule; raises CudaScheduleError if none scheduled it."""
+    from tvm.s_tir import dlight as dl
+    mod = tvm.IRModule({"main": func.with_attr("dlight.do_not_tensorize", True)})
+    try:
+        with target:
+            out = dl.ApplyDefaultSchedule(*[getattr(dl.gpu, r)() for r in rules])(mod)
+    except Exception as e:  # noqa: BLE001 - dlight raises assorted TVM errors
+        raise CudaScheduleError(f"dlight failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}") from e
+    scheduled = out["main"]
+    if not scheduled.attrs or not scheduled.attrs.get("tirx.is_scheduled", False):
+        raise CudaScheduleError("no dlight rule applies")
+    return scheduled
+
+
+# ---------------------------------------------------------------- attention
+
+def schedule_attention(func: tir.PrimFunc, threads: int = 64) -> tir.PrimFunc:
+    """Two kernels for ``attention.attention_kernel`` whose ``scores`` is a parameter
+    (``cuda_scratch``: CUDA kernels cannot allocate global memory, and kv_len is dynamic).
+
+    Both use one thread block per query row (blockIdx = (i, head, batch)) and split the
+    key axis j over threads. Kernel 1 writes the row of scores; kernel 2 computes max, sum
+    and the weighted sum over j as block all-reduces (results in registers, scope
+    "local", received by every thread), recomputing the probabilities where they are read.
+    """
+    sch = tvm.s_tir.Schedule(func)
+
+    def bind_rows(loops: Sequence[Any]) -> Any:
+        b, h, i = loops[:3]
+        # not fused: b, s are int64 and heads int32, and a fused binding would need a cast
+        # that makes the reduction blocks' bindings non-affine
+        sch.bind(i, "blockIdx.x")
+        sch.bind(h, "blockIdx.y")
+        sch.bind(b, "blockIdx.z")
+        return i
+
+    def thread_split(loop: Any) -> None:
+        _, tx = sch.split(loop, [None, threads])
+        sch.bind(tx, "threadIdx.x")
+
+    sch.compute_inline(sch.get_sblock("probs"))
+    out = sch.get_sblock("out")
+    loops = sch.get_loops(out)
+    if len(loops) != 4:
+        raise CudaScheduleError(f"attention schedule expects out[b, h, i, e], got {len(loops)} loops")
+    i = bind_rows(loops)
+    for name in ("weighted", "row_sum", "row_max"):
+        sch.compute_at(sch.get_sblock(name), i, preserve_unit_loops=True)
+    for name in ("row_max", "row_sum", "weighted"):
+        blk = sch.get_sblock(name)
+        thread_split(sch.get_loops(blk)[-1])
+        sch.set_scope(blk, 0, "local")
+    scores = sch.get_sblock("scores")
+    sl = sch.get_loops(scores)
+    bind_rows(sl)
+    thread_split(sl[3])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+# ---------------------------------------------------------------- linear: one function per row regime
+
+def schedule_linear(func: tir.PrimFunc, target: tvm.target.Target,
+                    cfg: GemvConfig = DEFAULT_GEMV) -> dict[str, tir.PrimFunc]:
+    """{"main": any row count} plus, when m is dynamic, {"main_gemv": m <= cfg.max_rows}.
+
+    TVM cannot put a host-side branch between two kernels with shared memory (its sync
+    planner rejects syncs under a condition), so the row-count dispatch lives in the
+    runtime (``cuda_runtime.LinearDispatch``), which picks the function per call.
+    """
+    rows = _row_dim(func)
+    if isinstance(rows, tir.IntImm):
+        if int(rows) <= cfg.max_rows:
+            return {"main": schedule_gemv(func, cfg)}
+        return {"main": schedule_dlight(func, target, MATMUL_RULES)}
+    return {"main": schedule_dlight(func, target, MATMUL_RULES),
+            "main_gemv": schedule_gemv(func, cfg)}
+
+
+# ---------------------------------------------------------------- entry point
+
+def _schedule_by_kind(kernel: KernelDef, func: tir.PrimFunc, target: tvm.target.Target,
+                      gemv: GemvConfig) -> dict[str, tir.PrimFunc]:
+    if kernel.kind in LINEAR_KINDS:
+        try:
+            return schedule_linear(func, target, gemv)
+        except CudaScheduleError:
+            return {"main": schedule_dlight(func, target)}
+    if kernel.kind == "attention":
+        return {"main": schedule_attention(func)}
+    return {"main": schedule_dlight(func, target)}
+
+
+def schedule_kernel(kernel: KernelDef, target: tvm.target.Target,
+                    gemv: GemvConfig = DEFAULT_GEMV) -> tvm.IRModule:
+    """The scheduled IRModule of one kernel: "main" (every shape) and, for linear kernels
+    whose row count is dynamic, "main_gemv" (rows <= gemv.max_rows)."""
+    func = kernel.func.with_attr("dlight.do_not_tensorize", True)
+    try:
+        funcs = _schedule_by_kind(kernel, func, target, gemv)
+    except CudaScheduleError as e:
+        raise CudaScheduleError(f"tvm-cuda: cannot schedule kernel {kernel.name!r} (kind {kernel.kind}): {e}") from e
+    except (RuntimeError, tvm.error.InternalError) as e:  # a schedule primitive refused: name the kernel
+        raise CudaScheduleError(f"tvm-cuda: cannot schedule kernel {kernel.name!r} (kind {kernel.kind}): "
+                                f"{str(e).strip().splitlines()[-1][:300]}") from e
+    return tvm.IRModule({name: _with_attrs(f, name) for name, f in funcs.items()})

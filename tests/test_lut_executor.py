@@ -1,0 +1,180 @@
+"""LUT code generation and both executors against the IR's dequantize (the oracle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bitsmith.backends.lut import isa, native, reference_executor
+from bitsmith.backends.lut.codegen import generate, plane_units
+from bitsmith.backends.lut.decompose import decompose
+from bitsmith.errors import UnsupportedOpError
+from bitsmith.ir.quantized import dequantize
+
+from lut_operands import LUT_SCHEMES, random_qlinear
+
+EPS32 = float(np.finfo(np.float32).eps)
+needs_avx2 = pytest.mark.skipif(not native.cpu_has_avx2(), reason="the fast executor needs AVX2/FMA")
+
+
+@pytest.fixture(scope="module")
+def fast():
+    if not native.cpu_has_avx2():
+        pytest.skip("the fast executor needs AVX2/FMA")
+    return native.load_library(native.build_library())
+
+
+@st.composite
+def layers(draw):
+    scheme = draw(st.sampled_from(LUT_SCHEMES))
+    n, k = draw(st.integers(1, 40)), draw(st.integers(1, 300))
+    gs = 4 * draw(st.integers(1, 80))
+    m = draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**32 - 1))
+    outliers = draw(st.booleans())
+    rng = np.random.default_rng(seed)
+    attrs, ops = random_qlinear(rng, scheme, n, k, gs, outliers)
+    x = rng.normal(0, 1, (m, k)).astype(np.float32)
+    return attrs, ops, x
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers())
+def test_integer_form_is_exactly_the_dequantized_weight(layer):
+    attrs, ops, _ = layer
+    w = decompose(attrs, ops)
+    assert w.u.max(initial=0) < 1 << w.planes
+    assert np.array_equal(w.dense(), dequantize(attrs, ops))
+
+
+def _magnitude(attrs, ops, x):
+    """sum_k |x_k| * (|s| * (u + o) + |outlier|): the size of the terms the engine adds (float
+    error scales with it; an outlier's lookup part s*(o - o) is still computed, then cancels)."""
+    w = decompose(attrs, ops)
+    gi = np.arange(w.u.shape[1]) // w.group_size
+    mag = np.abs(w.scales[:, gi]) * (w.u + w.offsets[:, gi]).astype(np.float64)
+    mag[w.outlier_rows, w.outlier_cols] += np.abs(w.outlier_values)
+    return np.abs(x).astype(np.float64) @ mag.T, w
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers())
+def test_fp32_tables_match_the_dense_product(layer):
+    attrs, ops, x = layer
+    y = reference_executor.run(generate(decompose(attrs, ops)), x, int8_tables=False)
+    want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
+    mag, _ = _magnitude(attrs, ops, x)
+    # float32 sums of at most K/4 + 8 rounded terms, each at most `mag`: a first-order bound
+    bound = (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
+    assert np.all(np.abs(y - want) <= bound)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers())
+def test_int8_tables_stay_within_the_table_quantization_bound(layer):
+    attrs, ops, x = layer
+    prog = generate(decompose(attrs, ops))
+    y = reference_executor.run(prog, x, int8_tables=True)
+    want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
+    mag, w = _magnitude(attrs, ops, x)
+    # each int8 entry is off by at most ts/2 = max|T|/254 of its group; a weight's planes weigh
+    # 1 + 2 + ... + 2**(P-1), so group g contributes at most |s| * ts_g/2 * quads_g * (2**P - 1)
+    bound = np.zeros_like(want)
+    gs = w.group_size
+    for g0 in range(0, x.shape[1], gs):
+        xq = np.zeros((x.shape[0], -(-min(gs, x.shape[1] - g0) // 4) * 4), np.float32)
+        xq[:, :min(gs, x.shape[1] - g0)] = x[:, g0:g0 + gs]
+        _, ts, _ = reference_executor.build_tables(xq.reshape(x.shape[0], -1, 4), True)
+        bound += (ts[:, None] / 2 * (xq.shape[1] // 4) * (2**w.planes - 1)) * np.abs(w.scales[:, g0 // gs])[None, :]
+    bound = bound * (1 + 1e-5) + (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
+    assert np.all(np.abs(y - want) <= bound)
+
+
+@needs_avx2
+@settings(max_examples=60, deadline=None)
+@given(layers(), st.booleans(), st.sampled_from([4, 32, 64, 256]))
+def test_fast_and_reference_executors_agree_bit_exactly(fast, layer, int8, table_group):
+    # both run the documented float32 operation order, and integer table sums are exact
+    attrs, ops, x = layer
+    prog = generate(decompose(attrs, ops), table_group)
+    assert np.array_equal(fast.run(prog, x, int8, threads=2), reference_executor.run(prog, x, int8))
+
+
+@needs_avx2
+def test_thread_count_does_not_change_results(fast):
+    attrs, ops = random_qlinear(np.random.default_rng(3), "bitmod-w4", 200, 96, 32, True)
+    prog = generate(decompose(attrs, ops))
+    x = np.random.default_rng(4).normal(size=(7, 96)).astype(np.float32)
+    assert np.array_equal(fast.run(prog, x, True, 1), fast.run(prog, x, True, 2))
+
+
+def _altered(prog, op, field, delta):
+    """A copy of the program with one ``op`` instruction's field changed by ``delta``."""
+    words = prog.stream.copy()
+    fmt = isa.FORMATS[op]
+    pos = np.flatnonzero((words[isa.HEADER_WORDS:] & np.uint64(0xFF)) == fmt.opcode)[0] + isa.HEADER_WORDS
+    ins = isa.decode(words[pos:pos + 1])[0]
+    args = dict(ins.args)
+    args[field] += delta
+    words[pos] = isa.encode([isa.Instruction.make(op, **args)])[0]
+    return type(prog)(words, prog.weights, prog.params, prog.outliers, prog.in_features)
+
+
+@needs_avx2
+@pytest.mark.parametrize("op,field,delta", [("LUTACC", "plane", 1), ("LUTACC", "kg0", 1), ("SCALE", "pidx", 1),
+                                            ("SCALE", "block0", 1), ("LUTACC", "block", 1), ("TILE", "wptr", 1), ("STORE", "row0", 1),
+                                            ("OUTLIER", "start", 1), ("TABLE", "nkg", -1)])
+def test_altering_one_instruction_changes_the_output(fast, op, field, delta):
+    """The fast executor reads only the stream and its operands: any field is live."""
+    attrs, ops = random_qlinear(np.random.default_rng(5), "rtn-int4", 40, 64, 16, True)
+    prog = generate(decompose(attrs, ops))
+    x = np.random.default_rng(6).normal(size=(2, 64)).astype(np.float32)
+    base = fast.run(prog, x)
+    bad = _altered(prog, op, field, delta)
+    changed = fast.run(bad, x)
+    assert not np.array_equal(base, changed)
+    assert np.array_equal(changed, reference_executor.run(bad, x))  # the same (altered) meaning in both
+
+
+@needs_avx2
+@pytest.mark.parametrize("edit,error,message", [
+    (lambda w: w.__setitem__(5, np.uint64(0xEE)), native.StreamError, "unknown opcode"),
+    (lambda w: w.__setitem__(-1, np.uint64(isa.FORMATS["SYNC"].opcode)), native.StreamError, "out of order"),
+    (lambda w: w.__setitem__(0, np.uint64(1)), isa.ISAError, "bad magic"),
+])
+def test_fast_executor_refuses_malformed_streams(fast, edit, error, message):
+    attrs, ops = random_qlinear(np.random.default_rng(7), "rtn-int2", 16, 32, 16)
+    prog = generate(decompose(attrs, ops))
+    words = prog.stream.copy()
+    edit(words)
+    with pytest.raises(error, match=message):
+        fast.run(type(prog)(words, prog.weights, prog.params, prog.outliers, prog.in_features),
+                 np.ones((1, 32), np.float32))
+
+
+@needs_avx2
+def test_fast_executor_refuses_weight_reads_past_the_operand(fast):
+    attrs, ops = random_qlinear(np.random.default_rng(8), "rtn-int4", 16, 32, 16)
+    prog = generate(decompose(attrs, ops))
+    short = type(prog)(prog.stream, prog.weights[:-32], prog.params, prog.outliers, prog.in_features)
+    with pytest.raises(native.StreamError, match="weight words out of range"):
+        fast.run(short, np.ones((1, 32), np.float32))
+
+
+def test_plane_units_cover_every_plane_once():
+    for planes in range(1, 9):
+        covered = []
+        for mode, p in plane_units(planes):
+            covered += list(range(p, p + (4 if mode == isa.MODE_QUAD else 2)))
+        assert set(range(planes)) <= set(covered) and len(covered) == len(set(covered))
+        assert len(covered) - planes <= 1  # at most one all-zero plane is stored
+
+
+def test_unsupported_formats_are_refused_by_name():
+    attrs, ops = random_qlinear(np.random.default_rng(9), "rtn-int4", 8, 12, 6)
+    with pytest.raises(UnsupportedOpError, match="group_size 6 is not a multiple of 4.*|lut-cpu"):
+        decompose(attrs, ops, "model.fc")
+    attrs = dict(attrs, sparsity="2:4", group_size=4)
+    with pytest.raises(UnsupportedOpError, match="N:M sparsity.*"):
+        decompose(attrs, ops, "model.fc")

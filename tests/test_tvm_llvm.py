@@ -1,0 +1,397 @@
+"""Target tvm-llvm: fused TIR kernels on the CPU, checked against the reference interpreter.
+
+Tolerances: the kernels compute in float32 like the interpreter, but in a different order
+(fused expressions, float32 accumulation in attention where the oracle uses float64), so
+results agree to a few ulps of the values involved: 1e-5 for single ops on O(1) data, 1e-4
+on whole-model logits (the bound the issue sets).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+tvm = pytest.importorskip("tvm")
+
+from bitsmith.errors import UnsupportedOpError  # noqa: E402
+from bitsmith.ir import run_function  # noqa: E402
+from bitsmith.ir.builder import GraphBuilder  # noqa: E402
+from bitsmith.ir.types import TensorType  # noqa: E402
+from bitsmith.backends.tvm.targets import get_target  # noqa: E402
+
+OPTIONS = {"mcpu": "host", "threads": 0}
+HYP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    # one kernel cache for the whole module: kernels repeat across tests and examples
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tvm-cache"))
+
+
+def build(module, **options):
+    return get_target("tvm-llvm").build(module, {**OPTIONS, **options})
+
+
+def check(module, args, tol=1e-5):
+    exe = build(module)
+    want = run_function(module, "main", args)
+    got = exe.run("main", args)
+    for w, g in zip(want, got):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=tol, atol=tol)
+    return exe
+
+
+def rand(rng, shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ---------------------------------------------------------------- fused ops
+
+UNARY = ["neg", "abs", "exp", "tanh", "sigmoid", "silu", "relu", "cos", "sin", "erf"]
+
+
+@HYP
+@given(ops=st.lists(st.sampled_from(UNARY + ["add_w", "mul_w", "sub_s", "gelu_tanh", "gelu"]), min_size=1, max_size=5),
+       batch=st.integers(1, 3), seq=st.integers(1, 7), hidden=st.sampled_from([1, 5, 16]), seed=st.integers(0, 99))
+def test_elementwise_chain_matches_interpreter(ops, batch, seq, hidden, seed):
+    """A random chain of elementwise ops with broadcast constants fuses into one kernel."""
+    rng = np.random.default_rng(seed)
+    g = GraphBuilder()
+    x = g.param("x", TensorType(("batch", "seq", hidden), "float32"))
+    w = g.constant("w", rand(rng, (hidden,)))
+    for op in ops:
+        if op == "add_w":
+            x = g.op("add", (x, w))
+        elif op == "mul_w":
+            x = g.op("mul", (w, x))
+        elif op == "sub_s":
+            x = g.op("sub", (x, g.scalar(0.5, "float32")))
+        elif op.startswith("gelu"):
+            x = g.op("gelu", (x,), {"approximate": "tanh" if op == "gelu_tanh" else "none"})
+        else:
+            x = g.op(op, (x,))
+    exe = check(g.module([x]), [rand(rng, (batch, seq, hidden))])
+    assert exe.report()["kernel_calls_per_run"] == 1
+
+
+def _rmsnorm(g, x, w, eps=1e-6):
+    sq = g.op("pow", (x, g.scalar(2.0, "float32")))
+    m = g.op("mean", (sq,), {"axes": (2,), "keepdims": True})
+    r = g.op("rsqrt", (g.op("add", (m, g.scalar(eps, "float32"))),))
+    return g.op("mul", (w, g.op("mul", (x, r))))
+
+
+def _graph(kind: str, hidden: int, rng):
+    g = GraphBuilder()
+    x = g.param("x", TensorType(("batch", "seq", hidden), "float32"))
+    w = g.constant("w", rand(rng, (hidden,)))
+    b = g.constant("b", rand(rng, (hidden,)))
+    if kind == "rmsnorm":
+        y = [_rmsnorm(g, g.op("add", (x, x)), w)]
+    elif kind == "softmax":
+        y = [g.op("softmax", (x,), {"axis": -1}), g.op("softmax", (x,), {"axis": 1})]
+    elif kind == "layer_norm":
+        y = [g.op("layer_norm", (x, w, b), {"eps": 1e-5}), g.op("layer_norm", (x,), {"eps": 1e-5})]
+    elif kind == "reduce":
+        y = [g.op(op, (x,), {"axes": axes, "keepdims": kd})
+             for op, axes, kd in [("sum", (2,), False), ("max", (1,), True), ("min", (0, 2), False), ("mean", (1, 2), True)]]
+    elif kind == "rotary":  # Llama's rotate_half: slice/neg/concat/mul/add, after reshape+permute
+        h = hidden // 4
+        q = g.op("permute", (g.op("reshape", (x,), {"shape": ("batch", "seq", 2, 2 * h)}),), {"perm": (0, 2, 1, 3)})
+        x1 = g.op("slice", (q,), {"axis": 3, "start": 0, "end": h, "step": 1})
+        x2 = g.op("slice", (q,), {"axis": 3, "start": h, "end": 2 * h, "step": 1})
+        rot = g.op("concat", (g.op("neg", (x2,)), x1), {"axis": 3})
+        cos = g.op("cos", (g.op("reshape", (w,), {"shape": (1, 1, 2, 2 * h)}),))
+        sin = g.op("permute", (g.op("sin", (g.op("reshape", (b,), {"shape": (1, 1, 2, 2 * h)}),)),), {"perm": (0, 2, 1, 3)})
+        y = [g.op("add", (g.op("mul", (q, g.op("permute", (cos,), {"perm": (0, 2, 1, 3)}))), g.op("mul", (rot, sin))))]
+    elif kind == "select":
+        c = g.op("gt", (x, w))
+        y = [g.op("where", (c, x, g.op("cast", (g.op("cast", (x,), {"dtype": "int64"}),), {"dtype": "float32"}))),
+             g.op("cast", (c,), {"dtype": "float32"}), g.op("expand", (w,), {"shape": ("batch", "seq", hidden)}),
+             g.op("maximum", (x, g.op("minimum", (x, w)))), g.op("div", (x, g.op("add", (g.op("abs", (w,)), g.scalar(1.0, "float32")))))]
+    elif kind == "arange":
+        r = g.op("arange", (), {"start": 0, "end": "seq", "step": 1, "dtype": "float32"})
+        y = [g.op("add", (x, g.op("reshape", (r,), {"shape": (1, "seq", 1)})))]
+    else:
+        raise ValueError(kind)
+    return g.module(y)
+
+
+@pytest.mark.parametrize("kind", ["rmsnorm", "softmax", "layer_norm", "reduce", "rotary", "select", "arange"])
+def test_fused_graphs_match_interpreter(kind):
+    rng = np.random.default_rng(0)
+    module = _graph(kind, 8, rng)
+    exe = build(module)
+    for batch, seq in [(1, 1), (2, 5), (3, 2)]:  # one build serves every length
+        x = rand(rng, (batch, seq, 8))
+        for w, g in zip(run_function(module, "main", [x]), exe.run("main", [x])):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@HYP
+@given(b=st.integers(1, 2), kvh=st.sampled_from([1, 2]), group=st.sampled_from([1, 3]), past=st.integers(0, 9),
+       seq=st.integers(1, 6), d=st.sampled_from([4, 16]), causal=st.booleans(), seed=st.integers(0, 99))
+def test_attention_over_kv_cache_matches_interpreter(b, kvh, group, past, seq, d, causal, seed):
+    """GQA, causal with queries at positions past..past+seq-1, cache appended by concat."""
+    rng = np.random.default_rng(seed)
+    h = kvh * group
+    g = GraphBuilder()
+    q = g.param("q", TensorType(("batch", h, "seq", d), "float32"))
+    k_new = g.param("k", TensorType(("batch", kvh, "seq", d), "float32"))
+    pk = g.param("past_k", TensorType(("batch", kvh, "past", d), "float32"))
+    v_new = g.param("v", TensorType(("batch", kvh, "seq", d), "float32"))
+    pv = g.param("past_v", TensorType(("batch", kvh, "past", d), "float32"))
+    k = g.op("concat", (pk, k_new), {"axis": 2})
+    v = g.op("concat", (pv, v_new), {"axis": 2})
+    o = g.op("attention", (q, k, v), {"scale": d ** -0.5, "causal": causal})
+    args = [rand(rng, (b, h, seq, d)), rand(rng, (b, kvh, seq, d)), rand(rng, (b, kvh, past, d)),
+            rand(rng, (b, kvh, seq, d)), rand(rng, (b, kvh, past, d))]
+    check(g.module([o, k, v]), args)
+
+
+def test_embedding_checks_token_ids():
+    rng = np.random.default_rng(0)
+    g = GraphBuilder()
+    ids = g.param("ids", TensorType(("batch", "seq"), "int64"))
+    e = g.op("embedding", (g.constant("table", rand(rng, (10, 4))), ids))
+    module = g.module([e])
+    exe = check(module, [np.array([[1, 9, 0]])])
+    with pytest.raises(Exception, match="token id out of range"):
+        exe.run("main", [np.array([[1, 10]])])
+
+
+def test_op_without_rule_names_op_location_and_target(monkeypatch):
+    from bitsmith.backends.tvm import fused_rules
+    from bitsmith.ir.graph import Location
+    monkeypatch.delitem(fused_rules.FUSED_RULES, "tanh")
+    g = GraphBuilder()
+    x = g.param("x", TensorType(("batch", 4), "float32"))
+    y = g.op("tanh", (x,), loc=Location("model.layers.0.mlp.act", "modeling.py:42"))
+    with pytest.raises(UnsupportedOpError) as info:
+        build(g.module([y]))
+    msg = str(info.value)
+    assert "tanh" in msg and "model.layers.0.mlp.act" in msg and "modeling.py:42" in msg and "tvm-llvm" in msg
+
+
+def test_one_compile_serves_every_length(monkeypatch):
+    """Dims batch/seq/past are tir Vars: running new lengths never compiles again."""
+    import tvm as _tvm
+    rng = np.random.default_rng(1)
+    module = _graph("rmsnorm", 8, rng)
+    exe = build(module)
+    calls = []
+    real = _tvm.compile
+    monkeypatch.setattr(_tvm, "compile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for seq in (1, 2, 3, 17, 64):
+        x = rand(rng, (1, seq, 8))
+        np.testing.assert_allclose(exe.run("main", [x])[0], run_function(module, "main", [x])[0], rtol=1e-5, atol=1e-5)
+    assert calls == []
+
+
+def test_mcpu_and_threads_options(monkeypatch):
+    rng = np.random.default_rng(2)
+    module = _graph("softmax", 8, rng)
+    x = rand(rng, (2, 3, 8))
+    want = run_function(module, "main", [x])
+    exe = build(module, mcpu="x86-64-v3", threads=1)  # portable baseline
+    assert exe.report()["mcpu"] == "x86-64-v3" and exe.report()["threads"] == 1
+    for w, g in zip(want, exe.run("main", [x])):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    from bitsmith.backends.tvm.runtime_cpu import num_threads
+    assert num_threads() == 1
+    from bitsmith.errors import BitsmithError
+    with pytest.raises(BitsmithError, match="threads"):
+        build(module, threads=-1)
+    with pytest.raises(BitsmithError, match="mcpu"):
+        build(module, mcpu="")
+    assert get_target("tvm-llvm").option_defaults() == {"mcpu": "host", "threads": 0}
+
+
+# ---------------------------------------------------------------- whole models
+
+from tests.hf_configs import ARCHS, make_model  # noqa: E402
+
+
+def _cache_inputs(module, rng, batch, past, seq):
+    fn = module.function("main")
+    vocab = module.attr("vocab_size")
+    ids = rng.integers(0, vocab, (batch, seq))
+    pos = np.broadcast_to(np.arange(past, past + seq), (batch, seq)).copy()
+    kv = []
+    for p in fn.params[2:]:
+        shape = [batch if d == "batch" else past if d == "past" else d for d in p.type.shape]
+        kv.append(rand(rng, shape))
+    return [ids, pos, *kv]
+
+
+@pytest.fixture(scope="module")
+def compiled_models(tmp_path_factory):
+    """(reference, tvm-llvm) CompiledModels of each tiny random-init HF family."""
+    import os
+    import bitsmith
+    os.environ["BITSMITH_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "tvm-cache")
+    out = {}
+    for arch in ARCHS:
+        model = make_model(arch)
+        out[arch] = (bitsmith.compile(model, target="reference"), bitsmith.compile(model, target="tvm-llvm"))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_models_prefill_and_decode_match_reference(arch, compiled_models):
+    """Logits and KV cache within 1e-4 of the reference target, prefill and decode, several lengths."""
+    ref, cm = compiled_models[arch]
+    rng = np.random.default_rng(3)
+    for batch, past, seq in [(1, 0, 7), (2, 0, 3), (1, 7, 1), (2, 12, 1), (1, 5, 4), (1, 33, 1)]:
+        args = _cache_inputs(ref.module, rng, batch, past, seq)
+        want = ref.executable.run("main", args)
+        got = cm.executable.run("main", args)
+        for w, g in zip(want, got):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-4)
+    ids = rng.integers(0, 128, (1, 5))
+    np.testing.assert_array_equal(cm.generate(ids, max_new_tokens=8).numpy(), ref.generate(ids, max_new_tokens=8).numpy())
+
+
+def test_no_op_falls_back_and_decode_is_fused(compiled_models):
+    report = compiled_models["llama"][1].executable.report()
+    assert report["cache_misses"] + report["cache_hits"] >= report["kernels"] > 0
+    for key in ("compile_seconds", "kernels", "kernel_calls_per_run", "cache_hits", "cache_misses", "executor",
+                "mcpu", "threads"):
+        assert key in report
+    # per layer: 7 linears + attention + 7 fused (norm, q-rope, k-rope+append, v-append,
+    # head merge, residual+norm, silu*up); plus embedding, rope tables, first norm, lm_head
+    assert report["kernel_calls_per_run"] <= 2 * 15 + 4
+
+
+def test_save_load_round_trip_without_compiling(compiled_models, tmp_path, monkeypatch):
+    import tvm as _tvm
+    import bitsmith
+    ref, cm = compiled_models["qwen2"]
+    cm.save(str(tmp_path / "art"))
+    files = sorted(p.name for p in (tmp_path / "art").rglob("*.so"))
+    assert len(files) == cm.executable.report()["kernels"]
+
+    def no_compile(*a, **k):
+        raise AssertionError("load must not compile")
+    monkeypatch.setattr(_tvm, "compile", no_compile)
+    loaded = bitsmith.load(str(tmp_path / "art"))
+    args = _cache_inputs(ref.module, np.random.default_rng(4), 1, 3, 2)
+    for a, b in zip(cm.executable.run("main", args), loaded.executable.run("main", args)):
+        np.testing.assert_array_equal(a, b)
+    assert loaded.executable.report()["compile_seconds"] == 0.0
+
+
+def test_corrupted_kernel_library_is_refused(compiled_models, tmp_path):
+    import bitsmith
+    from bitsmith.errors import ArtifactError
+    _, cm = compiled_models["llama"]
+    cm.save(str(tmp_path / "art"))
+    lib = next((tmp_path / "art").rglob("*.so"))
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError):
+        bitsmith.load(str(tmp_path / "art"))
+
+
+_FRESH = """
+import json, bitsmith
+from tests.hf_configs import make_model
+cm = bitsmith.compile(make_model("gpt2"), target="tvm-llvm")
+r = cm.executable.report()
+print(json.dumps({k: r[k] for k in ("cache_hits", "cache_misses", "kernels")}))
+"""
+
+
+def test_kernel_cache_hits_in_a_fresh_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "BITSMITH_CACHE_DIR": str(tmp_path / "cache")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", _FRESH], cwd=root, env=env, capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["cache_misses"] == runs[0]["kernels"] > 0
+    assert runs[1] == {"cache_hits": runs[0]["kernels"], "cache_misses": 0, "kernels": runs[0]["kernels"]}
+    assert len(list((tmp_path / "cache" / "tvm").glob("*.so"))) == runs[0]["kernels"]
+
+
+@pytest.mark.parametrize("quant", ["rtn-int4", "bitmod-w4", "bitmod-w3"])
+def test_quantized_llama_matches_reference_under_same_quantization(quant):
+    """qlinear kernels decode the datatype grid in-kernel; tolerance 1e-4 + 1e-4*|ref| (fp32,
+    different summation order from the interpreter's dequantize-then-GEMM)."""
+    import bitsmith
+    model = make_model("llama")
+    ref = bitsmith.compile(model, target="reference", quant=quant, group_size=32)
+    cm = bitsmith.compile(model, target="tvm-llvm", quant=quant, group_size=32)
+    rng = np.random.default_rng(5)
+    for batch, past, seq in [(1, 0, 6), (1, 6, 1), (2, 3, 2)]:
+        args = _cache_inputs(ref.module, rng, batch, past, seq)
+        for w, g in zip(ref.executable.run("main", args), cm.executable.run("main", args)):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- SmolLM2-135M
+
+@pytest.fixture(scope="module")
+def smollm2_tvm(smollm2, tmp_path_factory):
+    import os
+    import bitsmith
+    os.environ["BITSMITH_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "tvm-cache")
+    model, _ = smollm2
+    return bitsmith.compile(model, target="tvm-llvm")
+
+
+def _prompt(smollm2):
+    _, tok = smollm2
+    enc = tok.encode("The capital of France is")
+    return np.array([getattr(enc, "ids", enc)], dtype=np.int64)
+
+
+def test_smollm2_logits_match_reference(smollm2, smollm2_compiled, smollm2_tvm):
+    """|diff| <= 1e-4 + 1e-4*|ref| against the reference target, identical argmax, prefill and decode."""
+    ids = _prompt(smollm2)
+    want = smollm2_compiled.executable.run("main", _lm_args(smollm2_compiled.module, ids, 0))
+    got = smollm2_tvm.executable.run("main", _lm_args(smollm2_compiled.module, ids, 0))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    assert (got[0].argmax(-1) == want[0].argmax(-1)).all()
+    nxt = want[0][:, -1:].argmax(-1)
+    step = [nxt, np.array([[ids.shape[1]]]), *want[1:]]
+    w2 = smollm2_compiled.executable.run("main", step)
+    g2 = smollm2_tvm.executable.run("main", step)
+    np.testing.assert_allclose(g2[0], w2[0], rtol=1e-4, atol=1e-4)
+
+
+def _lm_args(module, ids, past):
+    from bitsmith.runtime.generate import empty_cache, positions
+    return [ids, positions(ids.shape[0], past, ids.shape[1]), *empty_cache(module, ids.shape[0])]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_generation_matches_reference(smollm2, smollm2_compiled, smollm2_tvm):
+    ids = _prompt(smollm2)
+    want = smollm2_compiled.generate(ids, max_new_tokens=32).numpy()
+    got = smollm2_tvm.generate(ids, max_new_tokens=32).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["rtn-int4", "bitmod-w4", "bitmod-w3"])
+def test_smollm2_quantized_logits_match_reference(smollm2, quant):
+    """Same quantization on both targets; tolerance 1e-4 + 1e-4*|ref| (fp32 accumulation order)."""
+    import bitsmith
+    model, _ = smollm2
+    ref = bitsmith.compile(model, target="reference", quant=quant)
+    cm = bitsmith.compile(model, target="tvm-llvm", quant=quant)
+    ids = _prompt(smollm2)
+    want = ref.executable.run("main", _lm_args(ref.module, ids, 0))
+    got = cm.executable.run("main", _lm_args(ref.module, ids, 0))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    assert (got[0].argmax(-1) == want[0].argmax(-1)).all()
