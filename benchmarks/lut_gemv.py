@@ -39,7 +39,6 @@ from bitsmith.ir.quantized import dequantize
 SHAPES = {"4096x4096": (4096, 4096), "smollm2 q/o 576x576": (576, 576), "smollm2 k/v 192x576": (192, 576),
           "smollm2 gate/up 1536x576": (1536, 576), "smollm2 down 576x1536": (576, 1536)}
 GROUP = 128
-COLD_BYTES = 128 << 20
 
 
 def timeit(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
@@ -95,12 +94,15 @@ def tvm_runner(attrs: dict, ops: list[np.ndarray], m: int) -> tuple[Callable[[np
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N = K = 4096, 4-bit only")
+    ap.add_argument("--cold-mib", type=int, default=128, help="total size of the rotated weight copies (> L3)")
+    ap.add_argument("--table-group", type=int, default=32, help="activations per int8 table scale (lut_table_group)")
+    ap.add_argument("--library", help="a prebuilt lutexec.so (default: build native/lutexec.c with gcc now)")
     args = ap.parse_args()
     shapes = {"4096x4096": SHAPES["4096x4096"]} if args.quick else SHAPES
     bit_list = (4,) if args.quick else (2, 3, 4)
     if not native.cpu_has_avx2():
         raise SystemExit("this benchmark needs an AVX2 CPU (the fast LUT executor)")
-    lut = native.load_library(native.build_library())
+    lut = native.load_library(open(args.library, "rb").read() if args.library else native.build_library())
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -109,6 +111,7 @@ def main() -> None:
         pass
     print(f"machine: {cpu}, {os.cpu_count()} cpus, torch {torch.__version__}, numpy {np.__version__}")
     bw = {t: read_bandwidth(t) for t in (1, 2)}
+    print(f"int8 tables, lut_table_group {args.table_group}, group size {GROUP}, rtn-intK weights")
     print(f"measured read bandwidth (torch.sum over 512 MiB): 1 thread {bw[1]:.1f} GB/s, 2 threads {bw[2]:.1f} GB/s")
     rng = np.random.default_rng(0)
     rows = []
@@ -118,9 +121,9 @@ def main() -> None:
         dense_w = None
         for bits in bit_list:
             attrs, ops = quantized_layer(n, k, bits, rng)
-            prog = generate(decompose(attrs, ops))
+            prog = generate(decompose(attrs, ops), args.table_group)
             read = prog.weights.nbytes + prog.params.nbytes
-            copies = max(1, min(512, COLD_BYTES // read))
+            copies = max(1, min(4096, (args.cold_mib << 20) // read))
             progs = [LayerProgram(prog.stream, prog.weights.copy(), prog.params.copy(), prog.outliers, k)
                      for _ in range(copies)]
             w = dequantize(attrs, ops)

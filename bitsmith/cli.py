@@ -226,7 +226,23 @@ def _inspect_summary(path: str, verify: bool) -> dict[str, Any]:
         "files": files,
         "verified": verify,
         "compile_info": manifest["compile_info"],
+        "target_stats": _target_stats(Path(path), files),
     }
+
+
+def _target_stats(root: Path, files: dict[str, Any]) -> dict[str, Any]:
+    """Statistics a backend left in its target files: any ``target/**.json`` with a top-level
+    "stats" object (e.g. the lut backend's stream statistics in target/lut/program.json)."""
+    out = {}
+    for name in files:
+        if name.startswith("target/") and name.endswith(".json") and (root / name).is_file():
+            try:
+                doc = json.loads((root / name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("stats"), dict):
+                out[name] = doc["stats"]
+    return out
 
 
 def _print_inspect_text(s: dict[str, Any]) -> None:
@@ -250,6 +266,11 @@ def _print_inspect_text(s: dict[str, Any]) -> None:
     for name, f in s["files"].items():
         size = "missing" if f["size"] is None else f"{f['size']:,} bytes"
         print(f"  {name:<{width}}  {size:>16}  sha256 {f['sha256'][:16]}")
+    for name, stats in s.get("target_stats", {}).items():
+        print(f"stats    ({name})")
+        for key, value in stats.items():
+            text = ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else value
+            print(f"  {key:<22} {text}")
 
 
 def _write_datatype_plot(artifact: str, out: str) -> None:

@@ -67,7 +67,7 @@ def test_reference_executor_is_selectable_and_agrees_bit_exactly():
     assert np.array_equal(_logits(slow), _logits(fast))
 
 
-def test_artifact_round_trip_and_stored_program(tmp_path):
+def test_artifact_round_trip_and_stored_program(tmp_path, capsys):
     model = make_model("llama")
     cm = bitsmith.compile(model, target="lut-cpu", quant="bitmod-w3", group_size=32)
     cm.save(str(tmp_path / "a"))
@@ -78,6 +78,10 @@ def test_artifact_round_trip_and_stored_program(tmp_path):
     assert doc["host"] == "reference-interpreter" and len(doc["layers"]) == 14
     assert (target_dir / "lutexec.so").read_bytes()[:4] == b"\x7fELF"
     assert loaded.report()["executable"]["streams"] == cm.report()["executable"]["streams"]
+    from bitsmith.cli import main
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    assert "instructions" in text and "LUTACC" in text and "lookups_per_output" in text
 
 
 def test_missing_program_file_is_a_clear_artifact_error():

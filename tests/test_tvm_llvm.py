@@ -112,6 +112,10 @@ def _graph(kind: str, hidden: int, rng):
         y = [g.op("where", (c, x, g.op("cast", (g.op("cast", (x,), {"dtype": "int64"}),), {"dtype": "float32"}))),
              g.op("cast", (c,), {"dtype": "float32"}), g.op("expand", (w,), {"shape": ("batch", "seq", hidden)}),
              g.op("maximum", (x, g.op("minimum", (x, w)))), g.op("div", (x, g.op("add", (g.op("abs", (w,)), g.scalar(1.0, "float32")))))]
+    elif kind == "matmul":  # batch-broadcast numpy matmul
+        wt = g.constant("wt", rand(rng, (1, hidden, 3)))
+        xt = g.op("permute", (x,), {"perm": (0, 2, 1)})
+        y = [g.op("matmul", (x, wt)), g.op("matmul", (x, xt))]
     elif kind == "arange":
         r = g.op("arange", (), {"start": 0, "end": "seq", "step": 1, "dtype": "float32"})
         y = [g.op("add", (x, g.op("reshape", (r,), {"shape": (1, "seq", 1)})))]
@@ -120,7 +124,7 @@ def _graph(kind: str, hidden: int, rng):
     return g.module(y)
 
 
-@pytest.mark.parametrize("kind", ["rmsnorm", "softmax", "layer_norm", "reduce", "rotary", "select", "arange"])
+@pytest.mark.parametrize("kind", ["rmsnorm", "softmax", "layer_norm", "reduce", "rotary", "select", "matmul", "arange"])
 def test_fused_graphs_match_interpreter(kind):
     rng = np.random.default_rng(0)
     module = _graph(kind, 8, rng)
@@ -323,7 +327,8 @@ def test_kernel_cache_hits_in_a_fresh_process(tmp_path):
     assert len(list((tmp_path / "cache" / "tvm").glob("*.so"))) == runs[0]["kernels"]
 
 
-@pytest.mark.parametrize("quant", ["rtn-int4", "bitmod-w4", "bitmod-w3"])
+@pytest.mark.parametrize("quant", [pytest.param("rtn-int4", marks=pytest.mark.slow), "bitmod-w4",
+                                   pytest.param("bitmod-w3", marks=pytest.mark.slow)])
 def test_quantized_llama_matches_reference_under_same_quantization(quant):
     """qlinear kernels decode the datatype grid in-kernel; tolerance 1e-4 + 1e-4*|ref| (fp32,
     different summation order from the interpreter's dequantize-then-GEMM)."""

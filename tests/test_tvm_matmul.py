@@ -126,6 +126,17 @@ def test_qlinear_sparse_with_outliers(scheme, sparsity):
     check_qlinear(rng, *make_qlinear(rng, scheme, 168, 29, 32, sparsity=sparsity, outliers=0.03))
 
 
+def test_qlinear_outliers_flag_with_no_outliers():
+    rng = np.random.default_rng(11)
+    k, n = 64, 12
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    s = get_scheme("fp4")
+    attrs = dict(scheme="fp4", group_size=32, in_features=k, out_features=n, sparsity="", outliers=0.01, bias=False)
+    arrays = pack_qlinear(quantize_matrix(w, s, 32), s, attrs, np.zeros((n, k), bool), w)
+    assert arrays[-1].tolist() == [0] * (n + 1)
+    check_qlinear(rng, attrs, arrays)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scheme=st.sampled_from(ALL_SCHEMES), k_blocks=st.integers(1, 40), n=st.integers(1, 70),
        group_size=st.sampled_from([16, 20, 32, 48, 64, 128]), sparsity=st.sampled_from(["", "", "2:4", "4:8", "1:4"]),

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import BitsmithError, UnsupportedOpError
+from ...errors import ArtifactError, BitsmithError, UnsupportedOpError
 from ...ir import Module, Node, run_function
 from ..base import Backend, Executable
 from . import native, program
@@ -135,11 +135,9 @@ class LUTBackend(Backend):
         _check_options(options)
         layers, _ = program.from_files(files)
         if native.LIBRARY_FILE not in files:
-            from ...errors import ArtifactError
             raise ArtifactError(f"target/{native.LIBRARY_FILE}", "missing from the artifact (needed by target lut-cpu)")
         expected = {(fn.name, n.outputs[0].name) for fn in module.functions for n in fn.nodes if n.op == "qlinear"}
         got = {(e.function, e.value) for e in layers}
         if expected != got:
-            from ...errors import ArtifactError
             raise ArtifactError(f"target/{program.INDEX_FILE}", "its streams do not match the module's qlinear layers")
         return LUTExecutable(module, layers, files[native.LIBRARY_FILE], options)

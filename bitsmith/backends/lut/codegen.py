@@ -36,6 +36,10 @@ class LayerProgram:
     outliers: np.ndarray   # OUTLIER_DTYPE [nnz]
     in_features: int
 
+    def __post_init__(self) -> None:
+        for arr in (self.stream, self.weights, self.params, self.outliers):
+            arr.setflags(write=False)  # validated once by the fast executor: must not change after
+
     @property
     def header(self) -> isa.StreamHeader:
         return isa.StreamHeader.parse(self.stream)

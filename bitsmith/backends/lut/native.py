@@ -25,6 +25,7 @@ from .codegen import LayerProgram
 
 SOURCE = "lutexec.c"
 LIBRARY_FILE = "lut/lutexec.so"
+AUTO_THREADS_MACS = 1 << 22   # threads=0 (auto) runs smaller layer calls on one thread
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 ERRORS = {1: "bad stream header", 2: "unknown opcode", 3: "TABLE out of range", 4: "weight words out of range",
           5: "LUTACC field out of range", 6: "SCALE out of range", 7: "OUTLIER out of range",
@@ -76,7 +77,7 @@ def build_library(source: bytes | None = None) -> bytes:
 
 
 class NativeExecutor:
-    """ctypes binding of ``lut_run``; one per loaded library."""
+    """ctypes binding of ``lut_plan`` (validate once per program) and ``lut_exec`` (run)."""
 
     def __init__(self, library: bytes) -> None:
         self.sha256 = hashlib.sha256(library).hexdigest()
@@ -87,16 +88,39 @@ class NativeExecutor:
             self._lib = ctypes.CDLL(path)
         finally:
             os.unlink(path)  # the mapping stays valid; nothing is left on disk
-        fn = self._lib.lut_run
-        p = ctypes.c_void_p
-        fn.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, p, ctypes.c_int64, p, ctypes.c_int64, p,
-                       ctypes.c_int64, p, ctypes.c_int, ctypes.c_int]
-        fn.restype = ctypes.c_int64
-        self._run = fn
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self._plan = self._lib.lut_plan
+        self._plan.argtypes = [p, i64, i64, i64, p, i64, p, p]
+        self._plan.restype = i64
+        self._exec = self._lib.lut_exec
+        self._exec.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int]
+        self._exec.restype = i64
+        self._plans: dict[int, tuple] = {}
+
+    def plan(self, program: LayerProgram) -> tuple[np.ndarray, int, int]:
+        """Validates a program once (its arrays are read-only) and returns its TABLE/TILE positions."""
+        key = id(program.stream)
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is program.stream and hit[1] is program.outliers \
+                and hit[2] == (program.weights.size, program.params.size):
+            return hit[3]
+        pos = np.zeros(program.stream.size, np.int64)
+        counts = np.zeros(2, np.int64)
+        err = self._plan(program.stream.ctypes.data, program.stream.size, program.weights.size,
+                         program.params.size, program.outliers.ctypes.data, program.outliers.size,
+                         pos.ctypes.data, counts.ctypes.data)
+        if err:
+            raise StreamError(f"LUT executor refused the stream: {ERRORS.get(err & 0xFF, 'error')} "
+                              f"at word {err >> 8}")
+        plan = (pos, int(counts[0]), int(counts[1]))
+        if not (program.stream.flags.writeable or program.outliers.flags.writeable):
+            self._plans[key] = (program.stream, program.outliers, (program.weights.size, program.params.size), plan)
+        return plan
 
     def run(self, program: LayerProgram, x: np.ndarray, int8_tables: bool = True, threads: int = 0) -> np.ndarray:
         """y [M, N] for x [M, K]."""
         head = program.header
+        pos, ntables, nsegs = self.plan(program)
         m = x.shape[0]
         if x.shape[1] == head.padded_in and x.dtype == np.float32 and x.flags.c_contiguous:
             xp = x
@@ -106,13 +130,13 @@ class NativeExecutor:
         y = np.zeros((m, head.out_features), np.float32)  # rows no STORE writes are 0 (spec)
         if m == 0:
             return y
-        err = self._run(program.stream.ctypes.data, program.stream.size, program.weights.ctypes.data,
-                        program.weights.size, program.params.ctypes.data, program.params.size,
-                        program.outliers.ctypes.data, program.outliers.size, xp.ctypes.data, m,
-                        y.ctypes.data, 0 if int8_tables else 1, int(threads))
+        if threads == 0 and m * head.out_features * head.padded_in < AUTO_THREADS_MACS:
+            threads = 1  # a parallel region costs more than it saves on a small layer
+        err = self._exec(program.stream.ctypes.data, pos.ctypes.data, ntables, nsegs, program.weights.ctypes.data,
+                         program.params.ctypes.data, program.outliers.ctypes.data, xp.ctypes.data, m,
+                         y.ctypes.data, 0 if int8_tables else 1, int(threads))
         if err:
-            raise StreamError(f"LUT executor refused the stream: {ERRORS.get(err & 0xFF, 'error')} "
-                              f"at word {err >> 8}")
+            raise StreamError(f"LUT executor failed: {ERRORS.get(err & 0xFF, 'error')}")
         return y
 
 

@@ -21,13 +21,17 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
     q = te.placeholder((b, heads, s, head_dim), dtype, name="q")
     k = te.placeholder((b, kv_heads, t, head_dim), dtype, name="k")
     v = te.placeholder((b, kv_heads, t, value_dim), dtype, name="v")
-    rd = te.reduce_axis((0, head_dim), name="rd")
+    # q.k in LANES independent partial sums (a spatial axis the schedule vectorises; a plain
+    # float reduction would stay scalar without fast-math reassociation), then summed
+    lanes = next(n for n in (16, 8, 4, 2, 1) if head_dim % n == 0)
+    rd = te.reduce_axis((0, head_dim // lanes), name="rd")
     neg_inf = tirx.const(float("-inf"), acc)
-
-    def score(bi, hi, i, j):
-        return te.sum(tirx.Cast(acc, q[bi, hi, i, rd]) * tirx.Cast(acc, k[bi, hi // g, j, rd]), axis=rd)
-
-    scores = te.compute((b, heads, s, t), score, name="scores")
+    part = te.compute((b, heads, s, t, lanes),
+                      lambda bi, hi, i, j, l: te.sum(tirx.Cast(acc, q[bi, hi, i, rd * lanes + l])
+                                                     * tirx.Cast(acc, k[bi, hi // g, j, rd * lanes + l]), axis=rd),
+                      name="partial")
+    rl = te.reduce_axis((0, lanes), name="rl")
+    scores = te.compute((b, heads, s, t), lambda bi, hi, i, j: te.sum(part[bi, hi, i, j, rl], axis=rl), name="scores")
 
     def masked(bi, hi, i, j):
         sc = scores[bi, hi, i, j] * tirx.const(scale, acc)

@@ -75,7 +75,7 @@ class BinaryStore:
             fallback = None
         store = self
 
-        def compile_hook(code: str) -> Any:
+        def compile_hook(code: str, *rest: Any) -> Any:  # some TVM builds also pass the target
             binary = store.binaries.get(source_digest(code))
             if binary is not None:
                 store.hits += 1
@@ -83,7 +83,7 @@ class BinaryStore:
             store.misses += 1
             if fallback is None:
                 raise BitsmithError("tvm-cuda: a kernel has no prebuilt binary and no CUDA compiler is available")
-            return fallback(code)
+            return fallback(code, *rest)
 
         tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_hook, override=True)
         self.installed = True

@@ -365,3 +365,27 @@ def _concat(node, xs, ctx):
             v = tirx.if_then_else(i[axis] < offsets[j + 1], read(j), v)
         return v
     return _out(node, ctx, at=at)
+
+
+@register_rule("matmul")
+def _matmul(node, xs, ctx):
+    """numpy matmul of rank>=2 operands with broadcast batch dims, float32 accumulation.
+    Unscheduled (a reduction in a fused kernel): LLM graphs use ``linear`` instead."""
+    a, b = xs
+    t = node.outputs[0].type
+    out_shape = ctx.env.shape(t.shape)
+    batch_dims = tuple(t.shape[:-2])
+    acc = _acc_dtype(a.dtype)
+    rk = te.reduce_axis((0, a.shape[-1]), name="rk")
+
+    def operand_at(x: Lazy, i, row, col):
+        lead = len(batch_dims) - (x.rank - 2)
+        idx = [i[lead + k] if not (x.dims[k] == 1 and batch_dims[lead + k] != 1) else tirx.const(0, "int64")
+               for k in range(x.rank - 2)]
+        return x.at(idx + [row, col])
+
+    def body(*i):
+        return te.sum(tirx.Cast(acc, operand_at(a, i, i[-2], rk)) * tirx.Cast(acc, operand_at(b, i, rk, i[-1])), axis=rk)
+
+    m = te.compute(out_shape, body, name=ctx.name("matmul"))
+    return _out(node, ctx, at=lambda i: tirx.Cast(t.dtype, m(*i)) if acc != t.dtype else m(*i))

@@ -65,7 +65,7 @@ class LoweringContext:
              check_ids: tuple[int, int] | None = None) -> None:
         key = kdef.digest()
         self.kernels.setdefault(key, kdef)
-        self.plan.steps.append(Call(key, inputs, outputs, check_ids))
+        self.plan.steps.append(Call(key, inputs, outputs, check_ids, kdef.name))
 
     def view(self, src: int, dims, dst: int | None = None) -> int:
         dst = self.new_slot() if dst is None else dst

@@ -49,7 +49,10 @@ def _outlier_width(attrs: Mapping[str, Any], operands: Sequence[np.ndarray]) -> 
     if not attrs["outliers"]:
         return 0
     lay = layout_for(attrs, 1)
-    return int(operands[lay.roles().index("outlier_cols")].shape[1])
+    ptr = np.asarray(operands[lay.roles().index("outlier_rowptr")])
+    if ptr.shape != (int(attrs["out_features"]) + 1,):
+        raise BitsmithError(f"qlinear outlier_rowptr has shape {ptr.shape}, expected ({attrs['out_features']}+1,)")
+    return max(1, int(np.diff(ptr).max()))
 
 
 def qlinear_kernel(attrs: Mapping[str, Any], operands: Sequence[np.ndarray], act_dtype: str) -> KernelDef:

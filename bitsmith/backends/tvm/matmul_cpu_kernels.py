@@ -257,7 +257,7 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
                 acc[T.Ramp((mi * acc_count + slot) * V, 1, V)] + xvec(X, NMI, m0 + mi, r, c) * wv)
 
     @T.macro
-    def row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, B, Y, acc, gacc, mt, acc_count, grouped, m0, r):
+    def row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, mt, acc_count, grouped, m0, r):
         for z in T.unroll(mt * acc_count):
             acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for g in range(gfull):
@@ -289,15 +289,16 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
                     value_scalar(C0, C1, Z, G, SEL, r, gfull, gfull * gs + tail_chunks * V + j)
                     * T.Cast(F32, S[r, gfull]))
             if ell > 0:
-                for e in range(ell):
-                    s[0] = s[0] + T.Cast(F32, X[m0 + mi, OC[r, e]]) * OD[r, e]
+                for e in range(RP[r], RP[r + 1]):
+                    s[0] = s[0] + T.Cast(F32, X[m0 + mi, OC[e]]) * OD[e]
             if has_bias:
                 s[0] = s[0] + T.Cast(F32, B[r])
             Y[m0 + mi, r] = T.Cast(act, s[0])
 
     @T.prim_func(s_tir=True)
     def main(x: T.handle, c0: T.handle, c1: T.handle, scales: T.handle, zeros: T.handle, grid: T.handle,
-             selectors: T.handle, nm_index: T.handle, ocols: T.handle, ocorr: T.handle, bias: T.handle,
+             selectors: T.handle, nm_index: T.handle, ocols: T.handle, ocorr: T.handle, optr: T.handle,
+             bias: T.handle,
              y: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int32()
@@ -311,6 +312,7 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
         NMI = T.match_buffer(nm_index, shp("nm_index"), "uint8")
         OC = T.match_buffer(ocols, shp("outlier_cols"), "int32")
         OD = T.match_buffer(ocorr, shp("outlier_corrections"), "float32")
+        RP = T.match_buffer(optr, shp("outlier_rowptr"), "int32")
         B = T.match_buffer(bias, shp("bias"), dt("bias", act))
         Y = T.match_buffer(y, (m, n), act)
         for task in T.parallel(tasks):
@@ -319,15 +321,15 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
             for mo in range(m // t.mtile):
                 for rr in range(rows):
                     if task * rows + rr < n:
-                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, B, Y, acc, gacc, t.mtile, 1, False, mo * t.mtile,
+                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, t.mtile, 1, False, mo * t.mtile,
                             task * rows + rr)
             for mi in range(m % t.mtile):
                 for rr in range(rows):
                     if task * rows + rr < n:
-                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, B, Y, acc, gacc, 1, acc_n, t.grouped,
+                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, 1, acc_n, t.grouped,
                             m // t.mtile * t.mtile + mi, task * rows + rr)
 
     names = ["x", "codes0", "codes1", "scales", "zeros", "grid", "selectors", "nm_index",
-             "outlier_cols", "outlier_corrections", "bias", "y"]
+             "outlier_cols", "outlier_corrections", "outlier_rowptr", "bias", "y"]
     keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)

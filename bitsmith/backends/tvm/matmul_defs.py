@@ -8,7 +8,8 @@ x) is a ``tir.Var``. Blocks, in order:
   injective: schedulers inline it into the reduction, so no dense weight is ever stored.
 * ``matmul``: ``acc[i, n] = sum_kk f32(x[i, col(n, kk)]) * W[n, kk]`` in float32, ``col`` the
   dense column of kept weight ``kk`` (``kk`` itself without N:M sparsity).
-* ``outliers`` (qlinear with outliers): ``sum_e f32(x[i, cols[n, e]]) * corrections[n, e]``.
+* ``outliers`` (qlinear with outliers): ``sum_j f32(x[i, cols[j]]) * corrections[j]`` over the
+  CSR entries ``j`` of row ``n`` (a reduction of static extent ``outlier_width``, masked).
 * ``epilogue``: ``y = cast(acc (+ outliers) (+ bias))`` to the activation dtype.
 
 The PrimFunc carries the attribute ``bitsmith.matmul`` (the kernel's static description) so a
@@ -94,9 +95,16 @@ def qlinear_func(lay: QLinearLayout, operand_shapes: list[tuple[tuple[int, ...],
     extra = None
     if lay.outlier_width:
         e = te.reduce_axis((0, lay.outlier_width), name="e")
-        cols, corr = ph["outlier_cols"], ph["outlier_corrections"]
-        extra = te.compute((m, lay.out_features), lambda i, n: te.sum(
-            tirx.Cast(ACCUM, x[i, cols[n, e]]) * corr[n, e], axis=e), name="outliers")
+        cols, corr, ptr = ph["outlier_cols"], ph["outlier_corrections"], ph["outlier_rowptr"]
+        last = cols.shape[0] - 1
+
+        def outlier_sum(i, n):  # entries rowptr[n] + e of row n; e past the row's count adds 0
+            j = tirx.min(ptr[n] + e, last)
+            live = ptr[n] + e < ptr[n + 1]
+            return te.sum(tirx.Select(live, tirx.Cast(ACCUM, x[i, cols[j]]) * corr[j], tirx.const(0, ACCUM)),
+                          axis=e)
+
+        extra = te.compute((m, lay.out_features), outlier_sum, name="outliers")
     y = _epilogue(acc, extra, ph.get("bias"), m, lay.out_features, act_dtype)
     params = [x] + [ph[r] for r in lay.roles()] + [y]
     attrs = dict(lay.as_attrs(), op="qlinear", act_dtype=act_dtype)

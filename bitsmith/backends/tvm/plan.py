@@ -26,6 +26,7 @@ class Call:
     inputs: list[int]
     outputs: list[tuple[int, int, str]]  # (slot, shape id, numpy dtype name)
     check_ids: tuple[int, int] | None = None  # (slot, exclusive bound): embedding ids range check
+    name: str = ""            # the kernel's readable name (reports, profiles)
 
 
 @dataclass
@@ -61,7 +62,8 @@ class FunctionPlan:
         for s in self.steps:
             if isinstance(s, Call):
                 steps.append({"call": s.kernel, "in": s.inputs, "out": [list(o) for o in s.outputs],
-                              **({"check_ids": list(s.check_ids)} if s.check_ids else {})})
+                              **({"check_ids": list(s.check_ids)} if s.check_ids else {}),
+                              **({"name": s.name} if s.name else {})})
             else:
                 steps.append({"view": [s.src, s.dst, s.shape]})
         consts = []
@@ -87,7 +89,8 @@ class FunctionPlan:
                 if "call" in s:
                     steps.append(Call(_str(s["call"]), _ints(s["in"]),
                                       [(_int(o[0]), _int(o[1]), _str(o[2])) for o in s["out"]],
-                                      tuple(_ints(s["check_ids"])) if "check_ids" in s else None))
+                                      tuple(_ints(s["check_ids"])) if "check_ids" in s else None,
+                                      _str(s.get("name", ""))))
                 else:
                     a, b, c = _ints(s["view"])
                     steps.append(View(a, b, c))

@@ -15,11 +15,13 @@ are zero-padded to whole chunks (padding is never read as a weight: loops stop a
   of M = 8 are stored in 4 bits: it is metadata read once per kept weight).
 * Grid values (symmetric and BitMoD schemes): a small int8 table ``[candidates, 16]`` (grid
   values are integers with |v| <= 16); selectors are unpacked to one byte per group.
-* Outliers: the IR's CSR is turned into a fixed-width per-row list (ELL) of ``E = max nnz per
-  row`` (at least 1) columns and *corrections* ``value - decoded(row, col)`` in float32,
-  padding entries (col 0, 0.0). The reference (``quantized.dequantize``) *replaces* the decoded
-  weight at an outlier position, so adding the correction gives the same weight (to float32
-  rounding of one addition) without a dense weight matrix.
+* Outliers: the IR's CSR (cols int32, rowptr int32 [out+1]) is kept; its fp16 values become
+  float32 *corrections* ``value - decoded(row, col)``. The reference (``quantized.dequantize``)
+  *replaces* the decoded weight at an outlier position, so adding the correction gives the same
+  weight (to float32 rounding of one addition) without a dense weight matrix. With no outlier
+  at all, one dummy entry (col 0, 0.0) that no row points at keeps the arrays non-empty.
+  ``outlier_width`` (the most outliers in one row) bounds the reduction of the unscheduled
+  definition; CPU kernels loop over each row's exact range.
 
 No dense float weight matrix is built: decoding of the few outlier positions aside, only
 integer codes are reshuffled.
@@ -96,7 +98,7 @@ class QLinearLayout:
     has_selectors: bool
     nm: tuple[int, int] | None  # (N, M)
     nm_width: int  # field width of the N:M index stream (0 without sparsity)
-    outlier_width: int  # E of the ELL outlier list (0 without outliers)
+    outlier_width: int  # most outliers in one row (0 without outliers)
     has_bias: bool
 
     @property
@@ -118,7 +120,7 @@ class QLinearLayout:
         if self.nm is not None:
             out.append("nm_index")
         if self.outlier_width:
-            out += ["outlier_cols", "outlier_corrections"]
+            out += ["outlier_cols", "outlier_corrections", "outlier_rowptr"]
         if self.has_bias:
             out.append("bias")
         return out
@@ -225,15 +227,12 @@ def qlinear_operands(attrs: Mapping[str, Any], arrays: Sequence[np.ndarray], act
         if len(cols) and (cols.min() < 0 or cols.max() >= int(attrs["in_features"])):
             raise BitsmithError("qlinear outlier column out of range")
         counts = np.diff(ptr)
-        width = max(1, int(counts.max()) if len(counts) else 1)
+        width = max(1, int(counts.max()))
         rows = np.repeat(np.arange(n_out), counts)
         corr = (vals.astype(np.float64) - _decoded_at(attrs, ops, scheme, rows, cols)).astype(np.float32)
-        slot = np.arange(len(vals)) - ptr[rows]
-        ecols = np.zeros((n_out, width), dtype=np.int32)
-        ecorr = np.zeros((n_out, width), dtype=np.float32)
-        ecols[rows, slot] = cols
-        ecorr[rows, slot] = corr
-        ell = [ecols, ecorr]
+        if not len(vals):
+            cols, corr = np.zeros(1, np.int32), np.zeros(1, np.float32)
+        ell = [np.ascontiguousarray(cols, dtype=np.int32), corr, np.ascontiguousarray(ptr, dtype=np.int32)]
     layout = layout_for(attrs, width)
     codes = unpack_codes(ops["codes"], scheme.bits, layout.kept)
     out = [pack_sliced((codes >> shift) & ((1 << w) - 1), w) for w, shift in layout.code_streams]

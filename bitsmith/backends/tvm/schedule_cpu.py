@@ -17,7 +17,7 @@ import tvm
 
 from .kernel import KernelDef
 
-SCHEDULE_ID = "cpu-v1"
+SCHEDULE_ID = "cpu-v2"
 CpuSchedule = Callable[[KernelDef, Any], Any]
 CPU_SCHEDULES: dict[str, CpuSchedule] = {}
 
@@ -54,8 +54,17 @@ def _attention(kdef: KernelDef, target: Any) -> Any:
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": kdef.func}))
     out = sch.get_sblock("out")
     b, h, i, e = sch.get_loops(out)
-    for name in ("weighted", "row_sum", "probs", "row_max", "scores"):
+    for name in ("weighted", "row_sum", "probs", "row_max", "scores", "partial"):
         sch.compute_at(sch.get_sblock(name), i)
-    bh = sch.fuse(b, h)
-    sch.parallel(bh)
+    sch.parallel(sch.fuse(b, h))
+    part = sch.get_sblock("partial")
+    j, lane, rd = sch.get_loops(part)[-3:]
+    sch.reorder(j, rd, lane)
+    # the lane loop innermost: LLVM vectorises it (the init stays a guarded store: decompose_
+    # reduction refuses these blocks once they sit under the fused dynamic (batch, head) loop)
+    # p @ v: the kv position outside, the value dim inside (contiguous, vectorisable)
+    weighted = sch.get_sblock("weighted")
+    e2, rv = sch.get_loops(weighted)[-2:]
+    sch.reorder(rv, e2)
     return sch.mod
+

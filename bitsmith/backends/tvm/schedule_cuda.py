@@ -95,22 +95,28 @@ def _row_dim(func: tir.PrimFunc) -> Any:
 # ---------------------------------------------------------------- hand-written GEMV
 
 def schedule_gemv(func: tir.PrimFunc, cfg: GemvConfig = DEFAULT_GEMV) -> tir.PrimFunc:
-    """Schedules a linear kernel (one reduction block y[i, j] += f(x[i, k], w[j, k]) with
-    spatial prologue blocks that decode w, and spatial epilogue blocks) as a low-batch GEMV.
+    """Schedules a linear kernel as a low-batch GEMV.
 
-    Raises CudaScheduleError when the function does not have that shape.
+    Expected blocks: spatial prologue blocks (weight decode, casts), one reduction
+    y[i, j] += f(x[i, k], w[j, k]), and spatial epilogue blocks (bias, cast). Prologues are
+    inlined into the product, so the decoded weight lives only in registers; the epilogue
+    runs per output after the all-reduce. Raises CudaScheduleError on other shapes (e.g.
+    the outlier kernels' second reduction: a side reduction can be placed neither before
+    nor after the epilogue's move under the thread loop), which then go to dlight.
     """
     sch = tvm.s_tir.Schedule(func)
     blocks = _blocks(sch)
-    reductions = [b for b in blocks if _is_reduction(sch, b)]
-    if len(reductions) != 1:
-        raise CudaScheduleError(f"GEMV schedule needs exactly one reduction block, found {len(reductions)}")
-    red = reductions[0]
-    red_name = sch.get(red).name_hint
-    position = [sch.get(b).name_hint for b in blocks].index(red_name)
-    for b in reversed(blocks[:position]):  # decode / cast prologue: computed where it is used
-        sch.compute_inline(b)
-    epilogue = [sch.get(b).name_hint for b in blocks[position + 1:]]
+    names = [sch.get(b).name_hint for b in blocks]
+    reductions = [n for n, b in zip(names, blocks) if _is_reduction(sch, b)]
+    if not reductions:
+        raise CudaScheduleError("GEMV schedule needs a reduction block")
+    if len(reductions) > 1:
+        raise CudaScheduleError(f"GEMV schedule handles one reduction block, found {len(reductions)}")
+    red_name = reductions[0]
+    position = names.index(red_name)
+    for name in reversed(names[:position]):  # decode / cast prologue: computed where it is used
+        sch.compute_inline(sch.get_sblock(name))
+    spatial_after = names[position + 1:]
     red = sch.get_sblock(red_name)
     iters = sch.get(red).iter_vars
     loops = sch.get_loops(red)
@@ -129,16 +135,9 @@ def schedule_gemv(func: tir.PrimFunc, cfg: GemvConfig = DEFAULT_GEMV) -> tir.Pri
     sch.bind(jt, "threadIdx.y")
     sch.bind(kx, "threadIdx.x")
     sch.unroll(ku)
-    for name in epilogue:  # cast / bias: one thread per output, after the all-reduce
-        b = sch.get_sblock(name)
-        sch.reverse_compute_at(b, jt, preserve_unit_loops=True)
-    for name in epilogue:
-        b = sch.get_sblock(name)
-        try:
-            sch.reverse_compute_inline(b)
-        except Exception:  # noqa: BLE001 - keep it as its own block under jt
-            pass
-    if epilogue:
+    for name in spatial_after:  # cast / bias: one result per output, after the all-reduce
+        sch.reverse_compute_at(sch.get_sblock(name), jt, preserve_unit_loops=True)
+    if spatial_after:
         sch.set_scope(red, 0, "local")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 

@@ -33,36 +33,57 @@ int lut_abi_version(void) { return 1; }
 
 /* ------------------------------------------------------------------ tables */
 
+/* Entries e = 0..7 (lo) and 8..15 (hi) of one quad's table, in the spec's order
+ * ((b0 x0 + b1 x1) + b2 x2) + b3 x3; a cleared bit adds +0.0 (exact). */
+static inline void quad_table(const float* q, __m256* lo, __m256* hi) {
+    const __m256 m0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+    const __m256 m1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+    const __m256 m2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+    __m256 t = _mm256_and_ps(_mm256_set1_ps(q[0]), m0);
+    t = _mm256_add_ps(t, _mm256_and_ps(_mm256_set1_ps(q[1]), m1));
+    t = _mm256_add_ps(t, _mm256_and_ps(_mm256_set1_ps(q[2]), m2));
+    *lo = t;
+    *hi = _mm256_add_ps(t, _mm256_set1_ps(q[3]));
+}
+
 static void build_table(const float* X, int64_t kpad, int64_t m, int64_t kg0, int64_t nkg, int fp32,
                         void* tables, int64_t tstride, float* ts, float* xs) {
     const float* xr = X + m * kpad + 4 * kg0;
     float s = 0.f;
     for (int64_t i = 0; i < 4 * nkg; i++) s = s + xr[i];
     *xs = s;
-    float mx = 0.f;
-    for (int pass = fp32 ? 1 : 0; pass < 2; pass++) {
-        const float inv = mx > 0.f ? 127.f / mx : 0.f;
+    __m256 lo, hi;
+    if (fp32) {
+        float* out = (float*)tables + m * tstride + kg0 * 16;
         for (int64_t kg = 0; kg < nkg; kg++) {
-            const float* q = xr + 4 * kg;
-            for (int e = 0; e < 16; e++) {
-                float t = (e & 1) ? q[0] : 0.f;
-                t = t + ((e & 2) ? q[1] : 0.f);
-                t = t + ((e & 4) ? q[2] : 0.f);
-                t = t + ((e & 8) ? q[3] : 0.f);
-                if (pass == 0) {
-                    const float a = t < 0.f ? -t : t;
-                    mx = a > mx ? a : mx;
-                } else if (fp32) {
-                    ((float*)tables)[m * tstride + (kg0 + kg) * 16 + e] = t;
-                } else {
-                    float r = __builtin_rintf(t * inv);
-                    r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
-                    ((int8_t*)tables)[m * tstride + (kg0 + kg) * 16 + e] = (int8_t)r;
-                }
-            }
+            quad_table(xr + 4 * kg, &lo, &hi);
+            _mm256_storeu_ps(out + 16 * kg, lo);
+            _mm256_storeu_ps(out + 16 * kg + 8, hi);
         }
+        *ts = 1.f;
+        return;
     }
-    *ts = fp32 ? 1.f : mx / 127.f;
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmx = _mm256_setzero_ps();
+    for (int64_t kg = 0; kg < nkg; kg++) {
+        quad_table(xr + 4 * kg, &lo, &hi);
+        vmx = _mm256_max_ps(vmx, _mm256_max_ps(_mm256_and_ps(lo, absmask), _mm256_and_ps(hi, absmask)));
+    }
+    float lanes[8], mx = 0.f;
+    _mm256_storeu_ps(lanes, vmx);
+    for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    const __m256 inv = _mm256_set1_ps(mx > 0.f ? 127.f / mx : 0.f);
+    int8_t* out = (int8_t*)tables + m * tstride + kg0 * 16;
+    for (int64_t kg = 0; kg < nkg; kg++) {
+        quad_table(xr + 4 * kg, &lo, &hi);
+        /* round to nearest even (MXCSR default), like numpy's rint; |t * inv| <= 127 */
+        const __m256i qlo = _mm256_cvtps_epi32(_mm256_mul_ps(lo, inv));
+        const __m256i qhi = _mm256_cvtps_epi32(_mm256_mul_ps(hi, inv));
+        const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(qlo, qhi), 0xD8);
+        _mm_storeu_si128((__m128i*)(out + 16 * kg),
+                         _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)));
+    }
+    *ts = mx / 127.f;
 }
 
 /* ------------------------------------------------------------------ lookup-accumulate, int8 tables */
@@ -286,32 +307,51 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
     }
 }
 
-/* Runs one stream. X: [M, Kpad] float32; Y: [M, N] float32. Returns 0, or (word << 8) | error. */
-int64_t lut_run(const uint64_t* s, int64_t nw, const uint8_t* W, int64_t wbytes, const float* P, int64_t pfloats,
-                const void* O, int64_t nout, const float* X, int64_t M, float* Y, int fp32, int threads) {
-    if (M <= 0 || wbytes % 32 || pfloats % 32) return fail(0, ERR_ARGS);
+/* Validates a stream against its operands' sizes and outlier records (they index X and YT),
+ * and writes the positions of its TABLE instructions, then of its TILE instructions, to pos
+ * (room for nw entries); counts[0], counts[1] = their numbers. Returns 0 or (word << 8) | error. */
+int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats, const void* O, int64_t nout,
+                 int64_t* pos, int64_t* counts) {
+    if (wbytes % 32 || pfloats % 32) return fail(0, ERR_ARGS);
     plan_t p = {0};
     int64_t err = validate(s, nw, wbytes / 32, pfloats / 32, nout, &p);
-    if (err) { free(p.tables); free(p.segs); return err; }
-    /* outlier columns are validated here: they index X rows */
-    for (int64_t o = 0; o < nout; o++) {
+    for (int64_t o = 0; !err && o < nout; o++) {
         const outlier_t* r = (const outlier_t*)O + o;
-        if (r->row < 0 || r->row >= 16 || r->col < 0 || r->col >= p.kpad) {
-            free(p.tables); free(p.segs); return fail(0, ERR_OUTLIER);
-        }
+        if (r->row < 0 || r->row >= 16 || r->col < 0 || r->col >= p.kpad) err = fail(0, ERR_OUTLIER);
     }
+    if (!err) {
+        memcpy(pos, p.tables, sizeof(int64_t) * p.ntables);
+        memcpy(pos + p.ntables, p.segs, sizeof(int64_t) * p.nsegs);
+        counts[0] = p.ntables;
+        counts[1] = p.nsegs;
+    }
+    free(p.tables);
+    free(p.segs);
+    return err;
+}
+
+/* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
+ * Y: [M, N] float32, zero on entry. Returns 0, or ERR_MEMORY. */
+int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t nsegs, const uint8_t* W,
+                 const float* P, const void* O, const float* X, int64_t M, float* Y, int fp32, int threads) {
+    plan_t p = {0};
+    p.n = (int64_t)(s[2] & 0xffffffffULL);
+    p.kpad = (int64_t)(s[2] >> 32);
+    p.kg = p.kpad / 4;
+    p.blocks = (int64_t)s[3];
     const int64_t tstride = (p.kg + 1) * 16;
-    void* tables = calloc((size_t)(M * tstride), fp32 ? 4 : 1);
-    float* TS = calloc((size_t)(M * p.blocks), sizeof(float));
-    float* XS = calloc((size_t)(M * p.blocks), sizeof(float));
+    const size_t esize = fp32 ? 4 : 1;
+    void* tables = calloc((size_t)(M * tstride), esize); /* quads no TABLE builds read as zeros */
+    float* TS = malloc(sizeof(float) * (size_t)(M * p.blocks));
+    float* XS = malloc(sizeof(float) * (size_t)(M * p.blocks));
     int oom = !tables || !TS || !XS;
     if (!oom) {
         #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
         {
             #pragma omp for schedule(static) collapse(2)
-            for (int64_t t = 0; t < p.ntables; t++)
+            for (int64_t t = 0; t < ntables; t++)
                 for (int64_t m = 0; m < M; m++) {
-                    const uint64_t w = s[p.tables[t]];
+                    const uint64_t w = s[pos[t]];
                     const int64_t g = FIELD(w, 8, 20);
                     build_table(X, p.kpad, m, FIELD(w, 28, 20), FIELD(w, 48, 16) + 1, fp32, tables, tstride,
                                 TS + m * p.blocks + g, XS + m * p.blocks + g);
@@ -323,14 +363,14 @@ int64_t lut_run(const uint64_t* s, int64_t nw, const uint8_t* W, int64_t wbytes,
                 oom = 1;
             }
             #pragma omp for schedule(static)
-            for (int64_t g = 0; g < p.nsegs; g++)
+            for (int64_t g = 0; g < nsegs; g++)
                 if (accbuf && yt)
-                    run_segment(s, p.segs[g], &p, W, P, (const outlier_t*)O, X, M, Y, fp32, tables, tstride,
+                    run_segment(s, pos[ntables + g], &p, W, P, (const outlier_t*)O, X, M, Y, fp32, tables, tstride,
                                 TS, XS, accbuf, yt);
             free(accbuf);
             free(yt);
         }
     }
-    free(tables); free(TS); free(XS); free(p.tables); free(p.segs);
+    free(tables); free(TS); free(XS);
     return oom ? fail(0, ERR_MEMORY) : 0;
 }

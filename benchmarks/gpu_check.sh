@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# tvm-cuda checks on a GPU machine that has TVM's runtime but not its compiler.
+#
+# Prepare on a machine with the TVM compiler and nvcc (no GPU needed), from the repo root:
+#   BITSMITH_CACHE_DIR=/tmp/bitsmith-cache python tests/cuda_cases.py --build .gpu/prebuilt
+#       -> .gpu/prebuilt/models/<case>/ (tvm-cuda artifacts + inputs + reference logits)
+#          .gpu/prebuilt/qkernels/      (one quantized kernel per scheme/outlier/N:M case)
+#   BITSMITH_CACHE_DIR=/tmp/bitsmith-cache python benchmarks/gpu_kernels.py --build .gpu/prebuilt/bench
+#       -> .gpu/prebuilt/bench/ (dense + quantized GEMV/GEMM kernels, no weights)
+# .gpu/site holds the TVM runtime (python package + libtvm_runtime_cuda, tvm_ffi for cp312)
+# and a bitsmith dist-info so the backend entry points resolve from the source tree.
+#
+# Run on the GPU machine from the repo root (carry: .gpu), total < 8 minutes:
+#   bash benchmarks/gpu_check.sh
+# Writes to $OUT (default ./gpu_out): nvidia-smi.txt, smoke.txt, gpu_tests.txt, gpu_kernels.txt.
+set -u
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+ROOT="$PWD"
+SITE="${BITSMITH_GPU_SITE:-$ROOT/.gpu/site}"   # override only for a dry run elsewhere
+export PYTHONPATH="$SITE:$ROOT:$ROOT/tests"
+export TVM_USE_RUNTIME_LIB=1
+export TVM_CUDA_COMPILE_MODE=nvcc          # only used if a kernel has no prebuilt fatbin
+export BITSMITH_CUDA_PREBUILT="$ROOT/.gpu/prebuilt"
+export BITSMITH_CACHE_DIR="${TMPDIR:-/tmp}/bitsmith-cache"
+export HF_HUB_OFFLINE=1
+PY="${PYTHON:-python3}"
+
+echo "== $(date -u +%FT%TZ) start" | tee "$OUT/nvidia-smi.txt"
+nvidia-smi >> "$OUT/nvidia-smi.txt" 2>&1
+
+# 1. smoke: runtime import, GPU visible, one prebuilt kernel loads without compiling, one model runs
+timeout 120 "$PY" - > "$OUT/smoke.txt" 2>&1 <<'EOF'
+import time, sys
+from pathlib import Path
+t0 = time.time()
+import numpy as np, tvm
+print("python", sys.version.split()[0], "tvm", tvm.__version__, tvm.__file__)
+print("cuda(0).exist:", tvm.cuda(0).exist, "compute", tvm.cuda(0).compute_version if tvm.cuda(0).exist else "-")
+from bitsmith.backends.tvm.cuda_runtime import BINARIES
+import cuda_cases
+import os
+pre = Path(os.environ["BITSMITH_CUDA_PREBUILT"])
+print("qkernel rtn-int4:", cuda_cases.check_qkernel(pre / "qkernels", "rtn-int4"), "(ratio <= 1 passes)")
+print("prebuilt binaries used:", BINARIES.hits, "runtime compiles:", BINARIES.misses)
+print("model llama:", cuda_cases.check_model(pre / "models" / "llama"), "(err <= allowed passes)")
+print("prebuilt binaries used:", BINARIES.hits, "runtime compiles:", BINARIES.misses)
+print(f"smoke done in {time.time() - t0:.1f} s")
+EOF
+echo "smoke exit $?" >> "$OUT/smoke.txt"
+
+# 2. gpu-marked tests (tiny-model logits vs reference, every quantized kernel case vs numpy)
+timeout 240 "$PY" -m pytest tests/test_tvm_cuda.py -m gpu -v -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
+
+# 3. kernel benchmark: quantized GEMV/GEMM vs torch fp16, GB/s vs the copy-bandwidth roofline
+timeout 270 "$PY" benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench > "$OUT/gpu_kernels.txt" 2>&1
+echo "benchmark exit $?" >> "$OUT/gpu_kernels.txt"
+echo "== $(date -u +%FT%TZ) done" >> "$OUT/nvidia-smi.txt"

@@ -1,0 +1,206 @@
+"""tvm-cuda check cases that are built where TVM's compiler is and checked where a GPU is.
+
+Building (this machine: TVM compiler + nvcc, no GPU):
+    python tests/cuda_cases.py --build .gpu/prebuilt
+writes
+    models/<case>/artifact/       a saved tvm-cuda CompiledModel (``cm.save``)
+    models/<case>/inputs_<k>.npz  arguments of function "main" (prefill m=8, m=20, decode m=1)
+    models/<case>/ref_<k>.npy     the reference target's logits for them (same module)
+    qkernels/<case>.{so,fatbin,ptx,json}  one quantized-linear kernel per case
+    qkernels/<case>.npz           its operands, activations for m = 1, 5, 33, reference outputs
+Checking (GPU machine: TVM runtime only) is ``check_model`` / ``check_qkernel``, used by the
+gpu-marked tests in test_tvm_cuda.py. Nothing here is unpickled: .npz/.npy load with
+``allow_pickle=False``.
+
+Tolerances (fp16 activations against the float32/float64 oracle):
+* logits: max|y - ref| <= 2e-2 * max|ref|. fp16 has a relative rounding error of 4.9e-4;
+  every kernel boundary rounds its output to fp16 (about 10 per layer), and the errors of a
+  few dozen roundings add up to ~1e-2 of the logits' scale in the worst case; the fp16
+  module on the reference interpreter stays within 1e-3 (see test_half_module_matches_fp32).
+  A wrong kernel (index, mask, decode) moves logits by O(max|ref|).
+* quantized linear: |y - ref| <= 2e-3 * (|x| @ |W|.T) + 2e-3 * |ref| elementwise: every
+  decoded weight (grid value times fp16 scale) and the fp16 output are rounded once each
+  (<= 4.9e-4 relative), the float32 accumulation adds far less; 2e-3 leaves a 2x margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+LOGIT_RTOL = 2e-2
+QLINEAR_TOL = 2e-3
+MODEL_CASES = {  # case -> (architecture, compile options)
+    "llama": ("llama", {}),
+    "gpt2": ("gpt2", {}),
+    "qwen2": ("qwen2", {}),
+    "llama-bitmod-w4": ("llama", {"quant": "bitmod-w4", "group_size": 32}),
+    "qwen2-bitmod-w3-2of4-ol": ("qwen2", {"quant": "bitmod-w3", "group_size": 32, "sparsity": "2:4",
+                                          "outliers": 0.01}),
+}
+# (scheme, in, out, group, sparsity, outliers, bias): every scheme, short last groups,
+# outliers and N:M
+QKERNEL_CASES: dict[str, tuple[str, int, int, int, str, float, bool]] = {}
+for _s in ("rtn-int2", "rtn-int3", "rtn-int4", "rtn-int2-sym", "rtn-int3-sym", "rtn-int4-sym",
+           "fp3", "fp4", "bitmod-w3", "bitmod-w4"):
+    QKERNEL_CASES[_s] = (_s, 320, 96, 128, "", 0.0, False)
+QKERNEL_CASES["bitmod-w4-ol-bias"] = ("bitmod-w4", 320, 96, 64, "", 0.02, True)
+QKERNEL_CASES["bitmod-w3-2of4"] = ("bitmod-w3", 256, 80, 64, "2:4", 0.0, False)
+QKERNEL_CASES["rtn-int4-4of8-ol"] = ("rtn-int4", 256, 72, 32, "4:8", 0.01, False)
+QKERNEL_MS = (1, 5, 33)
+
+
+# ---------------------------------------------------------------- building (compiler side)
+
+def _model_inputs(module: Any, rng: np.random.Generator, vocab: int) -> list[list[np.ndarray]]:
+    """Three argument lists of "main": prefill of 8 and 20 tokens, one decode step after 7."""
+    from bitsmith.ir import run_function
+    fn = module.function("main")
+    kv = [p for p in fn.params[2:]]
+
+    def empty_past() -> list[np.ndarray]:
+        return [np.zeros((1,) + tuple(0 if isinstance(d, str) else d for d in p.type.shape[1:]), np.float32)
+                for p in kv]
+
+    cases = []
+    for m in (8, 20):
+        ids = rng.integers(0, vocab, (1, m))
+        cases.append([ids, np.arange(m)[None], *empty_past()])
+    ids = rng.integers(0, vocab, (1, 8))
+    outs = run_function(module, "main", [ids[:, :7], np.arange(7)[None], *empty_past()])
+    cases.append([ids[:, 7:], np.array([[7]]), *outs[1:]])
+    return cases
+
+
+def build_models(out: Path) -> None:
+    import bitsmith
+    from bitsmith.ir import run_function
+    from hf_configs import VOCAB, make_model
+    rng = np.random.default_rng(0)
+    for case, (arch, opts) in MODEL_CASES.items():
+        d = out / "models" / case
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        cm = bitsmith.compile(make_model(arch), target="tvm-cuda", **opts)
+        cm.save(str(d / "artifact"))
+        for k, args in enumerate(_model_inputs(cm.module, rng, VOCAB)):
+            np.savez(d / f"inputs_{k}.npz", *args)
+            np.save(d / f"ref_{k}.npy", run_function(cm.module, "main", args)[0].astype(np.float32))
+        print(f"built model case {case}: {cm.report()['executable']['kernels']} kernels", flush=True)
+
+
+def make_qlinear(rng: np.random.Generator, scheme: str, k: int, n: int, group: int, sparsity: str,
+                 outliers: float, bias: bool) -> tuple[dict, list[np.ndarray]]:
+    """(attrs, constant operands in IR order) quantizing a random [n, k] weight with the
+    quantize pass's own helpers."""
+    from bitsmith.ir.datatypes import get_scheme
+    from bitsmith.passes.quantization.groups import quantize_matrix, select_outliers
+    from bitsmith.passes.quantization.nm import compress_nm, nm_mask
+    from bitsmith.passes.quantization.pack import qlinear_operands as pack_qlinear
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.2, 2.0, (n, 1))).astype(np.float32)
+    s = get_scheme(scheme)
+    attrs = dict(scheme=scheme, group_size=group, in_features=k, out_features=n, sparsity=sparsity,
+                 outliers=outliers, bias=bias)
+    kept_w, index = w, None
+    if sparsity:
+        keep, block = (int(p) for p in sparsity.split(":"))
+        kept_w, index = compress_nm(w, nm_mask(w, keep, block), keep, block)
+    qm = quantize_matrix(kept_w, s, group)
+    mask = select_outliers(w, s, group, outliers) if outliers else None
+    arrays = pack_qlinear(qm, s, attrs, mask, w * 3 if outliers else None, index)
+    if bias:
+        arrays.append(rng.standard_normal(n).astype(np.float32))
+    return attrs, arrays
+
+
+def qlinear_reference(attrs: dict, arrays: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(reference y in float64, elementwise tolerance) for fp16 activations ``x``."""
+    from bitsmith.ir.quantized import dequantize
+    n_weight = len(arrays) - (1 if attrs["bias"] else 0)
+    w = dequantize(attrs, arrays[:n_weight]).astype(np.float64)
+    xf = x.astype(np.float64)
+    y = xf @ w.T
+    if attrs["bias"]:
+        y = y + arrays[-1].astype(np.float16).astype(np.float64)
+    tol = QLINEAR_TOL * (np.abs(xf) @ np.abs(w).T) + QLINEAR_TOL * np.abs(y) + 1e-6
+    return y, tol
+
+
+def build_qkernels(out: Path) -> None:
+    from bitsmith.backends.tvm.cuda_bundle import save_kernel
+    from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
+    d = out / "qkernels"
+    shutil.rmtree(d, ignore_errors=True)
+    rng = np.random.default_rng(1)
+    for case, spec in QKERNEL_CASES.items():
+        attrs, arrays = make_qlinear(rng, *spec)
+        ops = qlinear_operands(attrs, arrays, "float16")
+        save_kernel(qlinear_kernel(attrs, ops, "float16"), d, case)
+        data: dict[str, np.ndarray] = {f"op{i}": a for i, a in enumerate(ops)}
+        for m in QKERNEL_MS:
+            x = rng.standard_normal((m, attrs["in_features"])).astype(np.float16)
+            y, tol = qlinear_reference(attrs, arrays, x)
+            data[f"x{m}"], data[f"y{m}"], data[f"tol{m}"] = x, y, tol
+        np.savez(d / f"{case}.npz", **data)
+        (d / f"{case}.attrs.json").write_text(json.dumps(attrs, sort_keys=True))
+        print(f"built qkernel case {case}", flush=True)
+
+
+# ---------------------------------------------------------------- checking (GPU side)
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def check_model(case_dir: Path) -> list[tuple[str, float, float]]:
+    """[(input name, max|y - ref|, allowed)] for every saved input of one model case."""
+    import bitsmith
+    cm = bitsmith.load(str(case_dir / "artifact"))
+    results = []
+    for inp in sorted(case_dir.glob("inputs_*.npz")):
+        k = inp.stem.split("_")[1]
+        saved = _npz(inp)
+        args = [saved[f"arr_{i}"] for i in range(len(saved))]
+        ref = np.load(case_dir / f"ref_{k}.npy", allow_pickle=False)
+        y = cm.run("main", args)[0]
+        results.append((inp.stem, float(np.abs(y.astype(np.float32) - ref).max()),
+                        LOGIT_RTOL * float(np.abs(ref).max())))
+    return results
+
+
+def check_qkernel(directory: Path, case: str) -> list[tuple[int, float]]:
+    """[(m, worst |y - ref| / tol)] of one prebuilt quantized kernel; <= 1 passes."""
+    import tvm
+    from bitsmith.backends.tvm.cuda_bundle import load_kernel
+    fn, _ = load_kernel(directory, case)
+    data = _npz(directory / f"{case}.npz")
+    dev = tvm.cuda(0)
+    ops = [tvm.runtime.tensor(data[f"op{i}"], dev) for i in range(sum(1 for k in data if k.startswith("op")))]
+    out = []
+    for m in QKERNEL_MS:
+        x, ref, tol = data[f"x{m}"], data[f"y{m}"], data[f"tol{m}"]
+        y = tvm.runtime.empty(ref.shape, "float16", dev)
+        fn(tvm.runtime.tensor(x, dev), *ops, y)
+        err = np.abs(y.numpy().astype(np.float64) - ref)
+        out.append((m, float((err / tol).max())))
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--build", required=True, help="output folder, e.g. .gpu/prebuilt")
+    ap.add_argument("--only", choices=("models", "qkernels"), default=None)
+    a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    root = Path(a.build)
+    if a.only in (None, "qkernels"):
+        build_qkernels(root)
+    if a.only in (None, "models"):
+        build_models(root)
