@@ -10,7 +10,7 @@
 # .gpu/site holds the TVM runtime (python package + libtvm_runtime_cuda, tvm_ffi for cp312)
 # and a bitsmith dist-info so the backend entry points resolve from the source tree.
 #
-# Run on the GPU machine from the repo root (carry: .gpu), total < 8 minutes:
+# Run on the GPU machine from the repo root (carry: .gpu), total < 8 minutes (timeouts 90+180+200 s):
 #   bash benchmarks/gpu_check.sh
 # Writes to $OUT (default ./gpu_out): nvidia-smi.txt, smoke.txt, gpu_tests.txt, gpu_kernels.txt.
 set -u
@@ -30,11 +30,12 @@ echo "== $(date -u +%FT%TZ) start" | tee "$OUT/nvidia-smi.txt"
 nvidia-smi >> "$OUT/nvidia-smi.txt" 2>&1
 
 # 1. smoke: runtime import, GPU visible, one prebuilt kernel loads without compiling, one model runs
-timeout 120 "$PY" - > "$OUT/smoke.txt" 2>&1 <<'EOF'
+timeout 90 "$PY" - > "$OUT/smoke.txt" 2>&1 <<'EOF'
 import time, sys
 from pathlib import Path
 t0 = time.time()
 import numpy as np, tvm
+from bitsmith.backends.tvm.cuda_runtime import gpu_available; gpu_available()
 print("python", sys.version.split()[0], "tvm", tvm.__version__, tvm.__file__)
 print("cuda(0).exist:", tvm.cuda(0).exist, "compute", tvm.cuda(0).compute_version if tvm.cuda(0).exist else "-")
 from bitsmith.backends.tvm.cuda_runtime import BINARIES
@@ -50,10 +51,10 @@ EOF
 echo "smoke exit $?" >> "$OUT/smoke.txt"
 
 # 2. gpu-marked tests (tiny-model logits vs reference, every quantized kernel case vs numpy)
-timeout 240 "$PY" -m pytest tests/test_tvm_cuda.py -m gpu -v -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+timeout 180 "$PY" -m pytest tests/test_tvm_cuda.py -m gpu -v -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
 
 # 3. kernel benchmark: quantized GEMV/GEMM vs torch fp16, GB/s vs the copy-bandwidth roofline
-timeout 270 "$PY" benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench > "$OUT/gpu_kernels.txt" 2>&1
+timeout 200 "$PY" benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench > "$OUT/gpu_kernels.txt" 2>&1
 echo "benchmark exit $?" >> "$OUT/gpu_kernels.txt"
 echo "== $(date -u +%FT%TZ) done" >> "$OUT/nvidia-smi.txt"

@@ -2,6 +2,7 @@
 
     python benchmarks/tvm_matmul.py                 # both thread counts, each in a fresh process
     python benchmarks/tvm_matmul.py --threads 1 --shapes 4096x4096 --schemes bitmod-w4
+    python benchmarks/tvm_matmul.py --cold     # weights rotated through > 64 MiB: read from DRAM, as in decode
 
 Prints one table per thread count: shape, m, torch fp32 ms, tvm ms and GB/s (bytes of the
 weight operands the kernel reads: fp32 weights, or codes + scales + metadata), speed-up over torch.
@@ -21,18 +22,21 @@ import time
 SHAPES = ["576x576", "576x192", "576x1536", "1536x576", "576x49152", "4096x4096"]  # in x out
 
 
+CLOCK = time.perf_counter
+
+
 def _bench(fn, min_time: float = 0.2, repeats: int = 5) -> float:
     fn()
-    t0, calls = time.perf_counter(), 0
-    while time.perf_counter() - t0 < min_time / 4 or calls < 3:
+    t0, calls = CLOCK(), 0
+    while CLOCK() - t0 < min_time / 4 or calls < 3:
         fn()
         calls += 1
     best = float("inf")
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t) / calls)
+        best = min(best, (CLOCK() - t) / calls)
     return best
 
 
@@ -52,37 +56,57 @@ def _random_qlinear(scheme_name: str, k: int, n: int, group_size: int, rng):
     return attrs, arrays
 
 
-def run(threads: int, shapes: list[str], schemes: list[str], ms: list[int], group_size: int) -> None:
+def _copies(nbytes: int, cold: bool) -> int:
+    """How many copies of a weight to rotate through so every call reads it from DRAM (> 64 MiB
+    in all, twice a 32 MiB L3) when ``cold``; 1 (weights stay in cache) otherwise."""
+    return max(1, -(-(64 << 20) // nbytes)) if cold else 1
+
+
+def run(threads: int, shapes: list[str], schemes: list[str], ms: list[int], group_size: int,
+        cold: bool = False) -> None:
     os.environ["TVM_NUM_THREADS"] = str(threads)
     import numpy as np
     import torch
     from bitsmith.backends.tvm.matmul import compile_linear, compile_qlinear, qlinear_operands
     torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
-    print(f"\n## threads={threads}  machine: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus, torch {torch.__version__}")
+    clock = "thread CPU time" if CLOCK is time.thread_time else "wall time"
+    print(f"\n## threads={threads}, {'cold (weights from DRAM)' if cold else 'hot (weights in cache)'}, {clock}  "
+          f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+          f"torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
     print("| shape (in x out) | kernel | m | torch fp32 ms | tvm ms | tvm GB/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for shape in shapes:
         k, n = (int(v) for v in shape.split("x"))
+        import tvm
         w = rng.standard_normal((n, k)).astype(np.float32)
-        wt = torch.from_numpy(w)
-        kernels = [("fp32 dense", compile_linear(w), w.nbytes)]
+        wts = [torch.from_numpy(w.copy()) for _ in range(_copies(w.nbytes, cold))]
+        dense = compile_linear(w)
+        kernels = [("fp32 dense", dense, [[tvm.runtime.tensor(t.numpy())] for t in wts], w.nbytes)]
         for name in schemes:
             attrs, arrays = _random_qlinear(name, k, n, group_size, rng)
             ops = qlinear_operands(attrs, arrays, "float32")
-            kernels.append((name, compile_qlinear(attrs, arrays), sum(a.nbytes for a in ops)))
+            nbytes = sum(a.nbytes for a in ops)
+            consts = [[tvm.runtime.tensor(a) for a in ops] for _ in range(_copies(nbytes, cold))]
+            kernels.append((name, compile_qlinear(attrs, arrays), consts, nbytes))
         for m in ms:
             x = rng.standard_normal((m, k)).astype(np.float32)
             xt = torch.from_numpy(x)
-            for label, fn, nbytes in kernels:
-                import tvm
+            for label, fn, consts, nbytes in kernels:
                 xs = tvm.runtime.tensor(x)
                 y = tvm.runtime.tensor(np.empty((m, n), np.float32))
-                args = [xs, *fn.constants, y]
-                t_torch = _bench(lambda: torch.nn.functional.linear(xt, wt))
-                t_tvm = _bench(lambda: fn.function(*args))
-                t_torch = min(t_torch, _bench(lambda: torch.nn.functional.linear(xt, wt)))
+
+                def torch_round():
+                    for wt in wts:
+                        torch.nn.functional.linear(xt, wt)
+
+                def tvm_round():
+                    for c in consts:
+                        fn.function(xs, *c, y)
+
+                t_torch = _bench(torch_round) / len(wts)
+                t_tvm = _bench(tvm_round) / len(consts)
+                t_torch = min(t_torch, _bench(torch_round) / len(wts))
                 print(f"| {shape} | {label} | {m} | {t_torch * 1e3:.3f} | {t_tvm * 1e3:.3f} | "
                       f"{nbytes / t_tvm / 1e9:.1f} | {t_torch / t_tvm:.2f}x |", flush=True)
 
@@ -94,14 +118,23 @@ def main() -> None:
     p.add_argument("--schemes", nargs="*", default=["rtn-int4", "bitmod-w4", "bitmod-w3"])
     p.add_argument("--m", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--cold", action="store_true", help="rotate weight copies (> 64 MiB) so reads come from DRAM")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time with the calling thread's CPU time (1 thread only: robust on a shared machine)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.cpu_time:
+        if a.threads != [1]:
+            p.error("--cpu-time needs --threads 1 (other threads' time is not counted)")
+        global CLOCK
+        CLOCK = time.thread_time
     if a.child or len(a.threads) == 1:
-        run(a.threads[0], a.shapes, a.schemes, a.m, a.group_size)
+        run(a.threads[0], a.shapes, a.schemes, a.m, a.group_size, a.cold)
         return
     for t in a.threads:  # TVM reads TVM_NUM_THREADS once per process: one process per count
         subprocess.run([sys.executable, __file__, "--child", "--threads", str(t), "--shapes", *a.shapes,
-                        "--schemes", *a.schemes, "--m", *map(str, a.m), "--group-size", str(a.group_size)],
+                        "--schemes", *a.schemes, "--m", *map(str, a.m), "--group-size", str(a.group_size),
+                        *(["--cold"] if a.cold else [])],
                        check=True)
 
 

@@ -178,6 +178,8 @@ def check_model(case_dir: Path) -> list[tuple[str, float, float]]:
 def check_qkernel(directory: Path, case: str) -> list[tuple[int, float]]:
     """[(m, worst |y - ref| / tol)] of one prebuilt quantized kernel; <= 1 passes."""
     import tvm
+    from bitsmith.backends.tvm.cuda_runtime import gpu_available
+    gpu_available()  # registers TVM's CUDA runtime under TVM_USE_RUNTIME_LIB=1
     from bitsmith.backends.tvm.cuda_bundle import load_kernel
     fn, _ = load_kernel(directory, case)
     data = _npz(directory / f"{case}.npz")

@@ -216,7 +216,7 @@ def test_mcpu_and_threads_options(monkeypatch):
 
 # ---------------------------------------------------------------- whole models
 
-from tests.hf_configs import ARCHS, make_model  # noqa: E402
+from hf_configs import ARCHS, make_model  # noqa: E402
 
 
 def _cache_inputs(module, rng, batch, past, seq):
@@ -303,10 +303,16 @@ def test_corrupted_kernel_library_is_refused(compiled_models, tmp_path):
 
 
 _FRESH = """
-import json, bitsmith
-from tests.hf_configs import make_model
-cm = bitsmith.compile(make_model("gpt2"), target="tvm-llvm")
-r = cm.executable.report()
+import json
+import numpy as np
+from bitsmith.ir.builder import GraphBuilder
+from bitsmith.ir.types import TensorType
+from bitsmith.backends.tvm.targets import get_target
+g = GraphBuilder()
+x = g.param("x", TensorType(("batch", "seq", 8), "float32"))
+w = g.constant("w", np.ones((8, 8), np.float32))
+y = g.op("softmax", (g.op("linear", (g.op("silu", (x,)), w)),), {"axis": -1})
+r = get_target("tvm-llvm").build(g.module([y]), {"mcpu": "host", "threads": 0}).report()
 print(json.dumps({k: r[k] for k in ("cache_hits", "cache_misses", "kernels")}))
 """
 
@@ -346,12 +352,15 @@ def test_quantized_llama_matches_reference_under_same_quantization(quant):
 # ---------------------------------------------------------------- SmolLM2-135M
 
 @pytest.fixture(scope="module")
-def smollm2_tvm(smollm2, tmp_path_factory):
+def smollm2_tvm(smollm2_compiled, tmp_path_factory):
+    """tvm-llvm build of the reference target's module (same passes: both pipelines are empty),
+    skipping a second capture of the model."""
     import os
-    import bitsmith
+    from bitsmith.runtime.model import CompiledModel
     os.environ["BITSMITH_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "tvm-cache")
-    model, _ = smollm2
-    return bitsmith.compile(model, target="tvm-llvm")
+    ref = smollm2_compiled
+    exe = build(ref.module)
+    return CompiledModel(ref.module, exe, "tvm-llvm", dict(OPTIONS), ref.lm, {})
 
 
 def _prompt(smollm2):

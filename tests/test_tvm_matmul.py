@@ -165,6 +165,23 @@ def test_generic_schedule_of_the_definition(scheme, sparsity, outliers):
     assert_close(y.numpy(), ref, x, w)
 
 
+def test_qlinear_table_gather_path_without_ssse3():
+    """Baseline x86-64 (no SSSE3) takes the table-gather decode that non-x86 targets use."""
+    rng = np.random.default_rng(9)
+    attrs, arrays = make_qlinear(rng, "bitmod-w3", 144, 19, 32, "2:4", 0.03, bias=True)
+    baseline = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    kdef = mm.qlinear_kernel(attrs, mm.qlinear_operands(attrs, arrays, "float32"), "float32")
+    assert "pshuf" not in mm.schedule_matmul_cpu(kdef, baseline).script()
+    from tvm.target import codegen
+    if codegen.llvm_cpu_has_features("ssse3", mm.host_target()):
+        assert "pshuf" in mm.schedule_matmul_cpu(kdef, mm.host_target()).script()
+    fn = mm.compile_qlinear(attrs, arrays, target=baseline)
+    for m in (1, 5):
+        x = rng.standard_normal((m, 144)).astype(np.float32)
+        ref, w = reference(attrs, arrays, x)
+        assert_close(fn(x), ref, x, w)
+
+
 def test_qlinear_float16_definitions_build_for_llvm():
     rng = np.random.default_rng(5)
     attrs, arrays = make_qlinear(rng, "bitmod-w4", 160, 24, 32, "2:4", 0.03, bias=True)
@@ -189,6 +206,9 @@ def test_qlinear_bad_operands_raise():
         mm.qlinear_operands(attrs, [arrays[0][:, :3]] + arrays[1:], "float32")
     with pytest.raises(BitsmithError, match="dtype"):
         mm.qlinear_kernel(attrs, mm.qlinear_operands(attrs, arrays, "float32"), "int8")
+    kdef = mm.qlinear_kernel(attrs, mm.qlinear_operands(attrs, arrays, "float32"), "float32")
+    with pytest.raises(BitsmithError, match="not llvm"):
+        mm.schedule_matmul_cpu(kdef, tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))
 
 
 # ---------------------------------------------------------------- dense linear

@@ -104,6 +104,9 @@ class CudaCompiler:
     compile_seconds: float = 0.0
     nvcc_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+
     def prepare(self, kdef: KernelDef) -> tuple[KernelDef, list[ScratchSpec]]:
         names = SCRATCH_BY_KIND.get(kdef.kind, ())
         if not names:

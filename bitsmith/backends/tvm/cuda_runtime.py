@@ -36,9 +36,31 @@ def source_digest(source: str) -> str:
     return hashlib.sha256(source.encode()).hexdigest()
 
 
+def _load_cuda_runtime(tvm: Any) -> None:
+    """TVM's runtime-only mode (TVM_USE_RUNTIME_LIB=1, how a deployment without the compiler
+    runs) skips its backend autoload, so the CUDA device API and module loader
+    (libtvm_runtime_cuda) would never register: load that library here."""
+    from tvm.base import _LOADED_LIBS
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    from tvm_ffi.libinfo import load_lib_ctypes
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            package="tvm", target_name="tvm_runtime_cuda", extra_lib_paths=[runtime_dir], mode="RTLD_LOCAL")
+    except (OSError, FileNotFoundError, RuntimeError):
+        pass  # no CUDA runtime library here: gpu_available() answers False
+
+
+def _tvm() -> Any:
+    import tvm
+    _load_cuda_runtime(tvm)
+    return tvm
+
+
 def gpu_available() -> bool:
     try:
-        import tvm
+        tvm = _tvm()
         return bool(tvm.cuda(0).exist)
     except Exception:  # noqa: BLE001 - a runtime without CUDA support raises on the query
         return False
@@ -47,8 +69,7 @@ def gpu_available() -> bool:
 def require_gpu() -> Any:
     if not gpu_available():
         raise BitsmithError(NO_GPU)
-    import tvm
-    return tvm.cuda(0)
+    return _tvm().cuda(0)
 
 
 @dataclass
@@ -112,7 +133,7 @@ class KernelLibraries:
         self._modules: list[Any] = []
 
     def load(self, key: str, library: bytes, functions: Sequence[str], max_rows: int) -> Callable:
-        import tvm
+        tvm = _tvm()
         p = self.path / f"{key}.so"
         p.write_bytes(library)
         mod = tvm.runtime.load_module(str(p))
@@ -133,11 +154,11 @@ class CudaPlanExecutor:
 
     def __init__(self, plan: FunctionPlan, kernels: Mapping[str, DeviceKernel],
                  consts: Mapping[int, np.ndarray], device: Any) -> None:
-        import tvm
+        tvm = _tvm()
         self.tvm, self.plan, self.device, self.kernels = tvm, plan, device, kernels
         self.base_env: list[Any] = [None] * plan.num_slots
         for slot, arr in consts.items():
-            self.base_env[slot] = tvm.runtime.tensor(np.ascontiguousarray(arr), device)
+            self.base_env[slot] = tvm.runtime.tensor(np.require(arr, requirements="C"), device)  # keeps 0-d
         self.param_dtypes = [np.dtype(_np_dtype(dt)) for _, dt in plan.param_types]
         for s in plan.steps:
             if isinstance(s, Call) and s.kernel not in kernels:
@@ -204,8 +225,8 @@ class CudaPlanExecutor:
                 env[slot] = a
                 outs.append(a)
             kernel.fn(*ins, *scratch, *outs)
-        return [env[r].numpy().astype(np.float32) if env[r].dtype in ("float16", "float32")
-                else env[r].numpy() for r in plan.results]
+        out = [env[r].numpy() for r in plan.results]
+        return [a.astype(np.float32) if a.dtype == np.float16 else a for a in out]
 
 
 def _np_dtype(name: str) -> np.dtype:

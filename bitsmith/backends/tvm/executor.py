@@ -11,9 +11,8 @@ one executor must not run in two threads at once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
-
 import ctypes
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 

@@ -10,7 +10,7 @@ starts a new group. Groups are therefore always executable in step order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from ...ir.graph import Function, Node
@@ -28,11 +28,6 @@ class Step:
 
     def consumed(self) -> set[str]:
         return {i for n in self.nodes for i in n.inputs}
-
-
-@dataclass
-class Grouping:
-    steps: list[Step] = field(default_factory=list)
 
 
 def group_nodes(fn: Function, is_anchor: Callable[[Node], bool], is_source: Callable[[Node], bool]) -> list[Step]:

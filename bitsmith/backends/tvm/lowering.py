@@ -8,7 +8,7 @@ raises UnsupportedOpError naming the op, the node's location and the target.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 from tvm import te
@@ -16,7 +16,6 @@ from tvm import te
 from ...errors import UnsupportedOpError
 from ...ir import Module
 from ...ir.graph import Function, Node
-from ...ir.symbolic import Dim
 from ...ir.types import numpy_dtype
 from .anchor_rules import ANCHOR_RULES
 from .fused_rules import FUSED_RULES, RuleContext
@@ -126,13 +125,9 @@ def _lower_group(step: Step, ctx: LoweringContext, users: Mapping[str, list[Node
     """One kernel for the group; reshapes at its edges become numpy views (every slot holds a
     C-contiguous array, so a reshape of one is free and keeps the kernel's dims plain)."""
     nodes = list(step.nodes)
-    members = {id(n) for n in nodes}
-
-    def escapes(v: str) -> bool:
-        return v in results or any(id(u) not in members for u in users.get(v, []))
 
     def used_inside(v: str) -> bool:
-        return any(id(u) in members and v in u.inputs for u in nodes)
+        return any(v in u.inputs for u in nodes)
 
     produced = {o.name for n in nodes for o in n.outputs}
     lead = [n for n in nodes if n.op == "reshape" and n.inputs[0] not in produced]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...errors import BitsmithError
 from .kernel import KernelDef
 from .matmul_defs import ATTR
 from .qlinear_layout import LANES, QLinearLayout
@@ -64,8 +65,10 @@ def schedule(kdef: KernelDef, target):
     import tvm
     from . import matmul_cpu_kernels as kern
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    if target.kind.name != "llvm":
+        raise BitsmithError(f"schedule_matmul_cpu: target {target.kind.name!r} is not llvm")
     attrs = kdef.func.attrs[ATTR] if kdef.func.attrs is not None and ATTR in kdef.func.attrs else None
-    if attrs is None or target.kind.name != "llvm":
+    if attrs is None:
         return generic_schedule(kdef)
     a = {str(k): v for k, v in attrs.items()}
     if str(a["op"]) == "linear":

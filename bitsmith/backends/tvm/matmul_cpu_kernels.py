@@ -5,14 +5,22 @@ grid values indexed by 16 codes in one instruction); a scheduled TE gather would
 vector gather. Each kernel has exactly the signature of its ``KernelDef`` so the executor can
 use either.
 
-Structure (both kernels): a parallel loop over tiles of ``ROWS`` output rows; inside, m is
-walked in tiles of 4 rows (each weight chunk decoded once, used 4 times) and then the leftover
-rows one at a time (m == 1 decode: one pass over the weights). A row's reduction runs over
-chunks of 16 weights: the chunk is decoded into a float32x16 vector in registers
-(``(grid value or code - zero) * scale``), multiplied by the 16 activations and accumulated
-in float32 (``ACC`` independent accumulators per row hide the FMA latency); the last
-``k % 16`` weights go through a scalar loop. Nothing larger than one 16-weight chunk is ever
-decoded.
+Structure (both kernels): a parallel loop over tiles of ``Tiling.rows`` output rows; inside,
+m is walked in tiles of ``Tiling.mtile`` = 4 rows (each weight chunk loaded/decoded once, used
+4 times: prefill) and then the leftover rows one at a time (m == 1 decode: one pass over the
+weights). The branch on m happens at run time, so one compiled kernel serves every m.
+
+A row's reduction runs over chunks of 16 weights. qlinear: the chunk's codes come out of 16
+aligned bytes (shift + mask, see ``qlinear_layout``), become grid values through ``pshufb``
+with the group's 16-entry int8 table (or ``code - zero``), are widened to float32x16 and
+multiplied by 16 activations (gathered at the kept columns under N:M). With one activation
+row, products are summed per group and scaled once per group (``Tiling.grouped``); in m-tiles
+each chunk is scaled before use. ``Tiling.acc1`` independent accumulators hide FMA latency.
+A short last group's whole chunks run the same path; its last ``len % 16`` weights, the CSR
+outliers (exact per-row range) and the bias are scalar. Dense: same skeleton without decode;
+with one activation row ``Tiling.row_block`` weight rows share each activation load.
+Nothing larger than one 16-weight chunk is ever decoded, and it lives in registers.
+Targets without SSSE3 (non-x86) get a gather from the table instead of ``pshufb``.
 """
 
 from __future__ import annotations
@@ -60,12 +68,27 @@ def _field_scalar(buf, width: int, n, kk):
 
 
 @T.macro
-def hsum(acc, base, s):
-    """s[0] = sum of the 16 lanes at acc[base:], as a tree (a scalar chain would serialize 16 adds)."""
+def hsum(acc, base):
+    """acc[base] = sum of the 16 lanes at acc[base:], as a tree (a scalar chain would serialize
+    16 dependent adds); acc[base] then serves as the row's scalar accumulator."""
     acc[T.Ramp(base, 1, 8)] = acc[T.Ramp(base, 1, 8)] + acc[T.Ramp(base + 8, 1, 8)]
     acc[T.Ramp(base, 1, 4)] = acc[T.Ramp(base, 1, 4)] + acc[T.Ramp(base + 4, 1, 4)]
     acc[T.Ramp(base, 1, 2)] = acc[T.Ramp(base, 1, 2)] + acc[T.Ramp(base + 2, 1, 2)]
-    s[0] = acc[base] + acc[base + 1]
+    acc[base] = acc[base] + acc[base + 1]
+
+
+SLABS = 64  # parallel work items per call: each owns one slice of a per-call scratch buffer
+
+
+def scratch_layout(tasks: int, floats: int) -> tuple[int, int, int]:
+    """(slabs, tasks per slab, floats per slab, a multiple of 16 so every slice stays 64-byte
+    aligned). TVM 0.27 turns every local allocation on CPU into a TVMBackendAllocWorkspace call
+    (no stack allocas; a plain ``v = expr`` in TVMScript is such an allocation too, hence
+    ``T.bind``), so the kernels allocate one scratch buffer per call, outside the parallel loop,
+    and each parallel slab works in its own slice. Loops start at 0: a loop starting at a value
+    loaded from memory (the CSR row start) gave wrong sums in later slabs in our tests."""
+    slabs = min(tasks, SLABS)
+    return slabs, -(-tasks // slabs), -(-floats // V) * V
 
 
 DENSE_TILING = Tiling(rows=16, acc1=4, unroll=4, row_block=4)  # memory-bound: more loads in flight per row
@@ -85,13 +108,13 @@ def dense_kernel(k: int, n: int, has_bias: bool, act: str, wdt: str, t: Tiling =
             acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for cb in range(kc // unroll):
             for u in T.unroll(unroll):
-                wv = T.Cast(VF32, _vload(W, r, (cb * unroll + u) * V))
+                wv = T.bind(T.Cast(VF32, _vload(W, r, (cb * unroll + u) * V)))
                 for mi in T.unroll(mt):
                     acc[T.Ramp((mi * acc_count + u % acc_count) * V, 1, V)] = (
                         acc[T.Ramp((mi * acc_count + u % acc_count) * V, 1, V)]
                         + T.Cast(VF32, _vload(X, m0 + mi, (cb * unroll + u) * V)) * wv)
         for c in range(kc % unroll):
-            wv = T.Cast(VF32, _vload(W, r, (kc // unroll * unroll + c) * V))
+            wv = T.bind(T.Cast(VF32, _vload(W, r, (kc // unroll * unroll + c) * V)))
             for mi in T.unroll(mt):
                 acc[T.Ramp(mi * acc_count * V, 1, V)] = (
                     acc[T.Ramp(mi * acc_count * V, 1, V)]
@@ -100,15 +123,16 @@ def dense_kernel(k: int, n: int, has_bias: bool, act: str, wdt: str, t: Tiling =
             for a in T.unroll(acc_count - 1):
                 acc[T.Ramp(mi * acc_count * V, 1, V)] = (acc[T.Ramp(mi * acc_count * V, 1, V)]
                                                        + acc[T.Ramp((mi * acc_count + a + 1) * V, 1, V)])
-            s = T.alloc_buffer((1,), F32, scope="local")
-            hsum(acc, mi * acc_count * V, s)
+            hsum(acc, mi * acc_count * V)
             for j in range(kt):
-                s[0] = s[0] + T.Cast(F32, X[m0 + mi, kc * V + j]) * T.Cast(F32, W[r, kc * V + j])
+                acc[mi * acc_count * V] = acc[mi * acc_count * V] + T.Cast(F32, X[m0 + mi, kc * V + j]) * T.Cast(
+                    F32, W[r, kc * V + j])
             if has_bias:
-                s[0] = s[0] + T.Cast(F32, B[r])
-            Y[m0 + mi, r] = T.Cast(act, s[0])
+                acc[mi * acc_count * V] = acc[mi * acc_count * V] + T.Cast(F32, B[r])
+            Y[m0 + mi, r] = T.Cast(act, acc[mi * acc_count * V])
 
     nr = t.row_block
+    slabs, per_task, per_slab = scratch_layout(tasks, max(t.mtile * acc_n, nr) * V)
 
     @T.macro
     def rows_one_x(X, W, B, Y, acc, m0, r0):
@@ -117,23 +141,22 @@ def dense_kernel(k: int, n: int, has_bias: bool, act: str, wdt: str, t: Tiling =
             acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for cb in range(kc // unroll):
             for u in T.unroll(unroll):
-                xv = T.Cast(VF32, _vload(X, m0, (cb * unroll + u) * V))
+                xv = T.bind(T.Cast(VF32, _vload(X, m0, (cb * unroll + u) * V)))
                 for z in T.unroll(nr):
                     acc[T.Ramp(z * V, 1, V)] = acc[T.Ramp(z * V, 1, V)] + xv * T.Cast(
                         VF32, _vload(W, r0 + z, (cb * unroll + u) * V))
         for c in range(kc % unroll):
-            xv = T.Cast(VF32, _vload(X, m0, (kc // unroll * unroll + c) * V))
+            xv = T.bind(T.Cast(VF32, _vload(X, m0, (kc // unroll * unroll + c) * V)))
             for z in T.unroll(nr):
                 acc[T.Ramp(z * V, 1, V)] = acc[T.Ramp(z * V, 1, V)] + xv * T.Cast(
                     VF32, _vload(W, r0 + z, (kc // unroll * unroll + c) * V))
         for z in T.unroll(nr):
-            s = T.alloc_buffer((1,), F32, scope="local")
-            hsum(acc, z * V, s)
+            hsum(acc, z * V)
             for j in range(kt):
-                s[0] = s[0] + T.Cast(F32, X[m0, kc * V + j]) * T.Cast(F32, W[r0 + z, kc * V + j])
+                acc[z * V] = acc[z * V] + T.Cast(F32, X[m0, kc * V + j]) * T.Cast(F32, W[r0 + z, kc * V + j])
             if has_bias:
-                s[0] = s[0] + T.Cast(F32, B[r0 + z])
-            Y[m0, r0 + z] = T.Cast(act, s[0])
+                acc[z * V] = acc[z * V] + T.Cast(F32, B[r0 + z])
+            Y[m0, r0 + z] = T.Cast(act, acc[z * V])
 
     @T.prim_func(s_tir=True)
     def main(x: T.handle, w: T.handle, bias: T.handle, y: T.handle):
@@ -143,21 +166,24 @@ def dense_kernel(k: int, n: int, has_bias: bool, act: str, wdt: str, t: Tiling =
         W = T.match_buffer(w, (n, k), wdt)
         B = T.match_buffer(bias, (n,), act)
         Y = T.match_buffer(y, (m, n), act)
-        for task in T.parallel(tasks):
-            acc = T.alloc_buffer((max(t.mtile * acc_n, nr) * V,), F32, scope="local")
-            for mo in range(m // t.mtile):
-                for rr in range(rows):
-                    if task * rows + rr < n:
-                        row(X, W, B, Y, acc, t.mtile, 1, mo * t.mtile, task * rows + rr)
-            for mi in range(m % t.mtile):
-                for rb in range(rows // nr):
-                    if task * rows + rb * nr + nr <= n:
-                        rows_one_x(X, W, B, Y, acc, m // t.mtile * t.mtile + mi, task * rows + rb * nr)
-                    else:
-                        for rr in range(nr):
-                            if task * rows + rb * nr + rr < n:
-                                row(X, W, B, Y, acc, 1, acc_n, m // t.mtile * t.mtile + mi,
-                                    task * rows + rb * nr + rr)
+        ws = T.alloc_buffer((slabs * per_slab,), F32)
+        for slab in T.parallel(slabs):
+            acc = T.decl_buffer((per_slab,), F32, data=ws.data, elem_offset=slab * per_slab)
+            for task_in_slab in range(per_task):  # task index past the end: rows guard below
+                task = T.bind(slab * per_task + task_in_slab)
+                for mo in range(m // t.mtile):
+                    for rr in range(rows):
+                        if task * rows + rr < n:
+                            row(X, W, B, Y, acc, t.mtile, 1, mo * t.mtile, task * rows + rr)
+                for mi in range(m % t.mtile):
+                    for rb in range(rows // nr):
+                        if task * rows + rb * nr + nr <= n:
+                            rows_one_x(X, W, B, Y, acc, m // t.mtile * t.mtile + mi, task * rows + rb * nr)
+                        else:
+                            for rr in range(nr):
+                                if task * rows + rb * nr + rr < n:
+                                    row(X, W, B, Y, acc, 1, acc_n, m // t.mtile * t.mtile + mi,
+                                        task * rows + rb * nr + rr)
 
     keep = [0, 1] + ([2] if has_bias else []) + [3]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
@@ -200,6 +226,7 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
     tasks = -(-n // t.rows)
     rows = t.rows
     acc_len = max(t.mtile, acc_n) * acc_n * V
+    slabs, per_task, per_slab = scratch_layout(tasks, acc_len + acc_n * V)
 
     def code_vec(C0, C1, r, c):
         code = _field_vec(C0, w0, r, c)
@@ -249,9 +276,9 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
     @T.macro
     def chunk(X, C0, C1, S, Z, G, SEL, NMI, acc, mt, acc_count, slot, m0, r, g, c, scaled):
         if scaled:
-            wv = value_vec(C0, C1, Z, G, SEL, r, g, c) * scale_vec(S, r, g)
+            wv = T.bind(value_vec(C0, C1, Z, G, SEL, r, g, c) * scale_vec(S, r, g))
         else:
-            wv = value_vec(C0, C1, Z, G, SEL, r, g, c)
+            wv = T.bind(value_vec(C0, C1, Z, G, SEL, r, g, c))
         for mi in T.unroll(mt):
             acc[T.Ramp((mi * acc_count + slot) * V, 1, V)] = (
                 acc[T.Ramp((mi * acc_count + slot) * V, 1, V)] + xvec(X, NMI, m0 + mi, r, c) * wv)
@@ -282,18 +309,19 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
             for a in T.unroll(acc_count - 1):
                 acc[T.Ramp(mi * acc_count * V, 1, V)] = (acc[T.Ramp(mi * acc_count * V, 1, V)]
                                                        + acc[T.Ramp((mi * acc_count + a + 1) * V, 1, V)])
-            s = T.alloc_buffer((1,), F32, scope="local")
-            hsum(acc, mi * acc_count * V, s)
+            hsum(acc, mi * acc_count * V)
             for j in range(tail_scalar):
-                s[0] = s[0] + xscalar(X, NMI, m0 + mi, r, gfull * gs + tail_chunks * V + j) * (
+                acc[mi * acc_count * V] = acc[mi * acc_count * V] + xscalar(
+                    X, NMI, m0 + mi, r, gfull * gs + tail_chunks * V + j) * (
                     value_scalar(C0, C1, Z, G, SEL, r, gfull, gfull * gs + tail_chunks * V + j)
                     * T.Cast(F32, S[r, gfull]))
             if ell > 0:
-                for e in range(RP[r], RP[r + 1]):
-                    s[0] = s[0] + T.Cast(F32, X[m0 + mi, OC[e]]) * OD[e]
+                for e in range(RP[r + 1] - RP[r]):  # loops starting at 0: see scratch_layout
+                    acc[mi * acc_count * V] = acc[mi * acc_count * V] + T.Cast(
+                        F32, X[m0 + mi, OC[RP[r] + e]]) * OD[RP[r] + e]
             if has_bias:
-                s[0] = s[0] + T.Cast(F32, B[r])
-            Y[m0 + mi, r] = T.Cast(act, s[0])
+                acc[mi * acc_count * V] = acc[mi * acc_count * V] + T.Cast(F32, B[r])
+            Y[m0 + mi, r] = T.Cast(act, acc[mi * acc_count * V])
 
     @T.prim_func(s_tir=True)
     def main(x: T.handle, c0: T.handle, c1: T.handle, scales: T.handle, zeros: T.handle, grid: T.handle,
@@ -315,19 +343,22 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
         RP = T.match_buffer(optr, shp("outlier_rowptr"), "int32")
         B = T.match_buffer(bias, shp("bias"), dt("bias", act))
         Y = T.match_buffer(y, (m, n), act)
-        for task in T.parallel(tasks):
-            acc = T.alloc_buffer((acc_len,), F32, scope="local")
-            gacc = T.alloc_buffer((acc_n * V,), F32, scope="local")
-            for mo in range(m // t.mtile):
-                for rr in range(rows):
-                    if task * rows + rr < n:
-                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, t.mtile, 1, False, mo * t.mtile,
-                            task * rows + rr)
-            for mi in range(m % t.mtile):
-                for rr in range(rows):
-                    if task * rows + rr < n:
-                        row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, 1, acc_n, t.grouped,
-                            m // t.mtile * t.mtile + mi, task * rows + rr)
+        ws = T.alloc_buffer((slabs * per_slab,), F32)
+        for slab in T.parallel(slabs):
+            acc = T.decl_buffer((acc_len,), F32, data=ws.data, elem_offset=slab * per_slab)
+            gacc = T.decl_buffer((acc_n * V,), F32, data=ws.data, elem_offset=slab * per_slab + acc_len)
+            for task_in_slab in range(per_task):  # task index past the end: rows guard below
+                task = T.bind(slab * per_task + task_in_slab)
+                for mo in range(m // t.mtile):
+                    for rr in range(rows):
+                        if task * rows + rr < n:
+                            row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, t.mtile, 1, False,
+                                mo * t.mtile, task * rows + rr)
+                for mi in range(m % t.mtile):
+                    for rr in range(rows):
+                        if task * rows + rr < n:
+                            row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, 1, acc_n, t.grouped,
+                                m // t.mtile * t.mtile + mi, task * rows + rr)
 
     names = ["x", "codes0", "codes1", "scales", "zeros", "grid", "selectors", "nm_index",
              "outlier_cols", "outlier_corrections", "outlier_rowptr", "bias", "y"]

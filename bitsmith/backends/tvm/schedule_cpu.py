@@ -1,8 +1,8 @@
 """CPU (llvm) schedules, chosen by a KernelDef's ``kind``.
 
-* ``fused`` / ``injective``: spatial loops of each block fused, the outer part parallel
-  when a block is large enough to pay for a thread-pool launch is not known statically, so
-  only the attention and matmul kernels go parallel; LLVM vectorises the inner loops.
+* ``fused`` / ``injective``: left as TE builds them (one loop nest per materialised stage);
+  whether a block is large enough to pay for a thread-pool launch is not known statically,
+  so only the attention and matmul kernels go parallel; LLVM vectorises the inner loops.
 * ``attention``: one parallel loop over (batch, head); every stage computed per query row.
 * ``gemv`` / ``qgemv``: ``matmul.schedule_matmul_cpu`` (the matmul helper's schedules).
 
@@ -58,8 +58,9 @@ def _attention(kdef: KernelDef, target: Any) -> Any:
         sch.compute_at(sch.get_sblock(name), i)
     sch.parallel(sch.fuse(b, h))
     part = sch.get_sblock("partial")
-    j, lane, rd = sch.get_loops(part)[-3:]
-    sch.reorder(j, rd, lane)
+    loops = sch.get_loops(part)
+    if len(loops) == 5:  # (batch*head, i, j, lane, rd); a unit rd loop is already gone
+        sch.reorder(loops[-1], loops[-2])
     # the lane loop innermost: LLVM vectorises it (the init stays a guarded store: decompose_
     # reduction refuses these blocks once they sit under the fused dynamic (batch, head) loop)
     # p @ v: the kv position outside, the value dim inside (contiguous, vectorisable)
@@ -67,4 +68,5 @@ def _attention(kdef: KernelDef, target: Any) -> Any:
     e2, rv = sch.get_loops(weighted)[-2:]
     sch.reorder(rv, e2)
     return sch.mod
+
 

@@ -11,17 +11,20 @@ by the row count m:
   the decode block is inlined into the product, so no dense weight is ever written.
 * any rows (prefill): dlight's ``Matmul`` rule, whose tiles also inline the decode into the
   shared-memory load of the weight tile.
-
-Every other kernel goes through dlight's default rules (``Reduction``, ``GeneralReduction``,
-``RMSNorm``, ``Fallback``, ...). All functions carry ``dlight.do_not_tensorize``: TVM 0.27's
-fp16 tensor-core path (Tensorize) segfaults for M, N, K > 64 on sm >= 70
-(docs/../notes/toolchain.md), so matmuls use CUDA cores.
+Linear kernels with a second reduction (the outlier corrections) take dlight's rules for
+both regimes. Attention has its own two-kernel schedule (``schedule_attention``). Every other
+kernel goes through dlight's default rules (``Reduction``, ``GeneralReduction``, ``RMSNorm``,
+``Fallback``, ...). All functions carry ``dlight.do_not_tensorize``: TVM 0.27's fp16
+tensor-core path (Tensorize) segfaults for M, N, K > 64 on sm >= 70 (project toolchain
+notes), so matmuls use CUDA cores. CUDA kernels cannot allocate global memory, so a
+schedule that compiles keeps every intermediate (a decoded weight included) in registers
+or shared memory.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import tvm
 from tvm import tirx as tir
@@ -207,7 +210,13 @@ def schedule_attention(func: tir.PrimFunc, threads: int = 64) -> tir.PrimFunc:
     scores = sch.get_sblock("scores")
     sl = sch.get_loops(scores)
     bind_rows(sl)
-    thread_split(sl[3])
+    _, tx = sch.split(sl[3], [None, threads])
+    sch.bind(tx, "threadIdx.x")
+    known = {"scores", "row_max", "row_sum", "weighted", "out"}
+    for blk in sch.get_producers(scores):  # e.g. lane-wise partial dot products: per thread
+        if sch.get(blk).name_hint not in known:
+            sch.compute_at(blk, tx, preserve_unit_loops=True)
+            sch.set_scope(blk, 0, "local")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
