@@ -232,11 +232,18 @@ def _cache_inputs(module, rng, batch, past, seq):
 
 
 @pytest.fixture(scope="module")
-def compiled_models(tmp_path_factory):
+def module_cache_dir(tmp_path_factory):
+    """The kernel cache of this module's tests, for module-scoped fixtures too."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BITSMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tvm-cache"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def compiled_models(module_cache_dir):
     """(reference, tvm-llvm) CompiledModels of each tiny random-init HF family."""
-    import os
     import bitsmith
-    os.environ["BITSMITH_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "tvm-cache")
     out = {}
     for arch in ARCHS:
         model = make_model(arch)
@@ -352,12 +359,10 @@ def test_quantized_llama_matches_reference_under_same_quantization(quant):
 # ---------------------------------------------------------------- SmolLM2-135M
 
 @pytest.fixture(scope="module")
-def smollm2_tvm(smollm2_compiled, tmp_path_factory):
+def smollm2_tvm(smollm2_compiled, module_cache_dir):
     """tvm-llvm build of the reference target's module (same passes: both pipelines are empty),
     skipping a second capture of the model."""
-    import os
     from bitsmith.runtime.model import CompiledModel
-    os.environ["BITSMITH_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "tvm-cache")
     ref = smollm2_compiled
     exe = build(ref.module)
     return CompiledModel(ref.module, exe, "tvm-llvm", dict(OPTIONS), ref.lm, {})

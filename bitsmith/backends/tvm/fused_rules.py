@@ -132,6 +132,8 @@ def _pow(a, b: Lazy):
     if b.literal is not None:
         if b.literal == 2:
             return lambda va: va * va
+        if b.literal == 3:  # GPT-2's tanh GELU; CUDA's fast power is NaN for a negative base
+            return lambda va: va * va * va
         if b.literal == 1:
             return lambda va: va
         if b.literal == 0.5:
@@ -139,9 +141,22 @@ def _pow(a, b: Lazy):
     return None
 
 
+def _signed_power(a, b, dt: str):
+    """numpy's pow for any base: CUDA's fast power computes exp2(b*log2(a)), NaN for a < 0
+    even where b is an integer (x**3 in GPT-2's GELU), so the sign is handled here."""
+    a, b = tirx.Cast(dt, a), tirx.Cast(dt, b)
+    two, zero = tirx.const(2, dt), tirx.const(0, dt)
+    neg = a < zero
+    mag = tirx.power(tirx.Select(neg, -a, a), b)
+    odd = b - two * tirx.floor(b / two) != zero
+    integral = tirx.floor(b) == b
+    return tirx.Select(neg, tirx.Select(integral, tirx.Select(odd, -mag, mag), tirx.const(float("nan"), dt)), mag)
+
+
 _BINARY = {
     "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b, "pow": tirx.power, "maximum": tirx.max, "minimum": tirx.min,
+    "div": lambda a, b: a / b, "pow": None,  # _signed_power, needs the dtype
+    "maximum": tirx.max, "minimum": tirx.min,
     "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
     "logical_and": tirx.And, "logical_or": tirx.Or,
@@ -155,6 +170,9 @@ def _binary(node, xs, ctx):
     if node.op == "pow" and (p := _pow(xs[0], xs[1])) is not None:
         return _out(node, ctx, at=lambda i: p(a(i)))
     f = _BINARY[node.op]
+    if node.op == "pow":
+        dt = node.outputs[0].type.dtype
+        return _out(node, ctx, at=lambda i: _signed_power(a(i), b(i), dt))
     return _out(node, ctx, at=lambda i: f(a(i), b(i)))
 
 
@@ -169,6 +187,9 @@ def _where(node, xs, ctx):
 @register_rule("cast")
 def _cast(node, xs, ctx):
     x, dt = xs[0], node.outputs[0].type.dtype
+    if x.literal is not None and dt != "bool":  # stays foldable (pow's exponent after the fp16 rewrite)
+        # int() truncates toward zero, as numpy's astype does
+        return literal(int(x.literal) if dt.startswith(("int", "uint")) else float(x.literal), dt)
     if dt == "bool":
         return _out(node, ctx, at=lambda i: x.at(i) != tirx.const(0, x.dtype))
     return _out(node, ctx, at=lambda i: tirx.Cast(dt, x.at(i)))

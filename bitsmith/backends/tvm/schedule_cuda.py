@@ -23,6 +23,9 @@ or shared memory.
 
 from __future__ import annotations
 
+import inspect
+import linecache
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -153,9 +156,43 @@ DLIGHT_RULES = ("Matmul", "GEMV", "LowBatchGEMV", "Reduction", "GeneralReduction
 MATMUL_RULES = ("Matmul", "Fallback")
 
 
+def _import_tensor_intrinsics() -> None:
+    """Imports ``tvm.s_tir.tensor_intrin`` (dlight's Matmul rule does, on first use) with a
+    cheap ``inspect.stack``.
+
+    The module parses ~500 TVMScript functions; the parser calls ``inspect.stack()`` for
+    each (and ``inspect.getouterframes``), which resolve every frame's module by scanning
+    ``sys.modules``. With torch and
+    transformers loaded that import took 140-300 s on a 2-core machine; the parser only
+    needs each frame and its source line, which ``linecache`` gives directly.
+    """
+    if "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
+        return
+    originals = (inspect.stack, inspect.getouterframes)
+
+    def fast_outer(frame: Any, context: int = 1) -> list[inspect.FrameInfo]:
+        frames = []
+        while frame is not None:
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name,
+                                            [line] if line else None, 0 if line else None))
+            frame = frame.f_back
+        return frames
+
+    inspect.stack = lambda context=1: fast_outer(sys._getframe(1), context)
+    inspect.getouterframes = fast_outer
+    try:
+        import tvm.s_tir.tensor_intrin.cuda  # noqa: F401
+    except Exception:  # noqa: BLE001 - dlight imports it again and reports its own error
+        pass
+    finally:
+        inspect.stack, inspect.getouterframes = originals
+
+
 def schedule_dlight(func: tir.PrimFunc, target: tvm.target.Target,
                     rules: tuple[str, ...] = DLIGHT_RULES) -> tir.PrimFunc:
     """dlight's first applicable rule; raises CudaScheduleError if none scheduled it."""
+    _import_tensor_intrinsics()
     from tvm.s_tir import dlight as dl
     mod = tvm.IRModule({"main": func.with_attr("dlight.do_not_tensorize", True)})
     try:
