@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_check.sh
 # Writes to $OUT (default ./gpu_out): nvidia-smi.txt, smoke.txt, gpu_tests.txt, gpu_kernels.txt.
 set -u
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"  # libcudart for libtvm_runtime_cuda
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 ROOT="$PWD"

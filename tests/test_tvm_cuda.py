@@ -28,11 +28,11 @@ import bitsmith  # noqa: E402
 from bitsmith.backends.tvm.cuda_runtime import NO_GPU, gpu_available  # noqa: E402
 from bitsmith.backends.tvm.cuda_scratch import ScratchSpec  # noqa: E402
 from bitsmith.errors import ArtifactError, BitsmithError  # noqa: E402
+from bitsmith.ir.datatypes import SCHEMES  # noqa: E402
 
 import cuda_cases  # noqa: E402
 
 HAS_NVCC = shutil.which("nvcc") is not None
-SYMMETRIC_SCHEMES = ["rtn-int2-sym", "rtn-int3-sym", "rtn-int4-sym", "fp3", "fp4", "bitmod-w3", "bitmod-w4"]
 
 
 def _has_compiler() -> bool:
@@ -145,7 +145,7 @@ def test_run_without_gpu_is_a_clear_error(tiny_llama_cuda):
 
 
 @needs_compiler
-@pytest.mark.parametrize("case", ["rtn-int3-sym", "bitmod-w3", "bitmod-w4-ol-bias", "bitmod-w3-2of4"])
+@pytest.mark.parametrize("case", ["rtn-int4", "bitmod-w3", "bitmod-w4-ol-bias", "bitmod-w3-2of4", "rtn-int4-4of8-ol"])
 def test_quantized_kernels_read_only_packed_operands(case, tmp_path):
     """CUDA kernels cannot allocate global memory (TVM's codegen refuses), so a kernel that
     compiles holds no dense weight outside registers/shared tiles; its parameters are the
@@ -167,13 +167,11 @@ def test_quantized_kernels_read_only_packed_operands(case, tmp_path):
 
 @needs_compiler
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(scheme=st.sampled_from(SYMMETRIC_SCHEMES), k=st.integers(2, 12).map(lambda v: 32 * v),
+@given(scheme=st.sampled_from(sorted(SCHEMES)), k=st.integers(2, 12).map(lambda v: 32 * v),
        n=st.integers(1, 6).map(lambda v: 16 * v), group=st.sampled_from([32, 64, 128]))
 def test_quantized_kernels_schedule_for_any_shape(scheme, k, n, group, tmp_path):
     """Random shapes, group sizes and bit widths schedule on both CUDA paths (GEMV for few
-    rows, dlight Matmul otherwise) and compile to CUDA C; numerics are the gpu tests'.
-    (Asymmetric rtn-int* kernels are left to the prebuilt GPU cases: dlight's Matmul rule
-    spends ~2 minutes analysing their decode expression, too slow for the default suite.)"""
+    rows, dlight Matmul otherwise) and compile to CUDA C; numerics are the gpu tests'."""
     from bitsmith.backends.tvm.cuda_build import CudaCompiler
     from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
     from bitsmith.backends.tvm.schedule_cuda import cuda_target
@@ -181,6 +179,26 @@ def test_quantized_kernels_schedule_for_any_shape(scheme, k, n, group, tmp_path)
     kdef = qlinear_kernel(attrs, qlinear_operands(attrs, arrays, "float16"), "float16")
     kernel = CudaCompiler(cuda_target(), use_nvcc=False, directory=tmp_path).compile(kdef)
     assert "main_gemv_kernel" in kernel.source
+
+
+@pytest.mark.parametrize("arch,quant", [("llama", None), ("qwen2", "bitmod-w4")])
+def test_device_executor_matches_llvm_executor_on_cpu(arch, quant):
+    """The GPU executor's plan logic (symbol binding, views, pooled intermediates, uploaded
+    and derived constants, KV-cache inputs) runs unchanged on TVM's CPU device with the
+    tvm-llvm kernels of the same plan; it must reproduce that target's outputs exactly."""
+    from hf_configs import VOCAB, make_model
+    from bitsmith.backends.tvm import llvm_target, runtime_cpu
+    from bitsmith.backends.tvm.cuda_runtime import CudaPlanExecutor, DeviceKernel
+    kw = {"quant": quant, "group_size": 32} if quant else {}
+    cm = bitsmith.compile(make_model(arch), target="tvm-llvm", **kw)
+    exe = cm.executable
+    libdir = runtime_cpu.LibraryDir()
+    kernels = {k: DeviceKernel(libdir.load(k, data), ()) for k, data in exe.libraries.items()}
+    plan = exe.plans["main"]
+    device_exec = CudaPlanExecutor(plan, kernels, llvm_target.resolve_consts(cm.module, plan), tvm.cpu())
+    for args in cuda_cases._model_inputs(cm.module, np.random.default_rng(0), VOCAB):
+        for got, ref in zip(device_exec.run(args), exe.run("main", args)):
+            np.testing.assert_array_equal(got, ref)
 
 
 def test_scratch_spec_json_roundtrip_and_refusal():
