@@ -27,7 +27,7 @@ from .cuda_half import convert_activations
 from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel, KernelLibraries, require_gpu,
                            source_digest)
 from .cuda_scratch import ScratchSpec
-from .plan import PLAN_FORMAT, FunctionPlan, PlanError
+from .plan import PLAN_FORMAT, FunctionPlan, PlanError, read_plan_doc
 from .schedule_cuda import DEFAULT_ARCH, DEFAULT_GEMV, check_arch
 from .targets import TargetSpec, register_target
 
@@ -153,15 +153,9 @@ def build(module: Module, options: Mapping[str, Any]) -> Executable:
 def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes]) -> Executable:
     """Rebuilds the executable from an artifact's files; compiles nothing."""
     arch, act = _options(options)
-    if "plan.json" not in files:
-        raise BitsmithError("tvm-cuda artifact lacks plan.json")
-    try:
-        doc = json.loads(files["plan.json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PlanError(f"plan.json is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or doc.get("target") != TARGET \
-            or not isinstance(doc.get("functions"), list) or not isinstance(doc.get("kernels"), list):
-        raise PlanError("plan.json: not a tvm-cuda plan of a supported format")
+    doc = read_plan_doc(files, TARGET)
+    if not isinstance(doc.get("kernels"), list):
+        raise PlanError("plan.json: a tvm-cuda plan lists its kernels")
     plans = {p.name: p for p in (FunctionPlan.from_json(d) for d in doc["functions"])}
     kernels: dict[str, dict[str, Any]] = {}
     for meta in doc["kernels"]:

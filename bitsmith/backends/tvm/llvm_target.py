@@ -22,7 +22,7 @@ from . import runtime_cpu
 from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import lower_function
-from .plan import PLAN_FORMAT, FunctionPlan, PlanError
+from .plan import PLAN_FORMAT, FunctionPlan, PlanError, read_plan_doc
 from .schedule_cpu import SCHEDULE_ID, schedule_cpu
 from .targets import TargetSpec, register_target
 
@@ -143,14 +143,7 @@ def build(module: Module, options: Mapping[str, Any]) -> Executable:
 
 def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes]) -> Executable:
     t0 = time.perf_counter()
-    if "plan.json" not in files:
-        raise BitsmithError("tvm-llvm artifact lacks plan.json")
-    try:
-        doc = json.loads(files["plan.json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PlanError(f"plan.json is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or not isinstance(doc.get("functions"), list):
-        raise PlanError(f"plan.json: unsupported format {doc.get('format') if isinstance(doc, dict) else doc!r}")
+    doc = read_plan_doc(files, TARGET)
     plans = {p.name: p for p in (FunctionPlan.from_json(d) for d in doc["functions"])}
     libdir = runtime_cpu.LibraryDir()
     libraries: dict[str, bytes] = {}

@@ -7,8 +7,9 @@ Loading validates the types and never evaluates anything.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 from ...errors import BitsmithError
 from ...ir.symbolic import Dim
@@ -154,3 +155,17 @@ def _dim(x: Any) -> Dim:
     if isinstance(x, bool) or not isinstance(x, (int, str)):
         raise PlanError(f"expected a dim, got {x!r}")
     return x
+
+
+def read_plan_doc(files: Mapping[str, bytes], target: str) -> dict[str, Any]:
+    """The artifact's plan.json for ``target``, parsed and checked at the top level."""
+    if "plan.json" not in files:
+        raise BitsmithError(f"{target} artifact lacks plan.json")
+    try:
+        doc = json.loads(files["plan.json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PlanError(f"plan.json is not JSON: {e}") from None
+    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or doc.get("target") != target \
+            or not isinstance(doc.get("functions"), list):
+        raise PlanError(f"plan.json: not a {target} plan of format {PLAN_FORMAT}")
+    return doc
