@@ -206,7 +206,8 @@ def main() -> None:
         for r in run["results"]:
             tps = (a.new_tokens - 1) / r["decode_s"]
             ratio = tps / ((a.new_tokens - 1) / base["decode_s"]) if base else float("nan")
-            same = "—" if base is None or r is base else (
+            quantized = r["row"] in ROWS and "quant" in ROWS[r["row"]][1]
+            same = "—" if base is None or r is base else "n/a (quantized)" if quantized else (
                 "yes" if r["tokens"] == base["tokens"] else
                 f"first {next((i for i, (x, y) in enumerate(zip(r['tokens'], base['tokens'])) if x != y), 0)}")
             print(f"| {run['threads']} | {r['row']} | {r.get('executor') or 'torch eager'} | "

@@ -92,9 +92,9 @@ class NativeExecutor:
         self._plan = self._lib.lut_plan
         self._plan.argtypes = [p, i64, i64, i64, p, i64, p, p]
         self._plan.restype = i64
-        self._exec = self._lib.lut_exec
-        self._exec.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int]
-        self._exec.restype = i64
+        self._run_stream = self._lib.lut_exec
+        self._run_stream.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int]
+        self._run_stream.restype = i64
         self._plans: dict[int, tuple] = {}
 
     def plan(self, program: LayerProgram) -> tuple[np.ndarray, int, int]:
@@ -132,7 +132,7 @@ class NativeExecutor:
             return y
         if threads == 0 and m * head.out_features * head.padded_in < AUTO_THREADS_MACS:
             threads = 1  # a parallel region costs more than it saves on a small layer
-        err = self._exec(program.stream.ctypes.data, pos.ctypes.data, ntables, nsegs, program.weights.ctypes.data,
+        err = self._run_stream(program.stream.ctypes.data, pos.ctypes.data, ntables, nsegs, program.weights.ctypes.data,
                          program.params.ctypes.data, program.outliers.ctypes.data, xp.ctypes.data, m,
                          y.ctypes.data, 0 if int8_tables else 1, int(threads))
         if err:
