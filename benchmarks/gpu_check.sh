@@ -7,6 +7,7 @@
 #          .gpu/prebuilt/qkernels/      (one quantized kernel per scheme/outlier/N:M case)
 #   BITSMITH_CACHE_DIR=/tmp/bitsmith-cache python benchmarks/gpu_kernels.py --build .gpu/prebuilt/bench
 #       -> .gpu/prebuilt/bench/ (dense + quantized GEMV/GEMM kernels, no weights)
+#   bash benchmarks/gpu_site.sh   -> .gpu/site
 # .gpu/site holds the TVM runtime (python package + libtvm_runtime_cuda, tvm_ffi for cp312)
 # and a bitsmith dist-info so the backend entry points resolve from the source tree.
 #
