@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from qlinear_cases import make_qlinear  # noqa: F401 - used by the kernel cases and tests
+
 LOGIT_RTOL = 2e-2
 QLINEAR_TOL = 2e-3
 MODEL_CASES = {  # case -> (architecture, compile options)
@@ -93,30 +95,6 @@ def build_models(out: Path) -> None:
             np.savez(d / f"inputs_{k}.npz", *args)
             np.save(d / f"ref_{k}.npy", run_function(cm.module, "main", args)[0].astype(np.float32))
         print(f"built model case {case}: {cm.report()['executable']['kernels']} kernels", flush=True)
-
-
-def make_qlinear(rng: np.random.Generator, scheme: str, k: int, n: int, group: int, sparsity: str,
-                 outliers: float, bias: bool) -> tuple[dict, list[np.ndarray]]:
-    """(attrs, constant operands in IR order) quantizing a random [n, k] weight with the
-    quantize pass's own helpers."""
-    from bitsmith.ir.datatypes import get_scheme
-    from bitsmith.passes.quantization.groups import quantize_matrix, select_outliers
-    from bitsmith.passes.quantization.nm import compress_nm, nm_mask
-    from bitsmith.passes.quantization.pack import qlinear_operands as pack_qlinear
-    w = (rng.standard_normal((n, k)) * rng.uniform(0.2, 2.0, (n, 1))).astype(np.float32)
-    s = get_scheme(scheme)
-    attrs = dict(scheme=scheme, group_size=group, in_features=k, out_features=n, sparsity=sparsity,
-                 outliers=outliers, bias=bias)
-    kept_w, index = w, None
-    if sparsity:
-        keep, block = (int(p) for p in sparsity.split(":"))
-        kept_w, index = compress_nm(w, nm_mask(w, keep, block), keep, block)
-    qm = quantize_matrix(kept_w, s, group)
-    mask = select_outliers(w, s, group, outliers) if outliers else None
-    arrays = pack_qlinear(qm, s, attrs, mask, w * 3 if outliers else None, index)
-    if bias:
-        arrays.append(rng.standard_normal(n).astype(np.float32))
-    return attrs, arrays
 
 
 def qlinear_reference(attrs: dict, arrays: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,30 +30,11 @@ from bitsmith.backends.tvm.qlinear_layout import (  # noqa: E402
 from bitsmith.errors import BitsmithError  # noqa: E402
 from bitsmith.ir.datatypes import SCHEMES, get_scheme  # noqa: E402
 from bitsmith.ir.quantized import dequantize  # noqa: E402
-from bitsmith.passes.quantization.groups import quantize_matrix, select_outliers  # noqa: E402
-from bitsmith.passes.quantization.nm import compress_nm, nm_mask  # noqa: E402
+from bitsmith.passes.quantization.groups import quantize_matrix  # noqa: E402
 from bitsmith.passes.quantization.pack import qlinear_operands as pack_qlinear  # noqa: E402
+from qlinear_cases import make_qlinear  # noqa: E402
 
 ALL_SCHEMES = sorted(SCHEMES)
-
-
-def make_qlinear(rng, scheme: str, k: int, n: int, group_size: int, sparsity: str = "",
-                 outliers: float = 0.0, bias: bool = False):
-    """(attrs, constant operands in IR order) of a qlinear quantizing a random [n, k] weight."""
-    w = (rng.standard_normal((n, k)) * rng.uniform(0.2, 2.0, (n, 1))).astype(np.float32)
-    s = get_scheme(scheme)
-    attrs = dict(scheme=scheme, group_size=group_size, in_features=k, out_features=n,
-                 sparsity=sparsity, outliers=outliers, bias=bias)
-    kept_w, index = w, None
-    if sparsity:
-        keep, block = (int(p) for p in sparsity.split(":"))
-        kept_w, index = compress_nm(w, nm_mask(w, keep, block), keep, block)
-    qm = quantize_matrix(kept_w, s, group_size)
-    mask = select_outliers(w, s, group_size, outliers) if outliers else None
-    arrays = pack_qlinear(qm, s, attrs, mask, w * 3 if outliers else None, index)
-    if bias:
-        arrays.append(rng.standard_normal(n).astype(np.float32))
-    return attrs, arrays
 
 
 def reference(attrs, arrays, x):
