@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from . import symbolic as sym
+from .graph import Function, Module, Node
 from .datatypes import get_scheme, group_count, group_index, packed_length, unpack_codes
 from .interpreter import RULES
 from .ops import OPS, OpDef
@@ -191,3 +192,13 @@ def _qlinear_rule(xs, node, ctx):
 
 
 RULES["qlinear"] = _qlinear_rule
+
+
+def qlinear_nodes(module: Module) -> Iterator[tuple[Function, Node, dict[str, str]]]:
+    """Every qlinear node of every function, with a map from that function's values to the
+    tensor-table names of the constants behind them (where a backend or report finds weights)."""
+    for fn in module.functions:
+        constants = {n.outputs[0].name: n.attr("name") for n in fn.nodes if n.op == "constant"}
+        for node in fn.nodes:
+            if node.op == "qlinear":
+                yield fn, node, constants

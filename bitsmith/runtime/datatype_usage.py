@@ -22,7 +22,7 @@ from ..errors import ArtifactError
 from ..ir import IRParseError, Module, parse_module
 from ..ir.datatypes import get_scheme, group_count, unpack_codes
 from ..ir.graph import sha256_of
-from ..ir.quantized import kept_per_row, operand_types
+from ..ir.quantized import kept_per_row, operand_types, qlinear_nodes
 from .manifest import WEIGHTS, read_manifest
 
 # The IR text's tensor lines need the data to be checked; the structure alone parses without.
@@ -53,26 +53,22 @@ def _structure(manifest: dict) -> Module:
 def _selector_names(module: Module) -> list[tuple[str, dict, str | None]]:
     """(layer label, qlinear attrs, selector tensor name or None) for each distinct qlinear."""
     out, seen = [], set()
-    for fn in module.functions:
-        constants = {n.outputs[0].name: n.attr("name") for n in fn.nodes if n.op == "constant"}
-        for node in fn.nodes:
-            if node.op != "qlinear":
-                continue
-            attrs = node.attr_dict
-            roles = [role for role, _ in operand_types(attrs)]
-            selector = None
-            if "selectors" in roles:
-                operand = node.inputs[1 + roles.index("selectors")]
-                selector = constants.get(operand)
-                if selector is None:
-                    raise ArtifactError("manifest.json", f"ir: qlinear selectors {operand} are not a constant")
-            codes = constants.get(node.inputs[1], node.inputs[1])
-            label = (node.loc.module_path if node.loc is not None else "") or codes
-            key = (label, selector or codes)
-            if key in seen:  # the same layer in another function (e.g. prefill and decode)
-                continue
-            seen.add(key)
-            out.append((label, attrs, selector))
+    for _, node, constants in qlinear_nodes(module):
+        attrs = node.attr_dict
+        roles = [role for role, _ in operand_types(attrs)]
+        selector = None
+        if "selectors" in roles:
+            operand = node.inputs[1 + roles.index("selectors")]
+            selector = constants.get(operand)
+            if selector is None:
+                raise ArtifactError("manifest.json", f"ir: qlinear selectors {operand} are not a constant")
+        codes = constants.get(node.inputs[1], node.inputs[1])
+        label = (node.loc.module_path if node.loc is not None else "") or codes
+        key = (label, selector or codes)
+        if key in seen:  # the same layer in another function (e.g. prefill and decode)
+            continue
+        seen.add(key)
+        out.append((label, attrs, selector))
     return out
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from ...errors import ArtifactError, BitsmithError, UnsupportedOpError
 from ...ir import Module, Node, run_function
+from ...ir.quantized import qlinear_nodes
 from ..base import Backend, Executable
 from . import native, program
 from . import reference_executor
@@ -48,21 +49,17 @@ def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
 def lower_module(module: Module, table_group: int = 32) -> list[LayerEntry]:
     """Code generation: one LayerEntry per qlinear node of every function."""
     out = []
-    for fn in module.functions:
-        constants = {n.outputs[0].name: n.attr("name") for n in fn.nodes if n.op == "constant"}
-        for node in fn.nodes:
-            if node.op != "qlinear":
-                continue
-            attrs = node.attr_dict
-            n_weight = len(node.inputs) - 1 - (1 if attrs["bias"] else 0)
-            names = [constants.get(v) for v in node.inputs[1:1 + n_weight]]
-            where = node.loc.module_path if node.loc is not None else ""
-            if None in names:
-                raise UnsupportedOpError("qlinear", module_path=where, target=TARGET,
-                                         detail="weight operands must be constants")
-            weight = decompose(attrs, [module.tensors[n] for n in names], where)
-            layer = names[0].rsplit(".codes", 1)[0]
-            out.append(LayerEntry(fn.name, node.outputs[0].name, layer, attrs["scheme"], generate(weight, table_group)))
+    for fn, node, constants in qlinear_nodes(module):
+        attrs = node.attr_dict
+        n_weight = len(node.inputs) - 1 - (1 if attrs["bias"] else 0)
+        names = [constants.get(v) for v in node.inputs[1:1 + n_weight]]
+        where = node.loc.module_path if node.loc is not None else ""
+        if None in names:
+            raise UnsupportedOpError("qlinear", module_path=where, target=TARGET,
+                                     detail="weight operands must be constants")
+        weight = decompose(attrs, [module.tensors[n] for n in names], where)
+        layer = names[0].rsplit(".codes", 1)[0]
+        out.append(LayerEntry(fn.name, node.outputs[0].name, layer, attrs["scheme"], generate(weight, table_group)))
     return out
 
 
