@@ -7,6 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# `pytest --hypothesis-profile stress` searches edge cases harder than the default CI run.
+settings.register_profile("stress", max_examples=1000, deadline=None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -59,11 +59,18 @@ def test_out_of_range_and_unknown_are_refused():
         isa.Instruction.make("JUMP")
 
 
-@given(st.integers(1, 2**32 - 1), st.integers(1, 2**30).map(lambda k: 4 * k), st.integers(1, 2**20),
+@given(st.integers(1, 2**32 - 1), st.integers(1, 2**30 - 1).map(lambda k: 4 * k), st.integers(1, 2**20),
        st.integers(1, 8))
 def test_header_round_trip(n, kpad, groups, planes):
     h = isa.StreamHeader(n, kpad, groups, planes)
     assert isa.StreamHeader.parse(h.words()) == h
+
+
+@pytest.mark.parametrize("field, header", [("out_features", (2**32, 4, 1, 1)), ("padded_in", (1, 2**32, 1, 1)),
+                                           ("planes", (1, 4, 1, 256))])
+def test_header_field_overflow_is_refused(field, header):
+    with pytest.raises(isa.ISAError, match=field):
+        isa.StreamHeader(*header).words()
 
 
 def test_c_executor_uses_the_same_opcodes_and_fields():

@@ -153,6 +153,10 @@ class StreamHeader:
     planes: int           # bit planes of the unsigned weight integers
 
     def words(self) -> np.ndarray:
+        for name, value, bits in (("out_features", self.out_features, 32), ("padded_in", self.padded_in, 32),
+                                  ("blocks", self.blocks, 64), ("planes", self.planes, 8)):
+            if not 0 <= value < (1 << bits):
+                raise ISAError(f"stream header {name}={value} does not fit its {bits}-bit field")
         return np.array([MAGIC, VERSION | (self.planes << 8),
                          self.out_features | (self.padded_in << 32), self.blocks], dtype=np.uint64)
 
