@@ -8,12 +8,19 @@ import numpy as np
 import pytest
 
 import bitsmith
-from bitsmith.backends.lut import native, program
+from bitsmith.backends.lut import host, native, program
 from bitsmith.errors import ArtifactError, BitsmithError, UnsupportedOpError
 
 from hf_configs import make_model
 
 IDS = np.random.default_rng(0).integers(0, 128, (2, 7))
+DEFAULT_HOST = "tvm-llvm" if host.tvm_available() else "reference-interpreter"
+needs_tvm = pytest.mark.skipif(not host.tvm_available(), reason="the tvm-llvm host path needs apache-tvm")
+
+
+@pytest.fixture(autouse=True)
+def _private_kernel_cache(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tvm-cache"))
 
 
 def _logits(cm, ids=IDS):
@@ -44,7 +51,7 @@ def test_int8_tables_are_close_and_report_stream_statistics():
     # int8 tables: ~1% relative error per layer (table quantization), tiny model logits are O(1)
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
     rep = lut.report()["executable"]
-    assert rep["lut_tables"] == "int8" and rep["host"] == "reference-interpreter"
+    assert rep["lut_tables"] == "int8" and rep["host"] == DEFAULT_HOST
     stats = rep["streams"]
     assert stats["layers"] == 14   # 7 projections x 2 layers; lm_head (dense) runs on the host
     ops = stats["instructions"]
@@ -75,7 +82,7 @@ def test_artifact_round_trip_and_stored_program(tmp_path, capsys):
     assert np.array_equal(_logits(cm), _logits(loaded))
     target_dir = tmp_path / "a" / "target" / "lut"
     doc = json.loads((target_dir / "program.json").read_text())
-    assert doc["host"] == "reference-interpreter" and len(doc["layers"]) == 14
+    assert doc["host"] == DEFAULT_HOST and len(doc["layers"]) == 14
     assert (target_dir / "lutexec.so").read_bytes()[:4] == b"\x7fELF"
     assert loaded.report()["executable"]["streams"] == cm.report()["executable"]["streams"]
     from bitsmith.cli import main
@@ -99,9 +106,71 @@ def test_refusals_name_the_problem():
         bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", lut_tables="int4")
 
 
-def test_unquantized_model_runs_entirely_on_the_host_path():
+@pytest.mark.parametrize("lut_host", ["reference", pytest.param("tvm-llvm", marks=needs_tvm)])
+def test_unquantized_model_runs_entirely_on_the_host_path(lut_host):
     model = make_model("gpt2")
     ref = bitsmith.compile(model, target="reference")
-    lut = bitsmith.compile(model, target="lut-cpu")
-    assert np.array_equal(_logits(ref), _logits(lut))
+    lut = bitsmith.compile(model, target="lut-cpu", lut_host=lut_host)
+    a, b = _logits(ref), _logits(lut)
+    if lut_host == "reference":
+        assert np.array_equal(a, b)
+    else:  # tvm-llvm fp32 kernels: float32 summation order only (see test_tvm_llvm.py)
+        assert np.abs(a - b).max() <= 1e-4
     assert lut.report()["executable"]["streams"]["layers"] == 0
+
+
+@needs_tvm
+@pytest.mark.parametrize("arch,quant", [("llama", "bitmod-w4"), ("gpt2", "rtn-int4")])
+def test_tvm_host_and_reference_host_agree(arch, quant):
+    """Same engine, same streams: the hosts differ only in float32 summation order of the
+    non-quantized ops (TVM kernels vs numpy), so logits agree to ~1e-5 of their scale."""
+    model = make_model(arch)
+    kw = dict(quant=quant, group_size=32, lut_tables="fp32")
+    ref_host = bitsmith.compile(model, target="lut-cpu", lut_host="reference", **kw)
+    tvm_host = bitsmith.compile(model, target="lut-cpu", lut_host="tvm-llvm", **kw)
+    rep = tvm_host.report()["executable"]
+    assert rep["host"] == "tvm-llvm" and rep["host_engine_calls"] == rep["streams"]["layers"] > 0 and rep["host_kernels"] > 0
+    assert ref_host.report()["executable"]["host"] == "reference-interpreter"
+    a, b = _logits(ref_host), _logits(tvm_host)
+    assert np.all(np.abs(a - b) <= 1e-5 + 1e-5 * np.abs(a))
+    assert np.array_equal(np.asarray(ref_host.generate(IDS[:1], max_new_tokens=8)),
+                          np.asarray(tvm_host.generate(IDS[:1], max_new_tokens=8)))
+
+
+@needs_tvm
+def test_tvm_host_artifact_loads_without_compiling(tmp_path, monkeypatch):
+    import tvm
+    model = make_model("qwen2")
+    cm = bitsmith.compile(model, target="lut-cpu", quant="bitmod-w3", group_size=32)
+    cm.save(str(tmp_path / "a"))
+    assert (tmp_path / "a" / "target" / "host" / "plan.json").is_file()
+
+    def no_compile(*a, **k):
+        raise AssertionError("loading a lut-cpu artifact must not compile")
+
+    monkeypatch.setattr(tvm, "compile", no_compile)
+    loaded = bitsmith.load(str(tmp_path / "a"))
+    assert loaded.report()["executable"]["host"] == "tvm-llvm"
+    assert np.array_equal(_logits(cm), _logits(loaded))
+
+
+@needs_tvm
+def test_artifact_for_tvm_host_falls_back_to_the_interpreter_without_tvm(tmp_path, monkeypatch):
+    model = make_model("llama")
+    cm = bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, lut_tables="fp32")
+    cm.save(str(tmp_path / "a"))
+    monkeypatch.setattr(host, "tvm_available", lambda: False)
+    loaded = bitsmith.load(str(tmp_path / "a"))
+    rep = loaded.report()["executable"]
+    assert rep["host"] == "reference-interpreter" and "TVM is not installed" in rep["host_note"]
+    a, b = _logits(cm), _logits(loaded)
+    assert np.all(np.abs(a - b) <= 1e-5 + 1e-5 * np.abs(a))
+    with pytest.raises(BitsmithError, match="needs apache-tvm"):
+        host.load_host("tvm-llvm", "tvm-llvm", None, {}, None, {}, {})
+    with pytest.raises(BitsmithError, match="lut_host='tvm-llvm' needs apache-tvm"):
+        bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, lut_host="tvm-llvm")
+
+
+def test_bad_host_choice_is_refused():
+    with pytest.raises(BitsmithError, match="lut_host must be one of"):
+        bitsmith.compile(make_model("llama"), target="lut-cpu", quant="rtn-int4", group_size=32, lut_host="gpu")

@@ -3,21 +3,21 @@
 Every qlinear becomes an instruction stream for the LUT engine (docs/lut-isa.md) with its
 weights re-laid-out as bit-plane words; a C executor built at compile time (AVX2) runs the
 streams, and everything else (attention, norms, activations, dense linears such as lm_head)
-runs on the host path, the reference interpreter, with qlinear swapped for the engine.
+runs on the host path (``host.py``: tvm-llvm kernels, or the reference interpreter), which
+calls the engine for each qlinear.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ...errors import ArtifactError, BitsmithError, UnsupportedOpError
-from ...ir import Module, Node, run_function
+from ...ir import Module
 from ...ir.quantized import qlinear_nodes
 from ..base import Backend, Executable
-from . import native, program
+from . import host, native, program
 from . import reference_executor
 from .codegen import generate
 from .decompose import TARGET, decompose
@@ -43,6 +43,7 @@ def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
         raise LUTOptionError(f"threads must be an int >= 0 (0 = all cores), got {threads!r}")
     if executor not in EXECUTORS:
         raise LUTOptionError(f"lut_executor must be one of {EXECUTORS}, got {executor!r}")
+    host.check_choice(options.get("lut_host", "auto"))
     return tables == "int8", threads, executor
 
 
@@ -64,7 +65,8 @@ def lower_module(module: Module, table_group: int = 32) -> list[LayerEntry]:
 
 
 class LUTExecutable(Executable):
-    def __init__(self, module: Module, layers: list[LayerEntry], library: bytes, options: Mapping[str, Any]) -> None:
+    def __init__(self, module: Module, layers: list[LayerEntry], library: bytes, options: Mapping[str, Any],
+                 host_factory: Callable[..., Any]) -> None:
         self.module = module
         self.layers = {(e.function, e.value): e for e in layers}
         self.library = library
@@ -83,36 +85,30 @@ class LUTExecutable(Executable):
         else:
             self.executor = "reference (python; this CPU lacks AVX2/FMA)"
         self._stats = program.stream_stats(layers)
+        self.host = host_factory(module, self.layers, self.run_layer, options)
 
-    def run_layer(self, entry: LayerEntry, x: np.ndarray) -> np.ndarray:
-        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+    def run_layer(self, entry: LayerEntry, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """y [m, out] for x2 [m, in] float32 (C-contiguous), written into ``out`` when given."""
         if self.fast is not None:
-            return self.fast.run(entry.program, x2, self.int8, self.threads)
-        return reference_executor.run(entry.program, x2, self.int8)
-
-    def _qlinear(self, function: str, xs: Sequence[np.ndarray], node: Node, ctx: Any) -> list[np.ndarray]:
-        entry = self.layers.get((function, node.outputs[0].name))
-        if entry is None:
-            raise BitsmithError(f"no LUT program for qlinear %{node.outputs[0].name} in {function}")
-        x = xs[0]
-        y = self.run_layer(entry, x).reshape(x.shape[:-1] + (-1,))
-        if node.attr("bias"):
-            y = y + xs[-1]
-        return [y.astype(x.dtype, copy=False)]
+            return self.fast.run(entry.program, x2, self.int8, self.threads, out=out)
+        y = reference_executor.run(entry.program, x2, self.int8)
+        if out is None:
+            return y
+        out[...] = y
+        return out
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return run_function(self.module, function, args,
-                            overrides={"qlinear": functools.partial(self._qlinear, function)})
+        return self.host.run(function, args)
 
     def files(self) -> dict[str, bytes]:
         layers = list(self.layers.values())
         extra = {"library_file": native.LIBRARY_FILE, "cflags": list(native.CFLAGS)}
-        return {native.LIBRARY_FILE: self.library, **program.to_files(layers, extra)}
+        return {native.LIBRARY_FILE: self.library, **program.to_files(layers, self.host.name, extra),
+                **self.host.files()}
 
     def report(self) -> dict[str, Any]:
-        return {"executor": self.executor, "host": program.HOST_PATH, "lut_tables": "int8" if self.int8 else "fp32",
-                "lut_table_group": self.table_group,
-                "threads": self.threads, "streams": self._stats}
+        return {"executor": self.executor, **self.host.report(), "lut_tables": "int8" if self.int8 else "fp32",
+                "lut_table_group": self.table_group, "threads": self.threads, "streams": self._stats}
 
 
 class LUTBackend(Backend):
@@ -120,21 +116,28 @@ class LUTBackend(Backend):
     targets = ("lut-cpu",)
 
     def option_defaults(self, target: str) -> dict[str, Any]:
-        return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto"}
+        return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto",
+                "lut_host": "auto", "mcpu": "host"}
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         _check_options(options)
         layers = lower_module(module, options["lut_table_group"])
-        return LUTExecutable(module, layers, native.build_library(), options)
+        chosen = host.HOSTS[host.host_for_build(options["lut_host"])]
+        return LUTExecutable(module, layers, native.build_library(), options, chosen.build)
 
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:
         _check_options(options)
-        layers, _ = program.from_files(files)
+        layers, doc = program.from_files(files)
         if native.LIBRARY_FILE not in files:
             raise ArtifactError(f"target/{native.LIBRARY_FILE}", "missing from the artifact (needed by target lut-cpu)")
         expected = {(fn.name, n.outputs[0].name) for fn in module.functions for n in fn.nodes if n.op == "qlinear"}
         got = {(e.function, e.value) for e in layers}
         if expected != got:
             raise ArtifactError(f"target/{program.INDEX_FILE}", "its streams do not match the module's qlinear layers")
-        return LUTExecutable(module, layers, files[native.LIBRARY_FILE], options)
+        recorded = doc.get("host")
+
+        def factory(module_, layers_, run_layer, options_):
+            return host.load_host(recorded, options_.get("lut_host", "auto"), module_, layers_, run_layer, options_, files)
+
+        return LUTExecutable(module, layers, files[native.LIBRARY_FILE], options, factory)

@@ -117,8 +117,9 @@ class NativeExecutor:
             self._plans[key] = (program.stream, program.outliers, (program.weights.size, program.params.size), plan)
         return plan
 
-    def run(self, program: LayerProgram, x: np.ndarray, int8_tables: bool = True, threads: int = 0) -> np.ndarray:
-        """y [M, N] for x [M, K]."""
+    def run(self, program: LayerProgram, x: np.ndarray, int8_tables: bool = True, threads: int = 0,
+            out: np.ndarray | None = None) -> np.ndarray:
+        """y [M, N] for x [M, K]; written into ``out`` (float32, C-contiguous [M, N]) when given."""
         head = program.header
         pos, ntables, nsegs = self.plan(program)
         m = x.shape[0]
@@ -127,7 +128,14 @@ class NativeExecutor:
         else:
             xp = np.zeros((m, head.padded_in), np.float32)
             xp[:, :x.shape[1]] = x
-        y = np.zeros((m, head.out_features), np.float32)  # rows no STORE writes are 0 (spec)
+        if out is None:
+            y = np.zeros((m, head.out_features), np.float32)  # rows no STORE writes are 0 (spec)
+        else:
+            if out.shape != (m, head.out_features) or out.dtype != np.float32 or not out.flags.c_contiguous:
+                raise StreamError(f"LUT executor output must be C-contiguous float32 {(m, head.out_features)}, "
+                                  f"got {out.dtype} {out.shape}")
+            y = out
+            y.fill(0.0)
         if m == 0:
             return y
         if threads == 0 and m * head.out_features * head.padded_in < AUTO_THREADS_MACS:

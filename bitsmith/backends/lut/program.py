@@ -21,7 +21,6 @@ from .codegen import OUTLIER_DTYPE, LayerProgram
 
 FORMAT = "bitsmith-lut-program"
 FORMAT_VERSION = 1
-HOST_PATH = "reference-interpreter"
 BLOBS = {"stream": ("lut/streams.bin", np.dtype("<u8")), "weights": ("lut/weights.bin", np.dtype("u1")),
          "params": ("lut/params.bin", np.dtype("<f4")), "outliers": ("lut/outliers.bin", OUTLIER_DTYPE)}
 INDEX_FILE = "lut/program.json"
@@ -76,7 +75,7 @@ def stream_stats(layers: list[LayerEntry]) -> dict[str, Any]:
     }
 
 
-def to_files(layers: list[LayerEntry], extra: Mapping[str, Any]) -> dict[str, bytes]:
+def to_files(layers: list[LayerEntry], host: str, extra: Mapping[str, Any]) -> dict[str, bytes]:
     blobs = {role: bytearray() for role in BLOBS}
     index = []
     for e in layers:
@@ -87,7 +86,7 @@ def to_files(layers: list[LayerEntry], extra: Mapping[str, Any]) -> dict[str, by
             blobs[role] += arr.tobytes()
         index.append({"function": e.function, "value": e.value, "layer": e.layer, "scheme": e.scheme,
                       "in_features": e.program.in_features, **ranges})
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "isa_version": isa.VERSION, "host": HOST_PATH,
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "isa_version": isa.VERSION, "host": host,
            **extra, "layers": index, "stats": stream_stats(layers)}
     out = {INDEX_FILE: json.dumps(doc, indent=1, sort_keys=True).encode()}
     out.update({BLOBS[r][0]: bytes(b) for r, b in blobs.items()})

@@ -26,7 +26,7 @@ def register_anchor(*ops: str) -> Callable[[AnchorRule], AnchorRule]:
     return deco
 
 
-def _flatten_in(node: Node, ctx) -> tuple[int, list]:
+def flatten_in(node: Node, ctx) -> tuple[int, list]:
     """Views x [..., in] as [m, in]; returns (slot, leading dims)."""
     x = ctx.types[node.inputs[0]]
     lead = list(x.shape[:-1])
@@ -34,11 +34,11 @@ def _flatten_in(node: Node, ctx) -> tuple[int, list]:
     return ctx.view(ctx.slot(node.inputs[0]), [m, x.shape[-1]]), lead
 
 
-def _finish_out(node: Node, ctx, y2: int) -> None:
+def finish_out(node: Node, ctx, y2: int) -> None:
     ctx.view(y2, node.output.type.shape, ctx.slot(node.output.name))
 
 
-def _matmul_out(node: Node, ctx, lead: list) -> int:
+def matmul_out(node: Node, ctx, lead: list) -> int:
     t = node.output.type
     m = sym.product(tuple(lead)) if lead else 1
     return ctx.out(ctx.new_slot(), [m, t.shape[-1]], t.dtype)
@@ -55,10 +55,10 @@ def _linear(node: Node, ctx) -> None:
     w = consts[0]
     x_dtype = ctx.types[node.inputs[0]].dtype
     kdef = matmul.linear_kernel(w.shape[1], w.shape[0], len(consts) == 2, x_dtype, ctx.types[node.inputs[1]].dtype)
-    x2, lead = _flatten_in(node, ctx)
-    out = _matmul_out(node, ctx, lead)
+    x2, lead = flatten_in(node, ctx)
+    out = matmul_out(node, ctx, lead)
     ctx.call(kdef, [x2] + [ctx.slot(v) for v in node.inputs[1:]], [out])
-    _finish_out(node, ctx, out[0])
+    finish_out(node, ctx, out[0])
 
 
 @register_anchor("qlinear")
@@ -72,10 +72,10 @@ def _qlinear(node: Node, ctx) -> None:
     operands = matmul.qlinear_operands(attrs, arrays, x_dtype)
     kdef = matmul.qlinear_kernel(attrs, operands, x_dtype)
     slots = [ctx.derived_const(node.output.name, k, a) for k, a in enumerate(operands)]
-    x2, lead = _flatten_in(node, ctx)
-    out = _matmul_out(node, ctx, lead)
+    x2, lead = flatten_in(node, ctx)
+    out = matmul_out(node, ctx, lead)
     ctx.call(kdef, [x2] + slots, [out])
-    _finish_out(node, ctx, out[0])
+    finish_out(node, ctx, out[0])
 
 
 @register_anchor("attention")
@@ -102,4 +102,4 @@ def _embedding(node: Node, ctx) -> None:
     t = node.output.type
     out = ctx.out(ctx.new_slot(), [n, table.shape[1]], t.dtype)
     ctx.call(kdef, [ctx.slot(node.inputs[0]), flat_ids], [out], check_ids=(flat_ids, table.shape[0]))
-    _finish_out(node, ctx, out[0])
+    finish_out(node, ctx, out[0])

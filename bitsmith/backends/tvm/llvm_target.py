@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ from . import runtime_cpu
 from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import lower_function
-from .plan import PLAN_FORMAT, FunctionPlan, PlanError, read_plan_doc
+from .plan import EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_plan_doc
 from .schedule_cpu import SCHEDULE_ID, schedule_cpu
 from .targets import TargetSpec, register_target
 
@@ -82,10 +83,10 @@ def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.
 
 
 class LLVMExecutable(Executable):
-    def __init__(self, plans: dict[str, FunctionPlan], executors: dict[str, PlanExecutor], libraries: dict[str, bytes],
-                 options: Mapping[str, Any], info: dict[str, Any]) -> None:
-        self.plans, self.executors, self.libraries = plans, executors, libraries
-        self.options, self.info = dict(options), info
+    def __init__(self, host: "HostBuild", executors: dict[str, PlanExecutor], options: Mapping[str, Any]) -> None:
+        self.host, self.executors = host, executors
+        self.plans, self.libraries, self.info = host.plans, host.libraries, host.info
+        self.options = dict(options)
         self.threads = _threads(options)
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -95,33 +96,58 @@ class LLVMExecutable(Executable):
         return self.executors[function].run(args)
 
     def files(self) -> dict[str, bytes]:
-        plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
-                "functions": [p.to_json() for p in self.plans.values()]}
-        out = {f"kernels/{k}.so": v for k, v in self.libraries.items()}
-        out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
-        return out
+        return self.host.files()
 
     def report(self) -> dict[str, Any]:
-        calls = sum(1 for p in self.plans.values() for s in p.steps if hasattr(s, "kernel"))
+        calls = sum(1 for p in self.plans.values() for s in p.steps if isinstance(s, Call))
         return {**self.info, "kernels": len(self.libraries), "kernel_calls_per_run": calls,
                 "threads": self.threads, "threads_effective": runtime_cpu.num_threads(),
                 "executor": "flat plan of TVM llvm kernels on numpy arrays (64-byte aligned, "
                             "destination-passing, reshapes as views)"}
 
 
-def build(module: Module, options: Mapping[str, Any]) -> Executable:
+@dataclass
+class HostBuild:
+    """Compiled plans of every function of a module, with their kernel libraries loaded.
+
+    ``externs`` are plan kernels supplied by the caller instead of TVM (their keys start
+    with ``EXTERN_PREFIX``); another backend uses them to run some ops on its own engine.
+    """
+
+    plans: dict[str, FunctionPlan]
+    libraries: dict[str, bytes]
+    loaded: dict[str, Callable]
+    derived: dict[str, dict[int, np.ndarray]]
+    info: dict[str, Any]
+
+    def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, PlanExecutor]:
+        kernels = {**self.loaded, **(externs or {})}
+        return {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name)))
+                for name, p in self.plans.items()}
+
+    def files(self) -> dict[str, bytes]:
+        plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
+                "functions": [p.to_json() for p in self.plans.values()]}
+        out = {f"kernels/{k}.so": v for k, v in self.libraries.items()}
+        out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
+        return out
+
+
+def compile_host(module: Module, options: Mapping[str, Any],
+                 anchor_rules: Mapping[str, Callable] | None = None) -> HostBuild:
+    """Lowers and compiles (or takes from the kernel cache) every function's kernels."""
     target = make_target(options)
     _threads(options)
     cache = KernelCache()
     t0 = time.perf_counter()
     plans: dict[str, FunctionPlan] = {}
-    executors: dict[str, PlanExecutor] = {}
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
+    derived_by_fn: dict[str, dict[int, np.ndarray]] = {}
     lower_seconds = 0.0
     for fn in module.functions:
         t1 = time.perf_counter()
-        plan, kdefs, derived = lower_function(module, fn, TARGET)
+        plan, kdefs, derived = lower_function(module, fn, TARGET, anchor_rules)
         lower_seconds += time.perf_counter() - t1
         rename: dict[str, str] = {}
         for digest, kdef in kdefs.items():
@@ -131,17 +157,19 @@ def build(module: Module, options: Mapping[str, Any]) -> Executable:
                 libraries[key] = data
                 loaded[key] = runtime_cpu.load_library(cache.directory / f"{key}.so")
         for s in plan.steps:
-            if hasattr(s, "kernel"):
+            if isinstance(s, Call) and not s.kernel.startswith(EXTERN_PREFIX):
                 s.kernel = rename[s.kernel]
         plans[fn.name] = plan
-        executors[fn.name] = PlanExecutor(plan, loaded, resolve_consts(module, plan, derived))
+        derived_by_fn[fn.name] = derived
     info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
             "cache_dir": str(cache.directory), "mcpu": str(target.attrs.get("mcpu", "")), "target": str(target)}
-    return LLVMExecutable(plans, executors, libraries, options, info)
+    return HostBuild(plans, libraries, loaded, derived_by_fn, info)
 
 
-def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes]) -> Executable:
+def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.LibraryDir]:
+    """The plans and kernel libraries of an artifact (hash-checked by the artifact layer);
+    the LibraryDir must live as long as the kernels are used. Extern kernels are not loaded."""
     t0 = time.perf_counter()
     doc = read_plan_doc(files, TARGET)
     plans = {p.name: p for p in (FunctionPlan.from_json(d) for d in doc["functions"])}
@@ -150,16 +178,25 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
     loaded: dict[str, Callable] = {}
     for plan in plans.values():
         for s in plan.steps:
-            if hasattr(s, "kernel") and s.kernel not in loaded:
+            if isinstance(s, Call) and s.kernel not in loaded and not s.kernel.startswith(EXTERN_PREFIX):
                 name = f"kernels/{s.kernel}.so"
                 if name not in files:
                     raise PlanError(f"plan.json calls kernel {s.kernel} but {name} is missing")
                 libraries[s.kernel] = files[name]
                 loaded[s.kernel] = libdir.load(s.kernel, files[name])
-    executors = {name: PlanExecutor(p, loaded, resolve_consts(module, p)) for name, p in plans.items()}
     info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
             "mcpu": str(doc.get("mcpu", "")), "loaded_from_artifact": True}
-    exe = LLVMExecutable(plans, executors, libraries, options, info)
+    return HostBuild(plans, libraries, loaded, {}, info), libdir
+
+
+def build(module: Module, options: Mapping[str, Any]) -> Executable:
+    host = compile_host(module, options)
+    return LLVMExecutable(host, host.executors(module), options)
+
+
+def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes]) -> Executable:
+    host, libdir = load_host(files)
+    exe = LLVMExecutable(host, host.executors(module), options)
     exe._libdir = libdir  # keeps the temp dir (and the dlopened files) alive with the executable
     return exe
 

@@ -8,7 +8,7 @@ raises UnsupportedOpError naming the op, the node's location and the target.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 from tvm import te
@@ -22,7 +22,7 @@ from .fused_rules import FUSED_RULES, RuleContext
 from .fusion import Step, group_nodes
 from .kernel import KernelDef
 from .lazy import Lazy, from_tensor, materialize
-from .plan import Call, Const, FunctionPlan, View
+from .plan import EXTERN_PREFIX, Call, Const, FunctionPlan, View
 from .symbols import DimEnv
 
 SOURCE_OPS = ("constant", "scalar")
@@ -66,6 +66,10 @@ class LoweringContext:
         self.kernels.setdefault(key, kdef)
         self.plan.steps.append(Call(key, inputs, outputs, check_ids, kdef.name))
 
+    def extern_call(self, name: str, inputs: list[int], outputs: list[tuple[int, int, str]]) -> None:
+        """A step the executable runs with its own callable ``fn(*inputs, *outputs)``."""
+        self.plan.steps.append(Call(EXTERN_PREFIX + name, inputs, outputs, None, name))
+
     def view(self, src: int, dims, dst: int | None = None) -> int:
         dst = self.new_slot() if dst is None else dst
         self.plan.steps.append(View(src, dst, self.shape_id(dims)))
@@ -90,10 +94,13 @@ class LoweringContext:
                                   source=loc.source if loc else "", target=self.target, detail=detail)
 
 
-def lower_function(module: Module, fn: Function, target: str) -> tuple[FunctionPlan, dict[str, KernelDef], dict[int, np.ndarray]]:
+def lower_function(module: Module, fn: Function, target: str, anchor_rules: Mapping[str, Callable] | None = None,
+                   ) -> tuple[FunctionPlan, dict[str, KernelDef], dict[int, np.ndarray]]:
+    """``anchor_rules`` override the built-in rules of some anchor ops (e.g. qlinear on an extern engine)."""
     ctx = LoweringContext(module, fn, target)
+    rules = {**ANCHOR_RULES, **(anchor_rules or {})}
     for node in fn.nodes:
-        if node.op not in SOURCE_OPS and node.op not in ANCHOR_RULES and node.op not in FUSED_RULES:
+        if node.op not in SOURCE_OPS and node.op not in rules and node.op not in FUSED_RULES:
             raise ctx.unsupported(node, "no tvm lowering rule")
     plan = ctx.plan
     for p in fn.params:
@@ -109,11 +116,11 @@ def lower_function(module: Module, fn: Function, target: str) -> tuple[FunctionP
 
     users = fn.users()
     results = set(fn.results)
-    steps = group_nodes(fn, lambda n: n.op in ANCHOR_RULES, lambda n: n.op in SOURCE_OPS)
+    steps = group_nodes(fn, lambda n: n.op in rules, lambda n: n.op in SOURCE_OPS)
     for step in steps:
         if step.anchor:
             node = step.nodes[0]
-            ANCHOR_RULES[node.op](node, ctx)
+            rules[node.op](node, ctx)
         else:
             _lower_group(step, ctx, users, results)
     plan.results = [ctx.slot(r) for r in fn.results]

@@ -8,6 +8,7 @@ Loading validates the types and never evaluates anything.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -15,6 +16,7 @@ from ...errors import BitsmithError
 from ...ir.symbolic import Dim
 
 PLAN_FORMAT = 1
+EXTERN_PREFIX = "extern:"   # a Call whose kernel the executable supplies itself (not a TVM library)
 
 
 class PlanError(BitsmithError):
@@ -88,7 +90,7 @@ class FunctionPlan:
             steps: list[Call | View] = []
             for s in d["steps"]:
                 if "call" in s:
-                    steps.append(Call(_str(s["call"]), _ints(s["in"]),
+                    steps.append(Call(_kernel_key(s["call"]), _ints(s["in"]),
                                       [(_int(o[0]), _int(o[1]), _str(o[2])) for o in s["out"]],
                                       tuple(_ints(s["check_ids"])) if "check_ids" in s else None,
                                       _str(s.get("name", ""))))
@@ -155,6 +157,16 @@ def _dim(x: Any) -> Dim:
     if isinstance(x, bool) or not isinstance(x, (int, str)):
         raise PlanError(f"expected a dim, got {x!r}")
     return x
+
+
+_KERNEL_KEY = re.compile(r"[0-9a-f]{64}|" + re.escape(EXTERN_PREFIX) + r"[A-Za-z0-9_.:/%-]{1,200}")
+
+
+def _kernel_key(v: Any) -> str:
+    """A cache digest (it names a file under kernels/) or an extern name; nothing path-like."""
+    if not isinstance(v, str) or not _KERNEL_KEY.fullmatch(v):
+        raise PlanError(f"plan.json: bad kernel key {v!r}")
+    return v
 
 
 def read_plan_doc(files: Mapping[str, bytes], target: str) -> dict[str, Any]:

@@ -1,0 +1,186 @@
+"""The host path of lut-cpu: what runs everything except the quantized linear layers.
+
+Attention, norms, activations and dense linears (lm_head) run on a host; each qlinear calls
+the LUT engine. Two hosts, found through ``HOSTS``:
+
+* ``tvm-llvm``: the tvm backend's compiled CPU kernels, with every qlinear lowered to an extern
+  plan step that calls the engine (no Python interpreter in the hot path). Needs apache-tvm.
+* ``reference-interpreter``: bitsmith's IR interpreter with qlinear swapped for the engine.
+  Always available; slow (numpy per op).
+
+Option ``lut_host`` = "auto" (tvm-llvm when TVM is installed), "tvm-llvm" or "reference".
+The artifact records the host it was built for; loading an artifact built for tvm-llvm
+where TVM is missing falls back to the reference interpreter under "auto" (and says so in
+``report()``), or raises under "tvm-llvm".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ...errors import BitsmithError
+from ...ir import Module, Node, run_function
+from .program import LayerEntry
+
+# (entry, x [m, in] float32, out [m, out] float32 or None) -> y [m, out]
+LayerRunner = Callable[[LayerEntry, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+HOST_CHOICES = ("auto", "tvm-llvm", "reference")
+FILE_PREFIX = "host/"
+
+
+def tvm_available() -> bool:
+    return importlib.util.find_spec("tvm") is not None
+
+
+class ReferenceHost:
+    name = "reference-interpreter"
+
+    def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
+                 note: str = "") -> None:
+        self.module, self.layers, self.run_layer, self.note = module, layers, run_layer, note
+
+    def _qlinear(self, function: str, xs: Sequence[np.ndarray], node: Node, ctx: Any) -> list[np.ndarray]:
+        entry = self.layers.get((function, node.outputs[0].name))
+        if entry is None:
+            raise BitsmithError(f"no LUT program for qlinear %{node.outputs[0].name} in {function}")
+        x = xs[0]
+        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+        y = self.run_layer(entry, x2, None).reshape(x.shape[:-1] + (-1,))
+        if node.attr("bias"):
+            y = y + xs[-1]
+        return [y.astype(x.dtype, copy=False)]
+
+    def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return run_function(self.module, function, args,
+                            overrides={"qlinear": functools.partial(self._qlinear, function)})
+
+    def files(self) -> dict[str, bytes]:
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        return {"host": self.name, **({"host_note": self.note} if self.note else {})}
+
+    @classmethod
+    def build(cls, module, layers, run_layer, options) -> "ReferenceHost":
+        return cls(module, layers, run_layer)
+
+    @classmethod
+    def load(cls, module, layers, run_layer, options, files) -> "ReferenceHost":
+        return cls(module, layers, run_layer)
+
+
+def _extern_name(function: str, value: str) -> str:
+    return f"lut/{function}/{value}"
+
+
+class TVMHost:
+    """tvm-llvm plans whose qlinear steps are extern calls ``fn(x2, [bias], out)`` into the engine."""
+
+    name = "tvm-llvm"
+
+    def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
+                 host: Any, threads: int, libdir: Any = None) -> None:
+        from ..tvm import runtime_cpu
+        self._runtime_cpu = runtime_cpu
+        self.host, self.threads, self._libdir = host, threads, libdir
+        externs: dict[str, Callable] = {}
+        by_name = {_extern_name(f, v): e for (f, v), e in layers.items()}
+        for plan in host.plans.values():
+            for step in plan.steps:
+                key = getattr(step, "kernel", "")
+                if key.startswith("extern:"):
+                    entry = by_name.get(key[len("extern:"):])
+                    if entry is None:
+                        raise BitsmithError(f"host plan calls {key}, which has no LUT program")
+                    externs[key] = functools.partial(_call_layer, run_layer, entry)
+        self.executors = host.executors(module, externs)
+        self.externs = len(externs)
+
+    def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if function not in self.executors:
+            raise BitsmithError(f"no compiled function {function!r}; have {sorted(self.executors)}")
+        self._runtime_cpu.set_threads(self.threads)
+        return self.executors[function].run(args)
+
+    def files(self) -> dict[str, bytes]:
+        return {FILE_PREFIX + k: v for k, v in self.host.files().items()}
+
+    def report(self) -> dict[str, Any]:
+        info = self.host.info
+        keep = ("compile_seconds", "cache_hits", "cache_misses", "kernel_compile_seconds", "mcpu", "load_seconds")
+        return {"host": self.name, "host_kernels": len(self.host.libraries), "host_engine_calls": self.externs,
+                **{f"host_{k}": info[k] for k in keep if k in info}}
+
+    @staticmethod
+    def _options(options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"mcpu": options.get("mcpu", "host"), "threads": options.get("threads", 0)}
+
+    @classmethod
+    def build(cls, module, layers, run_layer, options) -> "TVMHost":
+        from ..tvm import llvm_target
+        host = llvm_target.compile_host(module, cls._options(options), anchor_rules={"qlinear": _qlinear_rule})
+        return cls(module, layers, run_layer, host, options.get("threads", 0))
+
+    @classmethod
+    def load(cls, module, layers, run_layer, options, files) -> "TVMHost":
+        from ..tvm import llvm_target
+        mine = {k[len(FILE_PREFIX):]: v for k, v in files.items() if k.startswith(FILE_PREFIX)}
+        host, libdir = llvm_target.load_host(mine)
+        return cls(module, layers, run_layer, host, options.get("threads", 0), libdir)
+
+
+def _call_layer(run_layer: LayerRunner, entry: LayerEntry, x2: np.ndarray, *rest: np.ndarray) -> None:
+    out = rest[-1]
+    run_layer(entry, x2, out)
+    if len(rest) == 2:  # bias
+        out += rest[0]
+
+
+def _qlinear_rule(node: Node, ctx: Any) -> None:
+    """tvm lowering of a qlinear as an extern step: x viewed as [m, in], bias passed along."""
+    from ..tvm.anchor_rules import finish_out, flatten_in, matmul_out
+    if ctx.types[node.inputs[0]].dtype != "float32":
+        raise ctx.unsupported(node, "the LUT engine takes float32 activations")
+    x2, lead = flatten_in(node, ctx)
+    out = matmul_out(node, ctx, lead)
+    bias = [ctx.slot(node.inputs[-1])] if node.attr("bias") else []
+    ctx.extern_call(_extern_name(ctx.fn.name, node.outputs[0].name), [x2] + bias, [out])
+    finish_out(node, ctx, out[0])
+
+
+HOSTS: dict[str, type] = {ReferenceHost.name: ReferenceHost, TVMHost.name: TVMHost}
+
+
+def check_choice(choice: Any) -> None:
+    if choice not in HOST_CHOICES:
+        raise BitsmithError(f"lut_host must be one of {HOST_CHOICES}, got {choice!r}")
+    if choice == "tvm-llvm" and not tvm_available():
+        raise BitsmithError("lut_host='tvm-llvm' needs apache-tvm (pip install 'bitsmith[tvm]'); "
+                            "use lut_host='reference' or 'auto'")
+
+
+def host_for_build(choice: str) -> str:
+    """The host name a build with option ``lut_host=choice`` uses."""
+    if choice == "reference":
+        return ReferenceHost.name
+    return TVMHost.name if choice == "tvm-llvm" or tvm_available() else ReferenceHost.name
+
+
+def load_host(recorded: str, choice: str, module, layers, run_layer, options, files):
+    """The host of a loaded artifact: the one it recorded, or the reference interpreter (see module doc)."""
+    if recorded not in HOSTS:
+        raise BitsmithError(f"the artifact's LUT program names host {recorded!r}; this runtime knows {sorted(HOSTS)}")
+    if recorded == TVMHost.name and not tvm_available():
+        if choice == "tvm-llvm":
+            raise BitsmithError("this artifact's host path is tvm-llvm and needs apache-tvm, which is not installed")
+        return ReferenceHost(module, layers, run_layer,
+                             note="artifact built for host tvm-llvm; TVM is not installed, so the reference "
+                                  "interpreter runs the host path")
+    if recorded == TVMHost.name and choice == "reference":
+        return ReferenceHost(module, layers, run_layer, note="lut_host='reference' chosen at load")
+    return HOSTS[recorded].load(module, layers, run_layer, options, files)
