@@ -109,6 +109,20 @@ def test_thread_count_does_not_change_results(fast):
     assert np.array_equal(fast.run(prog, x, True, 1), fast.run(prog, x, True, 2))
 
 
+@needs_avx2
+@pytest.mark.parametrize("threads", [0, 2, 3])
+def test_tvm_thread_pool_launcher_gives_the_same_results(fast, threads):
+    """Hosted by tvm-llvm, the engine splits its work over TVM's pool (TVMBackendParallelLaunch)."""
+    pytest.importorskip("tvm", reason="the TVM thread pool launcher needs apache-tvm")
+    launcher = native.tvm_parallel_launcher()
+    assert launcher, "TVMBackendParallelLaunch not found in this process"
+    attrs, ops = random_qlinear(np.random.default_rng(5), "rtn-int3", 300, 128, 32, True)
+    prog = generate(decompose(attrs, ops))
+    x = np.random.default_rng(6).normal(size=(5, 128)).astype(np.float32)
+    for int8 in (True, False):
+        assert np.array_equal(fast.run(prog, x, int8, threads, launcher=launcher), fast.run(prog, x, int8, 1))
+
+
 def _altered(prog, op, field, delta):
     """A copy of the program with one ``op`` instruction's field changed by ``delta``."""
     words = prog.stream.copy()

@@ -86,11 +86,12 @@ class LUTExecutable(Executable):
             self.executor = "reference (python; this CPU lacks AVX2/FMA)"
         self._stats = program.stream_stats(layers)
         self.host = host_factory(module, self.layers, self.run_layer, options)
+        self.launcher = self.host.parallel_launcher  # the engine shares the host's thread pool where it has one
 
     def run_layer(self, entry: LayerEntry, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """y [m, out] for x2 [m, in] float32 (C-contiguous), written into ``out`` when given."""
         if self.fast is not None:
-            return self.fast.run(entry.program, x2, self.int8, self.threads, out=out)
+            return self.fast.run(entry.program, x2, self.int8, self.threads, out=out, launcher=self.launcher)
         y = reference_executor.run(entry.program, x2, self.int8)
         if out is None:
             return y

@@ -39,6 +39,7 @@ def tvm_available() -> bool:
 
 class ReferenceHost:
     name = "reference-interpreter"
+    parallel_launcher = None  # the engine uses OpenMP
 
     def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
                  note: str = "") -> None:
@@ -86,7 +87,9 @@ class TVMHost:
     def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
                  host: Any, threads: int, libdir: Any = None) -> None:
         from ..tvm import runtime_cpu
+        from .native import tvm_parallel_launcher
         self._runtime_cpu = runtime_cpu
+        self.parallel_launcher = tvm_parallel_launcher()
         self.host, self.threads, self._libdir = host, threads, libdir
         externs: dict[str, Callable] = {}
         by_name = {_extern_name(f, v): e for (f, v), e in layers.items()}
@@ -114,6 +117,7 @@ class TVMHost:
         info = self.host.info
         keep = ("compile_seconds", "cache_hits", "cache_misses", "kernel_compile_seconds", "mcpu", "load_seconds")
         return {"host": self.name, "host_kernels": len(self.host.libraries), "host_engine_calls": self.externs,
+                "engine_threads": "TVM thread pool" if self.parallel_launcher else "OpenMP",
                 **{f"host_{k}": info[k] for k in keep if k in info}}
 
     @staticmethod

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from importlib import resources
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +26,10 @@ from .codegen import LayerProgram
 
 SOURCE = "lutexec.c"
 LIBRARY_FILE = "lut/lutexec.so"
-AUTO_THREADS_MACS = 1 << 22   # threads=0 (auto) runs smaller layer calls on one thread
+# threads=0 (auto) runs smaller layer calls on one thread: a parallel region costs more than it
+# saves there, and on 2 cores a decode step that split every layer over TVM's pool ran 5x slower
+# (measured with SmolLM2 bitmod-w4: 8 tok/s split vs 46 tok/s serial layers).
+AUTO_THREADS_MACS = 1 << 22
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 ERRORS = {1: "bad stream header", 2: "unknown opcode", 3: "TABLE out of range", 4: "weight words out of range",
           5: "LUTACC field out of range", 6: "SCALE out of range", 7: "OUTLIER out of range",
@@ -93,17 +97,18 @@ class NativeExecutor:
         self._plan.argtypes = [p, i64, i64, i64, p, i64, p, p]
         self._plan.restype = i64
         self._run_stream = self._lib.lut_exec
-        self._run_stream.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int]
+        self._run_stream.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p]
         self._run_stream.restype = i64
         self._plans: dict[int, tuple] = {}
 
-    def plan(self, program: LayerProgram) -> tuple[np.ndarray, int, int]:
-        """Validates a program once (its arrays are read-only) and returns its TABLE/TILE positions."""
+    def plan(self, program: LayerProgram) -> "_BoundStream":
+        """Validates a program once and binds its operands (cached while its arrays are read-only:
+        writable arrays could change under the validated plan, so they are re-validated per call)."""
         key = id(program.stream)
         hit = self._plans.get(key)
-        if hit is not None and hit[0] is program.stream and hit[1] is program.outliers \
-                and hit[2] == (program.weights.size, program.params.size):
-            return hit[3]
+        if hit is not None and hit.matches(program):
+            return hit
+        program.header  # ISAError naming the problem (bad magic, version) before the C checks
         pos = np.zeros(program.stream.size, np.int64)
         counts = np.zeros(2, np.int64)
         err = self._plan(program.stream.ctypes.data, program.stream.size, program.weights.size,
@@ -112,40 +117,72 @@ class NativeExecutor:
         if err:
             raise StreamError(f"LUT executor refused the stream: {ERRORS.get(err & 0xFF, 'error')} "
                               f"at word {err >> 8}")
-        plan = (pos, int(counts[0]), int(counts[1]))
+        bound = _BoundStream(self._run_stream, program, pos, int(counts[0]), int(counts[1]))
         if not (program.stream.flags.writeable or program.outliers.flags.writeable):
-            self._plans[key] = (program.stream, program.outliers, (program.weights.size, program.params.size), plan)
-        return plan
+            self._plans[key] = bound
+        return bound
 
     def run(self, program: LayerProgram, x: np.ndarray, int8_tables: bool = True, threads: int = 0,
-            out: np.ndarray | None = None) -> np.ndarray:
-        """y [M, N] for x [M, K]; written into ``out`` (float32, C-contiguous [M, N]) when given."""
+            out: np.ndarray | None = None, launcher: int | None = None) -> np.ndarray:
+        """y [M, N] for x [M, K]; written into ``out`` (float32, C-contiguous [M, N]) when given.
+        ``launcher``: address of a TVMBackendParallelLaunch-compatible function to run the
+        parallel parts on (None: OpenMP)."""
+        return self.plan(program)(x, int8_tables, threads, out, launcher)
+
+
+class _BoundStream:
+    """A validated program with its operand pointers resolved: a call costs one ctypes call plus
+    the checks on x and out (this runs ~200 times per decoded token of SmolLM2)."""
+
+    def __init__(self, fn: Any, program: LayerProgram, pos: np.ndarray, ntables: int, nsegs: int) -> None:
         head = program.header
-        pos, ntables, nsegs = self.plan(program)
+        self.program, self.pos = program, pos  # keep the arrays alive with their pointers
+        self.n, self.kpad, self.k = head.out_features, head.padded_in, program.in_features
+        self.sizes = (program.weights.size, program.params.size)
+        self.macs_per_row = head.out_features * head.padded_in
+        self._call = functools.partial(fn, program.stream.ctypes.data, pos.ctypes.data, ntables, nsegs,
+                                       program.weights.ctypes.data, program.params.ctypes.data,
+                                       program.outliers.ctypes.data)
+
+    def matches(self, program: LayerProgram) -> bool:
+        p = self.program
+        return p.stream is program.stream and p.outliers is program.outliers and p.weights is program.weights \
+            and p.params is program.params and self.sizes == (program.weights.size, program.params.size)
+
+    def __call__(self, x: np.ndarray, int8_tables: bool, threads: int, out: np.ndarray | None,
+                 launcher: int | None = None) -> np.ndarray:
         m = x.shape[0]
-        if x.shape[1] == head.padded_in and x.dtype == np.float32 and x.flags.c_contiguous:
+        if x.ndim != 2 or x.shape[1] != self.k:
+            raise StreamError(f"LUT layer takes x of shape [M, {self.k}], got {x.shape}")
+        if x.shape[1] == self.kpad and x.dtype == np.float32 and x.flags.c_contiguous:
             xp = x
         else:
-            xp = np.zeros((m, head.padded_in), np.float32)
+            xp = np.zeros((m, self.kpad), np.float32)
             xp[:, :x.shape[1]] = x
         if out is None:
-            y = np.zeros((m, head.out_features), np.float32)  # rows no STORE writes are 0 (spec)
+            y = np.zeros((m, self.n), np.float32)  # rows no STORE writes are 0 (spec)
         else:
-            if out.shape != (m, head.out_features) or out.dtype != np.float32 or not out.flags.c_contiguous:
-                raise StreamError(f"LUT executor output must be C-contiguous float32 {(m, head.out_features)}, "
+            if out.shape != (m, self.n) or out.dtype != np.float32 or not out.flags.c_contiguous:
+                raise StreamError(f"LUT executor output must be C-contiguous float32 {(m, self.n)}, "
                                   f"got {out.dtype} {out.shape}")
             y = out
             y.fill(0.0)
         if m == 0:
             return y
-        if threads == 0 and m * head.out_features * head.padded_in < AUTO_THREADS_MACS:
-            threads = 1  # a parallel region costs more than it saves on a small layer
-        err = self._run_stream(program.stream.ctypes.data, pos.ctypes.data, ntables, nsegs, program.weights.ctypes.data,
-                         program.params.ctypes.data, program.outliers.ctypes.data, xp.ctypes.data, m,
-                         y.ctypes.data, 0 if int8_tables else 1, int(threads))
+        if threads == 0 and m * self.macs_per_row < AUTO_THREADS_MACS:
+            threads = 1
+        err = self._call(xp.ctypes.data, m, y.ctypes.data, 0 if int8_tables else 1, int(threads), launcher)
         if err:
             raise StreamError(f"LUT executor failed: {ERRORS.get(err & 0xFF, 'error')}")
         return y
+
+
+def tvm_parallel_launcher() -> int | None:
+    """Address of TVMBackendParallelLaunch in this process (TVM's runtime loads it globally), or None."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).TVMBackendParallelLaunch, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        return None
 
 
 def load_library(library: bytes) -> NativeExecutor | None:

@@ -29,7 +29,7 @@ typedef struct { int32_t row, col; float val; } outlier_t;
 
 static int64_t fail(int64_t pos, int code) { return (pos << 8) | code; }
 
-int lut_abi_version(void) { return 1; }
+int lut_abi_version(void) { return 2; }
 
 /* ------------------------------------------------------------------ tables */
 
@@ -330,47 +330,106 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
     return err;
 }
 
+/* ------------------------------------------------------------------ work splitting */
+
+/* A parallel launcher with the signature of TVM's TVMBackendParallelLaunch (c_backend_api.h):
+ * runs flambda(task_id, env, cdata) for task_id in [0, env->num_task) on the caller's thread
+ * pool (num_task 0 = the pool's size). Hosted by tvm-llvm kernels, the engine runs on TVM's
+ * pool instead of a second (OpenMP) pool that would fight it for the same cores. */
+typedef struct { void* sync_handle; int32_t num_task; } par_env_t;
+typedef int (*par_lambda_t)(int task_id, par_env_t* env, void* cdata);
+typedef int (*par_launch_t)(par_lambda_t flambda, void* cdata, int num_task);
+
+typedef struct {
+    const uint64_t* s; const int64_t* pos; int64_t ntables, nsegs;
+    const uint8_t* W; const float* P; const outlier_t* O; const float* X; int64_t M; float* Y; int fp32;
+    plan_t p; void* tables; int64_t tstride; float *TS, *XS;
+    volatile int oom;
+} job_t;
+
+static void split(int64_t n, int task, int ntask, int64_t* begin, int64_t* end) {
+    const int64_t q = n / ntask, r = n % ntask;
+    *begin = task * q + (task < r ? task : r);
+    *end = *begin + q + (task < r ? 1 : 0);
+}
+
+static void tables_range(job_t* j, int64_t begin, int64_t end) { /* over (TABLE instruction, row) pairs */
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t t = i / j->M, m = i % j->M;
+        const uint64_t w = j->s[j->pos[t]];
+        const int64_t g = FIELD(w, 8, 20);
+        build_table(j->X, j->p.kpad, m, FIELD(w, 28, 20), FIELD(w, 48, 16) + 1, j->fp32, j->tables, j->tstride,
+                    j->TS + m * j->p.blocks + g, j->XS + m * j->p.blocks + g);
+    }
+}
+
+static void segments_range(job_t* j, int64_t begin, int64_t end) {
+    if (begin >= end) return;
+    const size_t bytes = (size_t)(64 * ((j->M * 16 * 4 + 63) / 64));
+    float* acc = aligned_alloc(64, bytes);
+    float* yt = aligned_alloc(64, bytes);
+    if (!acc || !yt) j->oom = 1;
+    else
+        for (int64_t g = begin; g < end; g++)
+            run_segment(j->s, j->pos[j->ntables + g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->fp32, j->tables,
+                        j->tstride, j->TS, j->XS, acc, yt);
+    free(acc);
+    free(yt);
+}
+
+static int tables_task(int task, par_env_t* env, void* cdata) {
+    job_t* j = cdata;
+    int64_t b, e;
+    split(j->ntables * j->M, task, env->num_task, &b, &e);
+    tables_range(j, b, e);
+    return 0;
+}
+
+static int segments_task(int task, par_env_t* env, void* cdata) {
+    job_t* j = cdata;
+    int64_t b, e;
+    split(j->nsegs, task, env->num_task, &b, &e);
+    segments_range(j, b, e);
+    return 0;
+}
+
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
- * Y: [M, N] float32, zero on entry. Returns 0, or ERR_MEMORY. */
+ * Y: [M, N] float32, zero on entry. threads: 1 = this thread only; otherwise the tables, then
+ * the tiles, are split over `launch` (if not NULL) or OpenMP (0 = all threads). Tiles are
+ * independent and each table is built by one task, so the result does not depend on the
+ * split. Returns 0, ERR_MEMORY, or ERR_ARGS if the launcher failed. */
 int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t nsegs, const uint8_t* W,
-                 const float* P, const void* O, const float* X, int64_t M, float* Y, int fp32, int threads) {
-    plan_t p = {0};
-    p.n = (int64_t)(s[2] & 0xffffffffULL);
-    p.kpad = (int64_t)(s[2] >> 32);
-    p.kg = p.kpad / 4;
-    p.blocks = (int64_t)s[3];
-    const int64_t tstride = (p.kg + 1) * 16;
-    const size_t esize = fp32 ? 4 : 1;
-    void* tables = calloc((size_t)(M * tstride), esize); /* quads no TABLE builds read as zeros */
-    float* TS = malloc(sizeof(float) * (size_t)(M * p.blocks));
-    float* XS = malloc(sizeof(float) * (size_t)(M * p.blocks));
-    int oom = !tables || !TS || !XS;
-    if (!oom) {
+                 const float* P, const void* O, const float* X, int64_t M, float* Y, int fp32, int threads,
+                 void* launch) {
+    job_t j = {0};
+    j.s = s; j.pos = pos; j.ntables = ntables; j.nsegs = nsegs; j.W = W; j.P = P; j.O = (const outlier_t*)O;
+    j.X = X; j.M = M; j.Y = Y; j.fp32 = fp32;
+    j.p.n = (int64_t)(s[2] & 0xffffffffULL);
+    j.p.kpad = (int64_t)(s[2] >> 32);
+    j.p.kg = j.p.kpad / 4;
+    j.p.blocks = (int64_t)s[3];
+    j.tstride = (j.p.kg + 1) * 16;
+    j.tables = calloc((size_t)(M * j.tstride), fp32 ? 4 : 1); /* quads no TABLE builds read as zeros */
+    j.TS = malloc(sizeof(float) * (size_t)(M * j.p.blocks));
+    j.XS = malloc(sizeof(float) * (size_t)(M * j.p.blocks));
+    int64_t err = 0;
+    if (!j.tables || !j.TS || !j.XS) {
+        j.oom = 1;
+    } else if (threads == 1) {
+        tables_range(&j, 0, ntables * M);
+        segments_range(&j, 0, nsegs);
+    } else if (launch) {
+        const par_launch_t run = (par_launch_t)launch;
+        if (run(tables_task, &j, threads) || run(segments_task, &j, threads)) err = fail(0, ERR_ARGS);
+    } else {
         #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
         {
-            #pragma omp for schedule(static) collapse(2)
-            for (int64_t t = 0; t < ntables; t++)
-                for (int64_t m = 0; m < M; m++) {
-                    const uint64_t w = s[pos[t]];
-                    const int64_t g = FIELD(w, 8, 20);
-                    build_table(X, p.kpad, m, FIELD(w, 28, 20), FIELD(w, 48, 16) + 1, fp32, tables, tstride,
-                                TS + m * p.blocks + g, XS + m * p.blocks + g);
-                }
-            float* accbuf = aligned_alloc(64, (size_t)(64 * ((M * 16 * 4 + 63) / 64)));
-            float* yt = aligned_alloc(64, (size_t)(64 * ((M * 16 * 4 + 63) / 64)));
-            if (!accbuf || !yt) {
-                #pragma omp atomic write
-                oom = 1;
-            }
-            #pragma omp for schedule(static)
-            for (int64_t g = 0; g < nsegs; g++)
-                if (accbuf && yt)
-                    run_segment(s, pos[ntables + g], &p, W, P, (const outlier_t*)O, X, M, Y, fp32, tables, tstride,
-                                TS, XS, accbuf, yt);
-            free(accbuf);
-            free(yt);
+            par_env_t env = {NULL, omp_get_num_threads()};
+            tables_task(omp_get_thread_num(), &env, &j);
+            #pragma omp barrier
+            segments_task(omp_get_thread_num(), &env, &j);
         }
     }
-    free(tables); free(TS); free(XS);
-    return oom ? fail(0, ERR_MEMORY) : 0;
+    free(j.tables); free(j.TS); free(j.XS);
+    return j.oom ? fail(0, ERR_MEMORY) : err;
 }
