@@ -23,6 +23,7 @@ enum { OP_END = 0, OP_TABLE = 1, OP_SYNC = 2, OP_TILE = 3, OP_LUTACC = 4, OP_SCA
 enum { ERR_HEADER = 1, ERR_OPCODE = 2, ERR_TABLE = 3, ERR_WEIGHTS = 4, ERR_LUTACC = 5, ERR_SCALE = 6,
        ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11 };
 
+#define PREFETCH_BYTES 1024 /* weight words are read in one sequential stream per tile */
 #define FIELD(w, lo, width) (((w) >> (lo)) & ((1ULL << (width)) - 1))
 
 typedef struct { int32_t row, col; float val; } outlier_t;
@@ -93,6 +94,7 @@ static void build_table(const float* X, int64_t kpad, int64_t m, int64_t kg0, in
         __m256i a_lo[MC], a_hi[MC];                                                                   \
         for (int u = 0; u < MC; u++) { a_lo[u] = _mm256_setzero_si256(); a_hi[u] = a_lo[u]; }        \
         for (int w = 0; w < nwords; w++) {                                                            \
+            _mm_prefetch((const char*)(wp + 32 * (int64_t)w + PREFETCH_BYTES), _MM_HINT_T0);          \
             const __m256i v = _mm256_loadu_si256((const __m256i*)(wp + 32 * (int64_t)w));             \
             const __m256i lo = _mm256_and_si256(v, mask);                                             \
             const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                       \
@@ -116,16 +118,12 @@ static void build_table(const float* X, int64_t kpad, int64_t m, int64_t kg0, in
         for (int u = 0; u < MC; u++) {                                                                \
             float* acc = ACC + (m + u) * 16;                                                          \
             const __m256 ts = _mm256_set1_ps(TS[(m + u) * tsstride]);                                 \
-            __m256i l0 = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a_lo[u]));                       \
-            __m256i l1 = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a_lo[u], 1));                  \
-            l0 = _mm256_sll_epi32(l0, sh_lo);                                                         \
-            l1 = _mm256_sll_epi32(l1, sh_lo);                                                         \
-            if (quad) {                                                                               \
-                l0 = _mm256_add_epi32(l0, _mm256_sll_epi32(                                           \
-                    _mm256_cvtepi16_epi32(_mm256_castsi256_si128(a_hi[u])), sh_hi));                   \
-                l1 = _mm256_add_epi32(l1, _mm256_sll_epi32(                                           \
-                    _mm256_cvtepi16_epi32(_mm256_extracti128_si256(a_hi[u], 1)), sh_hi));              \
-            }                                                                                         \
+            /* row sums lo * 2^p + hi * 2^(p+2), exact in int32: madd over (lo, hi) pairs gives      \
+             * rows 0-3,8-11 (l0x) and 4-7,12-15 (l1x); the lane swap restores row order */          \
+            const __m256i l0x = _mm256_madd_epi16(_mm256_unpacklo_epi16(a_lo[u], a_hi[u]), pw);       \
+            const __m256i l1x = _mm256_madd_epi16(_mm256_unpackhi_epi16(a_lo[u], a_hi[u]), pw);       \
+            const __m256i l0 = _mm256_permute2x128_si256(l0x, l1x, 0x20);                             \
+            const __m256i l1 = _mm256_permute2x128_si256(l0x, l1x, 0x31);                             \
             _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc),                                  \
                                                 _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));           \
             _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8),                          \
@@ -137,7 +135,8 @@ static void lutacc_i8(const uint8_t* wp, int nwords, int quad, int plane, int64_
                       int64_t tstride, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
     const __m256i mask = _mm256_set1_epi8(0x0f);
     const __m256i w12 = _mm256_set1_epi16(0x0201); /* unsigned bytes 1, 2: planes p and p+1 */
-    const __m128i sh_lo = _mm_cvtsi32_si128(plane), sh_hi = _mm_cvtsi32_si128(plane + 2);
+    /* int16 weights (2^p, 2^(p+2)) of the (lo, hi) accumulators; pair mode has no hi part (zero) */
+    const __m256i pw = _mm256_set1_epi32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 0u) << 16)));
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) I8_BODY(4)
     for (; m < M; m++) I8_BODY(1)
