@@ -171,6 +171,20 @@ def test_artifact_for_tvm_host_falls_back_to_the_interpreter_without_tvm(tmp_pat
         bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, lut_host="tvm-llvm")
 
 
+@needs_tvm
+def test_auto_host_falls_back_to_the_interpreter_when_tvm_cannot_lower(monkeypatch):
+    def refuse(*a, **k):
+        raise UnsupportedOpError("rope_custom", module_path="model.layers.0", target="tvm-llvm")
+
+    monkeypatch.setattr(host.TVMHost, "build", classmethod(lambda cls, *a, **k: refuse()))
+    model = make_model("llama")
+    cm = bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32)
+    rep = cm.report()["executable"]
+    assert rep["host"] == "reference-interpreter" and "rope_custom" in rep["host_note"]
+    with pytest.raises(UnsupportedOpError, match="rope_custom"):
+        bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, lut_host="tvm-llvm")
+
+
 def test_bad_host_choice_is_refused():
     with pytest.raises(BitsmithError, match="lut_host must be one of"):
         bitsmith.compile(make_model("llama"), target="lut-cpu", quant="rtn-int4", group_size=32, lut_host="gpu")

@@ -109,18 +109,88 @@ def test_thread_count_does_not_change_results(fast):
     assert np.array_equal(fast.run(prog, x, True, 1), fast.run(prog, x, True, 2))
 
 
+_LAUNCHER_CHECK = """
+import numpy as np, tvm
+from bitsmith.backends.lut import native
+from bitsmith.backends.lut.codegen import generate
+from bitsmith.backends.lut.decompose import decompose
+from lut_operands import random_qlinear
+from bitsmith.backends.tvm import runtime_cpu
+runtime_cpu.set_threads(3)   # as the tvm-llvm host does
+assert runtime_cpu.num_threads() == 3, runtime_cpu.num_threads()
+fast = native.load_library(native.build_library())
+launcher = native.tvm_parallel_launcher()
+assert launcher
+attrs, ops = random_qlinear(np.random.default_rng(5), "rtn-int3", 300, 128, 32, True)
+prog = generate(decompose(attrs, ops))
+x = np.random.default_rng(6).normal(size=(5, 128)).astype(np.float32)
+for int8 in (True, False):
+    want = fast.run(prog, x, int8, 1)
+    for threads in (0, 2, 8):  # 8 > the pool: the engine uses the pool as the host sized it
+        assert np.array_equal(fast.run(prog, x, int8, threads, launcher=launcher), want)
+print("ok")
+"""
+
+
 @needs_avx2
-@pytest.mark.parametrize("threads", [0, 2, 3])
-def test_tvm_thread_pool_launcher_gives_the_same_results(fast, threads):
-    """Hosted by tvm-llvm, the engine splits its work over TVM's pool (TVMBackendParallelLaunch)."""
+def test_tvm_thread_pool_launcher_gives_the_same_results():
+    """Hosted by tvm-llvm, the engine splits its work over TVM's pool (TVMBackendParallelLaunch).
+    A fresh process with a 3-thread pool, so the split really runs on several tasks even on a
+    2-core machine."""
     pytest.importorskip("tvm", reason="the TVM thread pool launcher needs apache-tvm")
-    launcher = native.tvm_parallel_launcher()
-    assert launcher, "TVMBackendParallelLaunch not found in this process"
-    attrs, ops = random_qlinear(np.random.default_rng(5), "rtn-int3", 300, 128, 32, True)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "TVM_NUM_THREADS": "3", "PYTHONPATH": str(Path(__file__).parent)}
+    res = subprocess.run([sys.executable, "-c", _LAUNCHER_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-3000:]
+
+
+@needs_avx2
+def test_bad_outputs_and_programs_are_refused(fast):
+    attrs, ops = random_qlinear(np.random.default_rng(9), "rtn-int4", 32, 64, 32)
     prog = generate(decompose(attrs, ops))
-    x = np.random.default_rng(6).normal(size=(5, 128)).astype(np.float32)
-    for int8 in (True, False):
-        assert np.array_equal(fast.run(prog, x, int8, threads, launcher=launcher), fast.run(prog, x, int8, 1))
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(native.StreamError, match="output must be C-contiguous float32"):
+        fast.run(prog, x, out=np.zeros((2, 32), np.float64))
+    with pytest.raises(native.StreamError, match="output must be C-contiguous float32"):
+        fast.run(prog, x, out=np.zeros((2, 31), np.float32))
+    buf = np.zeros(192, np.float32)
+    with pytest.raises(native.StreamError, match="must not overlap"):
+        fast.run(prog, buf[:128].reshape(2, 64), out=buf[64:128].reshape(2, 32))
+    with pytest.raises(native.StreamError, match="not C-contiguous"):
+        fast.run(prog, x, out=np.zeros((2, 64), np.float32)[:, :32])
+    with pytest.raises(native.StreamError, match="weights must be C-contiguous uint8"):
+        fast.run(type(prog)(prog.stream, prog.weights.astype(np.uint16), prog.params, prog.outliers,
+                            prog.in_features), x)
+    with pytest.raises(native.StreamError, match=r"x of shape \[M, 64\]"):
+        fast.run(prog, np.ones((2, 63), np.float32))
+
+
+@needs_avx2
+def test_a_cached_plan_is_revalidated_once_the_stream_is_writable(fast):
+    attrs, ops = random_qlinear(np.random.default_rng(10), "rtn-int2", 16, 32, 16)
+    prog = generate(decompose(attrs, ops))
+    words = prog.stream.copy()
+    words.setflags(write=False)
+    ro = type(prog)(words, prog.weights, prog.params, prog.outliers, prog.in_features)
+    x = np.ones((1, 32), np.float32)
+    fast.run(ro, x)                     # validated and cached
+    words.setflags(write=True)
+    words[5] = np.uint64(0xEE)          # now an unknown opcode
+    with pytest.raises(native.StreamError, match="unknown opcode"):
+        fast.run(ro, x)
+
+
+def test_a_library_of_another_abi_is_refused():
+    if not native.cpu_has_avx2():
+        pytest.skip("no AVX2")
+    src = native.source_text().replace(b"int lut_abi_version(void) { return 2; }",
+                                       b"int lut_abi_version(void) { return 1; }")
+    with pytest.raises(native.NativeBuildError, match="ABI 1"):
+        native.NativeExecutor(native.build_library(src))
 
 
 def _altered(prog, op, field, delta):

@@ -414,3 +414,12 @@ def test_smollm2_quantized_logits_match_reference(smollm2, quant):
     got = cm.executable.run("main", _lm_args(ref.module, ids, 0))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
     assert (got[0].argmax(-1) == want[0].argmax(-1)).all()
+
+
+@pytest.mark.parametrize("key", ["../../etc/evil", "ABCDEF" * 10 + "ABCD", "extern:lut/0;rm", "extern:", 7])
+def test_plan_json_refuses_bad_kernel_keys(key):
+    from bitsmith.backends.tvm.plan import FunctionPlan, PlanError
+    doc = {"name": "main", "num_slots": 2, "params": [0], "param_types": [[[4], "float32"]], "results": [1],
+           "shapes": [[4]], "consts": [], "steps": [{"call": key, "in": [0], "out": [[1, 0, "float32"]]}]}
+    with pytest.raises(PlanError, match="bad kernel key"):
+        FunctionPlan.from_json(doc)

@@ -118,13 +118,15 @@ class LUTBackend(Backend):
 
     def option_defaults(self, target: str) -> dict[str, Any]:
         return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto",
-                "lut_host": "auto", "mcpu": "host"}
+                "lut_host": "auto", "mcpu": host.PORTABLE_MCPU}
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         _check_options(options)
         layers = lower_module(module, options["lut_table_group"])
-        chosen = host.HOSTS[host.host_for_build(options["lut_host"])]
-        return LUTExecutable(module, layers, native.build_library(), options, chosen.build)
+        def factory(module_, layers_, run_layer, options_):
+            return host.build_host(options_.get("lut_host", "auto"), module_, layers_, run_layer, options_)
+
+        return LUTExecutable(module, layers, native.build_library(), options, factory)
 
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:

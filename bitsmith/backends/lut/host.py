@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import BitsmithError
+from ...errors import BitsmithError, UnsupportedOpError
 from ...ir import Module, Node, run_function
 from .program import LayerEntry
 
@@ -30,6 +30,7 @@ from .program import LayerEntry
 LayerRunner = Callable[[LayerEntry, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 HOST_CHOICES = ("auto", "tvm-llvm", "reference")
+PORTABLE_MCPU = "x86-64-v3"   # host kernels as portable as lutexec.so's AVX2 build (option mcpu overrides)
 FILE_PREFIX = "host/"
 
 
@@ -75,8 +76,9 @@ class ReferenceHost:
         return cls(module, layers, run_layer)
 
 
-def _extern_name(function: str, value: str) -> str:
-    return f"lut/{function}/{value}"
+def _extern_name(index: int) -> str:
+    """Plan kernel name of the ``index``-th layer of the LUT program (the order program.json keeps)."""
+    return f"lut/{index}"
 
 
 class TVMHost:
@@ -92,7 +94,7 @@ class TVMHost:
         self.parallel_launcher = tvm_parallel_launcher()
         self.host, self.threads, self._libdir = host, threads, libdir
         externs: dict[str, Callable] = {}
-        by_name = {_extern_name(f, v): e for (f, v), e in layers.items()}
+        by_name = {_extern_name(i): e for i, e in enumerate(layers.values())}
         for plan in host.plans.values():
             for step in plan.steps:
                 key = getattr(step, "kernel", "")
@@ -122,12 +124,14 @@ class TVMHost:
 
     @staticmethod
     def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-        return {"mcpu": options.get("mcpu", "host"), "threads": options.get("threads", 0)}
+        return {"mcpu": options.get("mcpu", PORTABLE_MCPU), "threads": options.get("threads", 0)}
 
     @classmethod
     def build(cls, module, layers, run_layer, options) -> "TVMHost":
         from ..tvm import llvm_target
-        host = llvm_target.compile_host(module, cls._options(options), anchor_rules={"qlinear": _qlinear_rule})
+        index = {key: i for i, key in enumerate(layers)}
+        rule = functools.partial(_qlinear_rule, index)
+        host = llvm_target.compile_host(module, cls._options(options), anchor_rules={"qlinear": rule})
         return cls(module, layers, run_layer, host, options.get("threads", 0))
 
     @classmethod
@@ -145,7 +149,7 @@ def _call_layer(run_layer: LayerRunner, entry: LayerEntry, x2: np.ndarray, *rest
         out += rest[0]
 
 
-def _qlinear_rule(node: Node, ctx: Any) -> None:
+def _qlinear_rule(index: Mapping[tuple[str, str], int], node: Node, ctx: Any) -> None:
     """tvm lowering of a qlinear as an extern step: x viewed as [m, in], bias passed along."""
     from ..tvm.anchor_rules import finish_out, flatten_in, matmul_out
     if ctx.types[node.inputs[0]].dtype != "float32":
@@ -153,7 +157,10 @@ def _qlinear_rule(node: Node, ctx: Any) -> None:
     x2, lead = flatten_in(node, ctx)
     out = matmul_out(node, ctx, lead)
     bias = [ctx.slot(node.inputs[-1])] if node.attr("bias") else []
-    ctx.extern_call(_extern_name(ctx.fn.name, node.outputs[0].name), [x2] + bias, [out])
+    key = (ctx.fn.name, node.outputs[0].name)
+    if key not in index:
+        raise ctx.unsupported(node, "no LUT program for this qlinear")
+    ctx.extern_call(_extern_name(index[key]), [x2] + bias, [out])
     finish_out(node, ctx, out[0])
 
 
@@ -168,11 +175,19 @@ def check_choice(choice: Any) -> None:
                             "use lut_host='reference' or 'auto'")
 
 
-def host_for_build(choice: str) -> str:
-    """The host name a build with option ``lut_host=choice`` uses."""
+def build_host(choice: str, module, layers, run_layer, options):
+    """The host a build uses: tvm-llvm if chosen or (under "auto") if it can lower this module,
+    else the reference interpreter, with the reason in ``report()["host_note"]``."""
     if choice == "reference":
-        return ReferenceHost.name
-    return TVMHost.name if choice == "tvm-llvm" or tvm_available() else ReferenceHost.name
+        return ReferenceHost(module, layers, run_layer)
+    if choice == "auto" and not tvm_available():
+        return ReferenceHost(module, layers, run_layer, note="apache-tvm is not installed")
+    try:
+        return TVMHost.build(module, layers, run_layer, options)
+    except (ImportError, UnsupportedOpError) as e:
+        if choice == "tvm-llvm":
+            raise
+        return ReferenceHost(module, layers, run_layer, note=f"tvm-llvm host unavailable: {e}")
 
 
 def load_host(recorded: str, choice: str, module, layers, run_layer, options, files):
@@ -187,4 +202,7 @@ def load_host(recorded: str, choice: str, module, layers, run_layer, options, fi
                                   "interpreter runs the host path")
     if recorded == TVMHost.name and choice == "reference":
         return ReferenceHost(module, layers, run_layer, note="lut_host='reference' chosen at load")
+    if recorded == ReferenceHost.name and choice == "tvm-llvm":
+        return ReferenceHost(module, layers, run_layer, note="the artifact holds no tvm-llvm host kernels "
+                                                            "(built with the reference host); recompile for tvm-llvm")
     return HOSTS[recorded].load(module, layers, run_layer, options, files)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import BitsmithError
-from .codegen import LayerProgram
+from .codegen import OUTLIER_DTYPE, LayerProgram
 
 SOURCE = "lutexec.c"
 LIBRARY_FILE = "lut/lutexec.so"
@@ -33,7 +33,9 @@ AUTO_THREADS_MACS = 1 << 22
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 ERRORS = {1: "bad stream header", 2: "unknown opcode", 3: "TABLE out of range", 4: "weight words out of range",
           5: "LUTACC field out of range", 6: "SCALE out of range", 7: "OUTLIER out of range",
-          8: "STORE out of range", 9: "instruction out of order", 10: "out of memory", 11: "bad arguments"}
+          8: "STORE out of range", 9: "instruction out of order", 10: "out of memory", 11: "bad arguments",
+          12: "the parallel launcher failed"}
+ABI_VERSION = 2   # lut_abi_version() of native/lutexec.c that this binding speaks
 
 
 class NativeBuildError(BitsmithError):
@@ -92,6 +94,10 @@ class NativeExecutor:
             self._lib = ctypes.CDLL(path)
         finally:
             os.unlink(path)  # the mapping stays valid; nothing is left on disk
+        abi = int(self._lib.lut_abi_version())
+        if abi != ABI_VERSION:
+            raise NativeBuildError(f"lutexec.so speaks ABI {abi}, this runtime speaks {ABI_VERSION}; "
+                                   "recompile the artifact with this bitsmith")
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self._plan = self._lib.lut_plan
         self._plan.argtypes = [p, i64, i64, i64, p, i64, p, p]
@@ -109,6 +115,12 @@ class NativeExecutor:
         if hit is not None and hit.matches(program):
             return hit
         program.header  # ISAError naming the problem (bad magic, version) before the C checks
+        for role, dtype in (("stream", np.dtype("<u8")), ("weights", np.dtype("u1")), ("params", np.dtype("<f4")),
+                            ("outliers", OUTLIER_DTYPE)):
+            a = getattr(program, role)
+            if a.dtype != dtype or not a.flags.c_contiguous:
+                raise StreamError(f"LUT program {role} must be C-contiguous {dtype}, got {a.dtype}"
+                                  f"{'' if a.flags.c_contiguous else ' (strided)'}")
         pos = np.zeros(program.stream.size, np.int64)
         counts = np.zeros(2, np.int64)
         err = self._plan(program.stream.ctypes.data, program.stream.size, program.weights.size,
@@ -147,7 +159,8 @@ class _BoundStream:
     def matches(self, program: LayerProgram) -> bool:
         p = self.program
         return p.stream is program.stream and p.outliers is program.outliers and p.weights is program.weights \
-            and p.params is program.params and self.sizes == (program.weights.size, program.params.size)
+            and p.params is program.params and self.sizes == (program.weights.size, program.params.size) \
+            and not (program.stream.flags.writeable or program.outliers.flags.writeable)
 
     def __call__(self, x: np.ndarray, int8_tables: bool, threads: int, out: np.ndarray | None,
                  launcher: int | None = None) -> np.ndarray:
@@ -164,7 +177,10 @@ class _BoundStream:
         else:
             if out.shape != (m, self.n) or out.dtype != np.float32 or not out.flags.c_contiguous:
                 raise StreamError(f"LUT executor output must be C-contiguous float32 {(m, self.n)}, "
-                                  f"got {out.dtype} {out.shape}")
+                                  f"got {out.dtype} {out.shape}"
+                                  f"{'' if out.flags.c_contiguous else ' (not C-contiguous)'}")
+            if np.may_share_memory(out, xp):
+                raise StreamError("LUT executor output must not overlap its input")
             y = out
             y.fill(0.0)
         if m == 0:

@@ -22,7 +22,7 @@ from .fused_rules import FUSED_RULES, RuleContext
 from .fusion import Step, group_nodes
 from .kernel import KernelDef
 from .lazy import Lazy, from_tensor, materialize
-from .plan import EXTERN_PREFIX, Call, Const, FunctionPlan, View
+from .plan import EXTERN_PREFIX, Call, Const, FunctionPlan, View, checked_kernel_key
 from .symbols import DimEnv
 
 SOURCE_OPS = ("constant", "scalar")
@@ -68,7 +68,7 @@ class LoweringContext:
 
     def extern_call(self, name: str, inputs: list[int], outputs: list[tuple[int, int, str]]) -> None:
         """A step the executable runs with its own callable ``fn(*inputs, *outputs)``."""
-        self.plan.steps.append(Call(EXTERN_PREFIX + name, inputs, outputs, None, name))
+        self.plan.steps.append(Call(checked_kernel_key(EXTERN_PREFIX + name), inputs, outputs, None, name))
 
     def view(self, src: int, dims, dst: int | None = None) -> int:
         dst = self.new_slot() if dst is None else dst

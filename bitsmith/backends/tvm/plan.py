@@ -90,7 +90,7 @@ class FunctionPlan:
             steps: list[Call | View] = []
             for s in d["steps"]:
                 if "call" in s:
-                    steps.append(Call(_kernel_key(s["call"]), _ints(s["in"]),
+                    steps.append(Call(checked_kernel_key(s["call"]), _ints(s["in"]),
                                       [(_int(o[0]), _int(o[1]), _str(o[2])) for o in s["out"]],
                                       tuple(_ints(s["check_ids"])) if "check_ids" in s else None,
                                       _str(s.get("name", ""))))
@@ -162,7 +162,7 @@ def _dim(x: Any) -> Dim:
 _KERNEL_KEY = re.compile(r"[0-9a-f]{64}|" + re.escape(EXTERN_PREFIX) + r"[A-Za-z0-9_.:/%-]{1,200}")
 
 
-def _kernel_key(v: Any) -> str:
+def checked_kernel_key(v: Any) -> str:
     """A cache digest (it names a file under kernels/) or an extern name; nothing path-like."""
     if not isinstance(v, str) or not _KERNEL_KEY.fullmatch(v):
         raise PlanError(f"plan.json: bad kernel key {v!r}")

@@ -21,7 +21,7 @@
 enum { OP_END = 0, OP_TABLE = 1, OP_SYNC = 2, OP_TILE = 3, OP_LUTACC = 4, OP_SCALE = 5, OP_OUTLIER = 6,
        OP_STORE = 7 };
 enum { ERR_HEADER = 1, ERR_OPCODE = 2, ERR_TABLE = 3, ERR_WEIGHTS = 4, ERR_LUTACC = 5, ERR_SCALE = 6,
-       ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11 };
+       ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11, ERR_LAUNCH = 12 };
 
 #define PREFETCH_BYTES 1024 /* weight words are read in one sequential stream per tile */
 #define FIELD(w, lo, width) (((w) >> (lo)) & ((1ULL << (width)) - 1))
@@ -343,7 +343,7 @@ typedef struct {
     const uint64_t* s; const int64_t* pos; int64_t ntables, nsegs;
     const uint8_t* W; const float* P; const outlier_t* O; const float* X; int64_t M; float* Y; int fp32;
     plan_t p; void* tables; int64_t tstride; float *TS, *XS;
-    volatile int oom;
+    int oom;
 } job_t;
 
 static void split(int64_t n, int task, int ntask, int64_t* begin, int64_t* end) {
@@ -367,7 +367,7 @@ static void segments_range(job_t* j, int64_t begin, int64_t end) {
     const size_t bytes = (size_t)(64 * ((j->M * 16 * 4 + 63) / 64));
     float* acc = aligned_alloc(64, bytes);
     float* yt = aligned_alloc(64, bytes);
-    if (!acc || !yt) j->oom = 1;
+    if (!acc || !yt) __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
     else
         for (int64_t g = begin; g < end; g++)
             run_segment(j->s, j->pos[j->ntables + g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->fp32, j->tables,
@@ -394,9 +394,10 @@ static int segments_task(int task, par_env_t* env, void* cdata) {
 
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
  * Y: [M, N] float32, zero on entry. threads: 1 = this thread only; otherwise the tables, then
- * the tiles, are split over `launch` (if not NULL) or OpenMP (0 = all threads). Tiles are
- * independent and each table is built by one task, so the result does not depend on the
- * split. Returns 0, ERR_MEMORY, or ERR_ARGS if the launcher failed. */
+ * the tiles, are split over `launch` (if not NULL: all of its pool) or OpenMP (0 = all threads).
+ * Tiles are independent and each table is built by one task, so the result does not depend on
+ * the split (codegen emits disjoint TABLEs; validate() does not yet refuse overlapping ones).
+ * Returns 0, ERR_MEMORY, or ERR_LAUNCH if the launcher failed. */
 int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t nsegs, const uint8_t* W,
                  const float* P, const void* O, const float* X, int64_t M, float* Y, int fp32, int threads,
                  void* launch) {
@@ -409,17 +410,18 @@ int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t
     j.p.blocks = (int64_t)s[3];
     j.tstride = (j.p.kg + 1) * 16;
     j.tables = calloc((size_t)(M * j.tstride), fp32 ? 4 : 1); /* quads no TABLE builds read as zeros */
-    j.TS = malloc(sizeof(float) * (size_t)(M * j.p.blocks));
-    j.XS = malloc(sizeof(float) * (size_t)(M * j.p.blocks));
+    j.TS = calloc((size_t)(M * j.p.blocks), sizeof(float));  /* blocks no TABLE builds: scale 0, sum 0 */
+    j.XS = calloc((size_t)(M * j.p.blocks), sizeof(float));
     int64_t err = 0;
     if (!j.tables || !j.TS || !j.XS) {
-        j.oom = 1;
+        __atomic_store_n(&j.oom, 1, __ATOMIC_RELAXED);
     } else if (threads == 1) {
         tables_range(&j, 0, ntables * M);
         segments_range(&j, 0, nsegs);
     } else if (launch) {
+        /* num_task 0: the pool as the host sized it (TVM aborts on a count above its pool) */
         const par_launch_t run = (par_launch_t)launch;
-        if (run(tables_task, &j, threads) || run(segments_task, &j, threads)) err = fail(0, ERR_ARGS);
+        if (run(tables_task, &j, 0) || run(segments_task, &j, 0)) err = fail(0, ERR_LAUNCH);
     } else {
         #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
         {
