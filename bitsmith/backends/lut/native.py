@@ -26,10 +26,14 @@ from .codegen import OUTLIER_DTYPE, LayerProgram
 
 SOURCE = "lutexec.c"
 LIBRARY_FILE = "lut/lutexec.so"
-# threads=0 (auto) runs smaller layer calls on one thread: a parallel region costs more than it
-# saves there, and on 2 cores a decode step that split every layer over TVM's pool ran 5x slower
-# (measured with SmolLM2 bitmod-w4: 8 tok/s split vs 46 tok/s serial layers).
+# threads=0 (auto) runs smaller layer calls on one thread. With OpenMP the bar is high: its
+# region costs more than it saves on small layers, and between tvm-llvm host kernels OpenMP's
+# spinning threads and TVM's fight for the cores (SmolLM2 bitmod-w4 decode on 2 cores: 8 tok/s
+# with every layer split over OpenMP vs ~32 serial). On the host's TVM pool, whose threads are
+# awake between kernels, splitting even SmolLM2's smallest layers pays (~31-34 tok/s serial,
+# 38-50 split at 2^16; same machine, noisy).
 AUTO_THREADS_MACS = 1 << 22
+AUTO_THREADS_MACS_POOL = 1 << 16
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 ERRORS = {1: "bad stream header", 2: "unknown opcode", 3: "TABLE out of range", 4: "weight words out of range",
           5: "LUTACC field out of range", 6: "SCALE out of range", 7: "OUTLIER out of range",
@@ -185,7 +189,7 @@ class _BoundStream:
             y.fill(0.0)
         if m == 0:
             return y
-        if threads == 0 and m * self.macs_per_row < AUTO_THREADS_MACS:
+        if threads == 0 and m * self.macs_per_row < (AUTO_THREADS_MACS_POOL if launcher else AUTO_THREADS_MACS):
             threads = 1
         err = self._call(xp.ctypes.data, m, y.ctypes.data, 0 if int8_tables else 1, int(threads), launcher)
         if err:
