@@ -205,6 +205,38 @@ def _altered(prog, op, field, delta):
     return type(prog)(words, prog.weights, prog.params, prog.outliers, prog.in_features)
 
 
+def _edit_table_rules(words, kind):
+    """Breaks one of the stream rules about TABLE blocks (the parallel table build relies on them)."""
+    ops = words[isa.HEADER_WORDS:] & np.uint64(0xFF)
+    tpos = np.flatnonzero(ops == isa.FORMATS["TABLE"].opcode) + isa.HEADER_WORDS
+    first, second = (dict(isa.decode(words[p:p + 1])[0].args) for p in tpos[:2])
+    if kind == "overlap":
+        second["kg0"] = first["kg0"]
+        words[tpos[1]] = isa.encode([isa.Instruction.make("TABLE", **second)])[0]
+    elif kind == "same block":
+        second["block"] = first["block"]
+        words[tpos[1]] = isa.encode([isa.Instruction.make("TABLE", **second)])[0]
+    else:  # a LUTACC on a block that no TABLE builds
+        words[3] += np.uint64(1)
+        lpos = np.flatnonzero(ops == isa.FORMATS["LUTACC"].opcode)[0] + isa.HEADER_WORDS
+        args = dict(isa.decode(words[lpos:lpos + 1])[0].args)
+        args["block"] = int(words[3]) - 1
+        words[lpos] = isa.encode([isa.Instruction.make("LUTACC", **args)])[0]
+
+
+@needs_avx2
+@pytest.mark.parametrize("kind,message", [("overlap", "TABLE out of range"), ("same block", "TABLE out of range"),
+                                          ("unbuilt block", "LUTACC field out of range")])
+def test_table_blocks_must_be_distinct_disjoint_and_built(fast, kind, message):
+    attrs, ops = random_qlinear(np.random.default_rng(11), "rtn-int4", 16, 64, 16)
+    prog = generate(decompose(attrs, ops), 16)
+    words = prog.stream.copy()
+    _edit_table_rules(words, kind)
+    with pytest.raises(native.StreamError, match=message):
+        fast.run(type(prog)(words, prog.weights, prog.params, prog.outliers, prog.in_features),
+                 np.ones((1, 64), np.float32))
+
+
 @needs_avx2
 @pytest.mark.parametrize("op,field,delta", [("LUTACC", "plane", 1), ("LUTACC", "kg0", 1), ("SCALE", "pidx", 1),
                                             ("SCALE", "block0", 1), ("LUTACC", "block", 1), ("TILE", "wptr", 1), ("STORE", "row0", 1),

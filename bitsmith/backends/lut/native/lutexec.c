@@ -175,6 +175,7 @@ typedef struct {
     int64_t n, kpad, kg, blocks;
     int64_t ntables, nsegs;
     int64_t *tables, *segs; /* positions of TABLE instructions and TILE instructions */
+    uint8_t *built, *covered; /* per block / per quad: some TABLE builds it (validation only) */
 } plan_t;
 
 static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t pblocks, int64_t nout, plan_t* p) {
@@ -184,6 +185,10 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
     p->blocks = (int64_t)s[3];
     if (p->kpad % 4 || p->n <= 0) return fail(0, ERR_HEADER);
     p->kg = p->kpad / 4;
+    if (p->blocks < 0 || p->blocks > p->kg) return fail(0, ERR_HEADER); /* blocks are disjoint, >= 1 quad */
+    p->built = calloc((size_t)p->blocks + 1, 1);
+    p->covered = calloc((size_t)p->kg + 1, 1);
+    if (!p->built || !p->covered) return fail(0, ERR_MEMORY);
     p->tables = malloc(sizeof(int64_t) * nw);
     p->segs = malloc(sizeof(int64_t) * nw);
     if (!p->tables || !p->segs) return fail(0, ERR_MEMORY);
@@ -197,7 +202,12 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
         case OP_TABLE: {
             const int64_t g = FIELD(w, 8, 20), kg0 = FIELD(w, 28, 20), nkg = FIELD(w, 48, 16) + 1;
             if (phase != 0) return fail(i, ERR_ORDER);
-            if (g >= p->blocks || kg0 + nkg > p->kg) return fail(i, ERR_TABLE);
+            if (g >= p->blocks || kg0 + nkg > p->kg || p->built[g]) return fail(i, ERR_TABLE);
+            for (int64_t q = kg0; q < kg0 + nkg; q++) {  /* tables are built in parallel: no overlaps */
+                if (p->covered[q]) return fail(i, ERR_TABLE);
+                p->covered[q] = 1;
+            }
+            p->built[g] = 1;
             p->tables[p->ntables++] = i;
             break;
         }
@@ -215,18 +225,22 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
             const int quad = FIELD(w, 8, 1) == 0;
             const int64_t plane = FIELD(w, 9, 4), kg0 = FIELD(w, 13, 20), nwords = FIELD(w, 33, 7) + 1;
             if (phase != 2) return fail(i, ERR_ORDER);
-            if (w >> 60 || (int64_t)FIELD(w, 40, 20) >= p->blocks || plane + (quad ? 3 : 1) > 15
+            if (w >> 60 || (int64_t)FIELD(w, 40, 20) >= p->blocks || !p->built[FIELD(w, 40, 20)]
+                || plane + (quad ? 3 : 1) > 15
                 || nwords > (quad ? 64 : 32)
                 || kg0 + (quad ? nwords : 2 * nwords) > p->kg + 1) return fail(i, ERR_LUTACC);
             if (wptr < 0 || wptr + nwords > wwords) return fail(i, ERR_WEIGHTS);
             wptr += nwords;
             break;
         }
-        case OP_SCALE:
+        case OP_SCALE: {
+            const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;
             if (phase != 2) return fail(i, ERR_ORDER);
-            if ((int64_t)FIELD(w, 8, 20) + (int64_t)FIELD(w, 28, 8) + 1 > p->blocks
-                || (int64_t)FIELD(w, 36, 28) >= pblocks) return fail(i, ERR_SCALE);
+            if (b0 + nb > p->blocks || (int64_t)FIELD(w, 36, 28) >= pblocks) return fail(i, ERR_SCALE);
+            for (int64_t b = b0; b < b0 + nb; b++)
+                if (!p->built[b]) return fail(i, ERR_SCALE);
             break;
+        }
         case OP_OUTLIER: {
             const int64_t start = FIELD(w, 8, 36), count = FIELD(w, 44, 20) + 1;
             if (phase != 2) return fail(i, ERR_ORDER);
@@ -326,6 +340,8 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
     }
     free(p.tables);
     free(p.segs);
+    free(p.built);
+    free(p.covered);
     return err;
 }
 
