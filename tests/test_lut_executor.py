@@ -205,6 +205,33 @@ def _altered(prog, op, field, delta):
     return type(prog)(words, prog.weights, prog.params, prog.outliers, prog.in_features)
 
 
+@needs_avx2
+@pytest.mark.parametrize("bits,top_plane", [(4, 12), (2, 14)])   # quad units: plane <= 12; pair: <= 14
+def test_top_planes_and_full_blocks_agree_with_the_reference(fast, bits, top_plane):
+    """The largest integer sums the validator admits: every code at its maximum, positive
+    activations (table entry 15 quantizes to 127), 256-activation blocks (64 quad words or 32
+    pair words per LUTACC) and every LUTACC moved to the highest plane the validator accepts."""
+    from bitsmith.ir.datatypes import pack_codes
+    k = 256
+    attrs = dict(scheme=f"rtn-int{bits}", group_size=k, in_features=k, out_features=16, sparsity="",
+                 outliers=False, bias=False)
+    ops = [pack_codes(np.full((16, k), (1 << bits) - 1), bits), np.full((16, 1), 0.5, np.float16),
+           np.zeros((16, 1), np.uint8)]
+    prog = generate(decompose(attrs, ops), k)
+    words = prog.stream.copy()
+    lpos = np.flatnonzero((words[isa.HEADER_WORDS:] & np.uint64(0xFF)) == isa.FORMATS["LUTACC"].opcode)
+    for pos in lpos + isa.HEADER_WORDS:
+        args = dict(isa.decode(words[pos:pos + 1])[0].args)
+        args["plane"] = top_plane
+        words[pos] = isa.encode([isa.Instruction.make("LUTACC", **args)])[0]
+    top = type(prog)(words, prog.weights, prog.params, prog.outliers, prog.in_features)
+    x = np.random.default_rng(12).uniform(0.5, 2.0, size=(3, k)).astype(np.float32)
+    for int8 in (True, False):
+        got = fast.run(top, x, int8)
+        assert np.isfinite(got).all() and np.abs(got).max() > 2.0 ** top_plane
+        assert np.array_equal(got, reference_executor.run(top, x, int8))
+
+
 def _edit_table_rules(words, kind):
     """Breaks one of the stream rules about TABLE blocks (the parallel table build relies on them)."""
     ops = words[isa.HEADER_WORDS:] & np.uint64(0xFF)
