@@ -423,3 +423,37 @@ def test_plan_json_refuses_bad_kernel_keys(key):
            "shapes": [[4]], "consts": [], "steps": [{"call": key, "in": [0], "out": [[1, 0, "float32"]]}]}
     with pytest.raises(PlanError, match="bad kernel key"):
         FunctionPlan.from_json(doc)
+
+
+def test_quantized_artifact_stores_the_kernel_layout_and_loads_without_re_deriving(tmp_path, monkeypatch):
+    import bitsmith
+    from bitsmith.backends.tvm import matmul
+    from hf_configs import make_model
+    model = make_model("llama")
+    ids = np.random.default_rng(0).integers(0, 128, (1, 6))
+    cm = bitsmith.compile(model, target="tvm-llvm", quant="bitmod-w4", group_size=32, outliers=0.01)
+    cm.save(str(tmp_path / "a"))
+    stored = sorted((tmp_path / "a" / "target" / "operands").rglob("*.bin"))
+    assert stored
+
+    def no_relayout(*a, **k):
+        raise AssertionError("loading must use the stored operand layout")
+
+    monkeypatch.setattr(matmul, "qlinear_operands", no_relayout)
+    loaded = bitsmith.load(str(tmp_path / "a"))
+    assert loaded.report()["executable"]["stored_operands"] == len(stored)
+    assert np.array_equal(np.asarray(cm(ids)), np.asarray(loaded(ids)))
+
+
+def test_stored_operand_descriptions_are_checked():
+    from bitsmith.backends.tvm import stored_operands
+    from bitsmith.backends.tvm.plan import Const, FunctionPlan, PlanError
+    plan = FunctionPlan("main", 3, [0], [([4], "float32")], [1], [[4]], consts=[Const(2, qlinear="y", index=0)])
+    good = {"function": "main", "slot": 2, "file": "operands/0/2.bin", "dtype": "uint8", "shape": [2, 3]}
+    files = {"operands/0/2.bin": bytes(range(6))}
+    got = stored_operands.from_files([good], files, {"main": plan})
+    assert got["main"][2].tolist() == [[0, 1, 2], [3, 4, 5]]
+    for bad, message in [({"slot": 1}, "not a qlinear operand"), ({"dtype": "object"}, "bad dtype"),
+                         ({"shape": [7]}, "needs 7"), ({"file": "operands/0/9.bin"}, "lacks")]:
+        with pytest.raises(PlanError, match=message):
+            stored_operands.from_files([{**good, **bad}], files, {"main": plan})

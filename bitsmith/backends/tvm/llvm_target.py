@@ -19,7 +19,7 @@ import tvm
 from ...errors import BitsmithError
 from ...ir import Module
 from ..base import Executable
-from . import runtime_cpu
+from . import runtime_cpu, stored_operands
 from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import lower_function
@@ -126,9 +126,10 @@ class HostBuild:
                 for name, p in self.plans.items()}
 
     def files(self) -> dict[str, bytes]:
+        operands, out = stored_operands.to_files(self.plans, self.derived)
         plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
-                "functions": [p.to_json() for p in self.plans.values()]}
-        out = {f"kernels/{k}.so": v for k, v in self.libraries.items()}
+                "functions": [p.to_json() for p in self.plans.values()], "operands": operands}
+        out.update({f"kernels/{k}.so": v for k, v in self.libraries.items()})
         out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
         return out
 
@@ -184,9 +185,11 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
                     raise PlanError(f"plan.json calls kernel {s.kernel} but {name} is missing")
                 libraries[s.kernel] = files[name]
                 loaded[s.kernel] = libdir.load(s.kernel, files[name])
+    derived = stored_operands.from_files(doc.get("operands", []), files, plans)
     info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
-            "mcpu": str(doc.get("mcpu", "")), "loaded_from_artifact": True}
-    return HostBuild(plans, libraries, loaded, {}, info), libdir
+            "mcpu": str(doc.get("mcpu", "")), "loaded_from_artifact": True,
+            "stored_operands": sum(len(d) for d in derived.values())}
+    return HostBuild(plans, libraries, loaded, derived, info), libdir
 
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:
