@@ -90,28 +90,28 @@ class FunctionPlan:
             steps: list[Call | View] = []
             for s in d["steps"]:
                 if "call" in s:
-                    steps.append(Call(checked_kernel_key(s["call"]), _ints(s["in"]),
-                                      [(_int(o[0]), _int(o[1]), _str(o[2])) for o in s["out"]],
-                                      tuple(_ints(s["check_ids"])) if "check_ids" in s else None,
-                                      _str(s.get("name", ""))))
+                    steps.append(Call(checked_kernel_key(s["call"]), as_ints(s["in"]),
+                                      [(as_int(o[0]), as_int(o[1]), as_str(o[2])) for o in s["out"]],
+                                      tuple(as_ints(s["check_ids"])) if "check_ids" in s else None,
+                                      as_str(s.get("name", ""))))
                 else:
-                    a, b, c = _ints(s["view"])
+                    a, b, c = as_ints(s["view"])
                     steps.append(View(a, b, c))
             consts = []
             for c in d["consts"]:
                 if "tensor" in c:
-                    consts.append(Const(_int(c["slot"]), tensor=_str(c["tensor"])))
+                    consts.append(Const(as_int(c["slot"]), tensor=as_str(c["tensor"])))
                 elif "scalar" in c:
                     v, dt = c["scalar"]
                     if not isinstance(v, (int, float, bool)):
                         raise PlanError(f"bad scalar {v!r}")
-                    consts.append(Const(_int(c["slot"]), scalar=(v, _str(dt))))
+                    consts.append(Const(as_int(c["slot"]), scalar=(v, as_str(dt))))
                 else:
-                    consts.append(Const(_int(c["slot"]), qlinear=_str(c["qlinear"]), index=_int(c["index"])))
-            plan = FunctionPlan(_str(d["name"]), _int(d["num_slots"]), _ints(d["params"]),
-                                [([_dim(x) for x in s], _str(dt)) for s, dt in d["param_types"]],
-                                _ints(d["results"]), [[_dim(x) for x in s] for s in d["shapes"]],
-                                consts, steps, _str(d.get("act_dtype", "float32")))
+                    consts.append(Const(as_int(c["slot"]), qlinear=as_str(c["qlinear"]), index=as_int(c["index"])))
+            plan = FunctionPlan(as_str(d["name"]), as_int(d["num_slots"]), as_ints(d["params"]),
+                                [([_dim(x) for x in s], as_str(dt)) for s, dt in d["param_types"]],
+                                as_ints(d["results"]), [[_dim(x) for x in s] for s in d["shapes"]],
+                                consts, steps, as_str(d.get("act_dtype", "float32")))
         except PlanError:
             raise
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -135,19 +135,19 @@ class FunctionPlan:
             raise PlanError(f"slot out of range [0, {n})")
 
 
-def _int(x: Any) -> int:
+def as_int(x: Any) -> int:
     if not isinstance(x, int) or isinstance(x, bool):
         raise PlanError(f"expected an int, got {x!r}")
     return x
 
 
-def _ints(xs: Any) -> list[int]:
+def as_ints(xs: Any) -> list[int]:
     if not isinstance(xs, list):
         raise PlanError(f"expected a list, got {xs!r}")
-    return [_int(x) for x in xs]
+    return [as_int(x) for x in xs]
 
 
-def _str(x: Any) -> str:
+def as_str(x: Any) -> str:
     if not isinstance(x, str):
         raise PlanError(f"expected a string, got {x!r}")
     return x

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .plan import FunctionPlan, PlanError, _int, _ints, _str
+from .plan import FunctionPlan, PlanError, as_int, as_ints, as_str
 
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32")
 
@@ -43,8 +43,8 @@ def from_files(entries: Any, files: Mapping[str, bytes], plans: Mapping[str, Fun
     for e in entries:
         if not isinstance(e, dict):
             raise PlanError(f"plan.json: bad operands entry {e!r}")
-        name, slot, path, dtype = _str(e.get("function")), _int(e.get("slot")), _str(e.get("file")), _str(e.get("dtype"))
-        shape = _ints(e.get("shape"))
+        name, slot, path, dtype = as_str(e.get("function")), as_int(e.get("slot")), as_str(e.get("file")), as_str(e.get("dtype"))
+        shape = as_ints(e.get("shape"))
         plan = plans.get(name)
         if plan is None or not any(c.slot == slot and c.qlinear for c in plan.consts):
             raise PlanError(f"plan.json: stored operand for {name!r} slot {slot} is not a qlinear operand of the plan")
