@@ -66,7 +66,8 @@ def lower_module(module: Module, table_group: int = 32) -> list[LayerEntry]:
 
 class LUTExecutable(Executable):
     def __init__(self, module: Module, layers: list[LayerEntry], library: bytes, options: Mapping[str, Any],
-                 host_factory: Callable[..., Any]) -> None:
+                 host_factory: Callable[[Mapping[tuple[str, str], LayerEntry], host.LayerRunner], Any]) -> None:
+        """``host_factory(layers, run_layer)`` makes the host path (host.py) around the engine."""
         self.module = module
         self.layers = {(e.function, e.value): e for e in layers}
         self.library = library
@@ -85,7 +86,7 @@ class LUTExecutable(Executable):
         else:
             self.executor = "reference (python; this CPU lacks AVX2/FMA)"
         self._stats = program.stream_stats(layers)
-        self.host = host_factory(module, self.layers, self.run_layer, options)
+        self.host = host_factory(self.layers, self.run_layer)
         self.launcher = self.host.parallel_launcher  # the engine shares the host's thread pool where it has one
 
     def run_layer(self, entry: LayerEntry, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -123,10 +124,9 @@ class LUTBackend(Backend):
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         _check_options(options)
         layers = lower_module(module, options["lut_table_group"])
-        def factory(module_, layers_, run_layer, options_):
-            return host.build_host(options_.get("lut_host", "auto"), module_, layers_, run_layer, options_)
-
-        return LUTExecutable(module, layers, native.build_library(), options, factory)
+        return LUTExecutable(module, layers, native.build_library(), options,
+                             lambda lay, run_layer: host.build_host(options.get("lut_host", "auto"), module, lay,
+                                                                    run_layer, options))
 
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:
@@ -138,9 +138,6 @@ class LUTBackend(Backend):
         got = {(e.function, e.value) for e in layers}
         if expected != got:
             raise ArtifactError(f"target/{program.INDEX_FILE}", "its streams do not match the module's qlinear layers")
-        recorded = doc.get("host")
-
-        def factory(module_, layers_, run_layer, options_):
-            return host.load_host(recorded, options_.get("lut_host", "auto"), module_, layers_, run_layer, options_, files)
-
-        return LUTExecutable(module, layers, files[native.LIBRARY_FILE], options, factory)
+        return LUTExecutable(module, layers, files[native.LIBRARY_FILE], options,
+                             lambda lay, run_layer: host.load_host(doc.get("host"), options.get("lut_host", "auto"),
+                                                                   module, lay, run_layer, options, files))

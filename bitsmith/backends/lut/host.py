@@ -68,10 +68,6 @@ class ReferenceHost:
         return {"host": self.name, **({"host_note": self.note} if self.note else {})}
 
     @classmethod
-    def build(cls, module, layers, run_layer, options) -> "ReferenceHost":
-        return cls(module, layers, run_layer)
-
-    @classmethod
     def load(cls, module, layers, run_layer, options, files) -> "ReferenceHost":
         return cls(module, layers, run_layer)
 
@@ -89,6 +85,7 @@ class TVMHost:
     def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
                  host: Any, threads: int, libdir: Any = None) -> None:
         from ..tvm import runtime_cpu
+        from ..tvm.plan import EXTERN_PREFIX
         from .native import tvm_parallel_launcher
         self._runtime_cpu = runtime_cpu
         self.parallel_launcher = tvm_parallel_launcher()
@@ -98,8 +95,8 @@ class TVMHost:
         for plan in host.plans.values():
             for step in plan.steps:
                 key = getattr(step, "kernel", "")
-                if key.startswith("extern:"):
-                    entry = by_name.get(key[len("extern:"):])
+                if key.startswith(EXTERN_PREFIX):
+                    entry = by_name.get(key[len(EXTERN_PREFIX):])
                     if entry is None:
                         raise BitsmithError(f"host plan calls {key}, which has no LUT program")
                     externs[key] = functools.partial(_call_layer, run_layer, entry)

@@ -110,8 +110,8 @@ class LLVMExecutable(Executable):
 class HostBuild:
     """Compiled plans of every function of a module, with their kernel libraries loaded.
 
-    ``externs`` are plan kernels supplied by the caller instead of TVM (their keys start
-    with ``EXTERN_PREFIX``); another backend uses them to run some ops on its own engine.
+    Plan steps whose keys start with ``EXTERN_PREFIX`` are not TVM kernels: ``executors`` takes
+    their callables from the caller (another backend running some ops on its own engine).
     """
 
     plans: dict[str, FunctionPlan]
