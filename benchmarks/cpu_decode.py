@@ -9,7 +9,8 @@ Baseline: a bare torch eager loop over the transformers model (fp32) with its KV
 one row's idle pool threads must not slow the next). Reported: decode tokens/s over the new tokens (prefill of
 the prompt excluded and reported apart), the ratio to eager, and whether the greedy tokens
 equal eager's. Compile time: each compiled row is compiled twice in fresh processes sharing
-one empty kernel cache: "cold" (empty cache) and "warm" (cache filled by the cold run).
+a kernel cache of its own, empty at first: "cold" (empty cache) and "warm" (cache filled by the
+cold run); no row's cold compile sees another row's kernels.
 """
 
 from __future__ import annotations
@@ -184,9 +185,11 @@ def main() -> None:
         if row == "eager":
             continue
         artifacts[row] = str(work / row)
+        row_env = {**env, "BITSMITH_CACHE_DIR": str(work / "cache" / row)}  # cold means empty
         for phase in ("cold", "warm"):
             print(f"compiling {row} ({phase})...", file=sys.stderr, flush=True)
-            res = _worker(["--_worker", "compile", "--_payload", json.dumps({"row": row, "out": artifacts[row]})], env)
+            res = _worker(["--_worker", "compile", "--_payload", json.dumps({"row": row, "out": artifacts[row]})],
+                          row_env)
             compiles.append({**res, "phase": phase})
 
     runs = []

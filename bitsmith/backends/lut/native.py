@@ -31,7 +31,7 @@ LIBRARY_FILE = "lut/lutexec.so"
 # spinning threads and TVM's fight for the cores (SmolLM2 bitmod-w4 decode on 2 cores: 8 tok/s
 # with every layer split over OpenMP vs ~32 serial). On the host's TVM pool, whose threads are
 # awake between kernels, splitting even SmolLM2's smallest layers pays (~31-34 tok/s serial,
-# 38-50 split at 2^16; same machine, noisy).
+# more split at 2^16: 36.1 in benchmarks/results/cpu_decode.md; same machine, noisy).
 AUTO_THREADS_MACS = 1 << 22
 AUTO_THREADS_MACS_POOL = 1 << 16
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
