@@ -13,10 +13,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import ArtifactError, BitsmithError, UnsupportedOpError
+from ...errors import ArtifactError, BitsmithError, OptionError, UnsupportedOpError
 from ...ir import Module
 from ...ir.quantized import qlinear_nodes
 from ..base import Backend, Executable
+from ..files import target_files
 from . import host, native, program
 from . import reference_executor
 from .codegen import generate
@@ -27,7 +28,7 @@ TABLE_KINDS = ("int8", "fp32")
 EXECUTORS = ("auto", "fast", "reference")
 
 
-class LUTOptionError(BitsmithError, ValueError):
+class LUTOptionError(OptionError):
     pass
 
 
@@ -131,13 +132,19 @@ class LUTBackend(Backend):
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:
         _check_options(options)
+        files = target_files(files)
         layers, doc = program.from_files(files)
         if native.LIBRARY_FILE not in files:
-            raise ArtifactError(f"target/{native.LIBRARY_FILE}", "missing from the artifact (needed by target lut-cpu)")
+            raise ArtifactError(files.path(native.LIBRARY_FILE), "missing from the artifact (needed by target lut-cpu)")
         expected = {(fn.name, n.outputs[0].name) for fn in module.functions for n in fn.nodes if n.op == "qlinear"}
         got = {(e.function, e.value) for e in layers}
         if expected != got:
-            raise ArtifactError(f"target/{program.INDEX_FILE}", "its streams do not match the module's qlinear layers")
-        return LUTExecutable(module, layers, files[native.LIBRARY_FILE], options,
-                             lambda lay, run_layer: host.load_host(doc.get("host"), options.get("lut_host", "auto"),
+            raise ArtifactError(files.path(program.INDEX_FILE), "layers: its streams do not match the module's "
+                                                                "qlinear layers")
+        if doc["host"] not in host.HOSTS:
+            raise ArtifactError(files.path(program.INDEX_FILE), f"host: {str(doc['host'])[:60]!r} is not one of "
+                                                                f"{sorted(host.HOSTS)}")
+        library = files[native.LIBRARY_FILE]
+        return LUTExecutable(module, layers, library, options,
+                             lambda lay, run_layer: host.load_host(doc["host"], options.get("lut_host", "auto"),
                                                                    module, lay, run_layer, options, files))
