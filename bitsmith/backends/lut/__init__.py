@@ -33,14 +33,17 @@ class LUTOptionError(OptionError):
 
 
 def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
+    missing = [k for k in ("lut_tables", "threads", "lut_executor", "lut_table_group") if k not in options]
+    if missing:
+        raise LUTOptionError(f"options {missing} are missing (an artifact stores every lut-cpu option)")
     tables, threads, executor = options["lut_tables"], options["threads"], options["lut_executor"]
     tg = options["lut_table_group"]
-    if not isinstance(tg, int) or tg % 4 or not 4 <= tg <= 256:
+    if isinstance(tg, bool) or not isinstance(tg, int) or tg % 4 or not 4 <= tg <= 256:
         raise LUTOptionError(f"lut_table_group (activations per int8 table scale) must be a multiple of 4 "
                              f"in [4, 256], got {tg!r}")
     if tables not in TABLE_KINDS:
         raise LUTOptionError(f"lut_tables must be one of {TABLE_KINDS}, got {tables!r}")
-    if not isinstance(threads, int) or threads < 0:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise LUTOptionError(f"threads must be an int >= 0 (0 = all cores), got {threads!r}")
     if executor not in EXECUTORS:
         raise LUTOptionError(f"lut_executor must be one of {EXECUTORS}, got {executor!r}")
