@@ -172,8 +172,14 @@ def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
 
 
 def _edit_manifest(root: Path, pick: int, how: str, odd: Any, resign: bool) -> None:
-    manifest = json.loads((root / MANIFEST).read_text())
-    paths = [p for p in _paths(manifest) if p]
+    file = root / MANIFEST
+    try:  # an earlier mutation may have broken, moved or linked it: then there is nothing to edit
+        manifest = json.loads(file.read_bytes()) if file.is_file() and not file.is_symlink() else None
+    except ValueError:
+        manifest = None
+    paths = [p for p in _paths(manifest) if p] if isinstance(manifest, dict) else []
+    if not paths:
+        return
     path = paths[pick % len(paths)]
     *parent_path, key = path
     parent = manifest
@@ -262,7 +268,7 @@ def _apply(t: Target, root: Path, outside: Path, m: tuple) -> bool:
         if not dirs:
             return False
         d = root / dirs[m[1] % len(dirs)]
-        copy = outside / f"dir-{m[1]}"
+        copy = outside / f"dir-{len(list(outside.iterdir()))}"
         shutil.copytree(d, copy, symlinks=True)
         shutil.rmtree(d)
         d.symlink_to(copy, target_is_directory=True)
