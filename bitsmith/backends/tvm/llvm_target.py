@@ -183,6 +183,7 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
             f["name"].fail(f"function {plan.name!r} appears twice")
         plans[plan.name] = plan
     mcpu = doc["mcpu"].str() if doc.has("mcpu") else ""
+    derived = stored_operands.from_files(doc["operands"] if doc.has("operands") else [], files, plans)
     libdir = runtime_cpu.LibraryDir()
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
@@ -196,7 +197,6 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
                 data = files[name]
                 libraries[s.kernel] = data
                 loaded[s.kernel] = libdir.load(s.kernel, data)
-    derived = stored_operands.from_files(doc["operands"] if doc.has("operands") else [], files, plans)
     info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
             "mcpu": mcpu, "loaded_from_artifact": True,
             "stored_operands": sum(len(d) for d in derived.values())}
