@@ -39,8 +39,10 @@ class Field:
         raise ArtifactError(self.file, f"{self.path or '(top level)'}: {problem}")
 
     def _child(self, value: Any, step: str) -> "Field":
-        return Field(value, self.file, f"{self.path}.{step}" if self.path and not step.startswith("[") else
-                     (self.path + step if step.startswith("[") else step))
+        """``step`` is a key (joined with ".") or an index written "[i]" (appended as is)."""
+        if step.startswith("["):
+            return Field(value, self.file, self.path + step)
+        return Field(value, self.file, f"{self.path}.{step}" if self.path else step)
 
     # --- structure
     def has(self, key: str) -> bool:
@@ -56,9 +58,6 @@ class Field:
         if key not in obj:
             self.fail(f"missing field {key!r}")
         return self._child(obj[key], key)
-
-    def get(self, key: str) -> "Field | None":
-        return self[key] if self.has(key) else (None if isinstance(self.obj(), dict) else None)
 
     def obj(self) -> dict[str, Any]:
         if not isinstance(self.value, dict):

@@ -27,7 +27,7 @@ from ..ir import IRParseError, Module, TensorTable, VerificationError, parse_mod
 from ..version import __version__
 from .manifest import (FORMAT_VERSION, HASH_FIELD, MANIFEST, TARGET_DIR, TOKENIZER, WEIGHTS,
                        check_relative_name, json_subset, manifest_hash, read_manifest, to_json_value)
-from .artifact_files import ArtifactFiles, FileEntry, _check_size, open_file, read_bytes, read_checked
+from .artifact_files import ArtifactFiles, FileEntry, check_size, open_file, read_bytes, read_checked
 from .model import CompiledModel, LanguageModelInfo
 from .weights_file import read_weights
 
@@ -168,7 +168,7 @@ def _check_present(root: Path, entries: dict[str, FileEntry]) -> None:
     for name, entry in sorted(entries.items()):
         fd = open_file(root, name)
         try:
-            _check_size(fd, str(root / name), entry.size)
+            check_size(fd, str(root / name), entry.size)
         finally:
             os.close(fd)
 

@@ -98,14 +98,14 @@ def _open_error(e: OSError, where: str, part: str) -> ArtifactError:
     return ArtifactError(where, f"cannot be opened: {e.strerror}")
 
 
-def _check_size(fd: int, where: str, size: int) -> None:
+def check_size(fd: int, where: str, size: int) -> None:
     actual = os.fstat(fd).st_size
     if actual != size:
         raise ArtifactError(where, f"is {actual} bytes, but the manifest says {size} "
                                    "(the file is truncated, extended or replaced)")
 
 
-def _read_exact(fd: int, into: memoryview, where: str) -> None:
+def read_exact(fd: int, into: memoryview, where: str) -> None:
     got = 0
     while got < len(into):
         n = os.readv(fd, [into[got:got + CHUNK]])
@@ -114,12 +114,12 @@ def _read_exact(fd: int, into: memoryview, where: str) -> None:
         got += n
 
 
-def _check_eof(fd: int, where: str) -> None:
+def check_eof(fd: int, where: str) -> None:
     if os.read(fd, 1):
         raise ArtifactError(where, "longer than its size while being read (changed during the load)")
 
 
-def _hash_mismatch(where: str) -> ArtifactError:
+def hash_mismatch(where: str) -> ArtifactError:
     return ArtifactError(where, "sha256 does not match the manifest (the file is corrupted or replaced)")
 
 
@@ -133,12 +133,12 @@ def read_checked(root: Path, name: str, entry: FileEntry, into: Callable[[int], 
     where = str(root / name)
     fd = open_file(root, name)
     try:
-        _check_size(fd, where, entry.size)
+        check_size(fd, where, entry.size)
         digest = hashlib.sha256()
         if into is not None:
             buf = into(entry.size)
             view = memoryview(buf)
-            _read_exact(fd, view, where)
+            read_exact(fd, view, where)
             digest.update(view)
         else:
             buf, left = None, entry.size
@@ -148,11 +148,11 @@ def read_checked(root: Path, name: str, entry: FileEntry, into: Callable[[int], 
                     raise ArtifactError(where, "shorter than its size while being read (changed during the load)")
                 digest.update(chunk)
                 left -= len(chunk)
-        _check_eof(fd, where)
+        check_eof(fd, where)
     finally:
         os.close(fd)
     if digest.hexdigest() != entry.sha256:
-        raise _hash_mismatch(where)
+        raise hash_mismatch(where)
     return buf
 
 
@@ -161,14 +161,14 @@ def read_bytes(root: Path, name: str, entry: FileEntry) -> bytes:
     where = str(root / name)
     fd = open_file(root, name)
     try:
-        _check_size(fd, where, entry.size)
+        check_size(fd, where, entry.size)
         buf = bytearray(entry.size)
-        _read_exact(fd, memoryview(buf), where)
-        _check_eof(fd, where)
+        read_exact(fd, memoryview(buf), where)
+        check_eof(fd, where)
     finally:
         os.close(fd)
     if hashlib.sha256(buf).hexdigest() != entry.sha256:
-        raise _hash_mismatch(where)
+        raise hash_mismatch(where)
     return bytes(buf)
 
 

@@ -83,11 +83,11 @@ def layer_datatypes(path: str | os.PathLike[str]) -> list[LayerDatatypes]:
     if wanted:
         from safetensors import SafetensorError, safe_open
 
-        from .artifact_files import _check_size, open_file
+        from .artifact_files import check_size, open_file
         file = root / WEIGHTS
         fd = open_file(root, WEIGHTS)  # a regular file inside the artifact, never a link
         try:
-            _check_size(fd, str(file), manifest["files"][WEIGHTS]["size"])
+            check_size(fd, str(file), manifest["files"][WEIGHTS]["size"])
             with safe_open(f"/proc/self/fd/{fd}", framework="numpy") as f:  # that very file
                 for name in wanted:
                     selectors[name] = f.get_tensor(name)

@@ -25,7 +25,7 @@ from ..backends.files import ALIGN, aligned_bytes
 from ..errors import ArtifactError
 from ..ir import TensorTable
 from ..ir.types import IRTypeError
-from .artifact_files import FileEntry, _check_eof, _check_size, _hash_mismatch, _read_exact, open_file
+from .artifact_files import FileEntry, check_eof, check_size, hash_mismatch, read_exact, open_file
 from .manifest import WEIGHTS, strict_json
 
 MAX_HEADER = 16 << 20   # bytes of JSON header; SmolLM2's is ~30 KB
@@ -83,18 +83,18 @@ def read_weights(root: Path, entry: FileEntry, listed: list[dict[str, Any]]) -> 
     where = str(root / WEIGHTS)
     fd = open_file(root, WEIGHTS)
     try:
-        _check_size(fd, where, entry.size)
+        check_size(fd, where, entry.size)
         digest = hashlib.sha256()
         if entry.size < 8:
             raise ArtifactError(where, f"{entry.size} bytes is too short for a safetensors file")
         head = bytearray(8)
-        _read_exact(fd, memoryview(head), where)
+        read_exact(fd, memoryview(head), where)
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > entry.size:
             raise ArtifactError(where, f"header length {n} is beyond the file's {entry.size} bytes or "
                                        f"the {MAX_HEADER}-byte cap")
         text = bytearray(n)
-        _read_exact(fd, memoryview(text), where)
+        read_exact(fd, memoryview(text), where)
         digest.update(head)
         digest.update(text)
         try:
@@ -121,13 +121,13 @@ def read_weights(root: Path, entry: FileEntry, listed: list[dict[str, Any]]) -> 
         view = memoryview(arena)
         for start, size, *_ in slots:
             part = view[start:start + size]
-            _read_exact(fd, part, where)
+            read_exact(fd, part, where)
             digest.update(part)
-        _check_eof(fd, where)
+        check_eof(fd, where)
     finally:
         os.close(fd)
     if digest.hexdigest() != entry.sha256:
-        raise _hash_mismatch(where)
+        raise hash_mismatch(where)
     arrays = {}
     for start, size, name, dtype, shape in slots:
         raw = arena[start:start + size]

@@ -167,7 +167,8 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
     blobs: dict[str, bytes] = {}
     for meta in doc["kernels"].list():
         key = checked_kernel_key(meta["key"])
-        meta["functions"].list()
+        for fn in meta["functions"].list():
+            fn.str()
         for s in meta["scratch"].list():
             try:
                 ScratchSpec.from_json(s.value)
