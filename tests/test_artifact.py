@@ -150,6 +150,8 @@ def _safetensors(header: Any, data: bytes = b"", pad: int = 0) -> bytes:
     (lambda: _safetensors({"fc.weight": {"dtype": "F32", "shape": [3, 4]}}), "exactly dtype, shape, data_offsets"),
     (lambda: _safetensors({"fc.weight": {"dtype": "F8", "shape": [3, 4], "data_offsets": [0, 48]}}, bytes(48)),
      "dtype"),
+    (lambda: _safetensors({"fc.weight": {"dtype": ["F32"], "shape": [3, 4], "data_offsets": [0, 48]}}, bytes(48)),
+     "dtype"),
     (lambda: _safetensors({"fc.weight": {"dtype": "F32", "shape": [3, -4], "data_offsets": [0, 48]}}, bytes(48)),
      "shape"),
     (lambda: _safetensors({"fc.weight": {"dtype": "F32", "shape": [3, 4], "data_offsets": [0, 44]}}, bytes(48)),
@@ -239,6 +241,7 @@ def test_older_format_version_asks_for_a_recompile(saved: Path):
     (lambda m: m.pop("op_counts"), "missing fields ['op_counts']"),
     (lambda m: m.update(extra=1), "unknown fields ['extra']"),
     (lambda m: m["tensors"][0].update(dtype="float8"), "tensors[0].dtype"),
+    (lambda m: m["tensors"][0].update(dtype=[]), "tensors[0].dtype"),  # unhashable: no TypeError (found by fuzzing)
     (lambda m: m["tensors"][0].update(shape=[3, -4]), "tensors[0].shape"),
     (lambda m: m["files"].update({"../escape.so": {"sha256": "0" * 64, "size": 0}}), "is not a relative name"),
     (lambda m: m["files"].update({"/etc/passwd": {"sha256": "0" * 64, "size": 0}}), "is not a relative name"),

@@ -149,7 +149,7 @@ def _check_tensors(c: _Checker, tensors: Any) -> None:
         c.typed(t["shape"], f"{where}.shape",
                 lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v),
                 "a list of non-negative integers")
-        c.typed(t["dtype"], f"{where}.dtype", lambda v: v in DTYPES, f"one of {sorted(DTYPES)}")
+        c.typed(t["dtype"], f"{where}.dtype", lambda v: isinstance(v, str) and v in DTYPES, f"one of {sorted(DTYPES)}")
         c.typed(t["sha256"], f"{where}.sha256", _is_sha256, "64 lowercase hex digits")
 
 

@@ -50,7 +50,7 @@ def _entries(header: Any, where: str, data_len: int) -> list[tuple[int, int, str
         field = f"header[{json.dumps(name)[:80]}]"
         if not isinstance(t, dict) or set(t) != {"dtype", "shape", "data_offsets"}:
             raise ArtifactError(where, f"{field}: must be an object with exactly dtype, shape, data_offsets")
-        if t["dtype"] not in DTYPES:
+        if not isinstance(t["dtype"], str) or t["dtype"] not in DTYPES:
             raise ArtifactError(where, f"{field}.dtype: {str(t['dtype'])[:40]!r} is not one of {sorted(DTYPES)}")
         shape, offsets = t["shape"], t["data_offsets"]
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
