@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -209,9 +210,10 @@ def _inspect_summary(path: str, verify: bool) -> dict[str, Any]:
     if verify:
         verify_files(path, manifest)
     files = {}
-    for name, digest in sorted(manifest["files"].items()):
-        file = Path(path) / name
-        files[name] = {"size": file.stat().st_size if file.is_file() else None, "sha256": digest}
+    for name, entry in sorted(manifest["files"].items()):
+        file = Path(path) / name  # lstat: a link is not the file the manifest lists
+        present = os.path.lexists(file) and stat.S_ISREG(os.lstat(file).st_mode)
+        files[name] = {"size": entry["size"] if present else None, "sha256": entry["sha256"]}
     return {
         "path": str(path),
         "format_version": manifest["format_version"],
@@ -226,19 +228,23 @@ def _inspect_summary(path: str, verify: bool) -> dict[str, Any]:
         "files": files,
         "verified": verify,
         "compile_info": manifest["compile_info"],
-        "target_stats": _target_stats(Path(path), files),
+        "target_stats": _target_stats(Path(path), manifest),
     }
 
 
-def _target_stats(root: Path, files: dict[str, Any]) -> dict[str, Any]:
+def _target_stats(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Statistics a backend left in its target files: any ``target/**.json`` with a top-level
-    "stats" object (e.g. the lut backend's stream statistics in target/lut/program.json)."""
+    "stats" object (e.g. the lut backend's stream statistics in target/lut/program.json).
+    Each is read like the loader reads it (inside the directory, size- and hash-checked)."""
+    from .errors import ArtifactError
+    from .runtime.artifact import file_entries
+    from .runtime.artifact_files import read_bytes
     out = {}
-    for name in files:
-        if name.startswith("target/") and name.endswith(".json") and (root / name).is_file():
+    for name, entry in file_entries(manifest).items():
+        if name.startswith("target/") and name.endswith(".json") and entry.size <= 16 << 20:
             try:
-                doc = json.loads((root / name).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                doc = json.loads(read_bytes(root, name, entry).decode("utf-8"))
+            except (ArtifactError, ValueError):
                 continue
             if isinstance(doc, dict) and isinstance(doc.get("stats"), dict):
                 out[name] = doc["stats"]

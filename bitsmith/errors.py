@@ -40,6 +40,10 @@ class ArtifactError(BitsmithError):
         super().__init__(f"bad artifact file {path}: {problem}")
 
 
+class OptionError(BitsmithError, ValueError):
+    """A target option of the wrong type or value (at load: an artifact's stored option)."""
+
+
 class PluginError(BitsmithError):
     """A backend plugin that could not be loaded."""
 

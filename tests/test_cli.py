@@ -10,7 +10,7 @@ import pytest
 import bitsmith
 from artifact_helpers import compiled, language_model
 from bitsmith.cli import main
-from bitsmith.runtime.manifest import WEIGHTS
+from bitsmith.runtime.manifest import FORMAT_VERSION, WEIGHTS
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -57,7 +57,7 @@ def test_inspect_json(capsys, artifact_dir: Path):
     code, out, _ = run_cli(capsys, "inspect", str(artifact_dir), "--json", "--verify")
     assert code == 0
     summary = json.loads(out)
-    assert summary["target"] == "reference" and summary["format_version"] == 1
+    assert summary["target"] == "reference" and summary["format_version"] == FORMAT_VERSION
     assert summary["tensors"] == {"count": 1, "bytes": 48}
     assert summary["op_counts"] == {"constant": 1, "linear": 1, "silu": 1}
     assert summary["files"][WEIGHTS]["size"] == (artifact_dir / WEIGHTS).stat().st_size
@@ -65,7 +65,8 @@ def test_inspect_json(capsys, artifact_dir: Path):
 
 
 def test_inspect_reads_no_weights_unless_asked_to_verify(capsys, artifact_dir: Path):
-    (artifact_dir / WEIGHTS).write_bytes(b"garbage")
+    size = (artifact_dir / WEIGHTS).stat().st_size
+    (artifact_dir / WEIGHTS).write_bytes(b"g" * size)
     assert run_cli(capsys, "inspect", str(artifact_dir))[0] == 0
     code, _, err = run_cli(capsys, "inspect", str(artifact_dir), "--verify")
     assert_one_line_error(code, err, "does not match the manifest")

@@ -418,10 +418,11 @@ def test_smollm2_quantized_logits_match_reference(smollm2, quant):
 
 @pytest.mark.parametrize("key", ["../../etc/evil", "ABCDEF" * 10 + "ABCD", "extern:lut/0;rm", "extern:", 7])
 def test_plan_json_refuses_bad_kernel_keys(key):
-    from bitsmith.backends.tvm.plan import FunctionPlan, PlanError
+    from bitsmith.backends.tvm.plan import FunctionPlan
+    from bitsmith.errors import ArtifactError
     doc = {"name": "main", "num_slots": 2, "params": [0], "param_types": [[[4], "float32"]], "results": [1],
            "shapes": [[4]], "consts": [], "steps": [{"call": key, "in": [0], "out": [[1, 0, "float32"]]}]}
-    with pytest.raises(PlanError, match="bad kernel key"):
+    with pytest.raises(ArtifactError, match=r"steps\[0\]\.call: bad kernel key"):
         FunctionPlan.from_json(doc)
 
 
@@ -447,13 +448,16 @@ def test_quantized_artifact_stores_the_kernel_layout_and_loads_without_re_derivi
 
 def test_stored_operand_descriptions_are_checked():
     from bitsmith.backends.tvm import stored_operands
-    from bitsmith.backends.tvm.plan import Const, FunctionPlan, PlanError
+    from bitsmith.backends.tvm.plan import Const, FunctionPlan
+    from bitsmith.errors import ArtifactError
     plan = FunctionPlan("main", 3, [0], [([4], "float32")], [1], [[4]], consts=[Const(2, qlinear="y", index=0)])
     good = {"function": "main", "slot": 2, "file": "operands/0/2.bin", "dtype": "uint8", "shape": [2, 3]}
     files = {"operands/0/2.bin": bytes(range(6))}
     got = stored_operands.from_files([good], files, {"main": plan})
     assert got["main"][2].tolist() == [[0, 1, 2], [3, 4, 5]]
-    for bad, message in [({"slot": 1}, "not a qlinear operand"), ({"dtype": "object"}, "bad dtype"),
-                         ({"shape": [7]}, "needs 7"), ({"file": "operands/0/9.bin"}, "lacks")]:
-        with pytest.raises(PlanError, match=message):
+    for bad, message in [({"slot": 1}, "not a qlinear operand"), ({"dtype": "object"}, r"dtype: \"object\" is not one"),
+                         ({"shape": [7]}, "needs 7"), ({"file": "operands/0/9.bin"}, "does not list"),
+                         ({"file": "../x.bin"}, "file: .* is not of the form"), ({"shape": [2, -3]}, r"shape\[1\]"),
+                         ({"slot": "2"}, "slot: expected an integer")]:
+        with pytest.raises(ArtifactError, match=message):
             stored_operands.from_files([{**good, **bad}], files, {"main": plan})

@@ -53,7 +53,12 @@ class Backend(ABC):
     @abstractmethod
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:
-        """Rebuilds an Executable from a saved artifact's (already hash-checked) files."""
+        """Rebuilds an Executable from a saved artifact's target files.
+
+        ``files`` is a ``backends.files.TargetFiles``: a Mapping[str, bytes] that reads a file
+        only when asked and checks its size and sha256 over the bytes it returns; large files
+        should be read with ``files.read_array`` (once, aligned, no second copy). See
+        docs/artifact-format.md, "Backend plugins"."""
 
 
 _BACKENDS: dict[str, Backend] | None = None

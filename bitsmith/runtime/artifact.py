@@ -1,8 +1,10 @@
 """Saving a CompiledModel as an artifact directory and loading it back, every byte checked.
 
 Layout and validation rules: ``docs/artifact-format.md``. Loading never unpickles and never
-evaluates manifest text; target files (native code included) reach the backend only after
-their sha256 matched the manifest. Weights are read with safetensors, never ``torch.load``.
+evaluates manifest text; every file is opened inside the directory without following links
+(``artifact_files``), size-checked before it is read and hash-checked over the bytes that are
+used; target files (native code included) reach the backend only after that. Weights are
+parsed by ``weights_file`` (written with safetensors), never ``torch.load``ed.
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors
 import safetensors.numpy
 
-from ..backends.base import backend_for_target
-from ..errors import ArtifactError
+from ..backends.base import Backend, backend_for_target
+from ..errors import ArtifactError, OptionError, UnknownTargetError
 from ..ir import IRParseError, Module, TensorTable, VerificationError, parse_module, print_module, verify_module
-from ..ir.types import IRTypeError
 from ..version import __version__
 from .manifest import (FORMAT_VERSION, HASH_FIELD, MANIFEST, TARGET_DIR, TOKENIZER, WEIGHTS,
                        check_relative_name, json_subset, manifest_hash, read_manifest, to_json_value)
+from .artifact_files import ArtifactFiles, FileEntry, check_size, open_file, read_bytes, read_checked
 from .model import CompiledModel, LanguageModelInfo
+from .weights_file import read_weights
 
 __all__ = ["load_artifact", "op_counts", "read_manifest", "save_artifact", "verify_files"]
 
@@ -40,14 +42,14 @@ def op_counts(module: Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _sha256_file(file: Path, keep: bool = False) -> tuple[str, bytes | None]:
-    digest, chunks = hashlib.sha256(), []
+def _file_entry(file: Path) -> dict[str, Any]:
+    """The manifest's record of a file just written: {sha256, size}, hashed in a stream."""
+    digest, size = hashlib.sha256(), 0
     with open(file, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-            if keep:
-                chunks.append(chunk)
-    return digest.hexdigest(), (b"".join(chunks) if keep else None)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "size": size}
 
 
 # --- saving ------------------------------------------------------------------------------
@@ -87,12 +89,12 @@ def _manifest_body(cm: CompiledModel, backend_name: str) -> dict[str, Any]:
     }
 
 
-def _write_payload(staging: Path, cm: CompiledModel) -> dict[str, str]:
-    """Writes weights, tokenizer and target files; returns {relative name: sha256}."""
-    files: dict[str, str] = {}
+def _write_payload(staging: Path, cm: CompiledModel) -> dict[str, dict[str, Any]]:
+    """Writes weights, tokenizer and target files; returns {relative name: {sha256, size}}."""
+    files: dict[str, dict[str, Any]] = {}
     tensors = cm.module.tensors
     safetensors.numpy.save_file({n: np.asarray(tensors[n]) for n in tensors}, str(staging / WEIGHTS))
-    files[WEIGHTS] = _sha256_file(staging / WEIGHTS)[0]
+    files[WEIGHTS] = _file_entry(staging / WEIGHTS)
     blobs: dict[str, bytes] = {}
     if cm.lm is not None and cm.lm.tokenizer_json is not None:
         blobs[TOKENIZER] = cm.lm.tokenizer_json.encode("utf-8")
@@ -102,7 +104,7 @@ def _write_payload(staging: Path, cm: CompiledModel) -> dict[str, str]:
         file = staging / name
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(data)
-        files[name] = hashlib.sha256(data).hexdigest()
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     return files
 
 
@@ -148,49 +150,27 @@ def save_artifact(cm: CompiledModel, path: str | os.PathLike[str]) -> None:
 
 # --- loading -----------------------------------------------------------------------------
 
-def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any],
-                 keep: frozenset[str] = frozenset()) -> dict[str, bytes]:
-    """Checks that every file the manifest lists exists and matches its sha256.
-
-    Returns the bytes of the files named in ``keep`` (read once, so what was hashed is
-    exactly what the caller gets). Reads bytes only: nothing is loaded or executed.
-    """
-    root, kept = Path(path), {}
-    for name, expected in sorted(manifest["files"].items()):
-        file = root / name
-        if not file.is_file():
-            raise ArtifactError(str(file), "missing (manifest.json lists it)")
-        actual, data = _sha256_file(file, keep=name in keep)
-        if actual != expected:
-            raise ArtifactError(str(file), f"sha256 {actual} does not match the manifest's {expected} "
-                                           "(the file is corrupted, truncated or replaced)")
-        if data is not None:
-            kept[name] = data
-    return kept
+def file_entries(manifest: dict[str, Any]) -> dict[str, FileEntry]:
+    return {n: FileEntry(e["sha256"], e["size"]) for n, e in manifest["files"].items()}
 
 
-def _load_weights(file: Path, listed: list[dict[str, Any]]) -> TensorTable:
-    where = str(file)
-    try:
-        arrays = safetensors.numpy.load_file(where)
-    except (safetensors.SafetensorError, OSError, TypeError, ValueError) as e:
-        raise ArtifactError(where, f"not a readable safetensors file: {e}") from None
-    expected = {t["name"]: t for t in listed}
-    if set(arrays) != set(expected):
-        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
-        raise ArtifactError(where, f"tensors differ from the manifest's table: missing {missing}, unlisted {extra}")
-    try:
-        table = TensorTable(arrays)
-    except IRTypeError as e:
-        raise ArtifactError(where, f"holds a tensor of a dtype the IR does not know: {e}") from None
-    for name, t in expected.items():
-        info = table.info(name)
-        if list(info.shape) != t["shape"] or info.dtype != t["dtype"]:
-            raise ArtifactError(where, f"tensor {name!r} is {info.dtype}{list(info.shape)} but the manifest "
-                                       f"says {t['dtype']}{t['shape']}")
-        if info.sha256 != t["sha256"]:
-            raise ArtifactError(where, f"tensor {name!r} has sha256 {info.sha256}, the manifest says {t['sha256']}")
-    return table
+def verify_files(path: str | os.PathLike[str], manifest: dict[str, Any], skip: frozenset[str] = frozenset()) -> None:
+    """Checks that every file the manifest lists (but those in ``skip``) is a regular file inside
+    the artifact with its recorded size and sha256. Streams: reads bytes, keeps none, runs nothing."""
+    root = Path(path)
+    for name, entry in sorted(file_entries(manifest).items()):
+        if name not in skip:
+            read_checked(root, name, entry)
+
+
+def _check_present(root: Path, entries: dict[str, FileEntry]) -> None:
+    """Every listed file is a regular file inside the artifact of its recorded size (reads nothing)."""
+    for name, entry in sorted(entries.items()):
+        fd = open_file(root, name)
+        try:
+            check_size(fd, str(root / name), entry.size)
+        finally:
+            os.close(fd)
 
 
 def _load_module(where: str, manifest: dict[str, Any], tensors: TensorTable) -> Module:
@@ -213,42 +193,57 @@ def _load_module(where: str, manifest: dict[str, Any], tensors: TensorTable) -> 
     return module
 
 
-def _language_model(root: Path, manifest: dict[str, Any], blobs: dict[str, bytes]) -> LanguageModelInfo | None:
+def _language_model(root: Path, manifest: dict[str, Any], entries: dict[str, FileEntry]) -> LanguageModelInfo | None:
     lm = manifest["language_model"]
     if lm is None:
         return None
     tokenizer_json = None
     if lm["has_tokenizer"]:
         try:
-            tokenizer_json = blobs[TOKENIZER].decode("utf-8")
+            tokenizer_json = read_bytes(root, TOKENIZER, entries[TOKENIZER]).decode("utf-8")
         except UnicodeDecodeError as e:
             raise ArtifactError(str(root / TOKENIZER), f"not UTF-8 text: {e}") from None
     return LanguageModelInfo(tokenizer_json, lm["bos_token_id"], lm["eos_token_id"])
 
 
+def _backend(where: str, manifest: dict[str, Any]) -> Backend:
+    target = manifest["target"]
+    try:
+        backend = backend_for_target(target)
+    except UnknownTargetError as e:
+        raise ArtifactError(where, f"target: {e} (install the backend plugin that serves it)") from None
+    if backend.name != manifest["backend"]:
+        raise ArtifactError(where, f"built by backend {manifest['backend']!r}, but target {target!r} is "
+                                   f"served here by backend {backend.name!r}")
+    return backend
+
+
 def load_artifact(path: str | os.PathLike[str]) -> CompiledModel:
     """Loads an artifact directory written by ``save_artifact``, refusing any inconsistency.
 
-    Order: manifest (schema, version, self-hash); every listed file's sha256; weights
-    against the tensor table; IR text parsed against the weights and verified; then the
-    target's backend rebuilds the executable from the checked target files. Raises
-    ArtifactError naming the bad file; UnknownTargetError when no installed backend serves
-    the artifact's target.
+    Order: manifest (size cap, version, self-hash, schema); every listed file present, a
+    regular file inside the directory, of its recorded size; weights read once (hashed as they
+    stream in) against the tensor table; IR text parsed against the weights and verified; the
+    target's backend rebuilds the executable, reading target files lazily through an
+    ``ArtifactFiles`` view that hash-checks each file it returns; finally every listed file the
+    backend did not read is hash-checked (streamed). Raises ArtifactError naming the bad file
+    (also when no installed backend serves the target, or a stored option is invalid).
     """
     root = Path(path)
     manifest = read_manifest(root)
     where = str(root / MANIFEST)
-    blobs = verify_files(root, manifest, keep=frozenset(n for n in manifest["files"] if n != WEIGHTS))
-    tensors = _load_weights(root / WEIGHTS, manifest["tensors"])
+    entries = file_entries(manifest)
+    _check_present(root, entries)
+    backend = _backend(where, manifest)
+    tensors = read_weights(root, entries[WEIGHTS], manifest["tensors"])
     module = _load_module(where, manifest, tensors)
-    lm = _language_model(root, manifest, blobs)
-    target = manifest["target"]
-    backend = backend_for_target(target)
-    if backend.name != manifest["backend"]:
-        raise ArtifactError(where, f"built by backend {manifest['backend']!r}, but target {target!r} is "
-                                   f"served here by backend {backend.name!r}")
-    prefix = TARGET_DIR + "/"
-    target_files = {n[len(prefix):]: data for n, data in blobs.items() if n.startswith(prefix)}
+    lm = _language_model(root, manifest, entries)
+    files = ArtifactFiles(root, entries, TARGET_DIR + "/")
     options = dict(manifest["options"])
-    executable = backend.load(module, target, options, target_files)
+    target = manifest["target"]
+    try:
+        executable = backend.load(module, target, options, files)
+    except OptionError as e:
+        raise ArtifactError(where, f"options: {e}") from None
+    verify_files(root, manifest, skip=frozenset(files.read | {WEIGHTS, TOKENIZER}))
     return CompiledModel(module, executable, target, options, lm, dict(manifest["compile_info"]))

@@ -82,13 +82,19 @@ def layer_datatypes(path: str | os.PathLike[str]) -> list[LayerDatatypes]:
     selectors: dict[str, np.ndarray] = {}
     if wanted:
         from safetensors import SafetensorError, safe_open
+
+        from .artifact_files import check_size, open_file
         file = root / WEIGHTS
+        fd = open_file(root, WEIGHTS)  # a regular file inside the artifact, never a link
         try:
-            with safe_open(str(file), framework="numpy") as f:
+            check_size(fd, str(file), manifest["files"][WEIGHTS]["size"])
+            with safe_open(f"/proc/self/fd/{fd}", framework="numpy") as f:  # that very file
                 for name in wanted:
                     selectors[name] = f.get_tensor(name)
         except (SafetensorError, OSError, KeyError) as e:
             raise ArtifactError(str(file), f"cannot read selector tensors: {e}") from None
+        finally:
+            os.close(fd)
         for name, arr in selectors.items():
             if name not in listed or sha256_of(arr) != listed[name]["sha256"]:
                 raise ArtifactError(str(file), f"tensor {name!r} does not match the manifest's sha256")

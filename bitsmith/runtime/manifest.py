@@ -17,7 +17,8 @@ from typing import Any, Callable
 from ..errors import ArtifactError
 from ..ir.types import DTYPES
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: files entries are {sha256, size}; reads are bounded (docs/artifact-format.md)
+MAX_MANIFEST_BYTES = 64 << 20   # SmolLM2-135M's manifest is ~0.4 MiB; refused unread above this
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer.json"
@@ -148,7 +149,7 @@ def _check_tensors(c: _Checker, tensors: Any) -> None:
         c.typed(t["shape"], f"{where}.shape",
                 lambda v: isinstance(v, list) and all(_is_int(d) and d >= 0 for d in v),
                 "a list of non-negative integers")
-        c.typed(t["dtype"], f"{where}.dtype", lambda v: v in DTYPES, f"one of {sorted(DTYPES)}")
+        c.typed(t["dtype"], f"{where}.dtype", lambda v: isinstance(v, str) and v in DTYPES, f"one of {sorted(DTYPES)}")
         c.typed(t["sha256"], f"{where}.sha256", _is_sha256, "64 lowercase hex digits")
 
 
@@ -158,14 +159,18 @@ def _is_sha256(v: Any) -> bool:
 
 def _check_files(c: _Checker, files: Any, has_tokenizer: bool) -> None:
     c.typed(files, "files", lambda v: isinstance(v, dict), "an object")
-    for name, digest in files.items():
+    for name, entry in files.items():
         try:
             check_relative_name(name)
         except ValueError as e:
             c.fail("files", str(e))
         c.require(name == WEIGHTS or name == TOKENIZER or name.startswith(TARGET_DIR + "/"),
                   "files", f"{name!r} is neither {WEIGHTS}, {TOKENIZER} nor under {TARGET_DIR}/")
-        c.typed(digest, f"files[{name!r}]", _is_sha256, "64 lowercase hex digits")
+        where = f"files[{name!r}]"
+        c.keys(entry, where, {"sha256", "size"})
+        c.typed(entry["sha256"], f"{where}.sha256", _is_sha256, "64 lowercase hex digits")
+        c.typed(entry["size"], f"{where}.size", lambda v: _is_int(v) and 0 <= v < 1 << 63,
+                "a non-negative integer")
     c.require(WEIGHTS in files, "files", f"{WEIGHTS} is not listed")
     c.require((TOKENIZER in files) == has_tokenizer, "files",
               f"{TOKENIZER} must be listed exactly when language_model.has_tokenizer is true")
@@ -191,36 +196,78 @@ def _check_schema(c: _Checker, m: dict[str, Any]) -> None:
     _check_files(c, m["files"], lm is not None and lm["has_tokenizer"])
 
 
+def strict_json(data: bytes) -> Any:
+    """Parses UTF-8 JSON refusing NaN/Infinity and duplicate keys (ValueError otherwise)."""
+    return json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys)
+
+
+def _read_manifest_bytes(root: Path) -> bytes:
+    """manifest.json's bytes: a regular file in ``root`` (no link), at most MAX_MANIFEST_BYTES."""
+    from .artifact_files import open_file  # (it imports this module)
+    where = str(root / MANIFEST)
+    try:
+        fd = open_file(root, MANIFEST)
+    except ArtifactError as e:
+        raise ArtifactError(where, "missing") if "missing" in e.problem else e from None
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise ArtifactError(where, f"{size} bytes is over the {MAX_MANIFEST_BYTES}-byte cap on a manifest "
+                                       "(refused unread)")
+        chunks, left = [], size + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ArtifactError(where, f"grew over the {MAX_MANIFEST_BYTES}-byte cap while being read")
+        return data
+    finally:
+        os.close(fd)
+
+
+def _check_version(c: _Checker, version: Any) -> None:
+    c.typed(version, "format_version", _is_int, "an integer")
+    if version > FORMAT_VERSION:
+        c.fail("format_version", f"the artifact has format version {version}, newer than version "
+                                 f"{FORMAT_VERSION}, the newest this bitsmith reads; upgrade bitsmith to load it")
+    if version < FORMAT_VERSION:
+        c.fail("format_version", f"the artifact has format version {version}: it was written by an older "
+                                 f"bitsmith; this one reads version {FORMAT_VERSION}. Recompile the model "
+                                 "(bitsmith compile ... --out DIR) to load it")
+
+
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated manifest of the artifact directory ``path``.
 
-    Checks, in order: the directory and ``manifest.json`` exist; the file is strict UTF-8
-    JSON without duplicate keys; ``format_version`` is supported; ``manifest_sha256`` matches
-    the rest; every field has its type. It does not read weights or target files (see
-    ``artifact.load_artifact`` for those checks). Raises ArtifactError naming the file.
+    Checks, in order: the directory and ``manifest.json`` exist, the latter a regular file (no
+    symbolic link) of at most MAX_MANIFEST_BYTES; it is strict UTF-8 JSON without duplicate
+    keys; ``format_version`` is supported; ``manifest_sha256`` matches the rest; every field has
+    its type. It does not read weights or target files (see ``artifact.load_artifact`` for
+    those checks). Raises ArtifactError naming the file.
     """
     root = Path(path)
     if not root.exists():
         raise ArtifactError(str(root), "no such artifact directory")
     if not root.is_dir():
         raise ArtifactError(str(root), "not a directory (an artifact is a directory)")
-    file = root / MANIFEST
-    where = str(file)
-    if not file.is_file():
-        raise ArtifactError(where, "missing")
+    where = str(root / MANIFEST)
     try:
-        manifest = json.loads(file.read_bytes().decode("utf-8"), parse_constant=_reject_constant,
-                              object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise ArtifactError(where, f"not valid JSON: {e}") from None
+        manifest = strict_json(_read_manifest_bytes(root))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ArtifactError(where, f"not valid JSON: {str(e)[:200]}") from None
     c = _Checker(where)
     c.typed(manifest, "manifest", lambda v: isinstance(v, dict), "a JSON object")
-    version = manifest.get("format_version")
-    c.typed(version, "format_version", _is_int, "an integer")
-    if version != FORMAT_VERSION:
-        c.fail("format_version", f"unsupported version {version}; this bitsmith reads version {FORMAT_VERSION}")
+    _check_version(c, manifest.get("format_version"))
     c.typed(manifest.get(HASH_FIELD), HASH_FIELD, _is_sha256, "64 lowercase hex digits")
-    if manifest_hash(manifest) != manifest[HASH_FIELD]:
+    try:
+        digest = manifest_hash(manifest)
+    except (ValueError, RecursionError) as e:  # e.g. a number JSON allows but canonical JSON cannot write
+        c.fail(HASH_FIELD, f"the manifest cannot be hashed: {str(e)[:200]}")
+    if digest != manifest[HASH_FIELD]:
         c.fail(HASH_FIELD, "does not match the manifest's contents (the manifest was edited or corrupted)")
     _check_schema(c, manifest)
     return manifest

@@ -13,10 +13,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import ArtifactError, BitsmithError, UnsupportedOpError
+from ...errors import ArtifactError, BitsmithError, OptionError, UnsupportedOpError
 from ...ir import Module
 from ...ir.quantized import qlinear_nodes
 from ..base import Backend, Executable
+from ..files import target_files
 from . import host, native, program
 from . import reference_executor
 from .codegen import generate
@@ -27,19 +28,22 @@ TABLE_KINDS = ("int8", "fp32")
 EXECUTORS = ("auto", "fast", "reference")
 
 
-class LUTOptionError(BitsmithError, ValueError):
+class LUTOptionError(OptionError):
     pass
 
 
 def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
+    missing = [k for k in ("lut_tables", "threads", "lut_executor", "lut_table_group") if k not in options]
+    if missing:
+        raise LUTOptionError(f"options {missing} are missing (an artifact stores every lut-cpu option)")
     tables, threads, executor = options["lut_tables"], options["threads"], options["lut_executor"]
     tg = options["lut_table_group"]
-    if not isinstance(tg, int) or tg % 4 or not 4 <= tg <= 256:
+    if isinstance(tg, bool) or not isinstance(tg, int) or tg % 4 or not 4 <= tg <= 256:
         raise LUTOptionError(f"lut_table_group (activations per int8 table scale) must be a multiple of 4 "
                              f"in [4, 256], got {tg!r}")
     if tables not in TABLE_KINDS:
         raise LUTOptionError(f"lut_tables must be one of {TABLE_KINDS}, got {tables!r}")
-    if not isinstance(threads, int) or threads < 0:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
         raise LUTOptionError(f"threads must be an int >= 0 (0 = all cores), got {threads!r}")
     if executor not in EXECUTORS:
         raise LUTOptionError(f"lut_executor must be one of {EXECUTORS}, got {executor!r}")
@@ -131,13 +135,19 @@ class LUTBackend(Backend):
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:
         _check_options(options)
+        files = target_files(files)
         layers, doc = program.from_files(files)
         if native.LIBRARY_FILE not in files:
-            raise ArtifactError(f"target/{native.LIBRARY_FILE}", "missing from the artifact (needed by target lut-cpu)")
+            raise ArtifactError(files.path(native.LIBRARY_FILE), "missing from the artifact (needed by target lut-cpu)")
         expected = {(fn.name, n.outputs[0].name) for fn in module.functions for n in fn.nodes if n.op == "qlinear"}
         got = {(e.function, e.value) for e in layers}
         if expected != got:
-            raise ArtifactError(f"target/{program.INDEX_FILE}", "its streams do not match the module's qlinear layers")
-        return LUTExecutable(module, layers, files[native.LIBRARY_FILE], options,
-                             lambda lay, run_layer: host.load_host(doc.get("host"), options.get("lut_host", "auto"),
+            raise ArtifactError(files.path(program.INDEX_FILE), "layers: its streams do not match the module's "
+                                                                "qlinear layers")
+        if doc["host"] not in host.HOSTS:
+            raise ArtifactError(files.path(program.INDEX_FILE), f"host: {str(doc['host'])[:60]!r} is not one of "
+                                                                f"{sorted(host.HOSTS)}")
+        library = files[native.LIBRARY_FILE]
+        return LUTExecutable(module, layers, library, options,
+                             lambda lay, run_layer: host.load_host(doc["host"], options.get("lut_host", "auto"),
                                                                    module, lay, run_layer, options, files))

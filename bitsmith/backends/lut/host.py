@@ -22,8 +22,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import BitsmithError, UnsupportedOpError
+from ...errors import BitsmithError, OptionError, UnsupportedOpError
 from ...ir import Module, Node, run_function
+from ..files import target_files
 from .program import LayerEntry
 
 # (entry, x [m, in] float32, out [m, out] float32 or None) -> y [m, out]
@@ -134,8 +135,7 @@ class TVMHost:
     @classmethod
     def load(cls, module, layers, run_layer, options, files) -> "TVMHost":
         from ..tvm import llvm_target
-        mine = {k[len(FILE_PREFIX):]: v for k, v in files.items() if k.startswith(FILE_PREFIX)}
-        host, libdir = llvm_target.load_host(mine)
+        host, libdir = llvm_target.load_host(target_files(files).under(FILE_PREFIX))
         return cls(module, layers, run_layer, host, options.get("threads", 0), libdir)
 
 
@@ -166,7 +166,7 @@ HOSTS: dict[str, type] = {ReferenceHost.name: ReferenceHost, TVMHost.name: TVMHo
 
 def check_choice(choice: Any) -> None:
     if choice not in HOST_CHOICES:
-        raise BitsmithError(f"lut_host must be one of {HOST_CHOICES}, got {choice!r}")
+        raise OptionError(f"lut_host must be one of {HOST_CHOICES}, got {choice!r}")
     if choice == "tvm-llvm" and not tvm_available():
         raise BitsmithError("lut_host='tvm-llvm' needs apache-tvm (pip install 'bitsmith[tvm]'); "
                             "use lut_host='reference' or 'auto'")

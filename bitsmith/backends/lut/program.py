@@ -4,7 +4,7 @@ Stored in an artifact as ``lut/program.json`` (index: which qlinear each stream 
 byte ranges) plus four raw little-endian blobs (``lut/streams.bin`` uint64 words,
 ``lut/weights.bin`` uint8 weight words, ``lut/params.bin`` float32 SCALE blocks,
 ``lut/outliers.bin`` (int32 row, int32 col, float32 val) records). Nothing is unpickled:
-the JSON is data, the blobs are viewed with ``np.frombuffer``.
+the JSON is data, each blob is read once into an aligned array and the layers view it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from ...errors import ArtifactError
+from ..files import target_files
+from ..json_fields import parse
 from . import isa
 from .codegen import OUTLIER_DTYPE, LayerProgram
 
@@ -94,29 +96,45 @@ def to_files(layers: list[LayerEntry], host: str, extra: Mapping[str, Any]) -> d
 
 
 def from_files(files: Mapping[str, bytes]) -> tuple[list[LayerEntry], dict[str, Any]]:
-    """Inverse of to_files; raises ArtifactError naming the bad file."""
+    """Inverse of to_files; ArtifactError naming the bad file (and field, for program.json).
+
+    Each blob is read once, straight into an aligned array of its dtype (``read_array``); the
+    layers' programs are views into those arrays at ranges checked to lie inside them."""
+    tf = target_files(files)
     for name in [INDEX_FILE] + [f for f, _ in BLOBS.values()]:
-        if name not in files:
-            raise ArtifactError(f"target/{name}", "missing from the artifact (needed by target lut-cpu)")
-    try:
-        doc = json.loads(files[INDEX_FILE])
-    except ValueError as e:
-        raise ArtifactError(f"target/{INDEX_FILE}", f"not JSON: {e}") from None
-    if doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION:
-        raise ArtifactError(f"target/{INDEX_FILE}", f"not a {FORMAT} v{FORMAT_VERSION} index")
-    layers = []
-    for i, rec in enumerate(doc["layers"]):
+        if name not in tf:
+            raise ArtifactError(tf.path(name), "missing from the artifact (needed by target lut-cpu)")
+    doc = parse(tf[INDEX_FILE], tf.path(INDEX_FILE))
+    doc.obj()
+    if doc["format"].value != FORMAT or doc["version"].value != FORMAT_VERSION:
+        doc.fail(f"not a {FORMAT} v{FORMAT_VERSION} index (format {doc['format'].value!r}, "
+                 f"version {doc['version'].value!r})"[:200])
+    records = doc["layers"].list()
+    host_name = doc["host"].str() if doc.has("host") else None
+    blobs = {role: tf.read_array(fname, dtype) for role, (fname, dtype) in BLOBS.items()}
+    layers, seen = [], set()
+    for i, rec in enumerate(records):
         parts = {}
         for role, (fname, dtype) in BLOBS.items():
-            off, size = rec[role]
-            data = files[fname]
-            if off < 0 or size < 0 or off + size > len(data) or size % dtype.itemsize:
-                raise ArtifactError(f"target/{fname}", f"layer {i} range [{off}, {off + size}) out of bounds")
-            parts[role] = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=off)
+            off, size = rec[role].ints(lo=0, length=2)
+            data = blobs[role]
+            if off + size > data.nbytes or off % dtype.itemsize or size % dtype.itemsize:
+                rec[role].fail(f"byte range [{off}, {off + size}) is not whole {dtype} items inside "
+                               f"{fname} ({data.nbytes} bytes)")
+            parts[role] = data[off // dtype.itemsize:(off + size) // dtype.itemsize]
         try:
-            isa.StreamHeader.parse(parts["stream"])
+            head = isa.StreamHeader.parse(parts["stream"])
         except isa.ISAError as e:
-            raise ArtifactError("target/lut/streams.bin", f"layer {i}: {e}") from None
-        prog = LayerProgram(parts["stream"], parts["weights"], parts["params"], parts["outliers"], int(rec["in_features"]))
-        layers.append(LayerEntry(rec["function"], rec["value"], rec["layer"], rec["scheme"], prog))
-    return layers, doc
+            rec["stream"].fail(f"{e}")
+        in_features = rec["in_features"].int(1)
+        if in_features > head.padded_in:
+            rec["in_features"].fail(f"{in_features} is more than the stream's padded input {head.padded_in}")
+        function, value = rec["function"].str(), rec["value"].str()
+        if (function, value) in seen:
+            rec["value"].fail(f"qlinear ({function!r}, {value!r}) has two streams"[:200])
+        seen.add((function, value))
+        prog = LayerProgram(parts["stream"], parts["weights"], parts["params"], parts["outliers"], in_features)
+        layers.append(LayerEntry(function, value, rec["layer"].str(), rec["scheme"].str(), prog))
+    out = dict(doc.obj())
+    out["host"] = host_name
+    return layers, out

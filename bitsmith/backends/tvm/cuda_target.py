@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import BitsmithError
+from ...errors import BitsmithError, OptionError
 from ...ir import Module
 from ..base import Executable
 from .cuda_half import convert_activations
 from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel, KernelLibraries, require_gpu,
                            source_digest)
 from .cuda_scratch import ScratchSpec
-from .plan import PLAN_FORMAT, FunctionPlan, PlanError, read_plan_doc
+from ..files import target_files
+from .plan import PLAN_FORMAT, FunctionPlan, PlanError, checked_kernel_key, read_plan_doc
 from .schedule_cuda import DEFAULT_ARCH, DEFAULT_GEMV, check_arch
 from .targets import TargetSpec, register_target
 
@@ -46,7 +47,7 @@ def _options(options: Mapping[str, Any]) -> tuple[str, str]:
     arch = options.get("arch", DEFAULT_ARCH)
     act = options.get("act_dtype", "float16")
     if act not in ACT_DTYPES:
-        raise BitsmithError(f"tvm-cuda option act_dtype must be one of {ACT_DTYPES}, got {act!r}")
+        raise OptionError(f"tvm-cuda option act_dtype must be one of {ACT_DTYPES}, got {act!r}")
     return check_arch(arch), act
 
 
@@ -151,33 +152,49 @@ def build(module: Module, options: Mapping[str, Any]) -> Executable:
 
 
 def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes]) -> Executable:
-    """Rebuilds the executable from an artifact's files; compiles nothing."""
+    """Rebuilds the executable from an artifact's files; compiles nothing. A malformed plan.json
+    or kernel entry raises ArtifactError naming file and field."""
     arch, act = _options(options)
+    files = target_files(files)
     doc = read_plan_doc(files, TARGET)
-    if not isinstance(doc.get("kernels"), list):
-        raise PlanError("plan.json: a tvm-cuda plan lists its kernels")
-    plans = {p.name: p for p in (FunctionPlan.from_json(d) for d in doc["functions"])}
+    plans: dict[str, FunctionPlan] = {}
+    for f in doc["functions"].list():
+        plan = FunctionPlan.from_json(f)
+        if plan.name in plans:
+            f["name"].fail(f"function {plan.name!r} appears twice")
+        plans[plan.name] = plan
     kernels: dict[str, dict[str, Any]] = {}
-    for meta in doc["kernels"]:
-        if not isinstance(meta, dict) or not isinstance(meta.get("key"), str) \
-                or not isinstance(meta.get("functions"), list) or not isinstance(meta.get("scratch"), list):
-            raise PlanError(f"plan.json: malformed kernel entry {meta!r}"[:200])
-        key = meta["key"]
-        for ext in ("so", "cu"):
-            if f"kernels/{key}.{ext}" not in files:
-                raise PlanError(f"plan.json lists kernel {key} but kernels/{key}.{ext} is missing")
-        if source_digest(files[f"kernels/{key}.cu"].decode()) != meta.get("source_sha256"):
-            raise PlanError(f"kernels/{key}.cu does not match its recorded sha256")
-        for s in meta["scratch"]:
-            ScratchSpec.from_json(s)
-        kernels[key] = meta
+    blobs: dict[str, bytes] = {}
+    for meta in doc["kernels"].list():
+        key = checked_kernel_key(meta["key"])
+        for fn in meta["functions"].list():
+            fn.str()
+        for s in meta["scratch"].list():
+            try:
+                ScratchSpec.from_json(s.value)
+            except (BitsmithError, KeyError, TypeError, ValueError, IndexError) as e:
+                s.fail(f"malformed scratch spec: {type(e).__name__}: {e}"[:200])
+        for ext in ("so", "cu", "fatbin", "ptx"):
+            name = f"kernels/{key}.{ext}"
+            if name in files:
+                blobs[name] = files[name]
+            elif ext in ("so", "cu"):
+                meta["key"].fail(f"kernel {key} is listed but {name} is not in the artifact")
+        try:
+            source = blobs[f"kernels/{key}.cu"].decode()
+        except UnicodeDecodeError:
+            raise PlanError(files.path(f"kernels/{key}.cu"), "not UTF-8 text") from None
+        if source_digest(source) != meta["source_sha256"].str():
+            meta["source_sha256"].fail(f"kernels/{key}.cu does not match it")
+        kernels[key] = meta.obj()
     for plan in plans.values():
         for s in plan.steps:
             if hasattr(s, "kernel") and s.kernel not in kernels:
-                raise PlanError(f"plan.json calls kernel {s.kernel} that it does not list")
-    work = convert_activations(module, str(doc.get("act_dtype", act)))
-    blobs = {n: bytes(v) for n, v in files.items() if n.startswith("kernels/")}
-    info = {"arch": str(doc.get("arch", arch)), "act_dtype": str(doc.get("act_dtype", act)),
+                doc["kernels"].fail(f"function {plan.name!r} calls kernel {s.kernel}, which is not listed")
+    act_doc = doc["act_dtype"].str(choices=ACT_DTYPES) if doc.has("act_dtype") else act
+    arch_doc = doc["arch"].str() if doc.has("arch") else arch
+    work = convert_activations(module, act_doc)
+    info = {"arch": arch_doc, "act_dtype": act_doc,
             "compile_seconds": 0.0, "loaded_from_artifact": True, "schedule": SCHEDULE_ID,
             "nvcc": any(k.endswith(".ptx") for k in blobs)}
     return CudaExecutable(work, plans, kernels, blobs, {}, info)

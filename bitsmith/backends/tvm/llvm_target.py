@@ -16,13 +16,14 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import tvm
 
-from ...errors import BitsmithError
+from ...errors import BitsmithError, OptionError
 from ...ir import Module
 from ..base import Executable
 from . import runtime_cpu, stored_operands
 from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import lower_function
+from ..files import target_files
 from .plan import EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_plan_doc
 from .schedule_cpu import SCHEDULE_ID, schedule_cpu
 from .targets import TargetSpec, register_target
@@ -36,7 +37,7 @@ def option_defaults() -> dict[str, Any]:
 
 def resolve_mcpu(mcpu: Any) -> str:
     if not isinstance(mcpu, str) or not mcpu:
-        raise BitsmithError(f"tvm-llvm option mcpu must be a CPU name or 'host', got {mcpu!r}")
+        raise OptionError(f"tvm-llvm option mcpu must be a CPU name or 'host', got {mcpu!r}")
     return runtime_cpu.host_cpu() if mcpu in ("host", "native") else mcpu
 
 
@@ -51,7 +52,7 @@ def make_target(options: Mapping[str, Any]) -> Any:
 def _threads(options: Mapping[str, Any]) -> int:
     t = options.get("threads", 0)
     if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise BitsmithError(f"tvm-llvm option threads must be an int >= 0 (0 = all cores), got {t!r}")
+        raise OptionError(f"tvm-llvm option threads must be an int >= 0 (0 = all cores), got {t!r}")
     return t
 
 
@@ -65,7 +66,7 @@ def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.
     for c in plan.consts:
         if c.tensor:
             if c.tensor not in module.tensors:
-                raise PlanError(f"plan names tensor {c.tensor!r} that the module lacks")
+                raise PlanError("plan.json", f"plan names tensor {c.tensor!r} that the module lacks"[:200])
             out[c.slot] = module.tensors[c.tensor]
         elif c.scalar is not None:
             out[c.slot] = np.array(c.scalar[0], dtype=np.dtype(c.scalar[1]))
@@ -75,7 +76,7 @@ def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.
             if c.qlinear not in operands:
                 node = producers.get(c.qlinear)
                 if node is None or node.op != "qlinear":
-                    raise PlanError(f"plan names qlinear value {c.qlinear!r} that the module lacks")
+                    raise PlanError("plan.json", f"plan names qlinear value {c.qlinear!r} that the module lacks"[:200])
                 arrays = [module.tensors[producers[i].attr("name")] for i in node.inputs[1:]]
                 operands[c.qlinear] = qlinear_operands(node.attr_dict, arrays, plan.act_dtype)
             out[c.slot] = operands[c.qlinear][c.index]
@@ -169,11 +170,20 @@ def compile_host(module: Module, options: Mapping[str, Any],
 
 
 def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.LibraryDir]:
-    """The plans and kernel libraries of an artifact (hash-checked by the artifact layer);
-    the LibraryDir must live as long as the kernels are used. Extern kernels are not loaded."""
+    """The plans and kernel libraries of an artifact (each file hash-checked as it is read, see
+    ``backends.files``); the LibraryDir must live as long as the kernels are used. Extern
+    kernels are not loaded. A malformed plan raises ArtifactError naming file and field."""
     t0 = time.perf_counter()
+    files = target_files(files)
     doc = read_plan_doc(files, TARGET)
-    plans = {p.name: p for p in (FunctionPlan.from_json(d) for d in doc["functions"])}
+    plans: dict[str, FunctionPlan] = {}
+    for f in doc["functions"].list():
+        plan = FunctionPlan.from_json(f)
+        if plan.name in plans:
+            f["name"].fail(f"function {plan.name!r} appears twice")
+        plans[plan.name] = plan
+    mcpu = doc["mcpu"].str() if doc.has("mcpu") else ""
+    derived = stored_operands.from_files(doc["operands"] if doc.has("operands") else [], files, plans)
     libdir = runtime_cpu.LibraryDir()
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
@@ -182,12 +192,13 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
             if isinstance(s, Call) and s.kernel not in loaded and not s.kernel.startswith(EXTERN_PREFIX):
                 name = f"kernels/{s.kernel}.so"
                 if name not in files:
-                    raise PlanError(f"plan.json calls kernel {s.kernel} but {name} is missing")
-                libraries[s.kernel] = files[name]
-                loaded[s.kernel] = libdir.load(s.kernel, files[name])
-    derived = stored_operands.from_files(doc.get("operands", []), files, plans)
+                    raise PlanError(files.path("plan.json"), f"function {plan.name!r} calls kernel {s.kernel} "
+                                                             f"but {name} is not listed in the artifact")
+                data = files[name]
+                libraries[s.kernel] = data
+                loaded[s.kernel] = libdir.load(s.kernel, data)
     info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
-            "mcpu": str(doc.get("mcpu", "")), "loaded_from_artifact": True,
+            "mcpu": mcpu, "loaded_from_artifact": True,
             "stored_operands": sum(len(d) for d in derived.values())}
     return HostBuild(plans, libraries, loaded, derived, info), libdir
 

@@ -12,15 +12,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ...errors import BitsmithError
+from ...errors import ArtifactError
+from ..files import target_files
+from ..json_fields import Field, parse
 from ...ir.symbolic import Dim
 
 PLAN_FORMAT = 1
 EXTERN_PREFIX = "extern:"   # a Call whose kernel the executable supplies itself (not a TVM library)
 
 
-class PlanError(BitsmithError):
-    """A plan (usually from an artifact's plan.json) that is malformed."""
+class PlanError(ArtifactError):
+    """A malformed plan (from an artifact's plan.json): ArtifactError(file, problem)."""
 
 
 @dataclass
@@ -85,38 +87,44 @@ class FunctionPlan:
                 "act_dtype": self.act_dtype}
 
     @staticmethod
-    def from_json(d: Any) -> "FunctionPlan":
+    def from_json(d: Any, file: str = "plan.json", path: str = "") -> "FunctionPlan":
+        """Decodes ``to_json``'s output; ArtifactError (PlanError) naming ``file`` and the field."""
+        f = d if isinstance(d, Field) else Field(d, file, path)
+        steps: list[Call | View] = []
+        for s in f["steps"].list():
+            if s.has("call"):
+                check = s["check_ids"].ints(length=2) if s.has("check_ids") else None
+                outs = []
+                for o in s["out"].list():
+                    slot, shape, dtype = o.list(3)
+                    outs.append((slot.int(), shape.int(), dtype.str(_NP_DTYPE)))
+                steps.append(Call(checked_kernel_key(s["call"]), s["in"].ints(), outs,
+                                  tuple(check) if check else None,
+                                  s["name"].str() if s.has("name") else ""))
+            else:
+                a, b, c = s["view"].ints(length=3)
+                steps.append(View(a, b, c))
+        consts = []
+        for c in f["consts"].list():
+            slot = c["slot"].int()
+            if c.has("tensor"):
+                consts.append(Const(slot, tensor=c["tensor"].str()))
+            elif c.has("scalar"):
+                v, dt = c["scalar"].list(2)
+                consts.append(Const(slot, scalar=(v.number(), dt.str(_NP_DTYPE))))
+            else:
+                consts.append(Const(slot, qlinear=c["qlinear"].str(), index=c["index"].int(0)))
+        param_types = []
+        for p in f["param_types"].list():
+            shape, dt = p.list(2)
+            param_types.append(([_dim(x) for x in shape.list()], dt.str(_NP_DTYPE)))
+        plan = FunctionPlan(f["name"].str(), f["num_slots"].int(0, MAX_SLOTS), f["params"].ints(), param_types,
+                            f["results"].ints(), [[_dim(x) for x in s.list()] for s in f["shapes"].list()],
+                            consts, steps, f["act_dtype"].str(_NP_DTYPE) if f.has("act_dtype") else "float32")
         try:
-            steps: list[Call | View] = []
-            for s in d["steps"]:
-                if "call" in s:
-                    steps.append(Call(checked_kernel_key(s["call"]), as_ints(s["in"]),
-                                      [(as_int(o[0]), as_int(o[1]), as_str(o[2])) for o in s["out"]],
-                                      tuple(as_ints(s["check_ids"])) if "check_ids" in s else None,
-                                      as_str(s.get("name", ""))))
-                else:
-                    a, b, c = as_ints(s["view"])
-                    steps.append(View(a, b, c))
-            consts = []
-            for c in d["consts"]:
-                if "tensor" in c:
-                    consts.append(Const(as_int(c["slot"]), tensor=as_str(c["tensor"])))
-                elif "scalar" in c:
-                    v, dt = c["scalar"]
-                    if not isinstance(v, (int, float, bool)):
-                        raise PlanError(f"bad scalar {v!r}")
-                    consts.append(Const(as_int(c["slot"]), scalar=(v, as_str(dt))))
-                else:
-                    consts.append(Const(as_int(c["slot"]), qlinear=as_str(c["qlinear"]), index=as_int(c["index"])))
-            plan = FunctionPlan(as_str(d["name"]), as_int(d["num_slots"]), as_ints(d["params"]),
-                                [([_dim(x) for x in s], as_str(dt)) for s, dt in d["param_types"]],
-                                as_ints(d["results"]), [[_dim(x) for x in s] for s in d["shapes"]],
-                                consts, steps, as_str(d.get("act_dtype", "float32")))
-        except PlanError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise PlanError(f"malformed plan: {type(e).__name__}: {e}") from None
-        plan.check()
+            plan.check()
+        except PlanError as e:
+            f.fail(e.problem)
         return plan
 
     def check(self) -> None:
@@ -126,58 +134,68 @@ class FunctionPlan:
             if isinstance(s, Call):
                 slots += s.inputs + [o[0] for o in s.outputs]
                 if any(not 0 <= o[1] < len(self.shapes) for o in s.outputs):
-                    raise PlanError("shape id out of range")
+                    raise PlanError("plan.json", "shape id out of range")
+                if s.check_ids is not None and not 0 <= s.check_ids[0] < n:
+                    raise PlanError("plan.json", "check_ids slot out of range")
             else:
                 slots += [s.src, s.dst]
                 if not 0 <= s.shape < len(self.shapes):
-                    raise PlanError("shape id out of range")
+                    raise PlanError("plan.json", "shape id out of range")
         if any(not 0 <= x < n for x in slots):
-            raise PlanError(f"slot out of range [0, {n})")
+            raise PlanError("plan.json", f"slot out of range [0, {n})")
+        if len(self.params) != len(self.param_types):
+            raise PlanError("plan.json", f"{len(self.params)} params but {len(self.param_types)} param_types")
 
 
 def as_int(x: Any) -> int:
     if not isinstance(x, int) or isinstance(x, bool):
-        raise PlanError(f"expected an int, got {x!r}")
+        raise PlanError("plan.json", f"expected an int, got {x!r}"[:200])
     return x
 
 
 def as_ints(xs: Any) -> list[int]:
     if not isinstance(xs, list):
-        raise PlanError(f"expected a list, got {xs!r}")
+        raise PlanError("plan.json", f"expected a list, got {xs!r}"[:200])
     return [as_int(x) for x in xs]
 
 
 def as_str(x: Any) -> str:
     if not isinstance(x, str):
-        raise PlanError(f"expected a string, got {x!r}")
+        raise PlanError("plan.json", f"expected a string, got {x!r}"[:200])
     return x
 
 
-def _dim(x: Any) -> Dim:
-    if isinstance(x, bool) or not isinstance(x, (int, str)):
-        raise PlanError(f"expected a dim, got {x!r}")
-    return x
+def _dim(x: Field) -> Dim:
+    v = x.value
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        x.fail(f"expected a dim (an integer or a symbol name), got {v!r}"[:200])
+    return v
 
 
 _KERNEL_KEY = re.compile(r"[0-9a-f]{64}|" + re.escape(EXTERN_PREFIX) + r"[A-Za-z0-9_.:/%-]{1,200}")
+_NP_DTYPE = re.compile(r"(float|int|uint)(8|16|32|64)|bool")
+MAX_SLOTS = 1 << 24
 
 
 def checked_kernel_key(v: Any) -> str:
     """A cache digest (it names a file under kernels/) or an extern name; nothing path-like."""
+    if isinstance(v, Field):
+        if not isinstance(v.value, str) or not _KERNEL_KEY.fullmatch(v.value):
+            v.fail(f"bad kernel key {v.value!r}"[:200])
+        return v.value
     if not isinstance(v, str) or not _KERNEL_KEY.fullmatch(v):
-        raise PlanError(f"plan.json: bad kernel key {v!r}")
+        raise PlanError("plan.json", f"bad kernel key {v!r}"[:200])
     return v
 
 
-def read_plan_doc(files: Mapping[str, bytes], target: str) -> dict[str, Any]:
+def read_plan_doc(files: Mapping[str, bytes], target: str) -> Field:
     """The artifact's plan.json for ``target``, parsed and checked at the top level."""
-    if "plan.json" not in files:
-        raise BitsmithError(f"{target} artifact lacks plan.json")
-    try:
-        doc = json.loads(files["plan.json"])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PlanError(f"plan.json is not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT or doc.get("target") != target \
-            or not isinstance(doc.get("functions"), list):
-        raise PlanError(f"plan.json: not a {target} plan of format {PLAN_FORMAT}")
+    tf = target_files(files)
+    if "plan.json" not in tf:
+        raise PlanError(tf.path("plan.json"), f"missing: a {target} artifact needs it")
+    doc = parse(tf["plan.json"], tf.path("plan.json"))
+    doc.obj()
+    if doc["format"].value != PLAN_FORMAT or doc["target"].value != target:
+        doc.fail(f"not a {target} plan of format {PLAN_FORMAT}")
+    doc["functions"].list()
     return doc

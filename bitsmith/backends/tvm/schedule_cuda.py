@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import tvm
 from tvm import tirx as tir
 
-from ...errors import BitsmithError
+from ...errors import BitsmithError, OptionError
 from .kernel import KernelDef
 
 DEFAULT_ARCH = "sm_90"
@@ -45,7 +45,7 @@ class CudaScheduleError(BitsmithError):
 
 def check_arch(arch: Any) -> str:
     if not (isinstance(arch, str) and arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
-        raise BitsmithError(f"tvm-cuda: arch must look like 'sm_90' or 'sm_90a', got {arch!r}")
+        raise OptionError(f"tvm-cuda: arch must look like 'sm_90' or 'sm_90a', got {arch!r}")
     return arch
 
 

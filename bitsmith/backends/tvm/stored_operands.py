@@ -9,12 +9,17 @@ the description against the plan and the file's size. Artifacts without them re-
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from .plan import FunctionPlan, PlanError, as_int, as_ints, as_str
+from ..files import target_files
+from ..json_fields import Field
+from .plan import FunctionPlan, PlanError
 
+_FILE = re.compile(r"operands/[0-9]+/[0-9]+\.bin")
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float16", "float32")
 
 
@@ -37,25 +42,25 @@ def to_files(plans: Mapping[str, FunctionPlan], derived: Mapping[str, Mapping[in
 
 def from_files(entries: Any, files: Mapping[str, bytes], plans: Mapping[str, FunctionPlan],
                ) -> dict[str, dict[int, np.ndarray]]:
-    if not isinstance(entries, list):
-        raise PlanError("plan.json: 'operands' must be a list")
+    """The stored operands plan.json's ``operands`` describes, each file read once straight into an
+    aligned array (``TargetFiles.read_array``); ArtifactError naming file and field otherwise."""
+    files = target_files(files)
+    f = entries if isinstance(entries, Field) else Field(entries, files.path("plan.json"), "operands")
     out: dict[str, dict[int, np.ndarray]] = {}
-    for e in entries:
-        if not isinstance(e, dict):
-            raise PlanError(f"plan.json: bad operands entry {e!r}")
-        name, slot, path, dtype = as_str(e.get("function")), as_int(e.get("slot")), as_str(e.get("file")), as_str(e.get("dtype"))
-        shape = as_ints(e.get("shape"))
+    for e in f.list():
+        name, slot, path = e["function"].str(), e["slot"].int(), e["file"].str(_FILE)
+        dtype = e["dtype"].str(choices=DTYPES)
+        shape = e["shape"].ints(lo=0)
         plan = plans.get(name)
         if plan is None or not any(c.slot == slot and c.qlinear for c in plan.consts):
-            raise PlanError(f"plan.json: stored operand for {name!r} slot {slot} is not a qlinear operand of the plan")
-        if dtype not in DTYPES or any(d < 0 for d in shape):
-            raise PlanError(f"plan.json: stored operand {path}: bad dtype {dtype!r} or shape {shape}")
+            e.fail(f"stored operand for {name!r} slot {slot} is not a qlinear operand of the plan"[:200])
+        if slot in out.get(name, {}):
+            e.fail(f"stored operand for {name!r} slot {slot} appears twice"[:200])
         if path not in files:
-            raise PlanError(f"plan.json names {path}, which the artifact lacks")
-        dt = np.dtype(dtype).newbyteorder("<")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        data = files[path]
-        if len(data) != count * dt.itemsize:
-            raise PlanError(f"{path}: {len(data)} bytes, but {dtype}{shape} needs {count * dt.itemsize}")
-        out.setdefault(name, {})[slot] = np.frombuffer(data, dtype=dt, count=count).reshape(shape)
+            e["file"].fail(f"names {path}, which the artifact does not list")
+        count = math.prod(shape)
+        need = count * np.dtype(dtype).itemsize
+        if files.size(path) != need:
+            raise PlanError(files.path(path), f"{files.size(path)} bytes, but {dtype}{shape} needs {need}")
+        out.setdefault(name, {})[slot] = files.read_array(path, dtype, shape)
     return out
