@@ -20,6 +20,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from ..backends import native_loader
 from ..backends.base import backend_for_target
 from ..errors import ArtifactError
 from ..ir import IRParseError, Module, TensorTable, VerificationError, parse_module, print_module, verify_module
@@ -27,6 +28,7 @@ from ..ir.types import IRTypeError
 from ..version import __version__
 from .manifest import (FORMAT_VERSION, HASH_FIELD, MANIFEST, TARGET_DIR, TOKENIZER, WEIGHTS,
                        check_relative_name, json_subset, manifest_hash, read_manifest, to_json_value)
+from . import trust
 from .model import CompiledModel, LanguageModelInfo
 
 __all__ = ["load_artifact", "op_counts", "read_manifest", "save_artifact", "verify_files"]
@@ -84,6 +86,8 @@ def _manifest_body(cm: CompiledModel, backend_name: str) -> dict[str, Any]:
             "bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id,
             "has_tokenizer": lm.tokenizer_json is not None},
         "compile_info": json_subset(dict(cm.compile_info)),
+        "native": {f"{TARGET_DIR}/{check_relative_name(name)}": spec.to_json()
+                   for name, spec in sorted(cm.executable.native_files().items())},
     }
 
 
@@ -137,6 +141,9 @@ def save_artifact(cm: CompiledModel, path: str | os.PathLike[str]) -> None:
     staging.mkdir()
     try:
         body["files"] = _write_payload(staging, cm)
+        missing = sorted(set(body["native"]) - set(body["files"]))
+        if missing:
+            raise ValueError(f"the executable declares native files it does not write: {missing}")
         body[HASH_FIELD] = manifest_hash(body)
         text = json.dumps(body, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
         (staging / MANIFEST).write_text(text, encoding="ascii")
@@ -144,6 +151,21 @@ def save_artifact(cm: CompiledModel, path: str | os.PathLike[str]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _trust_written(body, dest)
+
+
+def _trust_written(body: dict[str, Any], dest: Path) -> None:
+    """Adds the digests of the native files just written to the local trust store, except
+    those this process holds only because a caller trusted them for one load
+    (``trust_native_code=True``): saving must not turn that into lasting trust."""
+    digests = {}
+    for name in body["native"]:
+        digest = trust._digest(body["files"][name])
+        g = native_loader.granted(digest)
+        if g is None or g.origin != native_loader.TRUSTED_CALLER:
+            digests[digest] = f"written by this machine's bitsmith: {name}"
+    if digests:
+        trust.add(digests)
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -226,10 +248,12 @@ def _language_model(root: Path, manifest: dict[str, Any], blobs: dict[str, bytes
     return LanguageModelInfo(tokenizer_json, lm["bos_token_id"], lm["eos_token_id"])
 
 
-def load_artifact(path: str | os.PathLike[str]) -> CompiledModel:
+def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False) -> CompiledModel:
     """Loads an artifact directory written by ``save_artifact``, refusing any inconsistency.
 
-    Order: manifest (schema, version, self-hash); every listed file's sha256; weights
+    Order: manifest (schema, version, self-hash); the trust decision for its native files
+    (``trust.check_artifact``: UntrustedNativeCodeError unless every one is in the local trust
+    store or ``trust_native_code`` is true); every listed file's sha256; weights
     against the tensor table; IR text parsed against the weights and verified; then the
     target's backend rebuilds the executable from the checked target files. Raises
     ArtifactError naming the bad file; UnknownTargetError when no installed backend serves
@@ -238,6 +262,7 @@ def load_artifact(path: str | os.PathLike[str]) -> CompiledModel:
     root = Path(path)
     manifest = read_manifest(root)
     where = str(root / MANIFEST)
+    natives = trust.check_artifact(str(root), manifest, trust_native_code)
     blobs = verify_files(root, manifest, keep=frozenset(n for n in manifest["files"] if n != WEIGHTS))
     tensors = _load_weights(root / WEIGHTS, manifest["tensors"])
     module = _load_module(where, manifest, tensors)
@@ -250,5 +275,7 @@ def load_artifact(path: str | os.PathLike[str]) -> CompiledModel:
     prefix = TARGET_DIR + "/"
     target_files = {n[len(prefix):]: data for n, data in blobs.items() if n.startswith(prefix)}
     options = dict(manifest["options"])
+    for native, origin in natives:  # hashes verified above: the loader may now load these bytes
+        native_loader.grant(native.sha256, native.spec, origin)
     executable = backend.load(module, target, options, target_files)
     return CompiledModel(module, executable, target, options, lm, dict(manifest["compile_info"]))
