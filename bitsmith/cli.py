@@ -278,14 +278,19 @@ def _print_inspect_text(s: dict[str, Any]) -> None:
         size = "missing" if f["size"] is None else f"{f['size']:,} bytes"
         print(f"  {name:<{width}}  {size:>16}  sha256 {f['sha256'][:16]}")
     native = s["native"]
+    untrusted = sum(not n["trusted"] for n in native.values())
     print(f"native   {len(native)} librar{'y' if len(native) == 1 else 'ies'}"
-          + (f", {sum(not n['trusted'] for n in native.values())} not trusted on this machine "
-             f"(`bitsmith trust {s['path']}`)" if any(not n["trusted"] for n in native.values()) else
-             (", all trusted" if native else "")))
+          + (f", {untrusted} not trusted on this machine (`bitsmith trust {s['path']}`)" if untrusted else
+             (", all trusted on this machine" if native else "")))
+    specs: dict[str, list[str]] = {}
     for name, n in native.items():
-        where = f"{n['arch']} {n['cpu']}" + (f" ({' '.join(n['features'])})" if n["features"] else "")
-        print(f"  {name:<{width}}  {'trusted' if n['trusted'] else 'UNTRUSTED'}  {n['kind']} for {where}"
-              + ("" if n["runs_here"] else "  [this CPU lacks some of it]"))
+        where = f"{n['kind']} for {n['arch']} {n['cpu']}" + (f" ({' '.join(n['features'])})" if n["features"] else "") \
+            + ("" if n["runs_here"] else " [this CPU lacks some of it]")
+        specs.setdefault(where, []).append(name)
+    for where, names in specs.items():
+        print(f"  {len(names)} {where}")
+        for name in names:
+            print(f"    {name:<{width}}  {'trusted' if native[name]['trusted'] else 'UNTRUSTED'}")
     for name, stats in s.get("target_stats", {}).items():
         print(f"stats    ({name})")
         for key, value in stats.items():
@@ -314,6 +319,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _by_spec(files: list[Any]) -> dict[Any, list[Any]]:
+    groups: dict[Any, list[Any]] = {}
+    for f in files:
+        groups.setdefault(f.spec, []).append(f)
+    return groups
+
+
 def cmd_trust(args: argparse.Namespace) -> int:
     """Shows an artifact's native libraries and, once confirmed, adds their digests to the store."""
     from .runtime import trust
@@ -329,11 +341,12 @@ def cmd_trust(args: argparse.Namespace) -> int:
     known = trust.trusted()
     print(f"artifact {args.artifact} (target {manifest['target']}, written by bitsmith "
           f"{manifest['bitsmith_version']}) holds {len(files)} native librar{'y' if len(files) == 1 else 'ies'}:")
-    for f in files:
-        state = "already trusted" if f.sha256 in known else "new"
-        lacks = f.spec.missing()
-        print(f"  {f.name}\n    sha256 {f.sha256}  {f.spec.kind} for {f.spec.describe()}  [{state}]"
-              + (f"\n    this CPU lacks {' '.join(lacks)}: it will not load here" if lacks else ""))
+    for spec, group in _by_spec(files).items():
+        lacks = spec.missing()
+        print(f"{len(group)} {spec.kind} built for {spec.describe()}"
+              + (f"\n  (this CPU lacks {' '.join(lacks)}: they will not load here)" if lacks else ""))
+        for f in group:
+            print(f"  {f.name}\n    sha256 {f.sha256}  {'already trusted' if f.sha256 in known else 'new'}")
     new = {f.sha256: f"trusted with `bitsmith trust` from {os.path.abspath(args.artifact)}: {f.name}"
            for f in files if f.sha256 not in known}
     if not new:

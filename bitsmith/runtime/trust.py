@@ -29,6 +29,7 @@ from ..errors import ArtifactError, BitsmithError
 STORE_ENV = "BITSMITH_TRUST_STORE"
 STORE_FORMAT = "bitsmith-trusted-native/1"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHOWN = 3  # untrusted files named in the error (SmolLM2 has ~100 kernels)
 
 
 class TrustStoreError(BitsmithError):
@@ -40,9 +41,12 @@ class UntrustedNativeCodeError(ArtifactError):
 
     def __init__(self, path: str, untrusted: list["NativeFile"], store: Path) -> None:
         self.path, self.files, self.store = path, untrusted, store
-        listing = ", ".join(f"{f.name} (sha256 {f.sha256[:16]}…, {f.spec.kind} for {f.spec.cpu})" for f in untrusted)
-        self.problem = (f"holds native code that this machine did not build and that is not in the trust "
-                        f"store {store}: {listing}. Native libraries run with your rights as soon as they "
+        shown = ", ".join(f"{f.name} (sha256 {f.sha256[:16]}…, {f.spec.kind} for {f.spec.cpu})"
+                          for f in untrusted[:_SHOWN])
+        more = f" and {len(untrusted) - _SHOWN} more (`bitsmith inspect {path}` lists them)" \
+            if len(untrusted) > _SHOWN else ""
+        self.problem = (f"holds {len(untrusted)} native librar{'y' if len(untrusted) == 1 else 'ies'} that this "
+                        f"machine did not build and that are not in the trust store {store}: {shown}{more}. Native libraries run with your rights as soon as they "
                         f"load, and the artifact's own hashes do not say who made them. If you trust its "
                         f"source, run `bitsmith trust {path}` (shows the files and adds their digests) or "
                         f"load it with trust_native_code=True (command line: --trust-native-code)")

@@ -63,10 +63,16 @@ def cpu_has_avx2() -> bool:
     return native_loader.host_arch() == SPEC.arch and set(SPEC.features) <= native_loader.cpu_features()
 
 
-@functools.lru_cache(maxsize=4)
 def build_library(source: bytes | None = None) -> bytes:
-    """The shared library's bytes, compiled from ``source`` (default: the packaged C file)."""
-    source = source_text() if source is None else source
+    """The shared library's bytes, compiled from ``source`` (default: the packaged C file) once
+    per process, and granted to ``native_loader`` (built here) on every call."""
+    data = _compile(source_text() if source is None else source)
+    native_loader.grant_built(data, SPEC)
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def _compile(source: bytes) -> bytes:
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
         raise NativeBuildError("target lut-cpu needs a C compiler (gcc) at compile time to build its executor")
@@ -78,9 +84,7 @@ def build_library(source: bytes | None = None) -> bytes:
         if proc.returncode:
             raise NativeBuildError(f"building the LUT executor failed ({cc} {' '.join(CFLAGS)}):\n{proc.stderr[-2000:]}")
         with open(out, "rb") as f:
-            data = f.read()
-    native_loader.grant_built(data, SPEC)  # built here: this process may load exactly these bytes
-    return data
+            return f.read()
 
 
 class NativeExecutor:
