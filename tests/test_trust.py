@@ -177,6 +177,18 @@ def test_cli_run_needs_the_flag_on_another_machine(built, other_machine, capsys)
     assert capsys.readouterr().out.strip() == "world"  # NEXT_TOKEN: hello -> world -> <eos>
 
 
+def test_cli_eval_of_an_artifact_needs_the_flag_on_another_machine(built, other_machine, tmp_path, capsys):
+    _, path = built
+    text = tmp_path / "t.txt"
+    text.write_text("hello world hello world hello world")
+    argv = ["eval", str(path), "--text", str(text), "--ctx", "4", "--windows", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bitsmith: error: untrusted native code"), err
+    assert main(argv + ["--trust-native-code"]) == 0
+    assert "ppl" in capsys.readouterr().out
+
+
 def test_inspect_loads_nothing_and_shows_trust(built, other_machine, monkeypatch, capsys):
     _, path = built
 

@@ -160,7 +160,7 @@ def _trust_written(body: dict[str, Any], dest: Path) -> None:
     (``trust_native_code=True``): saving must not turn that into lasting trust."""
     digests = {}
     for name in body["native"]:
-        digest = trust._digest(body["files"][name])
+        digest = trust.file_sha256(body["files"][name])
         g = native_loader.granted(digest)
         if g is None or g.origin != native_loader.TRUSTED_CALLER:
             digests[digest] = f"written by this machine's bitsmith: {name}"

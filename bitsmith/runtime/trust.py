@@ -136,14 +136,14 @@ def add(digests: Mapping[str, str]) -> int:
 
 # --- artifacts ---------------------------------------------------------------------------
 
-def _digest(entry: Any) -> str:
+def file_sha256(entry: Any) -> str:
     """A manifest ``files`` entry's sha256 (the entry is the digest, or an object holding it)."""
     return entry if isinstance(entry, str) else entry["sha256"]
 
 
 def native_files(manifest: Mapping[str, Any]) -> list[NativeFile]:
     """The native libraries a (schema-checked) manifest declares, sorted by name."""
-    return [NativeFile(name, _digest(manifest["files"][name]), NativeSpec.from_json(rec))
+    return [NativeFile(name, file_sha256(manifest["files"][name]), NativeSpec.from_json(rec))
             for name, rec in sorted(manifest["native"].items())]
 
 
