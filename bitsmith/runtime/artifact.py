@@ -1,8 +1,10 @@
 """Saving a CompiledModel as an artifact directory and loading it back, every byte checked.
 
 Layout and validation rules: ``docs/artifact-format.md``. Loading never unpickles and never
-evaluates manifest text; target files (native code included) reach the backend only after
-their sha256 matched the manifest. Weights are read with safetensors, never ``torch.load``.
+evaluates manifest text; target files reach the backend only after their sha256 matched the
+manifest, and native code (declared in the manifest's ``native`` field) only after the trust
+decision of ``trust.py`` (this machine built it, the user trusted it, or the caller passed
+``trust_native_code=True``); the backend loads it through ``backends/native_loader.py``. Weights are read with safetensors, never ``torch.load``.
 """
 
 from __future__ import annotations
@@ -151,10 +153,10 @@ def save_artifact(cm: CompiledModel, path: str | os.PathLike[str]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _trust_written(body, dest)
+    _trust_written(body)
 
 
-def _trust_written(body: dict[str, Any], dest: Path) -> None:
+def _trust_written(body: dict[str, Any]) -> None:
     """Adds the digests of the native files just written to the local trust store, except
     those this process holds only because a caller trusted them for one load
     (``trust_native_code=True``): saving must not turn that into lasting trust."""
