@@ -128,7 +128,7 @@ def machine() -> str:
         return "unknown (nvidia-smi failed)"
 
 
-def run(bench: Path, ms: tuple[int, ...]) -> None:
+def run(bench: Path, ms: tuple[int, ...], trust_native_code: bool = False) -> None:
     import torch
     import tvm
     from bitsmith.backends.tvm.cuda_runtime import gpu_available
@@ -155,7 +155,7 @@ def run(bench: Path, ms: tuple[int, ...]) -> None:
         kernels = {name: meta for name, meta in index["kernels"].items() if meta["shape"] == shape}
         loaded = {}
         for name, meta in kernels.items():
-            fn, _ = load_kernel(bench, name)
+            fn, _ = load_kernel(bench, name, trust_native_code=trust_native_code)
             if "attrs" in meta:
                 attrs = meta["attrs"]
                 ir_ops = random_ir_operands(attrs, rng)
@@ -198,11 +198,13 @@ def main() -> None:
     g.add_argument("--run", type=Path, help="benchmark the kernels of this folder (needs a GPU)")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--ms", default=",".join(map(str, MS)), help="row counts, comma-separated")
+    ap.add_argument("--trust-native-code", action="store_true",
+                    help="load kernel libraries built on another machine (not in this one's trust store)")
     a = ap.parse_args()
     if a.build:
         build(a.build, a.arch)
     else:
-        run(a.run, tuple(int(v) for v in a.ms.split(",")))
+        run(a.run, tuple(int(v) for v in a.ms.split(",")), a.trust_native_code)
 
 
 if __name__ == "__main__":

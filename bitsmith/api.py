@@ -119,7 +119,12 @@ def _with_tokenizer(captured: Any, tokenizer: Any) -> Any:
     return dataclasses.replace(captured, tokenizer_json=text, bos_token_id=bos, eos_token_id=eos)
 
 
-def load(path: str) -> CompiledModel:
-    """Loads a saved artifact; validates every file before running anything from it."""
+def load(path: str, trust_native_code: bool = False) -> CompiledModel:
+    """Loads a saved artifact; validates every file before running anything from it.
+
+    Native code in it (kernel libraries, the LUT engine) loads only if this machine built it
+    (its digests are in the local trust store, see ``bitsmith trust``) or if
+    ``trust_native_code=True``; otherwise ``UntrustedNativeCodeError`` says which files and how
+    to trust them. Pass True only for artifacts from a source you would let run code."""
     from .runtime.artifact import load_artifact
-    return load_artifact(path)
+    return load_artifact(path, trust_native_code=trust_native_code)

@@ -1,4 +1,4 @@
-"""The ``bitsmith`` command line: targets, compile, run, eval, inspect.
+"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust.
 
 Every user-facing failure (a BitsmithError, a missing file, a bad value) prints one line,
 ``bitsmith: error: <message>``, on stderr and exits 2; set BITSMITH_DEBUG=1 for the traceback.
@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    cm = load_artifact(args.artifact)
+    cm = load_artifact(args.artifact, trust_native_code=args.trust_native_code)
     if not cm.is_language_model:
         raise ValueError(f"{args.artifact} holds no causal language model (module kind "
                          f"{cm.module.attr('kind')!r}); `bitsmith run` generates text only")
@@ -159,7 +159,7 @@ def _eval_model(args: argparse.Namespace, quant: dict[str, Any]) -> Any:
             raise ValueError(f"{args.model} is a compiled artifact: quantization options apply only when "
                              "compiling a model (drop --quant and its options to evaluate it as saved)")
         from .runtime.artifact import load_artifact
-        cm = load_artifact(args.model)
+        cm = load_artifact(args.model, trust_native_code=args.trust_native_code)
         if args.target is not None and args.target != cm.target:
             raise ValueError(f"{args.model} was compiled for target {cm.target!r}, not {args.target!r}")
         _progress(f"loaded artifact {args.model} (target {cm.target})")
@@ -202,6 +202,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _native_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """{name: {sha256, kind, arch, cpu, features, trusted}} from the manifest and the trust store."""
+    from .runtime import trust
+
+    files = trust.native_files(manifest)
+    known = trust.trusted() if files else {}
+    return {f.name: {"sha256": f.sha256, **f.spec.to_json(), "trusted": f.sha256 in known,
+                     "runs_here": not f.spec.missing()} for f in files}
+
+
 def _inspect_summary(path: str, verify: bool) -> dict[str, Any]:
     from .runtime.artifact import read_manifest, verify_files
     from .runtime.manifest import tensor_bytes
@@ -226,6 +236,7 @@ def _inspect_summary(path: str, verify: bool) -> dict[str, Any]:
         "tensors": {"count": len(manifest["tensors"]), "bytes": tensor_bytes(manifest)},
         "op_counts": manifest["op_counts"],
         "files": files,
+        "native": _native_summary(manifest),
         "verified": verify,
         "compile_info": manifest["compile_info"],
         "target_stats": _target_stats(Path(path), manifest),
@@ -272,6 +283,20 @@ def _print_inspect_text(s: dict[str, Any]) -> None:
     for name, f in s["files"].items():
         size = "missing" if f["size"] is None else f"{f['size']:,} bytes"
         print(f"  {name:<{width}}  {size:>16}  sha256 {f['sha256'][:16]}")
+    native = s["native"]
+    untrusted = sum(not n["trusted"] for n in native.values())
+    print(f"native   {len(native)} librar{'y' if len(native) == 1 else 'ies'}"
+          + (f", {untrusted} not trusted on this machine (`bitsmith trust {s['path']}`)" if untrusted else
+             (", all trusted on this machine" if native else "")))
+    specs: dict[str, list[str]] = {}
+    for name, n in native.items():
+        where = f"{n['kind']} for {n['arch']} {n['cpu']}" + (f" ({' '.join(n['features'])})" if n["features"] else "") \
+            + ("" if n["runs_here"] else " [this CPU lacks some of it]")
+        specs.setdefault(where, []).append(name)
+    for where, names in specs.items():
+        print(f"  {len(names)} {where}")
+        for name in names:
+            print(f"    {name:<{width}}  {'trusted' if native[name]['trusted'] else 'UNTRUSTED'}")
     for name, stats in s.get("target_stats", {}).items():
         print(f"stats    ({name})")
         for key, value in stats.items():
@@ -300,7 +325,60 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _by_spec(files: list[Any]) -> dict[Any, list[Any]]:
+    groups: dict[Any, list[Any]] = {}
+    for f in files:
+        groups.setdefault(f.spec, []).append(f)
+    return groups
+
+
+def cmd_trust(args: argparse.Namespace) -> int:
+    """Shows an artifact's native libraries and, once confirmed, adds their digests to the store."""
+    from .runtime import trust
+    from .runtime.artifact import read_manifest, verify_files
+
+    manifest = read_manifest(args.artifact)
+    files = trust.native_files(manifest)
+    if not files:
+        print(f"{args.artifact} holds no native code; nothing to trust")
+        return 0
+    native = {f.name for f in files}  # hash the files now: trust what is on disk, not only what is claimed
+    verify_files(args.artifact, {**manifest, "files": {n: e for n, e in manifest["files"].items() if n in native}})
+    known = trust.trusted()
+    print(f"artifact {args.artifact} (target {manifest['target']}, written by bitsmith "
+          f"{manifest['bitsmith_version']}) holds {len(files)} native librar{'y' if len(files) == 1 else 'ies'}:")
+    for spec, group in _by_spec(files).items():
+        lacks = spec.missing()
+        print(f"{len(group)} {spec.kind} built for {spec.describe()}"
+              + (f"\n  (this CPU lacks {' '.join(lacks)}: they will not load here)" if lacks else ""))
+        for f in group:
+            print(f"  {f.name}\n    sha256 {f.sha256}  {'already trusted' if f.sha256 in known else 'new'}")
+    new = {f.sha256: f"trusted with `bitsmith trust` from {os.path.abspath(args.artifact)}: {f.name}"
+           for f in files if f.sha256 not in known}
+    if not new:
+        print(f"all are already in the trust store {trust.store_path()}")
+        return 0
+    print("Native libraries run with your user's rights as soon as the artifact loads.")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise BitsmithError("refusing to trust native code without confirmation: stdin is not a terminal "
+                                "(pass --yes to confirm non-interactively)")
+        answer = input(f"Trust these {len(new)} digests on this machine (adds them to {trust.store_path()})? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing trusted")
+            return 1
+    added = trust.add(new)
+    print(f"added {added} digest{'s' if added != 1 else ''} to {trust.store_path()}")
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------------
+
+def _add_trust_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-native-code", action="store_true",
+                   help="load the artifact's native libraries even if this machine did not build or trust "
+                        "them (only for artifacts from a source you would let run code; see `bitsmith trust`)")
+
 
 def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
@@ -340,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--prompt", required=True, help="raw prompt text (no special tokens are added)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    _add_trust_argument(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="perplexity of a compiled (optionally quantized) language model on a text")
@@ -349,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=1024, help="tokens per window (default 1024)")
     p.add_argument("--windows", type=int, default=16, help="non-overlapping windows scored (default 16)")
     p.add_argument("--json", metavar="OUT", help="also write the result as JSON to OUT")
+    _add_trust_argument(p)
     _add_quant_arguments(p)
     p.set_defaults(func=cmd_eval)
 
@@ -359,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="also draw each quantized layer's share of each "
                                                      "datatype (reads only the selector tensors)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("trust", help="show an artifact's native libraries and trust them on this machine")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--yes", action="store_true", help="trust without asking (needed when stdin is not a terminal)")
+    p.set_defaults(func=cmd_trust)
     return parser
 
 

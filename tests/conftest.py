@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from hypothesis import settings
 settings.register_profile("stress", max_examples=1000, deadline=None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The native-code trust store of this test session (saving an artifact adds its libraries'
+# digests): a fresh temp file, so tests never read or write the user's own store.
+os.environ["BITSMITH_TRUST_STORE"] = str(Path(tempfile.mkdtemp(prefix="bitsmith-trust-")) / "trusted_native.json")
 
 SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
 

@@ -137,10 +137,12 @@ def _npz(path: Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def check_model(case_dir: Path) -> list[tuple[str, float, float]]:
-    """[(input name, max|y - ref|, allowed)] for every saved input of one model case."""
+def check_model(case_dir: Path, trust_native_code: bool = False) -> list[tuple[str, float, float]]:
+    """[(input name, max|y - ref|, allowed)] for every saved input of one model case.
+    ``trust_native_code``: the case was built on another machine (its kernel libraries are not
+    in this machine's trust store)."""
     import bitsmith
-    cm = bitsmith.load(str(case_dir / "artifact"))
+    cm = bitsmith.load(str(case_dir / "artifact"), trust_native_code=trust_native_code)
     results = []
     for inp in sorted(case_dir.glob("inputs_*.npz")):
         k = inp.stem.split("_")[1]
@@ -153,13 +155,13 @@ def check_model(case_dir: Path) -> list[tuple[str, float, float]]:
     return results
 
 
-def check_qkernel(directory: Path, case: str) -> list[tuple[int, float]]:
+def check_qkernel(directory: Path, case: str, trust_native_code: bool = False) -> list[tuple[int, float]]:
     """[(m, worst |y - ref| / tol)] of one prebuilt quantized kernel; <= 1 passes."""
     import tvm
     from bitsmith.backends.tvm.cuda_runtime import gpu_available
     gpu_available()  # registers TVM's CUDA runtime under TVM_USE_RUNTIME_LIB=1
     from bitsmith.backends.tvm.cuda_bundle import load_kernel
-    fn, _ = load_kernel(directory, case)
+    fn, _ = load_kernel(directory, case, trust_native_code=trust_native_code)
     data = _npz(directory / f"{case}.npz")
     dev = tvm.cuda(0)
     ops = [tvm.runtime.tensor(data[f"op{i}"], dev) for i in range(sum(1 for k in data if k.startswith("op")))]

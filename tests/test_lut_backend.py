@@ -85,6 +85,14 @@ def test_artifact_round_trip_and_stored_program(tmp_path, capsys):
     assert doc["host"] == DEFAULT_HOST and len(doc["layers"]) == 14
     assert (target_dir / "lutexec.so").read_bytes()[:4] == b"\x7fELF"
     assert loaded.report()["executable"]["streams"] == cm.report()["executable"]["streams"]
+    # every shared library is declared native: the engine (x86-64-v3 = AVX2 + FMA) and the host kernels
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    libraries = sorted(n for n in manifest["files"] if n.endswith(".so"))
+    assert sorted(manifest["native"]) == libraries
+    engine = manifest["native"]["target/lut/lutexec.so"]
+    assert engine["kind"] == "lut-engine" and engine["cpu"] == "x86-64-v3"
+    assert {"avx2", "fma"} <= set(engine["features"])
+    assert all(manifest["native"][n]["kind"] == "tvm-llvm-kernel" for n in libraries if "/host/" in n)
     from bitsmith.cli import main
     assert main(["inspect", str(tmp_path / "a")]) == 0
     text = capsys.readouterr().out

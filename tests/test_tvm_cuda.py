@@ -232,6 +232,12 @@ def test_smollm2_every_kernel_compiles_with_nvcc(smollm2, quant):
 
 # ---------------------------------------------------------------- gpu: numerics
 
+# Cases from BITSMITH_CUDA_PREBUILT were built on another machine (benchmarks/gpu_check.sh):
+# their kernel libraries are not in this machine's trust store, so the checks trust them
+# explicitly; cases built here are trusted through the store that saving filled.
+BUILT_ELSEWHERE = bool(os.environ.get("BITSMITH_CUDA_PREBUILT"))
+
+
 @pytest.fixture(scope="module")
 def prebuilt(tmp_path_factory) -> Path:
     if not gpu_available():
@@ -250,12 +256,12 @@ def prebuilt(tmp_path_factory) -> Path:
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", sorted(cuda_cases.MODEL_CASES))
 def test_model_logits_match_reference_on_gpu(prebuilt, case):
-    for name, err, allowed in cuda_cases.check_model(prebuilt / "models" / case):
+    for name, err, allowed in cuda_cases.check_model(prebuilt / "models" / case, trust_native_code=BUILT_ELSEWHERE):
         assert err <= allowed, f"{case} {name}: max|y - ref| = {err:.3g} > {allowed:.3g}"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", sorted(cuda_cases.QKERNEL_CASES))
 def test_quantized_kernel_matches_numpy_on_gpu(prebuilt, case):
-    for m, ratio in cuda_cases.check_qkernel(prebuilt / "qkernels", case):
+    for m, ratio in cuda_cases.check_qkernel(prebuilt / "qkernels", case, trust_native_code=BUILT_ELSEWHERE):
         assert ratio <= 1.0, f"{case} m={m}: error {ratio:.3g} x tolerance"

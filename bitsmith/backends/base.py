@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from importlib import metadata
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import PluginError, UnknownTargetError
 from ..ir import Module
+
+if TYPE_CHECKING:
+    from .native_loader import NativeSpec
 
 ENTRY_POINT_GROUP = "bitsmith.backends"
 
@@ -28,6 +31,13 @@ class Executable(ABC):
 
     def files(self) -> dict[str, bytes]:
         """Target files (kernel libraries, programs) that an artifact must store."""
+        return {}
+
+    def native_files(self) -> dict[str, "NativeSpec"]:
+        """The entries of ``files()`` that are native code (shared libraries), with the kind and
+        instruction set each was built for. An artifact records them (manifest ``native``) so
+        that trust and CPU checks happen from the manifest alone, before any byte is loaded;
+        a backend must load them only through ``native_loader.load``."""
         return {}
 
     def report(self) -> dict[str, Any]:

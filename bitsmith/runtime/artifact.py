@@ -3,8 +3,11 @@
 Layout and validation rules: ``docs/artifact-format.md``. Loading never unpickles and never
 evaluates manifest text; every file is opened inside the directory without following links
 (``artifact_files``), size-checked before it is read and hash-checked over the bytes that are
-used; target files (native code included) reach the backend only after that. Weights are
-parsed by ``weights_file`` (written with safetensors), never ``torch.load``ed.
+used; target files reach the backend only after that, and native code (declared in the
+manifest's ``native`` field) only after the trust decision of ``trust.py`` (this machine built
+it, the user trusted it, or the caller passed ``trust_native_code=True``); the backend loads it
+through ``backends/native_loader.py``, which hashes the bytes it is given. Weights are parsed
+by ``weights_file`` (written with safetensors), never ``torch.load``ed.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from ..backends import native_loader
 from ..backends.base import Backend, backend_for_target
 from ..errors import ArtifactError, OptionError, UnknownTargetError
 from ..ir import IRParseError, Module, TensorTable, VerificationError, parse_module, print_module, verify_module
 from ..version import __version__
 from .manifest import (FORMAT_VERSION, HASH_FIELD, MANIFEST, TARGET_DIR, TOKENIZER, WEIGHTS,
                        check_relative_name, json_subset, manifest_hash, read_manifest, to_json_value)
+from . import trust
 from .artifact_files import ArtifactFiles, FileEntry, check_size, open_file, read_bytes, read_checked
 from .model import CompiledModel, LanguageModelInfo
 from .weights_file import read_weights
@@ -86,6 +91,8 @@ def _manifest_body(cm: CompiledModel, backend_name: str) -> dict[str, Any]:
             "bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id,
             "has_tokenizer": lm.tokenizer_json is not None},
         "compile_info": json_subset(dict(cm.compile_info)),
+        "native": {f"{TARGET_DIR}/{check_relative_name(name)}": spec.to_json()
+                   for name, spec in sorted(cm.executable.native_files().items())},
     }
 
 
@@ -139,6 +146,9 @@ def save_artifact(cm: CompiledModel, path: str | os.PathLike[str]) -> None:
     staging.mkdir()
     try:
         body["files"] = _write_payload(staging, cm)
+        missing = sorted(set(body["native"]) - set(body["files"]))
+        if missing:
+            raise ValueError(f"the executable declares native files it does not write: {missing}")
         body[HASH_FIELD] = manifest_hash(body)
         text = json.dumps(body, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
         (staging / MANIFEST).write_text(text, encoding="ascii")
@@ -146,6 +156,21 @@ def save_artifact(cm: CompiledModel, path: str | os.PathLike[str]) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _trust_written(body)
+
+
+def _trust_written(body: dict[str, Any]) -> None:
+    """Adds the digests of the native files just written to the local trust store, except
+    those this process holds only because a caller trusted them for one load
+    (``trust_native_code=True``): saving must not turn that into lasting trust."""
+    digests = {}
+    for name in body["native"]:
+        digest = trust.file_sha256(body["files"][name])
+        g = native_loader.granted(digest)
+        if g is None or g.origin != native_loader.TRUSTED_CALLER:
+            digests[digest] = f"written by this machine's bitsmith: {name}"
+    if digests:
+        trust.add(digests)
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -218,20 +243,24 @@ def _backend(where: str, manifest: dict[str, Any]) -> Backend:
     return backend
 
 
-def load_artifact(path: str | os.PathLike[str]) -> CompiledModel:
+def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False) -> CompiledModel:
     """Loads an artifact directory written by ``save_artifact``, refusing any inconsistency.
 
-    Order: manifest (size cap, version, self-hash, schema); every listed file present, a
-    regular file inside the directory, of its recorded size; weights read once (hashed as they
-    stream in) against the tensor table; IR text parsed against the weights and verified; the
-    target's backend rebuilds the executable, reading target files lazily through an
-    ``ArtifactFiles`` view that hash-checks each file it returns; finally every listed file the
-    backend did not read is hash-checked (streamed). Raises ArtifactError naming the bad file
-    (also when no installed backend serves the target, or a stored option is invalid).
+    Order: manifest (size cap, version, self-hash, schema); the trust decision for its native
+    files (``trust.check_artifact``: UntrustedNativeCodeError unless every one is in the local
+    trust store or ``trust_native_code`` is true); every listed file present, a regular file
+    inside the directory, of its recorded size; weights read once (hashed as they stream in)
+    against the tensor table; IR text parsed against the weights and verified; the target's
+    backend rebuilds the executable, reading target files lazily through an ``ArtifactFiles``
+    view that hash-checks each file it returns (the native loader loads only granted digests);
+    finally every listed file the backend did not read is hash-checked (streamed). Raises
+    ArtifactError naming the bad file (also when no installed backend serves the target, or a
+    stored option is invalid).
     """
     root = Path(path)
     manifest = read_manifest(root)
     where = str(root / MANIFEST)
+    natives = trust.check_artifact(str(root), manifest, trust_native_code)
     entries = file_entries(manifest)
     _check_present(root, entries)
     backend = _backend(where, manifest)
@@ -241,6 +270,8 @@ def load_artifact(path: str | os.PathLike[str]) -> CompiledModel:
     files = ArtifactFiles(root, entries, TARGET_DIR + "/")
     options = dict(manifest["options"])
     target = manifest["target"]
+    for native, origin in natives:  # the loader hashes what it is given: only these digests load
+        native_loader.grant(native.sha256, native.spec, origin)
     try:
         executable = backend.load(module, target, options, files)
     except OptionError as e:

@@ -26,7 +26,7 @@ TARGET_DIR = "target"
 
 HASH_FIELD = "manifest_sha256"
 FIELDS = ("format_version", "bitsmith_version", "target", "backend", "options", "module_attrs",
-          "op_counts", "ir", "tensors", "files", "language_model", "compile_info", HASH_FIELD)
+          "op_counts", "ir", "tensors", "files", "native", "language_model", "compile_info", HASH_FIELD)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME_PART = re.compile(r"[A-Za-z0-9_.\-]+")
 
@@ -176,6 +176,19 @@ def _check_files(c: _Checker, files: Any, has_tokenizer: bool) -> None:
               f"{TOKENIZER} must be listed exactly when language_model.has_tokenizer is true")
 
 
+def _check_native(c: _Checker, native: Any, files: dict[str, Any]) -> None:
+    """``native``: {file name: NativeSpec JSON} for every native library among ``files``."""
+    from ..backends.native_loader import NativeSpec
+    c.typed(native, "native", lambda v: isinstance(v, dict), "an object")
+    for name, spec in native.items():
+        c.require(name in files and name.startswith(TARGET_DIR + "/"), "native",
+                  f"{name!r} is not a target file listed in files")
+        try:
+            NativeSpec.from_json(spec)
+        except ValueError as e:
+            c.fail(f"native[{name!r}]", str(e))
+
+
 def _check_schema(c: _Checker, m: dict[str, Any]) -> None:
     c.keys(m, "manifest", set(FIELDS))
     for name in ("bitsmith_version", "target", "backend", "ir"):
@@ -194,6 +207,7 @@ def _check_schema(c: _Checker, m: dict[str, Any]) -> None:
                     "null or a non-negative integer")
         c.typed(lm["has_tokenizer"], "language_model.has_tokenizer", lambda v: isinstance(v, bool), "a boolean")
     _check_files(c, m["files"], lm is not None and lm["has_tokenizer"])
+    _check_native(c, m["native"], m["files"])
 
 
 def strict_json(data: bytes) -> Any:

@@ -106,6 +106,9 @@ class LUTExecutable(Executable):
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.host.run(function, args)
 
+    def native_files(self) -> dict[str, Any]:
+        return {native.LIBRARY_FILE: native.SPEC, **self.host.native_files()}
+
     def files(self) -> dict[str, bytes]:
         layers = list(self.layers.values())
         extra = {"library_file": native.LIBRARY_FILE, "cflags": list(native.CFLAGS)}

@@ -65,6 +65,9 @@ class ReferenceHost:
     def files(self) -> dict[str, bytes]:
         return {}
 
+    def native_files(self) -> dict[str, Any]:
+        return {}
+
     def report(self) -> dict[str, Any]:
         return {"host": self.name, **({"host_note": self.note} if self.note else {})}
 
@@ -112,6 +115,9 @@ class TVMHost:
 
     def files(self) -> dict[str, bytes]:
         return {FILE_PREFIX + k: v for k, v in self.host.files().items()}
+
+    def native_files(self) -> dict[str, Any]:
+        return {FILE_PREFIX + k: v for k, v in self.host.native_files().items()}
 
     def report(self) -> dict[str, Any]:
         info = self.host.info

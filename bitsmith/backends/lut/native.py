@@ -1,9 +1,10 @@
 """Building, storing and loading the C fast executor (native/lutexec.c).
 
 The library is compiled once per process at compile time with a portable AVX2 build
-(x86-64-v3: ``-mavx2 -mfma``), its bytes go into the artifact, and loading writes those
-(already sha256-checked) bytes to a private temporary file for ``ctypes``. A CPU without AVX2
-gets ``None`` from ``load_library`` and the caller falls back to the reference executor.
+(x86-64-v3: ``-mavx2 -mfma``; ``SPEC`` records the cpuinfo flags that implies), its bytes go
+into the artifact, and loading hands those (already sha256-checked and trusted) bytes to
+``native_loader`` for ``ctypes``. A CPU without AVX2 gets ``None`` from ``load_library`` and
+the caller falls back to the reference executor.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import BitsmithError
+from .. import native_loader
 from .codegen import OUTLIER_DTYPE, LayerProgram
 
 SOURCE = "lutexec.c"
@@ -40,6 +41,9 @@ ERRORS = {1: "bad stream header", 2: "unknown opcode", 3: "TABLE out of range", 
           8: "STORE out of range", 9: "instruction out of order", 10: "out of memory", 11: "bad arguments",
           12: "the parallel launcher failed"}
 ABI_VERSION = 2   # lut_abi_version() of native/lutexec.c that this binding speaks
+# What CFLAGS let gcc emit: -mavx2 implies AVX and SSE3..SSE4.2; -mfma adds FMA.
+SPEC = native_loader.NativeSpec("lut-engine", "x86_64", "x86-64-v3",
+                                ("avx", "avx2", "fma", "pni", "ssse3", "sse4_1", "sse4_2"))
 
 
 class NativeBuildError(BitsmithError):
@@ -55,23 +59,20 @@ def source_text() -> bytes:
 
 
 def cpu_has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
-    except OSError:
-        return False
-    return False
+    """Whether this CPU can run the engine (every flag of ``SPEC``)."""
+    return native_loader.host_arch() == SPEC.arch and set(SPEC.features) <= native_loader.cpu_features()
+
+
+def build_library(source: bytes | None = None) -> bytes:
+    """The shared library's bytes, compiled from ``source`` (default: the packaged C file) once
+    per process, and granted to ``native_loader`` (built here) on every call."""
+    data = _compile(source_text() if source is None else source)
+    native_loader.grant_built(data, SPEC)
+    return data
 
 
 @functools.lru_cache(maxsize=4)
-def build_library(source: bytes | None = None) -> bytes:
-    """The shared library's bytes, compiled from ``source`` (default: the packaged C file)."""
-    source = source_text() if source is None else source
+def _compile(source: bytes) -> bytes:
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
         raise NativeBuildError("target lut-cpu needs a C compiler (gcc) at compile time to build its executor")
@@ -91,13 +92,7 @@ class NativeExecutor:
 
     def __init__(self, library: bytes) -> None:
         self.sha256 = hashlib.sha256(library).hexdigest()
-        fd, path = tempfile.mkstemp(prefix="bitsmith-lutexec-", suffix=".so")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(library)
-            self._lib = ctypes.CDLL(path)
-        finally:
-            os.unlink(path)  # the mapping stays valid; nothing is left on disk
+        self._lib = native_loader.load(library, LIBRARY_FILE, ctypes.CDLL)
         abi = int(self._lib.lut_abi_version())
         if abi != ABI_VERSION:
             raise NativeBuildError(f"lutexec.so speaks ABI {abi}, this runtime speaks {ABI_VERSION}; "

@@ -7,7 +7,9 @@ target:
   ``<key>.cu``      the CUDA C source TVM generated,
   ``<key>.fatbin``  sm_XX SASS + compute_XX PTX built by nvcc from that source,
   ``<key>.ptx``     the PTX nvcc produced (kept for inspection and for the artifact),
-  ``<key>.json``    functions in the library and scratch specs.
+  ``<key>.json``    functions in the library, scratch specs, sha256 of the source and library.
+An entry is used only when its library is a regular file of this user whose sha256 matches the
+json (read once; those bytes are loaded and saved), else it is rebuilt.
 Without nvcc on PATH the fatbin/ptx are absent, and the device code is compiled from the
 source when the library is loaded on a GPU (``cuda_runtime``).
 
@@ -33,8 +35,9 @@ from typing import Any
 import tvm
 
 from ...errors import BitsmithError
-from .cache import cache_dir, kernel_key
-from .cuda_runtime import SCHEDULE_ID, source_digest
+from .. import native_loader
+from .cache import cache_dir, kernel_key, read_own_file
+from .cuda_runtime import SCHEDULE_ID, host_spec, source_digest
 from .cuda_scratch import ScratchSpec, promote_to_params
 from .kernel import KernelDef
 
@@ -89,7 +92,8 @@ class CudaKernel:
     def meta(self) -> dict[str, Any]:
         return {"key": self.key, "name": self.name, "kind": self.kind, "functions": list(self.functions),
                 "scratch": [s.to_json() for s in self.scratch],
-                "source_sha256": source_digest(self.source)}
+                "source_sha256": source_digest(self.source),
+                "library_sha256": native_loader.sha256(self.library)}
 
 
 @dataclass
@@ -122,6 +126,7 @@ class CudaCompiler:
         cached = self._read(key, kdef, want_nvcc)
         if cached is not None:
             self.hits += 1
+            native_loader.grant_built(cached.library, host_spec(self.target))
             return cached
         self.misses += 1
         from .schedule_cuda import schedule_kernel
@@ -143,6 +148,7 @@ class CudaCompiler:
         kernel = CudaKernel(key, kdef.name, kdef.kind, tuple(f.name_hint for f in mod.get_global_vars()),
                             tuple(specs), library, source, fatbin, ptx)
         self._write(kernel)
+        native_loader.grant_built(library, host_spec(self.target))
         return kernel
 
     # ------------------------------------------------------------ disk cache
@@ -165,13 +171,14 @@ class CudaCompiler:
         paths = self._files(key)
         try:
             meta = json.loads(paths["json"].read_text())
-            library = paths["so"].read_bytes()
+            library = read_own_file(paths["so"]) or b""
             source = paths["cu"].read_text()
             fatbin = paths["fatbin"].read_bytes() if want_nvcc else None
             ptx = paths["ptx"].read_text() if want_nvcc else None
         except (OSError, ValueError):
             return None
-        if meta.get("source_sha256") != source_digest(source) or not library:
-            return None
+        if meta.get("source_sha256") != source_digest(source) or not library \
+                or meta.get("library_sha256") != native_loader.sha256(library):
+            return None  # tampered, half-written or written by an older bitsmith: rebuild
         scratch = tuple(ScratchSpec.from_json(s) for s in meta.get("scratch", []))
         return CudaKernel(key, kdef.name, kdef.kind, tuple(meta["functions"]), scratch, library, source, fatbin, ptx)

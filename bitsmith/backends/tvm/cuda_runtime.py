@@ -16,7 +16,6 @@ the same shape.
 from __future__ import annotations
 
 import hashlib
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,11 +24,19 @@ import numpy as np
 
 from ...errors import BitsmithError
 from ...ir import symbolic as sym
+from .. import native_loader
 from .cuda_scratch import ScratchSpec
 from .plan import Call, FunctionPlan, View
 
 NO_GPU = "tvm-cuda needs a CUDA GPU; none found"
 SCHEDULE_ID = "cuda-v1"  # part of the kernel cache key: bump when a CUDA schedule changes
+HOST_KIND = "tvm-cuda-host"  # NativeSpec kind of a kernel library (launch code + device module)
+
+
+def host_spec(target: Any) -> native_loader.NativeSpec:
+    """What the launch code of kernels built for a CUDA ``target`` needs of the CPU (its LLVM
+    host: generic x86-64 unless the target says otherwise)."""
+    return native_loader.llvm_spec(HOST_KIND, target.host)
 
 
 def source_digest(source: str) -> str:
@@ -125,18 +132,14 @@ class LinearDispatch:
 
 
 class KernelLibraries:
-    """Kernel libraries written from bytes to a private temp dir and loaded on the GPU."""
+    """Kernel libraries loaded from bytes (``native_loader``) for the GPU, kept alive together."""
 
     def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="bitsmith-cuda-")
-        self.path = Path(self._tmp.name)
         self._modules: list[Any] = []
 
     def load(self, key: str, library: bytes, functions: Sequence[str], max_rows: int) -> Callable:
         tvm = _tvm()
-        p = self.path / f"{key}.so"
-        p.write_bytes(library)
-        mod = tvm.runtime.load_module(str(p))
+        mod = native_loader.load(library, f"kernels/{key}.so", lambda path: tvm.runtime.load_module(path))
         self._modules.append(mod)
         if "main_gemv" in functions:
             return LinearDispatch(mod["main"], mod["main_gemv"], max_rows)

@@ -24,8 +24,9 @@ from ...errors import BitsmithError, OptionError
 from ...ir import Module
 from ..base import Executable
 from .cuda_half import convert_activations
-from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel, KernelLibraries, require_gpu,
-                           source_digest)
+from .. import native_loader
+from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel, KernelLibraries, host_spec,
+                           require_gpu, source_digest)
 from .cuda_scratch import ScratchSpec
 from ..files import target_files
 from .plan import PLAN_FORMAT, FunctionPlan, PlanError, checked_kernel_key, read_plan_doc
@@ -55,9 +56,10 @@ class CudaExecutable(Executable):
     """Kernels + plans; device state (uploaded weights, loaded libraries) made on first run."""
 
     def __init__(self, module: Module, plans: dict[str, FunctionPlan], kernels: dict[str, dict[str, Any]],
-                 blobs: dict[str, bytes], derived: dict[str, dict[int, np.ndarray]], info: dict[str, Any]) -> None:
+                 blobs: dict[str, bytes], derived: dict[str, dict[int, np.ndarray]], info: dict[str, Any],
+                 spec: native_loader.NativeSpec | None = None) -> None:
         self.module, self.plans, self.kernels, self.blobs = module, plans, kernels, blobs
-        self.derived, self.info = derived, info
+        self.derived, self.info, self.spec = derived, info, spec
         self._executors: dict[str, CudaPlanExecutor] | None = None
         self._libraries: KernelLibraries | None = None
 
@@ -94,7 +96,15 @@ class CudaExecutable(Executable):
         doc = {"format": PLAN_FORMAT, "target": TARGET, "arch": self.info["arch"],
                "act_dtype": self.info["act_dtype"], "functions": [p.to_json() for p in self.plans.values()],
                "kernels": [self.kernels[k] for k in sorted(self.kernels)]}
+        if self.spec is not None:
+            doc["host_isa"] = self.spec.to_json()
         return {**self.blobs, "plan.json": json.dumps(doc, sort_keys=True).encode()}
+
+    def native_files(self) -> dict[str, native_loader.NativeSpec]:
+        """The kernel libraries (host launch code; the device code in them runs on the GPU)."""
+        if self.spec is None:
+            raise BitsmithError("tvm-cuda kernel libraries of unknown host instruction set cannot be saved")
+        return {f"kernels/{key}.so": self.spec for key in self.kernels}
 
     def report(self) -> dict[str, Any]:
         ptx = sum(len(v) for k, v in self.blobs.items() if k.endswith(".ptx"))
@@ -144,7 +154,7 @@ def compile_module(module: Module, options: Mapping[str, Any], use_nvcc: bool = 
             "compile_seconds": time.perf_counter() - t0, "kernel_compile_seconds": compiler.compile_seconds,
             "nvcc_seconds": compiler.nvcc_seconds, "nvcc": any(k.endswith(".ptx") for k in blobs),
             "cache_hits": compiler.hits, "cache_misses": compiler.misses, "schedule": SCHEDULE_ID}
-    return CudaExecutable(work, plans, kernels, blobs, derived, info)
+    return CudaExecutable(work, plans, kernels, blobs, derived, info, host_spec(target))
 
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:
@@ -191,13 +201,19 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
         for s in plan.steps:
             if hasattr(s, "kernel") and s.kernel not in kernels:
                 doc["kernels"].fail(f"function {plan.name!r} calls kernel {s.kernel}, which is not listed")
+    spec = None
+    if doc.has("host_isa"):
+        try:
+            spec = native_loader.NativeSpec.from_json(doc["host_isa"].value)
+        except ValueError as e:
+            doc["host_isa"].fail(str(e))
     act_doc = doc["act_dtype"].str(choices=ACT_DTYPES) if doc.has("act_dtype") else act
     arch_doc = doc["arch"].str() if doc.has("arch") else arch
     work = convert_activations(module, act_doc)
     info = {"arch": arch_doc, "act_dtype": act_doc,
             "compile_seconds": 0.0, "loaded_from_artifact": True, "schedule": SCHEDULE_ID,
             "nvcc": any(k.endswith(".ptx") for k in blobs)}
-    return CudaExecutable(work, plans, kernels, blobs, {}, info)
+    return CudaExecutable(work, plans, kernels, blobs, {}, info, spec)
 
 
 register_target(TargetSpec(TARGET, option_defaults, build, load,

@@ -2,8 +2,9 @@
 
 Options: ``mcpu`` ("host" = ``llvm_get_system_cpu()``; or an LLVM CPU name such as the
 portable baseline "x86-64-v3") and ``threads`` (0 = every core; see ``runtime_cpu``).
-The artifact stores ``plan.json`` and ``kernels/<key>.so``; loading dlopens those libraries
-from a private temp dir and never calls the compiler.
+The artifact stores ``plan.json`` (with ``isa``: the concrete CPU name ``mcpu`` resolved to and
+the cpuinfo flags it implies) and ``kernels/<key>.so``; loading hands those bytes to
+``native_loader`` (trust, CPU and private-copy checks) and never calls the compiler.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import tvm
 
 from ...errors import BitsmithError, OptionError
 from ...ir import Module
+from .. import native_loader
 from ..base import Executable
 from . import runtime_cpu, stored_operands
 from .cache import KernelCache
@@ -29,6 +31,7 @@ from .schedule_cpu import SCHEDULE_ID, schedule_cpu
 from .targets import TargetSpec, register_target
 
 TARGET = "tvm-llvm"
+KERNEL_KIND = "tvm-llvm-kernel"
 
 
 def option_defaults() -> dict[str, Any]:
@@ -99,6 +102,9 @@ class LLVMExecutable(Executable):
     def files(self) -> dict[str, bytes]:
         return self.host.files()
 
+    def native_files(self) -> dict[str, native_loader.NativeSpec]:
+        return self.host.native_files()
+
     def report(self) -> dict[str, Any]:
         calls = sum(1 for p in self.plans.values() for s in p.steps if isinstance(s, Call))
         return {**self.info, "kernels": len(self.libraries), "kernel_calls_per_run": calls,
@@ -120,6 +126,7 @@ class HostBuild:
     loaded: dict[str, Callable]
     derived: dict[str, dict[int, np.ndarray]]
     info: dict[str, Any]
+    spec: native_loader.NativeSpec | None = None  # what the kernels were built for (None: unrecorded)
 
     def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, PlanExecutor]:
         kernels = {**self.loaded, **(externs or {})}
@@ -130,9 +137,16 @@ class HostBuild:
         operands, out = stored_operands.to_files(self.plans, self.derived)
         plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
                 "functions": [p.to_json() for p in self.plans.values()], "operands": operands}
+        if self.spec is not None:
+            plan["isa"] = self.spec.to_json()
         out.update({f"kernels/{k}.so": v for k, v in self.libraries.items()})
         out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
         return out
+
+    def native_files(self) -> dict[str, native_loader.NativeSpec]:
+        if self.spec is None:
+            raise BitsmithError("tvm-llvm kernels of unknown instruction set cannot be saved")
+        return {f"kernels/{k}.so": self.spec for k in self.libraries}
 
 
 def compile_host(module: Module, options: Mapping[str, Any],
@@ -140,6 +154,7 @@ def compile_host(module: Module, options: Mapping[str, Any],
     """Lowers and compiles (or takes from the kernel cache) every function's kernels."""
     target = make_target(options)
     _threads(options)
+    spec = native_loader.llvm_spec(KERNEL_KIND, target)
     cache = KernelCache()
     t0 = time.perf_counter()
     plans: dict[str, FunctionPlan] = {}
@@ -157,7 +172,8 @@ def compile_host(module: Module, options: Mapping[str, Any],
             rename[digest] = key
             if key not in loaded:
                 libraries[key] = data
-                loaded[key] = runtime_cpu.load_library(cache.directory / f"{key}.so")
+                native_loader.grant_built(data, spec)  # compiled here, or a digest-checked cache entry
+                loaded[key] = runtime_cpu.load_module(data, f"kernels/{key}.so")["main"]
         for s in plan.steps:
             if isinstance(s, Call) and not s.kernel.startswith(EXTERN_PREFIX):
                 s.kernel = rename[s.kernel]
@@ -165,8 +181,9 @@ def compile_host(module: Module, options: Mapping[str, Any],
         derived_by_fn[fn.name] = derived
     info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
-            "cache_dir": str(cache.directory), "mcpu": str(target.attrs.get("mcpu", "")), "target": str(target)}
-    return HostBuild(plans, libraries, loaded, derived_by_fn, info)
+            "cache_rejected": cache.rejected, "cache_dir": str(cache.directory),
+            "mcpu": str(target.attrs.get("mcpu", "")), "isa": spec.describe(), "target": str(target)}
+    return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec)
 
 
 def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.LibraryDir]:
@@ -184,6 +201,12 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
         plans[plan.name] = plan
     mcpu = doc["mcpu"].str() if doc.has("mcpu") else ""
     derived = stored_operands.from_files(doc["operands"] if doc.has("operands") else [], files, plans)
+    spec = None
+    if doc.has("isa"):
+        try:
+            spec = native_loader.NativeSpec.from_json(doc["isa"].value)
+        except ValueError as e:
+            doc["isa"].fail(str(e))
     libdir = runtime_cpu.LibraryDir()
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
@@ -200,7 +223,9 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
     info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
             "mcpu": mcpu, "loaded_from_artifact": True,
             "stored_operands": sum(len(d) for d in derived.values())}
-    return HostBuild(plans, libraries, loaded, derived, info), libdir
+    if spec is not None:
+        info["isa"] = spec.describe()
+    return HostBuild(plans, libraries, loaded, derived, info, spec), libdir
 
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:

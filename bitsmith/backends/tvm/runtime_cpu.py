@@ -9,11 +9,11 @@ executor re-applies its own ``threads`` option only when it differs from the las
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Callable
 
 import tvm
+
+from .. import native_loader
 
 _applied: int | None = None
 
@@ -44,21 +44,18 @@ def host_cpu() -> str:
     return str(tvm.target.codegen.llvm_get_system_cpu())
 
 
-def load_library(path: str | os.PathLike) -> Callable:
-    return tvm.runtime.load_module(str(path))["main"]
+def load_module(data: bytes, name: str) -> Any:
+    """A TVM runtime module from library bytes, through the hardened ``native_loader``."""
+    return native_loader.load(data, name, lambda path: tvm.runtime.load_module(path))
 
 
 class LibraryDir:
-    """A private temp dir holding kernel libraries written from an artifact's bytes."""
+    """Kernel libraries loaded from bytes (``native_loader``), kept alive together."""
 
     def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="bitsmith-tvm-")
-        self.path = Path(self._tmp.name)
         self._modules: list[Any] = []
 
     def load(self, key: str, data: bytes) -> Callable:
-        p = self.path / f"{key}.so"
-        p.write_bytes(data)
-        mod = tvm.runtime.load_module(str(p))
+        mod = load_module(data, f"kernels/{key}.so")
         self._modules.append(mod)  # keep the module (and its dlopen handle) alive
         return mod["main"]
