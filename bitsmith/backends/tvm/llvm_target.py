@@ -24,7 +24,7 @@ from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import lower_function
 from .plan import EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_plan_doc
-from .schedule_cpu import SCHEDULE_ID, schedule_cpu
+from .schedule_cpu import SCHEDULE_ID, describe_cpu_schedule, schedule_cpu
 from .targets import TargetSpec, register_target
 
 TARGET = "tvm-llvm"
@@ -128,7 +128,8 @@ class HostBuild:
     def files(self) -> dict[str, bytes]:
         operands, out = stored_operands.to_files(self.plans, self.derived)
         plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
-                "functions": [p.to_json() for p in self.plans.values()], "operands": operands}
+                "functions": [p.to_json() for p in self.plans.values()], "operands": operands,
+                "schedules": self.info["kernel_schedules"]}
         out.update({f"kernels/{k}.so": v for k, v in self.libraries.items()})
         out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
         return out
@@ -145,6 +146,7 @@ def compile_host(module: Module, options: Mapping[str, Any],
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
     derived_by_fn: dict[str, dict[int, np.ndarray]] = {}
+    schedules: dict[str, dict[str, str]] = {}
     lower_seconds = 0.0
     for fn in module.functions:
         t1 = time.perf_counter()
@@ -154,6 +156,7 @@ def compile_host(module: Module, options: Mapping[str, Any],
         for digest, kdef in kdefs.items():
             key, data = cache.library(kdef, schedule_cpu, SCHEDULE_ID, target)
             rename[digest] = key
+            schedules[key] = {"kernel": kdef.name, "schedule": describe_cpu_schedule(kdef)}
             if key not in loaded:
                 libraries[key] = data
                 loaded[key] = runtime_cpu.load_library(cache.directory / f"{key}.so")
@@ -164,7 +167,8 @@ def compile_host(module: Module, options: Mapping[str, Any],
         derived_by_fn[fn.name] = derived
     info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
-            "cache_dir": str(cache.directory), "mcpu": str(target.attrs.get("mcpu", "")), "target": str(target)}
+            "cache_dir": str(cache.directory), "mcpu": str(target.attrs.get("mcpu", "")), "target": str(target),
+            "kernel_schedules": schedules}
     return HostBuild(plans, libraries, loaded, derived_by_fn, info)
 
 
@@ -186,10 +190,20 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
                 libraries[s.kernel] = files[name]
                 loaded[s.kernel] = libdir.load(s.kernel, files[name])
     derived = stored_operands.from_files(doc.get("operands", []), files, plans)
+    schedules = _read_schedules(doc.get("schedules"), libraries)
     info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
             "mcpu": str(doc.get("mcpu", "")), "loaded_from_artifact": True,
-            "stored_operands": sum(len(d) for d in derived.values())}
+            "stored_operands": sum(len(d) for d in derived.values()), "kernel_schedules": schedules}
     return HostBuild(plans, libraries, loaded, derived, info), libdir
+
+
+def _read_schedules(doc: Any, libraries: Mapping[str, bytes]) -> dict[str, dict[str, str]]:
+    """plan.json's "schedules": {kernel key: {"kernel": name, "schedule": name}} for every kernel."""
+    if not isinstance(doc, dict) or set(doc) != set(libraries) or not all(
+            isinstance(v, dict) and set(v) == {"kernel", "schedule"} and all(isinstance(x, str) for x in v.values())
+            for v in doc.values()):
+        raise PlanError("plan.json: \"schedules\" must map every kernel key to {kernel, schedule} names")
+    return {k: dict(v) for k, v in doc.items()}
 
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:
