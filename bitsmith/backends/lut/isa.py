@@ -167,6 +167,8 @@ class StreamHeader:
             raise ISAError("not a LUT instruction stream (bad magic)")
         if w[1] & 0xFF != VERSION:
             raise ISAError(f"LUT stream version {w[1] & 0xFF}, this runtime reads {VERSION}")
+        if w[1] >> 16:
+            raise ISAError(f"LUT stream header word 1 has bits set above its version and planes bytes ({w[1]:#018x})")
         return cls(w[2] & 0xFFFFFFFF, w[2] >> 32, w[3], (w[1] >> 8) & 0xFF)
 
 
