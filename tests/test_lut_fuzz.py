@@ -40,6 +40,13 @@ from lut_operands import LUT_SCHEMES, random_qlinear
 from lut_fuzz_worker import read_message, write_message
 
 HERE = Path(__file__).resolve().parent
+
+
+def examples(default: int) -> int:
+    """``default`` examples, or the active profile's count where a larger one is loaded
+    (``--hypothesis-profile stress``: 1000), which an explicit max_examples would override."""
+    return max(default, settings.default.max_examples) if settings.default.max_examples > 100 else default
+
 TALLY: Counter = Counter()  # (test, verdict) -> cases; written to $BITSMITH_LUT_FUZZ_TALLY (JSON) at the end
 CASES_PER_EXAMPLE = 6
 REPLY_TIMEOUT_S = 60.0
@@ -235,7 +242,7 @@ def _check_case(c_worker: CWorker, prog: LayerProgram, x: np.ndarray, test: str)
     return c_verdict
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data(), prog=base_programs(), other=base_programs(), m=st.integers(1, 5))
 def test_mutated_streams_are_refused_or_run_identically(c_worker, data, prog, other, m):
@@ -247,7 +254,7 @@ def test_mutated_streams_are_refused_or_run_identically(c_worker, data, prog, ot
         _check_case(c_worker, bad, x, "mutated")
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=st.lists(st.one_of(u64, field_words(), field_words(small=True)), min_size=0, max_size=40),
        header=st.booleans(), in_features=st.integers(1, 64), m=st.integers(1, 3))
 def test_random_words_are_refused_or_run_identically(c_worker, words, header, in_features, m):
@@ -301,7 +308,7 @@ def random_programs(draw) -> list[int]:
     return head + tables + [_ins("SYNC")] + body + [_ins("END")]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(words=random_programs(), m=st.integers(1, 5), seed=st.integers(0, 2**16))
 def test_random_programs_are_refused_or_run_identically(c_worker, words, m, seed):
@@ -316,7 +323,7 @@ def test_random_programs_are_refused_or_run_identically(c_worker, words, m, seed
     _check_case(c_worker, prog, rng.normal(0, 1, (m, in_features)).astype(np.float32), "random programs")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(words=st.lists(st.one_of(u64, field_words()), min_size=1, max_size=8))
 def test_decoder_refuses_or_round_trips_random_words(words):
     """Every 64-bit word either decodes to an instruction that encodes back to the same word, or
@@ -330,7 +337,7 @@ def test_decoder_refuses_or_round_trips_random_words(words):
         assert isa.encode(decoded).tolist() == words
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(magic=st.sampled_from([isa.MAGIC, isa.MAGIC ^ 1]), version=st.sampled_from([isa.VERSION, 0, 2, 255]),
        planes=st.integers(0, 255), high=st.one_of(st.just(0), u64.map(lambda w: w & ~0xFFFF)),
        shape=u64, blocks=u64)

@@ -108,9 +108,10 @@ def test_shared_data_helper_skips_with_a_reason_where_the_file_is_absent():
         shared_data_file("text", "no-such-file.txt")
 
 
-def test_quality_benchmark_text_holds_the_windows_it_reports(smollm2, shared_text):
+def test_quality_benchmark_text_holds_the_windows_it_reports(shared_text, request):
     """benchmarks/results/quality.md scores the first 64 windows of 1024 SmolLM2 tokens of
     prideprejudice.txt: the text must hold all 64 (fewer would silently score fewer)."""
-    _, tokenizer = smollm2
-    ids = tokenizer(shared_text("prideprejudice.txt").read_text(encoding="utf-8"))["input_ids"]
+    text = shared_text("prideprejudice.txt").read_text(encoding="utf-8")  # skips before loading SmolLM2
+    _, tokenizer = request.getfixturevalue("smollm2")
+    ids = tokenizer(text)["input_ids"]
     assert window_count(len(ids), 1024, 64) == 64
