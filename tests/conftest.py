@@ -18,7 +18,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # digests): a fresh temp file, so tests never read or write the user's own store.
 os.environ["BITSMITH_TRUST_STORE"] = str(Path(tempfile.mkdtemp(prefix="bitsmith-trust-")) / "trusted_native.json")
 
-SHARED_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # ../shared/data of the repo
+
+
+def shared_data_file(*parts: str) -> Path:
+    """A file under ``../shared/data`` (next to the repository, not in it). Tests that read one
+    go through here: where it is absent (a fresh clone), the test skips with this reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"needs {'/'.join(('../shared/data',) + parts)} ({path}), which is absent on this machine")
+    return path
+
+
+@pytest.fixture
+def shared_text():
+    """``shared_text(name)``: the path of ``../shared/data/text/<name>``, or a skip with the reason."""
+    return lambda name: shared_data_file("text", name)
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,15 @@ gpu-marked tests in test_tvm_cuda.py. Nothing here is unpickled: .npz/.npy load 
 ``allow_pickle=False``.
 
 Tolerances (fp16 activations against the float32/float64 oracle):
-* logits: max|y - ref| <= 2e-2 * max|ref|. fp16 has a relative rounding error of 4.9e-4;
-  every kernel boundary rounds its output to fp16 (about 10 per layer), and the errors of a
-  few dozen roundings add up to ~1e-2 of the logits' scale in the worst case; the fp16
-  module on the reference interpreter stays within 1e-3 (see test_half_module_matches_fp32).
-  A wrong kernel (index, mask, decode) moves logits by O(max|ref|).
+* logits: max|y - ref| <= 3e-3 * max|ref|. Error model: fp16's unit roundoff is
+  u = 2^-11 = 4.9e-4 and every kernel boundary rounds its output to fp16 once (about 10 per
+  layer); on these 2-layer models the roundings mostly cancel. The fp16 module on the
+  reference interpreter (the same roundings; ``python tests/cuda_cases.py --fp16-errors``)
+  lands at 2.7e-4..1.1e-3 of max|ref| over every case and input (0.6u..2.3u), and the H100
+  run measured 4.5e-4..7.1e-4 absolute on llama (max|ref| 1.02..1.25), matching the
+  interpreter's 4.1e-4..7.0e-4 on the same inputs. 3e-3 (6u) is 2.7x the worst measured case
+  (qwen2-bitmod-w3-2of4-ol) and 5x the H100 llama error; a wrong kernel (index, mask,
+  decode) moves logits by O(max|ref|).
 * quantized linear: |y - ref| <= 2e-3 * (|x| @ |W|.T) + 2e-3 * |ref| elementwise: every
   decoded weight (grid value times fp16 scale) and the fp16 output are rounded once each
   (<= 4.9e-4 relative), the float32 accumulation adds far less; 2e-3 leaves a 2x margin.
@@ -36,7 +40,7 @@ import numpy as np
 
 from qlinear_cases import make_qlinear  # noqa: F401 - used by the kernel cases and tests
 
-LOGIT_RTOL = 2e-2
+LOGIT_RTOL = 3e-3
 QLINEAR_TOL = 2e-3
 MODEL_CASES = {  # case -> (architecture, compile options)
     "llama": ("llama", {}),
@@ -95,6 +99,25 @@ def build_models(out: Path) -> None:
             np.savez(d / f"inputs_{k}.npz", *args)
             np.save(d / f"ref_{k}.npy", run_function(cm.module, "main", args)[0].astype(np.float32))
         print(f"built model case {case}: {cm.report()['executable']['kernels']} kernels", flush=True)
+
+
+def fp16_interpreter_errors() -> list[tuple[str, int, float, float]]:
+    """[(case, input, max|ref|, max|fp16 module - ref|)] on the reference interpreter: the
+    measurement LOGIT_RTOL is derived from (same cases and inputs as ``build_models``)."""
+    import bitsmith
+    from bitsmith.backends.tvm.cuda_half import to_half
+    from bitsmith.ir import run_function
+    from hf_configs import VOCAB, make_model
+    rng = np.random.default_rng(0)
+    out = []
+    for case, (arch, opts) in MODEL_CASES.items():
+        cm = bitsmith.compile(make_model(arch), target="reference", **opts)
+        half = to_half(cm.module)
+        for k, args in enumerate(_model_inputs(cm.module, rng, VOCAB)):
+            ref = run_function(cm.module, "main", args)[0]
+            got = run_function(half, "main", [a.astype(np.float16) if a.dtype == np.float32 else a for a in args])[0]
+            out.append((case, k, float(np.abs(ref).max()), float(np.abs(got.astype(np.float64) - ref).max())))
+    return out
 
 
 def qlinear_reference(attrs: dict, arrays: list[np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,10 +200,17 @@ def check_qkernel(directory: Path, case: str, trust_native_code: bool = False) -
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--build", required=True, help="output folder, e.g. .gpu/prebuilt")
+    ap.add_argument("--build", help="output folder, e.g. .gpu/prebuilt")
     ap.add_argument("--only", choices=("models", "qkernels"), default=None)
+    ap.add_argument("--fp16-errors", action="store_true", help="print the fp16 error LOGIT_RTOL is derived from")
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if a.fp16_errors:
+        for case, k, scale, err in fp16_interpreter_errors():
+            print(f"{case:26s} input {k}: max|ref| {scale:.4f}  fp16 error {err:.2e} = {err / scale:.2e} of max|ref|")
+        sys.exit(0)
+    if not a.build:
+        ap.error("--build is required")
     root = Path(a.build)
     if a.only in (None, "qkernels"):
         build_qkernels(root)

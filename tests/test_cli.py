@@ -98,8 +98,6 @@ def test_usage_errors_exit_2(capsys):
 
 
 def test_compile_with_unknown_target(capsys, tmp_path: Path):
-    if not hasattr(bitsmith, "compile"):
-        pytest.skip("api.compile not available yet")
     code, _, err = run_cli(capsys, "compile", "some-model", "--target", "no-such-target",
                            "--out", str(tmp_path / "art"))
     assert code == 2 and "Traceback" not in err

@@ -96,3 +96,23 @@ def test_binary_keyword_arguments_are_refused_not_ignored(fn):
 
     with pytest.raises(UnsupportedOpError, match="alpha or rounding_mode"):
         bitsmith.compile(M(), example_inputs=(torch.randn(2, 3), torch.randn(2, 3)))
+
+
+class IntegerOut(torch.nn.Module):
+    def forward(self, x, ids):
+        return x * 2.0, ids * 3 + 1
+
+
+@pytest.mark.parametrize("target", ["reference", "tvm-llvm"])
+def test_integer_outputs_keep_their_dtype(target):
+    """A plain module's int64 output stays int64 (a float32 cast would round ids above 2**24)."""
+    if target == "tvm-llvm":
+        pytest.importorskip("tvm")
+    m = IntegerOut()
+    cm = bitsmith.compile(m, target=target, example_inputs=(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.long)))
+    x, ids = torch.randn(4, 3), torch.arange(12).reshape(4, 3) + 2**40
+    got_x, got_ids = cm(x, ids)
+    want_x, want_ids = m(x, ids)
+    assert got_x.dtype == torch.float32 and got_ids.dtype == torch.int64
+    assert torch.equal(got_ids, want_ids)
+    assert (got_x - want_x).abs().max().item() <= ATOL

@@ -177,9 +177,16 @@ def test_inverse_hessian_cholesky_is_upper_factor_of_damped_inverse(k):
 
 
 def test_singular_hessian_without_damping_raises_or_recovers():
+    """Rank-1 H with damp=0: Cholesky fails at λ=0, so λ becomes the documented floor
+    1e-8 * max(mean diag H, 1) = 1e-8 and U must be the upper factor of (H + λI)⁻¹. Checked
+    without forming that ill-conditioned inverse: R = U⁻¹ must satisfy R Rᵀ = H + 1e-8 I (float64
+    rounding on O(1) entries is ~1e-16; 1e-14 leaves 100x; the next λ, 1e-7, would be 9e-8 off)."""
     h = np.ones((4, 4))  # rank 1: positive semi-definite only
     u = inverse_hessian_cholesky(h, damp=0.0)  # retried with growing damping
-    assert np.isfinite(u).all()
+    np.testing.assert_array_equal(u, np.triu(u))
+    assert (np.diag(u) > 0).all()
+    r = np.linalg.inv(u)
+    np.testing.assert_allclose(r @ r.T, h + 1e-8 * np.eye(4), rtol=0, atol=1e-14)
     with pytest.raises(GPTQError, match="not positive definite"):
         inverse_hessian_cholesky(-np.eye(3), damp=0.0, retries=2)
 

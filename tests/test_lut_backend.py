@@ -48,8 +48,12 @@ def test_int8_tables_are_close_and_report_stream_statistics():
     ref = bitsmith.compile(model, target="reference", quant="rtn-int2-sym", group_size=32)
     lut = bitsmith.compile(model, target="lut-cpu", quant="rtn-int2-sym", group_size=32)
     a, b = _logits(ref), _logits(lut)
-    # int8 tables: ~1% relative error per layer (table quantization), tiny model logits are O(1)
-    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    # int8 tables (one scale per 32-activation block, entries rounded to 1/254 of the block's
+    # largest entry): measured max|a - b| = 1.45% of max|a| on this model and input, the same
+    # under AVX2 emulation (OPENBLAS_CORETYPE=Haswell ATEN_CPU_CAPABILITY=avx2: the engine is one
+    # portable AVX2 build, and the hosts' float32 summation order moves logits by ~1e-7 of this).
+    # 3% is a 2x margin; a wrong plane weight, scale or table index moves logits by O(max|a|).
+    assert np.abs(a - b).max() <= 0.03 * np.abs(a).max()
     rep = lut.report()["executable"]
     assert rep["lut_tables"] == "int8" and rep["host"] == DEFAULT_HOST
     stats = rep["streams"]
@@ -106,7 +110,7 @@ def test_missing_program_file_is_a_clear_artifact_error():
 
 def test_refusals_name_the_problem():
     model = make_model("llama")
-    with pytest.raises(UnsupportedOpError, match="N:M sparsity.*lut|lut-cpu"):
+    with pytest.raises(UnsupportedOpError, match=r"target lut-cpu\): N:M sparsity \(2:4\) has no LUT lowering"):
         bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, sparsity="2:4")
     with pytest.raises(UnsupportedOpError, match="group_size 6"):
         bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=6)
@@ -191,6 +195,22 @@ def test_auto_host_falls_back_to_the_interpreter_when_tvm_cannot_lower(monkeypat
     assert rep["host"] == "reference-interpreter" and "rope_custom" in rep["host_note"]
     with pytest.raises(UnsupportedOpError, match="rope_custom"):
         bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, lut_host="tvm-llvm")
+
+
+@needs_tvm
+def test_tvm_host_requested_for_a_reference_host_artifact_is_refused():
+    """lut_host='tvm-llvm' never gives the reference interpreter: loading target files built with
+    the reference host under that option raises, as the build does when tvm-llvm cannot lower."""
+    from bitsmith.backends.lut import LUTBackend
+    cm = bitsmith.compile(make_model("llama"), target="lut-cpu", quant="rtn-int4", group_size=32,
+                          lut_host="reference")
+    files = cm.executable.files()
+    backend = LUTBackend()
+    same = backend.load(cm.module, "lut-cpu", cm.options, files)
+    assert same.report()["host"] == "reference-interpreter" and "host_note" not in same.report()
+    with pytest.raises(ArtifactError, match=r"program\.json: records host 'reference-interpreter'.*"
+                                            r"lut_host='tvm-llvm'"):
+        backend.load(cm.module, "lut-cpu", {**cm.options, "lut_host": "tvm-llvm"}, files)
 
 
 def test_bad_host_choice_is_refused():

@@ -266,7 +266,7 @@ def test_table_blocks_must_be_distinct_disjoint_and_built(fast, kind, message):
 
 @needs_avx2
 @pytest.mark.parametrize("op,field,delta", [("LUTACC", "plane", 1), ("LUTACC", "kg0", 1), ("SCALE", "pidx", 1),
-                                            ("SCALE", "block0", 1), ("LUTACC", "block", 1), ("TILE", "wptr", 1), ("STORE", "row0", 1),
+                                            ("SCALE", "block0", 1), ("LUTACC", "block", 1), ("TILE", "wptr", 1), ("STORE", "nrows", -1),
                                             ("OUTLIER", "start", 1), ("TABLE", "nkg", -1)])
 def test_altering_one_instruction_changes_the_output(fast, op, field, delta):
     """The fast executor reads only the stream and its operands: any field is live."""
@@ -278,6 +278,17 @@ def test_altering_one_instruction_changes_the_output(fast, op, field, delta):
     changed = fast.run(bad, x)
     assert not np.array_equal(base, changed)
     assert np.array_equal(changed, reference_executor.run(bad, x))  # the same (altered) meaning in both
+
+
+@needs_avx2
+def test_two_stores_of_one_row_are_refused(fast):
+    """Tiles run in parallel: a row stored by two tiles would be a race, so both validators refuse it."""
+    attrs, ops = random_qlinear(np.random.default_rng(5), "rtn-int4", 40, 64, 16)
+    bad = _altered(generate(decompose(attrs, ops)), "STORE", "row0", 1)   # rows 1..16 overlap tile 2's 16..31
+    x = np.ones((1, 64), np.float32)
+    for run in (fast.run, reference_executor.run):
+        with pytest.raises(native.StreamError, match="STORE out of range at word"):
+            run(bad, x)
 
 
 @needs_avx2

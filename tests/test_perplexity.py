@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import bitsmith  # noqa: E402
-from bitsmith.runtime.perplexity import perplexity, token_nll  # noqa: E402
+from bitsmith.runtime.perplexity import perplexity, token_nll, window_count  # noqa: E402
 
 CTX, WINDOWS = 24, 3
 
@@ -100,3 +100,18 @@ def test_token_nll_is_float64_log_softmax():
     nll = token_nll(logits, np.array([1, 2]))
     assert nll.dtype == np.float64
     np.testing.assert_allclose(nll, [1e4, math.log(3)], rtol=1e-12)
+
+
+def test_shared_data_helper_skips_with_a_reason_where_the_file_is_absent():
+    from conftest import shared_data_file
+    with pytest.raises(pytest.skip.Exception, match=r"needs \.\./shared/data/text/no-such-file\.txt .*absent"):
+        shared_data_file("text", "no-such-file.txt")
+
+
+def test_quality_benchmark_text_holds_the_windows_it_reports(shared_text, request):
+    """benchmarks/results/quality.md scores the first 64 windows of 1024 SmolLM2 tokens of
+    prideprejudice.txt: the text must hold all 64 (fewer would silently score fewer)."""
+    text = shared_text("prideprejudice.txt").read_text(encoding="utf-8")  # skips before loading SmolLM2
+    _, tokenizer = request.getfixturevalue("smollm2")
+    ids = tokenizer(text)["input_ids"]
+    assert window_count(len(ids), 1024, 64) == 64

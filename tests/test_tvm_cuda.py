@@ -48,20 +48,82 @@ needs_compiler = pytest.mark.skipif(not _has_compiler(), reason="TVM compiler li
 
 @pytest.fixture(scope="module")
 def tiny_llama_cuda():
+    """Tiny Llama for tvm-cuda: with nvcc where it is on PATH, else explicitly without (nvcc="skip")."""
     from hf_configs import make_model
-    return bitsmith.compile(make_model("llama"), target="tvm-cuda")
+    return bitsmith.compile(make_model("llama"), target="tvm-cuda", **({} if HAS_NVCC else {"nvcc": "skip"}))
+
+
+def _plain_mlp():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    return model, (torch.randn(2, 8),)
 
 
 # ---------------------------------------------------------------- CPU-only tests
 
 def test_option_defaults_and_bad_options():
     from bitsmith.backends.tvm import TVMBackend
-    assert TVMBackend().option_defaults("tvm-cuda") == {"arch": "sm_90", "act_dtype": "float16"}
-    from bitsmith.backends.tvm.cuda_target import _options
+    assert TVMBackend().option_defaults("tvm-cuda") == {"arch": "sm_90", "act_dtype": "float16", "nvcc": "required"}
+    from bitsmith.backends.tvm.cuda_target import _options, nvcc_mode
     with pytest.raises(BitsmithError, match="arch"):
         _options({"arch": "cuda -arch=sm_90"})
     with pytest.raises(BitsmithError, match="act_dtype"):
         _options({"act_dtype": "bfloat16"})
+    with pytest.raises(BitsmithError, match="option nvcc must be one of"):
+        nvcc_mode({"nvcc": "auto"})
+
+
+@needs_compiler
+def test_missing_nvcc_fails_at_compile_time_unless_skipped(monkeypatch, tmp_path):
+    """No nvcc (its lookup patched away) is a compile error naming the opt-out; with
+    nvcc="skip" the artifact ships source only and plan.json says the runtime compiles it."""
+    from bitsmith.backends.tvm import cuda_build, cuda_target
+    from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
+    from bitsmith.backends.tvm.plan import PlanError
+    from bitsmith.backends.tvm.schedule_cuda import cuda_target as make_target
+    monkeypatch.setattr(cuda_build, "nvcc_path", lambda: None)
+    model, example = _plain_mlp()
+    with pytest.raises(cuda_build.NvccMissingError, match="nvcc not found on PATH.*nvcc='skip'"):
+        bitsmith.compile(model, target="tvm-cuda", example_inputs=example)
+    attrs, arrays = cuda_cases.make_qlinear(np.random.default_rng(0), "rtn-int4", 64, 16, 32, "", 0.0, False)
+    kdef = qlinear_kernel(attrs, qlinear_operands(attrs, arrays, "float16"), "float16")
+    with pytest.raises(cuda_build.NvccMissingError):  # the compiler itself never drops nvcc silently
+        cuda_build.CudaCompiler(make_target(), directory=tmp_path).compile(kdef)
+
+    cm = bitsmith.compile(model, target="tvm-cuda", example_inputs=example, nvcc="skip")
+    files = cm.executable.files()
+    assert any(n.endswith(".cu") for n in files) and not any(n.endswith((".fatbin", ".ptx")) for n in files)
+    record = json.loads(files["plan.json"])["nvcc"]
+    assert record == {"mode": "skip", "flags": [], "runtime_compiler": cuda_target.RUNTIME_COMPILER}
+    assert cm.report()["executable"]["nvcc"] == record and cm.report()["options"]["nvcc"] == "skip"
+    cm.save(str(tmp_path / "a"))
+    assert bitsmith.load(str(tmp_path / "a")).report()["executable"]["nvcc"] == record
+
+    # plan.json claiming nvcc built every kernel while fatbins are missing, or a malformed record
+    plan = json.loads(files["plan.json"])
+    for bad, message in ((dict(plan, nvcc={"mode": "required", "flags": []}), r"\.fatbin is missing"),
+                         (dict(plan, nvcc={"mode": "maybe", "flags": []}), "malformed nvcc entry"),
+                         ({k: v for k, v in plan.items() if k != "nvcc"}, "malformed nvcc entry")):
+        with pytest.raises(PlanError, match=message):
+            cuda_target.load(cm.module, cm.options, {**files, "plan.json": json.dumps(bad).encode()})
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not on PATH")
+def test_recorded_nvcc_flags_are_the_flags_nvcc_runs_with(monkeypatch):
+    import subprocess
+    from bitsmith.backends.tvm import cuda_build
+    from bitsmith.backends.tvm.schedule_cuda import cuda_target
+    target = cuda_target("sm_90")
+    commands = []
+    real_run = subprocess.run
+    monkeypatch.setattr(cuda_build.subprocess, "run", lambda cmd, **kw: commands.append(cmd) or real_run(cmd, **kw))
+    fatbin, ptx, _ = cuda_build.nvcc_compile('extern "C" __global__ void k(float* x) { x[threadIdx.x] += 1.0f; }',
+                                             target)
+    flags = cuda_build.nvcc_flags(target)
+    assert flags[-1] == "-gencode=arch=compute_90,code=[sm_90,compute_90]"
+    assert len(commands) == 1 and commands[0][1:1 + len(flags)] == flags
+    assert fatbin and ".target sm_90" in ptx
 
 
 @pytest.mark.parametrize("arch,quant", [("llama", None), ("gpt2", None), ("qwen2", None), ("llama", "bitmod-w4")])
@@ -113,12 +175,29 @@ def test_every_kernel_of_tiny_llama_builds_ptx_with_nvcc(tiny_llama_cuda):
         for fn in meta["functions"]:
             assert f".entry {fn}_kernel" in ptx or f".entry {fn}_kernel0" in ptx
     report = exe.report()
-    assert report["arch"] == "sm_90" and report["act_dtype"] == "float16" and report["nvcc"]
+    assert report["arch"] == "sm_90" and report["act_dtype"] == "float16"
+    from bitsmith.backends.tvm.cuda_build import nvcc_flags
+    from bitsmith.backends.tvm.schedule_cuda import cuda_target
+    assert report["nvcc"] == plan["nvcc"] == {"mode": "required", "flags": nvcc_flags(cuda_target("sm_90"))}
     assert report["ptx_bytes"] > 0 and report["nvcc_seconds"] >= 0
 
 
+def _tamper_and_load(artifact: Path, suffix: str) -> None:
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    names = sorted(n for n in manifest["files"] if n.endswith(suffix))
+    assert names, f"the artifact lists its {suffix} files with their sha256"
+    victim = artifact / names[0]
+    original = victim.read_bytes()
+    victim.write_bytes(original + b"// tampered")
+    with pytest.raises(ArtifactError, match=suffix.replace(".", r"\.")):
+        bitsmith.load(str(artifact))
+    victim.write_bytes(original)
+
+
 @needs_compiler
-def test_artifact_roundtrip_keeps_source_and_ptx(tiny_llama_cuda, tmp_path):
+def test_artifact_roundtrip_keeps_every_kernel_file(tiny_llama_cuda, tmp_path):
+    """Independent of nvcc: the loaded executable holds the same files, a tampered CUDA source
+    is refused, and without a GPU running is a clear error."""
     cm = tiny_llama_cuda
     cm.save(str(tmp_path / "a"))
     loaded = bitsmith.load(str(tmp_path / "a"))
@@ -128,13 +207,19 @@ def test_artifact_roundtrip_keeps_source_and_ptx(tiny_llama_cuda, tmp_path):
     if not gpu_available():
         with pytest.raises(BitsmithError, match=NO_GPU):
             loaded(np.zeros((1, 4), np.int64))
-    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    ptx = sorted(n for n in manifest["files"] if n.endswith(".ptx"))
-    assert ptx, "the artifact lists its PTX files with their sha256"
-    victim = tmp_path / "a" / ptx[0]
-    victim.write_bytes(victim.read_bytes() + b"// tampered")
-    with pytest.raises(ArtifactError):
-        bitsmith.load(str(tmp_path / "a"))
+    _tamper_and_load(tmp_path / "a", ".cu")
+
+
+@needs_compiler
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not on PATH: the artifact has no PTX to keep")
+def test_artifact_roundtrip_keeps_source_and_ptx(tiny_llama_cuda, tmp_path):
+    cm = tiny_llama_cuda
+    cm.save(str(tmp_path / "a"))
+    loaded = bitsmith.load(str(tmp_path / "a"))
+    names = [n for n in cm.executable.files() if n.endswith((".cu", ".ptx", ".fatbin"))]
+    assert {n.rsplit(".", 1)[1] for n in names} == {"cu", "ptx", "fatbin"}
+    assert all(loaded.executable.files()[n] == cm.executable.files()[n] for n in names)
+    _tamper_and_load(tmp_path / "a", ".ptx")
 
 
 def test_run_without_gpu_is_a_clear_error(tiny_llama_cuda):

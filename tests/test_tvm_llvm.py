@@ -267,15 +267,80 @@ def test_hf_models_prefill_and_decode_match_reference(arch, compiled_models):
     np.testing.assert_array_equal(cm.generate(ids, max_new_tokens=8).numpy(), ref.generate(ids, max_new_tokens=8).numpy())
 
 
-def test_no_op_falls_back_and_decode_is_fused(compiled_models):
-    report = compiled_models["llama"][1].executable.report()
+def test_no_op_falls_back_and_decode_is_fused(compiled_models, monkeypatch):
+    """Every op runs in a compiled TVM kernel: the plan holds only kernel calls and views, a
+    run with every interpreter rule made to raise still matches the reference, and counting
+    the kernels that ran gives exactly one call per plan step."""
+    import bitsmith.ir.interpreter as interpreter
+    from bitsmith.backends.tvm.executor import PlanExecutor
+    from bitsmith.backends.tvm.llvm_target import resolve_consts
+    from bitsmith.backends.tvm.plan import Call, View
+    ref, cm = compiled_models["llama"]
+    exe = cm.executable
+    report = exe.report()
     assert report["cache_misses"] + report["cache_hits"] >= report["kernels"] > 0
     for key in ("compile_seconds", "kernels", "kernel_calls_per_run", "cache_hits", "cache_misses", "executor",
-                "mcpu", "threads"):
+                "mcpu", "threads", "kernel_schedules"):
         assert key in report
+    plan = exe.plans["main"]
+    calls = [s for s in plan.steps if isinstance(s, Call)]
+    assert all(isinstance(s, (Call, View)) for s in plan.steps)
+    assert {s.kernel for s in calls} <= set(exe.libraries)   # no extern steps, no interpreter steps
     # per layer: 7 linears + attention + 7 fused (norm, q-rope, k-rope+append, v-append,
     # head merge, residual+norm, silu*up); plus embedding, rope tables, first norm, lm_head
-    assert report["kernel_calls_per_run"] <= 2 * 15 + 4
+    assert report["kernel_calls_per_run"] == len(calls) <= 2 * 15 + 4
+
+    ran: list[str] = []
+
+    def counted(key, fn):
+        def call(*args):
+            ran.append(key)
+            return fn(*args)
+        return call
+
+    args = _cache_inputs(ref.module, np.random.default_rng(7), 1, 3, 4)  # batch 1, 3 cached, 4 new
+    want = ref.executable.run("main", args)
+
+    def no_interpreter(*a, **k):
+        raise AssertionError("the tvm-llvm executor fell back to the interpreter")
+
+    for name in list(interpreter.RULES):
+        monkeypatch.setitem(interpreter.RULES, name, no_interpreter)
+    counting = PlanExecutor(plan, {k: counted(k, f) for k, f in exe.host.loaded.items()},
+                            resolve_consts(cm.module, plan, exe.host.derived.get("main")))
+    got = counting.run(args)
+    assert ran == [s.kernel for s in calls]
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-4)
+
+
+def test_group_size_off_16_takes_the_generic_schedule_and_says_so(tmp_path, monkeypatch):
+    """A qlinear whose group size is not a multiple of 16 cannot use the vector kernel; the
+    report (and plan.json, so a loaded artifact too) names the schedule each kernel got, and
+    the names match the schedules that ran (counted on a cold cache)."""
+    import torch
+    import bitsmith
+    from bitsmith.backends.tvm import matmul_cpu
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path / "cold-cache"))
+    generic: list[str] = []
+    real_generic = matmul_cpu.generic_schedule
+    monkeypatch.setattr(matmul_cpu, "generic_schedule", lambda kdef: generic.append(kdef.name) or real_generic(kdef))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)).eval()
+    x = torch.randn(3, 48)
+    for group_size, expected in ((24, matmul_cpu.GENERIC), (16, matmul_cpu.VECTOR_QLINEAR)):
+        generic.clear()
+        kw = dict(example_inputs=(x[:2],), quant="rtn-int4", group_size=group_size)
+        cm = bitsmith.compile(model, target="tvm-llvm", **kw)
+        schedules = cm.report()["executable"]["kernel_schedules"]
+        qlinear = {v["kernel"]: v["schedule"] for v in schedules.values() if v["kernel"].startswith("qlinear")}
+        assert len(qlinear) == 2 and all(s.startswith(expected) for s in qlinear.values())
+        if expected == matmul_cpu.GENERIC:
+            assert all(f"group_size {group_size} is not a multiple of 16" in s for s in qlinear.values())
+        assert sorted(generic) == sorted(k for k, s in qlinear.items() if s.startswith(matmul_cpu.GENERIC))
+        ref = bitsmith.compile(model, target="reference", **kw)
+        np.testing.assert_allclose(cm(x).numpy(), ref(x).numpy(), rtol=0, atol=1e-4)
+    cm.save(str(tmp_path / "a"))
+    assert bitsmith.load(str(tmp_path / "a")).report()["executable"]["kernel_schedules"] == schedules
 
 
 def test_save_load_round_trip_without_compiling(compiled_models, tmp_path, monkeypatch):

@@ -31,12 +31,14 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _to_torch(a: np.ndarray, dtype: str = "float32") -> Any:
+def _to_torch(a: np.ndarray, dtype: Any = "float32") -> Any:
+    """``a`` as a torch tensor of ``dtype`` (None: keep a's dtype), or as numpy without torch."""
+    a = np.ascontiguousarray(a, dtype=dtype)
     try:
         import torch
     except ImportError:  # a deployed artifact may run without torch: hand back numpy
         return a
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+    return torch.from_numpy(a)
 
 
 def linear_storage(module: Module) -> tuple[int, int, int]:
@@ -87,7 +89,7 @@ class CompiledModel:
                 raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
             return _to_torch(forward_logits(self.run, self.module, ids))
         outs = self.run("main", [_to_numpy(x) for x in inputs])
-        outs = [_to_torch(o.astype(np.float32)) for o in outs]
+        outs = [_to_torch(o, None) for o in outs]  # each output keeps its dtype (int64 indices stay int64)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def generate(self, input_ids: Any, max_new_tokens: int = 20, eos_token_id: int | None = None) -> Any:

@@ -11,7 +11,9 @@ the LUT engine. Two hosts, found through ``HOSTS``:
 Option ``lut_host`` = "auto" (tvm-llvm when TVM is installed), "tvm-llvm" or "reference".
 The artifact records the host it was built for; loading an artifact built for tvm-llvm
 where TVM is missing falls back to the reference interpreter under "auto" (and says so in
-``report()``), or raises under "tvm-llvm".
+``report()["host_note"]``), or raises under "tvm-llvm". "tvm-llvm" never gives the reference
+interpreter: a build that cannot lower the module raises, and so does loading an artifact
+whose host path is the reference interpreter.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import BitsmithError, OptionError, UnsupportedOpError
+from ...errors import ArtifactError, BitsmithError, OptionError, UnsupportedOpError
 from ...ir import Module, Node, run_function
 from ..files import target_files
-from .program import LayerEntry
+from .program import INDEX_FILE, LayerEntry
 
 # (entry, x [m, in] float32, out [m, out] float32 or None) -> y [m, out]
 LayerRunner = Callable[[LayerEntry, np.ndarray, "np.ndarray | None"], np.ndarray]
@@ -121,7 +123,8 @@ class TVMHost:
 
     def report(self) -> dict[str, Any]:
         info = self.host.info
-        keep = ("compile_seconds", "cache_hits", "cache_misses", "kernel_compile_seconds", "mcpu", "load_seconds")
+        keep = ("compile_seconds", "cache_hits", "cache_misses", "kernel_compile_seconds", "mcpu", "load_seconds",
+                "kernel_schedules")
         return {"host": self.name, "host_kernels": len(self.host.libraries), "host_engine_calls": self.externs,
                 "engine_threads": "TVM thread pool" if self.parallel_launcher else "OpenMP",
                 **{f"host_{k}": info[k] for k in keep if k in info}}
@@ -205,7 +208,8 @@ def load_host(recorded: str, choice: str, module, layers, run_layer, options, fi
                                   "interpreter runs the host path")
     if recorded == TVMHost.name and choice == "reference":
         return ReferenceHost(module, layers, run_layer, note="lut_host='reference' chosen at load")
-    if recorded == ReferenceHost.name and choice == "tvm-llvm":
-        return ReferenceHost(module, layers, run_layer, note="the artifact holds no tvm-llvm host kernels "
-                                                            "(built with the reference host); recompile for tvm-llvm")
+    if recorded == ReferenceHost.name and choice == "tvm-llvm":  # refused, as build_host refuses it
+        raise ArtifactError(target_files(files).path(INDEX_FILE), "records host 'reference-interpreter' (no tvm-llvm host "
+                                                    "kernels), but the options ask for lut_host='tvm-llvm'; "
+                                                    "recompile with lut_host='tvm-llvm'")
     return HOSTS[recorded].load(module, layers, run_layer, options, files)

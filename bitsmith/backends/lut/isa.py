@@ -127,7 +127,8 @@ def encode(instructions: Sequence[Instruction]) -> np.ndarray:
 
 
 def decode(words: np.ndarray) -> list[Instruction]:
-    """uint64 words (no header) -> instructions; unknown opcodes or stray bits raise ISAError."""
+    """uint64 words (no header) -> instructions; unknown opcodes, stray bits or fields above their
+    caps raise ISAError (so every decoded instruction encodes back to the same word)."""
     out = []
     for pos, w in enumerate(np.asarray(words, dtype=np.uint64).tolist()):
         fmt = BY_OPCODE.get(w & 0xFF)
@@ -137,7 +138,10 @@ def decode(words: np.ndarray) -> list[Instruction]:
         args = []
         for f in fmt.fields:
             mask = (1 << f.width) - 1
-            args.append((f.name, ((w >> f.lo) & mask) + f.minimum))
+            value = ((w >> f.lo) & mask) + f.minimum
+            if value > f.maximum:  # a cap tighter than the field's width (LUTACC.nwords, STORE.nrows)
+                raise ISAError(f"word {pos}: {fmt.name}.{f.name} = {value} above its maximum {f.maximum}")
+            args.append((f.name, value))
             used |= mask << f.lo
         if w & ~used:
             raise ISAError(f"word {pos}: {fmt.name} has bits set outside its fields ({w:#018x})")
@@ -167,6 +171,8 @@ class StreamHeader:
             raise ISAError("not a LUT instruction stream (bad magic)")
         if w[1] & 0xFF != VERSION:
             raise ISAError(f"LUT stream version {w[1] & 0xFF}, this runtime reads {VERSION}")
+        if w[1] >> 16:
+            raise ISAError(f"LUT stream header word 1 has bits set above its version and planes bytes ({w[1]:#018x})")
         return cls(w[2] & 0xFFFFFFFF, w[2] >> 32, w[3], (w[1] >> 8) & 0xFF)
 
 

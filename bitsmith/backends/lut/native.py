@@ -23,7 +23,8 @@ import numpy as np
 
 from ...errors import BitsmithError
 from .. import native_loader
-from .codegen import OUTLIER_DTYPE, LayerProgram
+from .codegen import LayerProgram
+from .validate import ERRORS, StreamError, check_operands, refusal  # noqa: F401 - StreamError, ERRORS re-exported
 
 SOURCE = "lutexec.c"
 LIBRARY_FILE = "lut/lutexec.so"
@@ -36,10 +37,6 @@ LIBRARY_FILE = "lut/lutexec.so"
 AUTO_THREADS_MACS = 1 << 22
 AUTO_THREADS_MACS_POOL = 1 << 16
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-ERRORS = {1: "bad stream header", 2: "unknown opcode", 3: "TABLE out of range", 4: "weight words out of range",
-          5: "LUTACC field out of range", 6: "SCALE out of range", 7: "OUTLIER out of range",
-          8: "STORE out of range", 9: "instruction out of order", 10: "out of memory", 11: "bad arguments",
-          12: "the parallel launcher failed"}
 ABI_VERSION = 2   # lut_abi_version() of native/lutexec.c that this binding speaks
 # What CFLAGS let gcc emit: -mavx2 implies AVX and SSE3..SSE4.2; -mfma adds FMA.
 SPEC = native_loader.NativeSpec("lut-engine", "x86_64", "x86-64-v3",
@@ -48,10 +45,6 @@ SPEC = native_loader.NativeSpec("lut-engine", "x86_64", "x86-64-v3",
 
 class NativeBuildError(BitsmithError):
     """The C executor could not be compiled (no gcc, or a compiler error)."""
-
-
-class StreamError(BitsmithError, ValueError):
-    """The fast executor refused a stream (it validates every instruction before running)."""
 
 
 def source_text() -> bytes:
@@ -113,21 +106,14 @@ class NativeExecutor:
         hit = self._plans.get(key)
         if hit is not None and hit.matches(program):
             return hit
-        program.header  # ISAError naming the problem (bad magic, version) before the C checks
-        for role, dtype in (("stream", np.dtype("<u8")), ("weights", np.dtype("u1")), ("params", np.dtype("<f4")),
-                            ("outliers", OUTLIER_DTYPE)):
-            a = getattr(program, role)
-            if a.dtype != dtype or not a.flags.c_contiguous:
-                raise StreamError(f"LUT program {role} must be C-contiguous {dtype}, got {a.dtype}"
-                                  f"{'' if a.flags.c_contiguous else ' (strided)'}")
+        check_operands(program)  # ISAError (bad magic, version) or StreamError before the C checks
         pos = np.zeros(program.stream.size, np.int64)
         counts = np.zeros(2, np.int64)
         err = self._plan(program.stream.ctypes.data, program.stream.size, program.weights.size,
                          program.params.size, program.outliers.ctypes.data, program.outliers.size,
                          pos.ctypes.data, counts.ctypes.data)
         if err:
-            raise StreamError(f"LUT executor refused the stream: {ERRORS.get(err & 0xFF, 'error')} "
-                              f"at word {err >> 8}")
+            raise refusal(err)
         bound = _BoundStream(self._run_stream, program, pos, int(counts[0]), int(counts[1]))
         if not (program.stream.flags.writeable or program.outliers.flags.writeable):
             self._plans[key] = bound

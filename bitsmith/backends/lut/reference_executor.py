@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import isa
+from . import isa, validate
 from .codegen import LayerProgram
 
 _BITS = ((np.arange(16)[:, None] >> np.arange(4)[None, :]) & 1).astype(np.float32)  # [e, j]
@@ -35,8 +35,12 @@ def build_tables(xq: np.ndarray, int8: bool) -> tuple[np.ndarray, np.float32 | n
 
 
 def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True) -> np.ndarray:
-    """y [M, N] = the layer applied to x [M, K] (float32), by interpreting the stream."""
-    head = program.header
+    """y [M, N] = the layer applied to x [M, K] (float32), by interpreting the stream. The
+    program is validated first by the fast executor's rules (``validate``): both executors
+    refuse the same streams with the same error."""
+    head = validate.check_program(program)
+    if x.ndim != 2 or x.shape[1] != program.in_features:
+        raise validate.StreamError(f"LUT layer takes x of shape [M, {program.in_features}], got {x.shape}")
     m = x.shape[0]
     xp = np.zeros((m, head.padded_in), np.float32)
     xp[:, :x.shape[1]] = x

@@ -10,8 +10,10 @@ target:
   ``<key>.json``    functions in the library, scratch specs, sha256 of the source and library.
 An entry is used only when its library is a regular file of this user whose sha256 matches the
 json (read once; those bytes are loaded and saved), else it is rebuilt.
-Without nvcc on PATH the fatbin/ptx are absent, and the device code is compiled from the
-source when the library is loaded on a GPU (``cuda_runtime``).
+nvcc is required unless the caller opts out (``CudaCompiler(use_nvcc=False)``, target option
+``nvcc="skip"``): then the fatbin/ptx are absent and the device code is compiled from the source
+when the library is loaded on a GPU, by TVM's compiler with TVM's flags (``cuda_runtime``).
+A missing nvcc is an error, never a silent switch to that path.
 
 Why the fatbin is not inside the .so: TVM 0.27 built without the CUDA runtime (the PyPI
 wheel) keeps only the source in the exported device module (``CUDAFallbackModuleNode``,
@@ -44,8 +46,24 @@ from .kernel import KernelDef
 SCRATCH_BY_KIND = {"attention": ("scores",)}  # intermediates that must be parameters on CUDA
 
 
+NVCC_FLAGS = ("--fatbin", "-O3", "--use_fast_math")  # + -gencode for the target arch (nvcc_flags)
+NVCC_MISSING = ("tvm-cuda: nvcc not found on PATH. It builds every kernel's PTX and fatbin at compile time; "
+                "install the CUDA toolkit or put nvcc on PATH, or pass the target option nvcc='skip' to ship "
+                "CUDA source only (the GPU machine then compiles it at load with TVM's compiler and flags)")
+
+
+class NvccMissingError(BitsmithError):
+    """nvcc is required (the default) and not on PATH."""
+
+
 def nvcc_path() -> str | None:
     return shutil.which("nvcc")
+
+
+def nvcc_flags(target: Any) -> list[str]:
+    """The nvcc flags every kernel is built with (recorded in the artifact's plan.json)."""
+    num = _arch_number(target)
+    return [*NVCC_FLAGS, f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]"]
 
 
 def _arch_number(target: Any) -> str:
@@ -57,14 +75,12 @@ def nvcc_compile(source: str, target: Any) -> tuple[bytes, str, float]:
     """(fatbin with SASS for the target arch and its PTX, the PTX text, seconds) by nvcc."""
     nvcc = nvcc_path()
     if nvcc is None:
-        raise BitsmithError("nvcc not found on PATH")
-    num = _arch_number(target)
-    gencode = f"-gencode=arch=compute_{num},code=[sm_{num},compute_{num}]"
+        raise NvccMissingError(NVCC_MISSING)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bitsmith-nvcc-") as d:
         cu = Path(d) / "kernel.cu"
         cu.write_text(source)
-        cmd = [nvcc, "--fatbin", "-O3", "--use_fast_math", gencode, "--keep", "--keep-dir", d,
+        cmd = [nvcc, *nvcc_flags(target), "--keep", "--keep-dir", d,
                "-o", str(Path(d) / "kernel.fatbin"), str(cu)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -98,7 +114,10 @@ class CudaKernel:
 
 @dataclass
 class CudaCompiler:
-    """Compiles through the disk cache; counts hits/misses and compile/nvcc seconds."""
+    """Compiles through the disk cache; counts hits/misses and compile/nvcc seconds.
+
+    ``use_nvcc``: True (required: a missing nvcc raises NvccMissingError) or False (skip: no
+    fatbin/ptx, the runtime compiles the source)."""
 
     target: Any
     use_nvcc: bool = True
@@ -121,7 +140,9 @@ class CudaCompiler:
 
     def compile(self, kdef: KernelDef) -> CudaKernel:
         kdef, specs = self.prepare(kdef)
-        want_nvcc = self.use_nvcc and nvcc_path() is not None
+        want_nvcc = self.use_nvcc
+        if want_nvcc and nvcc_path() is None:
+            raise NvccMissingError(NVCC_MISSING)
         key = kernel_key(kdef, SCHEDULE_ID + ("+nvcc" if want_nvcc else ""), self.target)
         cached = self._read(key, kdef, want_nvcc)
         if cached is not None:

@@ -4,8 +4,9 @@ Loading never compiles when the artifact carries nvcc-built fatbins: TVM's CUDA 
 compiles a device module stored as source through the global ``tvm_callback_cuda_compile``
 hook, and the hook installed here answers with the fatbin built for that exact source
 (looked up by sha256). Only a source without a stored binary falls through to TVM's own
-compiler (nvcc when ``TVM_CUDA_COMPILE_MODE=nvcc``, else NVRTC); ``BINARIES.misses``
-counts those.
+compiler (nvcc when ``TVM_CUDA_COMPILE_MODE=nvcc``, else NVRTC) with TVM's flags; that
+happens only for artifacts compiled with ``nvcc="skip"`` (one compiled with the default
+"required" must carry every fatbin, checked at load); ``BINARIES.misses`` counts those.
 
 The executor mirrors ``executor.PlanExecutor`` (same plan, same step order), but every
 slot holds a ``tvm.runtime.Tensor`` on the GPU: constants are uploaded once, inputs per

@@ -1,12 +1,15 @@
 """Target ``tvm-cuda``: fused TIR kernels scheduled for NVIDIA GPUs, built with nvcc.
 
-Options: ``arch`` (default "sm_90", H100) and ``act_dtype`` (default "float16": activations
-and dense weights in fp16, see ``cuda_half``; "float32" keeps the module as is).
+Options: ``arch`` (default "sm_90", H100), ``act_dtype`` (default "float16": activations
+and dense weights in fp16, see ``cuda_half``; "float32" keeps the module as is) and ``nvcc``
+("required", the default: compiling fails with NvccMissingError where nvcc is not on PATH;
+"skip": ship CUDA source only, which the GPU machine compiles at load with TVM's compiler and
+TVM's flags; plan.json records which, and the nvcc flags used).
 
 Building needs no GPU: kernels are lowered (``lowering``), scheduled (``schedule_cuda``),
-compiled by TVM to CUDA C and by nvcc (where it is on PATH) to a fatbin + PTX
-(``cuda_build``). The artifact stores, per kernel, ``kernels/<key>.so`` (launch code +
-device module), ``.cu`` (source), ``.ptx`` and ``.fatbin`` (nvcc), and one ``plan.json``
+compiled by TVM to CUDA C and by nvcc to a fatbin + PTX (``cuda_build``). The artifact
+stores, per kernel, ``kernels/<key>.so`` (launch code + device module), ``.cu`` (source),
+``.ptx`` and ``.fatbin`` (nvcc), and one ``plan.json``
 with the plans and kernel metadata. ``run()`` needs a GPU (``cuda_runtime``); without one
 it raises BitsmithError("tvm-cuda needs a CUDA GPU; none found"), while ``files()`` and
 saving work anywhere.
@@ -29,6 +32,7 @@ from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel
                            require_gpu, source_digest)
 from .cuda_scratch import ScratchSpec
 from ..files import target_files
+from ..json_fields import Field
 from .plan import PLAN_FORMAT, FunctionPlan, PlanError, checked_kernel_key, read_plan_doc
 from .schedule_cuda import DEFAULT_ARCH, DEFAULT_GEMV, check_arch
 from .targets import TargetSpec, register_target
@@ -38,10 +42,15 @@ if TYPE_CHECKING:
 
 TARGET = "tvm-cuda"
 ACT_DTYPES = ("float16", "float32")
+NVCC_MODES = ("required", "skip")
+# what compiles a kernel shipped without a fatbin (nvcc="skip"), recorded in plan.json
+RUNTIME_COMPILER = ("TVM's tvm_callback_cuda_compile at load on the GPU machine: NVRTC with TVM's flags "
+                    "(--gpu-architecture of the device, -default-device, --use_fast_math), or nvcc with TVM's "
+                    "flags when TVM_CUDA_COMPILE_MODE=nvcc")
 
 
 def option_defaults() -> dict[str, Any]:
-    return {"arch": DEFAULT_ARCH, "act_dtype": "float16"}
+    return {"arch": DEFAULT_ARCH, "act_dtype": "float16", "nvcc": "required"}
 
 
 def _options(options: Mapping[str, Any]) -> tuple[str, str]:
@@ -50,6 +59,20 @@ def _options(options: Mapping[str, Any]) -> tuple[str, str]:
     if act not in ACT_DTYPES:
         raise OptionError(f"tvm-cuda option act_dtype must be one of {ACT_DTYPES}, got {act!r}")
     return check_arch(arch), act
+
+
+def nvcc_mode(options: Mapping[str, Any]) -> str:
+    mode = options.get("nvcc", "required")
+    if mode not in NVCC_MODES:
+        raise BitsmithError(f"tvm-cuda option nvcc must be one of {NVCC_MODES}, got {mode!r}")
+    return mode
+
+
+def nvcc_record(mode: str, flags: list[str]) -> dict[str, Any]:
+    """plan.json's account of how the device code was (or will be) compiled."""
+    if mode == "required":
+        return {"mode": mode, "flags": flags}
+    return {"mode": mode, "flags": [], "runtime_compiler": RUNTIME_COMPILER}
 
 
 class CudaExecutable(Executable):
@@ -94,7 +117,8 @@ class CudaExecutable(Executable):
 
     def files(self) -> dict[str, bytes]:
         doc = {"format": PLAN_FORMAT, "target": TARGET, "arch": self.info["arch"],
-               "act_dtype": self.info["act_dtype"], "functions": [p.to_json() for p in self.plans.values()],
+               "act_dtype": self.info["act_dtype"], "nvcc": self.info["nvcc"],
+               "functions": [p.to_json() for p in self.plans.values()],
                "kernels": [self.kernels[k] for k in sorted(self.kernels)]}
         if self.spec is not None:
             doc["host_isa"] = self.spec.to_json()
@@ -123,16 +147,20 @@ def _kernel_blobs(k: "CudaKernel") -> dict[str, bytes]:
     return out
 
 
-def compile_module(module: Module, options: Mapping[str, Any], use_nvcc: bool = True) -> CudaExecutable:
-    """Lower, schedule and compile every kernel of ``module`` (no GPU needed)."""
-    from .cuda_build import CudaCompiler
+def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable:
+    """Lower, schedule and compile every kernel of ``module`` (no GPU needed); nvcc per option
+    ``nvcc`` (a missing nvcc under "required" raises NvccMissingError before any work)."""
+    from .cuda_build import NVCC_MISSING, CudaCompiler, NvccMissingError, nvcc_flags, nvcc_path
     from .lowering import lower_function
     from .schedule_cuda import cuda_target
     arch, act = _options(options)
+    mode = nvcc_mode(options)
+    if mode == "required" and nvcc_path() is None:
+        raise NvccMissingError(NVCC_MISSING)
     target = cuda_target(arch)
     t0 = time.perf_counter()
     work = convert_activations(module, act)
-    compiler = CudaCompiler(target, use_nvcc=use_nvcc)
+    compiler = CudaCompiler(target, use_nvcc=mode == "required")
     plans: dict[str, FunctionPlan] = {}
     kernels: dict[str, dict[str, Any]] = {}
     blobs: dict[str, bytes] = {}
@@ -152,7 +180,7 @@ def compile_module(module: Module, options: Mapping[str, Any], use_nvcc: bool = 
         derived[fn.name] = consts
     info = {"arch": arch, "act_dtype": act, "target": str(target.export().get("kind")) + f" {arch}",
             "compile_seconds": time.perf_counter() - t0, "kernel_compile_seconds": compiler.compile_seconds,
-            "nvcc_seconds": compiler.nvcc_seconds, "nvcc": any(k.endswith(".ptx") for k in blobs),
+            "nvcc_seconds": compiler.nvcc_seconds, "nvcc": nvcc_record(mode, nvcc_flags(target)),
             "cache_hits": compiler.hits, "cache_misses": compiler.misses, "schedule": SCHEDULE_ID}
     return CudaExecutable(work, plans, kernels, blobs, derived, info, host_spec(target))
 
@@ -173,6 +201,8 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
         if plan.name in plans:
             f["name"].fail(f"function {plan.name!r} appears twice")
         plans[plan.name] = plan
+    nvcc = _read_nvcc_record(doc["nvcc"])
+    required = ("so", "cu") + (("fatbin", "ptx") if nvcc["mode"] == "required" else ())
     kernels: dict[str, dict[str, Any]] = {}
     blobs: dict[str, bytes] = {}
     for meta in doc["kernels"].list():
@@ -188,8 +218,9 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
             name = f"kernels/{key}.{ext}"
             if name in files:
                 blobs[name] = files[name]
-            elif ext in ("so", "cu"):
-                meta["key"].fail(f"kernel {key} is listed but {name} is not in the artifact")
+            elif ext in required:
+                meta["key"].fail(f"kernel {key} is listed but {name} is not in the artifact "
+                                 f"(nvcc mode {nvcc['mode']!r})")
         try:
             source = blobs[f"kernels/{key}.cu"].decode()
         except UnicodeDecodeError:
@@ -211,9 +242,15 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
     arch_doc = doc["arch"].str() if doc.has("arch") else arch
     work = convert_activations(module, act_doc)
     info = {"arch": arch_doc, "act_dtype": act_doc,
-            "compile_seconds": 0.0, "loaded_from_artifact": True, "schedule": SCHEDULE_ID,
-            "nvcc": any(k.endswith(".ptx") for k in blobs)}
+            "compile_seconds": 0.0, "loaded_from_artifact": True, "schedule": SCHEDULE_ID, "nvcc": nvcc}
     return CudaExecutable(work, plans, kernels, blobs, {}, info, spec)
+
+
+def _read_nvcc_record(rec: Field) -> dict[str, Any]:
+    """plan.json's "nvcc" entry, checked: under "required" every kernel must carry its fatbin."""
+    mode = rec["mode"].str(choices=NVCC_MODES)
+    flags = [f.str() for f in rec["flags"].list()]
+    return {"mode": mode, "flags": flags, **({"runtime_compiler": RUNTIME_COMPILER} if mode == "skip" else {})}
 
 
 register_target(TargetSpec(TARGET, option_defaults, build, load,

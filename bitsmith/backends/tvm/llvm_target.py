@@ -20,6 +20,7 @@ import tvm
 from ...errors import BitsmithError, OptionError
 from ...ir import Module
 from .. import native_loader
+from ..json_fields import Field
 from ..base import Executable
 from . import runtime_cpu, stored_operands
 from .cache import KernelCache
@@ -27,7 +28,7 @@ from .executor import PlanExecutor
 from .lowering import lower_function
 from ..files import target_files
 from .plan import EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_plan_doc
-from .schedule_cpu import SCHEDULE_ID, schedule_cpu
+from .schedule_cpu import SCHEDULE_ID, describe_cpu_schedule, schedule_cpu
 from .targets import TargetSpec, register_target
 
 TARGET = "tvm-llvm"
@@ -136,7 +137,8 @@ class HostBuild:
     def files(self) -> dict[str, bytes]:
         operands, out = stored_operands.to_files(self.plans, self.derived)
         plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
-                "functions": [p.to_json() for p in self.plans.values()], "operands": operands}
+                "functions": [p.to_json() for p in self.plans.values()], "operands": operands,
+                "schedules": self.info["kernel_schedules"]}
         if self.spec is not None:
             plan["isa"] = self.spec.to_json()
         out.update({f"kernels/{k}.so": v for k, v in self.libraries.items()})
@@ -161,6 +163,7 @@ def compile_host(module: Module, options: Mapping[str, Any],
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
     derived_by_fn: dict[str, dict[int, np.ndarray]] = {}
+    schedules: dict[str, dict[str, str]] = {}
     lower_seconds = 0.0
     for fn in module.functions:
         t1 = time.perf_counter()
@@ -170,6 +173,7 @@ def compile_host(module: Module, options: Mapping[str, Any],
         for digest, kdef in kdefs.items():
             key, data = cache.library(kdef, schedule_cpu, SCHEDULE_ID, target)
             rename[digest] = key
+            schedules[key] = {"kernel": kdef.name, "schedule": describe_cpu_schedule(kdef)}
             if key not in loaded:
                 libraries[key] = data
                 native_loader.grant_built(data, spec)  # compiled here, or a digest-checked cache entry
@@ -182,7 +186,8 @@ def compile_host(module: Module, options: Mapping[str, Any],
     info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
             "cache_rejected": cache.rejected, "cache_dir": str(cache.directory),
-            "mcpu": str(target.attrs.get("mcpu", "")), "isa": spec.describe(), "target": str(target)}
+            "mcpu": str(target.attrs.get("mcpu", "")), "isa": spec.describe(), "target": str(target),
+            "kernel_schedules": schedules}
     return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec)
 
 
@@ -220,12 +225,26 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
                 data = files[name]
                 libraries[s.kernel] = data
                 loaded[s.kernel] = libdir.load(s.kernel, data)
+    schedules = _read_schedules(doc["schedules"], libraries)
     info = {"compile_seconds": 0.0, "load_seconds": time.perf_counter() - t0, "cache_hits": 0, "cache_misses": 0,
             "mcpu": mcpu, "loaded_from_artifact": True,
-            "stored_operands": sum(len(d) for d in derived.values())}
+            "stored_operands": sum(len(d) for d in derived.values()), "kernel_schedules": schedules}
     if spec is not None:
         info["isa"] = spec.describe()
     return HostBuild(plans, libraries, loaded, derived, info, spec), libdir
+
+
+def _read_schedules(doc: Field, libraries: Mapping[str, bytes]) -> dict[str, dict[str, str]]:
+    """plan.json's "schedules": {kernel key: {"kernel": name, "schedule": name}} for every kernel."""
+    if set(doc.obj()) != set(libraries):
+        doc.fail("must name exactly the kernels the plan loads")
+    out: dict[str, dict[str, str]] = {}
+    for key in doc.obj():
+        entry = doc[key]
+        if set(entry.obj()) != {"kernel", "schedule"}:
+            entry.fail("expected exactly the fields kernel and schedule")
+        out[key] = {"kernel": entry["kernel"].str(), "schedule": entry["schedule"].str()}
+    return out
 
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:

@@ -83,8 +83,9 @@ def schedule_matmul_cpu(kdef: KernelDef, target) -> "Any":
     One module serves every m: it walks m in tiles of 4 rows and then single rows at run time,
     so no m hint is needed. Hand-vectorized kernels (``matmul_cpu_kernels``; grid lookup by
     ``pshufb`` where the target has SSSE3, a table gather elsewhere); a qlinear whose group size
-    is not a multiple of 16: a generic (correct, slower) schedule of the definition. A non-llvm
-    target raises BitsmithError."""
+    is not a multiple of 16: a generic (correct, slower) schedule of the definition, named with
+    its reason in ``report()["executable"]["kernel_schedules"]`` (``matmul_cpu.choose_schedule``).
+    A non-llvm target raises BitsmithError."""
     from .matmul_cpu import schedule
     if kdef.kind not in ("gemv", "qgemv"):
         raise BitsmithError(f"schedule_matmul_cpu: kernel {kdef.name} has kind {kdef.kind!r}, not gemv/qgemv")

@@ -61,23 +61,46 @@ def _param_shapes(func, skip_first: int = 1) -> list[tuple[tuple[int, ...], str]
     return out
 
 
+VECTOR_DENSE = "vector-dense"
+VECTOR_QLINEAR = "vector-qlinear"
+GENERIC = "generic"
+
+
+def _matmul_attrs(kdef: KernelDef) -> dict[str, Any] | None:
+    attrs = kdef.func.attrs[ATTR] if kdef.func.attrs is not None and ATTR in kdef.func.attrs else None
+    return None if attrs is None else {str(k): v for k, v in attrs.items()}
+
+
+def choose_schedule(kdef: KernelDef) -> str:
+    """The schedule ``schedule`` gives this kernel: VECTOR_DENSE, VECTOR_QLINEAR, or GENERIC with
+    the reason after a colon (reported per kernel, so the slow path is never taken silently)."""
+    a = _matmul_attrs(kdef)
+    if a is None:
+        return f"{GENERIC}: no matmul attributes on the definition"
+    if str(a["op"]) == "linear":
+        return VECTOR_DENSE
+    group_size = int(a["group_size"])
+    if group_size % LANES:
+        return (f"{GENERIC}: group_size {group_size} is not a multiple of {LANES}, so the vector kernel's "
+                f"{LANES}-weight chunks would straddle groups (scalar code, several times slower)")
+    return VECTOR_QLINEAR
+
+
 def schedule(kdef: KernelDef, target):
     import tvm
     from . import matmul_cpu_kernels as kern
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if target.kind.name != "llvm":
         raise BitsmithError(f"schedule_matmul_cpu: target {target.kind.name!r} is not llvm")
-    attrs = kdef.func.attrs[ATTR] if kdef.func.attrs is not None and ATTR in kdef.func.attrs else None
-    if attrs is None:
+    chosen = choose_schedule(kdef)
+    if chosen.startswith(GENERIC):
         return generic_schedule(kdef)
-    a = {str(k): v for k, v in attrs.items()}
-    if str(a["op"]) == "linear":
+    a = _matmul_attrs(kdef)
+    assert a is not None
+    if chosen == VECTOR_DENSE:
         func = kern.dense_kernel(int(a["in_features"]), int(a["out_features"]), bool(a["has_bias"]),
                                  str(a["act_dtype"]), str(a["weight_dtype"]))
     else:
-        lay = _layout_from_attrs(a)
-        if lay.group_size % LANES:
-            return generic_schedule(kdef)
-        func = kern.qlinear_kernel(lay, _param_shapes(kdef.func), str(a["act_dtype"]),
+        func = kern.qlinear_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]),
                                    use_pshufb=_has(target, "ssse3"))
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})

@@ -38,6 +38,15 @@ def schedule_cpu(kdef: KernelDef, target: Any) -> Any:
     return fn(kdef, target)
 
 
+def describe_cpu_schedule(kdef: KernelDef) -> str:
+    """The name of the schedule ``schedule_cpu`` gives ``kdef`` (and, for the slow generic
+    matmul schedule, why), for ``report()["executable"]["kernel_schedules"]`` and plan.json."""
+    if kdef.kind in ("gemv", "qgemv"):
+        from .matmul_cpu import choose_schedule
+        return choose_schedule(kdef)
+    return {"fused": "te-default", "injective": "te-default", "attention": "attention-rows"}.get(kdef.kind, kdef.kind)
+
+
 @register_cpu_schedule("fused", "injective")
 def _plain(kdef: KernelDef, target: Any) -> Any:
     return tvm.IRModule({"main": kdef.func})

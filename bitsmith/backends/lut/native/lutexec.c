@@ -176,19 +176,25 @@ typedef struct {
     int64_t ntables, nsegs;
     int64_t *tables, *segs; /* positions of TABLE instructions and TILE instructions */
     uint8_t *built, *covered; /* per block / per quad: some TABLE builds it (validation only) */
+    uint8_t *stored;          /* per output row: some STORE writes it (validation only) */
 } plan_t;
 
 static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t pblocks, int64_t nout, plan_t* p) {
-    if (nw < HEADER_WORDS + 1 || s[0] != LUT_MAGIC || (s[1] & 0xff) != LUT_VERSION) return fail(0, ERR_HEADER);
+    if (nw < HEADER_WORDS + 1 || s[0] != LUT_MAGIC || (s[1] & 0xff) != LUT_VERSION || s[1] >> 16)
+        return fail(0, ERR_HEADER);
     p->n = (int64_t)(s[2] & 0xffffffffULL);
     p->kpad = (int64_t)(s[2] >> 32);
     p->blocks = (int64_t)s[3];
     if (p->kpad % 4 || p->n <= 0) return fail(0, ERR_HEADER);
     p->kg = p->kpad / 4;
-    if (p->blocks < 0 || p->blocks > p->kg) return fail(0, ERR_HEADER); /* blocks are disjoint, >= 1 quad */
+    int64_t tiles = 0;
+    for (int64_t i = HEADER_WORDS; i < nw; i++) tiles += (s[i] & 0xff) == OP_TILE;
+    /* blocks are disjoint, >= 1 quad; every output row lies in some tile (bounds Y and `stored`) */
+    if (p->blocks < 0 || p->blocks > p->kg || p->n > 16 * tiles) return fail(0, ERR_HEADER);
     p->built = calloc((size_t)p->blocks + 1, 1);
     p->covered = calloc((size_t)p->kg + 1, 1);
-    if (!p->built || !p->covered) return fail(0, ERR_MEMORY);
+    p->stored = calloc((size_t)p->n, 1);
+    if (!p->built || !p->covered || !p->stored) return fail(0, ERR_MEMORY);
     p->tables = malloc(sizeof(int64_t) * nw);
     p->segs = malloc(sizeof(int64_t) * nw);
     if (!p->tables || !p->segs) return fail(0, ERR_MEMORY);
@@ -251,6 +257,10 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
             const int64_t row0 = FIELD(w, 8, 32), nrows = FIELD(w, 40, 5) + 1;
             if (phase != 2) return fail(i, ERR_ORDER);
             if (w >> 45 || nrows > 16 || row0 + nrows > p->n) return fail(i, ERR_STORE);
+            for (int64_t r = row0; r < row0 + nrows; r++) { /* tiles run in parallel: one writer per row */
+                if (p->stored[r]) return fail(i, ERR_STORE);
+                p->stored[r] = 1;
+            }
             phase = 1;
             break;
         }
@@ -342,6 +352,7 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
     free(p.segs);
     free(p.built);
     free(p.covered);
+    free(p.stored);
     return err;
 }
 
@@ -411,8 +422,8 @@ static int segments_task(int task, par_env_t* env, void* cdata) {
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
  * Y: [M, N] float32, zero on entry. threads: 1 = this thread only; otherwise the tables, then
  * the tiles, are split over `launch` (if not NULL: all of its pool) or OpenMP (0 = all threads).
- * Tiles are independent and each table is built by one task, so the result does not depend on
- * the split (codegen emits disjoint TABLEs; validate() does not yet refuse overlapping ones).
+ * Tiles are independent (validate() refuses two STOREs of one row) and each table is built by one
+ * task over quads no other TABLE touches, so the result does not depend on the split.
  * Returns 0, ERR_MEMORY, or ERR_LAUNCH if the launcher failed. */
 int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t nsegs, const uint8_t* W,
                  const float* P, const void* O, const float* X, int64_t M, float* Y, int fp32, int threads,
