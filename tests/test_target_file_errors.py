@@ -168,6 +168,7 @@ def _cuda_doc(**kernel: Any) -> dict[str, Any]:
     doc = _plan_doc()
     doc["target"] = "tvm-cuda"
     doc["kernels"] = [{"key": KEY, "functions": ["main"], "scratch": [], "source_sha256": "0" * 64, **kernel}]
+    doc["nvcc"] = {"mode": "skip", "flags": []}  # source only: no fatbin/ptx expected
     return doc
 
 
@@ -178,6 +179,10 @@ def _cuda_doc(**kernel: Any) -> dict[str, Any]:
     (_cuda_doc(scratch=[{"dims": "x"}]), {}, "kernels[0].scratch[0]: malformed scratch spec"),
     (_cuda_doc(), {}, f"kernels[0].key: kernel {KEY} is listed but kernels/{KEY}.so is not in the artifact"),
     (_cuda_doc(), {f"kernels/{KEY}.so": b"", f"kernels/{KEY}.cu": b"x"}, "kernels[0].source_sha256: "),
+    ({**_cuda_doc(), "nvcc": {"mode": "required", "flags": []}}, {f"kernels/{KEY}.so": b"", f"kernels/{KEY}.cu": b"x"},
+     f"kernels[0].key: kernel {KEY} is listed but kernels/{KEY}.fatbin is not in the artifact"),
+    ({**_cuda_doc(), "nvcc": {"mode": "maybe", "flags": []}}, {}, "nvcc.mode: "),
+    ({**_cuda_doc(), "nvcc": {"mode": "skip", "flags": [3]}}, {}, "nvcc.flags[0]: expected a string"),
 ])
 def test_tvm_cuda_plan_failures_name_file_and_field(doc, extra, words: str):
     from bitsmith.backends.tvm import cuda_target

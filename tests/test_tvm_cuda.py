@@ -80,7 +80,6 @@ def test_missing_nvcc_fails_at_compile_time_unless_skipped(monkeypatch, tmp_path
     nvcc="skip" the artifact ships source only and plan.json says the runtime compiles it."""
     from bitsmith.backends.tvm import cuda_build, cuda_target
     from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
-    from bitsmith.backends.tvm.plan import PlanError
     from bitsmith.backends.tvm.schedule_cuda import cuda_target as make_target
     monkeypatch.setattr(cuda_build, "nvcc_path", lambda: None)
     model, example = _plain_mlp()
@@ -102,10 +101,11 @@ def test_missing_nvcc_fails_at_compile_time_unless_skipped(monkeypatch, tmp_path
 
     # plan.json claiming nvcc built every kernel while fatbins are missing, or a malformed record
     plan = json.loads(files["plan.json"])
-    for bad, message in ((dict(plan, nvcc={"mode": "required", "flags": []}), r"\.fatbin is missing"),
-                         (dict(plan, nvcc={"mode": "maybe", "flags": []}), "malformed nvcc entry"),
-                         ({k: v for k, v in plan.items() if k != "nvcc"}, "malformed nvcc entry")):
-        with pytest.raises(PlanError, match=message):
+    for bad, message in ((dict(plan, nvcc={"mode": "required", "flags": []}),
+                          r"\.fatbin is not in the artifact \(nvcc mode 'required'\)"),
+                         (dict(plan, nvcc={"mode": "maybe", "flags": []}), r'nvcc\.mode: "maybe" is not one of'),
+                         ({k: v for k, v in plan.items() if k != "nvcc"}, "missing field 'nvcc'")):
+        with pytest.raises(ArtifactError, match=message):
             cuda_target.load(cm.module, cm.options, {**files, "plan.json": json.dumps(bad).encode()})
 
 
