@@ -98,10 +98,14 @@ def test_artifact_names_the_model_without_its_path(two_compiles):
 def test_two_saves_in_one_process_are_identical(tmp_path):
     """The fast check of the default suite: the reference target, model directories in two
     places, compiled and saved twice in this process (timings and paths would differ)."""
+    import shutil
+
     import bitsmith
+    save_tiny_llama(tmp_path / "first" / "tiny-llama")
+    shutil.copytree(tmp_path / "first", tmp_path / "second")
     outs = []
     for place in ("first", "second"):
-        model = save_tiny_llama(tmp_path / place / "tiny-llama")
+        model = tmp_path / place / "tiny-llama"
         bitsmith.compile(str(model), target="reference").save(tmp_path / f"out-{place}")
         outs.append(_files(tmp_path / f"out-{place}"))
     assert outs[0] == outs[1]
