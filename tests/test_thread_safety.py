@@ -74,7 +74,7 @@ def compiled(request) -> Any:
 def test_concurrent_calls_equal_serial_calls(compiled):
     jobs = _jobs(compiled)
     expected = [job() for job in jobs]
-    order = [i for i in range(len(jobs)) for _ in range(4)]  # every job 4 times, interleaved
+    order = [i for i in range(len(jobs)) for _ in range(8)]  # every job 8 times, interleaved
     random.Random(0).shuffle(order)
     start = threading.Barrier(THREADS)
 

@@ -2,6 +2,8 @@
 
 It is stateless between calls (the KV cache lives only inside ``generate``), and it never
 imports the frontend or passes: a loaded artifact runs without capture or re-compilation.
+Calls (``__call__``, ``run``, ``generate``) may come from several threads at once; each
+executable makes that safe (see ``Executable.run``).
 """
 
 from __future__ import annotations
