@@ -43,8 +43,8 @@ def quantization_summary(cm: Any) -> dict[str, Any]:
 
     ``quant`` and ``group_size`` are read from the qlinear ops themselves, so a loaded
     artifact reports what it holds; its ``quantize_seconds``, ``pass_seconds`` and
-    ``compile_seconds`` are None (only a compile in this process has timings). Falls back to the pre-quantization report fields
-    (``weight_bytes``) where ``report()`` lacks ``model_bytes``.
+    ``compile_seconds`` are None (only a compile in this process has timings). Falls back to
+    the pre-quantization report fields (``weight_bytes``) where ``report()`` lacks ``model_bytes``.
     """
     report = cm.report()
     attrs = qlinear_attrs(cm)

@@ -47,12 +47,12 @@ out = cm.generate(ids, max_new_tokens=new_tokens)
 seconds = time.perf_counter() - t0
 stop.set()
 sampler.join()
-attrs = cm.module.attrs
+attr = cm.module.attr
 positions = ids.shape[1] + new_tokens
-kv = sum(h * (k + v) * 4 * positions for h, k, v in zip(attrs["kv_heads"], attrs["key_dims"], attrs["value_dims"]))
+kv = sum(h * (k + v) * 4 * positions for h, k, v in zip(attr("kv_heads"), attr("key_dims"), attr("value_dims")))
 print(json.dumps({"base": base, "peak": max(peak[0], rss()), "final": rss(), "kv_bytes": kv,
                   "tokens": int(out.shape[1] - ids.shape[1]), "seconds": seconds,
-                  "max_positions": attrs["max_positions"], "prompt": int(ids.shape[1])}))
+                  "max_positions": attr("max_positions"), "prompt": int(ids.shape[1])}))
 """
 
 
