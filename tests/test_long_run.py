@@ -14,11 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 2000
 WARMUP_TOKENS = 16
-# Slack over the bound below, from a measurement (SmolLM2 tvm-llvm, 2,000 tokens, 2 cores,
-# Zen 4): peak growth was 1.37x the final KV cache (cache + the step's concatenated copy + the
-# attention intermediates of the longest step, all freed and reallocated per step) and the
-# RSS after the run ~0.9x of it (glibc keeps freed arenas). 64 MiB covers allocator arenas
-# and page rounding; a leak of even 32 KiB per step (64 MB over the run) would exceed it.
+# Slack over the bounds below, from a measurement (SmolLM2 tvm-llvm artifact, 7-token prompt +
+# 2,000 tokens, 2 busy cores, Zen 4): KV cache at the end 88.2 MiB; peak RSS growth 192.0 MiB
+# = 2 x KV + 15.6 MiB (the old cache and its one-token-longer concatenated copy coexist during
+# a step, plus the step's intermediates and allocator slack); RSS after the run +0.8 MiB (the
+# multi-MiB cache arrays are mmap-backed and go back to the OS when freed). 64 MiB is 4x the
+# measured excess; a leak of 32 KiB per step (64 MB over the run) would exceed it.
 SLACK_BYTES = 64 << 20
 
 # Loads the artifact in a fresh interpreter (as a server would), generates, and samples RSS
@@ -75,8 +76,8 @@ def test_2000_tokens_grow_rss_by_the_kv_cache_only(smollm2, tmp_path, monkeypatc
     assert r["tokens"] == NEW_TOKENS  # no EOS given: generate runs every step
     # SmolLM2 supports 8192 positions; generate refuses prompt + new tokens beyond max_positions
     assert r["max_positions"] >= r["prompt"] + NEW_TOKENS
-    # During a step the old cache and its one-token-longer copy coexist (concat), so the bound
-    # is twice the final cache, plus the measured slack.
-    growth = r["peak"] - r["base"]
-    assert growth <= 2 * r["kv_bytes"] + SLACK_BYTES, r
-    assert r["final"] - r["base"] <= 2 * r["kv_bytes"] + SLACK_BYTES, r
+    # During a step the old cache and its one-token-longer copy coexist (concat), so the peak
+    # bound is twice the final cache, plus the measured slack ...
+    assert r["peak"] - r["base"] <= 2 * r["kv_bytes"] + SLACK_BYTES, r
+    # ... and once generate has returned, nothing of the run may stay behind
+    assert r["final"] - r["base"] <= SLACK_BYTES, r
