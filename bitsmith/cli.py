@@ -74,7 +74,7 @@ def _compile_with_progress(model: str, target: str, passes: Sequence[str] | None
         _progress(f"[{time.perf_counter() - start:6.1f}s] {message}...")
 
     cm = compile_fn(model, target=target, passes=passes or None, progress=step, **options)
-    phases = cm.compile_info.get("seconds", {}) if isinstance(cm.compile_info, dict) else {}
+    phases = cm.timings.get("seconds", {})
     detail = ", ".join(f"{k} {v:.1f}s" for k, v in phases.items() if isinstance(v, (int, float)))
     _progress(f"compiled in {time.perf_counter() - start:.1f}s" + (f" ({detail})" if detail else ""))
     return cm

@@ -25,8 +25,11 @@ def _common(values: list[Any]) -> Any:
     return collections.Counter(values).most_common(1)[0][0]
 
 
-def quantize_seconds(report: dict[str, Any]) -> float:
-    """Seconds spent quantizing: the quantization passes plus any calibration step."""
+def quantize_seconds(report: dict[str, Any]) -> float | None:
+    """Seconds spent quantizing: the quantization passes plus any calibration step; None for
+    a loaded artifact (artifacts hold no timings: they are byte-identical across compiles)."""
+    if "pass_seconds" not in report:
+        return None
     passes = report.get("pass_seconds", {}) or {}
     phases = report.get("compile_seconds", {}) or {}
     total = sum(v for k, v in passes.items() if k in QUANTIZE_PASSES or "calib" in k)
@@ -39,8 +42,9 @@ def quantization_summary(cm: Any) -> dict[str, Any]:
     pass_seconds, compile_seconds} of a compiled (or loaded) model.
 
     ``quant`` and ``group_size`` are read from the qlinear ops themselves, so a loaded
-    artifact reports what it holds. Falls back to the pre-quantization report fields
-    (``weight_bytes``) where ``report()`` lacks ``model_bytes``.
+    artifact reports what it holds; its ``quantize_seconds``, ``pass_seconds`` and
+    ``compile_seconds`` are None (only a compile in this process has timings). Falls back to
+    the pre-quantization report fields (``weight_bytes``) where ``report()`` lacks ``model_bytes``.
     """
     report = cm.report()
     attrs = qlinear_attrs(cm)
@@ -53,6 +57,6 @@ def quantization_summary(cm: Any) -> dict[str, Any]:
         "model_bytes": model_bytes,
         "quantized_layers": report.get("quantized_layers", len(attrs)),
         "quantize_seconds": quantize_seconds(report),
-        "pass_seconds": report.get("pass_seconds", {}),
-        "compile_seconds": report.get("compile_seconds", {}),
+        "pass_seconds": report.get("pass_seconds"),
+        "compile_seconds": report.get("compile_seconds"),
     }

@@ -30,7 +30,8 @@ X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 @pytest.fixture
 def saved(tmp_path: Path) -> Path:
     out = tmp_path / "art"
-    compiled(options={"group_size": 128, "modes": ("a", "b")}, compile_info={"seconds": {"build": 0.5}}).save(out)
+    compiled(options={"group_size": 128, "modes": ("a", "b")}, compile_info={"pipeline": ["dce", "cse"]},
+             timings={"seconds": {"build": 0.5}, "pass_seconds": {"dce": 0.1}}).save(out)
     return out
 
 
@@ -50,7 +51,10 @@ def test_round_trip_is_bitwise_identical(saved: Path):
     assert loaded.module == original.module
     assert loaded.target == "reference"
     assert loaded.options == {"group_size": 128, "modes": ["a", "b"]}  # tuples come back as lists
-    assert loaded.compile_info == {"seconds": {"build": 0.5}}
+    assert loaded.compile_info == {"pipeline": ["dce", "cse"]}
+    # timings are never saved (artifacts are byte-identical across compiles): a loaded model has none
+    assert loaded.timings == {} and "seconds" not in (saved / MANIFEST).read_text()
+    assert "pass_seconds" not in loaded.report() and "compile_seconds" not in loaded.report()
     assert loaded.lm is None
     (want,), (got,) = original.run("main", [X]), loaded.run("main", [X])
     assert want.tobytes() == got.tobytes()

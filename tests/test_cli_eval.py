@@ -68,6 +68,7 @@ def test_eval_artifact_equals_ppl_of_its_own_logits(capsys, tmp_path, bitmod_art
     assert record["quant"] == "bitmod-w4" and record["group_size"] == 32
     assert record["windows"] == 2 and record["ctx"] == CTX and record["tokens_scored"] == 2 * (CTX - 1)
     assert 4.0 < record["bits_per_weight"] < 5.0
+    assert record["quantize_seconds"] is None  # an artifact holds no timings (deterministic bytes)
     assert f"ppl {record['ppl']:.4f}" in stdout and len(stdout.splitlines()) == 1
     assert "perplexity [" in err and "2/2" in err  # the progress bar
 

@@ -27,7 +27,9 @@ class Executable(ABC):
 
     @abstractmethod
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        ...
+        """Runs ``function``. Must be safe to call from several threads at once, with results
+        bit-identical to serial calls (a server's workers share one loaded model); every
+        built-in CPU executable is (tests/test_thread_safety.py)."""
 
     def files(self) -> dict[str, bytes]:
         """Target files (kernel libraries, programs) that an artifact must store."""

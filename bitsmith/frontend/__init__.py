@@ -18,11 +18,13 @@ def capture(model: Any, example_inputs: tuple | None = None,
 
     say = progress or (lambda message: None)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        from .models import load_pretrained
+        from .hf_capture import model_name
+        from .models import MODEL_ZOO, load_pretrained
         say(f"loading {model}")
         hf_model, tokenizer = load_pretrained(str(model))
         say("capturing with torch.export and lowering to IR")
-        return capture_causal_lm(hf_model, tokenizer)
+        name = str(model) if str(model) in MODEL_ZOO else model_name(str(model))
+        return capture_causal_lm(hf_model, tokenizer, name=name)
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"cannot compile a {type(model).__name__}: pass an nn.Module, a model name or a path")
     if _is_hf_causal_lm(model) and example_inputs is None:

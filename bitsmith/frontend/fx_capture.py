@@ -290,7 +290,7 @@ def capture_module(module: torch.nn.Module, example_inputs: tuple[Any, ...]) -> 
             ctx.env[node] = value
     fn = b.function(results)
     module_ir = verify_module(Module((fn,), TensorTable(b.tensors), {"kind": "module",
-                                                                    "name_or_path": type(module).__name__}))
+                                                                    "model_name": type(module).__name__}))
     return CapturedModel(module_ir)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -65,8 +66,24 @@ def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None) -> CapturedModel:
-    """Exports ``model`` (an HF causal LM in eval mode) to an IR module with a KV cache."""
+def model_name(name_or_path: str) -> str:
+    """How an artifact names the model it came from: a zoo or hub name as given, a local path
+    by its base name. Never an absolute path: artifacts must not depend on where the model
+    (or the machine's packages) lie, so that compiling the same model twice gives the same bytes."""
+    text = str(name_or_path).rstrip("/\\")
+    if not text:
+        return ""
+    path = Path(text)
+    if path.is_absolute() or text.startswith(".") or path.exists():
+        return path.resolve().name  # resolved so that "." and "x/.." name a directory
+    return text
+
+
+def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str | None = None) -> CapturedModel:
+    """Exports ``model`` (an HF causal LM in eval mode) to an IR module with a KV cache.
+
+    ``name`` is recorded as the ``model_name`` attribute (default: the config's
+    ``_name_or_path`` through ``model_name``)."""
     if model.training:
         model = model.train(False)  # inference mode
     t0 = time.perf_counter()
@@ -92,7 +109,7 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None) -> Captured
         "key_dims": tuple(l["key_dim"] for l in layers),
         "value_dims": tuple(l["value_dim"] for l in layers),
         "max_positions": _max_positions(model),
-        "name_or_path": str(getattr(cfg, "_name_or_path", "") or ""),
+        "model_name": model_name(str(getattr(cfg, "_name_or_path", "") or "")) if name is None else name,
     }
     module = verify_module(Module((cached,), tensors, attrs))
     t2 = time.perf_counter()

@@ -2,6 +2,8 @@
 
 It is stateless between calls (the KV cache lives only inside ``generate``), and it never
 imports the frontend or passes: a loaded artifact runs without capture or re-compilation.
+Calls (``__call__``, ``run``, ``generate``) may come from several threads at once; each
+executable makes that safe (see ``Executable.run``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,9 @@ class CompiledModel:
     options: dict[str, Any] = field(default_factory=dict)
     lm: LanguageModelInfo | None = None
     compile_info: dict[str, Any] = field(default_factory=dict)
+    # Seconds per compile phase ("seconds") and per pass ("pass_seconds") of a compile in this
+    # process. Never saved (artifacts are deterministic), so a loaded model has none.
+    timings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_language_model(self) -> bool:
@@ -115,6 +120,10 @@ class CompiledModel:
         weight_bytes = int(tensors.nbytes())
         from .artifact import op_counts
         layer_bytes, layer_weights, quantized = linear_storage(self.module)
+        timings = {}
+        if self.timings:
+            timings = {"pass_seconds": dict(self.timings.get("pass_seconds", {})),
+                       "compile_seconds": dict(self.timings.get("seconds", {}))}
         return {
             "target": self.target,
             "params": params,
@@ -125,8 +134,7 @@ class CompiledModel:
             "linear_weights": layer_weights,
             "linear_bytes": layer_bytes,
             "op_counts": op_counts(self.module),
-            "pass_seconds": dict(self.compile_info.get("pass_seconds", {})),
-            "compile_seconds": dict(self.compile_info.get("seconds", {})),
+            **timings,
             "options": dict(self.options),
             "executable": self.executable.report(),
         }

@@ -69,6 +69,12 @@ def lower_module(module: Module, table_group: int = 32) -> list[LayerEntry]:
 
 
 class LUTExecutable(Executable):
+    """Thread-safe without a lock: the host path is a tvm-llvm PlanExecutor (per-thread
+    buffers, see tvm/executor.py) or the reference interpreter (per-call values); the C engine
+    allocates its tables and accumulators per call and only reads the validated program, whose
+    plan cache is filled once per layer (a race re-validates, never corrupts); parallel parts
+    run on the calling thread's TVM pool or OpenMP team."""
+
     def __init__(self, module: Module, layers: list[LayerEntry], library: bytes, options: Mapping[str, Any],
                  host_factory: Callable[[Mapping[tuple[str, str], LayerEntry], host.LayerRunner], Any]) -> None:
         """``host_factory(layers, run_layer)`` makes the host path (host.py) around the engine."""

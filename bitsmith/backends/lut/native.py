@@ -73,7 +73,10 @@ def _compile(source: bytes) -> bytes:
         src, out = os.path.join(d, SOURCE), os.path.join(d, "lutexec.so")
         with open(src, "wb") as f:
             f.write(source)
-        proc = subprocess.run([cc, *CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True)
+        # relative names from inside the temporary directory, and its name mapped away, so the
+        # random directory name reaches no byte of the library (artifacts are deterministic)
+        proc = subprocess.run([cc, *CFLAGS, f"-ffile-prefix-map={d}=.", SOURCE, "-o", "lutexec.so", "-lm"],
+                              capture_output=True, text=True, cwd=d)
         if proc.returncode:
             raise NativeBuildError(f"building the LUT executor failed ({cc} {' '.join(CFLAGS)}):\n{proc.stderr[-2000:]}")
         with open(out, "rb") as f:

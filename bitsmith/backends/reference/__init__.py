@@ -11,6 +11,9 @@ from ..base import Backend, Executable
 
 
 class ReferenceExecutable(Executable):
+    """Thread-safe without a lock: the interpreter keeps every value of a call in that call's
+    own environment and never writes the module or its (read-only) tensors."""
+
     def __init__(self, module: Module) -> None:
         self.module = module
 

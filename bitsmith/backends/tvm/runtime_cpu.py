@@ -2,20 +2,24 @@
 
 TVM's CPU thread pool reads ``TVM_NUM_THREADS`` when it is first used; afterwards the
 registered global ``runtime.config_threadpool(affinity_mode, nthreads)`` resizes it
-(affinity 0 = no pinning; nthreads 0 = one per core). The pool is per process, so the
-executor re-applies its own ``threads`` option only when it differs from the last applied.
+(affinity 0 = no pinning; nthreads 0 = one per core). TVM keeps one pool per calling thread
+(``ThreadPool::ThreadLocal()`` in its thread_pool.cc), and ``config_threadpool`` resizes the
+calling thread's pool only, so the executor re-applies its own ``threads`` option whenever it
+differs from the last one applied in the calling thread: threads calling one model at once
+each run its kernels on their own pool, sized by the model's option.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable
 
 import tvm
 
 from .. import native_loader
 
-_applied: int | None = None
+_applied = threading.local()  # .threads: the size last applied to this thread's TVM pool
 
 
 def cores() -> int:
@@ -28,12 +32,11 @@ def cores() -> int:
 
 def set_threads(threads: int) -> None:
     """Resizes TVM's pool to ``threads`` (0 = every CPU this process may use)."""
-    global _applied
     n = threads or cores()
-    if n == _applied:
+    if getattr(_applied, "threads", None) == n:
         return
     tvm.get_global_func("runtime.config_threadpool")(0, int(n))
-    _applied = n
+    _applied.threads = n
 
 
 def num_threads() -> int:
