@@ -6,12 +6,14 @@ for clarity, and it must carry less error than the fp32 kernels it judges, on an
 Accuracy scheme: every op's result is rounded once, at the op boundary, to the node's
 declared dtype; in between, floating-point work is done in float64:
   - ops that accumulate (matmul, linear, qlinear, attention, layer_norm, sum/mean, softmax)
-    multiply and sum in float64. A float32 product is exact in float64 (24+24 < 53 bits), so
-    for the K <= a few thousand of an LLM layer the float64 sum is ~2^-29 relative to the
-    float32 epsilon and the result is the float32 rounding of the exact dot product up to
-    a ~K*2^-53 relative term: within 0.5 ulp (+ negligible) of the true value, whatever the
-    BLAS kernel or instruction set. fp32 BLAS, by contrast, leaves O(sqrt(K)) ulp that
-    depends on the blocking and the SIMD width (AVX2 vs AVX-512 give different results);
+    multiply and sum in float64. A float32 product is exact in float64 (24+24 < 53 bits) and
+    a float64 sum of K terms is off by at most ~K*2^-53*sum|terms| (Higham, Accuracy and
+    Stability of Numerical Algorithms, 4.2), i.e. <= 2^-41*sum|terms| for K <= 4096: far
+    below float32's 2^-24 rounding unless the sum cancels by more than 2^17. So the result is
+    the exact value rounded to float32 (up to that tiny term), whatever the BLAS kernel or
+    instruction set;
+    fp32 BLAS instead leaves errors that grow with K and depend on the kernel's blocking
+    (numpy's OpenBLAS on AVX-512 and on AVX2 give different results);
   - composite or transcendental elementwise ops (exp, log, sqrt, rsqrt, tanh, sigmoid, silu,
     sin, cos, pow, gelu) are evaluated in float64 and rounded once, so they are within
     ~0.5 ulp in float32 and do not depend on numpy's per-ISA float32 SIMD approximations
