@@ -11,9 +11,8 @@ declared dtype; in between, floating-point work is done in float64:
     Stability of Numerical Algorithms, 4.2), i.e. <= 2^-41*sum|terms| for K <= 4096: far
     below float32's 2^-24 rounding unless the sum cancels by more than 2^17. So the result is
     the exact value rounded to float32 (up to that tiny term), whatever the BLAS kernel or
-    instruction set;
-    fp32 BLAS instead leaves errors that grow with K and depend on the kernel's blocking
-    (numpy's OpenBLAS on AVX-512 and on AVX2 give different results);
+    instruction set. fp32 BLAS instead leaves errors that grow with K and depend on the
+    kernel's blocking (numpy's OpenBLAS on AVX-512 and on AVX2 give different results);
   - composite or transcendental elementwise ops (exp, log, sqrt, rsqrt, tanh, sigmoid, silu,
     sin, cos, pow, gelu) are evaluated in float64 and rounded once, so they are within
     ~0.5 ulp in float32 and do not depend on numpy's per-ISA float32 SIMD approximations
