@@ -62,6 +62,14 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_float64(smollm2):
+    """A float64 copy of the HF model: the "exact" run that fp32 results are measured against."""
+    import copy
+    model, _ = smollm2
+    return copy.deepcopy(model).double().eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2_compiled(smollm2):
     import bitsmith
     model, _ = smollm2

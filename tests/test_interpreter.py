@@ -322,3 +322,52 @@ def test_random_graphs_produce_declared_types(module_and_args) -> None:
             assert arr.dtype == numpy_dtype(v.type.dtype) and arr.shape == v.type.concrete(bindings), node
 
     run_function(module, "main", args, observe=check)
+
+
+# ---------------------------------------------------------------- accuracy scheme (issue 9)
+# The oracle rounds each accumulating op once: its result is the exact value rounded to
+# float32. math.fsum is correctly rounded to float64, so float32(fsum) is that value except
+# where double rounding hits a float32 tie: within 1 float32 ulp of the exact value, always.
+
+def _exact_f32(terms, divisor: int = 1) -> np.float32:
+    import math
+    return np.float32(math.fsum(float(t) for t in terms) / divisor)
+
+
+def _within_one_ulp(got: np.ndarray, want: np.ndarray) -> None:
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.all(np.abs(got.astype(np.float64) - want) <= np.spacing(np.abs(want)))
+
+
+@SETTINGS
+@given(m=st.integers(1, 3), k=st.integers(1, 300), n=st.integers(1, 3), bias=st.booleans(), seed=seeds)
+def test_linear_is_the_exact_dot_product_rounded_once(m: int, k: int, n: int, bias: bool, seed: int) -> None:
+    # wide dynamic range, so float32 accumulation would cancel and round visibly
+    x = (rand(seed, (m, k)) * np.exp2(rand(seed + 3, (m, k), -12, 12).round())).astype(np.float32)
+    w, b = rand(seed + 1, (n, k)), rand(seed + 2, (n,))
+    got = run_op("linear", [x], consts={"w": w, "b": b} if bias else {"w": w})
+    want = np.array([[_exact_f32([*(np.float64(x[i]) * w[j]), *([b[j]] if bias else [])])
+                      for j in range(n)] for i in range(m)])
+    _within_one_ulp(got, want)
+
+
+@SETTINGS
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=2).map(tuple), seed=seeds)
+def test_sum_and_mean_are_exact_sums_rounded_once(shape: tuple, seed: int) -> None:
+    x = (rand(seed, shape) * np.exp2(rand(seed + 1, shape, -12, 12).round())).astype(np.float32)
+    attrs = {"axes": (-1,), "keepdims": False}
+    rows = x.reshape(-1, shape[-1])
+    _within_one_ulp(run_op("sum", [x], attrs).reshape(-1), [_exact_f32(r) for r in rows])
+    # mean = sum / n in float64, rounded once: float32(fsum / n) is within 1 ulp too
+    _within_one_ulp(run_op("mean", [x], attrs).reshape(-1), [_exact_f32(r, len(r)) for r in rows])
+
+
+def test_cancellation_that_float32_accumulation_loses() -> None:
+    # 1e8 + 1 rounds back to 1e8 in float32, so accumulating this dot product left to right in
+    # float32 gives 0 (BLAS kernels may pick another order; the exact answer is 1)
+    x = np.array([[1e8, 1.0, -1e8]], dtype=np.float32)
+    w = np.ones((1, 3), dtype=np.float32)
+    assert (x[0, 0] + x[0, 1]) + x[0, 2] == 0.0  # the loss this test guards against, in plain fp32
+    assert run_op("linear", [x], consts={"w": w})[0, 0] == 1.0
+    assert run_op("matmul", [x, w.T.copy()])[0, 0] == 1.0
+    assert run_op("sum", [x], {"axes": (-1,), "keepdims": False})[0] == 1.0

@@ -217,6 +217,7 @@ def test_mcpu_and_threads_options(monkeypatch):
 # ---------------------------------------------------------------- whole models
 
 from hf_configs import ARCHS, make_model  # noqa: E402
+from oracle_bounds import fp32_error_budget, max_error  # noqa: E402
 
 
 def _cache_inputs(module, rng, batch, past, seq):
@@ -439,18 +440,30 @@ def _prompt(smollm2):
     return np.array([getattr(enc, "ids", enc)], dtype=np.int64)
 
 
-def test_smollm2_logits_match_reference(smollm2, smollm2_compiled, smollm2_tvm):
-    """|diff| <= 1e-4 + 1e-4*|ref| against the reference target, identical argmax, prefill and decode."""
+def test_smollm2_logits_match_reference(smollm2, smollm2_float64, smollm2_compiled, smollm2_tvm):
+    """Prefill and one decode step against the reference target, identical argmax; the bound is
+    measured, not fixed: tvm-llvm (fp32) must be within the fp32 budget of a float64 torch run
+    (twice torch fp32's error + 4 ulp, tests/oracle_bounds.py), hence within that budget plus
+    the reference's own measured error of the reference's logits (triangle inequality)."""
+    import torch
+    model, _ = smollm2
     ids = _prompt(smollm2)
     want = smollm2_compiled.executable.run("main", _lm_args(smollm2_compiled.module, ids, 0))
     got = smollm2_tvm.executable.run("main", _lm_args(smollm2_compiled.module, ids, 0))
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
     assert (got[0].argmax(-1) == want[0].argmax(-1)).all()
     nxt = want[0][:, -1:].argmax(-1)
     step = [nxt, np.array([[ids.shape[1]]]), *want[1:]]
     w2 = smollm2_compiled.executable.run("main", step)
     g2 = smollm2_tvm.executable.run("main", step)
-    np.testing.assert_allclose(g2[0], w2[0], rtol=1e-4, atol=1e-4)
+    assert (g2[0].argmax(-1) == w2[0].argmax(-1)).all()
+    full = torch.from_numpy(np.concatenate([ids, nxt], axis=1))
+    with torch.no_grad():  # logits of every position, prompt and decoded token, in one run each
+        torch32 = model(input_ids=full).logits.numpy()
+        exact = smollm2_float64(input_ids=full).logits.numpy()
+    budget = fp32_error_budget(exact, torch32)
+    for ours, oracle, where in ((got[0], want[0], slice(0, ids.shape[1])), (g2[0], w2[0], slice(ids.shape[1], None))):
+        assert max_error(ours, exact[:, where]) <= budget
+        assert max_error(ours, oracle) <= budget + max_error(oracle, exact[:, where])
 
 
 def _lm_args(module, ids, past):

@@ -22,7 +22,7 @@ import numpy as np
 from . import symbolic as sym
 from .graph import Function, Module, Node
 from .datatypes import get_scheme, group_count, group_index, packed_length, unpack_codes
-from .interpreter import RULES
+from .interpreter import RULES, wide, wide_matmul
 from .ops import OPS, OpDef
 from .types import IRTypeError, TensorType
 
@@ -185,9 +185,11 @@ def _qlinear_rule(xs, node, ctx):
     x = xs[0]
     n_weight = len(xs) - 1 - (1 if attrs["bias"] else 0)
     weight = DECODE_CACHE.get(attrs, xs[1:1 + n_weight])
-    y = np.matmul(x, weight.T.astype(x.dtype, copy=False))
+    # the float32 decoded weight exactly, products and sums in float64, one rounding to x's
+    # dtype (the interpreter's accuracy scheme; float16 activations do not round the weight)
+    y = wide_matmul(x, weight.T)
     if attrs["bias"]:
-        y = y + xs[-1]
+        y += wide(xs[-1])
     return [y.astype(x.dtype, copy=False)]
 
 
