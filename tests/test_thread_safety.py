@@ -17,7 +17,12 @@ from bitsmith.runtime.generate import empty_cache, positions
 
 from hf_configs import VOCAB, make_model
 
-TARGETS = {"reference": {}, "tvm-llvm": {}, "lut-cpu": {"quant": "bitmod-w4", "group_size": 32}}
+QUANT = {"quant": "bitmod-w4", "group_size": 32}
+# case -> (target, options); the quantized reference cases share the interpreter's process-wide
+# decoded-weight cache (ir/quantized.py DECODE_CACHE) between threads
+TARGETS = {"reference": ("reference", {}), "reference-bitmod-w4": ("reference", QUANT),
+           "tvm-llvm": ("tvm-llvm", {}), "lut-cpu": ("lut-cpu", QUANT),
+           "lut-cpu-reference-host": ("lut-cpu", {**QUANT, "lut_host": "reference"})}
 THREADS = 8
 
 
@@ -68,12 +73,18 @@ def _jobs(cm: Any) -> list[Callable[[], list[np.ndarray]]]:
 
 @pytest.fixture(scope="module", params=list(TARGETS))
 def compiled(request) -> Any:
-    return bitsmith.compile(make_model("llama"), target=request.param, **TARGETS[request.param])
+    target, options = TARGETS[request.param]
+    return bitsmith.compile(make_model("llama"), target=target, **options)
 
 
-def test_concurrent_calls_equal_serial_calls(compiled):
+def test_concurrent_calls_equal_serial_calls(compiled, monkeypatch):
+    from bitsmith.ir.quantized import DECODE_CACHE
     jobs = _jobs(compiled)
     expected = [job() for job in jobs]
+    # start the concurrent part with an empty decoded-weight cache that holds about one layer, so
+    # threads decode, insert and evict at the same time
+    DECODE_CACHE.clear()
+    monkeypatch.setattr(DECODE_CACHE, "max_bytes", 64 * 64 * 4)
     order = [i for i in range(len(jobs)) for _ in range(8)]  # every job 8 times, interleaved
     random.Random(0).shuffle(order)
     start = threading.Barrier(THREADS)
@@ -91,3 +102,39 @@ def test_concurrent_calls_equal_serial_calls(compiled):
         for g, w in zip(got, want):
             assert g.dtype == w.dtype and g.shape == w.shape and g.tobytes() == w.tobytes(), \
                 f"{compiled.target}: job {i} differs when run concurrently"
+
+
+def test_decoded_weight_cache_under_contention(monkeypatch):
+    """The interpreter's process-wide decoded-weight cache, hammered by 8 threads with a budget
+    of a few entries (constant inserts and evictions): no exception, every value returned is
+    the one for its key, and the byte count equals what the cache holds."""
+    import sys
+
+    from bitsmith.ir import quantized
+    monkeypatch.setattr(quantized, "dequantize", lambda attrs, ops: np.full(64, float(ops[0][0]), np.float32))
+    cache = quantized._DecodeCache(max_bytes=4 * 64 * 4)
+    layers = []
+    for i in range(16):
+        a = np.array([i], np.int64)
+        a.flags.writeable = False
+        layers.append(a)
+    start = threading.Barrier(THREADS)
+
+    def worker(seed: int) -> int:
+        rng = random.Random(seed)
+        start.wait()
+        bad = 0
+        for _ in range(3000):
+            i = rng.randrange(len(layers))
+            bad += int(cache.get({"k": 1}, [layers[i]])[0] != i)
+        return bad
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        with ThreadPoolExecutor(THREADS) as pool:
+            bad = sum(pool.map(worker, range(THREADS)))
+    finally:
+        sys.setswitchinterval(old)
+    assert bad == 0
+    assert cache.bytes == sum(w.nbytes for _, w in cache.entries.values()) <= cache.max_bytes

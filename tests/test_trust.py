@@ -218,8 +218,9 @@ def test_recorded_isa_this_cpu_lacks_is_refused(built, loads):
             rec["features"] = sorted(rec["features"] + [absent])
 
     edit_manifest(path, add_feature)
-    with pytest.raises(native_loader.UnsupportedCPUError, match=f"this CPU lacks {absent}"):
+    with pytest.raises(ArtifactError, match=f"this CPU lacks {absent}") as err:
         bitsmith.load(str(path))
+    assert isinstance(err.value.__cause__, native_loader.UnsupportedCPUError)
     assert loads == []  # the loader refused before opening anything
 
 
@@ -251,8 +252,9 @@ def test_undeclared_library_in_a_trusted_manifest_is_refused(built, monkeypatch)
     _, path = built
     monkeypatch.setattr(native_loader, "_grants", {})  # as a fresh process: nothing built here
     edit_manifest(path, lambda m: m["native"].popitem())
-    with pytest.raises(native_loader.NativeCodeError, match="neither built in this process nor declared"):
+    with pytest.raises(ArtifactError, match="neither built in this process nor declared") as err:
         bitsmith.load(str(path))
+    assert isinstance(err.value.__cause__, native_loader.NativeCodeError)
 
 
 def test_loader_opens_a_private_copy_of_exactly_the_bytes(tmp_path):

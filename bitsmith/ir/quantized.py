@@ -14,6 +14,7 @@ the kept weights of a row, and the last group of a row may be shorter.
 from __future__ import annotations
 
 import collections
+import threading
 import math
 from typing import Iterator, Sequence
 
@@ -152,29 +153,44 @@ class _DecodeCache:
     """Decoded weights of constant operands, so the reference target unpacks each layer once.
 
     Keyed by the identity of the operand arrays (constants from a module's read-only tensor
-    table are the same objects every call); holds references so identities stay valid.
+    table are the same objects every call); holds references so identities stay valid. Shared
+    by every thread that runs a model: the dict is touched only under a lock, decoding runs
+    outside it, and a layer two threads decoded at once is stored once.
     """
 
     def __init__(self, max_bytes: int = 3 << 30) -> None:
         self.max_bytes = max_bytes
         self.entries: collections.OrderedDict[tuple, tuple[list, np.ndarray]] = collections.OrderedDict()
         self.bytes = 0
+        self._lock = threading.Lock()
 
     def get(self, attrs: dict, operands: Sequence[np.ndarray]) -> np.ndarray:
         if any(a.flags.writeable for a in operands):  # not table constants: decode afresh
             return dequantize(attrs, operands)
         key = (tuple(sorted(attrs.items())),) + tuple(id(a) for a in operands)
-        hit = self.entries.get(key)
-        if hit is not None:
-            self.entries.move_to_end(key)
-            return hit[1]
+        with self._lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                return hit[1]
         weight = dequantize(attrs, operands)
-        self.entries[key] = (list(operands), weight)
-        self.bytes += weight.nbytes
-        while self.bytes > self.max_bytes and len(self.entries) > 1:
-            _, (_, old) = self.entries.popitem(last=False)
-            self.bytes -= old.nbytes
+        weight.flags.writeable = False  # shared between calls and threads
+        with self._lock:
+            hit = self.entries.get(key)
+            if hit is not None:  # another thread decoded it meanwhile: keep one copy
+                self.entries.move_to_end(key)
+                return hit[1]
+            self.entries[key] = (list(operands), weight)
+            self.bytes += weight.nbytes
+            while self.bytes > self.max_bytes and len(self.entries) > 1:
+                _, (_, old) = self.entries.popitem(last=False)
+                self.bytes -= old.nbytes
         return weight
+
+    def clear(self) -> None:
+        with self._lock:
+            self.entries.clear()
+            self.bytes = 0
 
 
 DECODE_CACHE = _DecodeCache()

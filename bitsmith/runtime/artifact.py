@@ -36,7 +36,8 @@ from .artifact_files import ArtifactFiles, FileEntry, check_size, open_file, rea
 from .model import CompiledModel, LanguageModelInfo
 from .weights_file import read_weights
 
-__all__ = ["load_artifact", "op_counts", "read_manifest", "save_artifact", "verify_files"]
+__all__ = ["NativeArtifactError", "file_entries", "load_artifact", "op_counts", "read_manifest", "save_artifact",
+           "verify_files"]
 
 _ARTIFACT_ENTRIES = frozenset({MANIFEST, WEIGHTS, TOKENIZER, TARGET_DIR})
 _CHUNK = 1 << 20
@@ -166,14 +167,20 @@ def _trust_written(body: dict[str, Any]) -> None:
     digests = {}
     for name in body["native"]:
         digest = trust.file_sha256(body["files"][name])
-        g = native_loader.granted(digest)
-        if g is None or g.origin != native_loader.TRUSTED_CALLER:
+        g = native_loader.granted(digest)  # fail closed: bytes nobody granted earn no trust
+        if g is not None and g.origin != native_loader.TRUSTED_CALLER:
             digests[digest] = f"written by this machine's bitsmith: {name}"
     if digests:
         trust.add(digests)
 
 
 # --- loading -----------------------------------------------------------------------------
+
+class NativeArtifactError(ArtifactError):
+    """The artifact's native code cannot load here; ``__cause__`` is the native loader's error
+    (``UnsupportedCPUError`` for an instruction set this CPU lacks, ``NativeCodeError`` for a
+    library the manifest does not declare)."""
+
 
 def file_entries(manifest: dict[str, Any]) -> dict[str, FileEntry]:
     return {n: FileEntry(e["sha256"], e["size"]) for n, e in manifest["files"].items()}
@@ -276,5 +283,7 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False)
         executable = backend.load(module, target, options, files)
     except OptionError as e:
         raise ArtifactError(where, f"options: {e}") from None
+    except native_loader.NativeCodeError as e:  # undeclared library, or an ISA this CPU lacks
+        raise NativeArtifactError(where, str(e)) from e
     verify_files(root, manifest, skip=frozenset(files.read | {WEIGHTS, TOKENIZER}))
     return CompiledModel(module, executable, target, options, lm, dict(manifest["compile_info"]))
