@@ -1,6 +1,7 @@
-"""Artifacts are deterministic: the same model compiled twice, in fresh processes, with a cold
-and then a warm kernel cache, gives byte-identical artifact directories on every CPU target
-(docs/artifact-format.md, "Determinism")."""
+"""Artifacts are deterministic: the same model compiled in fresh processes, with a cold, then a
+warm, then another cold kernel cache, gives byte-identical artifact directories on every CPU
+target (docs/artifact-format.md, "Determinism"). The second cold compile makes TVM/LLVM build
+every kernel again, so nondeterministic compiler output would show."""
 
 from __future__ import annotations
 
@@ -56,35 +57,39 @@ def _files(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def two_compiles(tmp_path_factory) -> tuple[Path, Path, dict, dict]:
+def two_compiles(tmp_path_factory) -> tuple[Path, Path, dict, dict, Path, dict]:
     """The tiny Llama saved in two different directories with the same base name (so an
-    absolute model path in the artifact would show), each compiled in a fresh process: the
-    first with a cold kernel cache, the second with the cache the first one filled."""
+    absolute model path in the artifact would show), compiled in fresh processes: first with a
+    cold kernel cache, second with the cache the first one filled, third with another empty
+    cache (every kernel compiled again)."""
     base = tmp_path_factory.mktemp("determinism")
     model_a = save_tiny_llama(base / "first" / "tiny-llama")
     model_b = save_tiny_llama(base / "second" / "tiny-llama")
     cache = base / "kernel-cache"
     cold = _compile_all(model_a, base / "out-a", cache, "1")
     warm = _compile_all(model_b, base / "out-b", cache, "2")
-    return base / "out-a", base / "out-b", cold, warm
+    cold2 = _compile_all(model_b, base / "out-c", base / "kernel-cache-2", "3")
+    return base / "out-a", base / "out-b", cold, warm, base / "out-c", cold2
 
 
-@pytest.mark.slow  # two fresh interpreters x three targets: ~90 s on 2 busy cores
+@pytest.mark.slow  # three fresh interpreters x three targets: ~2 min on 2 busy cores
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_compiling_twice_gives_identical_artifacts(two_compiles, target):
-    out_a, out_b, cold, warm = two_compiles
-    if target != "reference":  # the first run compiled kernels, the second only read them
-        assert cold[target]["cache_misses"] > 0, cold
+    out_a, out_b, cold, warm, out_c, cold2 = two_compiles
+    if target != "reference":  # the first and third runs compiled kernels, the second only read them
+        assert cold[target]["cache_misses"] > 0 and cold2[target]["cache_misses"] > 0, (cold, cold2)
         assert warm[target]["cache_misses"] == 0 and warm[target]["cache_hits"] > 0, warm
-    a, b = _files(out_a / target), _files(out_b / target)
-    assert sorted(a) == sorted(b)
-    differing = [name for name in a if a[name] != b[name]]
-    assert not differing, f"{target}: files differ between two compiles: {differing}"
+    a = _files(out_a / target)
+    for label, other in (("warm", out_b), ("second cold", out_c)):
+        b = _files(other / target)
+        assert sorted(a) == sorted(b)
+        differing = [name for name in a if a[name] != b[name]]
+        assert not differing, f"{target}: files differ between the first and the {label} compile: {differing}"
 
 
 @pytest.mark.slow
 def test_artifact_names_the_model_without_its_path(two_compiles):
-    out_a, _, _, _ = two_compiles
+    out_a = two_compiles[0]
     manifest = json.loads((out_a / "reference" / "manifest.json").read_text())
     assert manifest["module_attrs"]["model_name"] == "tiny-llama"
     text = (out_a / "reference" / "manifest.json").read_text()
