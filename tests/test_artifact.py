@@ -498,3 +498,16 @@ def test_unknown_target_is_an_artifact_error_listing_the_known_ones(saved: Path)
     edit_manifest(saved, lambda m: m.update(target="quantum-9000"))
     err = expect_refusal(saved, MANIFEST, "target: unknown target 'quantum-9000'; known targets:")
     assert "reference" in err.problem
+
+
+def test_a_file_too_large_for_memory_is_an_artifact_error(saved: Path, monkeypatch):
+    """A file whose (manifest- and fstat-agreed) size cannot be allocated: ArtifactError naming
+    it, not a MemoryError escaping load()."""
+    from bitsmith.runtime import weights_file
+
+    def no_memory(n: int):
+        raise MemoryError(n)
+
+    monkeypatch.setattr(weights_file, "aligned_bytes", no_memory)
+    err = expect_refusal(saved, WEIGHTS, "do not fit in this process's memory")
+    assert err.path.endswith(WEIGHTS)

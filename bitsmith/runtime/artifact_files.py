@@ -17,7 +17,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -123,6 +123,15 @@ def hash_mismatch(where: str) -> ArtifactError:
     return ArtifactError(where, "sha256 does not match the manifest (the file is corrupted or replaced)")
 
 
+def allocate(size: int, where: str, make: Callable[[int], Any]) -> Any:
+    """``make(size)``, or ArtifactError when a file (of a size the manifest and fstat agree on)
+    is too large for this machine's memory."""
+    try:
+        return make(size)
+    except MemoryError:
+        raise ArtifactError(where, f"{size} bytes do not fit in this process's memory") from None
+
+
 def read_checked(root: Path, name: str, entry: FileEntry, into: Callable[[int], np.ndarray] | None = None,
                  ) -> np.ndarray | None:
     """Streams ``root/name`` through sha256, checking size first and the hash at the end.
@@ -136,7 +145,7 @@ def read_checked(root: Path, name: str, entry: FileEntry, into: Callable[[int], 
         check_size(fd, where, entry.size)
         digest = hashlib.sha256()
         if into is not None:
-            buf = into(entry.size)
+            buf = allocate(entry.size, where, into)
             view = memoryview(buf)
             read_exact(fd, view, where)
             digest.update(view)
@@ -162,7 +171,7 @@ def read_bytes(root: Path, name: str, entry: FileEntry) -> bytes:
     fd = open_file(root, name)
     try:
         check_size(fd, where, entry.size)
-        buf = bytearray(entry.size)
+        buf = allocate(entry.size, where, bytearray)
         read_exact(fd, memoryview(buf), where)
         check_eof(fd, where)
     finally:

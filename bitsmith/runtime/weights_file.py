@@ -25,7 +25,7 @@ from ..backends.files import ALIGN, aligned_bytes
 from ..errors import ArtifactError
 from ..ir import TensorTable
 from ..ir.types import IRTypeError
-from .artifact_files import FileEntry, check_eof, check_size, hash_mismatch, read_exact, open_file
+from .artifact_files import FileEntry, allocate, check_eof, check_size, hash_mismatch, open_file, read_exact
 from .manifest import WEIGHTS, strict_json
 
 MAX_HEADER = 16 << 20   # bytes of JSON header; SmolLM2's is ~30 KB
@@ -117,7 +117,7 @@ def read_weights(root: Path, entry: FileEntry, listed: list[dict[str, Any]]) -> 
         for begin, end, name, dtype, shape in entries:
             slots.append((total, end - begin, name, dtype, shape))
             total += -(-(end - begin) // ALIGN) * ALIGN
-        arena = aligned_bytes(total)
+        arena = allocate(total, where, aligned_bytes)
         view = memoryview(arena)
         for start, size, *_ in slots:
             part = view[start:start + size]
