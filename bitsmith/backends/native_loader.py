@@ -193,6 +193,13 @@ def built_here(digests: Iterable[str]) -> list[str]:
         return [d for d in digests if (g := _grants.get(d)) is not None and g.origin == BUILT]
 
 
+def reset_grants() -> None:
+    """Forgets every grant, as a fresh process starts (for tests that load many artifacts in one
+    process and must judge each as a new process would; libraries already loaded stay loaded)."""
+    with _lock:
+        _grants.clear()
+
+
 # --- loading -------------------------------------------------------------------------------
 
 _dir: str | None = None
