@@ -66,11 +66,20 @@ def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.
     checking the plan's signature against the IR; a plan that does not fit the module raises
     PlanError naming ``file`` (the artifact's plan.json)."""
     from .matmul import qlinear_operands
+    from .qlinear_layout import operand_specs
     out: dict[int, np.ndarray] = {}
     plan.check_against(module, file)
     fn = module.function(plan.name)
     producers = fn.producers()
     operands: dict[str, list[np.ndarray]] = {}
+    specs: dict[str, list[tuple[tuple[int, ...], str]]] = {}
+
+    def qlinear_inputs(c: Any) -> tuple[Any, list[np.ndarray]]:
+        node = producers.get(c.qlinear)
+        if node is None or node.op != "qlinear":
+            raise PlanError(file, f"plan names qlinear value {c.qlinear!r} that the module lacks"[:200])
+        return node, [module.tensors[producers[i].attr("name")] for i in node.inputs[1:]]
+
     for c in plan.consts:
         if c.tensor:
             if c.tensor not in module.tensors:
@@ -79,13 +88,21 @@ def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.
         elif c.scalar is not None:
             out[c.slot] = np.array(c.scalar[0], dtype=np.dtype(c.scalar[1]))
         elif derived is not None and c.slot in derived:
-            out[c.slot] = derived[c.slot]
+            if c.qlinear not in specs:  # a stored operand: its shape and dtype must be the derived one's
+                node, arrays = qlinear_inputs(c)
+                specs[c.qlinear] = operand_specs(node.attr_dict, arrays, plan.act_dtype)
+            a, want = derived[c.slot], specs[c.qlinear]
+            if not 0 <= c.index < len(want):
+                raise PlanError(file, f"consts: operand index {c.index} of qlinear {c.qlinear!r} is outside "
+                                      f"[0, {len(want)})"[:200])
+            if (tuple(a.shape), a.dtype.name) != want[c.index]:
+                raise PlanError(file, f"operands: stored operand for {plan.name!r} slot {c.slot} is {a.dtype.name}{list(a.shape)}, "
+                                      f"but qlinear {c.qlinear!r} operand {c.index} is "
+                                      f"{want[c.index][1]}{list(want[c.index][0])}"[:200])
+            out[c.slot] = a
         else:
             if c.qlinear not in operands:
-                node = producers.get(c.qlinear)
-                if node is None or node.op != "qlinear":
-                    raise PlanError(file, f"plan names qlinear value {c.qlinear!r} that the module lacks"[:200])
-                arrays = [module.tensors[producers[i].attr("name")] for i in node.inputs[1:]]
+                node, arrays = qlinear_inputs(c)
                 operands[c.qlinear] = qlinear_operands(node.attr_dict, arrays, plan.act_dtype)
             if not 0 <= c.index < len(operands[c.qlinear]):
                 raise PlanError(file, f"consts: operand index {c.index} of qlinear {c.qlinear!r} is outside "
