@@ -167,7 +167,8 @@ class HostBuild:
     def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, PlanExecutor]:
         kernels = {**self.loaded, **(externs or {})}
         check_kernels(self.plans, kernels, self.plan_file)
-        return {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name), self.plan_file))
+        return {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name), self.plan_file),
+                                   self.plan_file)
                 for name, p in self.plans.items()}
 
     def files(self) -> dict[str, bytes]:
