@@ -368,3 +368,25 @@ def test_operand_specs_are_the_derived_operands_shapes(kw):
             assert operand_specs(node.attr_dict, arrays, "float32") == [(a.shape, a.dtype.name) for a in got]
             seen += 1
     assert seen
+
+
+@pytest.mark.parametrize("scratch, words", [
+    ({"position": 0, "dims": [4], "dtype": "float32"}, "kernels[0].scratch[0].position: 0 is not after the 2 inputs"),
+    ({"position": 2, "dims": [[5, 0]], "dtype": "float32"}, "kernels[0].scratch[0].dims[0]: (5, 0) is not an axis"),
+    ({"position": 2, "dims": [[0, 2]], "dtype": "float32"}, "kernels[0].scratch[0].dims[0]: (0, 2) is not an axis"),
+    ({"position": 2, "dims": [-3], "dtype": "float32"}, "kernels[0].scratch[0].dims[0]: -3 is outside"),
+    ({"position": 2, "dims": [4], "dtype": "float8"}, "kernels[0].scratch[0].dtype: \"float8\" is not one of"),
+    (None, "functions['main']: 1 params and 1 results, but the IR function has 0 and 0"),  # the plan meets the IR
+])
+def test_tvm_cuda_scratch_and_signature_checked_at_load(scratch, words: str):
+    """Scratch specs and the plan's signature used to be checked only on the first GPU run
+    (IndexError / KeyError there); now at load, without a GPU."""
+    from bitsmith.backends.tvm import cuda_target
+    from bitsmith.ir import GraphBuilder
+    source = "// kernel"
+    doc = _cuda_doc(scratch=[scratch] if scratch else [], source_sha256=cuda_target.source_digest(source))
+    files = {"plan.json": json.dumps(doc).encode(), f"kernels/{KEY}.so": b"", f"kernels/{KEY}.cu": source.encode()}
+    with pytest.raises(ArtifactError) as info:
+        cuda_target.load(GraphBuilder().module([], {}), {}, files)
+    assert info.value.path == "target/plan.json", info.value
+    assert words in info.value.problem, info.value

@@ -258,8 +258,7 @@ def _check_scratch(f: Field, spec: ScratchSpec, key: str, plans: Mapping[str, Fu
     """A scratch spec fits every call of its kernel: its dtype is a real one, its position lies
     among the extra parameters after the call's inputs, and every dim is >= 0 or names an axis of
     an input the call has (``ScratchSpec.shape`` indexes the inputs on every call)."""
-    if spec.dtype not in SCRATCH_DTYPES:
-        f["dtype"].fail(f"{spec.dtype!r} is not one of {list(SCRATCH_DTYPES)}"[:200])
+    f["dtype"].str(choices=SCRATCH_DTYPES)
     for plan in plans.values():
         types = plan.slot_types()
         for s in plan.steps:
