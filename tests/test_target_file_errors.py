@@ -122,11 +122,14 @@ L0 = lambda d: d["layers"][0]  # noqa: E731
     (lambda d: L0(d).update(params=[-4, 4]), "lut/program.json", "layers[0].params[0]: -4 is outside"),
     (lambda d: L0(d).update(stream=[0, 1 << 40]), "lut/program.json", "layers[0].stream: byte range"),
     (lambda d: L0(d).update(stream=[4, 32]), "lut/program.json", "layers[0].stream: byte range [4, 36) is not whole"),
-    (lambda d: L0(d).update(stream=[8, 32]), "lut/program.json", "layers[0].stream: not a LUT instruction stream"),
+    (lambda d: L0(d).update(stream=[8, 32]), "lut/program.json", "layers[0].stream: byte range starts at 8, but"),
+    (lambda d: d["layers"][1]["weights"].__setitem__(0, 0), "lut/program.json", "layers[1].weights: byte range starts at 0"),
+    (lambda d: d["layers"].pop(), "lut/program.json", "layers: the layers' stream ranges cover"),
     (lambda d: L0(d).update(in_features="64"), "lut/program.json", "layers[0].in_features: expected an integer"),
     (lambda d: L0(d).update(in_features=1 << 20), "lut/program.json", "layers[0].in_features: 1048576 is more"),
     (lambda d: L0(d).pop("function"), "lut/program.json", "layers[0]: missing field 'function'"),
-    (lambda d: d["layers"].append(L0(d)), "lut/program.json", "has two streams"),
+    (lambda d: d["layers"][1].update(function=L0(d)["function"], value=L0(d)["value"]), "lut/program.json",
+     "has two streams"),
 ])
 def test_lut_program_json_failures_name_file_and_field(lut_files, edit, file: str, words: str):
     with pytest.raises(ArtifactError) as info:
@@ -143,6 +146,14 @@ def test_lut_blob_of_partial_items(lut_files, name: str, words: str):
     with pytest.raises(ArtifactError, match=words) as info:
         _program(lut_files, blobs={name: lut_files[name] + b"\0"})
     assert info.value.path == f"target/{name}"
+
+
+def test_lut_stream_of_a_bad_header(lut_files):
+    words = np.frombuffer(lut_files["lut/streams.bin"], "<u8").copy()
+    words[0] ^= 1  # the first layer's magic
+    with pytest.raises(ArtifactError, match=r"layers\[0\]\.stream: not a LUT instruction stream") as info:
+        _program(lut_files, blobs={"lut/streams.bin": words.tobytes()})
+    assert info.value.path == "target/lut/program.json"
 
 
 def test_lut_missing_blob(lut_files):
