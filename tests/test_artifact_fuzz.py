@@ -8,7 +8,11 @@ reached), files added, removed, renamed or swapped, and files or directories rep
 links to files inside or outside the directory (outside: an identical copy too). Then
 ``bitsmith.load(copy)(ids)`` must give results bit-identical to the original's, or raise
 ArtifactError; any other exception fails, and so does a crash. Symbolic links must always be
-refused, even to identical bytes.
+refused, even to identical bytes. A second test rewrites one or two values of a target JSON file
+(tvm ``plan.json``, lut ``program.json`` / ``host/plan.json``: a random int or string, a dropped
+key, a value of another type) and re-hashes it in the manifest, so the backend's decoder must
+refuse what the hash check no longer catches. Each case starts with no native-code grants
+(``native_loader.reset_grants``), as a fresh process would.
 
 Native targets load and run in a worker subprocess (one per target, fed case after case), so
 a crash in native code is seen as the worker dying on that case. ``--hypothesis-profile stress``
