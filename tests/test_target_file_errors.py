@@ -68,6 +68,10 @@ F0 = lambda d: d["functions"][0]  # noqa: E731
     (_edit(lambda d: F0(d)["consts"].append({"slot": 2})), "functions[0].consts[1]: missing field 'qlinear'"),
     (_edit(lambda d: d["functions"].append(F0(d))), "functions[1].name: function 'main' appears twice"),
     (_edit(lambda d: d.update(mcpu=5)), "mcpu: expected a string"),
+    # an instruction-set record naming a flag no build records / an unknown arch: damaged, not foreign
+    (_edit(lambda d: d.update(isa={"kind": "k", "arch": "x86_64", "cpu": "c", "features": ["avx2", "bmi0"]})),
+     "isa: features: bmi0 is not among the cpuinfo flags"),
+    (_edit(lambda d: d.update(isa={"kind": "k", "arch": "x86_60", "cpu": "c", "features": []})), "isa: arch: 'x86_60'"),
     (_edit(lambda d: d.update(operands={})), "operands: expected a list"),
     (_edit(lambda d: d.update(operands=[{"function": "main"}])), "operands[0]: missing field 'slot'"),
     (_plan_doc(), f"calls kernel {KEY} but kernels/{KEY}.so is not listed"),

@@ -59,6 +59,10 @@ LLVM_TO_CPUINFO = {
 }
 
 
+KNOWN_FLAGS = frozenset(LLVM_TO_CPUINFO.values())  # every flag a NativeSpec of a build here can hold
+KNOWN_ARCHS = ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x", "loongarch64", "armv7l", "i686")
+
+
 class NativeCodeError(BitsmithError):
     """Native code that bitsmith refuses to load (not granted, or not for this CPU)."""
 
@@ -119,6 +123,12 @@ class NativeSpec:
             raise ValueError("features: expected a list of cpuinfo flag names ([a-z0-9_.]+)")
         if feats != sorted(set(feats)):
             raise ValueError("features: expected sorted, without repeats")
+        unknown = [f for f in feats if f not in KNOWN_FLAGS]
+        if unknown:  # not a flag any build here records: a damaged record, not code for another CPU
+            raise ValueError(f"features: {' '.join(unknown[:4])} {'is' if len(unknown) == 1 else 'are'} not among "
+                             "the cpuinfo flags bitsmith records"[:200])
+        if obj["arch"] not in KNOWN_ARCHS and obj["arch"] != host_arch():
+            raise ValueError(f"arch: {obj['arch'][:40]!r} is not one of {list(KNOWN_ARCHS)}")
         return cls(obj["kind"], obj["arch"], obj["cpu"], tuple(feats))
 
     def describe(self) -> str:
