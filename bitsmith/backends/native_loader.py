@@ -67,6 +67,10 @@ class NativeCodeError(BitsmithError):
     """Native code that bitsmith refuses to load (not granted, or not for this CPU)."""
 
 
+class UndeclaredNativeCodeError(NativeCodeError):
+    """Bytes nobody granted: not built here and not declared (and trusted) by an artifact's manifest."""
+
+
 class UnsupportedCPUError(NativeCodeError):
     """Native code built for an instruction set this CPU lacks."""
 
@@ -234,7 +238,7 @@ def load(data: bytes, name: str, opener: Callable[[str], T]) -> T:
     digest = sha256(data)
     g = granted(digest)
     if g is None:
-        raise NativeCodeError(f"native library {name} (sha256 {digest}) was neither built in this process nor "
+        raise UndeclaredNativeCodeError(f"native library {name} (sha256 {digest}) was neither built in this process nor "
                               "declared and trusted by the artifact it came from; refusing to load it")
     check_cpu(g.spec, name)
     path = os.path.join(_private_dir(), f"{next(_counter)}-{os.getpid()}-{digest[:16]}.so")

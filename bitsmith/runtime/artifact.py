@@ -276,5 +276,7 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False)
         executable = backend.load(module, target, options, files)
     except OptionError as e:
         raise ArtifactError(where, f"options: {e}") from None
+    except native_loader.UndeclaredNativeCodeError as e:  # the backend loads code the manifest does not declare
+        raise ArtifactError(where, f"native: {e}") from None
     verify_files(root, manifest, skip=frozenset(files.read | {WEIGHTS, TOKENIZER}))
     return CompiledModel(module, executable, target, options, lm, dict(manifest["compile_info"]))
