@@ -8,7 +8,11 @@ reached), files added, removed, renamed or swapped, and files or directories rep
 links to files inside or outside the directory (outside: an identical copy too). Then
 ``bitsmith.load(copy)(ids)`` must give results bit-identical to the original's, or raise
 ArtifactError; any other exception fails, and so does a crash. Symbolic links must always be
-refused, even to identical bytes.
+refused, even to identical bytes. A second test rewrites one or two values of a target JSON file
+(tvm ``plan.json``, lut ``program.json`` / ``host/plan.json``: a random int or string, a dropped
+key, a value of another type) and re-hashes it in the manifest, so the backend's decoder must
+refuse what the hash check no longer catches. Each case starts with no native-code grants
+(``native_loader.reset_grants``), as a fresh process would.
 
 Native targets load and run in a worker subprocess (one per target, fed case after case), so
 a crash in native code is seen as the worker dying on that case. ``--hypothesis-profile stress``
@@ -45,8 +49,10 @@ from bitsmith.runtime.manifest import HASH_FIELD, MANIFEST, manifest_hash  # noq
 ROOT = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(7).integers(1, 128, (2, 5)).tolist()
 TARGETS = {"reference": {}, "tvm-llvm": {}, "lut-cpu": {"quant": "rtn-int4", "group_size": 32}}
-# default profile: a few dozen cases per target (~1 min in all); the stress profile's count otherwise
-EXAMPLES = 30 if settings.default.max_examples <= 100 else settings.default.max_examples
+# default profile: a few dozen cases per target (~1 min in all, the target-JSON rewrites included);
+# the stress profile's count otherwise
+EXAMPLES = 24 if settings.default.max_examples <= 100 else settings.default.max_examples
+REWRITE_EXAMPLES = 20 if settings.default.max_examples <= 100 else settings.default.max_examples
 
 WORKER = r"""
 import hashlib, inspect, json, sys, traceback
@@ -55,7 +61,9 @@ import bitsmith
 from bitsmith.errors import ArtifactError
 kw = {"trust_native_code": True} if "trust_native_code" in inspect.signature(bitsmith.load).parameters else {}
 ids = np.array(json.loads(sys.argv[1]), dtype=np.int64)
+from bitsmith.backends import native_loader
 for line in sys.stdin:
+    native_loader.reset_grants()  # each case judged as a fresh process would (no grants from earlier cases)
     try:
         out = np.asarray(bitsmith.load(json.loads(line), **kw)(ids))
         res = {"outcome": "ran", "digest": hashlib.sha256(out.tobytes()).hexdigest() + f"{out.dtype}{out.shape}"}
@@ -102,7 +110,9 @@ def _run_in_process(path: Path) -> dict[str, Any]:
 
     import bitsmith
     from bitsmith.errors import ArtifactError
+    from bitsmith.backends import native_loader
     kw = {"trust_native_code": True} if "trust_native_code" in inspect.signature(bitsmith.load).parameters else {}
+    native_loader.reset_grants()
     try:
         out = np.asarray(bitsmith.load(str(path), **kw)(np.array(IDS, dtype=np.int64)))
         return {"outcome": "ran", "digest": hashlib.sha256(out.tobytes()).hexdigest() + f"{out.dtype}{out.shape}"}
@@ -205,6 +215,54 @@ def _edit_manifest(root: Path, pick: int, how: str, odd: Any, resign: bool) -> N
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+TARGET_JSON = ("target/plan.json", "target/lut/program.json", "target/host/plan.json")
+VALUE_ONLY = ("scalar",)  # a plan constant's value: a changed number is a valid, different model (module doc)
+
+
+def _rewrite_target_json(root: Path, pick: int, leaf: int, how: str, number: int, text: str, odd: Any) -> None:
+    """Edits one value of a target JSON file (plan.json, lut/program.json) and re-hashes it in the
+    manifest (files[name] and manifest_sha256), so the edit reaches the backend's decoder."""
+    names = [n for n in TARGET_JSON if (root / n).is_file() and not (root / n).is_symlink()]
+    manifest_file = root / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_bytes()) if manifest_file.is_file() else None
+        doc = json.loads((root / names[pick % len(names)]).read_bytes()) if names else None
+    except ValueError:
+        return
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or doc is None:
+        return
+    name = names[pick % len(names)]
+    paths = [p for p in _paths(doc) if p]
+    if not paths:
+        return
+    path = paths[leaf % len(paths)]
+    *parent_path, key = path
+    parent = doc
+    for k in parent_path:
+        parent = parent[k]
+    value = parent[key]
+    value_only = any(p in VALUE_ONLY for p in path if isinstance(p, str))
+    if how == "drop":
+        del parent[key]
+    elif how == "int" and not (value_only and isinstance(value, (int, float))):
+        parent[key] = number
+    elif how == "str":
+        parent[key] = text
+    else:  # a value of another type
+        parent[key] = odd if type(odd) is not type(value) else None
+    data = json.dumps(doc).encode()
+    (root / name).write_bytes(data)
+    if isinstance(manifest["files"].get(name), dict):
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        manifest[HASH_FIELD] = manifest_hash(manifest)
+        manifest_file.write_text(json.dumps(manifest, indent=1))
+
+
+rewrite = st.tuples(st.just("rewrite"), st.integers(0, 10 ** 6), st.integers(0, 10 ** 6),
+                    st.sampled_from(["int", "str", "drop", "type"]),
+                    st.one_of(st.integers(-3, 300), st.integers(-2 ** 70, 2 ** 70)),
+                    st.text(max_size=12), st.sampled_from(ODD_VALUES))
+
 mutation = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, 10 ** 6), st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
     st.tuples(st.just("truncate"), st.integers(0, 10 ** 6), st.floats(0, 1, exclude_max=True)),
@@ -227,7 +285,7 @@ def _apply(t: Target, root: Path, outside: Path, m: tuple) -> bool:
     live = [f for f in t.files if (root / f).is_file() and not (root / f).is_symlink()]
     if not live:
         return False
-    f = root / live[m[1] % len(live)] if kind not in ("manifest", "add") else None
+    f = root / live[m[1] % len(live)] if kind not in ("manifest", "add", "rewrite") else None
     if kind == "flip":
         data = bytearray(f.read_bytes())
         if data:
@@ -240,6 +298,8 @@ def _apply(t: Target, root: Path, outside: Path, m: tuple) -> bool:
             fh.write(m[2])
     elif kind == "manifest":
         _edit_manifest(root, m[1], m[2], m[3], m[4])
+    elif kind == "rewrite":
+        _rewrite_target_json(root, *m[1:])
     elif kind == "add":
         (root / m[1]).parent.mkdir(parents=True, exist_ok=True)
         (root / m[1]).write_bytes(m[2])
@@ -276,12 +336,7 @@ def _apply(t: Target, root: Path, outside: Path, m: tuple) -> bool:
     return False
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(mutations=st.lists(mutation, min_size=1, max_size=3))
-def test_mutated_artifact_loads_identically_or_raises_artifact_error(targets, name, mutations):
-    t = targets[name]
+def _check_case(name: str, kind: str, t: Target, mutations: list[tuple]) -> None:
     with tempfile.TemporaryDirectory(prefix="bitsmith-fuzz-") as tmp:
         root, outside = Path(tmp) / "art", Path(tmp) / "outside"
         shutil.copytree(t.path, root)
@@ -291,7 +346,26 @@ def test_mutated_artifact_loads_identically_or_raises_artifact_error(targets, na
             linked |= _apply(t, root, outside, m)
         got = t.run(root)
     outcome = "identical" if got.get("digest") == t.original["digest"] else got["outcome"]
-    OUTCOMES[name][outcome] += 1
+    OUTCOMES[f"{name}{kind}"][outcome] += 1
     assert outcome in ("identical", "ArtifactError"), f"{mutations}: {got}"
     if linked:
         assert outcome == "ArtifactError", f"a symbolic link was followed: {mutations}"
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(mutation, min_size=1, max_size=3))
+def test_mutated_artifact_loads_identically_or_raises_artifact_error(targets, name, mutations):
+    _check_case(name, "", targets[name], mutations)
+
+
+@pytest.mark.parametrize("name", [n for n in TARGETS if n != "reference"])  # the reference target has no target JSON
+@settings(max_examples=REWRITE_EXAMPLES, deadline=None, derandomize=False,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(rewrite, min_size=1, max_size=2))
+def test_rewritten_target_json_loads_identically_or_raises_artifact_error(targets, name, edits):
+    """One or two values of plan.json / lut/program.json replaced (a random int or string, a dropped
+    key, a value of another type) and the file re-hashed in the manifest: the backend's decoder,
+    not the hash check, must refuse it (or the result is unchanged)."""
+    _check_case(name, "/rewrite", targets[name], edits)

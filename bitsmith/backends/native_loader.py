@@ -59,8 +59,16 @@ LLVM_TO_CPUINFO = {
 }
 
 
+KNOWN_FLAGS = frozenset(LLVM_TO_CPUINFO.values())  # every flag a NativeSpec of a build here can hold
+KNOWN_ARCHS = ("x86_64", "aarch64", "riscv64", "ppc64le", "s390x", "loongarch64", "armv7l", "i686")
+
+
 class NativeCodeError(BitsmithError):
     """Native code that bitsmith refuses to load (not granted, or not for this CPU)."""
+
+
+class UndeclaredNativeCodeError(NativeCodeError):
+    """Bytes nobody granted: not built here and not declared (and trusted) by an artifact's manifest."""
 
 
 class UnsupportedCPUError(NativeCodeError):
@@ -119,6 +127,12 @@ class NativeSpec:
             raise ValueError("features: expected a list of cpuinfo flag names ([a-z0-9_.]+)")
         if feats != sorted(set(feats)):
             raise ValueError("features: expected sorted, without repeats")
+        unknown = [f for f in feats if f not in KNOWN_FLAGS]
+        if unknown:  # not a flag any build here records: a damaged record, not code for another CPU
+            raise ValueError(f"features: {' '.join(unknown[:4])} {'is' if len(unknown) == 1 else 'are'} not among "
+                             "the cpuinfo flags bitsmith records"[:200])
+        if obj["arch"] not in KNOWN_ARCHS and obj["arch"] != host_arch():
+            raise ValueError(f"arch: {obj['arch'][:40]!r} is not one of {list(KNOWN_ARCHS)}")
         return cls(obj["kind"], obj["arch"], obj["cpu"], tuple(feats))
 
     def describe(self) -> str:
@@ -193,6 +207,13 @@ def built_here(digests: Iterable[str]) -> list[str]:
         return [d for d in digests if (g := _grants.get(d)) is not None and g.origin == BUILT]
 
 
+def reset_grants() -> None:
+    """Forgets every grant, as a fresh process starts (for tests that load many artifacts in one
+    process and must judge each as a new process would; libraries already loaded stay loaded)."""
+    with _lock:
+        _grants.clear()
+
+
 # --- loading -------------------------------------------------------------------------------
 
 _dir: str | None = None
@@ -217,7 +238,7 @@ def load(data: bytes, name: str, opener: Callable[[str], T]) -> T:
     digest = sha256(data)
     g = granted(digest)
     if g is None:
-        raise NativeCodeError(f"native library {name} (sha256 {digest}) was neither built in this process nor "
+        raise UndeclaredNativeCodeError(f"native library {name} (sha256 {digest}) was neither built in this process nor "
                               "declared and trusted by the artifact it came from; refusing to load it")
     check_cpu(g.spec, name)
     path = os.path.join(_private_dir(), f"{next(_counter)}-{os.getpid()}-{digest[:16]}.so")

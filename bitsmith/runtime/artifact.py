@@ -284,6 +284,6 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False)
     except OptionError as e:
         raise ArtifactError(where, f"options: {e}") from None
     except native_loader.NativeCodeError as e:  # undeclared library, or an ISA this CPU lacks
-        raise NativeArtifactError(where, str(e)) from e
+        raise NativeArtifactError(where, f"native: {e}") from e
     verify_files(root, manifest, skip=frozenset(files.read | {WEIGHTS, TOKENIZER}))
     return CompiledModel(module, executable, target, options, lm, dict(manifest["compile_info"]))

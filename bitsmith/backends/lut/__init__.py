@@ -157,6 +157,24 @@ class LUTBackend(Backend):
             raise ArtifactError(files.path(program.INDEX_FILE), f"host: {str(doc['host'])[:60]!r} is not one of "
                                                                 f"{sorted(host.HOSTS)}")
         library = files[native.LIBRARY_FILE]
-        return LUTExecutable(module, layers, library, options,
-                             lambda lay, run_layer: host.load_host(doc["host"], options.get("lut_host", "auto"),
-                                                                   module, lay, run_layer, options, files))
+        exe = LUTExecutable(module, layers, library, options,
+                            lambda lay, run_layer: host.load_host(doc["host"], options.get("lut_host", "auto"),
+                                                                  module, lay, run_layer, options, files))
+        _validate_streams(exe, layers, files.path(program.INDEX_FILE))
+        return exe
+
+
+def _validate_streams(exe: LUTExecutable, layers: list[LayerEntry], index_file: str) -> None:
+    """Every layer's stream through the full validation the executor would run on its first call
+    (the C ``lut_plan`` when the fast executor is loaded, whose verdict it caches, else
+    ``validate.check_program``), so a bad stream is refused at load, naming its field."""
+    from . import isa
+    from .validate import StreamError, check_program
+    for i, entry in enumerate(layers):
+        try:
+            if exe.fast is not None:
+                exe.fast.plan(entry.program)
+            else:
+                check_program(entry.program)
+        except (isa.ISAError, StreamError) as e:
+            raise ArtifactError(index_file, f"layers[{i}].stream: {e}"[:300]) from None

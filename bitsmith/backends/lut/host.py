@@ -91,7 +91,7 @@ class TVMHost:
     def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
                  host: Any, threads: int, libdir: Any = None) -> None:
         from ..tvm import runtime_cpu
-        from ..tvm.plan import EXTERN_PREFIX
+        from ..tvm.plan import EXTERN_PREFIX, PlanError
         from .native import tvm_parallel_launcher
         self._runtime_cpu = runtime_cpu
         self.parallel_launcher = tvm_parallel_launcher()
@@ -104,7 +104,9 @@ class TVMHost:
                 if key.startswith(EXTERN_PREFIX):
                     entry = by_name.get(key[len(EXTERN_PREFIX):])
                     if entry is None:
-                        raise BitsmithError(f"host plan calls {key}, which has no LUT program")
+                        raise PlanError(getattr(host, "plan_file", "plan.json"),
+                                        f"functions[{plan.name!r}]: calls {key}, which has no LUT program "
+                                        f"(lut/program.json has {len(by_name)} layers)"[:200])
                     externs[key] = functools.partial(_call_layer, run_layer, entry)
         self.executors = host.executors(module, externs)
         self.externs = len(externs)

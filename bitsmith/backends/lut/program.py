@@ -113,6 +113,7 @@ def from_files(files: Mapping[str, bytes]) -> tuple[list[LayerEntry], dict[str, 
     host_name = doc["host"].str() if doc.has("host") else None
     blobs = {role: tf.read_array(fname, dtype) for role, (fname, dtype) in BLOBS.items()}
     layers, seen = [], set()
+    ends = {role: 0 for role in BLOBS}  # to_files lays each blob out layer after layer, without gaps
     for i, rec in enumerate(records):
         parts = {}
         for role, (fname, dtype) in BLOBS.items():
@@ -121,6 +122,10 @@ def from_files(files: Mapping[str, bytes]) -> tuple[list[LayerEntry], dict[str, 
             if off + size > data.nbytes or off % dtype.itemsize or size % dtype.itemsize:
                 rec[role].fail(f"byte range [{off}, {off + size}) is not whole {dtype} items inside "
                                f"{fname} ({data.nbytes} bytes)")
+            if off != ends[role]:  # another layer's bytes (a valid-looking but wrong program) or a gap
+                rec[role].fail(f"byte range starts at {off}, but the previous layer's ends at {ends[role]} "
+                               f"(layers tile {fname} in order)")
+            ends[role] = off + size
             parts[role] = data[off // dtype.itemsize:(off + size) // dtype.itemsize]
         try:
             head = isa.StreamHeader.parse(parts["stream"])
@@ -135,6 +140,10 @@ def from_files(files: Mapping[str, bytes]) -> tuple[list[LayerEntry], dict[str, 
         seen.add((function, value))
         prog = LayerProgram(parts["stream"], parts["weights"], parts["params"], parts["outliers"], in_features)
         layers.append(LayerEntry(function, value, rec["layer"].str(), rec["scheme"].str(), prog))
+    for role, (fname, _) in BLOBS.items():
+        if ends[role] != blobs[role].nbytes:
+            doc["layers"].fail(f"the layers' {role} ranges cover {ends[role]} of the {blobs[role].nbytes} bytes "
+                               f"of {fname}")
     out = dict(doc.obj())
     out["host"] = host_name
     return layers, out

@@ -33,7 +33,7 @@ from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel
 from .cuda_scratch import ScratchSpec
 from ..files import target_files
 from ..json_fields import Field
-from .plan import PLAN_FORMAT, FunctionPlan, PlanError, checked_kernel_key, read_plan_doc
+from .plan import MAX_DIM, PLAN_FORMAT, Call, FunctionPlan, PlanError, checked_kernel_key, read_plan_doc
 from .schedule_cuda import DEFAULT_ARCH, DEFAULT_GEMV, check_arch
 from .targets import TargetSpec, register_target
 
@@ -85,6 +85,7 @@ class CudaExecutable(Executable):
         self.derived, self.info, self.spec = derived, info, spec
         self._executors: dict[str, CudaPlanExecutor] | None = None
         self._libraries: KernelLibraries | None = None
+        self._consts: dict[str, dict[int, np.ndarray]] | None = None  # resolved at load (checked), uploaded on first run
 
     # ------------------------------------------------------------ running
 
@@ -103,9 +104,11 @@ class CudaExecutable(Executable):
         for key, meta in self.kernels.items():
             fn = self._libraries.load(key, self.blobs[f"kernels/{key}.so"], meta["functions"], DEFAULT_GEMV.max_rows)
             loaded[key] = DeviceKernel(fn, tuple(ScratchSpec.from_json(s) for s in meta["scratch"]))
-        self._executors = {name: CudaPlanExecutor(plan, loaded, resolve_consts(self.module, plan, self.derived.get(name)),
-                                                  device)
+        consts = self._consts or {}
+        self._executors = {name: CudaPlanExecutor(plan, loaded, consts[name] if name in consts else
+                                                  resolve_consts(self.module, plan, self.derived.get(name)), device)
                            for name, plan in self.plans.items()}
+        self._consts = None  # on the device now
         return self._executors
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -211,9 +214,10 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
             fn.str()
         for s in meta["scratch"].list():
             try:
-                ScratchSpec.from_json(s.value)
+                spec_ = ScratchSpec.from_json(s.value)
             except (BitsmithError, KeyError, TypeError, ValueError, IndexError) as e:
                 s.fail(f"malformed scratch spec: {type(e).__name__}: {e}"[:200])
+            _check_scratch(s, spec_, key, plans)
         for ext in ("so", "cu", "fatbin", "ptx"):
             name = f"kernels/{key}.{ext}"
             if name in files:
@@ -241,9 +245,40 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
     act_doc = doc["act_dtype"].str(choices=ACT_DTYPES) if doc.has("act_dtype") else act
     arch_doc = doc["arch"].str() if doc.has("arch") else arch
     work = convert_activations(module, act_doc)
+    from .llvm_target import resolve_consts
+    consts = {name: resolve_consts(work, plan, None, files.path("plan.json")) for name, plan in plans.items()}
     info = {"arch": arch_doc, "act_dtype": act_doc,
             "compile_seconds": 0.0, "loaded_from_artifact": True, "schedule": SCHEDULE_ID, "nvcc": nvcc}
-    return CudaExecutable(work, plans, kernels, blobs, {}, info, spec)
+    exe = CudaExecutable(work, plans, kernels, blobs, {}, info, spec)
+    exe._consts = consts
+    return exe
+
+
+def _check_scratch(f: Field, spec: ScratchSpec, key: str, plans: Mapping[str, FunctionPlan]) -> None:
+    """A scratch spec fits every call of its kernel: its dtype is a real one, its position lies
+    among the extra parameters after the call's inputs, and every dim is >= 0 or names an axis of
+    an input the call has (``ScratchSpec.shape`` indexes the inputs on every call)."""
+    f["dtype"].str(choices=SCRATCH_DTYPES)
+    for plan in plans.values():
+        types = plan.slot_types()
+        for s in plan.steps:
+            if not isinstance(s, Call) or s.kernel != key:
+                continue
+            n_in = len(s.inputs)
+            if spec.position < n_in or spec.position > n_in + 64:
+                f["position"].fail(f"{spec.position} is not after the {n_in} inputs of kernel {key}")
+            for j, d in enumerate(spec.dims):
+                if isinstance(d, int):
+                    if not 0 <= d <= MAX_DIM:
+                        f["dims"][j].fail(f"{d} is outside [0, {MAX_DIM}]")
+                    continue
+                dims = types.get(s.inputs[d[0]], (None, None))[0] if 0 <= d[0] < n_in else None
+                if not 0 <= d[0] < n_in or (dims is not None and not 0 <= d[1] < len(dims)) or d[1] < 0:
+                    f["dims"][j].fail(f"({d[0]}, {d[1]}) is not an axis of an input of kernel {key} "
+                                      f"({n_in} inputs)")
+
+
+SCRATCH_DTYPES = ("float32", "float16", "int32", "int64", "int8", "uint8")
 
 
 def _read_nvcc_record(rec: Field) -> dict[str, Any]:

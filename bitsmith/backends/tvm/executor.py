@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ...errors import BitsmithError
+from ...errors import ArtifactError, BitsmithError
 from ...ir import symbolic as sym
 from .plan import Call, FunctionPlan, View
 
@@ -90,8 +90,14 @@ class _ThreadBuffers(threading.local):
 
 
 class PlanExecutor:
-    def __init__(self, plan: FunctionPlan, kernels: Mapping[str, Callable], consts: Mapping[int, np.ndarray]) -> None:
-        self.plan = plan
+    """``file`` is the artifact path of the plan (errors name it): a kernel that refuses the arrays
+    the plan hands it (TVM checks every argument's rank, shape and dtype against the kernel it
+    compiled) means the plan and the kernels disagree, which only a damaged artifact can cause
+    once the caller's inputs have passed the checks in ``_bind``: ArtifactError, not ValueError."""
+
+    def __init__(self, plan: FunctionPlan, kernels: Mapping[str, Callable], consts: Mapping[int, np.ndarray],
+                 file: str = "plan.json") -> None:
+        self.plan, self.file = plan, file
         self.base_env: list[Any] = [None] * plan.num_slots
         self._keep_alive = []
         for slot, arr in consts.items():
@@ -171,6 +177,17 @@ class PlanExecutor:
         env = list(self.base_env)
         for slot, a in zip(plan.params, arrays):
             env[slot] = a
+        try:
+            return self._run_steps(env, shapes)
+        except (ValueError, TypeError, IndexError) as e:
+            if isinstance(e, BitsmithError) and not isinstance(e, ValueError):
+                raise
+            raise ArtifactError(self.file, f"functions[{plan.name!r}]: a kernel refused the arrays the plan "
+                                           f"gives it (the plan does not match its kernels): "
+                                           f"{type(e).__name__}: {str(e)[:300]}") from None
+
+    def _run_steps(self, env: list[Any], shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+        plan = self.plan
         pool = self._buffers.pool
         for step in self._steps:
             if step[0] == _CALL:

@@ -60,31 +60,65 @@ def _threads(options: Mapping[str, Any]) -> int:
     return t
 
 
-def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
-    """The arrays of a plan's constant slots (qlinear operands are re-derived from the IR)."""
+def resolve_consts(module: Module, plan: FunctionPlan, derived: Mapping[int, np.ndarray] | None = None,
+                   file: str = "plan.json") -> dict[int, np.ndarray]:
+    """The arrays of a plan's constant slots (qlinear operands are re-derived from the IR), after
+    checking the plan's signature against the IR; a plan that does not fit the module raises
+    PlanError naming ``file`` (the artifact's plan.json)."""
     from .matmul import qlinear_operands
+    from .qlinear_layout import operand_specs
     out: dict[int, np.ndarray] = {}
+    plan.check_against(module, file)
     fn = module.function(plan.name)
     producers = fn.producers()
     operands: dict[str, list[np.ndarray]] = {}
+    specs: dict[str, list[tuple[tuple[int, ...], str]]] = {}
+
+    def qlinear_inputs(c: Any) -> tuple[Any, list[np.ndarray]]:
+        node = producers.get(c.qlinear)
+        if node is None or node.op != "qlinear":
+            raise PlanError(file, f"plan names qlinear value {c.qlinear!r} that the module lacks"[:200])
+        return node, [module.tensors[producers[i].attr("name")] for i in node.inputs[1:]]
+
     for c in plan.consts:
         if c.tensor:
             if c.tensor not in module.tensors:
-                raise PlanError("plan.json", f"plan names tensor {c.tensor!r} that the module lacks"[:200])
+                raise PlanError(file, f"plan names tensor {c.tensor!r} that the module lacks"[:200])
             out[c.slot] = module.tensors[c.tensor]
         elif c.scalar is not None:
             out[c.slot] = np.array(c.scalar[0], dtype=np.dtype(c.scalar[1]))
         elif derived is not None and c.slot in derived:
-            out[c.slot] = derived[c.slot]
+            if c.qlinear not in specs:  # a stored operand: its shape and dtype must be the derived one's
+                node, arrays = qlinear_inputs(c)
+                specs[c.qlinear] = operand_specs(node.attr_dict, arrays, plan.act_dtype)
+            a, want = derived[c.slot], specs[c.qlinear]
+            if not 0 <= c.index < len(want):
+                raise PlanError(file, f"consts: operand index {c.index} of qlinear {c.qlinear!r} is outside "
+                                      f"[0, {len(want)})"[:200])
+            if (tuple(a.shape), a.dtype.name) != want[c.index]:
+                raise PlanError(file, f"operands: stored operand for {plan.name!r} slot {c.slot} is {a.dtype.name}{list(a.shape)}, "
+                                      f"but qlinear {c.qlinear!r} operand {c.index} is "
+                                      f"{want[c.index][1]}{list(want[c.index][0])}"[:200])
+            out[c.slot] = a
         else:
             if c.qlinear not in operands:
-                node = producers.get(c.qlinear)
-                if node is None or node.op != "qlinear":
-                    raise PlanError("plan.json", f"plan names qlinear value {c.qlinear!r} that the module lacks"[:200])
-                arrays = [module.tensors[producers[i].attr("name")] for i in node.inputs[1:]]
+                node, arrays = qlinear_inputs(c)
                 operands[c.qlinear] = qlinear_operands(node.attr_dict, arrays, plan.act_dtype)
+            if not 0 <= c.index < len(operands[c.qlinear]):
+                raise PlanError(file, f"consts: operand index {c.index} of qlinear {c.qlinear!r} is outside "
+                                      f"[0, {len(operands[c.qlinear])})"[:200])
             out[c.slot] = operands[c.qlinear][c.index]
     return out
+
+
+def check_kernels(plans: Mapping[str, FunctionPlan], kernels: Mapping[str, Any], file: str) -> None:
+    """Every kernel key a plan calls has a kernel (an extern one supplied by the caller included);
+    PlanError naming ``file`` otherwise, before any executor is built."""
+    for plan in plans.values():
+        for k, s in enumerate(plan.steps):
+            if isinstance(s, Call) and s.kernel not in kernels:
+                raise PlanError(file, f"functions[{plan.name!r}].steps[{k}].call: kernel {s.kernel} is "
+                                      f"{'an unknown extern' if s.kernel.startswith(EXTERN_PREFIX) else 'not loaded'}"[:200])
 
 
 class LLVMExecutable(Executable):
@@ -128,10 +162,13 @@ class HostBuild:
     derived: dict[str, dict[int, np.ndarray]]
     info: dict[str, Any]
     spec: native_loader.NativeSpec | None = None  # what the kernels were built for (None: unrecorded)
+    plan_file: str = "plan.json"  # the artifact path of plan.json that errors name
 
     def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, PlanExecutor]:
         kernels = {**self.loaded, **(externs or {})}
-        return {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name)))
+        check_kernels(self.plans, kernels, self.plan_file)
+        return {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name), self.plan_file),
+                                   self.plan_file)
                 for name, p in self.plans.items()}
 
     def files(self) -> dict[str, bytes]:
@@ -231,7 +268,7 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
             "stored_operands": sum(len(d) for d in derived.values()), "kernel_schedules": schedules}
     if spec is not None:
         info["isa"] = spec.describe()
-    return HostBuild(plans, libraries, loaded, derived, info, spec), libdir
+    return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json")), libdir
 
 
 def _read_schedules(doc: Field, libraries: Mapping[str, bytes]) -> dict[str, dict[str, str]]:

@@ -253,3 +253,29 @@ def qlinear_operands(attrs: Mapping[str, Any], arrays: Sequence[np.ndarray], act
             raise BitsmithError(f"qlinear bias has shape {bias.shape}, expected ({n_out},)")
         out.append(bias.astype(act_dtype))
     return out
+
+
+def operand_specs(attrs: Mapping[str, Any], arrays: Sequence[np.ndarray], act_dtype: str,
+                  ) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, numpy dtype name) of each array ``qlinear_operands`` returns, from the operands'
+    shapes and the attributes alone (no codes are unpacked): loading checks stored operands
+    against it, so a stored operand of the wrong shape is refused before a kernel sees it."""
+    scheme = get_scheme(str(attrs["scheme"]))
+    ops, rest = _split_operands(attrs, arrays)
+    n_out = int(attrs["out_features"])
+    layout = layout_for(attrs, 1)
+    rows = tuple(ops["codes"].shape[:-1])
+    out = [(rows + (sliced_length(layout.kept, w),), "uint8") for w, _ in layout.code_streams]
+    out.append((tuple(ops["scales"].shape), "float16"))
+    out.append((tuple(ops["zeros"].shape), "uint8") if scheme.asymmetric else ((len(scheme.candidates), 16), "int8"))
+    if scheme.selector_bits:
+        out.append((tuple(ops["selectors"].shape[:-1]) + (layout.groups,), "uint8"))
+    if layout.nm is not None:
+        out.append((tuple(ops["nm_index"].shape[:-1]) + (sliced_length(layout.kept, layout.nm_width),), "uint8"))
+    if attrs["outliers"]:
+        nnz = max(1, int(np.asarray(rest[0]).shape[0]))
+        out += [((nnz,), "int32"), ((nnz,), "float32"), ((n_out + 1,), "int32")]
+        rest = rest[3:]
+    if attrs["bias"]:
+        out.append(((n_out,), np.dtype(act_dtype).name))
+    return out
