@@ -33,7 +33,8 @@ from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel
 from .cuda_scratch import ScratchSpec
 from ..files import target_files
 from ..json_fields import Field
-from .plan import MAX_DIM, PLAN_FORMAT, Call, FunctionPlan, PlanError, checked_kernel_key, read_plan_doc
+from .plan import (MAX_DIM, PLAN_FORMAT, Call, FunctionPlan, PlanError, checked_kernel_key, read_function_plans,
+                   read_native_spec, read_plan_doc)
 from .schedule_cuda import DEFAULT_ARCH, DEFAULT_GEMV, check_arch
 from .targets import TargetSpec, register_target
 
@@ -198,12 +199,7 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
     arch, act = _options(options)
     files = target_files(files)
     doc = read_plan_doc(files, TARGET)
-    plans: dict[str, FunctionPlan] = {}
-    for f in doc["functions"].list():
-        plan = FunctionPlan.from_json(f)
-        if plan.name in plans:
-            f["name"].fail(f"function {plan.name!r} appears twice")
-        plans[plan.name] = plan
+    plans = read_function_plans(doc)
     nvcc = _read_nvcc_record(doc["nvcc"])
     required = ("so", "cu") + (("fatbin", "ptx") if nvcc["mode"] == "required" else ())
     kernels: dict[str, dict[str, Any]] = {}
@@ -236,12 +232,7 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
         for s in plan.steps:
             if hasattr(s, "kernel") and s.kernel not in kernels:
                 doc["kernels"].fail(f"function {plan.name!r} calls kernel {s.kernel}, which is not listed")
-    spec = None
-    if doc.has("host_isa"):
-        try:
-            spec = native_loader.NativeSpec.from_json(doc["host_isa"].value)
-        except ValueError as e:
-            doc["host_isa"].fail(str(e))
+    spec = read_native_spec(doc, "host_isa")
     act_doc = doc["act_dtype"].str(choices=ACT_DTYPES) if doc.has("act_dtype") else act
     arch_doc = doc["arch"].str() if doc.has("arch") else arch
     work = convert_activations(module, act_doc)

@@ -27,7 +27,8 @@ from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import lower_function
 from ..files import target_files
-from .plan import EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_plan_doc
+from .plan import (EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_function_plans, read_native_spec,
+                   read_plan_doc)
 from .schedule_cpu import SCHEDULE_ID, describe_cpu_schedule, schedule_cpu
 from .targets import TargetSpec, register_target
 
@@ -235,20 +236,10 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
     t0 = time.perf_counter()
     files = target_files(files)
     doc = read_plan_doc(files, TARGET)
-    plans: dict[str, FunctionPlan] = {}
-    for f in doc["functions"].list():
-        plan = FunctionPlan.from_json(f)
-        if plan.name in plans:
-            f["name"].fail(f"function {plan.name!r} appears twice")
-        plans[plan.name] = plan
+    plans = read_function_plans(doc)
     mcpu = doc["mcpu"].str() if doc.has("mcpu") else ""
     derived = stored_operands.from_files(doc["operands"] if doc.has("operands") else [], files, plans)
-    spec = None
-    if doc.has("isa"):
-        try:
-            spec = native_loader.NativeSpec.from_json(doc["isa"].value)
-        except ValueError as e:
-            doc["isa"].fail(str(e))
+    spec = read_native_spec(doc, "isa")
     libdir = runtime_cpu.LibraryDir()
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}

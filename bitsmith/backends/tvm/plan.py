@@ -7,13 +7,13 @@ Loading validates the types and never evaluates anything.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ...errors import ArtifactError
 from ..files import target_files
+from ..native_loader import NativeSpec
 from ..json_fields import Field, parse
 from ...ir import symbolic as sym
 from ...ir.symbolic import Dim
@@ -291,3 +291,24 @@ def read_plan_doc(files: Mapping[str, bytes], target: str) -> Field:
         doc.fail(f"not a {target} plan of format {PLAN_FORMAT}")
     doc["functions"].list()
     return doc
+
+
+def read_function_plans(doc: Field) -> dict[str, FunctionPlan]:
+    """plan.json's function plans by name (a repeated name is an ArtifactError naming it)."""
+    plans: dict[str, FunctionPlan] = {}
+    for f in doc["functions"].list():
+        plan = FunctionPlan.from_json(f)
+        if plan.name in plans:
+            f["name"].fail(f"function {plan.name!r} appears twice")
+        plans[plan.name] = plan
+    return plans
+
+
+def read_native_spec(doc: Field, key: str) -> NativeSpec | None:
+    """The instruction-set record plan.json keeps under ``key`` (None where it has none)."""
+    if not doc.has(key):
+        return None
+    try:
+        return NativeSpec.from_json(doc[key].value)
+    except ValueError as e:
+        doc[key].fail(str(e))
