@@ -170,6 +170,14 @@ ODD_VALUES = [None, True, False, 0, -1, 1, 2 ** 64, 0.5, "", "x", "../../etc/pas
 SHAPE_ONLY = ("ir", "options")  # a changed value there may be a valid, different model (module doc)
 
 
+def _parent_of(doc: Any, path: tuple) -> tuple[Any, Any]:
+    """(container, key) of the leaf at ``path`` (a tuple of keys and indices from ``_paths``)."""
+    *parents, key = path
+    for k in parents:
+        doc = doc[k]
+    return doc, key
+
+
 def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
     out = [prefix]
     if isinstance(value, dict):
@@ -191,10 +199,7 @@ def _edit_manifest(root: Path, pick: int, how: str, odd: Any, resign: bool) -> N
     if not paths:
         return
     path = paths[pick % len(paths)]
-    *parent_path, key = path
-    parent = manifest
-    for k in parent_path:
-        parent = parent[k]
+    parent, key = _parent_of(manifest, path)
     value = parent[key]
     free = path[0] not in SHAPE_ONLY or not resign
     if how == "delete":
@@ -236,10 +241,7 @@ def _rewrite_target_json(root: Path, pick: int, leaf: int, how: str, number: int
     if not paths:
         return
     path = paths[leaf % len(paths)]
-    *parent_path, key = path
-    parent = doc
-    for k in parent_path:
-        parent = parent[k]
+    parent, key = _parent_of(doc, path)
     value = parent[key]
     value_only = any(p in VALUE_ONLY for p in path if isinstance(p, str))
     if how == "drop":

@@ -35,6 +35,14 @@ def _load_plan(doc: Any, extra: dict[str, bytes] | None = None) -> None:
     llvm_target.load_host({"plan.json": raw, **(extra or {})})
 
 
+def _expect_plan_refusal(doc: Any, words: str) -> None:
+    """Loading ``doc`` as tvm-llvm's plan.json is an ArtifactError naming that file and ``words``."""
+    with pytest.raises(ArtifactError) as info:
+        _load_plan(doc)
+    assert info.value.path == "target/plan.json", info.value
+    assert words in info.value.problem, info.value
+
+
 def _edit(fn: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
     doc = copy.deepcopy(_plan_doc())
     fn(doc)
@@ -77,10 +85,7 @@ F0 = lambda d: d["functions"][0]  # noqa: E731
     (_plan_doc(), f"calls kernel {KEY} but kernels/{KEY}.so is not listed"),
 ])
 def test_tvm_plan_json_failures_name_file_and_field(doc, words: str):
-    with pytest.raises(ArtifactError) as info:
-        _load_plan(doc)
-    assert info.value.path == "target/plan.json", info.value
-    assert words in info.value.problem, info.value
+    _expect_plan_refusal(doc, words)
 
 
 def test_tvm_plan_json_missing():
@@ -233,10 +238,7 @@ def test_tvm_cuda_plan_failures_name_file_and_field(doc, extra, words: str):
                       F0(d)["steps"].append({"view": [1, 3, 1]}))), "steps[1].view: shape ['n', 5] does not have"),
 ])
 def test_tvm_plan_values_that_would_fail_later_fail_at_load(doc, words: str):
-    with pytest.raises(ArtifactError) as info:
-        _load_plan(doc)
-    assert info.value.path == "target/plan.json", info.value
-    assert words in info.value.problem, info.value
+    _expect_plan_refusal(doc, words)
 
 
 def test_plan_views_of_equal_size_still_decode():
