@@ -41,7 +41,10 @@ def _errors(got: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--no-tvm", action="store_true", help="skip the tvm-llvm row (~1 min to compile)")
+    parser.add_argument("--no-tvm", action="store_true", help="skip the tvm-llvm rows (~1 min each to compile)")
+    parser.add_argument("--tvm-mcpu", default="host",
+                        help="comma-separated mcpu values, one tvm-llvm row each (e.g. host,x86-64-v3: "
+                             "AVX2 kernels sum in another order, as on an AVX2-only CPU)")
     args = parser.parse_args()
 
     import bitsmith
@@ -52,13 +55,16 @@ def main() -> None:
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(input_ids=ids).logits.numpy()
         rows = {"torch fp32": model(input_ids=ids).logits.numpy()}
-    targets = ["reference"] + ([] if args.no_tvm else ["tvm-llvm"])
+    builds = {"reference": ("reference", {})}
+    for mcpu in ([] if args.no_tvm else args.tvm_mcpu.split(",")):
+        name = "tvm-llvm" if mcpu == "host" else f"tvm-llvm mcpu={mcpu}"
+        builds[name] = ("tvm-llvm", {} if mcpu == "host" else {"mcpu": mcpu})
     seconds = {}
-    for target in targets:
+    for name, (target, options) in builds.items():
         start = time.perf_counter()
-        cm = bitsmith.compile(model, target=target)
-        seconds[target] = time.perf_counter() - start
-        rows[target] = cm(ids).numpy()
+        cm = bitsmith.compile(model, target=target, **options)
+        seconds[name] = time.perf_counter() - start
+        rows[name] = cm(ids).numpy()
 
     isa = ", ".join(f"{k}={os.environ[k]}" for k in ISA_VARIABLES if k in os.environ) or "native"
     print(f"machine: {machine_line()}; torch {torch.__version__}, CPU capability "
