@@ -33,7 +33,7 @@ from bitsmith.backends.lut import native
 from bitsmith.backends.lut.codegen import LayerProgram, generate
 from bitsmith.backends.lut.decompose import decompose
 from bitsmith.ir import GraphBuilder, TensorType
-from bitsmith.ir.datatypes import group_count, pack_codes
+from bitsmith.ir.code_packing import group_count, pack_codes
 from bitsmith.ir.quantized import dequantize
 
 SHAPES = {"4096x4096": (4096, 4096), "smollm2 q/o 576x576": (576, 576), "smollm2 k/v 192x576": (192, 576),

@@ -42,7 +42,8 @@ def _bench(fn, min_time: float = 0.2, repeats: int = 5) -> float:
 
 def _random_qlinear(scheme_name: str, k: int, n: int, group_size: int, rng):
     import numpy as np
-    from bitsmith.ir.datatypes import get_scheme, group_count, pack_codes
+    from bitsmith.ir.quant_grids import get_scheme
+    from bitsmith.ir.code_packing import group_count, pack_codes
     scheme = get_scheme(scheme_name)
     groups = group_count(k, group_size)
     arrays = [pack_codes(rng.integers(0, len(scheme.candidates[0].values), (n, k)), scheme.bits),

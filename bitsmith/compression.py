@@ -49,7 +49,7 @@ class CompressionOptions:
         return None if self.quant is None or self.quant in NO_QUANT else self.quant
 
     def validate(self) -> None:
-        from .ir.datatypes import SCHEMES
+        from .ir.quant_grids import SCHEMES
         if self.quant is not None and self.quant not in NO_QUANT and self.quant not in SCHEMES:
             raise UnknownOptionError("quantization scheme", self.quant, list(SCHEMES) + list(NO_QUANT))
         if not isinstance(self.group_size, int) or self.group_size < 1:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitsmith.ir.datatypes import get_scheme, group_count, pack_codes
+from bitsmith.ir.quant_grids import get_scheme
+
+from bitsmith.ir.code_packing import group_count, pack_codes
 from bitsmith.ir.quantized import operand_types
 
 LUT_SCHEMES = ("rtn-int2", "rtn-int3", "rtn-int4", "rtn-int2-sym", "rtn-int3-sym", "rtn-int4-sym",

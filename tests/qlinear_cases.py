@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bitsmith.ir.datatypes import get_scheme
+from bitsmith.ir.quant_grids import get_scheme
 from bitsmith.passes.quantization.groups import quantize_matrix, select_outliers
 from bitsmith.passes.quantization.nm import compress_nm, nm_mask
 from bitsmith.passes.quantization.pack import qlinear_operands as pack_qlinear

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import bitsmith  # noqa: E402
-from bitsmith.ir.datatypes import SCHEMES, get_scheme  # noqa: E402
+from bitsmith.ir.quant_grids import SCHEMES, get_scheme  # noqa: E402
 from bitsmith.ir.quantized import operand_types  # noqa: E402
 from bitsmith.runtime.datatype_usage import layer_datatypes  # noqa: E402
 from test_cli import assert_one_line_error, run_cli  # noqa: E402
@@ -135,7 +135,7 @@ def test_inspect_plot_writes_a_png(capsys, tmp_path, bitmod_artifact):
 
 def test_datatype_shares_match_the_selectors_of_the_loaded_model(bitmod_artifact):
     """Decoded from the file alone, the counts equal the selectors the runtime module holds."""
-    from bitsmith.ir.datatypes import unpack_codes
+    from bitsmith.ir.code_packing import unpack_codes
     layers = layer_datatypes(bitmod_artifact)
     module = bitsmith.load(str(bitmod_artifact)).module
     scheme = get_scheme("bitmod-w4")

@@ -8,7 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitsmith.ir.datatypes import SCHEMES, group_count
+from bitsmith.ir.quant_grids import SCHEMES
+
+from bitsmith.ir.code_packing import group_count
 from bitsmith.passes.quantization.gptq import GPTQError, gptq_quantize_matrix, inverse_hessian_cholesky
 from bitsmith.passes.quantization.groups import (decode, dequantize_matrix, fit_groups, quantize_matrix,
                                                  quantize_to_params)

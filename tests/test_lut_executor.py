@@ -211,7 +211,7 @@ def test_top_planes_and_full_blocks_agree_with_the_reference(fast, bits, top_pla
     """The largest integer sums the validator admits: every code at its maximum, positive
     activations (table entry 15 quantizes to 127), 256-activation blocks (64 quad words or 32
     pair words per LUTACC) and every LUTACC moved to the highest plane the validator accepts."""
-    from bitsmith.ir.datatypes import pack_codes
+    from bitsmith.ir.code_packing import pack_codes
     k = 256
     attrs = dict(scheme=f"rtn-int{bits}", group_size=k, in_features=k, out_features=16, sparsity="",
                  outliers=False, bias=False)

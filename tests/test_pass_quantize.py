@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bitsmith.errors import PassError
 from bitsmith.ir import GraphBuilder, Location, TensorType, evaluate, print_module
-from bitsmith.ir.datatypes import SCHEMES
+from bitsmith.ir.quant_grids import SCHEMES
 from bitsmith.ir.quantized import dequantize
 from bitsmith.passes import PassManager, Quantize, get_pass, parse_pass_spec
 from bitsmith.passes.quantization import quantize_matrix, select_outliers

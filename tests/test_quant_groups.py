@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bitsmith.ir.datatypes import SCHEMES, get_scheme, pack_codes, unpack_codes
+from bitsmith.ir.quant_grids import SCHEMES, get_scheme
+
+from bitsmith.ir.code_packing import pack_codes, unpack_codes
 from bitsmith.passes.quantization import (compress_nm, decode, dequantize_matrix, expand_nm, fit_groups, nm_mask,
                                           quantize_matrix, quantize_to_params, select_outliers)
 from quant_reference import SCHEMES as REF_SCHEMES
@@ -33,7 +35,7 @@ def masks_for(w: np.ndarray):
     return hnp.arrays(np.bool_, w.shape, elements=st.booleans() | st.just(True))
 
 
-def test_reference_grids_match_the_ir_datatypes():
+def test_reference_grids_match_the_ir_quant_grids():
     assert set(REF_SCHEMES) == set(SCHEMES)
     for name, (bits, asym, grids) in REF_SCHEMES.items():
         scheme = get_scheme(name)

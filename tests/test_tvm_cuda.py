@@ -28,7 +28,7 @@ import bitsmith  # noqa: E402
 from bitsmith.backends.tvm.cuda_runtime import NO_GPU, gpu_available  # noqa: E402
 from bitsmith.backends.tvm.cuda_scratch import ScratchSpec  # noqa: E402
 from bitsmith.errors import ArtifactError, BitsmithError  # noqa: E402
-from bitsmith.ir.datatypes import SCHEMES  # noqa: E402
+from bitsmith.ir.quant_grids import SCHEMES  # noqa: E402
 
 import cuda_cases  # noqa: E402
 

@@ -12,6 +12,8 @@ from typing import Callable, Mapping
 
 from . import symbolic as sym
 from .symbolic import Dim
+from .traits import (ATTENTION, COMMUTATIVE, CONTRACTION, DTYPE_FROM_ATTR, ELEMENTWISE, GATHER, LINEAR_LIKE,
+                     NORMALIZATION, PURE, REDUCTION, SHAPE_ONLY, SOURCE, check_traits)
 from .types import FLOAT_DTYPES, INT_DTYPES, DTYPES, IRTypeError, TensorType
 
 Attrs = Mapping[str, object]
@@ -27,19 +29,24 @@ class OpDef:
     required_attrs: frozenset[str] = frozenset()
     optional_attrs: frozenset[str] = frozenset()
     doc: str = ""
+    traits: frozenset[str] = frozenset()  # see traits.py
 
 
 OPS: dict[str, OpDef] = {}
 
 
 def register_op(name: str, inputs: int | tuple[int, int], *, attrs: tuple[str, ...] = (),
-                optional: tuple[str, ...] = (), doc: str = "") -> Callable[[InferFn], InferFn]:
+                optional: tuple[str, ...] = (), doc: str = "",
+                traits: tuple[str, ...] = (PURE,)) -> Callable[[InferFn | None], InferFn | None]:
+    """Registers an op; ``infer`` may be None when the verifier checks the declared output type
+    itself (``constant`` against the tensor table, ``call`` against its callee)."""
     lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
 
-    def deco(fn: InferFn) -> InferFn:
+    def deco(fn: InferFn | None) -> InferFn | None:
         if name in OPS:
             raise ValueError(f"op {name!r} registered twice")
-        OPS[name] = OpDef(name, lo, hi, fn, frozenset(attrs), frozenset(optional), doc)
+        OPS[name] = OpDef(name, lo, hi, fn, frozenset(attrs), frozenset(optional), doc,
+                          check_traits(name, frozenset(traits)))
         return fn
 
     return deco
@@ -89,11 +96,12 @@ def _require_float(t: TensorType, op: str) -> None:
 # ---------------------------------------------------------------- sources
 
 # A constant's type is declared on the node and checked against the tensor table by the verifier.
-OPS["constant"] = OpDef("constant", 0, 0, None, frozenset({"name"}), frozenset(),
-                        "A tensor from the module's tensor table.")
+register_op("constant", 0, attrs=("name",), doc="A tensor from the module's tensor table.",
+            traits=(PURE, SOURCE))(None)
 
 
-@register_op("scalar", 0, attrs=("value", "dtype"), doc="A rank-0 tensor holding one literal.")
+@register_op("scalar", 0, attrs=("value", "dtype"), doc="A rank-0 tensor holding one literal.",
+             traits=(PURE, SOURCE, DTYPE_FROM_ATTR))
 def _infer_scalar(types, attrs):
     if attrs["dtype"] not in DTYPES:
         raise IRTypeError(f"scalar: unknown dtype {attrs['dtype']!r}")
@@ -103,7 +111,8 @@ def _infer_scalar(types, attrs):
 
 
 @register_op("arange", 0, attrs=("start", "end", "step", "dtype"),
-             doc="Integers start, start+step, ... below end; end may be symbolic when step is 1.")
+             doc="Integers start, start+step, ... below end; end may be symbolic when step is 1.",
+             traits=(PURE, SOURCE, DTYPE_FROM_ATTR))
 def _infer_arange(types, attrs):
     start, end, step = attrs["start"], attrs["end"], attrs["step"]
     if step == 1:
@@ -123,7 +132,7 @@ UNARY_ANY_OPS = ("neg", "abs")
 
 
 def _unary(name: str, floats_only: bool) -> None:
-    @register_op(name, 1)
+    @register_op(name, 1, traits=(PURE, ELEMENTWISE))
     def infer(types, attrs, _name=name):
         if floats_only:
             _require_float(types[0], _name)
@@ -136,7 +145,8 @@ for _name in UNARY_ANY_OPS:
     _unary(_name, False)
 
 
-@register_op("gelu", 1, attrs=("approximate",), doc="GELU; approximate is 'none' (erf) or 'tanh'.")
+@register_op("gelu", 1, attrs=("approximate",), doc="GELU; approximate is 'none' (erf) or 'tanh'.",
+             traits=(PURE, ELEMENTWISE))
 def _infer_gelu(types, attrs):
     _require_float(types[0], "gelu")
     if attrs["approximate"] not in ("none", "tanh"):
@@ -144,7 +154,7 @@ def _infer_gelu(types, attrs):
     return (types[0],)
 
 
-@register_op("logical_not", 1)
+@register_op("logical_not", 1, traits=(PURE, ELEMENTWISE))
 def _infer_logical_not(types, attrs):
     if types[0].dtype != "bool":
         raise IRTypeError("logical_not: needs a bool operand")
@@ -154,10 +164,13 @@ def _infer_logical_not(types, attrs):
 BINARY_ARITH_OPS = ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
 COMPARE_OPS = ("eq", "ne", "lt", "le", "gt", "ge")
 LOGICAL_OPS = ("logical_and", "logical_or")
+_COMMUTATIVE_BINARY = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or"})
 
 
 def _binary(name: str, result_dtype: str | None) -> None:
-    @register_op(name, 2)
+    traits = (PURE, ELEMENTWISE) + ((COMMUTATIVE,) if name in _COMMUTATIVE_BINARY else ())
+
+    @register_op(name, 2, traits=traits)
     def infer(types, attrs, _name=name):
         dtype = _same_dtype(types, _name)
         if _name in LOGICAL_OPS and dtype != "bool":
@@ -173,7 +186,7 @@ for _name in COMPARE_OPS + LOGICAL_OPS:
     _binary(_name, "bool")
 
 
-@register_op("where", 3, doc="cond ? a : b with broadcasting.")
+@register_op("where", 3, doc="cond ? a : b with broadcasting.", traits=(PURE, ELEMENTWISE))
 def _infer_where(types, attrs):
     cond, a, b = types
     if cond.dtype != "bool":
@@ -182,7 +195,7 @@ def _infer_where(types, attrs):
     return (TensorType(broadcast_shapes(broadcast_shapes(cond.shape, a.shape), b.shape), dtype),)
 
 
-@register_op("cast", 1, attrs=("dtype",))
+@register_op("cast", 1, attrs=("dtype",), traits=(PURE, ELEMENTWISE, DTYPE_FROM_ATTR))
 def _infer_cast(types, attrs):
     return (TensorType(types[0].shape, attrs["dtype"]),)
 
@@ -190,7 +203,7 @@ def _infer_cast(types, attrs):
 # ---------------------------------------------------------------- reductions
 
 def _reduce(name: str) -> None:
-    @register_op(name, 1, attrs=("axes", "keepdims"))
+    @register_op(name, 1, attrs=("axes", "keepdims"), traits=(PURE, REDUCTION))
     def infer(types, attrs, _name=name):
         (t,) = types
         axes = {_axis(a, t.rank, _name) for a in attrs["axes"]}
@@ -207,7 +220,7 @@ for _name in ("sum", "mean", "max", "min"):
     _reduce(_name)
 
 
-@register_op("softmax", 1, attrs=("axis",))
+@register_op("softmax", 1, attrs=("axis",), traits=(PURE, NORMALIZATION))
 def _infer_softmax(types, attrs):
     _require_float(types[0], "softmax")
     _axis(attrs["axis"], types[0].rank, "softmax")
@@ -216,7 +229,8 @@ def _infer_softmax(types, attrs):
 
 # ---------------------------------------------------------------- linear algebra
 
-@register_op("matmul", 2, doc="numpy matmul of rank>=2 operands, batch dims broadcast.")
+@register_op("matmul", 2, doc="numpy matmul of rank>=2 operands, batch dims broadcast.",
+             traits=(PURE, CONTRACTION))
 def _infer_matmul(types, attrs):
     a, b = types
     dtype = _same_dtype(types, "matmul")
@@ -231,7 +245,8 @@ def _infer_matmul(types, attrs):
 @register_op("linear", (2, 3), optional=("sparsity", "outliers"),
              doc="x @ w.T (+ b); w is [out, in] as in torch.nn.Linear. Optional annotations for "
                  "the quantize pass: sparsity 'N:M' (w is already N:M pruned) and outliers (the "
-                 "fraction of weights to keep in fp16).")
+                 "fraction of weights to keep in fp16).",
+             traits=(PURE, CONTRACTION, LINEAR_LIKE))
 def _infer_linear(types, attrs):
     x, w = types[0], types[1]
     dtype = _same_dtype(types, "linear")
@@ -244,7 +259,7 @@ def _infer_linear(types, attrs):
     return (TensorType(x.shape[:-1] + (w.shape[0],), dtype),)
 
 
-@register_op("embedding", 2, doc="Rows of table [vocab, dim] gathered by integer ids.")
+@register_op("embedding", 2, doc="Rows of table [vocab, dim] gathered by integer ids.", traits=(PURE, GATHER))
 def _infer_embedding(types, attrs):
     table, ids = types
     if table.rank != 2:
@@ -254,7 +269,8 @@ def _infer_embedding(types, attrs):
     return (TensorType(ids.shape + (table.shape[1],), table.dtype),)
 
 
-@register_op("layer_norm", (1, 3), attrs=("eps",), doc="LayerNorm over the last dim, optional affine.")
+@register_op("layer_norm", (1, 3), attrs=("eps",), doc="LayerNorm over the last dim, optional affine.",
+             traits=(PURE, NORMALIZATION))
 def _infer_layer_norm(types, attrs):
     _require_float(types[0], "layer_norm")
     if len(types) == 2:
@@ -269,7 +285,8 @@ def _infer_layer_norm(types, attrs):
 @register_op("attention", 3, attrs=("scale", "causal"),
              doc="softmax(q k^T * scale [+ causal mask]) v; q [b,hq,s,d], k/v [b,hkv,t,d]; "
                  "hq is a multiple of hkv (grouped-query); the causal mask is aligned to the "
-                 "bottom right, so query i sees keys j <= i + (t - s).")
+                 "bottom right, so query i sees keys j <= i + (t - s).",
+             traits=(PURE, CONTRACTION, ATTENTION))
 def _infer_attention(types, attrs):
     q, k, v = types
     dtype = _same_dtype(types, "attention")
@@ -287,7 +304,7 @@ def _infer_attention(types, attrs):
 
 # ---------------------------------------------------------------- data movement
 
-@register_op("reshape", 1, attrs=("shape",))
+@register_op("reshape", 1, traits=(PURE, SHAPE_ONLY), attrs=("shape",))
 def _infer_reshape(types, attrs):
     (t,) = types
     shape = tuple(attrs["shape"])
@@ -296,7 +313,7 @@ def _infer_reshape(types, attrs):
     return (TensorType(shape, t.dtype),)
 
 
-@register_op("permute", 1, attrs=("perm",))
+@register_op("permute", 1, traits=(PURE, SHAPE_ONLY), attrs=("perm",))
 def _infer_permute(types, attrs):
     (t,) = types
     perm = tuple(attrs["perm"])
@@ -305,7 +322,8 @@ def _infer_permute(types, attrs):
     return (TensorType(tuple(t.shape[p] for p in perm), t.dtype),)
 
 
-@register_op("expand", 1, attrs=("shape",), doc="Broadcast to a shape (numpy broadcast_to).")
+@register_op("expand", 1, attrs=("shape",), doc="Broadcast to a shape (numpy broadcast_to).",
+             traits=(PURE, SHAPE_ONLY))
 def _infer_expand(types, attrs):
     (t,) = types
     shape = tuple(attrs["shape"])
@@ -318,7 +336,8 @@ def _infer_expand(types, attrs):
 
 
 @register_op("slice", 1, attrs=("axis", "start", "end", "step"),
-             doc="Elements start <= i < end by step along one axis; bounds are in range.")
+             doc="Elements start <= i < end by step along one axis; bounds are in range.",
+             traits=(PURE, SHAPE_ONLY))
 def _infer_slice(types, attrs):
     (t,) = types
     axis = _axis(attrs["axis"], t.rank, "slice")
@@ -343,7 +362,7 @@ def _infer_slice(types, attrs):
     return (TensorType(tuple(shape), t.dtype),)
 
 
-@register_op("concat", (1, 1 << 16), attrs=("axis",))
+@register_op("concat", (1, 1 << 16), attrs=("axis",), traits=(PURE, SHAPE_ONLY))
 def _infer_concat(types, attrs):
     first = types[0]
     axis = _axis(attrs["axis"], first.rank, "concat")

@@ -22,9 +22,11 @@ import numpy as np
 
 from . import symbolic as sym
 from .graph import Function, Module, Node
-from .datatypes import get_scheme, group_count, group_index, packed_length, unpack_codes
-from .interpreter import RULES, wide, wide_matmul
-from .ops import OPS, OpDef
+from .quant_grids import get_scheme
+from .code_packing import group_count, group_index, packed_length, unpack_codes
+from .interpreter import rule, wide, wide_matmul
+from .ops import register_op
+from .traits import CONTRACTION, LINEAR_LIKE, PURE, QUANTIZED
 from .types import IRTypeError, TensorType
 
 QLINEAR_ATTRS = frozenset({"scheme", "group_size", "in_features", "out_features", "sparsity", "outliers", "bias"})
@@ -76,6 +78,9 @@ def index_bits(m: int) -> int:
     return max(1, int(math.log2(m)))
 
 
+@register_op("qlinear", (3, 11), attrs=tuple(sorted(QLINEAR_ATTRS)),
+             doc="x @ dequantize(packed weight).T (+ bias); see bitsmith/ir/quantized.py",
+             traits=(PURE, CONTRACTION, LINEAR_LIKE, QUANTIZED))
 def _infer_qlinear(types: tuple[TensorType, ...], attrs: dict) -> tuple[TensorType, ...]:
     x = types[0]
     if x.dtype not in ("float32", "float16"):
@@ -105,10 +110,6 @@ def _infer_qlinear(types: tuple[TensorType, ...], attrs: dict) -> tuple[TensorTy
     if rest:
         raise IRTypeError(f"qlinear: {len(rest)} unexpected extra operands")
     return (TensorType(x.shape[:-1] + (attrs["out_features"],), x.dtype),)
-
-
-OPS["qlinear"] = OpDef("qlinear", 3, 11, _infer_qlinear, QLINEAR_ATTRS, frozenset(),
-                       "x @ dequantize(packed weight).T (+ bias); see bitsmith/ir/quantized.py")
 
 
 def dequantize(attrs: dict, operands: Sequence[np.ndarray]) -> np.ndarray:
@@ -196,6 +197,7 @@ class _DecodeCache:
 DECODE_CACHE = _DecodeCache()
 
 
+@rule("qlinear")
 def _qlinear_rule(xs, node, ctx):
     attrs = node.attr_dict
     x = xs[0]
@@ -207,9 +209,6 @@ def _qlinear_rule(xs, node, ctx):
     if attrs["bias"]:
         y += wide(xs[-1])
     return [y.astype(x.dtype, copy=False)]
-
-
-RULES["qlinear"] = _qlinear_rule
 
 
 def qlinear_nodes(module: Module) -> Iterator[tuple[Function, Node, dict[str, str]]]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bitsmith.ir import Module, Node
-from bitsmith.ir.datatypes import Scheme, get_scheme
+from bitsmith.ir.quant_grids import Scheme, get_scheme
 
 from .base import Pass, register_pass
 from .quantization.groups import QuantizedMatrix, quantize_matrix, select_outliers
@@ -70,7 +70,7 @@ def pack_weight(weight: np.ndarray, scheme: Scheme, attrs: dict, stats: object =
 @register_pass
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Options: ``scheme`` (one of bitsmith.ir.datatypes.SCHEMES), ``group_size``, ``layers``
+    """Options: ``scheme`` (one of bitsmith.ir.quant_grids.SCHEMES), ``group_size``, ``layers``
     module-path globs (default: every linear but ``*lm_head``), ``calibrate`` (GPTQ) and
     ``calibration`` (the statistics source ``calibrate`` needs)."""
 
@@ -83,7 +83,7 @@ class Quantize(Pass):
 
     def __post_init__(self) -> None:
         if not self.scheme:
-            from bitsmith.ir.datatypes import SCHEMES
+            from bitsmith.ir.quant_grids import SCHEMES
             raise ValueError(f"quantize needs scheme=NAME; valid: {', '.join(SCHEMES)}")
         get_scheme(self.scheme)  # unknown scheme: ValueError listing the valid ones
         if not isinstance(self.group_size, int) or self.group_size <= 0:

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import ArtifactError
 from ..ir import IRParseError, Module, parse_module
-from ..ir.datatypes import get_scheme, group_count, unpack_codes
+from ..ir.quant_grids import get_scheme
+from ..ir.code_packing import group_count, unpack_codes
 from ..ir.graph import sha256_of
 from ..ir.quantized import kept_per_row, operand_types, qlinear_nodes
 from .manifest import WEIGHTS, read_manifest

@@ -19,7 +19,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ...errors import UnsupportedOpError
-from ...ir.datatypes import get_scheme, group_count, group_index, unpack_codes
+from ...ir.quant_grids import get_scheme
+from ...ir.code_packing import group_count, group_index, unpack_codes
 from ...ir.quantized import operand_types, parse_sparsity
 
 TARGET = "lut-cpu"

@@ -35,7 +35,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...errors import BitsmithError
-from ...ir.datatypes import Scheme, get_scheme, group_count, unpack_codes
+from ...ir.quant_grids import Scheme, get_scheme
+from ...ir.code_packing import group_count, unpack_codes
 from ...ir.quantized import index_bits, kept_per_row, operand_types, parse_sparsity
 
 LANES = 16  # bytes per chunk = vector lanes of one decode

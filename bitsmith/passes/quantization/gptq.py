@@ -24,7 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from bitsmith.errors import BitsmithError
-from bitsmith.ir.datatypes import Scheme, group_count
+from bitsmith.ir.quant_grids import Scheme
+
+from bitsmith.ir.code_packing import group_count
 
 from .groups import GroupParams, QuantizedMatrix, decode, fit_groups, quantize_to_params
 

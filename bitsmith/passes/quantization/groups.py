@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bitsmith.ir.datatypes import Grid, Scheme, group_count, group_index
+from bitsmith.ir.quant_grids import Grid, Scheme
+
+
+from bitsmith.ir.code_packing import group_count, group_index
 
 FP16_MAX = float(np.finfo(np.float16).max)
 

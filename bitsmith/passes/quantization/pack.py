@@ -7,7 +7,9 @@ from typing import Mapping
 
 import numpy as np
 
-from bitsmith.ir.datatypes import Scheme, pack_codes
+from bitsmith.ir.quant_grids import Scheme
+
+from bitsmith.ir.code_packing import pack_codes
 from bitsmith.ir.quantized import index_bits, operand_types, parse_sparsity
 
 from .groups import QuantizedMatrix

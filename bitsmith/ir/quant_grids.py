@@ -1,4 +1,4 @@
-"""Quantized weight datatypes: integer value grids, schemes built from them, bit packing.
+"""Quantization grids and the schemes built from them (which value grids a weight group may use).
 
 A grid is a set of integer values; a weight group stores one code per weight (an index
 into the grid) and one fp16 scale, so a weight is ``grid[code] * scale`` (asymmetric integer
@@ -95,42 +95,17 @@ for _w, _p in ((3, "fp3"), (4, "fp4")):
         f"bitmod-w{_w}", tuple(GRIDS[f"{_p}-{kind}{sign}"] for kind in ("er", "ea") for sign in "+-"))
 
 
+def register_scheme(scheme: Scheme) -> Scheme:
+    """Adds a scheme under its name; passes that define new weight formats call this from their
+    own module instead of editing this one."""
+    if scheme.name in SCHEMES and SCHEMES[scheme.name] != scheme:
+        raise ValueError(f"quantization scheme {scheme.name!r} registered twice")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
 def get_scheme(name: str) -> Scheme:
     try:
         return SCHEMES[name]
     except KeyError:
         raise ValueError(f"unknown quantization scheme {name!r}; valid: {', '.join(SCHEMES)}") from None
-
-
-# ---------------------------------------------------------------- bit packing
-
-def packed_length(count: int, bits: int) -> int:
-    return (count * bits + 7) // 8
-
-
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Packs the last axis of ``codes`` densely, LSB first: code i occupies bits
-    [i*bits, (i+1)*bits) of the row's little-endian bit stream (3-bit codes are not padded)."""
-    codes = np.asarray(codes)
-    if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
-        raise ValueError(f"codes out of range for {bits} bits")
-    c = codes.astype(np.uint8)
-    bitplanes = (c[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # [..., K, bits]
-    stream = bitplanes.reshape(*c.shape[:-1], c.shape[-1] * bits)
-    return np.packbits(stream, axis=-1, bitorder="little")
-
-
-def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Inverse of pack_codes for ``count`` codes per row."""
-    stream = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=-1, count=count * bits, bitorder="little")
-    planes = stream.reshape(*packed.shape[:-1], count, bits).astype(np.uint8)
-    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
-
-
-def group_count(length: int, group_size: int) -> int:
-    return -(-length // group_size)
-
-
-def group_index(length: int, group_size: int) -> np.ndarray:
-    """Group of each position along a row; the last group may be shorter."""
-    return np.arange(length) // group_size
