@@ -123,6 +123,11 @@ def product(dims: tuple[Dim, ...]) -> Dim:
     return out
 
 
+def terms(d: Dim) -> dict[tuple[str, ...], int]:
+    """``d`` as a polynomial: coefficient per monomial (a sorted tuple of symbols; () is the constant)."""
+    return _to_poly(d)
+
+
 def symbols(d: Dim) -> set[str]:
     return {s for mono in _to_poly(d) for s in mono}
 

@@ -1,0 +1,1 @@
+"""MLIR interop through the upstream MLIR Python bindings (package torch-mlir, extra ``mlir``)."""
