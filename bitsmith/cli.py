@@ -1,4 +1,4 @@
-"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust.
+"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust, export-mlir, import-mlir.
 
 Every user-facing failure (a BitsmithError, a missing file, a bad value) prints one line,
 ``bitsmith: error: <message>``, on stderr and exits 2; set BITSMITH_DEBUG=1 for the traceback.
@@ -200,6 +200,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         _progress(f"wrote {args.json}")
     return 0
+
+
+def cmd_export_mlir(args: argparse.Namespace) -> int:
+    from .mlir.command import run_export
+    from .mlir.sources import is_artifact_dir
+
+    quant = _quant_options(args)
+    if quant and is_artifact_dir(args.source):
+        raise ValueError(f"{args.source} is a saved artifact: compression flags apply only to a MODEL")
+    start = time.perf_counter()
+    return run_export(args, quant, lambda m: _progress(f"[{time.perf_counter() - start:6.1f}s] {m}..."))
+
+
+def cmd_import_mlir(args: argparse.Namespace) -> int:
+    from .mlir.command import run_import
+    return run_import(args)
 
 
 def _native_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -439,6 +455,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="OUT.png", help="also draw each quantized layer's share of each "
                                                      "datatype (reads only the selector tensors)")
     p.set_defaults(func=cmd_inspect)
+
+    from .mlir.command import add_export_arguments, add_import_arguments
+
+    p = sub.add_parser("export-mlir", help="write a model or artifact as MLIR (func/linalg/tensor + bitsmith ops)")
+    add_export_arguments(p)
+    _add_quant_arguments(p)
+    p.set_defaults(func=cmd_export_mlir)
+
+    p = sub.add_parser("import-mlir", help="read MLIR written by export-mlir back into bitsmith IR text")
+    add_import_arguments(p)
+    p.set_defaults(func=cmd_import_mlir)
 
     p = sub.add_parser("trust", help="show an artifact's native libraries and trust them on this machine")
     p.add_argument("artifact", metavar="DIR")
