@@ -19,6 +19,11 @@ from bitsmith.mlir.importer import import_module  # noqa: E402
 from bitsmith.mlir.registry import standard_ops  # noqa: E402
 from ir_strategies import random_modules  # noqa: E402
 
+try:  # the call op and this strategy come with the partition work
+    from ir_strategies import modules_with_calls
+except ImportError:
+    modules_with_calls = None
+
 # Tolerance of an ExecutionEngine run against the interpreter on random modules. Each exported
 # op evaluates its defining formula in float32: at most ~8 roundings for the composite
 # activations (gelu's tanh form, sigmoid = 1/(1+exp(-x))) and K+4 for softmax, sums, means
@@ -160,10 +165,23 @@ def test_calls_and_function_attributes_round_trip():
     outer = Function("main", (Value("x", t),), (Node("call", ("x",), (Value("y", t),), (("callee", "act"),)),), ("y",))
     module = Module((outer, inner))
     text = export_mlir(module)
-    assert "func.call @act" in text and 'bitsmith.device = "attention"' in text
+    assert "call @act(" in text and 'bitsmith.device = "attention"' in text
     assert import_module(text).module == module
     x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
     _compare(run_mlir(module, [x]), evaluate(module, [x]), RTOL, ATOL)
+
+
+if modules_with_calls is not None:
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(modules_with_calls())
+    def test_modules_with_calls_export_import_and_run(case):
+        """Functions as func.func, calls as func.call, function attributes as bitsmith.<key>."""
+        module, original, args = case
+        text = export_mlir(module)
+        _reparse_and_verify(text)
+        assert import_module(text, module.tensors).module == module
+        if _static(module):
+            _compare(run_mlir(module, args), evaluate(original, args), RTOL, ATOL)
 
 
 def test_missing_bindings_name_the_extra(monkeypatch):

@@ -105,13 +105,21 @@ class FunctionEmitter:
         return self.types[value]
 
     # ---- sizes
-    def _find_symbol_sources(self) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
+    def _find_symbol_sources(self) -> dict[str, tuple[int, int, int, int]]:
+        """symbol -> (param, axis, c, k) with that dim = c * symbol + k: a plain symbol, or
+        else a dim linear in it alone (a callee's "2*n" or "n+1")."""
+        out: dict[str, tuple[int, int, int, int]] = {}
+        linear: dict[str, tuple[int, int, int, int]] = {}
         for i, p in enumerate(self.fn.params):
             for axis, d in enumerate(p.type.shape):
                 if isinstance(d, str) and sym.SYMBOL_NAME.match(d):
-                    out.setdefault(d, (i, axis))
-        return out
+                    out.setdefault(d, (i, axis, 1, 0))
+                elif isinstance(d, str):
+                    poly = sym.terms(d)
+                    monos = [m for m in poly if m]
+                    if len(monos) == 1 and len(monos[0]) == 1:
+                        linear.setdefault(monos[0][0], (i, axis, poly[monos[0]], poly.get((), 0)))
+        return {**linear, **out}
 
     def index(self, d: Dim) -> str:
         """An ``index`` SSA value equal to dim ``d`` (symbols read from the parameters)."""
@@ -124,9 +132,12 @@ class FunctionEmitter:
             if d not in self._symbol_sources:
                 raise MLIRInteropError(f"function @{self.fn.name}: symbol {d!r} appears in no parameter's "
                                        f"shape, so its size is unknown at run time")
-            param, axis = self._symbol_sources[d]
+            param, axis, c, k = self._symbol_sources[d]
             p = self.fn.params[param]
             v = self.emit(f"tensor.dim {self.values[p.name]}, {self.index(axis)} : {tensor_type(p.type)}")
+            if (c, k) != (1, 0):  # dim = c * d + k
+                v = self.emit(f"arith.subi {v}, {self.index(k)} : index")
+                v = self.emit(f"arith.divsi {v}, {self.index(c)} : index")
         else:
             v = None
             for mono, coeff in sorted(sym.terms(d).items()):

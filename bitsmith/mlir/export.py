@@ -29,36 +29,35 @@ from .types import has_symbolic_dims, tensor_type
 class _FunctionPlan:
     fn: Function
     tags: tuple[tuple[int, Node], ...]
-    standard: frozenset[int]  # indices into tags of nodes exported to upstream dialects
+    kinds: tuple[str, ...]  # per tag: "standard" (carries bitsmith.op), "dialect" (a bitsmith.<op>) or "call"
     top_ops: int
 
 
-def _emit_node(em: FunctionEmitter, module: Module, node: Node, externals: dict) -> tuple[str, bool]:
-    """Emits ``node``; returns its defining SSA value and whether it carries ``bitsmith.op``."""
+def _emit_node(em: FunctionEmitter, module: Module, node: Node, externals: dict) -> tuple[str, str]:
+    """Emits ``node``; returns its defining SSA value and how it is tagged (see ``_FunctionPlan``)."""
     if node.op == "constant":
         info = module.tensors.info(node.attr("name"))
         inline = is_inline(info, em.options.inline_weights, em.options.inline_max_elements)
         if not inline:
             externals[info.name] = info
-        return emit_constant(em, node, info, module.tensors[info.name] if inline else None), True
+        return emit_constant(em, node, info, module.tensors[info.name] if inline else None), "standard"
     if has_trait(node.op, CALL):
-        return emit_call(em, node), False
+        return emit_call(em, node), "call"
     if node.op == "attention" and em.options.attention == "linalg":
-        return attention_linalg(em, node), True
+        return attention_linalg(em, node), "standard"
     if node.op in EMITTERS:
-        return EMITTERS[node.op](em, node), True
-    return emit_dialect_op(em, node), False
+        return EMITTERS[node.op](em, node), "standard"
+    return emit_dialect_op(em, node), "dialect"
 
 
 def _function_text(module: Module, fn: Function, options: ExportOptions,
                    externals: dict) -> tuple[list[str], _FunctionPlan]:
     args = {p.name: f"%a{i}" for i, p in enumerate(fn.params)}
     em = FunctionEmitter(fn, args, options)
-    standard = set()
+    kinds = []
     for node in fn.nodes:
-        ssa, is_standard = _emit_node(em, module, node, externals)
-        if is_standard:
-            standard.add(len(em.tags))
+        ssa, kind = _emit_node(em, module, node, externals)
+        kinds.append(kind)
         em.tag(node, ssa, len(node.outputs))
     params = ", ".join(f"{args[p.name]}: {tensor_type(p.type)}" for p in fn.params)
     result_types = [tensor_type(t) for t in fn.result_types()]
@@ -67,7 +66,7 @@ def _function_text(module: Module, fn: Function, options: ExportOptions,
     lines += [f"  {line}" for text in em.lines for line in text.split("\n")]
     lines.append(f"  func.return {results} : {', '.join(result_types)}" if fn.results else "  func.return")
     lines.append("}")
-    return lines, _FunctionPlan(fn, tuple(em.tags), frozenset(standard), em.top_ops)
+    return lines, _FunctionPlan(fn, tuple(em.tags), tuple(kinds), em.top_ops)
 
 
 def _symbol(name: str) -> str:
@@ -89,17 +88,20 @@ def module_text(module: Module, options: ExportOptions) -> tuple[str, list[_Func
     return "\n".join(["module {"] + globals_ + body + ["}"]) + "\n", plans, externals
 
 
-def _tag_node(op, node: Node, standard: bool) -> None:
+def _tag_node(op, node: Node, kind: str) -> None:
     ir = bindings.ir()
     names = [o.name for o in node.outputs]
     op.attributes[NAME] = encode(names[0] if len(names) == 1 else tuple(names))
-    if standard:
+    if kind == "standard":
         op.attributes[OP] = ir.StringAttr.get(node.op)
         if node.attrs:
             op.attributes[ATTRS] = encode_dict(node.attrs)
-    else:
+    elif kind == "dialect":
         for key, value in node.attrs:
             op.attributes[key] = encode(value)
+    else:  # a call's result dims are the caller's symbols, which the callee's types do not name
+        if any(has_symbolic_dims(o.type) for o in node.outputs):
+            op.attributes[SHAPE] = encode(tuple(tuple(o.type.shape) for o in node.outputs))
     if node.loc is not None:
         op.attributes[LOC] = encode_location(node.loc)
 
@@ -131,7 +133,7 @@ def attach_tags(mlir_module, module: Module, plans: list[_FunctionPlan], externa
         start = 0
         for i, (index, node) in enumerate(plan.tags):
             op = top[index]
-            _tag_node(op, node, i in plan.standard)
+            _tag_node(op, node, plan.kinds[i])
             names = [env[v] for v in run_operands(top[start:index + 1], lambda v: v in env)]
             try:
                 positions = tuple(names.index(v) for v in node.inputs)
@@ -157,6 +159,8 @@ def export_module(module: Module, options: ExportOptions | None = None) -> str:
         except ir.MLIRError as e:
             raise bindings.MLIRInteropError(f"MLIR rejected the exported text: {e}") from e
         attach_tags(parsed, module, plans, externals)
-        if not parsed.operation.verify():
-            raise bindings.MLIRInteropError("MLIR's verifier rejected the exported module")
+        try:
+            parsed.operation.verify()
+        except ir.MLIRError as e:
+            raise bindings.MLIRInteropError(f"MLIR's verifier rejected the exported module: {e}") from e
         return str(parsed)

@@ -167,6 +167,9 @@ class _Importer:
             return (self._constant(dict(attrs)["name"], op),)
         if kind == "call":
             callee = self.function(dict(attrs)["callee"])
+            if SHAPE in op.attributes:  # symbolic result dims, in the caller's symbols
+                shapes = decode(op.attributes[SHAPE])
+                return tuple(_tensor_type(r.type, s) for r, s in zip(op.results, shapes))
             return callee.result_types()
         try:
             opdef = get_op(kind)
@@ -208,8 +211,7 @@ def import_module(text: str, tensors: Mapping[str, np.ndarray] | None = None) ->
     with bindings.new_context(), ir.Location.unknown():
         try:
             parsed = ir.Module.parse(text)
+            parsed.operation.verify()
         except ir.MLIRError as e:
-            raise MLIRInteropError(f"MLIR could not parse the file: {e}") from e
-        if not parsed.operation.verify():
-            raise MLIRInteropError("MLIR's verifier rejected the module")
+            raise MLIRInteropError(f"MLIR rejected the file: {e}") from e
         return _Importer(parsed, tensors).module(parsed)
