@@ -11,7 +11,7 @@ import math
 
 from ..errors import UnsupportedOpError
 from ..ir.graph import Node
-from .emitter import Body, FunctionEmitter
+from .emitter import Body, FunctionEmitter, unsupported
 from .registry import emits
 from .types import element_type, is_float
 
@@ -30,13 +30,9 @@ _INT_CMP = {"eq": "eq", "ne": "ne", "lt": "slt", "le": "sle", "gt": "sgt", "ge":
 _BOOL_CMP = {"eq": "eq", "ne": "ne", "lt": "ult", "le": "ule", "gt": "ugt", "ge": "uge"}
 
 
-def _refuse_uint8(em: FunctionEmitter, node: Node) -> None:
-    for v in node.inputs:
-        if em.type_of(v).dtype == "uint8":
-            loc = node.loc
-            raise UnsupportedOpError(node.op, module_path=loc.module_path if loc else "",
-                                     source=loc.source if loc else "", target="mlir",
-                                     detail="uint8 operands have no signless arith form")
+def refuse_uint8(em: FunctionEmitter, node: Node) -> None:
+    if any(em.type_of(v).dtype == "uint8" for v in node.inputs) or node.outputs[0].type.dtype == "uint8":
+        raise unsupported(node, "uint8 has no signless arith form")
 
 
 def sigmoid_of(b: Body, x: str, elem: str) -> str:
@@ -80,7 +76,7 @@ def unary_body(op: str, b: Body, x: str, elem: str, attrs: dict) -> str:
 @emits("neg", "abs", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "cos", "sin",
        "erf", "reciprocal", "gelu", "logical_not")
 def _unary(em: FunctionEmitter, node: Node) -> str:
-    _refuse_uint8(em, node)
+    refuse_uint8(em, node)
     elem = element_type(em.type_of(node.inputs[0]).dtype)
     attrs = node.attr_dict
     return em.map_elementwise(node.inputs, node.output.type,
@@ -105,7 +101,7 @@ def binary_body(op: str, b: Body, x: str, y: str, elem: str) -> str:
 @emits("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
        "logical_and", "logical_or")
 def _binary(em: FunctionEmitter, node: Node) -> str:
-    _refuse_uint8(em, node)
+    refuse_uint8(em, node)
     elem = element_type(em.type_of(node.inputs[0]).dtype)
     return em.map_elementwise(node.inputs, node.output.type, lambda b, a: binary_body(node.op, b, a[0], a[1], elem))
 
@@ -141,8 +137,6 @@ def cast_body(b: Body, x: str, src: str, dst: str) -> str:
 
 @emits("cast")
 def _cast(em: FunctionEmitter, node: Node) -> str:
+    refuse_uint8(em, node)
     src, dst = em.type_of(node.inputs[0]).dtype, node.output.type.dtype
-    if "uint8" in (src, dst):
-        _refuse_uint8(em, node.replace(inputs=node.inputs if src == "uint8" else ()))
-        raise UnsupportedOpError("cast", target="mlir", detail="casts to uint8 have no signless arith form")
     return em.map_elementwise(node.inputs, node.output.type, lambda b, a: cast_body(b, a[0], src, dst))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..errors import UnsupportedOpError
 from ..ir import symbolic as sym
 from ..ir.graph import Function, Node
 from ..ir.symbolic import Dim
@@ -19,6 +20,13 @@ from ..ir.types import TensorType
 from .bindings import MLIRInteropError
 from .options import ExportOptions
 from .types import element_literal, element_type, tensor_type
+
+
+def unsupported(node: Node, detail: str) -> UnsupportedOpError:
+    """The error for a node this export cannot write in upstream dialects."""
+    loc = node.loc
+    return UnsupportedOpError(node.op, module_path=loc.module_path if loc else "",
+                              source=loc.source if loc else "", target="mlir", detail=detail)
 
 
 def affine_map(n_dims: int, results: Sequence[str]) -> str:

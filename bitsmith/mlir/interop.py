@@ -43,10 +43,11 @@ def import_mlir(source: str | os.PathLike[str], tensors: Mapping[str, np.ndarray
     return import_module(Path(source).read_text(encoding="utf-8"), tensors_from(tensors))
 
 
-def run_mlir(module: Module, args: Sequence[np.ndarray], function: str = "main") -> list[np.ndarray]:
+def run_mlir(module: Module, args: Sequence[np.ndarray], function: str = "main", opt_level: int = 2) -> list[np.ndarray]:
     """Runs ``function`` of ``module`` through MLIR: exported with inline weights and linalg
-    attention, lowered to LLVM, JIT-compiled by the ExecutionEngine (static shapes only)."""
+    attention, lowered to LLVM, JIT-compiled by the ExecutionEngine at LLVM ``opt_level``
+    (static shapes only)."""
     from .execution import MLIRProgram
     from .export import export_module
     text = export_module(module, ExportOptions(inline_weights=True, attention="linalg"))
-    return MLIRProgram(text).run(function, args)
+    return MLIRProgram(text, opt_level).run(function, args)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import UnsupportedOpError
 from ..ir import symbolic as sym
 from ..ir.graph import Node
 from ..ir.types import TensorType
-from .emitter import Body, FunctionEmitter, affine_map, identity_map
+from .elementwise import refuse_uint8
+from .emitter import Body, FunctionEmitter, affine_map, identity_map, unsupported
 from .registry import emits
 from .types import element_literal, element_type, is_float, tensor_type
 
@@ -71,9 +71,8 @@ def element_count(em: FunctionEmitter, dims: list, elem: str) -> str:
 
 @emits("sum", "mean", "max", "min")
 def _reduction(em: FunctionEmitter, node: Node) -> str:
+    refuse_uint8(em, node)
     t = em.type_of(node.inputs[0])
-    if t.dtype == "uint8":
-        raise UnsupportedOpError(node.op, target="mlir", detail="uint8 operands have no signless arith form")
     axes = {a % t.rank for a in node.attr("axes")}
     kind = "sum" if node.op == "mean" else node.op
     y, yt = reduce(em, em.ssa(node.inputs[0]), t, axes, bool(node.attr("keepdims")), kind)
@@ -134,7 +133,7 @@ def _multiply_add(elem: str) -> Callable[[Body, list[str]], str]:
     return lambda b, a: b.op(f"{add} {a[2]}, {b.op(f'{mul} {a[0]}, {a[1]} : {elem}')} : {elem}")
 
 
-def _batch_results(src: tuple, out_batch: tuple, loops: int) -> list[str]:
+def _batch_results(src: tuple, out_batch: tuple) -> list[str]:
     """Map results for ``src``'s batch dims broadcast (aligned right) over ``out_batch``."""
     lead = len(out_batch) - len(src)
     return ["0" if d == 1 and out_batch[lead + j] != 1 else f"d{lead + j}" for j, d in enumerate(src)]
@@ -147,8 +146,8 @@ def _matmul(em: FunctionEmitter, node: Node) -> str:
     nb = out.rank - 2
     loops = out.rank + 1  # batch..., m, n, k
     m, n, k = f"d{nb}", f"d{nb + 1}", f"d{nb + 2}"
-    a_map = affine_map(loops, _batch_results(a.shape[:-2], out.shape[:-2], loops) + [m, k])
-    b_map = affine_map(loops, _batch_results(b.shape[:-2], out.shape[:-2], loops) + [k, n])
+    a_map = affine_map(loops, _batch_results(a.shape[:-2], out.shape[:-2]) + [m, k])
+    b_map = affine_map(loops, _batch_results(b.shape[:-2], out.shape[:-2]) + [k, n])
     o_map = affine_map(loops, [f"d{i}" for i in range(nb)] + [m, n])
     zero = em.filled(out, 0)
     ins = [(em.ssa(node.inputs[0]), a, a_map), (em.ssa(node.inputs[1]), b, b_map)]
@@ -196,7 +195,7 @@ def attention_linalg(em: FunctionEmitter, node: Node) -> str:
     q, k, v = (em.type_of(x) for x in node.inputs)
     hq, hk = q.shape[1], k.shape[1]
     if not (isinstance(hq, int) and isinstance(hk, int)) or not is_float(q.dtype):
-        raise UnsupportedOpError("attention", target="mlir", detail="the linalg form needs static head counts")
+        raise unsupported(node, "the linalg form of attention needs static head counts and floats")
     g = hq // hk
     head = f"d1 floordiv {g}" if g > 1 else "d1"
     elem = element_type(q.dtype)
