@@ -139,39 +139,57 @@ def _batch_results(src: tuple, out_batch: tuple) -> list[str]:
     return ["0" if d == 1 and out_batch[lead + j] != 1 else f"d{lead + j}" for j, d in enumerate(src)]
 
 
+def _named_contraction(em: FunctionEmitter, name: str, ins: list[tuple[str, TensorType]], out: TensorType,
+                       init: str, maps: str = "") -> str:
+    types = ", ".join(tensor_type(t) for _, t in ins)
+    return em.emit(f"linalg.{name} {maps}ins({', '.join(s for s, _ in ins)} : {types}) "
+                   f"outs({init} : {tensor_type(out)}) -> {tensor_type(out)}")
+
+
 @emits("matmul")
 def _matmul(em: FunctionEmitter, node: Node) -> str:
+    """linalg.matmul / batch_matmul when the operands fit them, else a contraction generic
+    (broadcast batch dims, rank > 3)."""
     a, b = (em.type_of(v) for v in node.inputs)
     out = node.output.type
+    zero = em.filled(out, 0)
+    ins = [(em.ssa(node.inputs[0]), a), (em.ssa(node.inputs[1]), b)]
+    if a.rank == b.rank == 2:
+        return _named_contraction(em, "matmul", ins, out, zero)
+    if a.rank == b.rank == 3 and sym.dims_equal(a.shape[0], b.shape[0]):
+        return _named_contraction(em, "batch_matmul", ins, out, zero)
     nb = out.rank - 2
     loops = out.rank + 1  # batch..., m, n, k
     m, n, k = f"d{nb}", f"d{nb + 1}", f"d{nb + 2}"
     a_map = affine_map(loops, _batch_results(a.shape[:-2], out.shape[:-2]) + [m, k])
     b_map = affine_map(loops, _batch_results(b.shape[:-2], out.shape[:-2]) + [k, n])
     o_map = affine_map(loops, [f"d{i}" for i in range(nb)] + [m, n])
-    zero = em.filled(out, 0)
-    ins = [(em.ssa(node.inputs[0]), a, a_map), (em.ssa(node.inputs[1]), b, b_map)]
-    return em.generic(ins, out, o_map, ["parallel"] * (nb + 2) + ["reduction"],
-                      _multiply_add(element_type(out.dtype)), init=zero)
+    return em.generic([(ins[0][0], a, a_map), (ins[1][0], b, b_map)], out, o_map,
+                      ["parallel"] * (nb + 2) + ["reduction"], _multiply_add(element_type(out.dtype)), init=zero)
 
 
 @emits("linear")
 def _linear(em: FunctionEmitter, node: Node) -> str:
+    """x @ w.T: linalg.matmul with a transposed-B indexing map for 2-D x, else a contraction
+    generic over x's leading dims; the bias is the accumulator's initial value."""
     x, w = em.type_of(node.inputs[0]), em.type_of(node.inputs[1])
     out = node.output.type
+    if len(node.inputs) == 3:
+        init = em.map_values([(em.ssa(node.inputs[2]), em.type_of(node.inputs[2]))], out, lambda b, a: a[0])
+    else:
+        init = em.filled(out, 0)
+    ins = [(em.ssa(node.inputs[0]), x), (em.ssa(node.inputs[1]), w)]
+    if x.rank == 2:
+        maps = [affine_map(3, r) for r in (["d0", "d2"], ["d1", "d2"], ["d0", "d1"])]
+        return _named_contraction(em, "matmul", ins, out, init, f"indexing_maps = [{', '.join(maps)}] ")
     nb = x.rank - 1
     loops = nb + 2  # batch..., n, k
     batch = [f"d{i}" for i in range(nb)]
     x_map = affine_map(loops, batch + [f"d{nb + 1}"])
     w_map = affine_map(loops, [f"d{nb}", f"d{nb + 1}"])
     o_map = affine_map(loops, batch + [f"d{nb}"])
-    if len(node.inputs) == 3:  # the bias is the accumulator's initial value
-        init = em.map_values([(em.ssa(node.inputs[2]), em.type_of(node.inputs[2]))], out, lambda b, a: a[0])
-    else:
-        init = em.filled(out, 0)
-    ins = [(em.ssa(node.inputs[0]), x, x_map), (em.ssa(node.inputs[1]), w, w_map)]
-    return em.generic(ins, out, o_map, ["parallel"] * (nb + 1) + ["reduction"],
-                      _multiply_add(element_type(out.dtype)), init=init)
+    return em.generic([(ins[0][0], x, x_map), (ins[1][0], w, w_map)], out, o_map,
+                      ["parallel"] * (nb + 1) + ["reduction"], _multiply_add(element_type(out.dtype)), init=init)
 
 
 @emits("embedding")
