@@ -184,6 +184,16 @@ if modules_with_calls is not None:
             _compare(run_mlir(module, args), evaluate(original, args), RTOL, ATOL)
 
 
+def test_uint8_arithmetic_is_refused_naming_the_node():
+    from bitsmith.errors import UnsupportedOpError
+    from bitsmith.ir import Location
+    b = GraphBuilder()
+    b.param("c", TensorType((4,), "uint8"))
+    module = b.module([b.op("add", ["c", "c"], loc=Location("m.q", "q.py:1"))])
+    with pytest.raises(UnsupportedOpError, match=r"add \(module m\.q, source q\.py:1, target mlir\)"):
+        export_mlir(module)
+
+
 def test_missing_bindings_name_the_extra(monkeypatch):
     from bitsmith.mlir import bindings
     monkeypatch.setitem(sys.modules, "torch_mlir.ir", None)  # import now fails as if not installed
