@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..ir.graph import Function, Module, Node
 from ..ir.traits import CALL, has_trait
 from . import bindings
-from .constants import declare_external, emit_constant, is_inline
+from .constants import declare_external, emit_constant, is_inline, symbol
 from .dialect_ops import emit_call, emit_dialect_op
 from .emitter import FunctionEmitter
 from .options import ExportOptions
@@ -62,16 +62,11 @@ def _function_text(module: Module, fn: Function, options: ExportOptions,
     params = ", ".join(f"{args[p.name]}: {tensor_type(p.type)}" for p in fn.params)
     result_types = [tensor_type(t) for t in fn.result_types()]
     results = ", ".join(em.ssa(r) for r in fn.results)
-    lines = [f"func.func {_symbol(fn.name)}({params}) -> ({', '.join(result_types)}) {{"]
+    lines = [f"func.func {symbol(fn.name)}({params}) -> ({', '.join(result_types)}) {{"]
     lines += [f"  {line}" for text in em.lines for line in text.split("\n")]
     lines.append(f"  func.return {results} : {', '.join(result_types)}" if fn.results else "  func.return")
     lines.append("}")
     return lines, _FunctionPlan(fn, tuple(em.tags), tuple(kinds), em.top_ops)
-
-
-def _symbol(name: str) -> str:
-    from .constants import symbol
-    return symbol(name)
 
 
 def module_text(module: Module, options: ExportOptions) -> tuple[str, list[_FunctionPlan], dict]:

@@ -42,12 +42,13 @@ def _tensor_type(mlir_type: Any, shape: Any = None) -> TensorType:
     if elem not in DTYPE_OF_ELEMENT:
         raise MLIRInteropError(f"element type {elem} has no bitsmith dtype")
     dynamic = ir.ShapedType.get_dynamic_size()
-    dims = tuple(shape) if shape is not None else tuple(t.shape)
-    if len(dims) != t.rank or any(
-            (d == dynamic) if isinstance(d, int) and shape is None else
-            (m != dynamic) if isinstance(d, str) else (m != d) for d, m in zip(dims, t.shape)):
-        raise MLIRInteropError(f"type {mlir_type} does not fit the bitsmith dims {list(dims)} "
-                               f"(a dynamic dim needs its name in {SHAPE})")
+    if shape is None:
+        if any(m == dynamic for m in t.shape):
+            raise MLIRInteropError(f"type {mlir_type}: a dynamic dim needs its name in {SHAPE}")
+        return TensorType(tuple(t.shape), DTYPE_OF_ELEMENT[elem])
+    dims = tuple(shape)  # a symbol where MLIR has ?, the same number where it has one
+    if len(dims) != t.rank or any((m != dynamic) if isinstance(d, str) else (m != d) for d, m in zip(dims, t.shape)):
+        raise MLIRInteropError(f"type {mlir_type} does not fit the bitsmith dims {list(dims)} of {SHAPE}")
     return TensorType(dims, DTYPE_OF_ELEMENT[elem])
 
 
