@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's bitsmith, as `python -m` uses
 from machine import machine_line  # noqa: E402
 
 SCHEMES = (("fp32", []), ("bitmod-w4", ["--quant", "bitmod-w4"]))
