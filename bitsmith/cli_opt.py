@@ -57,6 +57,10 @@ def cmd_opt(args: argparse.Namespace) -> int:
         tensors_path_for(args.out)  # a bad --out fails before the passes run
     spec = ",".join(args.passes)
     before = load_module(_read_text(args.file), args.tensors)
+    declared = getattr(before.tensors, "declared", tuple)()
+    if args.tensors is not None and declared:
+        _note(f"{len(declared)} of {len(before.tensors)} constant(s) are not in {args.tensors} "
+              f"(e.g. {declared[0].name!r}); they stay known by shape and hash only")
     after = run_pipeline(before, spec, print_after_all=args.print_after_all)
     text = print_module(after)
     if args.out is None:

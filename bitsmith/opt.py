@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import PassError
-from .ir import Module, TensorInfo, parse_module
+from .ir import Module, TensorInfo, TensorType, parse_module
 from .ir.declared_tensors import DeclaredTensorTable, TensorDataUnavailableError
 from .passes import PASSES, Pass, PassInstrument, PassManager, PrintAfter
 
@@ -34,7 +34,7 @@ class TensorDataRequiredError(PassError):
     def __init__(self, pass_name: str, info: TensorInfo) -> None:
         self.pass_name, self.info = pass_name, info
         super().__init__(f"pass {pass_name!r} needs the data of constant {info.name!r} "
-                         f"({list(info.shape)} {info.dtype}, sha256 {info.sha256[:16]}...), but the IR text "
+                         f"({TensorType(info.shape, info.dtype)}, sha256 {info.sha256[:16]}...), but the IR text "
                          f"knows it by shape and sha256 only: give --tensors WEIGHTS.safetensors holding it")
 
 

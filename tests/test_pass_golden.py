@@ -17,7 +17,8 @@ def test_golden_case(case: GoldenCase):
     assert case.file(".after.ir").exists(), f"{case.id}: no {case.name}.after.ir"
     got = case.run()
     diff = structural_diff(case.expected(), got)
-    assert not diff, f"{case.id} ({case.spec}) differs from its .after.ir:\n{diff}"
+    if diff:
+        pytest.fail(f"{case.id} ({case.spec}) differs from its .after.ir:\n{diff}", pytrace=False)
 
 
 @pytest.mark.parametrize("name", sorted(PASSES))
