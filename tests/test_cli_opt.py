@@ -10,23 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitsmith.cli import main
 from bitsmith.ir import Module, evaluate, parse_module, print_module
 from bitsmith.opt import TensorDataRequiredError, load_module, read_safetensors, run_pipeline, write_safetensors
 from bitsmith.passes import PASSES, PassManager
 from pass_checks import assert_bitwise_equal
 from quant_modules import UP, mlp_module
+from test_cli import run_cli
 
 QUANTIZE = "quantize{scheme=rtn-int4,group_size=8}"
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *words: str) -> str:
@@ -202,3 +193,9 @@ def test_tensors_file_missing_some_constants_says_so(capsys, tmp_path, mlp):
     code, out, err = run_cli(capsys, "opt", str(ir), "--tensors", str(part), "-p", "cse")
     assert code == 0 and out == print_module(api(module, "cse"))
     assert f"{len(module.tensors) - 1} of {len(module.tensors)} constant(s) are not in {part}" in err
+
+
+def test_no_pass_prints_the_module_back(capsys, mlp):
+    module, ir, _ = mlp
+    code, out, err = run_cli(capsys, "opt", str(ir))
+    assert (code, err) == (0, "") and out == ir.read_text() == print_module(module)
