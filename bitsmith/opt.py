@@ -44,8 +44,7 @@ def load_module(text: str, tensors: str | os.PathLike | None = None) -> Module:
     module = parse_module(text, declared_only=True)
     if tensors is None:
         return module
-    table = module.tensors
-    assert isinstance(table, DeclaredTensorTable)
+    table = typing.cast(DeclaredTensorTable, module.tensors)
     return module.replace(tensors=table.with_data(read_safetensors(tensors, set(table)), str(tensors)))
 
 
@@ -123,7 +122,8 @@ def _type_name(t: Any) -> str:
     return t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
 
 
-def pass_options(cls: type[Pass]) -> tuple[PassOption, ...]:
+def described_options(cls: type[Pass]) -> tuple[PassOption, ...]:
+    """The pass's dataclass fields with their types and defaults."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -152,7 +152,7 @@ def describe_passes() -> str:
     for name in sorted(PASSES):
         cls = PASSES[name]
         lines.append(f"{name:<{width}}  {pass_summary(cls)}")
-        for o in pass_options(cls):
+        for o in described_options(cls):
             note = "" if o.from_text else "  (API only)"
             lines.append(f"    {o.name}: {o.type} = {o.default!r}{note}")
     return "\n".join(lines) + "\n"

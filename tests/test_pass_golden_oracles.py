@@ -15,7 +15,8 @@ from bitsmith.ir import Module
 from bitsmith.ir.graph import sha256_of
 from bitsmith.opt import read_safetensors
 from golden_passes import PASSES_DIR, GoldenCase
-from quant_reference import fp16, ref_asymmetric, ref_dequantize, ref_pack
+from quant_reference import SCHEMES as REF_SCHEMES
+from quant_reference import fp16, ref_asymmetric, ref_dequantize, ref_pack, ref_symmetric_choice
 
 
 def case(ident: str) -> GoldenCase:
@@ -75,27 +76,42 @@ def test_sparsify_magnitude_keeps_the_two_largest_of_four():
     assert after.tensors.info("lm_head.weight").sha256 == sha256_of(d["lm_head.weight"])
 
 
-def test_quantize_rtn_int4_codes_scales_zeros():
-    """Min-max asymmetric 4-bit per group of 4, round to nearest (ties to the smaller value),
-    codes packed LSB first: all from quant_reference."""
-    c = case("quantize/rtn_int4")
-    w, after = data_of(c)["model.up_proj.weight"], c.expected()
-    gs, levels = 4, 16
-    codes, scales, zeros = [], np.zeros((4, 2), np.float16), np.zeros((4, 2), np.uint8)
+def ref_rtn_operands(w: np.ndarray, scheme: str, gs: int) -> dict[str, np.ndarray]:
+    """codes, scales (and zeros) of a one-grid scheme, from quant_reference: min-max scale (and
+    zero) per group, round to the nearest grid value (ties to the smaller one, i.e. the lower
+    code), codes packed LSB first."""
+    bits, asymmetric, (grid,) = REF_SCHEMES[scheme]
+    groups = w.shape[1] // gs
+    codes, scales, zeros = [], np.zeros((w.shape[0], groups), np.float16), np.zeros((w.shape[0], groups), np.uint8)
     for r in range(w.shape[0]):
         row_codes = []
-        for g in range(w.shape[1] // gs):
+        for g in range(groups):
             group = w[r, g * gs:(g + 1) * gs].tolist()
-            s, z = ref_asymmetric(group, [True] * gs, levels)
-            scales[r, g], zeros[r, g] = s, z
-            grid = [float((np.float32(q) - np.float32(z)) * np.float32(s)) for q in range(levels)]
-            for x in group:  # nearest grid value; on a tie the smaller one (the lower code)
-                row_codes.append(min(range(levels), key=lambda q: (abs(x - grid[q]), q)))
-        codes.append(list(ref_pack(row_codes, 4)))
-    prefix = "model.up_proj.weight"
-    assert after.tensors.info(f"{prefix}.codes").sha256 == sha256_of(np.array(codes, np.uint8))
-    assert after.tensors.info(f"{prefix}.scales").sha256 == sha256_of(scales)
-    assert after.tensors.info(f"{prefix}.zeros").sha256 == sha256_of(zeros)
+            if asymmetric:
+                s, z = ref_asymmetric(group, [True] * gs, len(grid))
+                zeros[r, g] = z
+                values = [float((np.float32(q) - np.float32(z)) * np.float32(s)) for q in grid]
+            else:
+                _, s, _ = ref_symmetric_choice(group, [True] * gs, [grid])
+                values = [float(np.float32(v) * np.float32(s)) for v in grid]
+            scales[r, g] = s
+            row_codes += [min(range(len(grid)), key=lambda q: (abs(x - values[q]), q)) for x in group]
+        codes.append(list(ref_pack(row_codes, bits)))
+    out = {"codes": np.array(codes, np.uint8), "scales": scales}
+    return {**out, "zeros": zeros} if asymmetric else out
+
+
+@pytest.mark.parametrize("ident, scheme, gs, weight, prefix", [
+    ("quantize/rtn_int4", "rtn-int4", 4, "model.up_proj.weight", "model.up_proj.weight"),
+    ("quantize/shared_weight", "rtn-int4-sym", 8, "w", "w"),
+])
+def test_quantize_one_grid_operands_match_the_scalar_reference(ident, scheme, gs, weight, prefix):
+    c = case(ident)
+    w, after = data_of(c)[weight], c.expected()
+    want = ref_rtn_operands(w, scheme, gs)
+    assert {n for n in after.tensors if n.startswith(prefix + ".")} == {f"{prefix}.{r}" for r in want}
+    for role, array in want.items():
+        assert after.tensors.info(f"{prefix}.{role}").sha256 == sha256_of(array), role
 
 
 def test_quantize_sparse_outliers_decodes_to_the_kept_weights():
