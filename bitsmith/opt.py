@@ -14,7 +14,6 @@ import dataclasses
 import inspect
 import os
 import sys
-import tempfile
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,13 +97,15 @@ def write_safetensors(arrays: dict[str, np.ndarray], path: str | os.PathLike) ->
     import safetensors.numpy
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        safetensors.numpy.save_file({n: np.ascontiguousarray(a) for n, a in sorted(arrays.items())}, tmp)
+        safetensors.numpy.save_file({n: np.ascontiguousarray(a) for n, a in sorted(arrays.items())}, str(tmp))
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an output file gets the usual mode
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -136,6 +136,7 @@ def test_tensors_give_the_data_and_new_constants_go_next_to_out(capsys, tmp_path
     x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     assert_bitwise_equal(evaluate(got, [x]), evaluate(want, [x]))
     assert set(read_safetensors(data, set(want.tensors))) == set(want.tensors)
+    assert data.stat().st_mode & 0o777 == out_file.stat().st_mode & 0o777  # not safetensors' own 0600
 
 
 def test_new_constants_without_out_are_reported_not_written(capsys, tmp_path, mlp):
