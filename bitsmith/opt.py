@@ -74,9 +74,22 @@ def run_pipeline(module: Module, passes: Sequence[Pass] | str, print_after_all: 
     try:
         return PassManager(passes, instruments=instruments, verify=True).run(module)
     except PassError as e:
-        if isinstance(e.__cause__, TensorDataUnavailableError):
-            raise TensorDataRequiredError(current.name, e.__cause__.info) from e
+        missing = _missing_data(e)
+        if missing is not None:
+            raise TensorDataRequiredError(current.name, missing.info) from e
         raise
+
+
+def _missing_data(error: BaseException) -> TensorDataUnavailableError | None:
+    """The TensorDataUnavailableError behind ``error`` (it may be wrapped more than once)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TensorDataUnavailableError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def tensors_with_data(module: Module) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from bitsmith.ir import Module, evaluate, parse_module, print_module
 from bitsmith.opt import TensorDataRequiredError, load_module, read_safetensors, run_pipeline, write_safetensors
-from bitsmith.passes import PASSES, PassManager
+from bitsmith.passes import PASSES, Pass, PassManager
 from pass_checks import assert_bitwise_equal
 from quant_modules import UP, mlp_module
 from test_cli import run_cli
@@ -200,3 +201,24 @@ def test_no_pass_prints_the_module_back(capsys, mlp):
     module, ir, _ = mlp
     code, out, err = run_cli(capsys, "opt", str(ir))
     assert (code, err) == (0, "") and out == ir.read_text() == print_module(module)
+
+
+@dataclass(frozen=True)
+class ReadsFirstConstant(Pass):
+    """Reads a constant and wraps whatever that raises, as a pass's own error handling may."""
+
+    name = "reads-first-constant"
+
+    def apply(self, module: Module) -> Module:
+        try:
+            module.tensors[next(iter(module.tensors))]
+        except Exception as e:
+            raise RuntimeError("could not read the weight") from e
+        return module
+
+
+def test_missing_data_is_found_behind_a_pass_own_wrapping(mlp):
+    _, ir, _ = mlp
+    with pytest.raises(TensorDataRequiredError, match="pass 'reads-first-constant' needs the data") as info:
+        run_pipeline(load_module(ir.read_text()), [ReadsFirstConstant()])
+    assert info.value.info.name == next(iter(mlp[0].tensors))

@@ -60,6 +60,8 @@ def test_with_data_checks_each_hash_and_keeps_the_rest_declared():
         table.with_data({"a": A + 1}, "f.st")
     with pytest.raises(TensorDataMismatchError, match="'b'.*i64\\[3\\].*i64\\[2\\]"):
         table.with_data({"b": np.arange(3)})
+    with pytest.raises(TensorDataMismatchError, match="'b'.*no IR dtype"):
+        table.with_data({"b": np.zeros(2, np.complex64)})
 
 
 def test_with_tensors_and_subset_keep_declared_entries():

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BitsmithError
 from .graph import TensorInfo, TensorTable, sha256_of
-from .types import TensorType, dtype_of_numpy, numpy_dtype
+from .types import IRTypeError, TensorType, dtype_of_numpy, numpy_dtype
 
 
 class TensorDataUnavailableError(BitsmithError):
@@ -99,7 +99,10 @@ class DeclaredTensorTable(TensorTable):
                 continue
             arr = np.asarray(arrays[name])
             where = f"tensor {name!r} in {source}"
-            got = TensorType(tuple(arr.shape), dtype_of_numpy(arr.dtype))
+            try:
+                got = TensorType(tuple(arr.shape), dtype_of_numpy(arr.dtype))
+            except IRTypeError as e:
+                raise TensorDataMismatchError(f"{where}: {e}") from None
             if got != TensorType(info.shape, info.dtype):
                 raise TensorDataMismatchError(f"{where} is {got}, but the IR text declares "
                                               f"{TensorType(info.shape, info.dtype)}")
