@@ -219,6 +219,7 @@ class ReadsFirstConstant(Pass):
 
 def test_missing_data_is_found_behind_a_pass_own_wrapping(mlp):
     _, ir, _ = mlp
+    module = load_module(ir.read_text())
     with pytest.raises(TensorDataRequiredError, match="pass 'reads-first-constant' needs the data") as info:
-        run_pipeline(load_module(ir.read_text()), [ReadsFirstConstant()])
-    assert info.value.info.name == next(iter(mlp[0].tensors))
+        run_pipeline(module, [ReadsFirstConstant()])
+    assert info.value.info.name == next(iter(module.tensors))
