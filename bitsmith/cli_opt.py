@@ -46,6 +46,7 @@ def _report_data(args: argparse.Namespace, before, after) -> None:
 
 def cmd_opt(args: argparse.Namespace) -> int:
     from .ir import print_module
+    from .ir.declared_tensors import DeclaredTensorTable
     from .opt import describe_passes, load_module, run_pipeline
 
     if args.list_passes:
@@ -57,7 +58,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
         tensors_path_for(args.out)  # a bad --out fails before the passes run
     spec = ",".join(args.passes)
     before = load_module(_read_text(args.file), args.tensors)
-    declared = getattr(before.tensors, "declared", tuple)()
+    declared = before.tensors.declared() if isinstance(before.tensors, DeclaredTensorTable) else ()
     if args.tensors is not None and declared:
         _note(f"{len(declared)} of {len(before.tensors)} constant(s) are not in {args.tensors} "
               f"(e.g. {declared[0].name!r}); they stay known by shape and hash only")
