@@ -144,10 +144,29 @@ def verify_module(module: Module) -> Module:
     names = [f.name for f in module.functions]
     if len(set(names)) != len(names):
         raise VerificationError(f"duplicate function names in {names}")
-    for fn in module.functions:
+    for fn in _callees_first(module):  # so an error in a callee is reported there, not at its calls
         verify_function(fn, module)
     _refuse_recursion(module)
     return module
+
+
+def _callees_first(module: Module) -> list[Function]:
+    by_name = {f.name: f for f in module.functions}
+    order: list[Function] = []
+    seen: set[str] = set()
+
+    def visit(fn: Function) -> None:
+        seen.add(fn.name)
+        for node in fn.nodes:
+            callee = node.attr("callee") if node.op == "call" else None
+            if isinstance(callee, str) and callee in by_name and callee not in seen:
+                visit(by_name[callee])
+        order.append(fn)
+
+    for fn in module.functions:
+        if fn.name not in seen:
+            visit(fn)
+    return order
 
 
 def _refuse_recursion(module: Module) -> None:
