@@ -20,7 +20,7 @@ from bitsmith.passes.partition import find_regions, partition_module
 from bitsmith.passes.partition_patterns import (PARTITION_PATTERNS, FunctionIndex, register_partition_pattern,
                                                 trait_predicate)
 from ir_strategies import modules_with_calls, random_modules
-from pass_checks import assert_same_results, run_passes
+from pass_checks import assert_bitwise_equal, assert_same_results, run_passes
 
 import networkx as nx
 
@@ -228,6 +228,17 @@ def test_attention_regions_and_their_bytes(spec, per_layer_ops):
         assert report.calls[0].nbytes({"batch": 1, "seq": 1, "past": 100}, True) > \
             report.calls[0].nbytes({"batch": 1, "seq": 1, "past": 0}, True)
     assert canonical(run_passes(out, Inline())) == canonical(m)
+
+
+def test_partitioned_module_saves_and_loads_as_a_reference_artifact(tmp_path):
+    from artifact_helpers import compiled
+    from bitsmith.runtime.artifact import load_artifact
+    module = PassManager("partition{pattern=attention_kv,device=attention,codegen=fpga}").run(_cached_attention())
+    compiled(module).save(tmp_path / "art")
+    loaded = load_artifact(tmp_path / "art")
+    assert loaded.module == module and loaded.module.functions[1].attr("codegen") == "fpga"
+    args = _decode_args(3)
+    assert_bitwise_equal(loaded.run("main", args), run_function(module, "main", args))
 
 
 def test_generations_order_independent_calls():
