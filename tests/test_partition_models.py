@@ -54,12 +54,12 @@ def test_partitioned_tiny_llama_runs_saves_and_loads(tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["partition{trait=attention,device=attention}", ATTENTION_KV])
-def test_smollm2_attention_partition_is_bitwise_identical(smollm2_compiled, spec):
+def test_smollm2_attention_partition_is_bitwise_identical(smollm2, smollm2_compiled, spec):
     module = smollm2_compiled.module
     part = PassManager(spec).run(module)
     report = cut_report(part)
     assert len(part.functions) == 31 and len(report.calls) == 30  # one sub-function per layer
-    ids = np.array([smollm2_compiled.tokenizer().encode("The capital of France is", add_special_tokens=False).ids])
+    ids = np.array([smollm2[1].encode("The capital of France is", add_special_tokens=False)], dtype=np.int64)
     for want, got in zip(prefill_and_decode(module, ids), prefill_and_decode(part, ids)):
         assert_bitwise_equal(got, want)
     if spec == ATTENTION_KV:  # per decode token: q (9 heads), new k and v (3 heads each), output (9 heads)
