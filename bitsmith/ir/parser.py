@@ -200,7 +200,8 @@ class _Parser:
         name = self.name("func")
         self.expect("(")
         params = tuple(self.separated(")", self.param))
-        self.expect("{")
+        attrs = self.attrs() if self.accept("attrs") else ()
+        self.expect("{", what="'attrs' or '{' opening the function")
         nodes = []
         while not self.accept("return"):
             if not self.peek(kind="value"):
@@ -210,7 +211,7 @@ class _Parser:
         while results and self.accept(","):
             results.append(self.name("value"))
         self.expect("}", what="'}' closing the function after its return")
-        return Function(name, params, tuple(nodes), tuple(results))
+        return Function(name, params, tuple(nodes), tuple(results), attrs)
 
     def tensor(self) -> tuple[int, str, TensorType, str]:
         line = self.expect("tensor").line
