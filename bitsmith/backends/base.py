@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import PluginError, UnknownTargetError
 from ..ir import Module
+from ..tolerance import Tolerance
 
 if TYPE_CHECKING:
     from .native_loader import NativeSpec
@@ -57,6 +58,13 @@ class Backend(ABC):
     def pipeline(self, target: str, options: Mapping[str, Any]) -> list[str]:
         """Pass specs (names in the pass registry) to run before ``build``."""
         return []
+
+    def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
+        """How far this target's results may stray from the reference interpreter's (float32
+        results computed in another order, or in lower precision). The backend-conformance
+        suite (``bitsmith.testing``) holds the target to it; declare what you measured. The
+        default fits a float32 backend that only reorders sums."""
+        return Tolerance(rtol=1e-4, atol=1e-5)
 
     @abstractmethod
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
