@@ -48,13 +48,12 @@ class Tolerance:
         atol = self.atol + self.scale_rtol * (float(finite.max()) if finite.size else 0.0)
         with np.errstate(invalid="ignore", over="ignore"):
             err = np.abs(g - w)
-            ok = err <= atol + self.rtol * np.abs(w)
-        ok |= (g == w)  # equal infinities
-        ok &= np.isnan(g) == np.isnan(w)
-        ok |= np.isnan(g) & np.isnan(w)
-        if ok.all():
-            return None
-        excess = np.where(ok, -np.inf, np.nan_to_num(err - self.rtol * np.abs(w), nan=np.inf, posinf=np.inf))
+            ok = (err <= atol + self.rtol * np.abs(w)) & np.isfinite(g) & np.isfinite(w)
+            ok |= g == w  # equal infinities
+            ok |= np.isnan(g) & np.isnan(w)
+            if ok.all():
+                return None
+            excess = np.where(ok, -np.inf, np.nan_to_num(err - self.rtol * np.abs(w), nan=np.inf, posinf=np.inf))
         i = np.unravel_index(int(np.argmax(excess)), excess.shape)
         return (f"{int((~ok).sum())} of {ok.size} elements outside {self}; "
                 f"worst at {list(i)}: got {g[i]!r}, want {w[i]!r} (|diff| {err[i]:.3g})")
@@ -79,7 +78,7 @@ def max_errors(got: Sequence[np.ndarray], want: Sequence[np.ndarray]) -> tuple[f
         finite = np.isfinite(g) & np.isfinite(w)
         if not finite.any():
             continue
-        d = np.abs(g - w)[finite]
+        d = np.abs(g[finite] - w[finite])
         abs_err = max(abs_err, float(d.max()))
         nz = np.abs(w[finite]) > 0
         if nz.any():

@@ -7,11 +7,21 @@ imports this package. See docs/writing-a-backend.md.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
-_missing = [name for name in ("hypothesis", "pytest") if importlib.util.find_spec(name) is None]
-if _missing:
-    raise ImportError(f"bitsmith.testing needs {' and '.join(_missing)}, from the `test` extra: "
+
+def _missing_test_extra() -> list[str]:
+    missing = []
+    for name in ("hypothesis", "pytest"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+if _missing_test_extra():
+    raise ImportError(f"bitsmith.testing needs {' and '.join(_missing_test_extra())}, from the `test` extra: "
                       f"pip install 'bitsmith[test]'")
 
 from ..tolerance import Tolerance  # noqa: E402
