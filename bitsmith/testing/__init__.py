@@ -25,7 +25,7 @@ if _missing_test_extra():
                       f"pip install 'bitsmith[test]'")
 
 from ..tolerance import Tolerance  # noqa: E402
-from .backend_conformance import ConformanceError, ConformanceReport, backend_conformance  # noqa: E402
+from .conformance import ConformanceError, ConformanceReport, backend_conformance  # noqa: E402
 from .conformance_suite import BackendConformanceSuite  # noqa: E402
 from .pass_check import PassCheckError, PassCheckResult, check_pass  # noqa: E402
 from .strategies import random_modules  # noqa: E402

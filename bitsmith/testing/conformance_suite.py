@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from .backend_conformance import HF_ARCHS, RANDOM_EXAMPLES, check_hf_model, check_random_modules, split_options
+from .conformance import HF_ARCHS, RANDOM_EXAMPLES, check_hf_model, check_random_modules, split_options
 
 
 class BackendConformanceSuite:

@@ -26,7 +26,7 @@ from ..backends import backend_for_target
 from ..backends.base import Backend, Executable
 from ..backends.files import BytesFiles
 from ..errors import UnsupportedOpError
-from ..ir import Module, evaluate
+from ..ir import Module, evaluate, print_module
 from ..passes import Pass, PassManager, parse_pass_spec
 from ..tolerance import Tolerance, max_errors
 
@@ -150,7 +150,10 @@ def check_random_modules(target: str, options: Mapping[str, Any] | None = None, 
     @given(random_modules(max_steps=max_steps))
     def run(case: tuple[Module, list[np.ndarray]]) -> None:
         module, args = case
-        got = check_module(module, args, target, options, name=f"random module #{len(results) // 2}")
+        try:
+            got = check_module(module, args, target, options, name="random module")
+        except ConformanceError as e:  # hypothesis re-raises the smallest failing module's error
+            raise ConformanceError(f"{e}\n{print_module(module)}") from None
         if got is None:
             skipped[0] += 1
         else:
