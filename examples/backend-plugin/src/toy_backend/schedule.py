@@ -1,5 +1,5 @@
 """The toy target's program: each function lowered to a flat schedule of kernel calls, stored
-in an artifact as ``target/toy/schedule.json`` and read back at load (never re-lowered).
+in an artifact as ``target/schedule.json`` and read back at load (never re-lowered).
 
 Format (version 1)::
 
