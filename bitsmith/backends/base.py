@@ -84,8 +84,9 @@ class Backend(ABC):
         """How far this target's results may stray from the reference interpreter's (float32
         results computed in another order, or in lower precision). The backend-conformance
         suite (``bitsmith.testing``) holds the target to it; declare what you measured. The
-        default fits a float32 backend that only reorders sums."""
-        return Tolerance(rtol=1e-4, atol=1e-5)
+        default fits a float32 backend that sums in another order (the example plugin's float32
+        kernels: 1.8e-5 of max|logit| on SmolLM2, docs/writing-a-backend.md)."""
+        return Tolerance(rtol=1e-4, atol=1e-5, scale_rtol=1e-4)
 
     @abstractmethod
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:

@@ -1,7 +1,7 @@
-"""The toy target against bitsmith's backend-conformance suite: random modules and a small
-random-init Llama equal the reference interpreter within ToyBackend.tolerance (rtol 1e-4,
-atol 1e-5: float32 kernels against a float64-accumulating oracle; the suite's measured errors
-on this target are <= 1e-6 absolute, see the report test below)."""
+"""The toy target against bitsmith's backend-conformance suite: random modules and small
+random-init Llama and GPT-2 models equal the reference interpreter within ToyBackend.tolerance
+(float32 kernels against a float64-accumulating oracle; measured <= 2.4e-7 absolute here, so
+the report test below also checks the errors stay far inside the declared bound)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,6 @@ class TestToyConformance(BackendConformanceSuite):
 
 def test_report_lists_every_case_within_the_declared_tolerance():
     report = backend_conformance("toy-numpy", examples=5, archs=())
-    assert report.tolerance.rtol == 1e-4 and len(report.cases) == 10  # built + loaded per module
+    assert len(report.cases) == 10 and report.skipped == 0  # built + loaded per module
     abs_err, _ = report.max_errors()
-    assert abs_err <= report.tolerance.atol + report.tolerance.rtol * 10
+    assert abs_err <= report.tolerance.atol / 10  # random-module values stay O(10)

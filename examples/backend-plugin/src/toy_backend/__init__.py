@@ -47,10 +47,11 @@ class ToyBackend(Backend):
         return base.LegalOps(ops=frozenset(KERNELS) | {"constant"}, check=check_node)
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
-        # float32 everywhere where the oracle sums in float64. Measured with the conformance
-        # suite: max |diff| 2.4e-7 over 200 random modules, 1.9e-7 on the tiny llama, gpt2 and
-        # qwen2 logits; atol 1e-5 leaves a 40x margin, a wrong kernel is off by O(1).
-        return Tolerance(rtol=1e-4, atol=1e-5)
+        # float32 everywhere where the oracle sums in float64, so errors grow with depth.
+        # Measured: max |diff| 2.4e-7 over 200 random modules and 1.9e-7 on the tiny llama, gpt2
+        # and qwen2 logits (the conformance suite); 6.0e-4 = 1.8e-5 of max|logit| on SmolLM2's
+        # 30 layers. scale_rtol 1e-4 leaves 5x on SmolLM2; a wrong kernel is off by O(max|logit|).
+        return Tolerance(rtol=1e-4, atol=1e-5, scale_rtol=1e-4)
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         return ToyExecutable(sched.lower(module), module.tensors)
