@@ -3,9 +3,10 @@ the tolerance its backend declares (``Backend.tolerance``).
 
 Two kinds of cases, each also run after a round trip through the backend's target files:
 
-* random valid modules (``strategies.random_modules``), run through the backend's pipeline and
-  built with ``Backend.build``, then rebuilt with ``Backend.load`` from ``Executable.files()``;
-  modules using an op the backend does not declare legal (``Backend.legal_ops``) are skipped;
+* random valid modules (``strategies.random_modules``), run through the passes ``compile``
+  runs for the target (``pipeline_passes``), built with ``Backend.build``, then rebuilt with
+  ``Backend.load`` from ``Executable.files()``; modules using an op the backend does not
+  declare legal (``Backend.legal_ops``) are skipped;
 * small random-init Hugging Face causal LMs (``hf_configs``), compiled with ``bitsmith.compile``
   for the target and for ``reference``, prefill and one decode step compared, then saved and
   loaded back as an artifact (``bitsmith.load``).
@@ -74,14 +75,16 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], di
 
 
 def pipeline_passes(backend: Backend, target: str, options: Mapping[str, Any]) -> list[Pass]:
-    """The backend's pipeline as pass objects: a ``Pipeline`` (legalize, lower, finalize) or,
-    from backends written before phases existed, a flat list of pass specs."""
+    """What ``compile`` runs on a captured module for this target: the target-neutral cleanup,
+    then the backend's ``Pipeline`` (legalize, lower, finalize; or, from a backend written
+    before phases existed, a flat list of pass specs)."""
+    from ..api import DEFAULT_PIPELINE
     pipeline = backend.pipeline(target, options)
     if hasattr(pipeline, "legalize"):
         specs: Sequence[str] = (*pipeline.legalize, *pipeline.lower, *pipeline.finalize)
     else:
         specs = pipeline
-    return [p for spec in specs for p in parse_pass_spec(spec)]
+    return [p for spec in (*DEFAULT_PIPELINE, *specs) for p in parse_pass_spec(spec)]
 
 
 def illegal_op(backend: Backend, target: str, options: Mapping[str, Any], module: Module) -> str | None:
