@@ -1,4 +1,4 @@
-"""Hypothesis strategies for random, valid bitsmith IR modules.
+"""Hypothesis strategies for random, valid bitsmith IR modules (public: pass and backend tests use them).
 
 ``random_modules()`` draws ``(module, example_args)``: a verified single-function module built
 with ``GraphBuilder`` and numpy inputs that fit its parameters, symbolic dims bound to small
