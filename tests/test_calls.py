@@ -11,7 +11,7 @@ from bitsmith.ir import (Function, IRParseError, InterpreterError, Module, Verif
 from bitsmith.ir import symbolic as sym
 from bitsmith.ir.traits import CALL, PURE, has_trait
 from bitsmith.ir.verifier import verify_function
-from ir_strategies import modules_with_calls
+from bitsmith.testing.strategies import modules_with_calls
 from pass_checks import assert_bitwise_equal
 
 TEXT = """\

@@ -11,7 +11,7 @@ from bitsmith.ir import IRParseError, TensorTable, parse_module, print_module
 from bitsmith.ir.declared_tensors import DeclaredTensorTable, TensorDataMismatchError, TensorDataUnavailableError
 from bitsmith.ir.graph import sha256_of
 from bitsmith.passes import PassManager
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 
 A = np.arange(6, dtype=np.float32).reshape(2, 3)
 B = np.array([1, 2], dtype=np.int64)

@@ -32,7 +32,7 @@ def test_partitioned_tiny_llama_runs_saves_and_loads(tmp_path: Path):
     import dataclasses
 
     from bitsmith.backends.reference import ReferenceBackend
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     plain = bitsmith.compile(make_model("llama"), target="reference")
     module = PassManager(ATTENTION_KV).run(plain.module)
     part = dataclasses.replace(plain, module=module, executable=ReferenceBackend().build(module, "reference", {}))

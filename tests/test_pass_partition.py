@@ -19,7 +19,7 @@ from bitsmith.passes.cut_report import cut_report, data_flow_graph
 from bitsmith.passes.partition import find_regions, partition_module
 from bitsmith.passes.partition_patterns import (PARTITION_PATTERNS, FunctionIndex, register_partition_pattern,
                                                 trait_predicate)
-from ir_strategies import modules_with_calls, random_modules
+from bitsmith.testing.strategies import modules_with_calls, random_modules
 from pass_checks import assert_bitwise_equal, assert_same_results, run_passes
 
 import networkx as nx
