@@ -21,7 +21,7 @@ import numpy as np
 from bitsmith.errors import PassError
 from bitsmith.ir import Function, Location, Module, Node, TensorType, Value
 from bitsmith.ir.graph import freeze_attrs
-from bitsmith.ir.ops import get_op
+from bitsmith.ir.ops import OPS, get_op
 from bitsmith.ir.traits import ALL_TRAITS, PURE, has_trait
 from bitsmith.ir.types import dtype_of_numpy
 
@@ -54,8 +54,9 @@ class Pattern:
         object.__setattr__(self, "ops", frozenset(self.ops))
         if self.ops and self.trait is not None:
             raise ValueError(f"pattern {self.label}: give op names or a trait, not both")
-        for op in self.ops:
-            get_op(op)  # a misspelt op would silently never match
+        unknown = sorted(op for op in self.ops if op not in OPS)  # a misspelt op would never match
+        if unknown:
+            raise ValueError(f"pattern {self.label}: unknown ops {unknown}")
         if self.trait is not None and self.trait not in ALL_TRAITS:
             raise ValueError(f"pattern {self.label}: unknown trait {self.trait!r}; known: {sorted(ALL_TRAITS)}")
 
