@@ -322,3 +322,21 @@ def test_passes_declared_idempotent_are(name, case):
     except ValueError:  # e.g. a weight shape the pass refuses; not what this test is about
         return
     assert p.apply(once) == once
+
+
+def test_fold_takes_every_evaluable_source_as_known_and_keeps_the_sources():
+    """Fold asks the SOURCE trait: a static ``arange`` feeds folding like a constant does (and
+    stays itself); one with a symbolic end is left for run time."""
+    b = GraphBuilder()
+    x = b.param("x", TensorType(("seq",), "float32"))
+    static = b.op("cast", [b.op("arange", [], {"start": 0, "end": 6, "step": 2, "dtype": "int64"})],
+                  {"dtype": "float32"})
+    symbolic = b.op("cast", [b.op("arange", [], {"start": 0, "end": "seq", "step": 1, "dtype": "int64"})],
+                    {"dtype": "float32"})
+    module = b.module([static, b.op("add", [x, symbolic])])
+    after = get_pass("fold").apply(module)
+    ops = {n.outputs[0].name: n.op for n in _nodes(after)}
+    assert ops[static] == "constant" and ops[symbolic] == "cast"
+    assert [n.op for n in _nodes(after)].count("arange") == 2
+    args = [np.arange(4, dtype=np.float32)]
+    assert_same_results(module, after, args)

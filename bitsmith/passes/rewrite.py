@@ -145,7 +145,7 @@ class Rewriter:
         self._head, self._tail = _Slot(None), _Slot(None)
         self._head.next, self._tail.prev = self._tail, self._head
         self._producer: dict[str, _Slot] = {}
-        self._users: dict[str, dict[_Slot, int]] = {}
+        self._users: dict[str, dict[_Slot, None]] = {}  # value -> its users, an ordered set
         self._results = list(fn.results)
         self._result_uses: dict[str, int] = {}
         for r in self._results:
@@ -170,11 +170,7 @@ class Rewriter:
 
     def nodes(self) -> list[Node]:
         """The function's nodes in order, as they are now."""
-        out, slot = [], self._head.next
-        while slot is not self._tail:
-            out.append(slot.node)
-            slot = slot.next
-        return out
+        return [s.node for s in self._slots()]  # type: ignore[misc]
 
     def producer(self, value: str) -> Node | None:
         """The node defining ``value``; None for a parameter."""
@@ -363,8 +359,7 @@ class Rewriter:
 
     def _add_uses(self, slot: _Slot) -> None:
         for i in slot.node.inputs:  # type: ignore[union-attr]
-            users = self._users.setdefault(i, {})
-            users[slot] = users.get(slot, 0) + 1
+            self._users.setdefault(i, {})[slot] = None
 
     def _drop_uses(self, slot: _Slot) -> None:
         for i in set(slot.node.inputs):  # type: ignore[union-attr]
