@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from bitsmith.ir import GraphBuilder, Module, Node, TensorType, Value, evaluate, verify_module
 from bitsmith.ir.traits import COMMUTATIVE, ELEMENTWISE, PURE, has_trait
 from bitsmith.passes import PASSES, get_pass
-from bitsmith.passes import rewrite as rewrite_module
+from bitsmith.passes import rewriter as rewriter_module
 from bitsmith.passes.rewrite import (Pattern, PatternSet, RewriteError, RewriteLimitError, Rewriter,
                                      apply_patterns, pattern)
 from ir_strategies import random_modules
@@ -133,7 +133,7 @@ def test_dead_node_removal_keeps_results_and_removes_only_unused_pure_nodes(case
 
     impure = "tanh"  # pretend one op has effects: its dead nodes must stay
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rewrite_module, "has_trait", lambda op, t: has_trait(op, t) and not (op == impure and t == PURE))
+        mp.setattr(rewriter_module, "has_trait", lambda op, t: has_trait(op, t) and not (op == impure and t == PURE))
         kept = apply_patterns(module, (), remove_dead=True)
     kept_outputs = {o.name for n in _nodes(kept) for o in n.outputs}
     assert all(o.name in kept_outputs for n in fn.nodes if n.op == impure for o in n.outputs)
