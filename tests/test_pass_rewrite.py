@@ -340,3 +340,24 @@ def test_fold_takes_every_evaluable_source_as_known_and_keeps_the_sources():
     assert [n.op for n in _nodes(after)].count("arange") == 2
     args = [np.arange(4, dtype=np.float32)]
     assert_same_results(module, after, args)
+
+
+def test_every_function_is_rewritten_with_one_tensor_table_and_functions_selects():
+    def function(name: str) -> Module:
+        b = GraphBuilder(name)
+        x = b.param("x", TensorType((2,), "float32"))
+        return b.module([b.op("sub", [x, x])])
+
+    a, c = function("a"), function("c")
+    module = Module(a.functions + c.functions)
+    names: list[str] = []
+
+    @pattern("sub")
+    def with_constant(node: Node, rw: Rewriter) -> None:
+        names.append(rw.add_tensor("zero", np.zeros(2, np.float32)))
+        rw.replace(Node("constant", (), node.outputs, {"name": names[-1]}, node.loc))
+
+    both = verify_module(apply_patterns(module, [with_constant]))
+    assert names == ["zero", "zero#1"] and set(both.tensors) == {"zero", "zero#1"}
+    only_c = verify_module(apply_patterns(module, [with_constant], functions={"c"}))
+    assert only_c.functions[0] is module.functions[0] and only_c.functions[1].nodes[0].op == "constant"
