@@ -232,7 +232,7 @@ def test_edit_errors_say_what_is_wrong():
     module = b.module([b.op("tanh", [a]), s])
 
     def attempt(edit) -> None:
-        apply_patterns(module, [Pattern(lambda n, rw: edit(n, rw), frozenset({"neg"}))], once=True)
+        apply_patterns(module, [Pattern(edit, frozenset({"neg"}))], once=True)
 
     with pytest.raises(RewriteError, match="still used"):
         attempt(lambda n, rw: rw.erase())
