@@ -14,7 +14,7 @@ from bitsmith.passes import PASSES, get_pass
 from bitsmith.passes import rewriter as rewriter_module
 from bitsmith.passes.rewrite import (Pattern, PatternSet, RewriteError, RewriteLimitError, Rewriter,
                                      apply_patterns, pattern)
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 from pass_checks import assert_same_results
 
 
