@@ -110,9 +110,8 @@ def test_no_file_is_an_error(capsys):
     assert_one_line_error(*run_cli(capsys, "opt", "-p", "cse")[::2], "FILE")
 
 
-@pytest.mark.parametrize("spec, pass_name", [(QUANTIZE, "quantize"), ("sparsify", "sparsify"), ("fold", "fold")])
+@pytest.mark.parametrize("spec, pass_name", [(QUANTIZE, "quantize"), ("sparsify", "sparsify")])
 def test_a_pass_that_needs_data_says_which_and_asks_for_tensors(capsys, mlp, spec, pass_name):
-    """fold too: it fails rather than skipping a constant it cannot read (docs/opt.md)."""
     _, ir, _ = mlp
     code, out, err = run_cli(capsys, "opt", str(ir), "-p", f"cse,{spec}")
     line = assert_one_line_error(code, err, f"pass {pass_name!r} needs the data of constant", "--tensors")
@@ -120,6 +119,24 @@ def test_a_pass_that_needs_data_says_which_and_asks_for_tensors(capsys, mlp, spe
     with pytest.raises(TensorDataRequiredError) as info:
         run_pipeline(load_module(ir.read_text()), f"cse,{spec}")
     assert info.value.pass_name == pass_name and info.value.info.name in mlp[0].tensors
+
+
+def test_fold_reads_only_the_constants_it_folds(capsys, tmp_path, mlp):
+    """In the MLP every node reads the parameter, so fold needs no data and gives the module
+    fold gives with the data; a node of constants only makes it fail rather than skip
+    (skipping would print a module that silently differs from the one folded with data)."""
+    module, ir, _ = mlp
+    code, out, err = run_cli(capsys, "opt", str(ir), "-p", "fold")
+    assert code == 0 and parse_module(out, declared_only=True) == api(module, "fold")
+    fn = module.functions[0]
+    weight = next(n for n in fn.nodes if n.op == "constant").outputs[0]
+    neg = fn.nodes[0].__class__("neg", (weight.name,), (weight.__class__("negated", weight.type),))
+    foldable = module.replace(functions=(fn.replace(nodes=fn.nodes + (neg,), results=fn.results + ("negated",)),))
+    text = tmp_path / "foldable.ir"
+    text.write_text(print_module(foldable))
+    code, out, err = run_cli(capsys, "opt", str(text), "-p", "fold")
+    assert_one_line_error(code, err, "pass 'fold' needs the data of constant", "--tensors")
+    assert out == ""
 
 
 def test_tensors_give_the_data_and_new_constants_go_next_to_out(capsys, tmp_path, mlp):
