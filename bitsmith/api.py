@@ -72,7 +72,10 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
         return [p for spec in spec_list for p in parse_pass_spec(spec)]
 
     cleanup = parsed(DEFAULT_PIPELINE)  # parsed now so a bad spec fails before the capture
-    later = parsed(backend.pipeline(target, resolved) + specs)
+    stages = backend.pipeline(target, resolved)  # a Pipeline, or a flat list of specs
+    if not isinstance(stages, list):
+        stages = [*stages.legalize, *stages.lower, *stages.finalize]
+    later = parsed(stages + specs)
 
     say = progress or (lambda message: None)
     t0 = time.perf_counter()

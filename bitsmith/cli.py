@@ -1,4 +1,5 @@
-"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust, export-mlir, import-mlir.
+"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust, opt, export-mlir,
+import-mlir.
 
 Every user-facing failure (a BitsmithError, a missing file, a bad value) prints one line,
 ``bitsmith: error: <message>``, on stderr and exits 2; set BITSMITH_DEBUG=1 for the traceback.
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli_opt import add_opt_command
 from .errors import BitsmithError
 
 EXIT_USAGE = 2
@@ -471,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--yes", action="store_true", help="trust without asking (needed when stdin is not a terminal)")
     p.set_defaults(func=cmd_trust)
+
+    add_opt_command(sub)
     return parser
 
 

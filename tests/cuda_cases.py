@@ -87,7 +87,7 @@ def _model_inputs(module: Any, rng: np.random.Generator, vocab: int) -> list[lis
 def build_models(out: Path) -> None:
     import bitsmith
     from bitsmith.ir import run_function
-    from hf_configs import VOCAB, make_model
+    from bitsmith.testing.hf_configs import VOCAB, make_model
     rng = np.random.default_rng(0)
     for case, (arch, opts) in MODEL_CASES.items():
         d = out / "models" / case
@@ -107,7 +107,7 @@ def fp16_interpreter_errors() -> list[tuple[str, int, float, float]]:
     import bitsmith
     from bitsmith.backends.tvm.cuda_half import to_half
     from bitsmith.ir import run_function
-    from hf_configs import VOCAB, make_model
+    from bitsmith.testing.hf_configs import VOCAB, make_model
     rng = np.random.default_rng(0)
     out = []
     for case, (arch, opts) in MODEL_CASES.items():

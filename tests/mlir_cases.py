@@ -42,7 +42,7 @@ def tiny_llama_module(batch: int = 1, seq: int = 5, past: int = 3) -> tuple[Modu
     """The random-init tiny Llama of hf_configs (2 layers, GQA 4/2 heads, d=64) with a KV cache,
     its dims fixed, and inputs: token ids, positions after ``past`` cached ones, random caches."""
     import bitsmith
-    from hf_configs import VOCAB, make_model
+    from bitsmith.testing.hf_configs import VOCAB, make_model
 
     module = bitsmith.compile(make_model("llama"), target="reference").module
     static = specialize(module, {"batch": batch, "seq": seq, "past": past})

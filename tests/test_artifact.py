@@ -22,7 +22,7 @@ from bitsmith.backends.files import TargetFiles
 from bitsmith.runtime import artifact, artifact_files
 from bitsmith.runtime.artifact import load_artifact, read_manifest, save_artifact
 from bitsmith.runtime.manifest import FORMAT_VERSION, MANIFEST, MAX_MANIFEST_BYTES, TOKENIZER, WEIGHTS
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 
 X = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
 

@@ -137,7 +137,7 @@ class Target:
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory) -> dict[str, Target]:
     import bitsmith
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     base = tmp_path_factory.mktemp("fuzz")
     env = {**os.environ, "BITSMITH_TRUST_STORE": str(base / "trust-store.json"), "PYTHONPATH": str(ROOT)}
     os.environ.setdefault("BITSMITH_TRUST_STORE", str(base / "trust-store.json"))

@@ -14,7 +14,7 @@ from bitsmith.passes.quantization import calibration
 from bitsmith.passes.quantization.calibration import (TextCalibration, calibration_windows, collect_statistics,
                                                       linear_inputs)
 
-from hf_configs import VOCAB, make_model
+from bitsmith.testing.hf_configs import VOCAB, make_model
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import bitsmith
 from bitsmith.errors import UnsupportedOpError
 from bitsmith.runtime.generate import empty_cache, positions
 
-from hf_configs import ARCHS, VOCAB, make_model
+from bitsmith.testing.hf_configs import ARCHS, VOCAB, make_model
 
 # fp32 end to end; numpy and torch differ only in summation order (~1e-7 here), so 1e-4 is
 # the bound with a wide margin.

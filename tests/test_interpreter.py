@@ -20,7 +20,7 @@ from bitsmith.ir import OPS, GraphBuilder, TensorType, evaluate, run_function, v
 from bitsmith.ir.interpreter import bind_symbols, check_complete
 from bitsmith.ir.ops import BINARY_ARITH_OPS, COMPARE_OPS, LOGICAL_OPS
 from bitsmith.ir.types import dtype_of_numpy, numpy_dtype
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 
 # fp32 elementwise: numpy and torch use different libm/SIMD kernels (a few ulp), and the
 # interpreter's erf is Abramowitz-Stegun 7.1.26 (|err| < 1.5e-7).

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from bitsmith.ir import (Function, GraphBuilder, IRParseError, Location, Module, Node, TensorTable,
                          TensorType, Value, parse_module, print_module)
 from bitsmith.ir.symbolic import add, mul
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 
 # ---------------------------------------------------------------- golden example
 

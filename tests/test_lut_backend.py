@@ -11,7 +11,7 @@ import bitsmith
 from bitsmith.backends.lut import host, native, program
 from bitsmith.errors import ArtifactError, BitsmithError, UnsupportedOpError
 
-from hf_configs import make_model
+from bitsmith.testing.hf_configs import make_model
 
 IDS = np.random.default_rng(0).integers(0, 128, (2, 7))
 DEFAULT_HOST = "tvm-llvm" if host.tvm_available() else "reference-interpreter"

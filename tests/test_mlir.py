@@ -12,17 +12,12 @@ pytest.importorskip("torch_mlir.ir", reason="MLIR interop needs torch-mlir: pip 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from bitsmith.ir import GraphBuilder, Module, OPS, TensorType, evaluate, parse_module, print_module  # noqa: E402
+from bitsmith.ir import GraphBuilder, Module, TensorType, evaluate, parse_module, print_module  # noqa: E402
 from bitsmith.mlir import MLIRInteropError, MLIRUnavailableError, export_mlir, run_mlir  # noqa: E402
 from bitsmith.mlir.execution import MLIRProgram  # noqa: E402
 from bitsmith.mlir.importer import import_module  # noqa: E402
 from bitsmith.mlir.registry import standard_ops  # noqa: E402
-from ir_strategies import random_modules  # noqa: E402
-
-try:  # the call op and this strategy come with the partition work
-    from ir_strategies import modules_with_calls
-except ImportError:
-    modules_with_calls = None
+from bitsmith.testing.strategies import BINARY, REDUCE, UNARY, modules_with_calls, random_modules  # noqa: E402
 
 # Tolerance of an ExecutionEngine run against the interpreter on random modules. Each exported
 # op evaluates its defining formula in float32: at most ~8 roundings for the composite
@@ -63,7 +58,6 @@ def _compare(got: list[np.ndarray], ref: list[np.ndarray], rtol: float, atol: fl
 
 def test_random_modules_use_only_exported_ops():
     """The property below covers standard ops only: every op the strategies draw has an emitter."""
-    from ir_strategies import BINARY, REDUCE, UNARY
     drawn = set(UNARY + BINARY + REDUCE) | {"gelu", "softmax", "linear", "matmul", "reshape", "permute", "slice",
                                             "concat", "where", "gt", "le", "ne", "embedding", "scalar", "constant"}
     assert drawn - {"constant"} <= standard_ops()
@@ -137,7 +131,7 @@ def test_import_refuses_tensors_that_do_not_match(tiny_llama):
 
 def test_quantized_llama_exports_qlinear_as_bitsmith_op():
     import bitsmith
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
 
     module = bitsmith.compile(make_model("llama"), target="reference", quant="bitmod-w4", group_size=32).module
     text = export_mlir(module)
@@ -156,7 +150,6 @@ def test_import_refuses_rewired_operands():
         import_module(text)
 
 
-@pytest.mark.skipif("call" not in OPS, reason="the call op is not registered in this checkout")
 def test_calls_and_function_attributes_round_trip():
     from bitsmith.ir import Function, Node, Value
     t = TensorType((2, 3), "float32")
@@ -171,17 +164,16 @@ def test_calls_and_function_attributes_round_trip():
     _compare(run_mlir(module, [x]), evaluate(module, [x]), RTOL, ATOL)
 
 
-if modules_with_calls is not None:
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    @given(modules_with_calls())
-    def test_modules_with_calls_export_import_and_run(case):
-        """Functions as func.func, calls as func.call, function attributes as bitsmith.<key>."""
-        module, original, args = case
-        text = export_mlir(module)
-        _reparse_and_verify(text)
-        assert import_module(text, module.tensors).module == module
-        if _static(module):
-            _compare(run_mlir(module, args), evaluate(original, args), RTOL, ATOL)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(modules_with_calls())
+def test_modules_with_calls_export_import_and_run(case):
+    """Functions as func.func, calls as func.call, function attributes as bitsmith.<key>."""
+    module, original, args = case
+    text = export_mlir(module)
+    _reparse_and_verify(text)
+    assert import_module(text, module.tensors).module == module
+    if _static(module):
+        _compare(run_mlir(module, args, opt_level=0), evaluate(original, args), RTOL, ATOL)
 
 
 def test_uint8_arithmetic_is_refused_naming_the_node():
@@ -204,7 +196,7 @@ def test_missing_bindings_name_the_extra(monkeypatch):
 def test_cli_export_from_artifact_and_import(tmp_path, tiny_llama, capsys):
     import bitsmith
     from bitsmith.cli import main
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
 
     cm = bitsmith.compile(make_model("llama"), target="reference")
     cm.save(str(tmp_path / "art"))

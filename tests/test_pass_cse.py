@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from bitsmith.ir import GraphBuilder, Location, TensorType
 from bitsmith.passes import CommonSubexpressionElimination
 from bitsmith.passes.cse import _node_key
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 from pass_checks import assert_same_results, run_passes
 
 CSE = CommonSubexpressionElimination()

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 
 from bitsmith.ir import GraphBuilder, TensorType
 from bitsmith.passes import DeadCodeElimination
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 from pass_checks import assert_same_results, run_passes
 
 DCE = DeadCodeElimination()

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 from bitsmith.ir import GraphBuilder, TensorType, evaluate
 from bitsmith.passes import ConstantFolding, DeadCodeElimination, get_pass
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 from pass_checks import assert_same_results, run_passes
 
 FOLD = ConstantFolding()

@@ -172,7 +172,7 @@ def test_hf_llama_quantized_logits():
     import bitsmith
     from bitsmith.backends import backend_for_target
     from bitsmith.runtime import CompiledModel
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
 
     cm = bitsmith.compile(make_model("llama"))
     quantized = PassManager([Quantize(scheme="bitmod-w4", group_size=32)]).run(cm.module)

@@ -18,7 +18,7 @@ CTX, WINDOWS = 24, 3
 @pytest.fixture(scope="module")
 def tiny():
     """(HF Llama, its compiled model, token ids of 3 full windows plus a partial one)."""
-    from hf_configs import VOCAB, make_model
+    from bitsmith.testing.hf_configs import VOCAB, make_model
     model = make_model("llama")
     ids = np.random.default_rng(1).integers(0, VOCAB, CTX * WINDOWS + 7).astype(np.int64)
     return model, bitsmith.compile(model, target="reference"), ids

@@ -100,7 +100,7 @@ def test_tvm_plan_json_missing():
 @pytest.fixture(scope="module")
 def lut_files() -> dict[str, bytes]:
     import bitsmith
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     cm = bitsmith.compile(make_model("llama"), target="lut-cpu", quant="rtn-int4", group_size=32,
                           lut_host="reference")
     return cm.executable.files()
@@ -254,7 +254,7 @@ def test_plan_views_of_equal_size_still_decode():
 def llvm_model():
     """A quantized tiny Llama on tvm-llvm: its plan has tensor, scalar and qlinear-operand constants."""
     import bitsmith
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     return bitsmith.compile(make_model("llama"), target="tvm-llvm", quant="rtn-int4", group_size=32)
 
 
@@ -313,7 +313,7 @@ def test_llvm_stored_operand_of_the_wrong_shape(llvm_model, edit, words: str):
 @pytest.fixture(scope="module")
 def lut_tvm_model():
     import bitsmith
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     return bitsmith.compile(make_model("llama"), target="lut-cpu", quant="rtn-int4", group_size=32,
                             lut_host="tvm-llvm")
 
@@ -371,7 +371,7 @@ def test_operand_specs_are_the_derived_operands_shapes(kw):
     """The load-time check of stored operands compares with ``operand_specs``; the oracle is the
     derivation itself (``qlinear_operands``) on every qlinear of a quantized model."""
     import bitsmith
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     from bitsmith.backends.tvm.qlinear_layout import operand_specs, qlinear_operands
     cm = bitsmith.compile(make_model("llama"), target="reference", **kw)
     seen = 0

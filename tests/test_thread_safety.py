@@ -15,7 +15,7 @@ import pytest
 import bitsmith
 from bitsmith.runtime.generate import empty_cache, positions
 
-from hf_configs import VOCAB, make_model
+from bitsmith.testing.hf_configs import VOCAB, make_model
 
 QUANT = {"quant": "bitmod-w4", "group_size": 32}
 # case -> (target, options); the quantized reference cases share the interpreter's process-wide

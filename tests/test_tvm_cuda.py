@@ -49,7 +49,7 @@ needs_compiler = pytest.mark.skipif(not _has_compiler(), reason="TVM compiler li
 @pytest.fixture(scope="module")
 def tiny_llama_cuda():
     """Tiny Llama for tvm-cuda: with nvcc where it is on PATH, else explicitly without (nvcc="skip")."""
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     return bitsmith.compile(make_model("llama"), target="tvm-cuda", **({} if HAS_NVCC else {"nvcc": "skip"}))
 
 
@@ -132,7 +132,7 @@ def test_half_module_matches_fp32(arch, quant):
     relative to max|logit| (fp16 rounding 4.9e-4 per kernel boundary, a few dozen of them
     on a 2-layer model, mostly cancelling); a dtype mistake in the rewrite would fail the
     verifier or move logits by O(max|logit|)."""
-    from hf_configs import VOCAB, make_model
+    from bitsmith.testing.hf_configs import VOCAB, make_model
     from bitsmith.backends.tvm.cuda_half import to_half
     from bitsmith.ir import run_function, verify_module
     kw = {"quant": quant, "group_size": 32} if quant else {}
@@ -148,7 +148,7 @@ def test_half_module_matches_fp32(arch, quant):
 
 
 def test_half_keeps_rotary_angles_in_float32():
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     from bitsmith.backends.tvm.cuda_half import to_half
     cm = bitsmith.compile(make_model("llama"), target="reference")
     fn = to_half(cm.module).function("main")
@@ -271,7 +271,7 @@ def test_device_executor_matches_llvm_executor_on_cpu(arch, quant):
     """The GPU executor's plan logic (symbol binding, views, pooled intermediates, uploaded
     and derived constants, KV-cache inputs) runs unchanged on TVM's CPU device with the
     tvm-llvm kernels of the same plan; it must reproduce that target's outputs exactly."""
-    from hf_configs import VOCAB, make_model
+    from bitsmith.testing.hf_configs import VOCAB, make_model
     from bitsmith.backends.tvm import llvm_target, runtime_cpu
     from bitsmith.backends.tvm.cuda_runtime import CudaPlanExecutor, DeviceKernel
     kw = {"quant": quant, "group_size": 32} if quant else {}

@@ -216,7 +216,7 @@ def test_mcpu_and_threads_options(monkeypatch):
 
 # ---------------------------------------------------------------- whole models
 
-from hf_configs import ARCHS, make_model  # noqa: E402
+from bitsmith.testing.hf_configs import ARCHS, make_model  # noqa: E402
 from oracle_bounds import fp32_error_budget, max_error  # noqa: E402
 
 
@@ -507,7 +507,7 @@ def test_plan_json_refuses_bad_kernel_keys(key):
 def test_quantized_artifact_stores_the_kernel_layout_and_loads_without_re_deriving(tmp_path, monkeypatch):
     import bitsmith
     from bitsmith.backends.tvm import matmul
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     model = make_model("llama")
     ids = np.random.default_rng(0).integers(0, 128, (1, 6))
     cm = bitsmith.compile(model, target="tvm-llvm", quant="bitmod-w4", group_size=32, outliers=0.01)

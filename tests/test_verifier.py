@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from bitsmith.ir import (GraphBuilder, Location, Module, Node, TensorTable, TensorType, Value,
                          VerificationError, verify_module)
-from ir_strategies import random_modules
+from bitsmith.testing.strategies import random_modules
 
 
 def _module() -> Module:

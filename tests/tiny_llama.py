@@ -14,7 +14,7 @@ def save_tiny_llama(path: Path) -> Path:
     from tokenizers.pre_tokenizers import Whitespace
     from transformers import PreTrainedTokenizerFast
 
-    from hf_configs import VOCAB, make_model
+    from bitsmith.testing.hf_configs import VOCAB, make_model
 
     words = {"<eos>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
     backend = Tokenizer(WordLevel(words, unk_token="w1"))
@@ -27,7 +27,7 @@ def save_tiny_llama(path: Path) -> Path:
 
 def random_text(n_words: int, seed: int = 0) -> tuple[str, np.ndarray]:
     """Text of ``n_words`` random words and the token ids it encodes to."""
-    from hf_configs import VOCAB
+    from bitsmith.testing.hf_configs import VOCAB
 
     ids = np.random.default_rng(seed).integers(1, VOCAB, n_words)
     return " ".join(f"w{i}" for i in ids), ids.astype(np.int64)

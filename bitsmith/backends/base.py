@@ -8,18 +8,40 @@ Built-in backends register exactly as a third-party plugin does: an entry in the
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import PluginError, UnknownTargetError
-from ..ir import Module
+from ..ir import Module, Node
+from ..tolerance import Tolerance
 
 if TYPE_CHECKING:
     from .native_loader import NativeSpec
 
 ENTRY_POINT_GROUP = "bitsmith.backends"
+
+
+# Pipeline and LegalOps as COMMON.md's shared interface states them (owner: helper "pipelines";
+# on merge keep that branch's definitions and docstrings).
+@dataclass(frozen=True)
+class Pipeline:
+    """A backend's passes by phase: pass specs, names in the pass registry."""
+
+    legalize: tuple[str, ...] = ()
+    lower: tuple[str, ...] = ()
+    finalize: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LegalOps:
+    """The ops a backend accepts after its pipeline; ``check`` gives a reason when a node's
+    attributes are not supported."""
+
+    ops: frozenset[str]
+    check: Callable[[Node], str | None] | None = None
 
 
 class Executable(ABC):
@@ -57,6 +79,14 @@ class Backend(ABC):
     def pipeline(self, target: str, options: Mapping[str, Any]) -> list[str]:
         """Pass specs (names in the pass registry) to run before ``build``."""
         return []
+
+    def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
+        """How far this target's results may stray from the reference interpreter's (float32
+        results computed in another order, or in lower precision). The backend-conformance
+        suite (``bitsmith.testing``) holds the target to it; declare what you measured. The
+        default fits a float32 backend that sums in another order (the example plugin's float32
+        kernels: 1.8e-5 of max|logit| on SmolLM2, docs/writing-a-backend.md)."""
+        return Tolerance(rtol=1e-4, atol=1e-5, scale_rtol=1e-4)
 
     @abstractmethod
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:

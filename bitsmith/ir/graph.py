@@ -93,14 +93,28 @@ class Node:
 
 @dataclass(frozen=True)
 class Function:
-    """One SSA graph: typed parameters, nodes in topological order, named results."""
+    """One SSA graph: typed parameters, nodes in topological order, named results.
+
+    ``attrs`` are small literals about the whole function that passes and backends read, such
+    as ``device = "attention"`` on a sub-function the ``partition`` pass outlined.
+    """
 
     name: str
     params: tuple[Value, ...]
     nodes: tuple[Node, ...]
     results: tuple[str, ...]
+    attrs: tuple[tuple[str, AttrValue], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attrs, tuple) or any(not isinstance(a, tuple) for a in self.attrs):
+            object.__setattr__(self, "attrs", freeze_attrs(self.attrs))
+
+    def attr(self, key: str, default: AttrValue = None) -> AttrValue:
+        return dict(self.attrs).get(key, default)
 
     def replace(self, **changes: Any) -> "Function":
+        if "attrs" in changes and not isinstance(changes["attrs"], tuple):
+            changes["attrs"] = freeze_attrs(changes["attrs"])
         return dataclasses.replace(self, **changes)
 
     def value_types(self) -> dict[str, TensorType]:

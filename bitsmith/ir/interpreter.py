@@ -47,11 +47,16 @@ class InterpreterError(BitsmithError, RuntimeError):
 
 
 class EvalContext:
-    """Per-call state: the module's tensors and the values bound to symbolic dims."""
+    """Per-call state: the module's tensors and the values bound to symbolic dims, plus the
+    ``observe`` and ``overrides`` of the run, which a ``call`` hands on to its callee."""
 
-    def __init__(self, module: Module, bindings: dict[str, int]) -> None:
+    def __init__(self, module: Module, bindings: dict[str, int],
+                 observe: Callable[[Node, Sequence[np.ndarray]], None] | None = None,
+                 overrides: Mapping[str, Impl] | None = None) -> None:
         self.module = module
         self.bindings = bindings
+        self.observe = observe
+        self.overrides = overrides
 
     def dim(self, d: sym.Dim) -> int:
         return d if isinstance(d, int) else sym.evaluate(d, self.bindings)
@@ -325,43 +330,53 @@ def _concat(xs, node, ctx):
     return [np.concatenate(xs, axis=node.attr("axis"))]
 
 
+# ---------------------------------------------------------------- calls
+
+@rule("call")
+def _call(xs, node, ctx):
+    # the callee binds its own symbols from the arrays it gets (a call may bind "seq" to 1)
+    return run_function(ctx.module, node.attr("callee"), xs, ctx.observe, ctx.overrides, ctx.bindings)
+
+
 # ---------------------------------------------------------------- driver
 
-def bind_symbols(fn: Function, args: Sequence[np.ndarray]) -> dict[str, int]:
-    """Binds each plain symbol in the parameter types to the matching actual size."""
-    bindings: dict[str, int] = {}
+def bind_symbols(fn: Function, args: Sequence[np.ndarray],
+                 inherited: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Binds the symbols in the parameter types to the actual sizes (``symbolic.bind``: plain
+    symbols first, then a lone unknown in a sum such as ``past+seq``). A callee's symbols
+    that its arguments leave unbound keep the caller's values (``inherited``)."""
+    pairs = []
     for p, a in zip(fn.params, args):
         if a.ndim != p.type.rank:
             raise InterpreterError(f"input %{p.name}: expected rank {p.type.rank} {p.type}, got shape {a.shape}")
         for d, actual in zip(p.type.shape, a.shape):
-            if isinstance(d, int):
-                if d != actual:
-                    raise InterpreterError(f"input %{p.name}: expected {p.type}, got shape {a.shape}")
-            elif sym.SYMBOL_NAME.match(d):
-                if bindings.setdefault(d, actual) != actual:
-                    raise InterpreterError(f"symbol {d!r} bound to both {bindings[d]} and {actual} "
-                                           f"(input %{p.name} has shape {a.shape})")
-    for p, a in zip(fn.params, args):  # compound dims are checked once every symbol is bound
-        for d, actual in zip(p.type.shape, a.shape):
-            if isinstance(d, str) and not sym.SYMBOL_NAME.match(d) and sym.evaluate(d, bindings) != actual:
-                raise InterpreterError(f"input %{p.name}: dim {d} should be {sym.evaluate(d, bindings)}, got {actual}")
-    return bindings
+            if isinstance(d, int) and d != actual:
+                raise InterpreterError(f"input %{p.name}: expected {p.type}, got shape {a.shape}")
+            pairs.append((d, actual))
+    try:
+        bound = sym.bind(pairs, inherited)
+        return {**(inherited or {}), **{k: int(v) for k, v in bound.items()}}
+    except sym.SymbolicDimError as e:
+        shapes = ", ".join(f"%{p.name}: {p.type} got {a.shape}" for p, a in zip(fn.params, args))
+        raise InterpreterError(f"function {fn.name!r}: {e} ({shapes})") from None
 
 
 def run_function(module: Module, name: str, args: Sequence[np.ndarray],
                  observe: Callable[[Node, Sequence[np.ndarray]], None] | None = None,
-                 overrides: Mapping[str, Impl] | None = None) -> list[np.ndarray]:
+                 overrides: Mapping[str, Impl] | None = None,
+                 inherited: Mapping[str, int] | None = None) -> list[np.ndarray]:
     """Evaluates function ``name`` on numpy arrays and returns its results.
 
     ``overrides`` maps op names to implementations used instead of the reference rules, so a
     backend can run its own kernels for some ops (e.g. qlinear) and the oracle for the rest.
+    ``inherited``: the caller's symbol values, for a function run by a ``call``.
     """
     fn = module.function(name)
     if len(args) != len(fn.params):
         raise InterpreterError(f"function {name!r} takes {len(fn.params)} inputs "
                                f"({', '.join(p.name for p in fn.params)}), got {len(args)}")
     args = [np.asarray(a, dtype=numpy_dtype(p.type.dtype)) for p, a in zip(fn.params, args)]
-    ctx = EvalContext(module, bind_symbols(fn, args))
+    ctx = EvalContext(module, bind_symbols(fn, args, inherited), observe, overrides)
     env: dict[str, np.ndarray] = {p.name: a for p, a in zip(fn.params, args)}
     last_use: dict[str, int] = {}
     for i, n in enumerate(fn.nodes):

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 
 from . import symbolic as sym
 from .symbolic import Dim
-from .traits import (ATTENTION, COMMUTATIVE, CONTRACTION, DTYPE_FROM_ATTR, ELEMENTWISE, GATHER, LINEAR_LIKE,
+from .traits import (ATTENTION, CALL, COMMUTATIVE, CONTRACTION, DTYPE_FROM_ATTR, ELEMENTWISE, GATHER, LINEAR_LIKE,
                      NORMALIZATION, PURE, REDUCTION, SHAPE_ONLY, SOURCE, check_traits)
 from .types import FLOAT_DTYPES, INT_DTYPES, DTYPES, IRTypeError, TensorType
 
@@ -30,6 +30,7 @@ class OpDef:
     optional_attrs: frozenset[str] = frozenset()
     doc: str = ""
     traits: frozenset[str] = frozenset()  # see traits.py
+    dim_attrs: frozenset[str] = frozenset()  # attributes holding dims (or tuples of them)
 
 
 OPS: dict[str, OpDef] = {}
@@ -37,16 +38,18 @@ OPS: dict[str, OpDef] = {}
 
 def register_op(name: str, inputs: int | tuple[int, int], *, attrs: tuple[str, ...] = (),
                 optional: tuple[str, ...] = (), doc: str = "",
-                traits: tuple[str, ...] = (PURE,)) -> Callable[[InferFn | None], InferFn | None]:
+                traits: tuple[str, ...] = (PURE,),
+                dim_attrs: tuple[str, ...] = ()) -> Callable[[InferFn | None], InferFn | None]:
     """Registers an op; ``infer`` may be None when the verifier checks the declared output type
-    itself (``constant`` against the tensor table, ``call`` against its callee)."""
+    itself (``constant`` against the tensor table, ``call`` against its callee). ``dim_attrs``
+    names the attributes that hold (possibly symbolic) dims, which inlining a call rewrites."""
     lo, hi = (inputs, inputs) if isinstance(inputs, int) else inputs
 
     def deco(fn: InferFn | None) -> InferFn | None:
         if name in OPS:
             raise ValueError(f"op {name!r} registered twice")
         OPS[name] = OpDef(name, lo, hi, fn, frozenset(attrs), frozenset(optional), doc,
-                          check_traits(name, frozenset(traits)))
+                          check_traits(name, frozenset(traits)), frozenset(dim_attrs))
         return fn
 
     return deco
@@ -112,7 +115,7 @@ def _infer_scalar(types, attrs):
 
 @register_op("arange", 0, attrs=("start", "end", "step", "dtype"),
              doc="Integers start, start+step, ... below end; end may be symbolic when step is 1.",
-             traits=(PURE, SOURCE, DTYPE_FROM_ATTR))
+             traits=(PURE, SOURCE, DTYPE_FROM_ATTR), dim_attrs=("start", "end"))
 def _infer_arange(types, attrs):
     start, end, step = attrs["start"], attrs["end"], attrs["step"]
     if step == 1:
@@ -304,7 +307,7 @@ def _infer_attention(types, attrs):
 
 # ---------------------------------------------------------------- data movement
 
-@register_op("reshape", 1, traits=(PURE, SHAPE_ONLY), attrs=("shape",))
+@register_op("reshape", 1, traits=(PURE, SHAPE_ONLY), attrs=("shape",), dim_attrs=("shape",))
 def _infer_reshape(types, attrs):
     (t,) = types
     shape = tuple(attrs["shape"])
@@ -323,7 +326,7 @@ def _infer_permute(types, attrs):
 
 
 @register_op("expand", 1, attrs=("shape",), doc="Broadcast to a shape (numpy broadcast_to).",
-             traits=(PURE, SHAPE_ONLY))
+             traits=(PURE, SHAPE_ONLY), dim_attrs=("shape",))
 def _infer_expand(types, attrs):
     (t,) = types
     shape = tuple(attrs["shape"])
@@ -337,7 +340,7 @@ def _infer_expand(types, attrs):
 
 @register_op("slice", 1, attrs=("axis", "start", "end", "step"),
              doc="Elements start <= i < end by step along one axis; bounds are in range.",
-             traits=(PURE, SHAPE_ONLY))
+             traits=(PURE, SHAPE_ONLY), dim_attrs=("start", "end"))
 def _infer_slice(types, attrs):
     (t,) = types
     axis = _axis(attrs["axis"], t.rank, "slice")
@@ -376,3 +379,13 @@ def _infer_concat(types, attrs):
     shape = list(first.shape)
     shape[axis] = total
     return (TensorType(tuple(shape), dtype),)
+
+
+# ---------------------------------------------------------------- calls
+
+# Inputs are the callee's parameters in order, outputs its results; the verifier checks both
+# against the callee (verifier.py), so there is no inference rule here. Not declared PURE:
+# a pass that wants to move or merge calls looks at the callee.
+register_op("call", (0, 1 << 16), attrs=("callee",),
+            doc="Calls the function named by callee (a function of the same module).",
+            traits=(CALL,))(None)

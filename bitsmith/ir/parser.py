@@ -10,7 +10,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from .graph import AttrValue, Function, Location, Module, Node, TensorTable, Value
+from .declared_tensors import DeclaredTensorTable
+from .graph import AttrValue, Function, Location, Module, Node, TensorInfo, TensorTable, Value
 from .symbolic import Dim, SymbolicDimError, canonical
 from .types import SHORT_TO_DTYPE, IRTypeError, TensorType
 
@@ -199,7 +200,8 @@ class _Parser:
         name = self.name("func")
         self.expect("(")
         params = tuple(self.separated(")", self.param))
-        self.expect("{")
+        attrs = self.attrs() if self.accept("attrs") else ()
+        self.expect("{", what="'attrs' or '{' opening the function")
         nodes = []
         while not self.accept("return"):
             if not self.peek(kind="value"):
@@ -209,7 +211,7 @@ class _Parser:
         while results and self.accept(","):
             results.append(self.name("value"))
         self.expect("}", what="'}' closing the function after its return")
-        return Function(name, params, tuple(nodes), tuple(results))
+        return Function(name, params, tuple(nodes), tuple(results), attrs)
 
     def tensor(self) -> tuple[int, str, TensorType, str]:
         line = self.expect("tensor").line
@@ -219,14 +221,18 @@ class _Parser:
         self.expect("sha256")
         return line, name, t, self.string("the tensor's sha256 as a string")
 
-    def module(self, tensors: TensorTable | None) -> Module:
+    def module(self, tensors: TensorTable | None, declared_only: bool = False) -> Module:
         self.expect("module", what="'module'")
         attrs = self.attrs() if self.accept("attrs") else ()
         self.expect("{")
         named: list[str] = []
+        declared: list[TensorInfo] = []
         while self.peek("tensor", kind="ident"):
             line, name, t, digest = self.tensor()
-            _check_tensor(line, name, t, digest, tensors, named)
+            if declared_only:
+                declared.append(_declared_tensor(line, name, t, digest, named))
+            else:
+                _check_tensor(line, name, t, digest, tensors, named)
             named.append(name)
         functions = []
         while not self.accept("}"):
@@ -237,6 +243,8 @@ class _Parser:
         table = TensorTable() if tensors is None else tensors
         if tensors is not None and len(named) != len(tensors):
             table = tensors.subset(named)
+        if declared_only:
+            table = DeclaredTensorTable(declared=declared)
         return Module(tuple(functions), table, attrs)
 
 
@@ -261,10 +269,23 @@ def _check_tensor(line: int, name: str, t: TensorType, digest: str,
         raise IRParseError(f"{where}: sha256 {digest} in the text but {info.sha256} in the table")
 
 
-def parse_module(text: str, tensors: TensorTable | None = None) -> Module:
+def _declared_tensor(line: int, name: str, t: TensorType, digest: str, seen: list[str]) -> TensorInfo:
+    where = f"line {line}: tensor {name!r}"
+    if name in seen:
+        raise IRParseError(f"{where} is listed twice")
+    if not all(isinstance(d, int) for d in t.shape) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise IRParseError(f"{where}: a constant needs a static shape and a 64-digit hex sha256, got {t} {digest!r}")
+    return TensorInfo(name, t.shape, t.dtype, digest)
+
+
+def parse_module(text: str, tensors: TensorTable | None = None, *, declared_only: bool = False) -> Module:
     """Parses ``print_module`` text; ``tensors`` must hold every tensor the text lists.
 
     The result's tensor table is ``tensors`` restricted to the names the text lists (an
-    empty table when the text lists none and ``tensors`` is None).
+    empty table when the text lists none and ``tensors`` is None). With ``declared_only``
+    (and no ``tensors``) it is a DeclaredTensorTable that knows each listed tensor by name,
+    shape, dtype and sha256 but holds no data.
     """
-    return _Parser(text).module(tensors)
+    if declared_only and tensors is not None:
+        raise ValueError("parse_module: give either tensors or declared_only=True, not both")
+    return _Parser(text).module(tensors, declared_only)

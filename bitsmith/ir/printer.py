@@ -4,16 +4,21 @@ Grammar (one statement a line; ``parser.py`` reads it back to an equal module)::
 
     module [attrs {key = value, ...}] {
       tensor "name" : f32[2,3] sha256 "<hex>"
-      func @main(%x: f32[batch,seq,4], ...) {
+      func @main(%x: f32[batch,seq,4], ...) [attrs {key = value, ...}] {
         %a, %b = op(%x, %y) {key = value, ...} : f32[batch,seq,4], i1[] loc("path", "file.py:1")
-        return %a, %b
+        %c = call(%a) {callee = "sub"} : f32[batch,seq,4]
+        return %a, %c
+      }
+      func @sub(%a: f32[batch,seq,4]) attrs {device = "attention"} {
+        ...
       }
     }
 
 Constants appear by name, shape, dtype and sha256, never by data. Strings are JSON strings
 (ASCII-escaped, so always one line); floats print as ``repr`` so they read back exactly; a
 value or function name that is not ``[A-Za-z0-9_.$-]+`` is printed as a JSON string after
-its ``%`` or ``@``.
+its ``%`` or ``@``. Function attributes (``attrs {...}`` after the parameters) are omitted
+when there are none; a ``call`` names its callee by the attribute ``callee``.
 """
 
 from __future__ import annotations
@@ -84,7 +89,8 @@ def format_node(node: Node) -> str:
 
 def format_function(fn: Function, indent: str = "  ") -> list[str]:
     params = ", ".join(f"{format_name('%', p.name)}: {format_type(p.type)}" for p in fn.params)
-    lines = [f"{indent}func {format_name('@', fn.name)}({params}) {{"]
+    attrs = f" attrs {format_attrs(fn.attrs)}" if fn.attrs else ""
+    lines = [f"{indent}func {format_name('@', fn.name)}({params}){attrs} {{"]
     lines += [f"{indent}  {format_node(n)}" for n in fn.nodes]
     results = ", ".join(format_name("%", r) for r in fn.results)
     lines += [f"{indent}  return {results}".rstrip(), f"{indent}}}"]

@@ -9,7 +9,7 @@ batch and sequence multiplies them) and keep equality a plain string comparison.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Union
+from typing import Iterable, Mapping, Union
 
 Dim = Union[int, str]
 
@@ -150,3 +150,68 @@ def is_static(d: Dim) -> bool:
 
 def dims_equal(a: Dim, b: Dim) -> bool:
     return canonical(a) == canonical(b)
+
+
+def substitute(d: Dim, values: Mapping[str, Dim]) -> Dim:
+    """``d`` with each symbol named in ``values`` replaced by its value; other symbols stay."""
+    out: Dim = 0
+    for mono, c in _to_poly(d).items():
+        term: Dim = c
+        for s in mono:
+            term = mul(term, values.get(s, s))
+        out = add(out, term)
+    return out
+
+
+def _solvable_symbol(formal: Dim, known: Mapping[str, Dim]) -> tuple[str, int] | None:
+    """The one unbound symbol of ``formal`` if it occurs only as a lone term ``±s``."""
+    poly = _to_poly(formal)
+    unbound = {s for mono in poly for s in mono if s not in known}
+    if len(unbound) != 1:
+        return None
+    (s,) = unbound
+    if any(s in mono and mono != (s,) for mono in poly) or abs(poly.get((s,), 0)) != 1:
+        return None
+    return s, poly[(s,)]
+
+
+def bind(pairs: Iterable[tuple[Dim, Dim]], defaults: Mapping[str, Dim] | None = None) -> dict[str, Dim]:
+    """Binds the symbols of formal dims so that each formal equals its actual dim.
+
+    Actuals are ints (a run) or dims over other symbols (a call's argument types). A plain
+    symbol takes its actual; a compound formal with one unbound symbol occurring as a lone
+    ``±s`` term (``past+seq`` once ``seq`` is known) is solved for it; a symbol still unbound
+    then takes its value in ``defaults`` (for a call: the caller's symbol of the same name);
+    then every formal is checked. Raises SymbolicDimError naming the formal that conflicts
+    or cannot be bound.
+    """
+    pairs = [(canonical(f), canonical(a)) for f, a in pairs]
+    known: dict[str, Dim] = {}
+    for formal, actual in pairs:
+        if isinstance(formal, str) and SYMBOL_NAME.match(formal):
+            if formal in known and not dims_equal(known[formal], actual):
+                raise SymbolicDimError(f"symbol {formal!r} bound to both {known[formal]} and {actual}")
+            known[formal] = actual
+    progress = True
+    while progress:
+        progress = False
+        for formal, actual in pairs:
+            solvable = _solvable_symbol(formal, known)
+            if solvable is not None:
+                s, coeff = solvable
+                rest = substitute(sub(formal, mul(coeff, s)), known)
+                value = mul(sub(actual, rest), coeff)
+                if isinstance(value, int) and value < 0:
+                    raise SymbolicDimError(f"dim {formal} = {actual} needs {s} = {value} < 0")
+                known[s] = value
+                progress = True
+    for formal, actual in pairs:
+        for s in symbols(formal) - set(known):
+            if defaults is not None and s in defaults:
+                known[s] = defaults[s]
+        missing = symbols(formal) - set(known)
+        if missing:
+            raise SymbolicDimError(f"cannot bind symbol {sorted(missing)[0]!r} of dim {formal} from {actual}")
+        if not dims_equal(substitute(formal, known), actual):
+            raise SymbolicDimError(f"dim {formal} should be {substitute(formal, known)}, got {actual}")
+    return known

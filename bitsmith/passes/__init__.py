@@ -13,12 +13,14 @@ from .manager import PassManager
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .fold import ConstantFolding
+from .inline import Inline
 from .outliers import MarkOutliers
+from .partition import Partition
 from .quantize import Quantize
 from .sparsify import Sparsify
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder",
-    "MarkOutliers", "PASSES", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "Quantize",
+    "Inline", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]

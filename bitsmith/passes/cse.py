@@ -1,8 +1,9 @@
-"""Common-subexpression elimination: merge nodes computing the same value.
+"""Common-subexpression elimination: merge pure nodes computing the same value.
 
 Two nodes merge when op, (renamed) inputs, attributes and output types are equal; two
 ``constant`` nodes of one tensor-table name therefore merge too. The first occurrence, with
-its location, stays; later uses are renamed to it.
+its location, stays; later uses are renamed to it. One walk in program order suffices: a
+node's inputs are renamed before the walk reaches it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable
 
-from bitsmith.ir import Function, Module, Node
+from bitsmith.ir import Module, Node
+from bitsmith.ir.traits import PURE
 
-from .base import Pass, map_functions, register_pass
+from .base import Pass, register_pass
+from .rewrite import Rewriter, apply_patterns, pattern
 
 
 def _exact(value: object) -> Hashable:
@@ -29,25 +32,18 @@ def _node_key(node: Node) -> Hashable:
     return (node.op, node.inputs, _exact(node.attrs), tuple(o.type for o in node.outputs))
 
 
-def eliminate_common_subexpressions(fn: Function) -> Function:
-    rename: dict[str, str] = {}
-    seen: dict[Hashable, Node] = {}
-    nodes = []
-    for node in fn.nodes:
-        node = node.replace(inputs=tuple(rename.get(i, i) for i in node.inputs))
-        first = seen.setdefault(_node_key(node), node)
-        if first is node:
-            nodes.append(node)
-        else:
-            rename.update((o.name, f.name) for o, f in zip(node.outputs, first.outputs))
-    results = tuple(rename.get(r, r) for r in fn.results)
-    return fn.replace(nodes=tuple(nodes), results=results)
+@pattern(trait=PURE)
+def merge_duplicate(node: Node, rw: Rewriter) -> None:
+    first = rw.memo.setdefault(_node_key(node), node.outputs)
+    if first is not node.outputs:
+        rw.replace_with_values(*(o.name for o in first))
 
 
 @register_pass
 @dataclass(frozen=True)
 class CommonSubexpressionElimination(Pass):
     name = "cse"
+    idempotent = True
 
     def apply(self, module: Module) -> Module:
-        return map_functions(module, eliminate_common_subexpressions)
+        return apply_patterns(module, [merge_duplicate], once=True)

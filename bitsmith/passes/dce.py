@@ -1,29 +1,25 @@
-"""Dead-code elimination: drop nodes no function result depends on, then unused tensors."""
+"""Dead-code elimination: drop pure nodes no function result depends on, then unused tensors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bitsmith.ir import Function, Module
+from bitsmith.ir import Module
 
-from .base import Pass, map_functions, register_pass
+from .base import Pass, register_pass
+from .rewrite import apply_patterns
 
 
-def eliminate_dead_nodes(fn: Function) -> Function:
-    """Keeps a node iff one of its outputs is a result or feeds a kept node (IR ops are pure)."""
-    live = set(fn.results)
-    kept = []
-    for node in reversed(fn.nodes):
-        if any(o.name in live for o in node.outputs):
-            kept.append(node)
-            live.update(node.inputs)
-    return fn.replace(nodes=tuple(reversed(kept)))
+def drop_dead(module: Module) -> Module:
+    """Erases pure nodes nothing uses (transitively), then tensors no constant refers to."""
+    return apply_patterns(module, (), remove_dead=True).prune_tensors()
 
 
 @register_pass
 @dataclass(frozen=True)
 class DeadCodeElimination(Pass):
     name = "dce"
+    idempotent = True
 
     def apply(self, module: Module) -> Module:
-        return map_functions(module, eliminate_dead_nodes).prune_tensors()
+        return drop_dead(module)

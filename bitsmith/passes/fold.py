@@ -18,10 +18,10 @@ from bitsmith.ir import Module, Node
 from bitsmith.ir.graph import freeze_attrs
 from bitsmith.ir.interpreter import RULES, EvalContext, InterpreterError
 from bitsmith.ir.symbolic import SymbolicDimError
+from bitsmith.ir.traits import SOURCE, has_trait
 
 from .base import Pass, register_pass
-
-SOURCE_OPS = frozenset({"constant", "scalar"})
+from .rewrite import Pattern, Rewriter, apply_patterns
 
 
 def folded_tensor_name(array: np.ndarray) -> str:
@@ -40,58 +40,66 @@ def _static_size(node: Node) -> int | None:
     return total
 
 
+def _run_rule(node: Node, inputs: list[np.ndarray], ctx: EvalContext) -> list[np.ndarray] | None:
+    """The node's output values by the interpreter's rule, or None when it cannot run here
+    (e.g. a symbolic slice bound, a bad token id)."""
+    try:
+        with np.errstate(all="ignore"):
+            values = RULES[node.op](inputs, node, ctx)
+    except (InterpreterError, SymbolicDimError):
+        return None
+    return [np.asarray(v) for v in values]
+
+
 @register_pass
 @dataclass(frozen=True)
 class ConstantFolding(Pass):
     """Folds nodes with all-constant inputs whose (static) results hold at most
-    ``max_elements`` elements, so e.g. an ``expand`` of a constant to a huge shape stays."""
+    ``max_elements`` elements, so e.g. an ``expand`` of a constant to a huge shape stays.
+    Source nodes (constants, scalars, a static ``arange``) give known values but stay:
+    they are cheaper to keep than to store again."""
 
     name = "fold"
+    idempotent = True
     max_elements: int = 1 << 20
 
     def apply(self, module: Module) -> Module:
         ctx = EvalContext(module, {})  # no bindings: anything symbolic is left for run time
-        new_tensors: dict[str, np.ndarray] = {}
-        functions = []
-        for fn in module.functions:
-            known: dict[str, np.ndarray] = {}
-            nodes: list[Node] = []
-            for node in fn.nodes:
-                values = self._evaluate(node, known, ctx)
-                if values is None:
-                    nodes.append(node)
-                    continue
-                known.update((o.name, v) for o, v in zip(node.outputs, values))
-                if node.op in SOURCE_OPS:
-                    nodes.append(node)
-                    continue
-                for out, value in zip(node.outputs, values):
-                    if value.ndim == 0:
-                        nodes.append(Node("scalar", (), (out,), freeze_attrs(
-                            {"value": value.item(), "dtype": out.type.dtype}), node.loc))
-                    else:
-                        tname = folded_tensor_name(value)
-                        if tname not in module.tensors:
-                            new_tensors[tname] = value
-                        nodes.append(Node("constant", (), (out,), freeze_attrs({"name": tname}), node.loc))
-            functions.append(fn.replace(nodes=tuple(nodes)))
-        tensors = module.tensors.with_tensors(new_tensors) if new_tensors else module.tensors
-        return module.replace(functions=tuple(functions), tensors=tensors)
 
-    def _evaluate(self, node: Node, known: dict[str, np.ndarray], ctx: EvalContext) -> list[np.ndarray] | None:
-        """The node's output values, or None when it cannot or should not be folded."""
-        rule = RULES.get(node.op)
-        if rule is None or not all(i in known for i in node.inputs):
-            return None
-        if node.op not in SOURCE_OPS:
-            if not node.inputs:  # other sources (arange) are cheaper to recompute than to store
-                return None
+        def known(value: str, rw: Rewriter) -> np.ndarray | None:
+            """The value, when it is a source's output (memoized per function)."""
+            if value not in rw.memo:
+                node = rw.producer(value)
+                if node is None:  # a parameter
+                    rw.memo[value] = None
+                    return None
+                values = None
+                if has_trait(node.op, SOURCE) and node.op in RULES:
+                    values = _run_rule(node, [], ctx)
+                for k, o in enumerate(node.outputs):
+                    rw.memo[o.name] = None if values is None else values[k]
+            return rw.memo[value]
+
+        def foldable(node: Node, rw: Rewriter) -> bool:
             size = _static_size(node)
-            if size is None or size > self.max_elements:
-                return None
-        try:
-            with np.errstate(all="ignore"):
-                values = rule([known[i] for i in node.inputs], node, ctx)
-        except (InterpreterError, SymbolicDimError):  # e.g. a symbolic slice bound, a bad token id
-            return None
-        return [np.asarray(v) for v in values]
+            return (bool(node.inputs) and node.op in RULES and size is not None and size <= self.max_elements
+                    and all(known(i, rw) is not None for i in node.inputs))
+
+        def fold(node: Node, rw: Rewriter) -> None:
+            values = _run_rule(node, [known(i, rw) for i in node.inputs], ctx)  # type: ignore[misc]
+            if values is None:
+                return
+            replacement = []
+            for out, value in zip(node.outputs, values):
+                rw.memo[out.name] = value
+                if value.ndim == 0:
+                    attrs = freeze_attrs({"value": value.item(), "dtype": out.type.dtype})
+                    replacement.append(Node("scalar", (), (out,), attrs, node.loc))
+                    continue
+                tname = folded_tensor_name(value)
+                if not rw.has_tensor(tname):  # equal results share one entry
+                    rw.add_tensor(tname, value)
+                replacement.append(Node("constant", (), (out,), freeze_attrs({"name": tname}), node.loc))
+            rw.replace(*replacement)
+
+        return apply_patterns(module, [Pattern(fold, where=foldable, name="fold")])

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from bitsmith.ir import Module, Node
 
 from .base import Pass, register_pass
-from .quantization.sites import LinearSite, Names, drop_dead, normalize_layers, rewrite_linears
+from .quantization.sites import linear_site, normalize_layers, rewrite_selected_linears
+from .rewrite import Rewriter
 
 
 @register_pass
@@ -24,6 +25,7 @@ class MarkOutliers(Pass):
     mark); ``layers`` module-path globs (default: every linear but ``*lm_head``)."""
 
     name = "outliers"
+    idempotent = True
     fraction: float = 0.005
     layers: tuple[str, ...] = ()
 
@@ -34,10 +36,12 @@ class MarkOutliers(Pass):
         object.__setattr__(self, "layers", normalize_layers(self.layers))
 
     def apply(self, module: Module) -> Module:
-        def mark(site: LinearSite, names: Names) -> list[Node]:
-            attrs = {k: v for k, v in site.node.attrs if k != "outliers"}
+        def mark(node: Node, rw: Rewriter) -> None:
+            if linear_site(node, rw) is None:
+                return
+            attrs = {k: v for k, v in node.attrs if k != "outliers"}
             if self.fraction:
                 attrs["outliers"] = self.fraction
-            return [site.node.replace(attrs=attrs)]
+            rw.replace(node.replace(attrs=attrs))  # the same attributes again change nothing
 
-        return drop_dead(rewrite_linears(module, self.layers, mark))
+        return rewrite_selected_linears(module, self.layers, mark, "mark_outliers")

@@ -30,8 +30,8 @@ from .base import Pass, register_pass
 from .quantization.groups import QuantizedMatrix, quantize_matrix, select_outliers
 from .quantization.nm import compress_nm, expand_nm, nm_mask, parse_pattern
 from .quantization.pack import operand_roles, qlinear_operands
-from .quantization.sites import (LinearSite, Names, NewTensors, constant_node, drop_dead, normalize_layers,
-                                 rewrite_linears)
+from .quantization.sites import linear_site, normalize_layers, rewrite_selected_linears
+from .rewrite import Rewriter
 
 
 def qlinear_attrs(shape: tuple[int, ...], scheme: Scheme, group_size: int, sparsity: str, outliers: float,
@@ -75,6 +75,7 @@ class Quantize(Pass):
     ``calibration`` (the statistics source ``calibrate`` needs)."""
 
     name = "quantize"
+    idempotent = True  # it rewrites only `linear` nodes, and leaves none it would rewrite again
     scheme: str = ""
     group_size: int = 128
     layers: tuple[str, ...] = ()
@@ -96,10 +97,12 @@ class Quantize(Pass):
             raise ValueError("quantize{calibrate=true} needs calibration activations "
                              "(e.g. bitsmith.compile(..., calibrate=True, calib_text=FILE))")
         stats_by_input = self.calibration(module) if self.calibrate else {}
-        added = NewTensors(module)
+        prefixes: dict[tuple, str] = {}  # a weight shared by several linears is quantized once
 
-        def rewrite(site: LinearSite, names: Names) -> list[Node]:
-            node = site.node
+        def quantize_linear(node: Node, rw: Rewriter) -> None:
+            site = linear_site(node, rw)
+            if site is None:
+                return
             sparsity = str(node.attr("sparsity") or "")
             outliers = float(node.attr("outliers") or 0.0)
             stats = None
@@ -114,18 +117,14 @@ class Quantize(Pass):
                                   len(node.inputs) == 3)
             roles = operand_roles(attrs)
             key = (site.weight_name, sparsity, outliers, node.inputs[0] if self.calibrate else None)
-            prefix, made = added.prefix(site.weight_name, key, [f".{r}" for r in roles])
-            if not made:  # a weight shared by several linears is quantized once
+            if key not in prefixes:
                 try:
                     operands = pack_weight(site.weight, scheme, attrs, stats)
                 except ValueError as e:
                     raise ValueError(f"linear {site.module_path}: {e}") from None
-                for role, array in zip(roles, operands):
-                    added.add(f"{prefix}.{role}", array)
-            consts = [constant_node(names, added, f"{prefix}.{r}", f"{node.output.name}.{r}", site.weight_loc)
-                      for r in roles]
-            inputs = (node.inputs[0],) + tuple(c.output.name for c in consts) + node.inputs[2:]
-            return consts + [Node("qlinear", inputs, node.outputs, attrs, node.loc)]
+                prefixes[key] = rw.add_tensors(site.weight_name, {f".{r}": a for r, a in zip(roles, operands)})
+            consts = tuple(rw.constant(f"{prefixes[key]}.{r}", f"{node.output.name}.{r}", site.weight_loc)
+                           for r in roles)
+            rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))
 
-        out = rewrite_linears(module, self.layers, rewrite)
-        return drop_dead(added.into(out))
+        return rewrite_selected_linears(module, self.layers, quantize_linear, "quantize_linear")

@@ -17,7 +17,8 @@ from bitsmith.ir import Module, Node
 
 from .base import Pass, register_pass
 from .quantization.nm import nm_mask, parse_pattern
-from .quantization.sites import LinearSite, Names, NewTensors, constant_node, drop_dead, normalize_layers, rewrite_linears
+from .quantization.sites import linear_site, normalize_layers, rewrite_selected_linears
+from .rewrite import Rewriter
 
 METHODS = ("magnitude", "activation")
 
@@ -37,6 +38,7 @@ class Sparsify(Pass):
     value name: column norms}`` that ``method="activation"`` needs."""
 
     name = "sparsify"
+    idempotent = True  # a linear already pruned to the pattern is left alone
     pattern: str = "2:4"
     method: str = "magnitude"
     layers: tuple[str, ...] = ()
@@ -56,13 +58,15 @@ class Sparsify(Pass):
                 raise ValueError("sparsify{method=activation} needs calibration activations "
                                  "(a calibration source giving each linear's input column norms)")
             norms = self.calibration(module)
-        added = NewTensors(module)
+        pruned: dict[tuple, str] = {}  # a weight shared by several linears is pruned once
 
-        def rewrite(site: LinearSite, names: Names) -> list[Node] | None:
-            node = site.node
+        def sparsify_linear(node: Node, rw: Rewriter) -> None:
+            site = linear_site(node, rw)
+            if site is None:
+                return
             existing = node.attr("sparsity") or ""
             if existing == self.pattern:
-                return None  # already pruned to this pattern
+                return  # already pruned to this pattern
             if existing:
                 raise ValueError(f"linear {site.module_path or node.output.name} is already {existing} "
                                  f"sparse; cannot re-sparsify to {self.pattern}")
@@ -74,18 +78,15 @@ class Sparsify(Pass):
                 scale = column_norms_of(norms[node.inputs[0]])
             suffix = f".nm{n}_{m}"
             key = (site.weight_name, node.inputs[0] if scale is not None else None)
-            prefix, made = added.prefix(site.weight_name, key, [suffix])
-            tensor = prefix + suffix
-            if not made:
+            if key not in pruned:
                 w = site.weight
                 try:
                     keep = nm_mask(w, n, m, scale)
                 except ValueError as e:
                     raise ValueError(f"linear {site.module_path}: {e}") from None
-                added.add(tensor, np.where(keep, w, np.zeros((), w.dtype)))
-            const = constant_node(names, added, tensor, f"{node.output.name}.w{suffix}", site.weight_loc)
-            inputs = (node.inputs[0], const.output.name) + node.inputs[2:]
-            return [const, node.replace(inputs=inputs, attrs={**node.attr_dict, "sparsity": self.pattern})]
+                pruned[key] = rw.add_tensors(site.weight_name, {suffix: np.where(keep, w, np.zeros((), w.dtype))})
+            const = rw.constant(pruned[key] + suffix, f"{node.output.name}.w{suffix}", site.weight_loc)
+            inputs = (node.inputs[0], const) + node.inputs[2:]
+            rw.replace(node.replace(inputs=inputs, attrs={**node.attr_dict, "sparsity": self.pattern}))
 
-        out = rewrite_linears(module, self.layers, rewrite)
-        return drop_dead(added.into(out))
+        return rewrite_selected_linears(module, self.layers, sparsify_linear, "sparsify_linear")

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...ir import Module, run_function
+from ...tolerance import Tolerance
 from ..base import Backend, Executable
 
 
@@ -27,6 +28,9 @@ class ReferenceExecutable(Executable):
 class ReferenceBackend(Backend):
     name = "reference"
     targets = ("reference",)
+
+    def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
+        return Tolerance(rtol=0.0, atol=0.0)  # it is the oracle: identical results
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         return ReferenceExecutable(module)

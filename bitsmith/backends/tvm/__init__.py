@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ...ir import Module
+from ...tolerance import Tolerance
 from ..base import Backend, Executable
 
 
@@ -19,6 +20,18 @@ class TVMBackend(Backend):
     def option_defaults(self, target: str) -> dict[str, Any]:
         from .targets import get_target
         return get_target(target).option_defaults()
+
+    def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
+        """tvm-llvm and float32 tvm-cuda compute in float32 in another order than the oracle.
+        Measured: max |diff| 6e-8 on random modules and 1.8e-7 on tiny-Llama logits (the
+        conformance suite); SmolLM2 logits are 7.0e-5 from float64 where the reference is
+        2.6e-5 (benchmarks/results/oracle_accuracy.md), so at most 9.6e-5 = 3.3e-6 of
+        max|logit| apart: atol 1e-4 plus 1e-5 of max|result| leaves 4x there.
+        fp16 tvm-cuda: 3e-3 of max|logit| (tests/cuda_cases.py: 6 fp16 unit roundoffs, 2.7x
+        the worst case measured on an H100)."""
+        if target == "tvm-cuda" and options.get("act_dtype", "float16") == "float16":
+            return Tolerance(rtol=0.0, atol=1e-6, scale_rtol=3e-3)
+        return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=1e-5)
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         from .targets import get_target

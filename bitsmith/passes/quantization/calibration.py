@@ -27,9 +27,8 @@ from bitsmith.ir import Module
 from bitsmith.ir import symbolic as sym
 from bitsmith.ir.graph import Node
 from bitsmith.ir.interpreter import run_function
+from bitsmith.ir.traits import LINEAR_LIKE, has_trait
 from bitsmith.ir.types import numpy_dtype
-
-LINEAR_OPS = frozenset({"linear", "qlinear"})
 
 
 @dataclass(frozen=True)
@@ -43,12 +42,13 @@ class LayerStats:
 
 
 def linear_inputs(module: Module, function: str = "main") -> dict[str, int]:
-    """The values that feed a linear or qlinear node of ``function``, with their feature size."""
+    """The values that feed a linear-like node (linear, qlinear) of ``function``, with their
+    feature size."""
     fn = module.function(function)
     types = fn.value_types()
     out: dict[str, int] = {}
     for node in fn.nodes:
-        if node.op in LINEAR_OPS:
+        if has_trait(node.op, LINEAR_LIKE):
             k = types[node.inputs[0]].shape[-1]
             if not isinstance(k, int):
                 raise ValueError(f"{node.op} input %{node.inputs[0]} has symbolic features {k}")
@@ -148,7 +148,7 @@ def _fingerprint(module: Module) -> tuple:
     constant_of = {n.outputs[0].name: n.attr("name") for n in fn.nodes if n.op == "constant"}
     other_constants: set[str] = set()
     for node in fn.nodes:
-        if node.op not in LINEAR_OPS and node.op != "constant":
+        if not has_trait(node.op, LINEAR_LIKE) and node.op != "constant":
             other_constants.update(constant_of[v] for v in node.inputs if v in constant_of)
     return (tuple(sorted(linear_inputs(module).items())),
             tuple(module.tensors.info(t) for t in sorted(other_constants)))

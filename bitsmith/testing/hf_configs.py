@@ -1,4 +1,5 @@
-"""Small random-init Hugging Face causal LMs of each supported family."""
+"""Small random-init Hugging Face causal LMs of each supported family (the conformance suite
+and the tests compile them; needs the `frontend` extra)."""
 
 from __future__ import annotations
 

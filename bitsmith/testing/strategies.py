@@ -1,4 +1,4 @@
-"""Hypothesis strategies for random, valid bitsmith IR modules.
+"""Hypothesis strategies for random, valid bitsmith IR modules (public: pass and backend tests use them).
 
 ``random_modules()`` draws ``(module, example_args)``: a verified single-function module built
 with ``GraphBuilder`` and numpy inputs that fit its parameters, symbolic dims bound to small
@@ -178,3 +178,66 @@ def random_modules(draw: st.DrawFn, max_steps: int = 12) -> tuple[Module, list[n
         else:
             args.append(rng.uniform(-2, 2, shape).astype(np.float32))
     return module, args
+
+
+# ---------------------------------------------------------------- modules with calls
+
+def outline_range(module: Module, fn_name: str, start: int, stop: int, callee_name: str,
+                  attrs: dict | None = None, rename_symbols: bool = False) -> Module:
+    """Moves nodes ``start:stop`` of a function into a new function called in their place.
+
+    A contiguous range of a topological order is convex (a path leaving it and coming back
+    would pass a node between its ends), so the result is acyclic by construction; this
+    outliner is independent of the ``partition`` pass it helps test. Values read from outside
+    become parameters, values read after the range, returned or read by nothing become
+    results. With ``rename_symbols`` the callee spells the symbols its parameters bind as
+    plain dims differently (``seq`` -> ``seq_c``), so calls must bind them.
+    """
+    from bitsmith.ir import Function, Node
+    from bitsmith.ir import symbolic as sym
+    from bitsmith.ir.ops import OPS
+
+    fn = module.function(fn_name)
+    inner, after = fn.nodes[start:stop], fn.nodes[stop:]
+    defined = {o.name for n in inner for o in n.outputs}
+    read_after = {i for n in after for i in n.inputs} | set(fn.results)
+    read_inside = {i for n in inner for i in n.inputs}
+    types = fn.value_types()
+    inputs = list(dict.fromkeys(i for n in inner for i in n.inputs if i not in defined))
+    outputs = [o for n in inner for o in n.outputs if o.name in read_after or o.name not in read_inside]
+    plain = {d for v in inputs for d in types[v].shape if isinstance(d, str) and sym.SYMBOL_NAME.match(d)}
+    rename = {s: f"{s}_c" for s in plain} if rename_symbols else {}
+
+    def re_type(t: TensorType) -> TensorType:
+        return TensorType(tuple(sym.substitute(d, rename) for d in t.shape), t.dtype)
+
+    def re_node(n: Node) -> Node:
+        dims = OPS[n.op].dim_attrs
+        attrs_ = tuple((k, tuple(sym.substitute(x, rename) if isinstance(x, str) else x for x in v)
+                        if k in dims and isinstance(v, tuple) else
+                        (sym.substitute(v, rename) if k in dims and isinstance(v, str) else v)) for k, v in n.attrs)
+        return n.replace(outputs=tuple(Value(o.name, re_type(o.type)) for o in n.outputs), attrs=attrs_)
+
+    callee = Function(callee_name, tuple(Value(v, re_type(types[v])) for v in inputs),
+                      tuple(re_node(n) for n in inner), tuple(o.name for o in outputs), attrs or {})
+    call = Node("call", tuple(inputs), tuple(outputs), (("callee", callee_name),), inner[0].loc)
+    caller = fn.replace(nodes=fn.nodes[:start] + (call,) + after)
+    return module.replace(functions=tuple(caller if f.name == fn_name else f for f in module.functions) + (callee,))
+
+
+@st.composite
+def modules_with_calls(draw: st.DrawFn, max_steps: int = 12) -> tuple[Module, Module, list[np.ndarray]]:
+    """``(with_calls, original, args)``: a random module and the same graph with one or two
+    random contiguous ranges outlined into callees (perhaps nested, perhaps with the callee's
+    symbols renamed, with random function attributes); both verify and compute the same."""
+    original, args = draw(random_modules(max_steps=max_steps))
+    module, caller = original, "main"
+    for depth in range(draw(st.integers(1, 2))):
+        n = len(module.function(caller).nodes)
+        start = draw(st.integers(0, n - 1))
+        stop = draw(st.integers(start + 1, n))
+        name = draw(st.sampled_from(["sub", "attention.0", "f-1"])) + f"_{depth}"
+        attrs = draw(st.sampled_from([{}, {"device": "attention"}, {"codegen": "fpga", "lanes": 4}]))
+        module = outline_range(module, caller, start, stop, name, attrs, draw(st.booleans()))
+        caller = name
+    return verify_module(module), original, args
