@@ -13,12 +13,14 @@ from .manager import PassManager
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .fold import ConstantFolding
+from .half_precision import HalfPrecision
+from .kv_cache import KVCache
 from .outliers import MarkOutliers
 from .quantize import Quantize
 from .sparsify import Sparsify
 
 __all__ = [
-    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder",
-    "MarkOutliers", "PASSES", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "Quantize",
+    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder", "HalfPrecision",
+    "KVCache",    "MarkOutliers", "PASSES", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]

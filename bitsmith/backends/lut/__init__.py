@@ -16,7 +16,7 @@ import numpy as np
 from ...errors import ArtifactError, BitsmithError, OptionError, UnsupportedOpError
 from ...ir import Module
 from ...ir.quantized import qlinear_nodes
-from ..base import Backend, Executable
+from ..base import Backend, Executable, LegalOps
 from ..files import target_files
 from . import host, native, program
 from . import reference_executor
@@ -133,6 +133,10 @@ class LUTBackend(Backend):
     def option_defaults(self, target: str) -> dict[str, Any]:
         return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto",
                 "lut_host": "auto", "mcpu": host.PORTABLE_MCPU}
+
+    def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
+        """The host path's ops (host.py), qlinear within the engine's limits."""
+        return host.legal_ops(options.get("lut_host", "auto"))
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         _check_options(options)

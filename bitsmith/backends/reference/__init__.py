@@ -7,7 +7,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ...ir import Module, run_function
-from ..base import Backend, Executable
+from ..base import Backend, Executable, LegalOps, interpretable_ops
 
 
 class ReferenceExecutable(Executable):
@@ -27,6 +27,10 @@ class ReferenceExecutable(Executable):
 class ReferenceBackend(Backend):
     name = "reference"
     targets = ("reference",)
+
+    def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
+        """Every op the interpreter has a rule for, calls included."""
+        return LegalOps(interpretable_ops())
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         return ReferenceExecutable(module)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ...ir import Module
-from ..base import Backend, Executable
+from ..base import Backend, Executable, LegalOps, Pipeline
 
 
 class TVMBackend(Backend):
@@ -19,6 +19,15 @@ class TVMBackend(Backend):
     def option_defaults(self, target: str) -> dict[str, Any]:
         from .targets import get_target
         return get_target(target).option_defaults()
+
+    def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
+        from .targets import get_target
+        return get_target(target).pipeline(options)
+
+    def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
+        """What the lowering has rules for (the same on every tvm target; no ``call``)."""
+        from .lowering import legal_ops
+        return legal_ops()
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         from .targets import get_target
