@@ -42,7 +42,7 @@ class PlanBinder:
         dims |= {d for _, _, d in self._checks if isinstance(d, str)}
         self._dims = sorted(dims)
         self._dim_index = {d: i for i, d in enumerate(self._dims)}
-        self._polys = [[(c, mono) for mono, c in sym._to_poly(d).items()] for d in self._dims]
+        self._polys = [sym.polynomial(d) for d in self._dims]
         self._shape_recipes = [tuple((True, d) if isinstance(d, int) else (False, self._dim_index[d]) for d in s)
                                for s in plan.shapes]
         escaping = set(plan.results)
@@ -74,17 +74,10 @@ class PlanBinder:
             if b.setdefault(name, v) != v:
                 raise ExecutionError(f"symbol {name!r} bound to both {b[name]} and {v} "
                                      f"(input {k} has shape {arrays[k].shape})")
-        vals = []
-        for poly in self._polys:
-            total = 0
-            for c, mono in poly:
-                term = c
-                for s_ in mono:
-                    if s_ not in b:
-                        raise ExecutionError(f"symbol {s_!r} is not bound by the inputs")
-                    term *= b[s_]
-                total += term
-            vals.append(total)
+        try:
+            vals = [sym.evaluate_poly(poly, b, d) for poly, d in zip(self._polys, self._dims)]
+        except sym.SymbolicDimError as e:
+            raise ExecutionError(f"{e}: the inputs do not bind it") from None
         for k, ax, d in self._checks:
             want = d if isinstance(d, int) else vals[self._dim_index[d]]
             if arrays[k].shape[ax] != want:
