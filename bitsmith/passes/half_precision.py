@@ -24,11 +24,10 @@ float32 arrays like every target.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from dataclasses import dataclass
 
 from bitsmith.errors import PassError
 from bitsmith.ir import Module

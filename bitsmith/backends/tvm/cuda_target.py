@@ -60,12 +60,12 @@ def pipeline(options: Mapping[str, Any]) -> Pipeline:
     return Pipeline(lower=("half-precision",) if act == "float16" else ())
 
 
-def _check_act_dtype(module: Module, act: str, where: str) -> None:
-    """The module ``build``/``load`` gets must be the one this target's pipeline made: its float
+def _check_act_dtype(module: Module, act: str) -> None:
+    """The module ``build`` gets must be the one this target's pipeline made: its float
     parameters in ``act`` (an fp32 module under act_dtype float16 skipped ``half-precision``)."""
     floats = {p.type.dtype for fn in module.functions for p in fn.params if p.type.dtype in ACT_DTYPES}
     if floats - {act}:
-        raise BitsmithError(f"tvm-cuda {where}: the module has {sorted(floats)} parameters but act_dtype is "
+        raise BitsmithError(f"tvm-cuda build: the module has {sorted(floats)} parameters but act_dtype is "
                             f"{act!r}; compile through bitsmith.compile, which runs the target's pipeline "
                             f"(half-precision for float16)")
 
@@ -178,7 +178,7 @@ def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable
     if mode == "required" and nvcc_path() is None:
         raise NvccMissingError(NVCC_MISSING)
     target = cuda_target(arch)
-    _check_act_dtype(module, act, "build")
+    _check_act_dtype(module, act)
     t0 = time.perf_counter()
     compiler = CudaCompiler(target, use_nvcc=mode == "required")
     plans: dict[str, FunctionPlan] = {}
