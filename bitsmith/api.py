@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .backends import backend_for_target
+from .backends.base import Pipeline, check_legal
 from .compression import CompressionOptions
-from .errors import UnknownOptionError
+from .errors import PluginError, UnknownOptionError
 from .runtime import CompiledModel, LanguageModelInfo
 
 # Target-neutral cleanup run before a backend's own pipeline.
@@ -40,7 +41,9 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     """Compiles ``model`` (nn.Module, model name or path) for ``target``.
 
     ``passes`` adds pass specs (e.g. ``"cse,dce"`` or ``"fold{max_elements=64}"``) after the
-    default cleanup and the backend's pipeline; ``dump_ir`` writes the IR after every pass
+    default cleanup and compression, before the backend's pipeline (legalize, lower,
+    finalize; see ``backends.base.Pipeline``), whose result must hold only ops the target
+    accepts (else UnsupportedOpError); ``dump_ir`` writes the IR after every pass
     to a folder; ``print_after`` ("all" or pass names, comma separated) prints it to stderr.
     Backend-specific ``options`` are checked against what the target declares;
     ``progress`` receives a line at the start of each step that can take seconds.
@@ -72,18 +75,20 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
         return [p for spec in spec_list for p in parse_pass_spec(spec)]
 
     cleanup = parsed(DEFAULT_PIPELINE)  # parsed now so a bad spec fails before the capture
-    stages = backend.pipeline(target, resolved)  # a Pipeline, or a flat list of specs
-    if not isinstance(stages, list):
-        stages = [*stages.legalize, *stages.lower, *stages.finalize]
-    later = parsed(stages + specs)
+    user = parsed(specs)
+    phases = backend_pipeline(backend, target, resolved)
+    lowering = parsed(phases.specs())
 
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
     captured = capture(model, example_inputs, progress=say)
     if tokenizer is not None and captured.tokenizer_json is None:
         captured = _with_tokenizer(captured, tokenizer)
-    # compression passes need the captured tokenizer (calibration), so they join only now
-    pipeline = cleanup + compression.build_passes(captured.tokenizer_json) + later
+    # the frontend's own passes (a causal LM's KV cache) come first; compression passes need
+    # the captured tokenizer (calibration), so they join only now; the backend's phases come
+    # last, so that what its legality check sees is what ``build`` gets
+    pipeline = (parsed(captured.passes) + cleanup + compression.build_passes(captured.tokenizer_json) + user
+                + lowering)
     t1 = time.perf_counter()
     instruments: list[Any] = []
     if dump_ir:
@@ -94,6 +99,7 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     say(f"running passes: {', '.join(p.name for p in pipeline)}")
     manager = PassManager(pipeline, instruments)
     module = manager.run(captured.module)
+    check_legal(module, backend.legal_ops(target, resolved), target)
     t2 = time.perf_counter()
     say(f"building for target {target} (backend {backend.name})")
     executable = backend.build(module, target, resolved)
@@ -111,6 +117,16 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     if module.attr("kind") == "causal_lm":
         lm = LanguageModelInfo(captured.tokenizer_json, captured.bos_token_id, captured.eos_token_id)
     return CompiledModel(module, executable, target, {**resolved, **compression.as_json()}, lm, info, timings)
+
+
+def backend_pipeline(backend: Any, target: str, options: dict[str, Any]) -> Pipeline:
+    """The backend's phased Pipeline for ``target``, type-checked (a plugin's mistake is named)."""
+    phases = backend.pipeline(target, options)
+    if not isinstance(phases, Pipeline) or not all(
+            isinstance(s, str) for phase in (phases.legalize, phases.lower, phases.finalize) for s in phase):
+        raise PluginError(f"backend {backend.name!r}: pipeline({target!r}) must return a "
+                          f"bitsmith.backends.base.Pipeline of pass-spec strings, got {phases!r}"[:300])
+    return phases
 
 
 def _with_tokenizer(captured: Any, tokenizer: Any) -> Any:

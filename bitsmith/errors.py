@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class BitsmithError(Exception):
     """Base class: the CLI prints these as one line and exits 2."""
@@ -11,13 +13,23 @@ class UnsupportedOpError(BitsmithError):
     """An op (from a captured model, or in the IR) that a frontend or target cannot handle."""
 
     def __init__(self, op: str, *, module_path: str = "", source: str = "", target: str = "",
-                 detail: str = "") -> None:
+                 detail: str = "", function: str = "") -> None:
         self.op, self.module_path, self.source, self.target = op, module_path, source, target
+        self.function, self.detail = function, detail
         where = ", ".join(p for p in (f"module {module_path}" if module_path else "",
                                       f"source {source}" if source else "",
+                                      f"function {function}" if function else "",
                                       f"target {target}" if target else "") if p)
         msg = f"unsupported op {op}" + (f" ({where})" if where else "")
         super().__init__(msg + (f": {detail}" if detail else ""))
+
+    @classmethod
+    def at(cls, node: Any, *, target: str, function: str = "", detail: str = "") -> "UnsupportedOpError":
+        """The error for IR node ``node`` (anything with ``op`` and ``loc``), located by its
+        Location (module path, source line) when it has one."""
+        loc = getattr(node, "loc", None)
+        return cls(node.op, module_path=getattr(loc, "module_path", "") or "",
+                   source=getattr(loc, "source", "") or "", target=target, function=function, detail=detail)
 
 
 class UnknownTargetError(BitsmithError):

@@ -95,9 +95,11 @@ def build_models(out: Path) -> None:
         d.mkdir(parents=True)
         cm = bitsmith.compile(make_model(arch), target="tvm-cuda", **opts)
         cm.save(str(d / "artifact"))
-        for k, args in enumerate(_model_inputs(cm.module, rng, VOCAB)):
+        # the oracle is the float32 module (cm.module is the fp16 one its pipeline made)
+        ref_module = bitsmith.compile(make_model(arch), target="reference", **opts).module
+        for k, args in enumerate(_model_inputs(ref_module, rng, VOCAB)):
             np.savez(d / f"inputs_{k}.npz", *args)
-            np.save(d / f"ref_{k}.npy", run_function(cm.module, "main", args)[0].astype(np.float32))
+            np.save(d / f"ref_{k}.npy", run_function(ref_module, "main", args)[0].astype(np.float32))
         print(f"built model case {case}: {cm.report()['executable']['kernels']} kernels", flush=True)
 
 
@@ -105,7 +107,7 @@ def fp16_interpreter_errors() -> list[tuple[str, int, float, float]]:
     """[(case, input, max|ref|, max|fp16 module - ref|)] on the reference interpreter: the
     measurement LOGIT_RTOL is derived from (same cases and inputs as ``build_models``)."""
     import bitsmith
-    from bitsmith.backends.tvm.cuda_half import to_half
+    from bitsmith.passes.half_precision import to_half
     from bitsmith.ir import run_function
     from bitsmith.testing.hf_configs import VOCAB, make_model
     rng = np.random.default_rng(0)

@@ -133,7 +133,7 @@ def test_half_module_matches_fp32(arch, quant):
     on a 2-layer model, mostly cancelling); a dtype mistake in the rewrite would fail the
     verifier or move logits by O(max|logit|)."""
     from bitsmith.testing.hf_configs import VOCAB, make_model
-    from bitsmith.backends.tvm.cuda_half import to_half
+    from bitsmith.passes.half_precision import to_half
     from bitsmith.ir import run_function, verify_module
     kw = {"quant": quant, "group_size": 32} if quant else {}
     cm = bitsmith.compile(make_model(arch), target="reference", **kw)
@@ -149,7 +149,7 @@ def test_half_module_matches_fp32(arch, quant):
 
 def test_half_keeps_rotary_angles_in_float32():
     from bitsmith.testing.hf_configs import make_model
-    from bitsmith.backends.tvm.cuda_half import to_half
+    from bitsmith.passes.half_precision import to_half
     cm = bitsmith.compile(make_model("llama"), target="reference")
     fn = to_half(cm.module).function("main")
     cos = [n for n in fn.nodes if n.op == "cos"]

@@ -14,34 +14,16 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import PluginError, UnknownTargetError
+from ..errors import PluginError, UnknownTargetError, UnsupportedOpError
 from ..ir import Module, Node
+from ..ir.ops import OPS
+from ..ir.traits import CALL, ops_with
 from ..tolerance import Tolerance
 
 if TYPE_CHECKING:
     from .native_loader import NativeSpec
 
 ENTRY_POINT_GROUP = "bitsmith.backends"
-
-
-# Pipeline and LegalOps as COMMON.md's shared interface states them (owner: helper "pipelines";
-# on merge keep that branch's definitions and docstrings).
-@dataclass(frozen=True)
-class Pipeline:
-    """A backend's passes by phase: pass specs, names in the pass registry."""
-
-    legalize: tuple[str, ...] = ()
-    lower: tuple[str, ...] = ()
-    finalize: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class LegalOps:
-    """The ops a backend accepts after its pipeline; ``check`` gives a reason when a node's
-    attributes are not supported."""
-
-    ops: frozenset[str]
-    check: Callable[[Node], str | None] | None = None
 
 
 class Executable(ABC):
@@ -68,6 +50,57 @@ class Executable(ABC):
         return {}
 
 
+@dataclass(frozen=True)
+class Pipeline:
+    """A backend's passes in three phases, each a tuple of pass specs (names in the pass
+    registry, with options: ``"half-precision{dtype=float16}"``), run after the target-neutral
+    passes and in this order:
+
+    * ``legalize``: rewrite what the target cannot take into what it can (inline calls, ...);
+    * ``lower``: target-specific IR -> IR rewrites (fp16 activations for a GPU, ...);
+    * ``finalize``: cleanup before ``build`` (dce, ...).
+
+    The API runs them through the same PassManager as every other pass (verified after each,
+    seen by ``print_after``/``dump_ir``, listed in ``compile_info["pipeline"]``), then checks
+    the result once against ``Backend.legal_ops``."""
+
+    legalize: tuple[str, ...] = ()
+    lower: tuple[str, ...] = ()
+    finalize: tuple[str, ...] = ()
+
+    def specs(self) -> tuple[str, ...]:
+        """Every phase's pass specs, in run order."""
+        return self.legalize + self.lower + self.finalize
+
+
+@dataclass(frozen=True)
+class LegalOps:
+    """The ops a target's ``build`` accepts after its pipeline; ``check(node)`` returns a reason
+    when the node's attributes are not supported (None: supported)."""
+
+    ops: frozenset[str]
+    check: Callable[[Node], str | None] | None = None
+
+
+def interpretable_ops() -> frozenset[str]:
+    """Ops the reference interpreter runs: those with an interpreter rule, and calls."""
+    from ..ir.interpreter import RULES
+    return frozenset(RULES) | ops_with(CALL)
+
+
+def check_legal(module: Module, legal: LegalOps, target: str) -> None:
+    """Raises UnsupportedOpError (op, module path, source line, function, target) for the first
+    node of ``module`` that ``legal`` refuses."""
+    for fn in module.functions:
+        for node in fn.nodes:
+            if node.op not in legal.ops:
+                raise UnsupportedOpError.at(node, target=target, function=fn.name,
+                                            detail="not among the ops this target accepts after its pipeline")
+            reason = legal.check(node) if legal.check is not None else None
+            if reason:
+                raise UnsupportedOpError.at(node, target=target, function=fn.name, detail=reason)
+
+
 class Backend(ABC):
     name: ClassVar[str]
     targets: ClassVar[tuple[str, ...]]
@@ -76,9 +109,15 @@ class Backend(ABC):
         """Target-specific compile options this backend accepts, with their defaults."""
         return {}
 
-    def pipeline(self, target: str, options: Mapping[str, Any]) -> list[str]:
-        """Pass specs (names in the pass registry) to run before ``build``."""
-        return []
+    def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
+        """The passes (by phase) that turn a target-neutral module into what ``build`` takes;
+        ``options`` are the resolved compile options."""
+        return Pipeline()
+
+    def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
+        """What ``build`` accepts after the pipeline (default: every registered op but ``call``,
+        which a backend accepts only when it runs calls itself)."""
+        return LegalOps(frozenset(OPS) - ops_with(CALL))
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
         """How far this target's results may stray from the reference interpreter's (float32

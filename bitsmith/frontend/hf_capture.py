@@ -3,7 +3,8 @@
 The model is exported once with dynamic batch and sequence dims (torch.export specializes
 sizes 0 and 1, so the capture uses batch 2 and sequence 8), with ``position_ids`` as an
 explicit input and attention routed through bitsmith's causal op. The KV cache is then
-added in the IR (see kv_cache.py) rather than exported from HF's cache classes.
+added in the IR by the ``kv-cache`` pass (``passes/kv_cache.py``), which the capture asks the
+compiler to run first (``CapturedModel.passes``), rather than exported from HF's cache classes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from ..ir import Module, verify_module
 from .attention import ATTENTION_IMPL
 from .export_capture import lower_exported_program
-from .kv_cache import add_kv_cache
 
 CAPTURE_BATCH, CAPTURE_SEQ = 2, 8
 
@@ -33,6 +33,9 @@ class CapturedModel:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # pass specs the compiler runs before any other: what makes the module whole (a causal
+    # LM's KV cache); the frontend names them and never imports the passes
+    passes: tuple[str, ...] = ()
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -80,7 +83,8 @@ def model_name(name_or_path: str) -> str:
 
 
 def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str | None = None) -> CapturedModel:
-    """Exports ``model`` (an HF causal LM in eval mode) to an IR module with a KV cache.
+    """Exports ``model`` (an HF causal LM in eval mode) to an IR module whose ``passes``
+    (``kv-cache``) add its KV cache.
 
     ``name`` is recorded as the ``model_name`` attribute (default: the config's
     ``_name_or_path`` through ``model_name``)."""
@@ -98,20 +102,15 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str |
     t1 = time.perf_counter()
     fn, tensors = lower_exported_program(ep, [("batch", "seq"), ("batch", "seq")],
                                          ["input_ids", "position_ids"], module_prefix="m.")
-    cached, layers = add_kv_cache(fn)
     cfg = model.config
-    attrs = {
+    attrs = {  # the kv-cache pass adds the cache layout (num_layers, kv_heads, key/value dims)
         "kind": "causal_lm",
         "architecture": type(model).__name__,
         "vocab_size": vocab,
-        "num_layers": len(layers),
-        "kv_heads": tuple(l["heads"] for l in layers),
-        "key_dims": tuple(l["key_dim"] for l in layers),
-        "value_dims": tuple(l["value_dim"] for l in layers),
         "max_positions": _max_positions(model),
         "model_name": model_name(str(getattr(cfg, "_name_or_path", "") or "")) if name is None else name,
     }
-    module = verify_module(Module((cached,), tensors, attrs))
+    module = verify_module(Module((fn,), tensors, attrs))
     t2 = time.perf_counter()
     tok_json, bos, eos = None, None, None
     if tokenizer is not None:
@@ -123,4 +122,4 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str |
     eos = _first_set(eos, getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
     if isinstance(eos, (list, tuple)):  # several EOS ids: the runtime stops on the first only
         eos = eos[0] if eos else None
-    return CapturedModel(module, tok_json, bos, eos, {"export": t1 - t0, "lower": t2 - t1})
+    return CapturedModel(module, tok_json, bos, eos, {"export": t1 - t0, "lower": t2 - t1}, ("kv-cache",))

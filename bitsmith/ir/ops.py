@@ -13,7 +13,7 @@ from typing import Callable, Mapping
 from . import symbolic as sym
 from .symbolic import Dim
 from .traits import (ATTENTION, CALL, COMMUTATIVE, CONTRACTION, DTYPE_FROM_ATTR, ELEMENTWISE, GATHER, LINEAR_LIKE,
-                     NORMALIZATION, PURE, REDUCTION, SHAPE_ONLY, SOURCE, check_traits)
+                     LITERAL, NORMALIZATION, PURE, REDUCTION, SHAPE_ONLY, SOURCE, WIDENS_RANGE, check_traits)
 from .types import FLOAT_DTYPES, INT_DTYPES, DTYPES, IRTypeError, TensorType
 
 Attrs = Mapping[str, object]
@@ -100,11 +100,11 @@ def _require_float(t: TensorType, op: str) -> None:
 
 # A constant's type is declared on the node and checked against the tensor table by the verifier.
 register_op("constant", 0, attrs=("name",), doc="A tensor from the module's tensor table.",
-            traits=(PURE, SOURCE))(None)
+            traits=(PURE, SOURCE, LITERAL))(None)
 
 
 @register_op("scalar", 0, attrs=("value", "dtype"), doc="A rank-0 tensor holding one literal.",
-             traits=(PURE, SOURCE, DTYPE_FROM_ATTR))
+             traits=(PURE, SOURCE, DTYPE_FROM_ATTR, LITERAL))
 def _infer_scalar(types, attrs):
     if attrs["dtype"] not in DTYPES:
         raise IRTypeError(f"scalar: unknown dtype {attrs['dtype']!r}")
@@ -171,7 +171,8 @@ _COMMUTATIVE_BINARY = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne",
 
 
 def _binary(name: str, result_dtype: str | None) -> None:
-    traits = (PURE, ELEMENTWISE) + ((COMMUTATIVE,) if name in _COMMUTATIVE_BINARY else ())
+    traits = ((PURE, ELEMENTWISE) + ((COMMUTATIVE,) if name in _COMMUTATIVE_BINARY else ())
+              + ((WIDENS_RANGE,) if name == "pow" else ()))
 
     @register_op(name, 2, traits=traits)
     def infer(types, attrs, _name=name):

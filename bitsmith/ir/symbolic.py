@@ -133,8 +133,18 @@ def symbols(d: Dim) -> set[str]:
 
 
 def evaluate(d: Dim, bindings: Mapping[str, int]) -> int:
+    return evaluate_poly(_to_poly(d), bindings, d)
+
+
+def polynomial(d: Dim) -> Poly:
+    """``d`` as {monomial (sorted symbols): coefficient}, to evaluate many times (``evaluate_poly``)."""
+    return dict(_to_poly(d))
+
+
+def evaluate_poly(poly: Poly, bindings: Mapping[str, int], d: Dim | None = None) -> int:
+    """The value of ``polynomial(d)`` under ``bindings`` (``d`` names it in the error)."""
     total = 0
-    for mono, c in _to_poly(d).items():
+    for mono, c in poly.items():
         term = c
         for s in mono:
             if s not in bindings:

@@ -21,9 +21,12 @@ SHAPE_ONLY = "shape_only"    # moves or views elements without computing new val
 DTYPE_FROM_ATTR = "dtype_from_attr"  # its output dtype is an attribute (cast, scalar, arange)
 GATHER = "gather"            # indexes a table by integer ids (embedding)
 CALL = "call"                # calls another function of the module
+LITERAL = "literal"          # its value is fixed when compiling (a tensor-table constant, a literal): same every call
+WIDENS_RANGE = "widens_range"  # |result| grows as a power of |input| (x**y): narrow floats overflow here first
 
 ALL_TRAITS = frozenset({PURE, SOURCE, ELEMENTWISE, COMMUTATIVE, REDUCTION, NORMALIZATION, CONTRACTION,
-                        LINEAR_LIKE, QUANTIZED, ATTENTION, SHAPE_ONLY, DTYPE_FROM_ATTR, GATHER, CALL})
+                        LINEAR_LIKE, QUANTIZED, ATTENTION, SHAPE_ONLY, DTYPE_FROM_ATTR, GATHER, CALL,
+                        LITERAL, WIDENS_RANGE})
 
 
 def check_traits(op: str, traits: frozenset[str]) -> frozenset[str]:

@@ -13,14 +13,17 @@ from .manager import PassManager
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .fold import ConstantFolding
+from .half_precision import HalfPrecision
 from .inline import Inline
+from .kv_cache import KVCache
 from .outliers import MarkOutliers
 from .partition import Partition
 from .quantize import Quantize
 from .sparsify import Sparsify
 
 __all__ = [
-    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder",
-    "Inline", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming", "PrintAfter", "Quantize",
+    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder", "HalfPrecision",
+    "Inline", "KVCache", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
+    "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]

@@ -17,7 +17,7 @@ from ...errors import ArtifactError, BitsmithError, OptionError, UnsupportedOpEr
 from ...ir import Module
 from ...ir.quantized import qlinear_nodes
 from ...tolerance import Tolerance
-from ..base import Backend, Executable
+from ..base import Backend, Executable, LegalOps, Pipeline
 from ..files import target_files
 from . import host, native, program
 from . import reference_executor
@@ -144,6 +144,14 @@ class LUTBackend(Backend):
         if options.get("lut_tables", "int8") == "int8":
             return Tolerance(rtol=host.rtol, atol=host.atol, scale_rtol=0.03)
         return host
+
+    def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
+        """Calls inlined: the host plans one function at a time."""
+        return Pipeline(legalize=("inline",))
+
+    def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
+        """The host path's ops (host.py), qlinear within the engine's limits."""
+        return host.legal_ops(options.get("lut_host", "auto"))
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         _check_options(options)

@@ -55,17 +55,23 @@ def scheme_planes(scheme_name: str) -> int:
     return max(1, int(span).bit_length())
 
 
+def qlinear_reason(attrs: Mapping) -> str | None:
+    """Why the engine cannot run a qlinear with these attributes (None: it can)."""
+    if parse_sparsity(attrs["sparsity"]) is not None:
+        return (f"N:M sparsity ({attrs['sparsity']}) has no LUT lowering; "
+                "compile without sparsity or use another target")
+    if attrs["group_size"] % 4:
+        return f"group_size {attrs['group_size']} is not a multiple of 4 (one table per 4 activations)"
+    return None
+
+
 def decompose(attrs: Mapping, operands: Sequence[np.ndarray], where: str = "") -> IntegerWeight:
     """The integer form of a qlinear's packed weight operands (everything but x and bias)."""
     scheme = get_scheme(attrs["scheme"])
     k, n, gs = attrs["in_features"], attrs["out_features"], attrs["group_size"]
-    if parse_sparsity(attrs["sparsity"]) is not None:
-        raise UnsupportedOpError("qlinear", module_path=where, target=TARGET,
-                                 detail=f"N:M sparsity ({attrs['sparsity']}) has no LUT lowering; "
-                                        "compile without sparsity or use another target")
-    if gs % 4:
-        raise UnsupportedOpError("qlinear", module_path=where, target=TARGET,
-                                 detail=f"group_size {gs} is not a multiple of 4 (one table per 4 activations)")
+    reason = qlinear_reason(attrs)
+    if reason:
+        raise UnsupportedOpError("qlinear", module_path=where, target=TARGET, detail=reason)
     roles = [r for r, _ in operand_types(attrs)]
     ops = dict(zip(roles, operands))
     codes = unpack_codes(ops["codes"], scheme.bits, k)

@@ -26,7 +26,10 @@ import numpy as np
 
 from ...errors import ArtifactError, BitsmithError, OptionError, UnsupportedOpError
 from ...ir import Module, Node, run_function
+from ...ir.traits import CALL, QUANTIZED, has_trait, ops_with
+from ..base import LegalOps, interpretable_ops
 from ..files import target_files
+from .decompose import qlinear_reason
 from .program import INDEX_FILE, LayerEntry
 
 # (entry, x [m, in] float32, out [m, out] float32 or None) -> y [m, out]
@@ -79,75 +82,59 @@ class ReferenceHost:
 
 
 def _extern_name(index: int) -> str:
-    """Plan kernel name of the ``index``-th layer of the LUT program (the order program.json keeps)."""
+    """Extern step name of the ``index``-th layer of the LUT program (the order program.json keeps)."""
     return f"lut/{index}"
 
 
 class TVMHost:
-    """tvm-llvm plans whose qlinear steps are extern calls ``fn(x2, [bias], out)`` into the engine."""
+    """tvm-llvm plans (the tvm backend's host interface) whose qlinear steps are extern calls
+    ``fn(x2, [bias], out)`` into the engine."""
 
     name = "tvm-llvm"
 
     def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
-                 host: Any, threads: int, libdir: Any = None) -> None:
-        from ..tvm import runtime_cpu
-        from ..tvm.plan import EXTERN_PREFIX, PlanError
+                 program: Any, threads: int) -> None:
         from .native import tvm_parallel_launcher
-        self._runtime_cpu = runtime_cpu
         self.parallel_launcher = tvm_parallel_launcher()
-        self.host, self.threads, self._libdir = host, threads, libdir
-        externs: dict[str, Callable] = {}
-        by_name = {_extern_name(i): e for i, e in enumerate(layers.values())}
-        for plan in host.plans.values():
-            for step in plan.steps:
-                key = getattr(step, "kernel", "")
-                if key.startswith(EXTERN_PREFIX):
-                    entry = by_name.get(key[len(EXTERN_PREFIX):])
-                    if entry is None:
-                        raise PlanError(getattr(host, "plan_file", "plan.json"),
-                                        f"functions[{plan.name!r}]: calls {key}, which has no LUT program "
-                                        f"(lut/program.json has {len(by_name)} layers)"[:200])
-                    externs[key] = functools.partial(_call_layer, run_layer, entry)
-        self.executors = host.executors(module, externs)
-        self.externs = len(externs)
+        self.program, self.threads = program, threads
+        engine = {_extern_name(i): functools.partial(_call_layer, run_layer, e) for i, e in enumerate(layers.values())}
+        self.executors = program.executors(module, engine, what="LUT program")
+        self.externs = len({n for names in program.extern_names().values() for n in names})
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        from ..tvm.host_interface import set_threads
         if function not in self.executors:
             raise BitsmithError(f"no compiled function {function!r}; have {sorted(self.executors)}")
-        self._runtime_cpu.set_threads(self.threads)
+        set_threads(self.threads)
         return self.executors[function].run(args)
 
     def files(self) -> dict[str, bytes]:
-        return {FILE_PREFIX + k: v for k, v in self.host.files().items()}
+        return {FILE_PREFIX + k: v for k, v in self.program.files().items()}
 
     def native_files(self) -> dict[str, Any]:
-        return {FILE_PREFIX + k: v for k, v in self.host.native_files().items()}
+        return {FILE_PREFIX + k: v for k, v in self.program.native_files().items()}
 
     def report(self) -> dict[str, Any]:
-        info = self.host.info
+        info = self.program.info
         keep = ("compile_seconds", "cache_hits", "cache_misses", "kernel_compile_seconds", "mcpu", "load_seconds",
                 "kernel_schedules")
-        return {"host": self.name, "host_kernels": len(self.host.libraries), "host_engine_calls": self.externs,
+        return {"host": self.name, "host_kernels": self.program.kernel_count, "host_engine_calls": self.externs,
                 "engine_threads": "TVM thread pool" if self.parallel_launcher else "OpenMP",
                 **{f"host_{k}": info[k] for k in keep if k in info}}
 
-    @staticmethod
-    def _options(options: Mapping[str, Any]) -> dict[str, Any]:
-        return {"mcpu": options.get("mcpu", PORTABLE_MCPU), "threads": options.get("threads", 0)}
-
     @classmethod
     def build(cls, module, layers, run_layer, options) -> "TVMHost":
-        from ..tvm import llvm_target
-        index = {key: i for i, key in enumerate(layers)}
-        rule = functools.partial(_qlinear_rule, index)
-        host = llvm_target.compile_host(module, cls._options(options), anchor_rules={"qlinear": rule})
-        return cls(module, layers, run_layer, host, options.get("threads", 0))
+        from ..tvm.host_interface import compile_host
+        externs = {key: _extern_name(i) for i, key in enumerate(layers)}
+        program = compile_host(module, externs, mcpu=options.get("mcpu", PORTABLE_MCPU),
+                               threads=options.get("threads", 0))
+        return cls(module, layers, run_layer, program, options.get("threads", 0))
 
     @classmethod
     def load(cls, module, layers, run_layer, options, files) -> "TVMHost":
-        from ..tvm import llvm_target
-        host, libdir = llvm_target.load_host(target_files(files).under(FILE_PREFIX))
-        return cls(module, layers, run_layer, host, options.get("threads", 0), libdir)
+        from ..tvm.host_interface import load_host
+        return cls(module, layers, run_layer, load_host(target_files(files).under(FILE_PREFIX)),
+                   options.get("threads", 0))
 
 
 def _call_layer(run_layer: LayerRunner, entry: LayerEntry, x2: np.ndarray, *rest: np.ndarray) -> None:
@@ -157,22 +144,23 @@ def _call_layer(run_layer: LayerRunner, entry: LayerEntry, x2: np.ndarray, *rest
         out += rest[0]
 
 
-def _qlinear_rule(index: Mapping[tuple[str, str], int], node: Node, ctx: Any) -> None:
-    """tvm lowering of a qlinear as an extern step: x viewed as [m, in], bias passed along."""
-    from ..tvm.anchor_rules import finish_out, flatten_in, matmul_out
-    if ctx.types[node.inputs[0]].dtype != "float32":
-        raise ctx.unsupported(node, "the LUT engine takes float32 activations")
-    x2, lead = flatten_in(node, ctx)
-    out = matmul_out(node, ctx, lead)
-    bias = [ctx.slot(node.inputs[-1])] if node.attr("bias") else []
-    key = (ctx.fn.name, node.outputs[0].name)
-    if key not in index:
-        raise ctx.unsupported(node, "no LUT program for this qlinear")
-    ctx.extern_call(_extern_name(index[key]), [x2] + bias, [out])
-    finish_out(node, ctx, out[0])
-
-
 HOSTS: dict[str, type] = {ReferenceHost.name: ReferenceHost, TVMHost.name: TVMHost}
+
+
+def _engine_reason(node: Node) -> str | None:
+    return qlinear_reason(node.attr_dict) if has_trait(node.op, QUANTIZED) else None
+
+
+def legal_ops(choice: str) -> LegalOps:
+    """What a build with host ``choice`` accepts: the tvm-llvm lowering's ops when that host is
+    required, else the interpreter's (the fallback under "auto"); never ``call``. Quantized
+    ops only within the engine's limits (``decompose.qlinear_reason``)."""
+    check_choice(choice)
+    if choice == "tvm-llvm":
+        from ..tvm.host_interface import legal_ops as tvm_legal_ops
+        tvm = tvm_legal_ops()
+        return LegalOps(tvm.ops, lambda node: _engine_reason(node) or (tvm.check(node) if tvm.check else None))
+    return LegalOps(interpretable_ops() - ops_with(CALL), _engine_reason)
 
 
 def check_choice(choice: Any) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ...ir import Module, run_function
 from ...tolerance import Tolerance
-from ..base import Backend, Executable
+from ..base import Backend, Executable, LegalOps, interpretable_ops
 
 
 class ReferenceExecutable(Executable):
@@ -31,6 +31,10 @@ class ReferenceBackend(Backend):
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
         return Tolerance(rtol=0.0, atol=0.0)  # it is the oracle: identical results
+
+    def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
+        """Every op the interpreter has a rule for, calls included."""
+        return LegalOps(interpretable_ops())
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         return ReferenceExecutable(module)

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from ...ir import Module
 from ...tolerance import Tolerance
-from ..base import Backend, Executable
+from ..base import Backend, Executable, LegalOps, Pipeline
 
 
 class TVMBackend(Backend):
@@ -32,6 +32,15 @@ class TVMBackend(Backend):
         if target == "tvm-cuda" and options.get("act_dtype", "float16") == "float16":
             return Tolerance(rtol=0.0, atol=1e-6, scale_rtol=3e-3)
         return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=1e-5)
+
+    def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
+        from .targets import get_target
+        return get_target(target).pipeline(options)
+
+    def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
+        """What the lowering has rules for (the same on every tvm target; no ``call``)."""
+        from .lowering import legal_ops
+        return legal_ops()
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         from .targets import get_target

@@ -44,11 +44,19 @@ def matmul_out(node: Node, ctx, lead: list) -> int:
     return ctx.out(ctx.new_slot(), [m, t.shape[-1]], t.dtype)
 
 
+def attrs_reason(node: Node) -> str | None:
+    """Why the anchor rules refuse ``node``'s attributes (None: they take them)."""
+    if node.op == "linear" and (node.attr("sparsity") or node.attr("outliers")):
+        return "linear with sparsity/outlier annotations (quantize it to qlinear)"
+    return None
+
+
 @register_anchor("linear")
 def _linear(node: Node, ctx) -> None:
     from . import matmul
-    if node.attr("sparsity") or node.attr("outliers"):
-        raise ctx.unsupported(node, "linear with sparsity/outlier annotations (quantize it to qlinear)")
+    reason = attrs_reason(node)
+    if reason:
+        raise ctx.unsupported(node, reason)
     consts = [ctx.constant_of(v) for v in node.inputs[1:]]
     if any(c is None for c in consts):
         raise ctx.unsupported(node, "weight and bias must be constants")

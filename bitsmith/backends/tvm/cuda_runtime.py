@@ -8,8 +8,8 @@ compiler (nvcc when ``TVM_CUDA_COMPILE_MODE=nvcc``, else NVRTC) with TVM's flags
 happens only for artifacts compiled with ``nvcc="skip"`` (one compiled with the default
 "required" must carry every fatbin, checked at load); ``BINARIES.misses`` counts those.
 
-The executor mirrors ``executor.PlanExecutor`` (same plan, same step order), but every
-slot holds a ``tvm.runtime.Tensor`` on the GPU: constants are uploaded once, inputs per
+The executor mirrors ``executor.PlanExecutor`` (same plan, same step order, the same argument
+binding: ``binder.PlanBinder``), but every slot holds a ``tvm.runtime.Tensor`` on the GPU: constants are uploaded once, inputs per
 call, reshapes are views, and intermediates that do not escape are reused across calls of
 the same shape.
 """
@@ -24,10 +24,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ...errors import BitsmithError
-from ...ir import symbolic as sym
 from .. import native_loader
+from .binder import PlanBinder, check_kernels, check_token_ids
 from .cuda_scratch import ScratchSpec
-from .plan import Call, FunctionPlan, View
+from .plan import FunctionPlan, View
 
 NO_GPU = "tvm-cuda needs a CUDA GPU; none found"
 SCHEDULE_ID = "cuda-v1"  # part of the kernel cache key: bump when a CUDA schedule changes
@@ -154,7 +154,8 @@ class DeviceKernel:
 
 
 class CudaPlanExecutor:
-    """Runs one FunctionPlan on the GPU (see the module docstring)."""
+    """Runs one FunctionPlan on the GPU (see the module docstring); arguments bind as on the
+    CPU (``binder.PlanBinder``)."""
 
     def __init__(self, plan: FunctionPlan, kernels: Mapping[str, DeviceKernel],
                  consts: Mapping[int, np.ndarray], device: Any) -> None:
@@ -163,30 +164,9 @@ class CudaPlanExecutor:
         self.base_env: list[Any] = [None] * plan.num_slots
         for slot, arr in consts.items():
             self.base_env[slot] = tvm.runtime.tensor(np.require(arr, requirements="C"), device)  # keeps 0-d
-        self.param_dtypes = [np.dtype(_np_dtype(dt)) for _, dt in plan.param_types]
-        for s in plan.steps:
-            if isinstance(s, Call) and s.kernel not in kernels:
-                raise BitsmithError(f"kernel {s.kernel} of the plan is missing")
-        self.escaping = set(plan.results)
-        for s in reversed(plan.steps):
-            if isinstance(s, View) and s.dst in self.escaping:
-                self.escaping.add(s.src)
+        self.binder = PlanBinder(plan)
+        check_kernels(plan, kernels)
         self._pool: dict[tuple[int, int], Any] = {}
-
-    def _bind(self, args: Sequence[np.ndarray]) -> dict[str, int]:
-        b: dict[str, int] = {}
-        for k, (dims, _) in enumerate(self.plan.param_types):
-            if len(dims) != args[k].ndim:
-                raise BitsmithError(f"input {k}: expected rank {len(dims)}, got shape {args[k].shape}")
-            for ax, d in enumerate(dims):
-                if isinstance(d, str) and sym.SYMBOL_NAME.match(d):
-                    v = args[k].shape[ax]
-                    if b.setdefault(d, v) != v:
-                        raise BitsmithError(f"symbol {d!r} bound to both {b[d]} and {v}")
-        return b
-
-    def _shape(self, shape_id: int, b: Mapping[str, int]) -> tuple[int, ...]:
-        return tuple(d if isinstance(d, int) else int(sym.evaluate(d, b)) for d in self.plan.shapes[shape_id])
 
     def _empty(self, key: tuple[int, int], shape: tuple[int, ...], dtype: str, reuse: bool) -> Any:
         a = self._pool.get(key) if reuse else None
@@ -198,10 +178,8 @@ class CudaPlanExecutor:
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         plan = self.plan
-        if len(args) != len(plan.params):
-            raise BitsmithError(f"function {plan.name!r} takes {len(plan.params)} inputs, got {len(args)}")
-        host = [np.ascontiguousarray(np.asarray(a), dtype=dt) for a, dt in zip(args, self.param_dtypes)]
-        b = self._bind(host)
+        host = [np.ascontiguousarray(a) for a in self.binder.arrays(args)]
+        shapes = self.binder.shapes(host)
         env = list(self.base_env)
         host_env: dict[int, np.ndarray] = {}
         for slot, a in zip(plan.params, host):
@@ -209,30 +187,22 @@ class CudaPlanExecutor:
             host_env[slot] = a
         for n, step in enumerate(plan.steps):
             if isinstance(step, View):
-                shape = self._shape(step.shape, b)
+                shape = shapes[step.shape]
                 env[step.dst] = env[step.src]._create_view(shape)
                 if step.src in host_env:
                     host_env[step.dst] = host_env[step.src].reshape(shape)
                 continue
             if step.check_ids is not None:
-                ids = host_env.get(step.check_ids[0])
-                if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= step.check_ids[1]):
-                    raise BitsmithError(f"token id out of range [0, {step.check_ids[1]}): "
-                                        f"min {ids.min()}, max {ids.max()}")
+                check_token_ids(host_env.get(step.check_ids[0]), step.check_ids[1])
             kernel = self.kernels[step.kernel]
             ins = [env[i] for i in step.inputs]
             scratch = [self._empty((n, -1 - k), spec.shape(ins), spec.dtype, True)
                        for k, spec in enumerate(kernel.scratch)]
             outs = []
             for slot, shp, dt in step.outputs:
-                a = self._empty((n, slot), self._shape(shp, b), dt, slot not in self.escaping)
+                a = self._empty((n, slot), shapes[shp], dt, slot not in self.binder.escaping)
                 env[slot] = a
                 outs.append(a)
             kernel.fn(*ins, *scratch, *outs)
         out = [env[r].numpy() for r in plan.results]
         return [a.astype(np.float32) if a.dtype == np.float16 else a for a in out]
-
-
-def _np_dtype(name: str) -> np.dtype:
-    from ...ir.types import numpy_dtype
-    return numpy_dtype(name)

@@ -1,7 +1,8 @@
 """Target ``tvm-cuda``: fused TIR kernels scheduled for NVIDIA GPUs, built with nvcc.
 
 Options: ``arch`` (default "sm_90", H100), ``act_dtype`` (default "float16": activations
-and dense weights in fp16, see ``cuda_half``; "float32" keeps the module as is) and ``nvcc``
+and dense weights in fp16 by pass ``half-precision``, the ``lower`` phase of this target's
+pipeline, so the artifact stores the fp16 module; "float32" keeps the module as is) and ``nvcc``
 ("required", the default: compiling fails with NvccMissingError where nvcc is not on PATH;
 "skip": ship CUDA source only, which the GPU machine compiles at load with TVM's compiler and
 TVM's flags; plan.json records which, and the nvcc flags used).
@@ -25,8 +26,7 @@ import numpy as np
 
 from ...errors import BitsmithError, OptionError
 from ...ir import Module
-from ..base import Executable
-from .cuda_half import convert_activations
+from ..base import Executable, Pipeline
 from .. import native_loader
 from .cuda_runtime import (BINARIES, SCHEDULE_ID, CudaPlanExecutor, DeviceKernel, KernelLibraries, host_spec,
                            require_gpu, source_digest)
@@ -52,6 +52,23 @@ RUNTIME_COMPILER = ("TVM's tvm_callback_cuda_compile at load on the GPU machine:
 
 def option_defaults() -> dict[str, Any]:
     return {"arch": DEFAULT_ARCH, "act_dtype": "float16", "nvcc": "required"}
+
+
+def pipeline(options: Mapping[str, Any]) -> Pipeline:
+    """Calls inlined (kernels are planned per function), then fp16 activations (pass
+    ``half-precision``) unless ``act_dtype="float32"``."""
+    _, act = _options(options)
+    return Pipeline(legalize=("inline",), lower=("half-precision",) if act == "float16" else ())
+
+
+def _check_act_dtype(module: Module, act: str) -> None:
+    """The module ``build`` gets must be the one this target's pipeline made: its float
+    parameters in ``act`` (an fp32 module under act_dtype float16 skipped ``half-precision``)."""
+    floats = {p.type.dtype for fn in module.functions for p in fn.params if p.type.dtype in ACT_DTYPES}
+    if floats - {act}:
+        raise BitsmithError(f"tvm-cuda build: the module has {sorted(floats)} parameters but act_dtype is "
+                            f"{act!r}; compile through bitsmith.compile, which runs the target's pipeline "
+                            f"(half-precision for float16)")
 
 
 def _options(options: Mapping[str, Any]) -> tuple[str, str]:
@@ -162,15 +179,15 @@ def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable
     if mode == "required" and nvcc_path() is None:
         raise NvccMissingError(NVCC_MISSING)
     target = cuda_target(arch)
+    _check_act_dtype(module, act)
     t0 = time.perf_counter()
-    work = convert_activations(module, act)
     compiler = CudaCompiler(target, use_nvcc=mode == "required")
     plans: dict[str, FunctionPlan] = {}
     kernels: dict[str, dict[str, Any]] = {}
     blobs: dict[str, bytes] = {}
     derived: dict[str, dict[int, np.ndarray]] = {}
-    for fn in work.functions:
-        plan, kdefs, consts = lower_function(work, fn, TARGET)
+    for fn in module.functions:
+        plan, kdefs, consts = lower_function(module, fn, TARGET)
         rename: dict[str, str] = {}
         for digest, kdef in kdefs.items():
             k = compiler.compile(kdef)
@@ -186,7 +203,7 @@ def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable
             "compile_seconds": time.perf_counter() - t0, "kernel_compile_seconds": compiler.compile_seconds,
             "nvcc_seconds": compiler.nvcc_seconds, "nvcc": nvcc_record(mode, nvcc_flags(target)),
             "cache_hits": compiler.hits, "cache_misses": compiler.misses, "schedule": SCHEDULE_ID}
-    return CudaExecutable(work, plans, kernels, blobs, derived, info, host_spec(target))
+    return CudaExecutable(module, plans, kernels, blobs, derived, info, host_spec(target))
 
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:
@@ -235,12 +252,13 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
     spec = read_native_spec(doc, "host_isa")
     act_doc = doc["act_dtype"].str(choices=ACT_DTYPES) if doc.has("act_dtype") else act
     arch_doc = doc["arch"].str() if doc.has("arch") else arch
-    work = convert_activations(module, act_doc)
     from .llvm_target import resolve_consts
-    consts = {name: resolve_consts(work, plan, None, files.path("plan.json")) for name, plan in plans.items()}
+    # the artifact stores the module after the pipeline (half-precision): nothing is converted
+    # here, and a plan that does not fit it (an fp32 module under an fp16 plan) is refused
+    consts = {name: resolve_consts(module, plan, None, files.path("plan.json")) for name, plan in plans.items()}
     info = {"arch": arch_doc, "act_dtype": act_doc,
             "compile_seconds": 0.0, "loaded_from_artifact": True, "schedule": SCHEDULE_ID, "nvcc": nvcc}
-    exe = CudaExecutable(work, plans, kernels, blobs, {}, info, spec)
+    exe = CudaExecutable(module, plans, kernels, blobs, {}, info, spec)
     exe._consts = consts
     return exe
 
@@ -280,4 +298,5 @@ def _read_nvcc_record(rec: Field) -> dict[str, Any]:
 
 
 register_target(TargetSpec(TARGET, option_defaults, build, load,
-                           doc="GPU kernels (TVM TIR scheduled for CUDA, fp16 activations), PTX/fatbin by nvcc"))
+                           doc="GPU kernels (TVM TIR scheduled for CUDA, fp16 activations), PTX/fatbin by nvcc",
+                           pipeline=pipeline))

@@ -29,8 +29,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ...errors import ArtifactError, BitsmithError
-from ...ir import symbolic as sym
-from .plan import Call, FunctionPlan, View
+from .binder import ExecutionError, PlanBinder, check_kernels, check_token_ids
+from .plan import Call, FunctionPlan
+
+__all__ = ["ExecutionError", "PlanExecutor", "aligned_copy", "aligned_empty", "kernel_view"]
 
 ALIGN = 64
 _CALL, _VIEW = 0, 1
@@ -74,10 +76,6 @@ def kernel_view(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(raw, dtype=a.dtype, count=a.size).reshape(a.shape), a
 
 
-class ExecutionError(BitsmithError, RuntimeError):
-    """Bad inputs to a compiled function (shape, dtype, token ids)."""
-
-
 class _ThreadBuffers(threading.local):
     """The calling thread's reusable intermediates, slot -> array (see the module docstring).
 
@@ -93,7 +91,7 @@ class PlanExecutor:
     """``file`` is the artifact path of the plan (errors name it): a kernel that refuses the arrays
     the plan hands it (TVM checks every argument's rank, shape and dtype against the kernel it
     compiled) means the plan and the kernels disagree, which only a damaged artifact can cause
-    once the caller's inputs have passed the checks in ``_bind``: ArtifactError, not ValueError."""
+    once the caller's inputs have passed the binder's checks: ArtifactError, not ValueError."""
 
     def __init__(self, plan: FunctionPlan, kernels: Mapping[str, Callable], consts: Mapping[int, np.ndarray],
                  file: str = "plan.json") -> None:
@@ -103,77 +101,21 @@ class PlanExecutor:
         for slot, arr in consts.items():
             self.base_env[slot], owner = kernel_view(arr)
             self._keep_alive.append(owner)
-        self.param_dtypes = [np.dtype(_np_dtype(dt)) for _, dt in plan.param_types]
-        # binding recipe: (param index, axis, int | symbol | compound)
-        self._plain: list[tuple[int, int, str]] = []
-        self._checks: list[tuple[int, int, Any]] = []
-        for k, (dims, _) in enumerate(plan.param_types):
-            for ax, d in enumerate(dims):
-                if isinstance(d, str) and sym.SYMBOL_NAME.match(d):
-                    self._plain.append((k, ax, d))
-                else:
-                    self._checks.append((k, ax, d))
-        dims = {d for s in plan.shapes for d in s if isinstance(d, str)}
-        dims |= {d for _, _, d in self._checks if isinstance(d, str)}
-        self._dims = sorted(dims)
-        self._dim_index = {d: i for i, d in enumerate(self._dims)}
-        self._polys = [[(c, mono) for mono, c in sym._to_poly(d).items()] for d in self._dims]
-        self._shape_recipes = [tuple((True, d) if isinstance(d, int) else (False, self._dim_index[d]) for d in s)
-                               for s in plan.shapes]
-        escaping = set(plan.results)
-        for s in reversed(plan.steps):  # a view's source escapes with it
-            if isinstance(s, View) and s.dst in escaping:
-                escaping.add(s.src)
+        self.binder = PlanBinder(plan)
+        check_kernels(plan, kernels)
         self._steps: list[tuple] = []
         for s in plan.steps:
             if isinstance(s, Call):
-                if s.kernel not in kernels:
-                    raise BitsmithError(f"kernel {s.kernel} of the plan is missing")
-                outs = tuple((slot, shp, np.dtype(dt), slot in escaping) for slot, shp, dt in s.outputs)
+                outs = tuple((slot, shp, np.dtype(dt), slot in self.binder.escaping) for slot, shp, dt in s.outputs)
                 self._steps.append((_CALL, kernels[s.kernel], tuple(s.inputs), outs, s.check_ids))
             else:
                 self._steps.append((_VIEW, s.src, s.dst, s.shape))
         self._buffers = _ThreadBuffers()
 
-    def _bind(self, args: Sequence[np.ndarray]) -> list[tuple[int, ...]]:
-        b: dict[str, int] = {}
-        for k, ax, name in self._plain:
-            v = args[k].shape[ax]
-            if b.setdefault(name, v) != v:
-                raise ExecutionError(f"symbol {name!r} bound to both {b[name]} and {v} "
-                                     f"(input {k} has shape {args[k].shape})")
-        vals = []
-        for poly in self._polys:
-            total = 0
-            for c, mono in poly:
-                term = c
-                for s_ in mono:
-                    if s_ not in b:
-                        raise ExecutionError(f"symbol {s_!r} is not bound by the inputs")
-                    term *= b[s_]
-                total += term
-            vals.append(total)
-        for k, ax, d in self._checks:
-            want = d if isinstance(d, int) else vals[self._dim_index[d]]
-            if args[k].shape[ax] != want:
-                raise ExecutionError(f"input {k}: dim {ax} should be {d} = {want}, got shape {args[k].shape}")
-        return [tuple(d if static else vals[d] for static, d in r) for r in self._shape_recipes]
-
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         plan = self.plan
-        if len(args) != len(plan.params):
-            raise ExecutionError(f"function {plan.name!r} takes {len(plan.params)} inputs, got {len(args)}")
-        arrays = []
-        for k, (a, dt) in enumerate(zip(args, self.param_dtypes)):
-            a = np.asarray(a)
-            if a.dtype != dt:
-                a = a.astype(dt)
-            if a.ndim != len(plan.param_types[k][0]):
-                raise ExecutionError(f"input {k}: expected rank {len(plan.param_types[k][0])}, got shape {a.shape}")
-            if not a.flags.writeable:
-                a = a.copy()
-            arrays.append(aligned_copy(a))
-        shapes = self._bind(arrays)
+        arrays = [aligned_copy(a if a.flags.writeable else a.copy()) for a in self.binder.arrays(args)]
+        shapes = self.binder.shapes(arrays)
         env = list(self.base_env)
         for slot, a in zip(plan.params, arrays):
             env[slot] = a
@@ -193,9 +135,7 @@ class PlanExecutor:
             if step[0] == _CALL:
                 _, fn, ins, outs, check = step
                 if check is not None:
-                    ids = env[check[0]]
-                    if ids.size and (ids.min() < 0 or ids.max() >= check[1]):
-                        raise ExecutionError(f"token id out of range [0, {check[1]}): min {ids.min()}, max {ids.max()}")
+                    check_token_ids(env[check[0]], check[1])
                 out_arrays = []
                 for slot, shp, dt, escapes in outs:
                     shape = shapes[shp]
@@ -212,7 +152,3 @@ class PlanExecutor:
                 env[dst] = env[src].reshape(shapes[shp])
         return [env[r] for r in plan.results]
 
-
-def _np_dtype(name: str) -> np.dtype:
-    from ...ir.types import numpy_dtype
-    return numpy_dtype(name)

@@ -16,8 +16,10 @@ from tvm import te
 from ...errors import UnsupportedOpError
 from ...ir import Module
 from ...ir.graph import Function, Node
+from ...ir.traits import LITERAL, has_trait, ops_with
 from ...ir.types import numpy_dtype
-from .anchor_rules import ANCHOR_RULES
+from ..base import LegalOps
+from .anchor_rules import ANCHOR_RULES, attrs_reason
 from .fused_rules import FUSED_RULES, RuleContext
 from .fusion import Step, group_nodes
 from .kernel import KernelDef
@@ -25,7 +27,16 @@ from .lazy import Lazy, from_tensor, materialize
 from .plan import EXTERN_PREFIX, Call, Const, FunctionPlan, View, checked_kernel_key
 from .symbols import DimEnv
 
-SOURCE_OPS = ("constant", "scalar")
+
+def is_plan_constant(node: Node) -> bool:
+    """LITERAL ops (constants, scalars) become plan constants, not steps."""
+    return has_trait(node.op, LITERAL)
+
+
+def legal_ops() -> LegalOps:
+    """What ``lower_function`` accepts: plan constants and ops with an anchor or fused rule,
+    with the attribute limits of the anchor rules."""
+    return LegalOps(ops_with(LITERAL) | frozenset(ANCHOR_RULES) | frozenset(FUSED_RULES), attrs_reason)
 
 
 class LoweringContext:
@@ -89,9 +100,7 @@ class LoweringContext:
         return s
 
     def unsupported(self, node: Node, detail: str = "") -> UnsupportedOpError:
-        loc = node.loc
-        return UnsupportedOpError(node.op, module_path=loc.module_path if loc else "",
-                                  source=loc.source if loc else "", target=self.target, detail=detail)
+        return UnsupportedOpError.at(node, target=self.target, function=self.fn.name, detail=detail)
 
 
 def lower_function(module: Module, fn: Function, target: str, anchor_rules: Mapping[str, Callable] | None = None,
@@ -100,7 +109,7 @@ def lower_function(module: Module, fn: Function, target: str, anchor_rules: Mapp
     ctx = LoweringContext(module, fn, target)
     rules = {**ANCHOR_RULES, **(anchor_rules or {})}
     for node in fn.nodes:
-        if node.op not in SOURCE_OPS and node.op not in rules and node.op not in FUSED_RULES:
+        if not is_plan_constant(node) and node.op not in rules and node.op not in FUSED_RULES:
             raise ctx.unsupported(node, "no tvm lowering rule")
     plan = ctx.plan
     for p in fn.params:
@@ -116,7 +125,7 @@ def lower_function(module: Module, fn: Function, target: str, anchor_rules: Mapp
 
     users = fn.users()
     results = set(fn.results)
-    steps = group_nodes(fn, lambda n: n.op in rules, lambda n: n.op in SOURCE_OPS)
+    steps = group_nodes(fn, lambda n: n.op in rules, is_plan_constant)
     for step in steps:
         if step.anchor:
             node = step.nodes[0]

@@ -9,7 +9,9 @@ A TargetSpec says:
   * ``build(module, options) -> Executable``: lower, schedule, compile (through the kernel
     cache) and return a runnable executable whose ``files()`` hold the compiled libraries;
   * ``load(module, options, files) -> Executable``: rebuild the executable from a saved
-    artifact's (already sha256-checked) files WITHOUT compiling anything.
+    artifact's (already sha256-checked) files WITHOUT compiling anything;
+  * ``pipeline(options) -> Pipeline``: the passes (by phase) that turn a target-neutral module
+    into what ``build`` takes (the artifact stores their result, so ``load`` runs none).
 
 The shared machinery a target builds on: ``lowering.lower_function`` (IR -> fused KernelDefs
 and a step plan), ``cache.KernelCache`` (compiled kernels on disk), ``plan.Plan``
@@ -26,10 +28,15 @@ from typing import Any, Callable, Mapping
 
 from ...errors import UnknownTargetError
 from ...ir import Module
-from ..base import Executable
+from ..base import Executable, Pipeline
 
 BuildFn = Callable[[Module, Mapping[str, Any]], Executable]
 LoadFn = Callable[[Module, Mapping[str, Any], Mapping[str, bytes]], Executable]
+
+
+def inline_calls(options: Mapping[str, Any]) -> Pipeline:
+    """Kernels are planned per function: calls between functions are inlined first."""
+    return Pipeline(legalize=("inline",))
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class TargetSpec:
     build: BuildFn
     load: LoadFn
     doc: str = ""
+    pipeline: Callable[[Mapping[str, Any]], Pipeline] = inline_calls
 
 
 _TARGETS: dict[str, TargetSpec] = {}

@@ -1,40 +1,56 @@
-"""fp16 activations for tvm-cuda: rewrite a module's float32 values to float16.
+"""Pass ``half-precision``: float16 activations and weights, float32 where range or resolution needs it.
 
 GPUs run LLM inference with half-precision activations and weights (half the bytes moved,
-which bounds decode speed). The rewrite is target-side (the IR passes stay
-target-neutral): every float32 parameter, constant, node result and ``cast``/``scalar``/
-``arange`` dtype becomes float16, except values that need float32 range or resolution:
+which bounds decode speed); tvm-cuda runs this pass as the ``lower`` phase of its pipeline
+(option ``act_dtype="float16"``, the default). Every float32 parameter, constant, node
+result and dtype attribute (ops with trait DTYPE_FROM_ATTR) becomes float16, except values
+that need float32 range or resolution:
 
-* position-derived values (a ``cast`` from an integer, and everything computed only from
-  such values, constants and scalars: rotary angles ``pos * inv_freq``, cos, sin, masks).
-  fp16 has an 11-bit significand, so angles of positions in the hundreds would be off by
-  tenths of a radian;
-* the chain started by ``pow`` (RMSNorm's mean of squares): x**2 overflows fp16 for
-  |x| > 256. Its input is widened to float32 (as HF's fp16 Llama does).
+* position-derived values (a DTYPE_FROM_ATTR op, i.e. a ``cast``, from an integer, and
+  everything computed only from such values and LITERAL ones: rotary angles
+  ``pos * inv_freq``, cos, sin, masks). fp16 has an 11-bit significand, so angles of
+  positions in the hundreds would be off by tenths of a radian. The output of an op that
+  reads learned weights or activations (LINEAR_LIKE, GATHER, ATTENTION) or has no inputs
+  (SOURCE) is never position-derived;
+* the chain started by an op with trait WIDENS_RANGE (``pow``, RMSNorm's mean of squares):
+  x**2 overflows fp16 for |x| > 256. Its input is widened to float32 (as HF's fp16 Llama does).
 
 Where a float32 value meets float16 values, a ``cast`` to float16 is inserted (once per
-value). Reductions and attention in the kernels accumulate in float32 anyway
+value). The tvm kernels accumulate reductions and attention in float32 anyway
 (``fused_rules``, ``attention``). Quantized operands keep their integer layout; their scales
-are already fp16. Function results (logits, KV cache) are float16; the executor hands
-back float32 arrays like every target.
+are already fp16. Function results (logits, KV cache) are float16; executors hand back
+float32 arrays like every target.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ...ir import Module
-from ...ir.graph import Function, Node, Value, freeze_attrs
-from ...ir.ops import get_op
-from ...ir.types import TensorType
+from bitsmith.errors import PassError
+from bitsmith.ir import Module
+from bitsmith.ir.graph import Function, Node, Value, freeze_attrs
+from bitsmith.ir.ops import get_op
+from bitsmith.ir.traits import (ATTENTION, DTYPE_FROM_ATTR, GATHER, LINEAR_LIKE, LITERAL, SOURCE, WIDENS_RANGE,
+                                has_trait)
+from bitsmith.ir.types import INT_DTYPES, TensorType
+
+from .base import Pass, register_pass
 
 HALF, FULL = "float16", "float32"
-WIDEN_OPS = frozenset({"pow"})                      # computed in float32 from a widened input
-NEVER_PRECISE = frozenset({"embedding", "linear", "qlinear", "attention", "constant", "scalar"})
-DTYPE_ATTR_OPS = frozenset({"cast", "scalar", "arange"})
-INT_DTYPES = frozenset({"int8", "int16", "int32", "int64", "uint8", "bool"})
+NARROW_DTYPES = (HALF,)  # the narrow floats the IR has
+
+
+def _never_position_derived(op: str) -> bool:
+    """Outputs that are learned activations (reading weights, tables or attention state) or
+    have no inputs; see the module docstring."""
+    return any(has_trait(op, t) for t in (LINEAR_LIKE, GATHER, ATTENTION, SOURCE))
+
+
+def _is_literal(node: Node | None) -> bool:
+    return node is not None and has_trait(node.op, LITERAL)
 
 
 def _precise_values(fn: Function) -> set[str]:
@@ -44,17 +60,16 @@ def _precise_values(fn: Function) -> set[str]:
     precise: set[str] = set()
     for node in fn.nodes:
         out = node.outputs[0].name if len(node.outputs) == 1 else None
-        if out is None or types[out].dtype != FULL or node.op in NEVER_PRECISE:
+        if out is None or types[out].dtype != FULL or _never_position_derived(node.op):
             continue
-        if node.op in WIDEN_OPS:
+        if has_trait(node.op, WIDENS_RANGE):
             precise.add(out)
             continue
         float_ins = [i for i in node.inputs if types[i].dtype in (FULL, HALF)]
-        if node.op == "cast" and types[node.inputs[0]].dtype in INT_DTYPES:
-            precise.add(out)
+        if has_trait(node.op, DTYPE_FROM_ATTR) and node.inputs and types[node.inputs[0]].dtype in INT_DTYPES | {"bool"}:
+            precise.add(out)  # a cast of integer positions
         elif float_ins and any(i in precise for i in float_ins) and all(
-                i in precise or producers.get(i) is not None and producers[i].op in ("constant", "scalar")
-                for i in float_ins):
+                i in precise or _is_literal(producers.get(i)) for i in float_ins):
             precise.add(out)
     return precise
 
@@ -104,14 +119,14 @@ def _convert_function(fn: Function, tensors: Any, new_tensors: dict[str, np.ndar
         inputs = []
         for i in node.inputs:
             dt = types[i].dtype
-            if (node.op in WIDEN_OPS or keep_full) and dt == HALF:  # e.g. a scalar read by a precise op
+            if (has_trait(node.op, WIDENS_RANGE) or keep_full) and dt == HALF:  # e.g. a scalar read by a precise op
                 inputs.append(cast_node(i, FULL, widened))
             elif not keep_full and dt == FULL:  # a precise value or float32 constant meets fp16
                 inputs.append(cast_node(i, HALF, casts))
             else:
                 inputs.append(i)
         attrs = node.attr_dict
-        if node.op in DTYPE_ATTR_OPS and attrs.get("dtype") == FULL and not keep_full:
+        if has_trait(node.op, DTYPE_FROM_ATTR) and attrs.get("dtype") == FULL and not keep_full:
             attrs["dtype"] = HALF
         frozen = freeze_attrs(attrs)
         opdef = get_op(node.op)
@@ -123,7 +138,7 @@ def _convert_function(fn: Function, tensors: Any, new_tensors: dict[str, np.ndar
     results = []
     for r in fn.results:
         results.append(cast_node(r, HALF, casts) if types[r].dtype == FULL else r)
-    return Function(fn.name, tuple(params), tuple(nodes), tuple(results))
+    return fn.replace(params=tuple(params), nodes=tuple(nodes), results=tuple(results))
 
 
 def to_half(module: Module) -> Module:
@@ -133,10 +148,16 @@ def to_half(module: Module) -> Module:
     return module.replace(functions=tuple(functions), tensors=module.tensors.with_tensors(new_tensors))
 
 
-def convert_activations(module: Module, act_dtype: str) -> Module:
-    """``module`` itself for float32 activations, ``to_half(module)`` for float16."""
-    if act_dtype == FULL:
-        return module
-    if act_dtype == HALF:
+@register_pass
+@dataclass(frozen=True)
+class HalfPrecision(Pass):
+    """float32 activations and weights to ``dtype``, float32 kept where needed (see module doc).
+    Not idempotent: run it once (the float32 values it keeps would be narrowed by a second run)."""
+
+    name = "half-precision"
+    dtype: str = HALF
+
+    def apply(self, module: Module) -> Module:
+        if self.dtype not in NARROW_DTYPES:
+            raise PassError(f"half-precision: dtype must be one of {NARROW_DTYPES}, got {self.dtype!r}")
         return to_half(module)
-    raise ValueError(f"act_dtype must be 'float16' or 'float32', got {act_dtype!r}")
