@@ -34,7 +34,7 @@ BuildFn = Callable[[Module, Mapping[str, Any]], Executable]
 LoadFn = Callable[[Module, Mapping[str, Any], Mapping[str, bytes]], Executable]
 
 
-def inline_calls(options: Mapping[str, Any]) -> Pipeline:
+def inline_only(options: Mapping[str, Any]) -> Pipeline:
     """Kernels are planned per function: calls between functions are inlined first."""
     return Pipeline(legalize=("inline",))
 
@@ -46,7 +46,7 @@ class TargetSpec:
     build: BuildFn
     load: LoadFn
     doc: str = ""
-    pipeline: Callable[[Mapping[str, Any]], Pipeline] = inline_calls
+    pipeline: Callable[[Mapping[str, Any]], Pipeline] = inline_only
 
 
 _TARGETS: dict[str, TargetSpec] = {}
