@@ -21,9 +21,9 @@ import bitsmith
 from bitsmith.backends.base import Pipeline, targets
 from bitsmith.backends.reference import ReferenceBackend
 from bitsmith.errors import PluginError, UnsupportedOpError
-from bitsmith.ir import Location, Node, TensorTable, Value, parse_module, print_module, verify_module
+from bitsmith.ir import Location, Node, TensorTable, Value, parse_module
 from bitsmith.ir.ops import OPS, register_op
-from bitsmith.passes import PASSES, Pass, parse_pass_spec, register_pass
+from bitsmith.passes import PASSES, Pass, register_pass
 
 FAKE_OP = "test_unlowerable"
 WHERE = Location("net.0", "test_backend_pipelines.py:42")
@@ -114,7 +114,7 @@ def test_phases_run_in_the_pass_manager_and_are_listed(capsys):
 
 
 def test_a_causal_lm_gets_its_kv_cache_from_the_first_pass():
-    from hf_configs import make_model
+    from bitsmith.testing.hf_configs import make_model
     cm = bitsmith.compile(make_model("llama"), target="reference")
     assert cm.compile_info["pipeline"][0] == "kv-cache"
     fn = cm.module.function("main")
@@ -137,27 +137,23 @@ def test_a_plugin_pipeline_runs_its_phases_in_order(monkeypatch, capsys):
     assert cm.compile_info["pipeline"][-3:] == ["cse", "fold", "dce"]
 
 
-# ---------------------------------------------------------------- golden cases of the new passes
-# (tests/test_pass_golden.py runs every case of every pass once it is merged; this checks these
-# two passes' cases on their own)
-
-def _cases() -> list:
-    return [pytest.param(name, before, id=f"{name}/{before.name[:-len('.before.ir')]}")
-            for name in ("kv-cache", "half-precision")
-            for before in sorted((GOLDEN / name).glob("*.before.ir"))]
-
-
-@pytest.mark.parametrize("pass_name, before", _cases())
-def test_golden_case(pass_name, before):
-    case = before.name[:-len(".before.ir")]
-    data = before.with_name(case + ".safetensors")
-    tensors = TensorTable(safetensors.numpy.load_file(str(data))) if data.exists() else None
-    spec = before.with_name(case + ".spec")
-    passes = parse_pass_spec(spec.read_text().strip() if spec.exists() else pass_name)
-    module = verify_module(parse_module(before.read_text(), tensors))
-    for p in passes:
-        module = verify_module(p.apply(module))
-    assert print_module(module) == before.with_name(case + ".after.ir").read_text()
+@pytest.mark.parametrize("target", ["reference", "tvm-llvm", "lut-cpu"])
+def test_a_partitioned_module_runs_on_every_cpu_target(target):
+    """The user's partition runs before the backend's phases: reference runs the calls itself,
+    tvm-llvm and lut-cpu inline them in their legalize phase; results as the unpartitioned
+    module's on the same target (bitwise: the same kernels over the same graph)."""
+    model, example = _mlp()
+    split = bitsmith.compile(model, target=target, example_inputs=example, passes="partition{trait=elementwise}")
+    whole = bitsmith.compile(model, target=target, example_inputs=example)
+    names = [f.name for f in split.module.functions]
+    pipeline = split.compile_info["pipeline"]
+    assert "partition" in pipeline
+    if target == "reference":
+        assert len(names) == 2 and "inline" not in pipeline
+    else:
+        assert names == ["main"] and pipeline.index("inline") > pipeline.index("partition")
+    x = example[0].numpy()
+    np.testing.assert_array_equal(split.run("main", [x])[0], whole.run("main", [x])[0])
 
 
 def test_half_precision_keeps_interpreter_results_within_fp16_rounding():

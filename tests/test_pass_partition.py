@@ -12,13 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitsmith.errors import PassError, UnknownOptionError
-from bitsmith.ir import Function, GraphBuilder, Location, Module, TensorType, evaluate, run_function, verify_module
+from bitsmith.ir import Function, GraphBuilder, Location, Module, TensorType, run_function, verify_module
 from bitsmith.ir.traits import ALL_TRAITS
 from bitsmith.passes import Inline, Partition, PassManager, get_pass
 from bitsmith.passes.cut_report import cut_report, data_flow_graph
 from bitsmith.passes.partition import find_regions, partition_module
-from bitsmith.passes.partition_patterns import (PARTITION_PATTERNS, FunctionIndex, register_partition_pattern,
-                                                trait_predicate)
+from bitsmith.passes.partition_patterns import PARTITION_PATTERNS, register_partition_pattern
 from bitsmith.testing.strategies import modules_with_calls, random_modules
 from pass_checks import assert_bitwise_equal, assert_same_results, run_passes
 

@@ -26,7 +26,6 @@ import numpy as np
 from ..backends import backend_for_target
 from ..backends.base import Backend, Executable
 from ..backends.files import BytesFiles
-from ..errors import UnsupportedOpError
 from ..ir import Module, evaluate, print_module
 from ..passes import Pass, PassManager, parse_pass_spec
 from ..tolerance import Tolerance, max_errors
@@ -76,23 +75,15 @@ def split_options(options: Mapping[str, Any] | None) -> tuple[dict[str, Any], di
 
 def pipeline_passes(backend: Backend, target: str, options: Mapping[str, Any]) -> list[Pass]:
     """What ``compile`` runs on a captured module for this target: the target-neutral cleanup,
-    then the backend's ``Pipeline`` (legalize, lower, finalize; or, from a backend written
-    before phases existed, a flat list of pass specs)."""
-    from ..api import DEFAULT_PIPELINE
-    pipeline = backend.pipeline(target, options)
-    if hasattr(pipeline, "legalize"):
-        specs: Sequence[str] = (*pipeline.legalize, *pipeline.lower, *pipeline.finalize)
-    else:
-        specs = pipeline
+    then the backend's ``Pipeline`` (legalize, lower, finalize)."""
+    from ..api import DEFAULT_PIPELINE, backend_pipeline
+    specs = backend_pipeline(backend, target, dict(options)).specs()
     return [p for spec in (*DEFAULT_PIPELINE, *specs) for p in parse_pass_spec(spec)]
 
 
 def illegal_op(backend: Backend, target: str, options: Mapping[str, Any], module: Module) -> str | None:
     """The first node the backend does not declare legal, as "op (reason)"; None if all are."""
-    declare = getattr(backend, "legal_ops", None)
-    if declare is None:
-        return None
-    legal = declare(target, options)
+    legal = backend.legal_ops(target, options)
     for fn in module.functions:
         for node in fn.nodes:
             if node.op not in legal.ops:
