@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import os
 import sys
 import typing
@@ -156,7 +157,9 @@ def pass_summary(cls: type[Pass]) -> str:
     alone = sum(c.__module__ == cls.__module__ for c in PASSES.values()) == 1
     own = cls.__doc__ if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else None
     doc = (module.__doc__ if alone and module is not None and module.__doc__ else None) or own or ""
-    return inspect.cleandoc(doc).split("\n", 1)[0] if doc else "(no description)"
+    line = inspect.cleandoc(doc).split("\n", 1)[0] if doc else "(no description)"
+    line = re.sub(r"^Pass ``[\w-]+``:\s*", "", line)  # the listing names the pass already
+    return line[:1].upper() + line[1:]
 
 
 def describe_passes() -> str:

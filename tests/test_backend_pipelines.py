@@ -23,7 +23,7 @@ from bitsmith.backends.reference import ReferenceBackend
 from bitsmith.errors import PluginError, UnsupportedOpError
 from bitsmith.ir import Location, Node, TensorTable, Value, parse_module
 from bitsmith.ir.ops import OPS, register_op
-from bitsmith.passes import PASSES, Pass, register_pass
+from bitsmith.passes import PASSES, Pass, PassManager, register_pass
 
 FAKE_OP = "test_unlowerable"
 WHERE = Location("net.0", "test_backend_pipelines.py:42")
@@ -154,6 +154,19 @@ def test_a_partitioned_module_runs_on_every_cpu_target(target):
         assert names == ["main"] and pipeline.index("inline") > pipeline.index("partition")
     x = example[0].numpy()
     np.testing.assert_array_equal(split.run("main", [x])[0], whole.run("main", [x])[0])
+
+
+def test_half_precision_names_its_casts_apart_from_the_users_values_and_runs_once():
+    """A user value already called x_f does not clash with the cast of x; a second run (a
+    user's --pass before tvm-cuda's own phase) leaves the converted module as it is."""
+    case = GOLDEN / "half-precision" / "rotary-and-rmsnorm"
+    tensors = TensorTable(safetensors.numpy.load_file(str(case) + ".safetensors"))
+    text = Path(str(case) + ".before.ir").read_text()
+    assert "%v6 " in text and "%x_f" not in text
+    module = parse_module(text.replace("%v6", "%x_f"), tensors)
+    once = PassManager("half-precision").run(module)  # verifies: no value defined twice
+    assert PassManager("half-precision").run(once) == once
+    assert once.attr("activations") == "float16"
 
 
 def test_half_precision_keeps_interpreter_results_within_fp16_rounding():

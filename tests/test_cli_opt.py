@@ -88,7 +88,7 @@ def test_list_passes_names_every_pass_with_options(capsys):
     listed = {line.split()[0] for line in out.splitlines() if not line.startswith(" ")}
     assert listed == set(PASSES)
     assert "    max_elements: int = 1048576" in out.splitlines()
-    assert re.search(r"^quantize +Pass ``quantize``", out, re.M)
+    assert re.search(r"^quantize +Replaces selected ``linear`` nodes", out, re.M)  # no "Pass ``quantize``:" echo
     assert "    scheme: str = ''" in out and "calibration: object = None  (API only)" in out
 
 
@@ -119,6 +119,14 @@ def test_a_pass_that_needs_data_says_which_and_asks_for_tensors(capsys, mlp, spe
     with pytest.raises(TensorDataRequiredError) as info:
         run_pipeline(load_module(ir.read_text()), f"cse,{spec}")
     assert info.value.pass_name == pass_name and info.value.info.name in mlp[0].tensors
+
+
+def test_outliers_only_annotates_so_it_needs_no_data(capsys, mlp):
+    """outliers sets attributes on the linears; their weights' type comes from the text."""
+    module, ir, _ = mlp
+    code, out, err = run_cli(capsys, "opt", str(ir), "-p", "outliers{fraction=0.01}")
+    assert code == 0, err
+    assert parse_module(out, declared_only=True) == api(module, "outliers{fraction=0.01}")
 
 
 def test_fold_reads_only_the_constants_it_folds(capsys, tmp_path, mlp):

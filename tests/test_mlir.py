@@ -12,7 +12,7 @@ pytest.importorskip("torch_mlir.ir", reason="MLIR interop needs torch-mlir: pip 
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 
-from bitsmith.ir import GraphBuilder, Module, TensorType, evaluate, parse_module, print_module  # noqa: E402
+from bitsmith.ir import verify_module, GraphBuilder, Module, TensorType, evaluate, parse_module, print_module  # noqa: E402
 from bitsmith.mlir import MLIRInteropError, MLIRUnavailableError, export_mlir, run_mlir  # noqa: E402
 from bitsmith.mlir.execution import MLIRProgram  # noqa: E402
 from bitsmith.mlir.importer import import_module  # noqa: E402
@@ -110,6 +110,7 @@ def test_tiny_llama_round_trip(tiny_llama, attention):
     bare = import_module(text)  # no data: every weight is listed by name, shape and hash
     assert {i.name for i in bare.missing} == set(module.tensors)
     assert tuple(sorted(bare.missing, key=lambda i: i.name)) == module.tensors.infos()
+    assert verify_module(bare.module) == module  # known by name, shape and hash: equal, verifies
 
 
 def test_external_weights_keep_the_file_small(tiny_llama):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from bitsmith.ir import GraphBuilder, TensorType, evaluate
+from bitsmith.errors import PassError
+from bitsmith.ir import Function, GraphBuilder, Module, Node, TensorType, Value, evaluate, parse_module, print_module
 from bitsmith.passes import ConstantFolding, DeadCodeElimination, get_pass
 from bitsmith.testing.strategies import random_modules
 from pass_checks import assert_same_results, run_passes
@@ -98,3 +99,39 @@ def test_preserves_results_exactly_and_is_idempotent(case):
     assert_same_results(module, after, args)
     assert run_passes(after, FOLD) == after
     assert_same_results(module, run_passes(after, DeadCodeElimination()), args)
+
+
+def _declared_only(module):
+    """The module as `bitsmith opt` sees it without --tensors: constants by name, shape, hash."""
+    return parse_module(print_module(module), declared_only=True)
+
+
+@pytest.mark.parametrize("constant_first", [True, False])
+def test_reads_no_constant_data_unless_it_folds_a_user(constant_first):
+    """Operand order does not decide whether fold reads a constant: mul(w, x) and mul(x, w)
+    fold nothing and need no data; relu(w) folds and needs w's."""
+    b = GraphBuilder()
+    x = b.param("x", TensorType((2, 3), "float32"))
+    w = b.constant("w", np.ones((2, 3), np.float32))
+    y = b.op("mul", [w, x] if constant_first else [x, w])
+    unfoldable = b.module([y])
+    assert run_passes(_declared_only(unfoldable), FOLD) == _declared_only(unfoldable)
+    b2 = GraphBuilder()
+    foldable = b2.module([b2.op("relu", [b2.constant("w", np.ones((2, 3), np.float32))])])
+    with pytest.raises(PassError, match="TensorDataUnavailableError"):
+        run_passes(_declared_only(foldable), FOLD)
+
+
+def test_never_folds_a_call():
+    """call is not PURE (its callee decides), so fold leaves it though its inputs are known."""
+    b = GraphBuilder()
+    two = b.scalar(2.0, "float32")
+    callee = Function("f", (Value("a", TensorType((), "float32")),),
+                      (Node("exp", ("a",), (Value("e", TensorType((), "float32")),)),), ("e",))
+    main = b.module([two]).functions[0]
+    out = Value("r", TensorType((), "float32"))
+    main = main.replace(nodes=main.nodes + (Node("call", (two,), (out,), {"callee": "f"}),), results=("r",))
+    module = Module((main, callee))
+    after = run_passes(module, FOLD)
+    assert [n.op for n in after.function("main").nodes] == ["scalar", "call"]
+    np.testing.assert_array_equal(evaluate(after, [])[0], np.float32(np.exp(2.0)))  # exp rounded once

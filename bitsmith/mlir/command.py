@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..ir.graph import TensorInfo
-from ..ir.printer import format_tensor, print_module
+from ..ir.printer import print_module
+from ..opt import tensors_with_data, write_safetensors
 from .options import ATTENTION_FORMS
 
 
@@ -53,26 +53,14 @@ def run_export(args: argparse.Namespace, quant_options: dict[str, Any],
     return 0
 
 
-def imported_text(module: Any, missing: tuple[TensorInfo, ...]) -> str:
-    """``print_module`` text that also lists the constants known only by name, shape and hash."""
-    text = print_module(module)
-    if not missing:
-        return text
-    lines = text.split("\n")
-    infos = sorted(list(module.tensors.infos()) + list(missing), key=lambda i: i.name)
-    head = 1 + len(module.tensors)  # header line, then the tensor lines print_module wrote
-    return "\n".join(lines[:1] + [f"  {format_tensor(i)}" for i in infos] + lines[head:])
-
-
 def run_import(args: argparse.Namespace) -> int:
     from .interop import import_mlir
 
     start = time.perf_counter()
     imported = import_mlir(args.file, args.tensors or args.artifact)
-    Path(args.out).write_text(imported_text(imported.module, imported.missing), encoding="utf-8")
+    Path(args.out).write_text(print_module(imported.module), encoding="utf-8")  # lists data-less ones too
     if args.tensors_out:
-        import safetensors.numpy
-        safetensors.numpy.save_file(dict(imported.module.tensors), args.tensors_out)
+        write_safetensors(tensors_with_data(imported.module), args.tensors_out)
     nodes = sum(len(f.nodes) for f in imported.module.functions)
     _say(f"wrote {args.out} ({len(imported.module.functions)} functions, {nodes} nodes) in "
          f"{time.perf_counter() - start:.1f}s")

@@ -7,7 +7,8 @@ again by bitsmith's op definitions and checked against the MLIR result types. Un
 are the pieces of a run and carry no node of their own. Constants: inline ``dense`` data is
 read back; an ``ml_program`` external global needs its data from ``tensors`` (an artifact's
 weights or a safetensors file), checked by sha256, or stays data-less: then ``missing``
-lists it by name, shape, dtype and hash and ``module`` holds no data for it.
+lists it by name, shape, dtype and hash and ``module``'s table is a ``DeclaredTensorTable``
+that knows it by those alone (the module verifies; reading its data raises).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..ir.declared_tensors import DeclaredTensorTable
 from ..ir.graph import Function, Module, Node, TensorInfo, TensorTable, Value, sha256_of
 from ..ir.ops import get_op
 from ..ir.types import TensorType, numpy_dtype
@@ -206,8 +208,10 @@ class _Importer:
         attrs = decode_dict(mlir_module.operation.attributes[MODULE_ATTRS]) \
             if MODULE_ATTRS in mlir_module.operation.attributes else ()
         funcs = tuple(self.functions[n] for n in self.top)
-        module = Module(funcs, TensorTable(self.data), attrs)
-        return ImportedModule(module, tuple(self.missing[n] for n in sorted(self.missing)))
+        declared = [self.missing[n] for n in sorted(self.missing)]
+        table = DeclaredTensorTable(self.data, declared) if declared else TensorTable(self.data)
+        module = Module(funcs, table, attrs)
+        return ImportedModule(module, tuple(declared))
 
 
 def import_module(text: str, tensors: Mapping[str, np.ndarray] | None = None) -> ImportedModule:

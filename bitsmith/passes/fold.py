@@ -18,7 +18,7 @@ from bitsmith.ir import Module, Node
 from bitsmith.ir.graph import freeze_attrs
 from bitsmith.ir.interpreter import RULES, EvalContext, InterpreterError
 from bitsmith.ir.symbolic import SymbolicDimError
-from bitsmith.ir.traits import SOURCE, has_trait
+from bitsmith.ir.traits import PURE, SOURCE, has_trait
 
 from .base import Pass, register_pass
 from .rewrite import Pattern, Rewriter, apply_patterns
@@ -80,9 +80,15 @@ class ConstantFolding(Pass):
                     rw.memo[o.name] = None if values is None else values[k]
             return rw.memo[value]
 
+        def from_source(value: str, rw: Rewriter) -> bool:
+            node = rw.producer(value)
+            return node is not None and has_trait(node.op, SOURCE)
+
         def foldable(node: Node, rw: Rewriter) -> bool:
+            # types and producers first: a source's data is read only when every input is one
             size = _static_size(node)
-            return (bool(node.inputs) and node.op in RULES and size is not None and size <= self.max_elements
+            return (bool(node.inputs) and has_trait(node.op, PURE) and node.op in RULES and size is not None
+                    and size <= self.max_elements and all(from_source(i, rw) for i in node.inputs)
                     and all(known(i, rw) is not None for i in node.inputs))
 
         def fold(node: Node, rw: Rewriter) -> None:

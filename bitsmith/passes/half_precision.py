@@ -94,10 +94,16 @@ def _convert_function(fn: Function, tensors: Any, new_tensors: dict[str, np.ndar
                                   and producers[i].op == "constant")
     casts: dict[str, str] = {}
     widened: dict[str, str] = {}
+    taken = {p.name for p in fn.params} | {o.name for n in fn.nodes for o in n.outputs}
 
     def cast_node(src: str, dtype: str, cache: dict[str, str]) -> str:
         if src not in cache:
-            name = f"{src}_{'h' if dtype == HALF else 'f'}"
+            name = base = f"{src}_{'h' if dtype == HALF else 'f'}"
+            suffix = 0
+            while name in taken:  # a user's value may already be called x_h
+                suffix += 1
+                name = f"{base}.{suffix}"
+            taken.add(name)
             t = TensorType(types[src].shape, dtype)
             nodes.append(Node("cast", (src,), (Value(name, t),), freeze_attrs({"dtype": dtype})))
             types[name] = t
@@ -141,23 +147,33 @@ def _convert_function(fn: Function, tensors: Any, new_tensors: dict[str, np.ndar
     return fn.replace(params=tuple(params), nodes=tuple(nodes), results=tuple(results))
 
 
+ACTIVATIONS_ATTR = "activations"  # module attribute: the narrow dtype once converted
+
+
 def to_half(module: Module) -> Module:
-    """The module with float16 activations and weights (see the module docstring)."""
+    """The module with float16 activations and weights (see the module docstring), marked with
+    the module attribute ``activations = "float16"``."""
     new_tensors: dict[str, np.ndarray] = {}
     functions = [_convert_function(fn, module.tensors, new_tensors) for fn in module.functions]
-    return module.replace(functions=tuple(functions), tensors=module.tensors.with_tensors(new_tensors))
+    return module.replace(functions=tuple(functions), tensors=module.tensors.with_tensors(new_tensors),
+                          attrs={**dict(module.attrs), ACTIVATIONS_ATTR: HALF})
 
 
 @register_pass
 @dataclass(frozen=True)
 class HalfPrecision(Pass):
     """float32 activations and weights to ``dtype``, float32 kept where needed (see module doc).
-    Not idempotent: run it once (the float32 values it keeps would be narrowed by a second run)."""
+    A module already converted (module attribute ``activations``) is returned unchanged: the
+    float32 values the first run keeps would be narrowed by a second (e.g. a user's
+    ``--pass half-precision`` before tvm-cuda's own lower phase)."""
 
     name = "half-precision"
+    idempotent = True
     dtype: str = HALF
 
     def apply(self, module: Module) -> Module:
         if self.dtype not in NARROW_DTYPES:
             raise PassError(f"half-precision: dtype must be one of {NARROW_DTYPES}, got {self.dtype!r}")
+        if module.attr(ACTIVATIONS_ATTR) is not None:
+            return module
         return to_half(module)

@@ -113,7 +113,7 @@ class Quantize(Pass):
                 if stats is None:
                     raise ValueError(f"calibration has no statistics for the input %{node.inputs[0]} "
                                      f"of linear {site.module_path}")
-            attrs = qlinear_attrs(site.weight.shape, scheme, self.group_size, sparsity, outliers,
+            attrs = qlinear_attrs(site.weight_type.shape, scheme, self.group_size, sparsity, outliers,
                                   len(node.inputs) == 3)
             roles = operand_roles(attrs)
             key = (site.weight_name, sparsity, outliers, node.inputs[0] if self.calibrate else None)

@@ -59,6 +59,14 @@ class TensorBook:
     def get(self, name: str) -> np.ndarray:
         return self.added[name] if name in self.added else self.table[name]
 
+    def type_of(self, name: str) -> TensorType:
+        """Shape and dtype without reading data (a table may know its constants by hash only)."""
+        if name in self.added:
+            array = self.added[name]
+            return TensorType(tuple(array.shape), dtype_of_numpy(array.dtype))
+        info = self.table.info(name)
+        return TensorType(info.shape, info.dtype)
+
     def add_group(self, hint: str, arrays: Mapping[str, np.ndarray]) -> str:
         prefix, i = hint, 0
         while prefix in self.prefixes or any(prefix + s in self for s in arrays):
@@ -145,6 +153,10 @@ class Rewriter:
         """A tensor of the module's table, or one a pattern added."""
         return self._tensors.get(name)
 
+    def tensor_type(self, name: str) -> TensorType:
+        """That tensor's shape and dtype, without reading its data."""
+        return self._tensors.type_of(name)
+
     # ------------------------------------------------------------ names and constants
 
     def fresh(self, hint: str = "v") -> str:
@@ -169,8 +181,7 @@ class Rewriter:
 
     def constant(self, tensor: str, hint: str = "v", loc: Location | None = None) -> str:
         """Inserts a ``constant`` node reading table tensor ``tensor``; returns its value name."""
-        array = self._tensors.get(tensor)
-        out = Value(self.fresh(hint), TensorType(tuple(array.shape), dtype_of_numpy(array.dtype)))
+        out = Value(self.fresh(hint), self._tensors.type_of(tensor))
         self.insert(Node("constant", (), (out,), freeze_attrs({"name": tensor}), loc))
         return out.name
 

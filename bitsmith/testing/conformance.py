@@ -24,8 +24,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..backends import backend_for_target
-from ..backends.base import Backend, Executable
+from ..backends.base import Backend, Executable, check_legal
 from ..backends.files import BytesFiles
+from ..errors import UnsupportedOpError
 from ..ir import Module, evaluate, print_module
 from ..passes import Pass, PassManager, parse_pass_spec
 from ..tolerance import Tolerance, max_errors
@@ -82,15 +83,12 @@ def pipeline_passes(backend: Backend, target: str, options: Mapping[str, Any]) -
 
 
 def illegal_op(backend: Backend, target: str, options: Mapping[str, Any], module: Module) -> str | None:
-    """The first node the backend does not declare legal, as "op (reason)"; None if all are."""
-    legal = backend.legal_ops(target, options)
-    for fn in module.functions:
-        for node in fn.nodes:
-            if node.op not in legal.ops:
-                return node.op
-            reason = legal.check(node) if legal.check is not None else None
-            if reason is not None:
-                return f"{node.op} ({reason})"
+    """Why the backend does not accept ``module`` (``compile``'s own check, ``check_legal``);
+    None if it does."""
+    try:
+        check_legal(module, backend.legal_ops(target, options), target)
+    except UnsupportedOpError as e:
+        return str(e)
     return None
 
 

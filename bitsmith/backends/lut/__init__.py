@@ -140,7 +140,8 @@ class LUTBackend(Backend):
         int8 tables round each 32-activation block to 1/254 of its largest entry: measured
         1.45% of max|logit| on tiny Llama (tests/test_lut_backend.py); 3% is a 2x margin, and a
         wrong plane weight, scale or table index moves logits by O(max|logit|)."""
-        host = Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=1e-5)  # the tvm-llvm host path's bound
+        from ..tvm import TVMBackend
+        host = TVMBackend().tolerance("tvm-llvm", {})  # the host path's float32 bound, one source
         if options.get("lut_tables", "int8") == "int8":
             return Tolerance(rtol=host.rtol, atol=host.atol, scale_rtol=0.03)
         return host

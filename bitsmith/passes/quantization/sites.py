@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
 
-from bitsmith.ir import Module, Node
+from bitsmith.ir import Module, Node, TensorType
+from bitsmith.ir.types import FLOAT_DTYPES
 
 from ..rewrite import Pattern, Predicate, Rewriter, RewriteFn, apply_patterns
 
@@ -43,8 +44,14 @@ class LinearSite:
 
     node: Node
     weight_name: str  # its tensor-table name
-    weight: np.ndarray  # [out, in], read-only
+    weight_type: TensorType  # [out, in], a float dtype
     weight_loc: object  # the constant node's location
+    rewriter: Rewriter = field(repr=False, compare=False)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The weight's data, read only when a pass needs it (``outliers`` only annotates)."""
+        return self.rewriter.tensor(self.weight_name)
 
     @property
     def module_path(self) -> str:
@@ -57,10 +64,10 @@ def linear_site(node: Node, rw: Rewriter) -> LinearSite | None:
     if producer is None or producer.op != "constant":
         return None
     name = producer.attr("name")
-    weight = rw.tensor(name)
-    if weight.dtype.kind != "f" or weight.ndim != 2:
+    weight_type = rw.tensor_type(name)
+    if weight_type.dtype not in FLOAT_DTYPES or weight_type.rank != 2:
         return None
-    return LinearSite(node, name, weight, producer.loc)
+    return LinearSite(node, name, weight_type, producer.loc, rw)
 
 
 def rewrite_selected_linears(module: Module, layers: tuple[str, ...], rewrite: RewriteFn, name: str) -> Module:

@@ -52,7 +52,12 @@ def test_loaded_executable_runs_the_stored_schedule():
 
 @pytest.mark.parametrize("damage,message", [(lambda d: d.pop("format"), "not a toy-schedule"),
                                             (lambda d: d["functions"][0].pop("steps"), "malformed"),
-                                            (lambda d: d["functions"].clear(), "functions")])
+                                            (lambda d: d["functions"].clear(), "functions"),
+                                            (lambda d: d["functions"][0]["steps"][1].update(op="conv"),
+                                             "op 'conv' has no toy kernel"),
+                                            (lambda d: d["functions"][0]["steps"][1].update(dtypes=["float16"]),
+                                             "needs one output of a dtype"),
+                                            (lambda d: d["functions"][0]["steps"].reverse(), "before it is defined")])
 def test_damaged_schedule_is_an_artifact_error(damage, message):
     module = _tiny_module()
     doc = json.loads(ToyBackend().build(module, "toy-numpy", {}).files()["schedule.json"])

@@ -21,7 +21,7 @@ from .executor import ToyExecutable
 from .kernels import KERNELS
 
 SCHEDULE_FILE = "schedule.json"
-DTYPES = frozenset({"float32", "int64", "bool"})
+DTYPES = sched.DTYPES
 
 
 def check_node(node: Node) -> str | None:

@@ -22,6 +22,8 @@ from typing import Any
 from bitsmith.errors import ArtifactError
 from bitsmith.ir import Module
 
+DTYPES = frozenset({"float32", "int64", "bool"})  # what the toy kernels compute in
+
 FORMAT, VERSION = "toy-schedule", 1
 
 
@@ -86,7 +88,31 @@ def from_json(data: bytes, where: str) -> dict[str, FunctionSchedule]:
             params = tuple(Param(p["name"], tuple(p["shape"]), p["dtype"]) for p in f["params"])
             steps = tuple(Step(s["op"], tuple(s["inputs"]), tuple(s["outputs"]), tuple(s["dtypes"]), dict(s["attrs"]))
                           for s in f["steps"])
-            out[f["name"]] = FunctionSchedule(f["name"], params, steps, tuple(f["results"]))
+            out[f["name"]] = _checked(FunctionSchedule(f["name"], params, steps, tuple(f["results"])), where)
         return out
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(where, f"malformed schedule: {type(e).__name__}: {e}") from None
+
+
+def _checked(fs: FunctionSchedule, where: str) -> FunctionSchedule:
+    """Refuses at load what ``run`` could not execute: an op without a kernel, a dtype the toy
+    does not compute in, a value read before it is defined, a step without exactly one output."""
+    from .kernels import KERNELS  # kernels import nothing from here; keeps this module light
+
+    defined = {p.name for p in fs.params}
+    for p in fs.params:
+        if p.dtype not in DTYPES:
+            raise ArtifactError(where, f"@{fs.name}: parameter {p.name!r} has dtype {p.dtype!r}; the toy runs {sorted(DTYPES)}")
+    for i, s in enumerate(fs.steps):
+        if s.op != "constant" and s.op not in KERNELS:
+            raise ArtifactError(where, f"@{fs.name} step {i}: op {s.op!r} has no toy kernel")
+        if len(s.outputs) != 1 or len(s.dtypes) != 1 or s.dtypes[0] not in DTYPES:
+            raise ArtifactError(where, f"@{fs.name} step {i} ({s.op}): needs one output of a dtype in {sorted(DTYPES)}")
+        missing = [v for v in s.inputs if v not in defined]
+        if missing:
+            raise ArtifactError(where, f"@{fs.name} step {i} ({s.op}): reads {missing[0]!r} before it is defined")
+        defined.add(s.outputs[0])
+    if any(r not in defined for r in fs.results):
+        raise ArtifactError(where, f"@{fs.name}: a result is never defined")
+    return fs
+
