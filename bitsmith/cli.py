@@ -1,4 +1,4 @@
-"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust, opt, export-mlir,
+"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust, opt, bench, export-mlir,
 import-mlir.
 
 Every user-facing failure (a BitsmithError, a missing file, a bad value) prints one line,
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from .bench import add_bench_command
 from .cli_opt import add_opt_command
 from .errors import BitsmithError
 
@@ -475,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_trust)
 
     add_opt_command(sub)
+    add_bench_command(sub)
     return parser
 
 
