@@ -116,10 +116,10 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def machine(manifest: dict[str, Any]) -> Machine:
+def machine(manifest: dict[str, Any], usable_cores: int) -> Machine:
     from .runtime import trust
     built = sorted({f"{f.spec.kind} for {f.spec.arch} {f.spec.cpu}" for f in trust.native_files(manifest)})
-    return Machine(_cpu_model(), os.cpu_count() or 1, _usable_cores(), tuple(built))
+    return Machine(_cpu_model(), os.cpu_count() or 1, usable_cores, tuple(built))
 
 
 def parameter_count(module: Any) -> int:
@@ -159,6 +159,17 @@ def _load(path: str, threads: int | None, trust_native_code: bool) -> Any:
     return bitsmith.load(path, trust_native_code=trust_native_code)
 
 
+def _pool_threads(report: dict[str, Any]) -> int | None:
+    """The TVM pool size the runs used: the tvm-llvm report's, or, for a target whose host code
+    runs on TVM's pool (lut-cpu), the calling thread's pool; None where no TVM pool runs."""
+    if isinstance(report.get("threads_effective"), int):
+        return int(report["threads_effective"])
+    if report.get("engine_threads") == "TVM thread pool":
+        from .backends.tvm import runtime_cpu
+        return runtime_cpu.num_threads()
+    return None
+
+
 def _one_run(cm: Any, prompt: np.ndarray, gen_tokens: int) -> tuple[float, float, float]:
     """(prefill seconds, time to first token, decode seconds) of one prefill + greedy decode."""
     from .runtime.generate import empty_cache, positions
@@ -183,6 +194,7 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 128, repeti
               threads: int | None = None, seed: int = 0, trust_native_code: bool = False) -> BenchResult:
     """Measures the artifact at ``path`` (see the module docstring for what and how)."""
     from .runtime.manifest import read_manifest, tensor_bytes
+    usable = _usable_cores()  # before any run: TVM's pool pins the calling thread to one CPU
     manifest = read_manifest(path)
     check_request(manifest, prompt_tokens, gen_tokens, repetitions, threads)
     cm = _load(path, threads, trust_native_code)
@@ -191,20 +203,19 @@ def run_bench(path: str, prompt_tokens: int = 512, gen_tokens: int = 128, repeti
     _one_run(cm, prompt, gen_tokens)  # warm-up: first-call costs (allocation, pools) stay out
     runs = [_one_run(cm, prompt, gen_tokens) for _ in range(repetitions)]
     pre, ttft, dec = ([r[i] for r in runs] for i in range(3))
-    executable = cm.executable.report()
-    effective = executable.get("threads_effective")
+    effective = _pool_threads(cm.executable.report())
     attrs = manifest["module_attrs"]
     return BenchResult(
         path=str(path), model=str(attrs.get("model_name") or os.path.basename(os.path.normpath(path))),
         target=manifest["target"], backend=manifest["backend"], size_bytes=tensor_bytes(manifest),
         params=parameter_count(cm.module), threads=threads,
-        threads_effective=int(effective) if isinstance(effective, int) else None,
+        threads_effective=effective,
         prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions, seed=seed,
         prefill_seconds=Stat.of(pre), decode_seconds=Stat.of(dec),
         prefill_tokens_per_second=Stat.of([prompt_tokens / s for s in pre]),
         decode_tokens_per_second=Stat.of([gen_tokens / s for s in dec]),
         time_to_first_token_seconds=Stat.of(ttft), peak_rss_bytes=peak_rss_bytes(),
-        machine=machine(manifest))
+        machine=machine(manifest, usable))
 
 
 def _size(n: float) -> str:
