@@ -144,3 +144,37 @@ def assert_one_line_error(code: int, out: str, err: str, words: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bitsmith: error: "), err
     assert words in lines[0], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_size_the_tvm_pool(tmp_path, threads):
+    """--threads reaches the TVM pool: in a fresh process (the command line's case) the pool the
+    runs used has exactly that many threads, also where TVM's own default differs."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("tvm")
+    if len(os.sched_getaffinity(0)) < threads:
+        pytest.skip(f"needs {threads} usable CPUs")
+    from bitsmith.testing.hf_configs import make_model
+    bitsmith.compile(make_model("llama"), target="tvm-llvm").save(str(tmp_path / "tvm"))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-m", "bitsmith", "bench", str(tmp_path / "tvm"), "--json",
+                          "--prompt-tokens", "4", "--gen-tokens", "2", "--repetitions", "1",
+                          "--threads", str(threads)],
+                         env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["threads_effective"] == threads
+
+
+def test_run_bench_imports_neither_frontend_nor_passes(llama):
+    import subprocess
+    import sys
+    code = ("import sys; from bitsmith.bench import run_bench; "
+            f"run_bench({str(llama[0])!r}, prompt_tokens=2, gen_tokens=1, repetitions=1); "
+            "print(sorted(m for m in sys.modules if m.startswith(('bitsmith.frontend', 'bitsmith.passes'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
