@@ -100,6 +100,11 @@ def test_repetition_penalty_follows_ctrl_rule():
 def test_invalid_sampling_values_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingConfig(do_sample=True, **bad)
+    if "repetition_penalty" not in bad:  # greedy ignores the sampling fields, as transformers does
+        SamplingConfig(do_sample=False, **bad)
+    else:
+        with pytest.raises(ValueError):
+            SamplingConfig(do_sample=False, **bad)
 
 
 # --- on a compiled tiny Llama -------------------------------------------------------------

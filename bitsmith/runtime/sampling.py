@@ -38,6 +38,12 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
+            raise ValueError(f"repetition_penalty must be a positive finite number, got {self.repetition_penalty}")
+        if self.do_sample:  # greedy ignores the sampling fields, as transformers does
+            self._check_sampling()
+
+    def _check_sampling(self) -> None:
         if not (self.temperature > 0 and np.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a positive finite number, got {self.temperature} "
                              "(for greedy decoding leave do_sample False)")
@@ -47,8 +53,6 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not (self.repetition_penalty > 0 and np.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be a positive finite number, got {self.repetition_penalty}")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
 
