@@ -172,3 +172,50 @@ def test_smollm2_template_from_gguf_travels_and_matches_transformers(smollm2, tm
         for gen in (True, False):
             assert cm.apply_chat_template(messages, gen) == \
                 tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+
+def test_chat_in_a_terminal_through_tmux(chat_dir, tmp_path: Path):
+    """`bitsmith chat` on a real terminal (tmux send-keys / capture-pane): the "> " prompt,
+    two turns streamed in order, /exit ends it. Its own tmux server (-L), killed at the end."""
+    import shutil
+    import time
+    if shutil.which("tmux") is None:
+        pytest.skip("needs tmux")
+    hf, art = chat_dir
+    sock = f"bitsmith-test-{os.getpid()}"
+    tmux = ["tmux", "-L", sock]
+    done = tmp_path / "done"
+    cmd = (f"cd {ROOT} && PYTHONPATH={ROOT} {sys.executable} -m bitsmith chat {art} --max-new-tokens 4; "
+           f"touch {done}")
+    subprocess.run([*tmux, "new-session", "-d", "-x", "200", "-y", "50", cmd], check=True, timeout=30)
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True, timeout=30).stdout
+
+    def wait_for(test, what: str) -> str:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            text = screen()
+            if test(text):
+                return text
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; screen:\n{screen()}")
+    try:
+        wait_for(lambda s: s.rstrip().endswith(">"), "the first prompt")
+        subprocess.run([*tmux, "send-keys", "w7 w8", "Enter"], check=True, timeout=30)
+        wait_for(lambda s: s.count(">") >= 2, "the first reply")
+        subprocess.run([*tmux, "send-keys", "w9", "Enter"], check=True, timeout=30)
+        text = wait_for(lambda s: s.count(">") >= 3, "the second reply")
+        subprocess.run([*tmux, "send-keys", "/exit", "Enter"], check=True, timeout=30)
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert done.exists(), "chat did not end on /exit"
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True, timeout=30)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    first = "w4 w7 w8 w2 w3 "
+    reply1 = _hf_greedy(hf, first, 4)
+    second = f"w4 w7 w8 w2 w5 {reply1.strip()} w2 w4 w9 w2 w3 "
+    assert lines[0] == "> w7 w8" and lines[1].split() == reply1.split()
+    assert lines[2] == "> w9" and lines[3].split() == _hf_greedy(hf, second, 4).split()
