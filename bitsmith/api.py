@@ -115,7 +115,8 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
                "pass_seconds": pass_seconds}
     lm = None
     if module.attr("kind") == "causal_lm":
-        lm = LanguageModelInfo(captured.tokenizer_json, captured.bos_token_id, captured.eos_token_id)
+        lm = LanguageModelInfo(captured.tokenizer_json, captured.bos_token_id, captured.eos_token_id,
+                               captured.chat_template)
     return CompiledModel(module, executable, target, {**resolved, **compression.as_json()}, lm, info, timings)
 
 
@@ -138,15 +139,23 @@ def _with_tokenizer(captured: Any, tokenizer: Any) -> Any:
         text = backend.to_str()
     bos = captured.bos_token_id if captured.bos_token_id is not None else getattr(tokenizer, "bos_token_id", None)
     eos = captured.eos_token_id if captured.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-    return dataclasses.replace(captured, tokenizer_json=text, bos_token_id=bos, eos_token_id=eos)
+    template = captured.chat_template
+    if template is None and isinstance(getattr(tokenizer, "chat_template", None), str):
+        template = tokenizer.chat_template
+    return dataclasses.replace(captured, tokenizer_json=text, bos_token_id=bos, eos_token_id=eos,
+                               chat_template=template)
 
 
-def load(path: str, trust_native_code: bool = False) -> CompiledModel:
+def load(path: str, trust_native_code: bool = False, threads: int | None = None) -> CompiledModel:
     """Loads a saved artifact; validates every file before running anything from it.
 
     Native code in it (kernel libraries, the LUT engine) loads only if this machine built it
     (its digests are in the local trust store, see ``bitsmith trust``) or if
     ``trust_native_code=True``; otherwise ``UntrustedNativeCodeError`` says which files and how
-    to trust them. Pass True only for artifacts from a source you would let run code."""
+    to trust them. Pass True only for artifacts from a source you would let run code.
+
+    ``threads`` sets the CPU kernel thread count of targets that have one (tvm-llvm, lut-cpu;
+    0: every core the process may use), replacing the one stored at compile time; the reference
+    target refuses it (ValueError)."""
     from .runtime.artifact import load_artifact
-    return load_artifact(path, trust_native_code=trust_native_code)
+    return load_artifact(path, trust_native_code=trust_native_code, threads=threads)

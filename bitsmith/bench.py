@@ -13,7 +13,6 @@ loading. Uses the runtime only (never the frontend or passes).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -25,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-THREAD_ENV = ("OMP_NUM_THREADS", "TVM_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -147,16 +145,12 @@ def peak_rss_bytes() -> int | None:
 
 
 def _load(path: str, threads: int | None, trust_native_code: bool) -> Any:
-    """Loads with ``threads`` through ``bitsmith.load`` when it takes them; otherwise sets the
-    thread-count variables the way benchmarks/cpu_decode.py does, which take effect only if no
-    TVM or OpenMP pool has started in this process yet (true for the command line)."""
+    """``threads`` go through ``bitsmith.load`` (None: the artifact's own setting); the
+    reference target refuses a thread count, as load says."""
     import bitsmith
-    if threads is not None and "threads" in inspect.signature(bitsmith.load).parameters:
-        return bitsmith.load(path, trust_native_code=trust_native_code, threads=threads)
-    if threads is not None:
-        for var in THREAD_ENV:
-            os.environ[var] = str(threads)
-    return bitsmith.load(path, trust_native_code=trust_native_code)
+    if threads is None:
+        return bitsmith.load(path, trust_native_code=trust_native_code)
+    return bitsmith.load(path, trust_native_code=trust_native_code, threads=threads)
 
 
 def _pool_threads(report: dict[str, Any]) -> int | None:

@@ -1,4 +1,4 @@
-"""The ``bitsmith`` command line: targets, compile, run, eval, inspect, trust, opt, bench, export-mlir,
+"""The ``bitsmith`` command line: targets, compile, run, chat, eval, inspect, trust, opt, bench, export-mlir,
 import-mlir.
 
 Every user-facing failure (a BitsmithError, a missing file, a bad value) prints one line,
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .bench import add_bench_command
+from .cli_generate import add_generation_commands
 from .cli_opt import add_opt_command
 from .errors import BitsmithError
 
@@ -125,28 +126,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm.save(args.out)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
     _progress(f"saved to {args.out} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from .runtime.artifact import load_artifact
-
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    cm = load_artifact(args.artifact, trust_native_code=args.trust_native_code)
-    if not cm.is_language_model:
-        raise ValueError(f"{args.artifact} holds no causal language model (module kind "
-                         f"{cm.module.attr('kind')!r}); `bitsmith run` generates text only")
-    tokenizer = cm.tokenizer()
-    ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
-    eos = cm.lm.eos_token_id if cm.lm is not None else None
-    out = cm.generate(np.asarray([ids], dtype=np.int64), max_new_tokens=args.max_new_tokens, eos_token_id=eos)
-    new_ids = [int(t) for t in np.asarray(out)[0, len(ids):]]
-    print(tokenizer.decode(new_ids, skip_special_tokens=True))
     return 0
 
 
@@ -433,12 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quant_arguments(p)
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("run", help="generate text with a compiled language model")
-    p.add_argument("artifact", metavar="DIR")
-    p.add_argument("--prompt", required=True, help="raw prompt text (no special tokens are added)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    _add_trust_argument(p)
-    p.set_defaults(func=cmd_run)
+    add_generation_commands(sub, _add_trust_argument)
 
     p = sub.add_parser("eval", help="perplexity of a compiled (optionally quantized) language model on a text")
     p.add_argument("model", metavar="MODEL", help="a model name, HF directory or .gguf, or an artifact DIR")

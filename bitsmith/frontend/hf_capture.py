@@ -32,6 +32,9 @@ class CapturedModel:
     tokenizer_json: str | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # the tokenizer's jinja chat template (transformers reads it from tokenizer_config.json or
+    # the GGUF metadata key tokenizer.chat_template); it travels in the artifact
+    chat_template: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     # pass specs the compiler runs before any other: what makes the module whole (a causal
     # LM's KV cache); the frontend names them and never imports the passes
@@ -112,8 +115,9 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str |
     }
     module = verify_module(Module((fn,), tensors, attrs))
     t2 = time.perf_counter()
-    tok_json, bos, eos = None, None, None
+    tok_json, bos, eos, template = None, None, None, None
     if tokenizer is not None:
+        template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
         backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
         tok_json = backend.to_str() if backend is not None else None
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -122,4 +126,4 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str |
     eos = _first_set(eos, getattr(gen, "eos_token_id", None), getattr(cfg, "eos_token_id", None))
     if isinstance(eos, (list, tuple)):  # several EOS ids: the runtime stops on the first only
         eos = eos[0] if eos else None
-    return CapturedModel(module, tok_json, bos, eos, {"export": t1 - t0, "lower": t2 - t1}, ("kv-cache",))
+    return CapturedModel(module, tok_json, bos, eos, template, {"export": t1 - t0, "lower": t2 - t1}, ("kv-cache",))

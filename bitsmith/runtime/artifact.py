@@ -29,7 +29,7 @@ from ..backends.base import Backend, backend_for_target
 from ..errors import ArtifactError, OptionError, UnknownTargetError
 from ..ir import IRParseError, Module, TensorTable, VerificationError, parse_module, print_module, verify_module
 from ..version import __version__
-from .manifest import (FORMAT_VERSION, HASH_FIELD, MANIFEST, TARGET_DIR, TOKENIZER, WEIGHTS,
+from .manifest import (CHAT_TEMPLATE, FORMAT_VERSION, HASH_FIELD, MANIFEST, TARGET_DIR, TOKENIZER, WEIGHTS,
                        check_relative_name, json_subset, manifest_hash, read_manifest, to_json_value)
 from . import trust
 from .artifact_files import ArtifactFiles, FileEntry, check_size, open_file, read_bytes, read_checked
@@ -39,7 +39,7 @@ from .weights_file import read_weights
 __all__ = ["NativeArtifactError", "file_entries", "load_artifact", "op_counts", "read_manifest", "save_artifact",
            "verify_files"]
 
-_ARTIFACT_ENTRIES = frozenset({MANIFEST, WEIGHTS, TOKENIZER, TARGET_DIR})
+_ARTIFACT_ENTRIES = frozenset({MANIFEST, WEIGHTS, TOKENIZER, CHAT_TEMPLATE, TARGET_DIR})
 _CHUNK = 1 << 20
 
 
@@ -90,7 +90,8 @@ def _manifest_body(cm: CompiledModel, backend_name: str) -> dict[str, Any]:
                     for i in cm.module.tensors.infos()],
         "language_model": None if lm is None else {
             "bos_token_id": lm.bos_token_id, "eos_token_id": lm.eos_token_id,
-            "has_tokenizer": lm.tokenizer_json is not None},
+            "has_tokenizer": lm.tokenizer_json is not None,
+            **({"has_chat_template": True} if lm.chat_template is not None else {})},
         "compile_info": json_subset(dict(cm.compile_info)),
         "native": {f"{TARGET_DIR}/{check_relative_name(name)}": spec.to_json()
                    for name, spec in sorted(cm.executable.native_files().items())},
@@ -106,6 +107,8 @@ def _write_payload(staging: Path, cm: CompiledModel) -> dict[str, dict[str, Any]
     blobs: dict[str, bytes] = {}
     if cm.lm is not None and cm.lm.tokenizer_json is not None:
         blobs[TOKENIZER] = cm.lm.tokenizer_json.encode("utf-8")
+    if cm.lm is not None and cm.lm.chat_template is not None:
+        blobs[CHAT_TEMPLATE] = cm.lm.chat_template.encode("utf-8")
     for name, data in cm.executable.files().items():
         blobs[f"{TARGET_DIR}/{check_relative_name(name)}"] = bytes(data)
     for name, data in blobs.items():
@@ -229,13 +232,16 @@ def _language_model(root: Path, manifest: dict[str, Any], entries: dict[str, Fil
     lm = manifest["language_model"]
     if lm is None:
         return None
-    tokenizer_json = None
-    if lm["has_tokenizer"]:
-        try:
-            tokenizer_json = read_bytes(root, TOKENIZER, entries[TOKENIZER]).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ArtifactError(str(root / TOKENIZER), f"not UTF-8 text: {e}") from None
-    return LanguageModelInfo(tokenizer_json, lm["bos_token_id"], lm["eos_token_id"])
+    tokenizer_json = _text_file(root, TOKENIZER, entries) if lm["has_tokenizer"] else None
+    template = _text_file(root, CHAT_TEMPLATE, entries) if lm.get("has_chat_template", False) else None
+    return LanguageModelInfo(tokenizer_json, lm["bos_token_id"], lm["eos_token_id"], template)
+
+
+def _text_file(root: Path, name: str, entries: dict[str, FileEntry]) -> str:
+    try:
+        return read_bytes(root, name, entries[name]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArtifactError(str(root / name), f"not UTF-8 text: {e}") from None
 
 
 def _backend(where: str, manifest: dict[str, Any]) -> Backend:
@@ -250,7 +256,8 @@ def _backend(where: str, manifest: dict[str, Any]) -> Backend:
     return backend
 
 
-def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False) -> CompiledModel:
+def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False,
+                  threads: int | None = None) -> CompiledModel:
     """Loads an artifact directory written by ``save_artifact``, refusing any inconsistency.
 
     Order: manifest (size cap, version, self-hash, schema); the trust decision for its native
@@ -262,8 +269,11 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False)
     view that hash-checks each file it returns (the native loader loads only granted digests);
     finally every listed file the backend did not read is hash-checked (streamed). Raises
     ArtifactError naming the bad file (also when no installed backend serves the target, or a
-    stored option is invalid).
+    stored option is invalid). ``threads`` replaces the stored ``threads`` option (CPU kernel
+    threads, 0: every core) of targets that have one; others refuse it (ValueError).
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ValueError(f"threads must be a non-negative integer (0: every core), got {threads!r}")
     root = Path(path)
     manifest = read_manifest(root)
     where = str(root / MANIFEST)
@@ -277,6 +287,11 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False)
     files = ArtifactFiles(root, entries, TARGET_DIR + "/")
     options = dict(manifest["options"])
     target = manifest["target"]
+    if threads is not None:
+        if "threads" not in options:
+            raise ValueError(f"target {target!r} has no thread setting (its kernels run on numpy or a "
+                             "device); drop --threads / threads=, or set OPENBLAS_NUM_THREADS before starting")
+        options["threads"] = threads
     for native, origin in natives:  # the loader hashes what it is given: only these digests load
         native_loader.grant(native.sha256, native.spec, origin)
     try:
@@ -285,5 +300,5 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False)
         raise ArtifactError(where, f"options: {e}") from None
     except native_loader.NativeCodeError as e:  # undeclared library, or an ISA this CPU lacks
         raise NativeArtifactError(where, f"native: {e}") from e
-    verify_files(root, manifest, skip=frozenset(files.read | {WEIGHTS, TOKENIZER}))
+    verify_files(root, manifest, skip=frozenset(files.read | {WEIGHTS, TOKENIZER, CHAT_TEMPLATE}))
     return CompiledModel(module, executable, target, options, lm, dict(manifest["compile_info"]))

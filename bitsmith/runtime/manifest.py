@@ -22,6 +22,7 @@ MAX_MANIFEST_BYTES = 64 << 20   # SmolLM2-135M's manifest is ~0.4 MiB; refused u
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer.json"
+CHAT_TEMPLATE = "chat_template.jinja"   # optional (language_model.has_chat_template)
 TARGET_DIR = "target"
 
 HASH_FIELD = "manifest_sha256"
@@ -157,15 +158,15 @@ def _is_sha256(v: Any) -> bool:
     return isinstance(v, str) and bool(_SHA256.fullmatch(v))
 
 
-def _check_files(c: _Checker, files: Any, has_tokenizer: bool) -> None:
+def _check_files(c: _Checker, files: Any, has_tokenizer: bool, has_chat_template: bool) -> None:
     c.typed(files, "files", lambda v: isinstance(v, dict), "an object")
     for name, entry in files.items():
         try:
             check_relative_name(name)
         except ValueError as e:
             c.fail("files", str(e))
-        c.require(name == WEIGHTS or name == TOKENIZER or name.startswith(TARGET_DIR + "/"),
-                  "files", f"{name!r} is neither {WEIGHTS}, {TOKENIZER} nor under {TARGET_DIR}/")
+        c.require(name in (WEIGHTS, TOKENIZER, CHAT_TEMPLATE) or name.startswith(TARGET_DIR + "/"),
+                  "files", f"{name!r} is neither {WEIGHTS}, {TOKENIZER}, {CHAT_TEMPLATE} nor under {TARGET_DIR}/")
         where = f"files[{name!r}]"
         c.keys(entry, where, {"sha256", "size"})
         c.typed(entry["sha256"], f"{where}.sha256", _is_sha256, "64 lowercase hex digits")
@@ -174,6 +175,8 @@ def _check_files(c: _Checker, files: Any, has_tokenizer: bool) -> None:
     c.require(WEIGHTS in files, "files", f"{WEIGHTS} is not listed")
     c.require((TOKENIZER in files) == has_tokenizer, "files",
               f"{TOKENIZER} must be listed exactly when language_model.has_tokenizer is true")
+    c.require((CHAT_TEMPLATE in files) == has_chat_template, "files",
+              f"{CHAT_TEMPLATE} must be listed exactly when language_model.has_chat_template is true")
 
 
 def _check_native(c: _Checker, native: Any, files: dict[str, Any]) -> None:
@@ -201,12 +204,16 @@ def _check_schema(c: _Checker, m: dict[str, Any]) -> None:
     _check_tensors(c, m["tensors"])
     lm = m["language_model"]
     if lm is not None:
-        c.keys(lm, "language_model", {"bos_token_id", "eos_token_id", "has_tokenizer"})
+        # has_chat_template is optional: artifacts written before chat templates travelled lack it
+        c.keys(lm, "language_model", {"bos_token_id", "eos_token_id", "has_tokenizer"}
+               | ({"has_chat_template"} & set(lm) if isinstance(lm, dict) else set()))
         for name in ("bos_token_id", "eos_token_id"):
             c.typed(lm[name], f"language_model.{name}", lambda v: v is None or (_is_int(v) and v >= 0),
                     "null or a non-negative integer")
-        c.typed(lm["has_tokenizer"], "language_model.has_tokenizer", lambda v: isinstance(v, bool), "a boolean")
-    _check_files(c, m["files"], lm is not None and lm["has_tokenizer"])
+        for name in ("has_tokenizer", "has_chat_template"):
+            c.typed(lm.get(name, False), f"language_model.{name}", lambda v: isinstance(v, bool), "a boolean")
+    _check_files(c, m["files"], lm is not None and lm["has_tokenizer"],
+                 lm is not None and lm.get("has_chat_template", False))
     _check_native(c, m["native"], m["files"])
 
 

@@ -15,7 +15,9 @@ import numpy as np
 
 from ..backends.base import Executable
 from ..ir import Module
-from .generate import forward_logits, greedy_generate
+from .generate import decode_generate, forward_logits
+from .sampling import SamplingConfig
+from .text import stop_string_check
 
 
 @dataclass
@@ -25,6 +27,9 @@ class LanguageModelInfo:
     tokenizer_json: str | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # the jinja chat template (GGUF tokenizer.chat_template or tokenizer_config.json); None when
+    # the model has none or the artifact predates templates (see runtime/chat_template.py)
+    chat_template: str | None = None
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -97,18 +102,52 @@ class CompiledModel:
         outs = [_to_torch(o, None) for o in outs]  # each output keeps its dtype (int64 indices stay int64)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def generate(self, input_ids: Any, max_new_tokens: int = 20, eos_token_id: int | None = None) -> Any:
+    def generate(self, input_ids: Any, max_new_tokens: int = 20,
+                 eos_token_id: int | Sequence[int] | None = None, *, do_sample: bool = False,
+                 temperature: float | None = None, top_k: int | None = 50, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, pad_token_id: int | None = None,
+                 stop_strings: str | Sequence[str] | None = None, streamer: Any = None) -> Any:
+        """[batch, prompt + new] ids, with transformers' argument names and defaults: greedy
+        unless ``do_sample``; then temperature 1, top_k 50, top_p 1, no min_p (None: default).
+        ``eos_token_id`` is an id or a list of ids (None: no stop on tokens); ``stop_strings``
+        stop a row once its generated text contains one (decoded with the artifact's tokenizer);
+        ``seed`` makes sampled runs repeat exactly (see ``runtime/sampling.py`` for the order
+        of the processors and the generator)."""
         if not self.is_language_model:
             raise TypeError("generate() needs a causal language model; this module is a plain "
                             "nn.Module compiled through torch.fx")
-        ids = greedy_generate(self.run, self.module, _to_numpy(input_ids), max_new_tokens, eos_token_id)
-        return _to_torch(ids, "int64")
+        config = SamplingConfig(do_sample=do_sample, temperature=1.0 if temperature is None else temperature,
+                                top_k=top_k, top_p=1.0 if top_p is None else top_p, min_p=min_p,
+                                repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                                seed=seed)
+        ids = _to_numpy(input_ids)
+        check = None
+        if stop_strings:
+            tokenizer = self.tokenizer()
+            stop = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+            check = stop_string_check(tokenizer.decode, np.shape(ids)[-1], stop)
+        out = decode_generate(self.run, self.module, ids, max_new_tokens, eos_token_id, config,
+                              pad_token_id, check, streamer)
+        return _to_torch(out, "int64")
 
     def tokenizer(self) -> Any:
         if self.lm is None or self.lm.tokenizer_json is None:
             raise ValueError("this compiled model carries no tokenizer")
         from tokenizers import Tokenizer
         return Tokenizer.from_str(self.lm.tokenizer_json)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` from the artifact's chat template (as transformers'
+        ``apply_chat_template(..., tokenize=False)``); ChatTemplateError when there is none."""
+        from .chat_template import render_chat
+        lm = self.lm or LanguageModelInfo()
+        tokenizer = self.tokenizer() if lm.tokenizer_json is not None else None
+
+        def token(i: int | None) -> str | None:
+            return tokenizer.id_to_token(i) if tokenizer is not None and i is not None else None
+        return render_chat(lm.chat_template, messages, add_generation_prompt, token(lm.bos_token_id),
+                           token(lm.eos_token_id))
 
     def save(self, path: str) -> None:
         from .artifact import save_artifact

@@ -30,11 +30,24 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def _lift_cap(n: int) -> None:
+    """TVM never sizes a pool above its MaxConcurrency: ``TVM_NUM_THREADS``, read at each
+    resize, else half the hardware threads on x86 (its guess at physical cores), so on 2 vCPUs
+    an explicit ``threads=2`` would silently run 1. An explicit count (at most the CPUs this
+    process may use) raises that cap; it is never lowered, and ``threads=0`` keeps TVM's own."""
+    want = min(n, cores())
+    current = os.environ.get("TVM_NUM_THREADS", "")
+    if want > 1 and (not current.isdigit() or int(current) < want):
+        os.environ["TVM_NUM_THREADS"] = str(want)
+
+
 def set_threads(threads: int) -> None:
-    """Resizes TVM's pool to ``threads`` (0 = every CPU this process may use)."""
+    """Resizes TVM's pool to ``threads`` (0 = every CPU this process may use, up to TVM's cap)."""
     n = threads or cores()
     if getattr(_applied, "threads", None) == n:
         return
+    if threads:
+        _lift_cap(threads)
     tvm.get_global_func("runtime.config_threadpool")(0, int(n))
     _applied.threads = n
 
