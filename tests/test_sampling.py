@@ -246,6 +246,7 @@ def test_load_threads_sets_tvm_pool_size(tmp_path: Path):
     assert pool_after_run(1) == 1
     assert pool_after_run(2) == min(2, runtime_cpu.cores())
     assert pool_after_run(1) == 1  # and back down
+    assert pool_after_run(0) == runtime_cpu.USABLE_CPUS  # the default: every CPU, not TVM's half
     cm = bitsmith.load(str(tmp_path / "a"), threads=1)
     assert cm.report()["executable"]["threads"] == 1
 

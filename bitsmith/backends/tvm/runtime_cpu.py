@@ -30,24 +30,28 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+# counted once at import: TVM's pool pins the calling thread to one CPU when it starts, after
+# which this process's affinity would report 1
+USABLE_CPUS = cores()
+
+
 def _lift_cap(n: int) -> None:
     """TVM never sizes a pool above its MaxConcurrency: ``TVM_NUM_THREADS``, read at each
     resize, else half the hardware threads on x86 (its guess at physical cores), so on 2 vCPUs
-    an explicit ``threads=2`` would silently run 1. An explicit count (at most the CPUs this
-    process may use) raises that cap; it is never lowered, and ``threads=0`` keeps TVM's own."""
-    want = min(n, cores())
+    ``threads=2`` (or the default 0, "every CPU") would silently run 1. The count (at most the
+    CPUs this process may use) raises that cap; it is never lowered."""
+    want = min(n, USABLE_CPUS)
     current = os.environ.get("TVM_NUM_THREADS", "")
     if want > 1 and (not current.isdigit() or int(current) < want):
         os.environ["TVM_NUM_THREADS"] = str(want)
 
 
 def set_threads(threads: int) -> None:
-    """Resizes TVM's pool to ``threads`` (0 = every CPU this process may use, up to TVM's cap)."""
-    n = threads or cores()
+    """Resizes TVM's pool to ``threads`` (0 = every CPU this process may use)."""
+    n = threads or USABLE_CPUS
     if getattr(_applied, "threads", None) == n:
         return
-    if threads:
-        _lift_cap(threads)
+    _lift_cap(n)
     tvm.get_global_func("runtime.config_threadpool")(0, int(n))
     _applied.threads = n
 
