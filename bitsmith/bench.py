@@ -85,7 +85,8 @@ def check_request(manifest: dict[str, Any], prompt_tokens: int, gen_tokens: int,
                         ("repetitions", repetitions)):
         _positive(name, value)
     if threads is not None:
-        _positive("threads", threads)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise ValueError(f"threads must be a non-negative integer (0: every CPU), got {threads!r}")
     attrs = manifest["module_attrs"]
     if attrs.get("kind") != "causal_lm":
         raise ValueError(f"the artifact holds no causal language model (module kind {attrs.get('kind')!r}); "
@@ -272,7 +273,7 @@ def add_bench_command(sub: Any) -> None:
     p.add_argument("--prompt-tokens", type=int, default=512, metavar="N", help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=int, default=128, metavar="N", help="greedy decode steps (default 128)")
     p.add_argument("--repetitions", type=int, default=3, metavar="N", help="timed runs after one warm-up (default 3)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: the artifact's setting)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads, 0 = every CPU, as on run/chat (default: the artifact's setting)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompt's token ids (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--trust-native-code", action="store_true",

@@ -124,7 +124,7 @@ def test_runs_warm_up_plus_repetitions_of_prefill_and_greedy_decode(llama, monke
     (["--gen-tokens", "0"], "gen tokens must be a positive integer, got 0"),
     (["--repetitions", "-1"], "repetitions must be a positive integer, got -1"),
     (["--prompt-tokens", "0"], "prompt tokens must be a positive integer, got 0"),
-    (["--threads", "0"], "threads must be a positive integer, got 0"),
+    (["--threads", "-1"], "threads must be a non-negative integer (0: every CPU), got -1"),
 ])
 def test_bad_counts_are_one_line_errors(capsys, llama, extra, words):
     code, out, err = run_cli(capsys, "bench", str(llama[0]), *extra)

@@ -219,3 +219,13 @@ def test_chat_in_a_terminal_through_tmux(chat_dir, tmp_path: Path):
     second = f"w4 w7 w8 w2 w5 {reply1.strip()} w2 w4 w9 w2 w3 "
     assert lines[0] == "> w7 w8" and lines[1].split() == reply1.split()
     assert lines[2] == "> w9" and lines[3].split() == _hf_greedy(hf, second, 4).split()
+
+
+@pytest.mark.parametrize("template", ["{{ 1/0 }}", "{{ ''.__class__.__mro__ }}", "{{ range(10**9) }}",
+                                      "{{ messages[5]['content'] }}{{ undefined_fn() }}"])
+def test_a_template_that_fails_is_a_chat_template_error(template):
+    """The template is the artifact's data: whatever it does wrong is a named BitsmithError
+    (one line on the command line), never a traceback or an escape from the sandbox."""
+    from bitsmith.runtime.chat_template import ChatTemplateError, render_chat
+    with pytest.raises(ChatTemplateError, match="failed to render"):
+        render_chat(template, [{"role": "user", "content": "hi"}])

@@ -190,7 +190,7 @@ def byte_level_tokenizer():
 TEXT = "héllo 🙂 wörld café, naïve 🙂!"
 
 
-@pytest.mark.parametrize("stop", [[], ["wörld"], ["🙂!"], ["zzz", "café"], ["!"]])
+@pytest.mark.parametrize("stop", [[], ["wörld"], ["🙂!"], ["zzz", "café"], ["!"], ["naïve"], [" 🙂!"]])
 def test_streamed_pieces_join_to_the_decoded_text_cut_at_stop(byte_level_tokenizer, stop):
     """Multi-byte characters split over byte tokens are never emitted half (no U+FFFD), pieces
     join to exactly the decoded text, cut before the first stop string."""
@@ -206,6 +206,36 @@ def test_streamed_pieces_join_to_the_decoded_text_cut_at_stop(byte_level_tokeniz
     assert "".join(pieces) == want == streamer.text
     assert not any("\ufffd" in p for p in pieces)
     assert len(pieces) > 3  # it streamed, not one piece at the end
+
+
+def test_a_stop_string_whose_start_precedes_a_split_character_is_never_printed():
+    """Stop "a€": after the tokens x, a, b"\xe2\x82" the text ends in U+FFFD; the "a" before
+    it may start the stop string and must be held back (exact byte tokens, no tokenizer luck)."""
+    pieces_of = [b"x", b"a", b"\xe2\x82", b"\xac", b"y"]
+    decode = lambda ids: b"".join(pieces_of[i] for i in ids).decode("utf-8", errors="replace")  # noqa: E731
+    out: list[str] = []
+    streamer = TextStreamer(decode, out.append, ["a\u20ac"])
+    streamer.put(np.array([[0]])[:, :0])  # an empty prompt
+    for t in range(len(pieces_of)):
+        streamer.put(np.array([t]))
+    streamer.end()
+    assert "".join(out) == streamer.text == "x"
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 1e-300, 1e-30])
+def test_a_tiny_temperature_is_greedy_not_nan(temperature):
+    """logits / T would overflow to inf (NaN probabilities, token 0): scaled after the max."""
+    logits = np.array([[0.5, 3.0, -1.0, 2.999]])
+    config = SamplingConfig(do_sample=True, temperature=temperature, top_k=0)
+    probs = sampling_probs(logits, config)
+    assert np.isfinite(probs).all() and probs.argmax() == 1
+    assert next_tokens(logits, np.zeros((1, 0), np.int64), config, np.random.default_rng(0))[0] == 1
+
+
+def test_an_infinite_logit_is_the_only_candidate():
+    logits = np.array([[0.0, np.inf, 5.0, np.inf]])
+    probs = sampling_probs(logits, SamplingConfig(do_sample=True, temperature=0.7, top_k=0))
+    np.testing.assert_allclose(probs, [[0.0, 0.5, 0.0, 0.5]])
 
 
 def test_cut_at_stop_takes_the_earliest_stop():
@@ -246,7 +276,9 @@ def test_load_threads_sets_tvm_pool_size(tmp_path: Path):
     assert pool_after_run(1) == 1
     assert pool_after_run(2) == min(2, runtime_cpu.cores())
     assert pool_after_run(1) == 1  # and back down
-    assert pool_after_run(0) == runtime_cpu.USABLE_CPUS  # the default: every CPU, not TVM's half
+    user_cap = runtime_cpu._USER_CAP  # a TVM_NUM_THREADS set before bitsmith loaded is honoured
+    want = int(user_cap) if user_cap.isdigit() and int(user_cap) > 0 else runtime_cpu.USABLE_CPUS
+    assert pool_after_run(0) == want  # the default: every CPU, not TVM's half of the hardware threads
     cm = bitsmith.load(str(tmp_path / "a"), threads=1)
     assert cm.report()["executable"]["threads"] == 1
 

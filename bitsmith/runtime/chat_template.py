@@ -62,3 +62,6 @@ def render_chat(template: str | None, messages: Sequence[dict[str, Any]], add_ge
                                           bos_token=bos_token or "", eos_token=eos_token or "")
     except TemplateError as e:
         raise ChatTemplateError(f"the chat template failed to render: {e}") from None
+    except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, MemoryError,
+            RecursionError) as e:  # the template is the artifact's data: its failures are named
+        raise ChatTemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from None

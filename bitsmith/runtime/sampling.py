@@ -73,9 +73,20 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return out
 
 
+def scaled_logits(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """``logits / temperature`` after subtracting each row's largest finite logit, so that a
+    tiny temperature cannot overflow to inf (and NaN probabilities); a row holding +inf keeps
+    only its +inf tokens (the limit of the softmax)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = np.isposinf(logits)
+    logits = np.where(top.any(axis=1, keepdims=True), np.where(top, 0.0, -np.inf), logits)
+    m = np.max(logits, axis=1, keepdims=True)
+    return (logits - np.where(np.isfinite(m), m, 0.0)) / temperature
+
+
 def allowed_mask(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
     """[batch, vocab] booleans: the tokens that top-k, top-p and min-p leave (after temperature)."""
-    z = logits / config.temperature
+    z = scaled_logits(logits, config.temperature)
     keep = np.isfinite(z) | (z == np.inf)
     if config.top_k:
         k = min(int(config.top_k), z.shape[1])
@@ -105,8 +116,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 def sampling_probs(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
     """The distribution a sampled token is drawn from: softmax over the allowed tokens."""
-    z = np.asarray(logits, dtype=np.float64) / config.temperature
-    return softmax(np.where(allowed_mask(np.asarray(logits, dtype=np.float64), config), z, -np.inf))
+    z = scaled_logits(logits, config.temperature)
+    return softmax(np.where(allowed_mask(logits, config), z, -np.inf))
 
 
 def next_tokens(logits: np.ndarray, seen: np.ndarray, config: SamplingConfig,

@@ -74,9 +74,10 @@ class TextStreamer:
         full, self.stopped = cut_at_stop(self.decode(self.ids), self.stop)
         ready = full
         if not (final or self.stopped):
-            ready = full[:len(full) - _held_back(full, self.stop)]
-            if ready.endswith(_PARTIAL):
-                ready = ready.rstrip(_PARTIAL)
+            # drop a half-decoded character first: a stop string's start before it must be
+            # held back too (stop "a€" over tokens "a", b"\xe2\x82", b"\xac")
+            ready = full.rstrip(_PARTIAL)
+            ready = ready[:len(ready) - _held_back(ready, self.stop)]
         if ready.startswith(self.text) and len(ready) > len(self.text):
             self.write(ready[len(self.text):])
             self.text = ready

@@ -46,9 +46,13 @@ def _lift_cap(n: int) -> None:
         os.environ["TVM_NUM_THREADS"] = str(want)
 
 
+_USER_CAP = os.environ.get("TVM_NUM_THREADS", "")  # a user's own cap, honoured by threads=0
+
+
 def set_threads(threads: int) -> None:
-    """Resizes TVM's pool to ``threads`` (0 = every CPU this process may use)."""
-    n = threads or USABLE_CPUS
+    """Resizes TVM's pool to ``threads`` (0 = every CPU this process may use, or the user's own
+    ``TVM_NUM_THREADS`` when it was set before bitsmith loaded)."""
+    n = threads or (int(_USER_CAP) if _USER_CAP.isdigit() and int(_USER_CAP) > 0 else USABLE_CPUS)
     if getattr(_applied, "threads", None) == n:
         return
     _lift_cap(n)
