@@ -81,7 +81,8 @@ def scaled_logits(logits: np.ndarray, temperature: float) -> np.ndarray:
     top = np.isposinf(logits)
     logits = np.where(top.any(axis=1, keepdims=True), np.where(top, 0.0, -np.inf), logits)
     m = np.max(logits, axis=1, keepdims=True)
-    return (logits - np.where(np.isfinite(m), m, 0.0)) / temperature
+    with np.errstate(over="ignore"):  # a tiny temperature sends the non-maximal logits to -inf
+        return (logits - np.where(np.isfinite(m), m, 0.0)) / temperature
 
 
 def allowed_mask(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
