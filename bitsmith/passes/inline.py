@@ -63,6 +63,9 @@ def _expand_call(call: Node, callee: Function, known: dict[str, sym.Dim], taken:
 def inline_calls(module: Module, keep_callees: bool = False) -> Module:
     """Every call of every function expanded (callees first); the functions that were called
     are dropped unless ``keep_callees``. The module must verify (no recursion)."""
+    called = {n.attr("callee") for f in module.functions for n in f.nodes if n.op == "call"}
+    if not called:
+        return module  # every tvm/lut compile runs this pass: nothing to rebuild without calls
     done: dict[str, Function] = {}
 
     def expanded(fn: Function) -> Function:
@@ -84,7 +87,6 @@ def inline_calls(module: Module, keep_callees: bool = False) -> Module:
         done[fn.name] = fn.replace(nodes=tuple(nodes), results=tuple(alias.get(r, r) for r in fn.results))
         return done[fn.name]
 
-    called = {n.attr("callee") for f in module.functions for n in f.nodes if n.op == "call"}
     functions = tuple(expanded(f) for f in module.functions if keep_callees or f.name not in called)
     return module.replace(functions=functions)
 

@@ -27,7 +27,7 @@ def make_model(arch: str) -> torch.nn.Module:
         model = Qwen2ForCausalLM(cfg)
     else:
         raise ValueError(arch)
-    return model.eval()
+    return model.train(False)  # inference mode (torch's eval mode, spelled without eval)
 
 
 ARCHS = ("llama", "gpt2", "qwen2")
