@@ -197,7 +197,7 @@ def test_decode_batch_rows_join_and_leave_bit_exact(compiled, target):
         step()
     db.release("a")
     step()
-    assert db.length("c") == len(ps["c"]) + 5 and db.length("d") == len(ps["d"]) + 4
+    assert db.length("c") == len(ps["c"]) + 6 and db.length("d") == len(ps["d"]) + 4
     assert db.width == max(db.length("c"), db.length("d"))
     for k, seq in got.items():
         want = alone(ps[k], len(seq) - 1)
