@@ -71,13 +71,18 @@ def _executable(target: str, key: tuple):
 
 # float32 kernels against a float64 oracle on O(1) data: a few ulps of the O(1) outputs;
 # 1e-5 is the tvm-llvm single-op bound of tests/test_tvm_llvm.py
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# tvm-llvm builds one kernel per head layout, dtype and causality (the dims stay symbolic), so
+# its head layout is fixed at grouped-query 4/2 (the harder indexing) to keep the builds few;
+# the reference draws the layouts too
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(target=st.sampled_from(["reference", "tvm-llvm"]), b=st.integers(1, 3), kv_heads=st.sampled_from([1, 2]),
        group=st.sampled_from([1, 2]), d=st.sampled_from([4, 8]), seq=st.integers(1, 4), extra=st.integers(0, 6),
        mask_dtype=st.sampled_from(["int64", "bool"]), causal=st.booleans(), data=st.data())
 def test_masked_attention_matches_scalar_oracle(tmp_path_factory, monkeypatch, target, b, kv_heads, group, d, seq,
                                                 extra, mask_dtype, causal, data):
     monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ragged-cache"))
+    if target != "reference":
+        kv_heads, group, d = 2, 2, 8
     t = seq + extra
     seed = data.draw(st.integers(0, 2 ** 16))
     rng = np.random.default_rng(seed)
