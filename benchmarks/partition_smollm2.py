@@ -35,12 +35,12 @@ PROMPT = "The capital of France is"
 def prefill_and_decode(module, ids: np.ndarray) -> list[list[np.ndarray]]:
     """Outputs (logits and new cache) of a prefill of ``ids`` and of one greedy decode step."""
     from bitsmith.ir import run_function
-    from bitsmith.runtime.generate import empty_cache, positions
+    from bitsmith.runtime.generate import empty_cache, main_args, positions
 
     n = ids.shape[1]
-    prefill = run_function(module, "main", [ids, positions(1, 0, n), *empty_cache(module, 1)])
+    prefill = run_function(module, "main", main_args(module, ids, positions(1, 0, n), empty_cache(module, 1)))
     token = prefill[0][:, -1:].argmax(-1).astype(np.int64)
-    decode = run_function(module, "main", [token, positions(1, n, 1), *prefill[1:]])
+    decode = run_function(module, "main", main_args(module, token, positions(1, n, 1), prefill[1:]))
     return [prefill, decode]
 
 

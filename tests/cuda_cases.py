@@ -68,19 +68,22 @@ def _model_inputs(module: Any, rng: np.random.Generator, vocab: int) -> list[lis
     """Three argument lists of "main": prefill of 8 and 20 tokens, one decode step after 7."""
     from bitsmith.ir import run_function
     fn = module.function("main")
-    kv = [p for p in fn.params[2:]]
+    kv = [p for p in fn.params[2:] if p.name != "attention_mask"]
 
     def empty_past() -> list[np.ndarray]:
         return [np.zeros((1,) + tuple(0 if isinstance(d, str) else d for d in p.type.shape[1:]), np.float32)
                 for p in kv]
 
+    def ones(n: int) -> list[np.ndarray]:  # the attention_mask (kv-cache pass), every key attended
+        return [np.ones((1, n), np.int64)] if len(kv) < len(fn.params) - 2 else []
+
     cases = []
     for m in (8, 20):
         ids = rng.integers(0, vocab, (1, m))
-        cases.append([ids, np.arange(m)[None], *empty_past()])
+        cases.append([ids, np.arange(m)[None], *empty_past(), *ones(m)])
     ids = rng.integers(0, vocab, (1, 8))
-    outs = run_function(module, "main", [ids[:, :7], np.arange(7)[None], *empty_past()])
-    cases.append([ids[:, 7:], np.array([[7]]), *outs[1:]])
+    outs = run_function(module, "main", [ids[:, :7], np.arange(7)[None], *empty_past(), *ones(7)])
+    cases.append([ids[:, 7:], np.array([[7]]), *outs[1:], *ones(8)])
     return cases
 
 

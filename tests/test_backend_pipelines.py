@@ -118,7 +118,8 @@ def test_a_causal_lm_gets_its_kv_cache_from_the_first_pass():
     cm = bitsmith.compile(make_model("llama"), target="reference")
     assert cm.compile_info["pipeline"][0] == "kv-cache"
     fn = cm.module.function("main")
-    assert [p.name for p in fn.params[2:]] == ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    assert [p.name for p in fn.params[2:]] == ["past_key_0", "past_value_0", "past_key_1", "past_value_1",
+                                               "attention_mask"]
     assert cm.module.attr("num_layers") == 2 and cm.module.attr("kv_heads") == (2, 2)
 
 

@@ -14,7 +14,7 @@ from bitsmith.ir import Module, run_function
 from bitsmith.passes import PassManager
 from bitsmith.passes.cut_report import cut_report
 from bitsmith.runtime.artifact import load_artifact
-from bitsmith.runtime.generate import empty_cache, positions
+from bitsmith.runtime.generate import empty_cache, main_args, positions
 from pass_checks import assert_bitwise_equal
 
 ATTENTION_KV = "partition{pattern=attention_kv,device=attention}"
@@ -22,9 +22,9 @@ ATTENTION_KV = "partition{pattern=attention_kv,device=attention}"
 
 def prefill_and_decode(module: Module, ids: np.ndarray) -> list[list[np.ndarray]]:
     n = ids.shape[1]
-    prefill = run_function(module, "main", [ids, positions(1, 0, n), *empty_cache(module, 1)])
+    prefill = run_function(module, "main", main_args(module, ids, positions(1, 0, n), empty_cache(module, 1)))
     token = prefill[0][:, -1:].argmax(-1).astype(np.int64)
-    return [prefill, run_function(module, "main", [token, positions(1, n, 1), *prefill[1:]])]
+    return [prefill, run_function(module, "main", main_args(module, token, positions(1, n, 1), prefill[1:]))]
 
 
 @pytest.mark.slow  # a torch.export capture: ~20-45 s on a shared 2-core machine

@@ -227,6 +227,9 @@ def _cache_inputs(module, rng, batch, past, seq):
     pos = np.broadcast_to(np.arange(past, past + seq), (batch, seq)).copy()
     kv = []
     for p in fn.params[2:]:
+        if p.name == "attention_mask":  # the kv-cache pass's key mask: every key attended
+            kv.append(np.ones((batch, past + seq), dtype=np.int64))
+            continue
         shape = [batch if d == "batch" else past if d == "past" else d for d in p.type.shape]
         kv.append(rand(rng, shape))
     return [ids, pos, *kv]

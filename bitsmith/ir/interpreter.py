@@ -261,10 +261,13 @@ def _layer_norm(xs, node, ctx):
     return [y.astype(_out_dtype(node))]
 
 
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool) -> np.ndarray:
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool,
+                     key_mask: np.ndarray | None = None) -> np.ndarray:
     """Grouped-query attention; query head h reads key/value head h // (hq // hkv).
 
-    Computed in float64 and rounded once to q's dtype (see the module docstring): as the
+    ``key_mask`` [b, t] (nonzero = attend) hides keys per batch row on top of the causal mask;
+    a query row that sees no key gives zeros (a left-padding query row, whose output nothing
+    reads). Computed in float64 and rounded once to q's dtype (see the module docstring): as the
     oracle it should carry less error than the fp32 kernels it judges.
     """
     out_dtype = q.dtype
@@ -279,19 +282,25 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, 
     if causal:  # in place: the score tensor is the largest intermediate of the whole model
         allowed = np.arange(t)[None, :] <= np.arange(s)[:, None] + (t - s)
         scores.reshape(b, hk, g, s, t)[...] += np.where(allowed, q.dtype.type(0), q.dtype.type(-np.inf))
+    if key_mask is not None:
+        hidden = np.asarray(key_mask).reshape(b, 1, 1, t) == 0
+        scores[np.broadcast_to(hidden, scores.shape)] = -np.inf
     m = scores.max(axis=-1, keepdims=True)
     m[~np.isfinite(m)] = 0
     scores -= m
     np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
+    den = scores.sum(axis=-1, keepdims=True)
+    den[den == 0] = np.inf  # no visible key: every probability 0, so the output row is 0
+    scores /= den
     out = np.matmul(scores, v)  # [b,hk,g*s,dv]
     return out.reshape(b, hq, s, v.shape[-1]).astype(out_dtype)
 
 
 @rule("attention")
 def _attention(xs, node, ctx):
-    q, k, v = xs
-    return [causal_attention(q, k, v, node.attr("scale"), bool(node.attr("causal"))).astype(_out_dtype(node))]
+    q, k, v = xs[:3]
+    mask = xs[3] if len(xs) == 4 else None
+    return [causal_attention(q, k, v, node.attr("scale"), bool(node.attr("causal")), mask).astype(_out_dtype(node))]
 
 
 # ---------------------------------------------------------------- data movement

@@ -286,14 +286,16 @@ def _infer_layer_norm(types, attrs):
     return (types[0],)
 
 
-@register_op("attention", 3, attrs=("scale", "causal"),
-             doc="softmax(q k^T * scale [+ causal mask]) v; q [b,hq,s,d], k/v [b,hkv,t,d]; "
+@register_op("attention", (3, 4), attrs=("scale", "causal"),
+             doc="softmax(q k^T * scale [+ causal mask] [+ key mask]) v; q [b,hq,s,d], k/v [b,hkv,t,d]; "
                  "hq is a multiple of hkv (grouped-query); the causal mask is aligned to the "
-                 "bottom right, so query i sees keys j <= i + (t - s).",
+                 "bottom right, so query i sees keys j <= i + (t - s). The optional 4th input is a "
+                 "key-padding mask [b, t] (bool or integer, nonzero = attend, transformers' "
+                 "attention_mask convention); a query row that sees no key gives zeros.",
              traits=(PURE, CONTRACTION, ATTENTION))
 def _infer_attention(types, attrs):
-    q, k, v = types
-    dtype = _same_dtype(types, "attention")
+    q, k, v = types[:3]
+    dtype = _same_dtype(types[:3], "attention")
     _require_float(q, "attention")
     if q.rank != 4 or k.rank != 4 or v.rank != 4:
         raise IRTypeError("attention: q, k, v must be rank 4 [batch, heads, seq, head_dim]")
@@ -303,6 +305,14 @@ def _infer_attention(types, attrs):
     hq, hk = q.shape[1], k.shape[1]
     if isinstance(hq, int) and isinstance(hk, int) and (hk == 0 or hq % hk):
         raise IRTypeError(f"attention: {hq} query heads are not a multiple of {hk} key/value heads")
+    if len(types) == 4:
+        mask = types[3]
+        if mask.dtype != "bool" and mask.dtype not in INT_DTYPES:
+            raise IRTypeError(f"attention: the key mask must be bool or integer, got {mask.dtype}")
+        if mask.rank != 2 or not sym.dims_equal(mask.shape[0], q.shape[0]) \
+                or not sym.dims_equal(mask.shape[1], k.shape[2]):
+            raise IRTypeError(f"attention: the key mask must be [batch, kv_len] = "
+                              f"[{q.shape[0]}, {k.shape[2]}], got {list(mask.shape)}")
     return (TensorType(q.shape[:3] + (v.shape[3],), dtype),)
 
 

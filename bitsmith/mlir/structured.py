@@ -83,8 +83,9 @@ def _reduction(em: FunctionEmitter, node: Node) -> str:
     return em.map_values([(y, yt)], yt, lambda b, a: b.op(f"arith.divf {a[0]}, {n} : {elem}"))
 
 
-def softmax(em: FunctionEmitter, x: str, t: TensorType, axis: int) -> str:
-    """exp(x - max) / sum, with a non-finite max replaced by 0 as the interpreter does."""
+def softmax(em: FunctionEmitter, x: str, t: TensorType, axis: int, empty_rows_zero: bool = False) -> str:
+    """exp(x - max) / sum, with a non-finite max replaced by 0 as the interpreter does; with
+    ``empty_rows_zero`` a row whose every entry is -inf gives zeros (masked attention)."""
     elem = element_type(t.dtype)
     m, mt = reduce(em, x, t, {axis}, True, "max")
 
@@ -95,7 +96,14 @@ def softmax(em: FunctionEmitter, x: str, t: TensorType, axis: int) -> str:
 
     e = em.map_values([(x, t), (m, mt)], t, shifted_exp)
     s, st = reduce(em, e, t, {axis}, True, "sum")
-    return em.map_values([(e, t), (s, st)], t, lambda b, a: b.op(f"arith.divf {a[0]}, {a[1]} : {elem}"))
+
+    def divide(b: Body, a: list[str]) -> str:
+        ratio = b.op(f"arith.divf {a[0]}, {a[1]} : {elem}")
+        if not empty_rows_zero:
+            return ratio
+        empty = b.op(f"arith.cmpf oeq, {a[1]}, {b.const(0.0, elem)} : {elem}")
+        return b.op(f"arith.select {empty}, {b.const(0.0, elem)}, {ratio} : {elem}")
+    return em.map_values([(e, t), (s, st)], t, divide)
 
 
 @emits("softmax")
@@ -208,9 +216,23 @@ def _embedding(em: FunctionEmitter, node: Node) -> str:
     return em.generic(ins, out, identity_map(out.rank), ["parallel"] * out.rank, gather)
 
 
+def _key_mask(em: FunctionEmitter, scores: str, scores_t: TensorType, mask_name: str) -> str:
+    """scores [b, h, s, t] with -inf where mask [b, t] is zero (False)."""
+    mask_t = em.type_of(mask_name)
+    elem, melem = element_type(scores_t.dtype), element_type(mask_t.dtype)
+
+    def hide(b: Body, a: list[str]) -> str:
+        keep = a[1] if mask_t.dtype == "bool" else b.op(f"arith.cmpi ne, {a[1]}, {b.const(0, melem)} : {melem}")
+        return b.op(f"arith.select {keep}, {a[0]}, {b.const(float('-inf'), elem)} : {elem}")
+
+    return em.generic([(scores, scores_t, identity_map(4)), (em.ssa(mask_name), mask_t, affine_map(4, ["d0", "d3"]))],
+                      scores_t, identity_map(4), ["parallel"] * 4, hide)
+
+
 def attention_linalg(em: FunctionEmitter, node: Node) -> str:
-    """softmax(q k^T * scale [+ bottom-right causal mask]) v, grouped-query heads via floordiv."""
-    q, k, v = (em.type_of(x) for x in node.inputs)
+    """softmax(q k^T * scale [+ bottom-right causal mask] [+ key mask]) v, grouped-query heads
+    via floordiv; with a key mask, a query row that sees no key gives zeros."""
+    q, k, v = (em.type_of(x) for x in node.inputs[:3])
     hq, hk = q.shape[1], k.shape[1]
     if not (isinstance(hq, int) and isinstance(hk, int)) or not is_float(q.dtype):
         raise unsupported(node, "the linalg form of attention needs static head counts and floats")
@@ -238,7 +260,10 @@ def attention_linalg(em: FunctionEmitter, node: Node) -> str:
             return b.op(f"arith.select {allowed}, {a[0]}, {b.const(float('-inf'), elem)} : {elem}")
 
         scores = em.map_values([(scores, scores_t)], scores_t, mask)
-    probs = softmax(em, scores, scores_t, 3)
+    keyed = len(node.inputs) == 4
+    if keyed:
+        scores = _key_mask(em, scores, scores_t, node.inputs[3])
+    probs = softmax(em, scores, scores_t, 3, empty_rows_zero=keyed)
     out = node.output.type
     return em.generic(
         [(probs, scores_t, affine_map(5, ["d0", "d1", "d2", "d4"])),

@@ -9,6 +9,13 @@ past keys plus new keys up to itself, which is exactly the full-recompute result
 The function gains parameters ``past_key_i``/``past_value_i`` (sequence dim ``past``) and
 results ``present_key_i``/``present_value_i`` after its own; the module records the cache
 layout the runtime allocates from (``num_layers``, ``kv_heads``, ``key_dims``, ``value_dims``).
+
+With ``attention_mask`` (the default) the function also gains a last parameter
+``attention_mask: i64[batch, past + seq]`` (transformers' convention: 1 = attend, 0 = a
+padding key), fed to every attention as its key mask: this is what lets rows of different
+lengths share a batch (left-padded prompts, or a decode batch whose rows hold caches of
+different lengths). The runtime treats it as optional (all ones when the caller omits it,
+see ``runtime/generate.py``), so callers that pass only ids, positions and caches still run.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ from dataclasses import dataclass
 
 from bitsmith.errors import PassError
 from bitsmith.ir import Function, Module, Node, TensorType, Value
+from bitsmith.ir import symbolic as sym
 from bitsmith.ir.ops import get_op
 from bitsmith.ir.traits import ATTENTION, has_trait
 
 from .base import Pass, register_pass
 
 PAST = "past"
+MASK_PARAM = "attention_mask"
 SEQ_AXIS = 2  # attention operands are [batch, heads, seq, dim]
 
 
@@ -35,7 +44,7 @@ class CacheLayer:
     value_dim: int
 
 
-def add_kv_cache(fn: Function) -> tuple[Function, list[CacheLayer]]:
+def add_kv_cache(fn: Function, attention_mask: bool = True) -> tuple[Function, list[CacheLayer]]:
     """Returns the cached function and, per attention layer in order, its cache layout."""
     nodes: list[Node] = []
     past_params: list[Value] = []
@@ -43,11 +52,16 @@ def add_kv_cache(fn: Function) -> tuple[Function, list[CacheLayer]]:
     layers: list[CacheLayer] = []
     types = fn.value_types()
     taken = set(types)
+    mask: Value | None = None
+    if attention_mask and MASK_PARAM in taken:
+        raise PassError(f"value name {MASK_PARAM} already used in {fn.name}")
     for node in fn.nodes:
         if not has_trait(node.op, ATTENTION):
             nodes.append(node)
             continue
         i = len(layers)
+        if len(node.inputs) != 3:
+            raise PassError(f"attention at {node.loc} already has a key mask; the kv-cache pass adds its own")
         q, k, v = node.inputs
         new_inputs = [q]
         for kind, value in (("key", k), ("value", v)):
@@ -64,11 +78,19 @@ def add_kv_cache(fn: Function) -> tuple[Function, list[CacheLayer]]:
             past_params.append(past)
             presents.append(full_name)
             new_inputs.append(full_name)
+        if attention_mask:
+            key_shape = (types[q].shape[0], full_type.shape[SEQ_AXIS])  # [batch, past + seq]
+            mask = mask or Value(MASK_PARAM, TensorType(key_shape, "int64"))
+            if not all(sym.dims_equal(a, b) for a, b in zip(mask.type.shape, key_shape)):
+                raise PassError(f"attention at {node.loc} reads {list(key_shape)} keys, but an earlier "
+                                f"attention read {list(mask.type.shape)}: one {MASK_PARAM} cannot serve both")
+            new_inputs.append(mask.name)
         nodes.append(node.replace(inputs=tuple(new_inputs)))
         layers.append(CacheLayer(types[k].shape[1], types[k].shape[3], types[v].shape[3]))
     if not layers:
         raise PassError(f"function {fn.name} has no attention layers; a KV cache makes no sense for it")
-    cached = fn.replace(params=fn.params + tuple(past_params), nodes=tuple(nodes),
+    mask_params = (mask,) if mask is not None else ()
+    cached = fn.replace(params=fn.params + tuple(past_params) + mask_params, nodes=tuple(nodes),
                         results=fn.results + tuple(presents))
     return cached, layers
 
@@ -80,10 +102,11 @@ class KVCache(Pass):
 
     name = "kv-cache"
     function: str = "main"
+    attention_mask: bool = True
 
     def apply(self, module: Module) -> Module:
         fn = module.function(self.function)
-        cached, layers = add_kv_cache(fn)
+        cached, layers = add_kv_cache(fn, self.attention_mask)
         functions = tuple(cached if f.name == fn.name else f for f in module.functions)
         attrs = {**dict(module.attrs), "num_layers": len(layers),
                  "kv_heads": tuple(layer.heads for layer in layers),

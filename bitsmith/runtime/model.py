@@ -15,7 +15,8 @@ import numpy as np
 
 from ..backends.base import Executable
 from ..ir import Module
-from .generate import decode_generate, forward_logits
+from .generate import MASK_PARAM, decode_generate, forward_logits
+from .padding import check_attention_mask, left_pad
 from .sampling import SamplingConfig
 from .text import stop_string_check
 
@@ -88,16 +89,25 @@ class CompiledModel:
         return self.module.attr("kind") == "causal_lm"
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Runs ``function`` on positional ``args``. A language model's ``main`` takes its
+        trailing ``attention_mask`` as optional: left out, every key is attended."""
+        if self.is_language_model and function == "main":
+            params = self.module.function("main").params
+            if len(args) == len(params) - 1 and params[-1].name == MASK_PARAM and len(args) >= 3:
+                ids, cache = np.asarray(args[0]), args[2]
+                ones = np.ones((ids.shape[0], np.shape(cache)[2] + ids.shape[1]), dtype=np.int64)
+                args = [*args, ones]
         return self.executable.run(function, args)
 
-    def __call__(self, *inputs: Any) -> Any:
+    def __call__(self, *inputs: Any, attention_mask: Any = None) -> Any:
         if self.is_language_model:
             if len(inputs) != 1:
                 raise TypeError(f"a compiled language model takes input_ids only, got {len(inputs)} inputs")
             ids = _to_numpy(inputs[0]).astype(np.int64)
             if ids.ndim != 2 or ids.shape[1] == 0:
                 raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got shape {ids.shape}")
-            return _to_torch(forward_logits(self.run, self.module, ids))
+            mask = None if attention_mask is None else check_attention_mask(_to_numpy(attention_mask), ids.shape)
+            return _to_torch(forward_logits(self.run, self.module, ids, mask))
         outs = self.run("main", [_to_numpy(x) for x in inputs])
         outs = [_to_torch(o, None) for o in outs]  # each output keeps its dtype (int64 indices stay int64)
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -107,9 +117,13 @@ class CompiledModel:
                  temperature: float | None = None, top_k: int | None = 50, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, pad_token_id: int | None = None,
-                 stop_strings: str | Sequence[str] | None = None, streamer: Any = None) -> Any:
+                 stop_strings: str | Sequence[str] | None = None, streamer: Any = None,
+                 attention_mask: Any = None) -> Any:
         """[batch, prompt + new] ids, with transformers' argument names and defaults: greedy
         unless ``do_sample``; then temperature 1, top_k 50, top_p 1, no min_p (None: default).
+        A ragged batch comes left-padded with ``attention_mask`` [batch, prompt] (1 = token),
+        or as a list of token-id lists of different lengths, which is left-padded here with
+        ``pad_token_id`` (default: the first eos id, else 0); the result keeps that padding.
         ``eos_token_id`` is an id or a list of ids (None: no stop on tokens); ``stop_strings``
         stop a row once its generated text contains one (decoded with the artifact's tokenizer);
         ``seed`` makes sampled runs repeat exactly (see ``runtime/sampling.py`` for the order
@@ -121,14 +135,21 @@ class CompiledModel:
                                 top_k=top_k, top_p=1.0 if top_p is None else top_p, min_p=min_p,
                                 repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
                                 seed=seed)
+        if isinstance(input_ids, (list, tuple)) and input_ids and not np.isscalar(input_ids[0]):
+            if attention_mask is not None:
+                raise ValueError("generate: give either a list of token-id lists or attention_mask, not both")
+            eos = np.atleast_1d(eos_token_id) if eos_token_id is not None else []
+            fill = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+            input_ids, attention_mask = left_pad(input_ids, fill)
         ids = _to_numpy(input_ids)
+        mask = None if attention_mask is None else _to_numpy(attention_mask)
         check = None
         if stop_strings:
             tokenizer = self.tokenizer()
             stop = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
             check = stop_string_check(tokenizer.decode, np.shape(ids)[-1], stop)
         out = decode_generate(self.run, self.module, ids, max_new_tokens, eos_token_id, config,
-                              pad_token_id, check, streamer)
+                              pad_token_id, check, streamer, mask)
         return _to_torch(out, "int64")
 
     def tokenizer(self) -> Any:

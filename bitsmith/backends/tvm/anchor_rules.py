@@ -88,13 +88,14 @@ def _qlinear(node: Node, ctx) -> None:
 
 @register_anchor("attention")
 def _attention(node: Node, ctx) -> None:
-    q, k, v = (ctx.types[i] for i in node.inputs)
+    q, k, v = (ctx.types[i] for i in node.inputs[:3])
+    mask_dtype = ctx.types[node.inputs[3]].dtype if len(node.inputs) == 4 else None
     if not all(isinstance(d, int) for d in (q.shape[1], q.shape[3], k.shape[1], v.shape[3])):
         raise ctx.unsupported(node, "head counts and head dims must be static")
     if q.shape[1] % k.shape[1]:
         raise ctx.unsupported(node, f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
     kdef = attention_kernel(q.shape[1], k.shape[1], q.shape[3], v.shape[3], float(node.attr("scale")),
-                            bool(node.attr("causal")), q.dtype)
+                            bool(node.attr("causal")), q.dtype, mask_dtype)
     t = node.output.type
     ctx.call(kdef, [ctx.slot(i) for i in node.inputs], [ctx.out(ctx.slot(node.output.name), t.shape, t.dtype)])
 

@@ -4,6 +4,13 @@ q [b, h, s, d], k [b, kvh, t, d], v [b, kvh, t, dv] -> o [b, h, s, dv], where t 
 query row i sits at absolute position t - s + i, so it may read keys j <= i + (t - s)
 (``causal_attention`` in ``bitsmith/ir/interpreter.py``). Query head h reads kv head
 h // (h / kvh). Scores, max and sum are kept in float32 (float16 inputs are widened).
+With ``mask_dtype``, a 4th input mask [b, t] (nonzero = attend) hides keys per batch row; a
+query row that sees no key gives zeros.
+
+The reductions over the key axis (max, sum, weighted sum) run in one fixed order over j, and
+a hidden key contributes an exact 0 (exp(-inf)): so a row's result does not depend on how
+many hidden (padding) keys its batch adds, which is what makes decode batch-invariant
+(docs/ragged-batches.md).
 """
 
 from __future__ import annotations
@@ -14,13 +21,14 @@ from .kernel import KernelDef
 
 
 def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
-                     dtype: str) -> KernelDef:
+                     dtype: str, mask_dtype: str | None = None) -> KernelDef:
     b, s, t = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len"))
     g = heads // kv_heads
     acc = "float32" if dtype == "float16" else dtype
     q = te.placeholder((b, heads, s, head_dim), dtype, name="q")
     k = te.placeholder((b, kv_heads, t, head_dim), dtype, name="k")
     v = te.placeholder((b, kv_heads, t, value_dim), dtype, name="v")
+    mask = te.placeholder((b, t), mask_dtype, name="mask") if mask_dtype else None
     # q.k in LANES independent partial sums (a spatial axis the schedule vectorises; a plain
     # float reduction would stay scalar without fast-math reassociation), then summed
     lanes = next(n for n in (16, 8, 4, 2, 1) if head_dim % n == 0)
@@ -35,9 +43,14 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
 
     def masked(bi, hi, i, j):
         sc = scores[bi, hi, i, j] * tirx.const(scale, acc)
-        if not causal:
+        visible = []
+        if causal:
+            visible.append(j <= i + (t - s))
+        if mask is not None:
+            visible.append(mask[bi, j] != tirx.const(0, mask_dtype))
+        if not visible:
             return sc
-        return tirx.Select(j <= i + (t - s), sc, neg_inf)
+        return tirx.Select(visible[0] if len(visible) == 1 else tirx.all(*visible), sc, neg_inf)
 
     rj = te.reduce_axis((0, t), name="rj")
     mx = te.compute((b, heads, s), lambda bi, hi, i: te.max(masked(bi, hi, i, rj), axis=rj), name="row_max")
@@ -54,10 +67,17 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
     num = te.compute((b, heads, s, value_dim),
                      lambda bi, hi, i, e: te.sum(p[bi, hi, i, rv] * tirx.Cast(acc, v[bi, hi // g, rv, e]), axis=rv),
                      name="weighted")
-    out = te.compute((b, heads, s, value_dim),
-                     lambda bi, hi, i, e: tirx.Cast(dtype, num[bi, hi, i, e] / den[bi, hi, i]), name="out")
-    func = te.create_prim_func([q, k, v, out])
-    name = f"attention_h{heads}_kv{kv_heads}_d{head_dim}_{dtype}{'_causal' if causal else ''}"
+
+    def normalised(bi, hi, i, e):
+        ratio = num[bi, hi, i, e] / den[bi, hi, i]
+        if mask is None:  # the causal diagonal is always visible: den >= 1
+            return tirx.Cast(dtype, ratio)
+        return tirx.Cast(dtype, tirx.Select(den[bi, hi, i] > tirx.const(0.0, acc), ratio, tirx.const(0.0, acc)))
+
+    out = te.compute((b, heads, s, value_dim), normalised, name="out")
+    func = te.create_prim_func([q, k, v] + ([mask] if mask is not None else []) + [out])
+    name = (f"attention_h{heads}_kv{kv_heads}_d{head_dim}_{dtype}{'_causal' if causal else ''}"
+            f"{'_mask_' + mask_dtype if mask_dtype else ''}")
     return KernelDef(name, func, "attention")
 
 

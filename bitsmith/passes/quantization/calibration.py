@@ -56,13 +56,15 @@ def linear_inputs(module: Module, function: str = "main") -> dict[str, int]:
     return out
 
 
-def _empty_caches(module: Module, batch: int) -> list[np.ndarray]:
+def _empty_caches(module: Module, batch: int, seq: int) -> list[np.ndarray]:
     """Zero-length past key/value arrays for ``main``'s parameters after (input_ids, position_ids),
-    as bitsmith.runtime.generate.empty_cache makes them (passes do not import the runtime)."""
+    as bitsmith.runtime.generate.empty_cache makes them (passes do not import the runtime), and
+    an all-ones attention_mask where ``main`` takes one (kv-cache pass)."""
     out = []
     for p in module.function("main").params[2:]:
-        shape = tuple(sym.evaluate(d, {"batch": batch, "past": 0}) for d in p.type.shape)
-        out.append(np.zeros(shape, dtype=numpy_dtype(p.type.dtype)))
+        shape = tuple(sym.evaluate(d, {"batch": batch, "past": 0, "seq": seq}) for d in p.type.shape)
+        fill = np.ones if p.name == "attention_mask" else np.zeros
+        out.append(fill(shape, dtype=numpy_dtype(p.type.dtype)))
     return out
 
 
@@ -120,7 +122,7 @@ def collect_statistics(module: Module, windows: list[np.ndarray],
             ids = ids[None, :]
         b, length = ids.shape
         positions = np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)).copy()
-        run_function(module, "main", [ids, positions, *_empty_caches(module, b)], observe=acc.observe)
+        run_function(module, "main", [ids, positions, *_empty_caches(module, b, length)], observe=acc.observe)
         now = time.perf_counter()
         if progress and (now - last_report >= 10 or i + 1 == len(windows)):  # a window of SmolLM2: ~10 s
             print(f"calibration: {i + 1}/{len(windows)} windows, {now - start:.0f}s", file=sys.stderr, flush=True)
