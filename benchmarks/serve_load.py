@@ -104,13 +104,13 @@ def start_server(artifact: str, port: int, args: argparse.Namespace) -> subproce
 
 
 def distinct_requests(n: int, seed: int, max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
-    """(path, body) pairs: prompts of 4..256 words cut from a text, max_tokens 1..``max_tokens``,
+    """(path, body) pairs: prompts of 2..64 words cut from a text, max_tokens 1..``max_tokens``,
     every fourth a chat request."""
     words = (TEXT.read_text(encoding="utf-8") if TEXT.exists() else FALLBACK_TEXT).split()
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        length = rng.choice([4, 8, 16, 32, 64, 128, 256])
+        length = rng.choice([2, 4, 8, 16, 32, 64])
         start = rng.randrange(0, len(words) - length)
         text = " ".join(words[start:start + length])
         body: dict[str, Any] = {"model": "m", "max_tokens": rng.randint(1, max_tokens), "temperature": 0,
@@ -320,7 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--distinct", type=int, default=32, help="distinct requests the load is drawn from")
-    p.add_argument("--max-tokens", type=int, default=24, help="max_tokens drawn from 1..N")
+    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens drawn from 1..N")
     p.add_argument("--bad", type=int, default=200)
     p.add_argument("--good-every", type=int, default=4, help="one good request after every N bad ones")
     p.add_argument("--max-batch", type=int, default=8)

@@ -279,3 +279,42 @@ def test_timeout_is_a_504(model, monkeypatch):
             gate.open.set()
             r = pending.result(30)
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_cli_serve_flags_and_default_model_id(model, tmp_path, capsys):
+    """`bitsmith serve` refuses bad flags with exit 2; started for real (a subprocess), it serves
+    the artifact under its directory's name on loopback."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from test_cli import run_cli
+    art = tmp_path / "my-model"
+    model.save(str(art))
+    for flags, word in ((["--max-batch", "0"], "--max-batch"), (["--timeout", "0"], "--timeout")):
+        code, _, err = run_cli(capsys, "serve", str(art), *flags)
+        assert code == 2 and word in err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-m", "bitsmith", "serve", str(art), "--port", str(port)], cwd=root,
+                            env={**os.environ, "PYTHONPATH": root}, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert _wait_for(lambda: proc.poll() is not None or _up(url), 60), "the server did not start"
+        assert proc.poll() is None, proc.stderr.read()
+        assert [m.id for m in client(url).models.list().data] == ["my-model"]
+        r = client(url).completions.create(model="my-model", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+        assert r.choices[0].text == greedy_alone(model, encode(model, PROMPTS[1]), 4)[0]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
