@@ -220,6 +220,26 @@ def _wait_for(predicate, seconds: float = 20.0) -> bool:
     return predicate()
 
 
+def test_a_failing_model_fails_its_requests_and_the_server_goes_on(model, monkeypatch):
+    from bitsmith.runtime.batching import DecodeBatch
+    real = DecodeBatch.step
+    calls = []
+
+    def broken(batch, tokens):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("kernel exploded")
+        return real(batch, tokens)
+    monkeypatch.setattr(DecodeBatch, "step", broken)
+    with serving(model) as (url, _):
+        body = {"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 500 and "kernel exploded" in r.json()["error"]["message"]
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == greedy_alone(model, encode(model, PROMPTS[0]), 5)[0]
+
+
 def test_full_queue_gets_429_and_the_rest_complete(model, monkeypatch):
     gate = StepGate(monkeypatch)
     gate.open.clear()

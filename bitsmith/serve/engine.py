@@ -162,16 +162,26 @@ class Engine:
                 admit = []
                 while self._waiting and len(self._active) + len(admit) < self.max_batch:
                     admit.append(self._waiting.popleft())
-            for job in gone:
-                if not job.cancelled:
-                    self._fail(job, _timeout_error(self.timeout, 0))
-            for job in admit:
-                self._admit(job)
-            self._retire(self.clock())
-            if self._active:
-                self._step()
+            try:
+                self._boundary(gone, admit)
+            except Exception as e:  # a bug here must not kill the thread every request waits on
+                jobs = {job.key: job for job in [*admit, *self._active.values()]}.values()
+                self._active.clear()
+                self._batch = self._batch_factory()
+                for job in jobs:
+                    self._emit(job, Failed(_server_error(e)))
         for job in [*self._waiting, *self._active.values()]:
             self._emit(job, Failed(APIError(503, "the server shut down", type="server_error", code="shutting_down")))
+
+    def _boundary(self, gone: list[Job], admit: list[Job]) -> None:
+        for job in gone:
+            if not job.cancelled:
+                self._fail(job, _timeout_error(self.timeout, 0))
+        for job in admit:
+            self._admit(job)
+        self._retire(self.clock())
+        if self._active:
+            self._step()
 
     def _admit(self, job: Job) -> None:
         if job.cancelled:
@@ -203,15 +213,7 @@ class Engine:
     def _step(self) -> None:
         tokens = {key: job.pending for key, job in self._active.items()}
         self.max_rows_seen = max(self.max_rows_seen, len(tokens))
-        try:
-            logits = self._batch.step(tokens)
-        except Exception as e:  # the batch's state is unknown now: fail its rows, start afresh
-            jobs = list(self._active.values())
-            self._active.clear()
-            self._batch = self._batch_factory()
-            for job in jobs:
-                self._emit(job, Failed(_server_error(e)))
-            return
+        logits = self._batch.step(tokens)  # a failure fails every row (see _loop): their state is unknown
         self.steps += 1
         for key, job in list(self._active.items()):
             self._advance(job, logits[key])
@@ -246,7 +248,7 @@ class Engine:
         self._emit(job, Failed(error))
 
     def _emit(self, job: Job, event: Event) -> None:
-        if job.cancelled:
+        if job.cancelled or job.done:
             return
         job.done = not isinstance(event, TextDelta)
         try:
