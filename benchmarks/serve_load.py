@@ -82,6 +82,13 @@ def vm_rss(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/status has no VmRSS")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads): throughput per server CPU
+    second does not depend on how busy the rest of a shared machine is, as wall time does."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(artifact: str, port: int, args: argparse.Namespace) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "bitsmith", "serve", artifact, "--port", str(port), "--model-id", "m",
            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue), "--timeout", str(args.timeout)]
@@ -233,8 +240,9 @@ async def run_load(url: str, pid: int, args: argparse.Namespace) -> Report:
         report.rss_mib["after_load"] = vm_rss(pid) / 2**20
         distinct = distinct_requests(args.distinct, args.seed, args.max_tokens)
         # 1. alone: the oracle and the sequential baseline
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
         alone = [await stream_one(client, url, p, b) for p, b in distinct]
+        alone_cpu = cpu_seconds(pid) - cpu0
         bad_alone = [i for i, o in enumerate(alone) if o.status != 200 or o.error]
         if bad_alone:
             raise RuntimeError(f"requests failed when served alone: {[alone[i].error for i in bad_alone][:3]}")
@@ -242,7 +250,10 @@ async def run_load(url: str, pid: int, args: argparse.Namespace) -> Report:
         picks = [rng.randrange(len(distinct)) for _ in range(args.requests)]
         seq_seconds = sum(alone[i].latency for i in picks)     # serving the same requests one by one
         seq_tokens = sum(alone[i].completion_tokens for i in picks)
+        alone_tokens = sum(o.completion_tokens for o in alone)
         report.alone = {"requests": len(distinct), "seconds": time.perf_counter() - t0,
+                        "server_cpu_seconds": alone_cpu, "completion_tokens": alone_tokens,
+                        "tokens_per_server_cpu_s": alone_tokens / alone_cpu,
                         "ttft_p50_s": percentile([alone[i].ttft for i in picks], 50),
                         "ttft_p99_s": percentile([alone[i].ttft for i in picks], 99),
                         "sequential_tokens_per_s": seq_tokens / seq_seconds,
@@ -250,9 +261,9 @@ async def run_load(url: str, pid: int, args: argparse.Namespace) -> Report:
         report.rss_mib["after_alone"] = vm_rss(pid) / 2**20
 
         # 2. load: concurrent streaming clients
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pid)
         outcomes = await pool(picks, args.clients, lambda i: stream_one(client, url, *distinct[i]), deadline)
-        wall = time.perf_counter() - t0
+        wall, load_cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
         done = [(i, o) for i, o in zip(picks, outcomes) if o is not None]
         failed = [o for _, o in done if o.status != 200 or o.error]
         mismatched = [i for i, o in done if not (o.status != 200 or o.error) and o.text != alone[i].text]
@@ -260,6 +271,7 @@ async def run_load(url: str, pid: int, args: argparse.Namespace) -> Report:
         report.load = {"requests": len(done), "skipped_by_time_limit": args.requests - len(done),
                        "failed": len(failed), "mismatched": len(mismatched), "seconds": wall,
                        "completion_tokens": tokens, "tokens_per_s": tokens / wall,
+                       "server_cpu_seconds": load_cpu, "tokens_per_server_cpu_s": tokens / load_cpu,
                        "ttft_p50_s": percentile([o.ttft for _, o in done], 50),
                        "ttft_p99_s": percentile([o.ttft for _, o in done], 99),
                        "first_failures": [o.error for o in failed[:3]]}
@@ -297,14 +309,16 @@ def table(r: Report) -> str:
         f"machine: {r.machine}",
         f"settings: {json.dumps(r.settings)}",
         "",
-        "| serving | requests | tokens/s | TTFT p50 (s) | TTFT p99 (s) | wall (s) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| serving | requests | tokens/s (wall) | tokens per server CPU s | TTFT p50 (s) | TTFT p99 (s) | wall (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| sequential (each request alone) | {ld['requests']} | {a['sequential_tokens_per_s']:.2f} | "
-        f"{a['ttft_p50_s']:.3f} | {a['ttft_p99_s']:.3f} | {a['sequential_seconds_for_the_load']:.1f} (sum of alone) |",
+        f"{a['tokens_per_server_cpu_s']:.2f} | {a['ttft_p50_s']:.3f} | {a['ttft_p99_s']:.3f} | "
+        f"{a['sequential_seconds_for_the_load']:.1f} (sum of alone) |",
         f"| continuous batching, {r.settings['clients']} clients | {ld['requests']} | {ld['tokens_per_s']:.2f} | "
-        f"{ld['ttft_p50_s']:.3f} | {ld['ttft_p99_s']:.3f} | {ld['seconds']:.1f} |",
+        f"{ld['tokens_per_server_cpu_s']:.2f} | {ld['ttft_p50_s']:.3f} | {ld['ttft_p99_s']:.3f} | {ld['seconds']:.1f} |",
         "",
-        f"throughput ratio (batched / sequential): {ld['tokens_per_s'] / a['sequential_tokens_per_s']:.2f}x; "
+        f"throughput ratio (batched / sequential): wall {ld['tokens_per_s'] / a['sequential_tokens_per_s']:.2f}x, "
+        f"per server CPU second {ld['tokens_per_server_cpu_s'] / a['tokens_per_server_cpu_s']:.2f}x; "
         f"failed {ld['failed']}, not equal to alone {ld['mismatched']}, skipped by time limit "
         f"{ld['skipped_by_time_limit']}",
         f"abuse: {ab['bad']} malformed -> {ab['bad'] - ab['bad_not_4xx']} got a 4xx OpenAI error "
