@@ -18,7 +18,7 @@ pytest.importorskip("httpx")
 
 ROOT = Path(__file__).resolve().parents[1]
 # Flat: 200 malformed + ~50 good requests after 500 warm-up ones. A per-request leak of even
-# 100 KiB would add 25 MiB; the allocator's own variation measured here was a few MiB once warm.
+# 100 KiB would add 25 MiB; measured on the 2-core dev machine: +0.1 MiB (benchmarks/results/serve_load.md).
 RSS_GROWTH_MIB = 24.0
 
 
