@@ -78,6 +78,27 @@ def stream_reply(cm: Any, tokenizer: Any, prompt: str, kwargs: dict[str, Any], s
     return streamer.text
 
 
+def batch_replies(cm: Any, tokenizer: Any, prompts: list[str], kwargs: dict[str, Any],
+                  stop: list[str]) -> list[str]:
+    """Replies to several prompts (raw text) generated together as one ragged batch (prompts of
+    different lengths are left-padded and masked; each row stops on its own)."""
+    from .runtime.text import cut_at_stop
+
+    ids = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    if not all(ids):
+        raise ValueError(f"prompt {[bool(i) for i in ids].index(False) + 1} encodes to no tokens")
+    eos = cm.lm.eos_token_id if cm.lm is not None else None
+    out = cm.generate(ids, eos_token_id=eos, stop_strings=stop or None, **kwargs)
+    width = max(len(i) for i in ids)
+    replies = []
+    for row in out.tolist():
+        new = row[width:]
+        if eos is not None and eos in new:
+            new = new[:new.index(eos)]
+        replies.append(cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)[0])
+    return replies
+
+
 def _writer(out: TextIO) -> Callable[[str], None]:
     def write(text: str) -> None:
         out.write(text)
@@ -86,13 +107,20 @@ def _writer(out: TextIO) -> Callable[[str], None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """One --prompt streams its reply; several run as one ragged batch, each reply printed
+    after a ``[i]`` line (i counts the prompts from 1)."""
     kwargs = generation_kwargs(args)
     cm = _load(args)
-    prompt = args.prompt
+    prompts = list(args.prompt)
     if args.chat:
-        prompt = cm.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    stream_reply(cm, cm.tokenizer(), prompt, kwargs, args.stop, _writer(sys.stdout))
-    print(flush=True)
+        prompts = [cm.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in prompts]
+    if len(prompts) == 1:
+        stream_reply(cm, cm.tokenizer(), prompts[0], kwargs, args.stop, _writer(sys.stdout))
+        print(flush=True)
+        return 0
+    for i, reply in enumerate(batch_replies(cm, cm.tokenizer(), prompts, kwargs, args.stop), 1):
+        print(f"[{i}]\n{reply}", flush=True)
     return 0
 
 
@@ -144,7 +172,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def add_generation_commands(sub: Any, add_trust_argument: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("run", help="generate text with a compiled language model (streamed to stdout)")
     p.add_argument("artifact", metavar="DIR")
-    p.add_argument("--prompt", required=True, help="raw prompt text (no special tokens are added)")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="raw prompt text (no special tokens are added); repeat it to generate for several "
+                        "prompts (of any lengths) in one batch")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt as one user message in the artifact's chat template")
     add_generation_arguments(p)

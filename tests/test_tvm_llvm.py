@@ -449,13 +449,14 @@ def test_smollm2_logits_match_reference(smollm2, smollm2_float64, smollm2_compil
     (twice torch fp32's error + 4 ulp, tests/oracle_bounds.py), hence within that budget plus
     the reference's own measured error of the reference's logits (triangle inequality)."""
     import torch
+    from bitsmith.runtime.generate import main_args
     model, _ = smollm2
     ids = _prompt(smollm2)
     want = smollm2_compiled.executable.run("main", _lm_args(smollm2_compiled.module, ids, 0))
     got = smollm2_tvm.executable.run("main", _lm_args(smollm2_compiled.module, ids, 0))
     assert (got[0].argmax(-1) == want[0].argmax(-1)).all()
     nxt = want[0][:, -1:].argmax(-1)
-    step = [nxt, np.array([[ids.shape[1]]]), *want[1:]]
+    step = main_args(smollm2_compiled.module, nxt, np.array([[ids.shape[1]]]), want[1:])
     w2 = smollm2_compiled.executable.run("main", step)
     g2 = smollm2_tvm.executable.run("main", step)
     assert (g2[0].argmax(-1) == w2[0].argmax(-1)).all()
@@ -470,8 +471,8 @@ def test_smollm2_logits_match_reference(smollm2, smollm2_float64, smollm2_compil
 
 
 def _lm_args(module, ids, past):
-    from bitsmith.runtime.generate import empty_cache, positions
-    return [ids, positions(ids.shape[0], past, ids.shape[1]), *empty_cache(module, ids.shape[0])]
+    from bitsmith.runtime.generate import empty_cache, main_args, positions
+    return main_args(module, ids, positions(ids.shape[0], past, ids.shape[1]), empty_cache(module, ids.shape[0]))
 
 
 @pytest.mark.slow

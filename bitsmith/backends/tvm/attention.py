@@ -47,7 +47,8 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
         if causal:
             visible.append(j <= i + (t - s))
         if mask is not None:
-            visible.append(mask[bi, j] != tirx.const(0, mask_dtype))
+            m = mask[bi, j]  # a bool mask is the condition itself (LLVM has no compare on i1 here)
+            visible.append(m if mask_dtype == "bool" else m != tirx.const(0, mask_dtype))
         if not visible:
             return sc
         return tirx.Select(visible[0] if len(visible) == 1 else tirx.all(*visible), sc, neg_inf)
