@@ -19,6 +19,7 @@ from typing import Any, Sequence
 from .bench import add_bench_command
 from .cli_generate import add_generation_commands
 from .cli_opt import add_opt_command
+from .cli_serve import add_serve_command
 from .errors import BitsmithError
 
 EXIT_USAGE = 2
@@ -413,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
 
     add_generation_commands(sub, _add_trust_argument)
+    add_serve_command(sub, _add_trust_argument)
 
     p = sub.add_parser("eval", help="perplexity of a compiled (optionally quantized) language model on a text")
     p.add_argument("model", metavar="MODEL", help="a model name, HF directory or .gguf, or an artifact DIR")
