@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..ir.gguf_blocks import QuantizedRows, decode_rows, format_of
-from .gguf_file import GGUFFile, open_gguf
+from ..gguf import GGUFFile, QuantizedRows, decode_rows, format_of, open_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 FLOAT_TYPES = {"F32": "<f4", "F16": "<f2"}

@@ -50,9 +50,8 @@ def zoo_gguf_path(name: str) -> Path:
 def load_gguf(path: Path) -> tuple[Any, Any, Any]:
     """(model, tokenizer, decoded GGUF weights or None): llama files through bitsmith's own
     reader (``gguf_loader``: one read, numpy dequantization), others through transformers."""
-    from .gguf_file import GGUFFormatError
+    from ..gguf import GGUFFormatError, UnsupportedBlockType
     from .gguf_loader import UnsupportedGGUF, load_gguf_model
-    from ..ir.gguf_blocks import UnsupportedBlockType
     try:
         return load_gguf_model(path)
     except (UnsupportedGGUF, UnsupportedBlockType):

@@ -69,11 +69,18 @@ for _sign, _s in (("+", 1), ("-", -1)):
 
 @dataclass(frozen=True)
 class Scheme:
-    """A weight format: candidate grids (ties go to the first), asymmetric or not."""
+    """A weight format: candidate grids (ties go to the first), asymmetric or not.
+
+    Formats taken from a file rather than fitted (the ``gguf-*`` schemes) may store float32
+    scales (``scale_dtype``), a float per-group ``offsets`` operand added after scaling
+    (``w = grid[code] * scale + offset``) and fix the group size (``block_size``)."""
 
     name: str
     candidates: tuple[Grid, ...]
     asymmetric: bool = False
+    scale_dtype: str = "float16"
+    offsets: bool = False
+    block_size: int | None = None
 
     @property
     def bits(self) -> int:
