@@ -26,7 +26,9 @@ def capture(model: Any, example_inputs: tuple | None = None,
         source = None
         if gguf_file is not None:
             hf_model, tokenizer, weights = load_gguf(gguf_file)
-            source = None if weights is None else weights.quantized
+            if weights is not None:
+                from .gguf_loader import blocks_by_parameter
+                source = blocks_by_parameter(hf_model, weights)
         else:
             hf_model, tokenizer = load_pretrained(str(model))
         say("capturing with torch.export and lowering to IR")

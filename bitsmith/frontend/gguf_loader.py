@@ -204,6 +204,18 @@ def load_tokenizer(f: GGUFFile) -> Any:
     return tok
 
 
+def blocks_by_parameter(model: Any, weights: GGUFWeights) -> dict[str, QuantizedRows]:
+    """The decoded blocks under every name a parameter has in ``model``, tied ones included
+    (a tied lm_head is captured under ``lm_head.weight`` though the file stores ``token_embd``)."""
+    owner = {p.data_ptr(): name for name, p in model.named_parameters()}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        source = owner.get(p.data_ptr())
+        if source in weights.quantized:
+            out[name] = weights.quantized[source]
+    return out
+
+
 def load_gguf_model(path: str | Path) -> tuple[Any, Any, GGUFWeights]:
     """(HF model, tokenizer, the decoded weights) of a llama GGUF; UnsupportedGGUF otherwise."""
     weights = read_gguf(path)
