@@ -61,8 +61,8 @@ class CompressionOptions:
         return self.quant == SOURCE_QUANT
 
     def validate(self) -> None:
-        from .ir.quant_grids import SCHEMES
-        fitted = [name for name, s in SCHEMES.items() if s.block_size is None]
+        from .ir.quant_grids import SCHEMES, fitted_schemes
+        fitted = list(fitted_schemes())
         if self.quant is not None and self.quant not in NO_QUANT + (SOURCE_QUANT,) and self.quant not in fitted:
             if self.quant in SCHEMES:
                 raise ValueError(f"quantization scheme {self.quant!r} is a GGUF file's own format: "

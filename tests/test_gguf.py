@@ -219,19 +219,28 @@ def test_layers_pick_which_tensors_stay_quantized(legacy_file, tmp_path, monkeyp
     assert len(paths) == 3 * 2  # gate, up, down in both layers
 
 
-@pytest.mark.slow  # two tiny compiles with kernel builds: ~20 s on a quiet 2-core machine
+@pytest.mark.slow  # two tiny compiles with kernel builds: ~20 s each on a quiet 2-core machine
+@pytest.mark.parametrize("which", ["legacy_file", "k_file"])
 @pytest.mark.parametrize("target", ["tvm-llvm", "lut-cpu"])
-def test_cpu_targets_equal_reference(target, legacy_file, tmp_path, monkeypatch):
-    """Native where the kernels hold the scheme (tvm: Q4_0; lut: Q4_0, Q5_0, Q8_0), the other
-    layers dense on the exact weights; within the target's stated tolerance of the reference."""
+def test_cpu_targets_equal_reference(target, which, request, tmp_path, monkeypatch):
+    """Native where the kernels hold the scheme (tvm: Q4_0; lut: the types without an offset),
+    the other layers dense on the exact weights; within the target's stated tolerance of the
+    reference (lut-cpu's int8 tables: 3% of max|logit|)."""
+    from bitsmith.backends.lut.decompose import native_scheme as lut_native
+    from bitsmith.backends.tvm.qlinear_layout import native_scheme as tvm_native
+    from bitsmith.ir.quant_grids import get_scheme
     monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path))
-    ref = bitsmith.compile(str(legacy_file), target="reference", quant="gguf")
-    cm = bitsmith.compile(str(legacy_file), target=target, quant="gguf")
+    path = str(request.getfixturevalue(which))
+    ref = bitsmith.compile(path, target="reference", quant="gguf")
+    cm = bitsmith.compile(path, target=target, quant="gguf")
     tol = backend_for_target(target).tolerance(target, cm.options)
     got, want = np.asarray(cm(IDS)), np.asarray(ref(IDS))
     assert tol.mismatch(got, want) is None, tol.mismatch(got, want)
     native = {n.attr("scheme") for _f, n, _c in qlinear_nodes(cm.module)}
-    assert "gguf-q4_0" in native and "gguf-q4_1" not in native
+    accepts = tvm_native if target == "tvm-llvm" else lut_native
+    assert all(accepts(get_scheme(s)) for s in native)
+    if which == "legacy_file":
+        assert "gguf-q4_0" in native and "gguf-q4_1" not in native
 
 
 # ---------------------------------------------------------------- refusals

@@ -111,6 +111,12 @@ def register_scheme(scheme: Scheme) -> Scheme:
     return scheme
 
 
+def fitted_schemes() -> dict[str, Scheme]:
+    """The schemes the ``quantize`` pass fits to float weights: all but a file's own fixed
+    formats (``block_size`` set, e.g. the ``gguf-*`` schemes, which only ``gguf-quantize`` makes)."""
+    return {name: s for name, s in SCHEMES.items() if s.block_size is None}
+
+
 def get_scheme(name: str) -> Scheme:
     try:
         return SCHEMES[name]
