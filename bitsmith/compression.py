@@ -103,7 +103,8 @@ class CompressionOptions:
         if not self.keeps_source:
             return
         from .frontend.models import gguf_path_of
-        if not isinstance(model, (str, bytes)) and not hasattr(model, "__fspath__") or gguf_path_of(str(model)) is None:
+        named = isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")
+        if not named or gguf_path_of(str(model)) is None:
             shown = model if isinstance(model, str) else type(model).__name__
             raise ValueError(f"quant='gguf' keeps a GGUF file's quantization, but the model {shown!r} is not a "
                              f".gguf file or a GGUF model name; choose a scheme such as rtn-int4 instead")

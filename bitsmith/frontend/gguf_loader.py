@@ -29,11 +29,11 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..gguf import GGUFFile, QuantizedRows, decode_rows, format_of, open_gguf
+from ..gguf import GGUFFile, QuantizedRows, TensorInfo, decode_rows, format_of, open_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 FLOAT_TYPES = {"F32": "<f4", "F16": "<f2"}
@@ -70,24 +70,52 @@ def unpermute_rows(rows: int, heads: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class QuantizedSource:
+    """Where one quantized tensor lies in the file and the row order HF wants."""
+
+    info: TensorInfo
+    order: np.ndarray | None  # Q/K: GGUF row -> HF row order; None: as stored
+
+
+class LazyBlocks(Mapping[str, QuantizedRows]):
+    """Name -> decoded blocks, decoded from the memory-mapped file when asked (never all kept:
+    codes take a byte per weight, so a 7B model's would not fit beside its float weights)."""
+
+    def __init__(self, file: GGUFFile, sources: Mapping[str, QuantizedSource]) -> None:
+        self.file, self.sources = file, dict(sources)
+
+    def __getitem__(self, name: str) -> QuantizedRows:
+        src = self.sources[name]
+        q = decode_rows(format_of(src.info.type_id, src.info.type_name), self.file.tensor_bytes(src.info),
+                        *src.info.shape)
+        return q if src.order is None else q.take_rows(src.order)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+@dataclass(frozen=True)
 class GGUFWeights:
     """A GGUF file's tensors under their HF names: float tensors as arrays, quantized ones as
-    decoded blocks (rows already in HF order), plus the metadata the config needs."""
+    blocks decoded on demand (rows in HF order), plus the metadata the config needs."""
 
     file: GGUFFile
     fields: dict[str, Any]
     floats: dict[str, np.ndarray]
-    quantized: dict[str, QuantizedRows]
+    quantized: LazyBlocks
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out = dict(self.floats)
-        for name, q in self.quantized.items():
-            out[name] = q.dequantize()
+        for name in self.quantized:
+            out[name] = self.quantized[name].dequantize()
         return out
 
 
 def read_gguf(path: str | Path) -> GGUFWeights:
-    """Reads every tensor of a llama GGUF (UnsupportedGGUF: another architecture or tensor)."""
+    """A llama GGUF's metadata and tensors (UnsupportedGGUF: another architecture or tensor)."""
     f = open_gguf(path)
     fields = f.fields
     arch = fields.get("general.architecture")
@@ -96,22 +124,21 @@ def read_gguf(path: str | Path) -> GGUFWeights:
     heads = int(fields[f"{arch}.attention.head_count"])
     kv_heads = int(fields.get(f"{arch}.attention.head_count_kv") or heads)
     floats: dict[str, np.ndarray] = {}
-    quantized: dict[str, QuantizedRows] = {}
+    quantized: dict[str, QuantizedSource] = {}
     for t in f.tensors:
         name = hf_name(t.name)
-        raw = f.tensor_bytes(t)
         order = None
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             order = unpermute_rows(t.shape[0], heads if "q_proj" in name else kv_heads)
         if t.type_name in FLOAT_TYPES:
-            a = raw.view(FLOAT_TYPES[t.type_name]).astype(np.float32).reshape(t.shape)
+            a = f.tensor_bytes(t).view(FLOAT_TYPES[t.type_name]).astype(np.float32).reshape(t.shape)
             floats[name] = a if order is None else a[order]
             continue
         if len(t.shape) != 2:
             raise UnsupportedGGUF(f"quantized tensor {t.name} of rank {len(t.shape)}")
-        q = decode_rows(format_of(t.type_id, t.type_name), raw, *t.shape)
-        quantized[name] = q if order is None else q.take_rows(order)
-    return GGUFWeights(f, fields, floats, quantized)
+        format_of(t.type_id, t.type_name)  # an undecodable type falls back to transformers now
+        quantized[name] = QuantizedSource(t, order)
+    return GGUFWeights(f, fields, floats, LazyBlocks(f, quantized))
 
 
 def llama_config(fields: dict[str, Any], vocab_size: int, tied: bool) -> Any:
@@ -204,16 +231,14 @@ def load_tokenizer(f: GGUFFile) -> Any:
     return tok
 
 
-def blocks_by_parameter(model: Any, weights: GGUFWeights) -> dict[str, QuantizedRows]:
-    """The decoded blocks under every name a parameter has in ``model``, tied ones included
-    (a tied lm_head is captured under ``lm_head.weight`` though the file stores ``token_embd``)."""
+def blocks_by_parameter(model: Any, weights: GGUFWeights) -> LazyBlocks:
+    """The file's quantized tensors under every name a parameter has in ``model``, tied ones
+    included (a tied lm_head is captured as ``lm_head.weight``; the file stores ``token_embd``)."""
     owner = {p.data_ptr(): name for name, p in model.named_parameters()}
-    out = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        source = owner.get(p.data_ptr())
-        if source in weights.quantized:
-            out[name] = weights.quantized[source]
-    return out
+    sources = weights.quantized.sources
+    return LazyBlocks(weights.file, {name: sources[owner[p.data_ptr()]]
+                                     for name, p in model.named_parameters(remove_duplicate=False)
+                                     if owner.get(p.data_ptr()) in sources})
 
 
 def load_gguf_model(path: str | Path) -> tuple[Any, Any, GGUFWeights]:

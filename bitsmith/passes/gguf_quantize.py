@@ -22,7 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
-from bitsmith.gguf import QuantizedRows, decode_rows, format_of, open_gguf
+from bitsmith.gguf import BlockFormat, QuantizedRows, decode_rows, format_of, open_gguf
 from bitsmith.ir import Module, Node
 from bitsmith.ir.code_packing import pack_codes
 from bitsmith.ir.quant_grids import get_scheme
@@ -30,7 +30,7 @@ from bitsmith.ir.quant_grids import get_scheme
 from .base import Pass, register_pass
 from .quantize import qlinear_attrs
 from .quantization.pack import operand_roles
-from .quantization.sites import linear_site, normalize_layers, rewrite_selected_linears
+from .quantization.sites import LinearSite, linear_site, normalize_layers, rewrite_selected_linears
 from .rewrite import Rewriter
 
 EVERY_LINEAR = ("*",)
@@ -50,6 +50,10 @@ def gguf_operands(q: QuantizedRows) -> list[np.ndarray]:
     if scheme.offsets:
         ops.append(np.ascontiguousarray(q.offsets, dtype=scheme.scale_dtype))
     return ops
+
+
+def _attrs(site: LinearSite, fmt: BlockFormat, has_bias: bool) -> dict:
+    return qlinear_attrs(site.weight_type.shape, get_scheme(fmt.scheme_name), fmt.group_size, "", 0.0, has_bias)
 
 
 @register_pass
@@ -73,28 +77,31 @@ class GGUFQuantize(Pass):
 
     def apply(self, module: Module) -> Module:
         blocks = self._blocks()
-        prefixes: dict[str, str] = {}  # a tied weight (embedding / lm_head) is packed once
+        packed: dict[str, tuple[str, BlockFormat]] = {}  # a tied weight (embedding / lm_head) is packed once
 
-        def keep_source_quantization(node: Node, rw: Rewriter) -> None:
-            site = linear_site(node, rw)
-            q = None if site is None else blocks.get(site.weight_name)
-            if q is None:
-                return  # a float tensor in the file (or no file tensor): stays a linear
+        def pack(site: LinearSite) -> tuple[str, BlockFormat]:
+            q = blocks[site.weight_name]
             if q.codes.shape != tuple(site.weight_type.shape):
                 raise ValueError(f"linear {site.module_path}: GGUF tensor {site.weight_name} has shape "
                                  f"{q.codes.shape}, the weight {site.weight_type.shape}")
-            scheme = get_scheme(q.fmt.scheme_name)
-            attrs = qlinear_attrs(site.weight_type.shape, scheme, q.fmt.group_size, "", 0.0, len(node.inputs) == 3)
-            roles = operand_roles(attrs)
-            if site.weight_name not in prefixes:
-                weight = np.asarray(site.weight, dtype=np.float32)
-                if not np.array_equal(q.dequantize().view(np.uint32), weight.view(np.uint32)):
-                    raise ValueError(f"linear {site.module_path}: the GGUF blocks of {site.weight_name} do not "
-                                     f"dequantize to the captured weight (another file, or rows in another order)")
-                ops = gguf_operands(q)
-                prefixes[site.weight_name] = rw.add_tensors(site.weight_name, {f".{r}": a for r, a in zip(roles, ops)})
-            prefix = prefixes[site.weight_name]
-            consts = tuple(rw.constant(f"{prefix}.{r}", f"{node.output.name}.{r}", site.weight_loc) for r in roles)
+            weight = np.asarray(site.weight, dtype=np.float32)
+            if not np.array_equal(q.dequantize().view(np.uint32), weight.view(np.uint32)):
+                raise ValueError(f"linear {site.module_path}: the GGUF blocks of {site.weight_name} do not "
+                                 f"dequantize to the captured weight (another file, or rows in another order)")
+            roles = operand_roles(_attrs(site, q.fmt, False))
+            prefix = site.rewriter.add_tensors(site.weight_name, {f".{r}": a for r, a in zip(roles, gguf_operands(q))})
+            return prefix, q.fmt
+
+        def keep_source_quantization(node: Node, rw: Rewriter) -> None:
+            site = linear_site(node, rw)
+            if site is None or site.weight_name not in blocks:
+                return  # a float tensor in the file (or no file tensor): stays a linear
+            if site.weight_name not in packed:
+                packed[site.weight_name] = pack(site)
+            prefix, fmt = packed[site.weight_name]
+            attrs = _attrs(site, fmt, len(node.inputs) == 3)
+            consts = tuple(rw.constant(f"{prefix}.{r}", f"{node.output.name}.{r}", site.weight_loc)
+                           for r in operand_roles(attrs))
             rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))
 
         return rewrite_selected_linears(module, self.layers or EVERY_LINEAR, keep_source_quantization,
