@@ -330,3 +330,23 @@ def test_smollm2_gguf_greedy_tokens_equal_reference(target):
     prompt = np.array([[504, 3575, 282, 4649, 314]])
     want = np.asarray(ref.generate(prompt, max_new_tokens=8))
     np.testing.assert_array_equal(np.asarray(cm.generate(prompt, max_new_tokens=8)), want)
+
+
+# ---------------------------------------------------------------- golden cases' data, checked
+
+def test_golden_gguf_quantize_operands_mean_the_files_weights():
+    """gguf-quantize/every_tensor: the qlinears of the .after.ir mean exactly what
+    gguf.quants.dequantize reads from source.gguf (the .before.ir's weights)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+    from golden_passes import PASSES_DIR, GoldenCase
+    c = GoldenCase(PASSES_DIR / "gguf-quantize", "every_tensor")
+    got = c.run()  # equal to the .after.ir (test_pass_golden); its data decoded here
+    f = open_gguf(PASSES_DIR / "gguf-quantize" / "source.gguf")
+    weights = _qlinear_weights(got)
+    assert set(weights) == {"blk.0.ffn_up.weight", "output.weight"}
+    for t in f.tensors:
+        if t.name in weights:
+            want = gguf_dequantize(f.tensor_bytes(t).reshape(t.shape[0], -1), GGMLQuantizationType[t.type_name])
+            assert weights[t.name][0] == f"gguf-{t.type_name.lower()}"
+            np.testing.assert_array_equal(_bits(weights[t.name][1]), _bits(want))
