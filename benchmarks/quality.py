@@ -50,9 +50,16 @@ class Row:
     def calibrated(self) -> bool:
         return bool(self.options.get("calibrate"))
 
+    @property
+    def keeps_source(self) -> bool:
+        """quant="gguf": the file's own blocks, no group size (compiled from the GGUF by name)."""
+        return self.quant == "gguf"
+
     def compile_kwargs(self) -> dict[str, Any]:
         if self.quant is None:
             return {}
+        if self.keeps_source:
+            return {"quant": self.quant, **self.options}
         out = {"quant": self.quant, "group_size": GROUP_SIZE, **self.options}
         if self.calibrated:
             out["calib_text"] = str(CALIB_TEXT)
@@ -72,6 +79,7 @@ ROWS: tuple[Row, ...] = (
     Row("bitmod-w4+calibrate", "bitmod-w4", CAL),
     Row("bitmod-w3+calibrate+outliers0.5%", "bitmod-w3", {**CAL, "outliers": 0.005}),
     Row("bitmod-w4+2:4", "bitmod-w4", {"sparsity": "2:4", "sparsity_method": "magnitude"}),
+    Row("gguf", "gguf"),
 )
 ROW_BY_KEY = {r.key: r for r in ROWS}
 SMOKE_ROWS = ("fp32", "rtn-int4")
@@ -85,6 +93,8 @@ def compile_row(row: Row, model: Any, tokenizer: Any) -> Any:
     import bitsmith
 
     kwargs = row.compile_kwargs()
+    if row.keeps_source:  # the GGUF's blocks come with the file, not with the loaded module
+        return bitsmith.compile(MODEL, target="reference", **kwargs)
     if row.calibrated:
         if "tokenizer" in inspect.signature(bitsmith.compile).parameters:
             return bitsmith.compile(model, target="reference", tokenizer=tokenizer, **kwargs)
@@ -169,8 +179,10 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"Perplexity of the compiled model (target reference, computed from its packed codes) over the "
         f"first {meta['windows']} non-overlapping windows of {meta['ctx']} tokens of `{meta['eval_text']}` "
         f"(no BOS; {meta['ctx'] - 1} tokens scored per window). Calibration text: `{meta['calib_text']}` "
-        f"only. All quantized rows use groups of {GROUP_SIZE}; embeddings and lm_head stay fp32. "
-        "SmolLM2 ships as Q4_1 (int4, blocks of 32): that exact scheme would be lossless, so it is not a row.",
+        f"only. All quantized rows but gguf use groups of {GROUP_SIZE}; embeddings and lm_head stay fp32. "
+        "SmolLM2 ships as Q4_1 (int4, blocks of 32) with a Q8_0 tied embedding/lm_head: row gguf "
+        "(quant='gguf') keeps exactly those blocks, lm_head included, and the fp32 row is those "
+        "weights dequantized, so the two must agree.",
         "",
         "| row | ppl | Δ ppl | Δ % | bits/weight | model MB | quantize s | eval s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

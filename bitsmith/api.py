@@ -65,6 +65,7 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     backend = backend_for_target(target)  # unknown targets fail before the slow capture
     options = dict(options)
     compression = CompressionOptions.from_options(options)
+    compression.check_model(model)
     defaults = backend.option_defaults(target)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
@@ -87,8 +88,8 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     # the frontend's own passes (a causal LM's KV cache) come first; compression passes need
     # the captured tokenizer (calibration), so they join only now; the backend's phases come
     # last, so that what its legality check sees is what ``build`` gets
-    pipeline = (parsed(captured.passes) + cleanup + compression.build_passes(captured.tokenizer_json) + user
-                + lowering)
+    compressing = compression.build_passes(captured.tokenizer_json, captured.source_weights)
+    pipeline = parsed(captured.passes) + cleanup + compressing + user + lowering
     t1 = time.perf_counter()
     instruments: list[Any] = []
     if dump_ir:

@@ -382,7 +382,8 @@ def _add_trust_argument(p: argparse.ArgumentParser) -> None:
 def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--quant", metavar="SCHEME", help="fp32 (default: no quantization), rtn-int2/3/4[-sym], "
-                                                    "fp3, fp4, bitmod-w3, bitmod-w4")
+                                                    "fp3, fp4, bitmod-w3, bitmod-w4, or gguf (a .gguf "
+                                                    "model's own blocks, bit-exact)")
     g.add_argument("--group-size", type=int, metavar="G", help="weights per scale group (default 128)")
     g.add_argument("--outliers", type=float, metavar="F", help="fraction kept in fp16, e.g. 0.005")
     g.add_argument("--sparsity", metavar="N:M", help='structured sparsity, e.g. "2:4"')
@@ -392,7 +393,8 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-sequences", type=int, metavar="N", help="calibration sequences (default 64)")
     g.add_argument("--calib-seq-len", type=int, metavar="L", help="tokens per calibration sequence (default 512)")
     g.add_argument("--layers", nargs="+", action="extend", default=[], metavar="GLOB",
-                   help="module paths to quantize (globs; default: all linear layers but lm_head)")
+                   help="module paths to quantize (globs; default: all linear layers but lm_head; "
+                        "with gguf: every quantized tensor of the file)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,9 @@ from typing import Any
 from .errors import UnknownOptionError
 
 NO_QUANT = ("fp32", "none")
+SOURCE_QUANT = "gguf"  # keep a GGUF model's own quantization (pass gguf-quantize)
+# what quant="gguf" cannot be combined with: the file fixes group sizes and the rounding
+GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_method")
 
 
 @dataclass(frozen=True)
@@ -41,17 +44,30 @@ class CompressionOptions:
         else:
             picked.pop("layers", None)
         opts = cls(**picked)
+        if opts.quant == SOURCE_QUANT:
+            given = [k for k in GGUF_REFUSED if k in picked and picked[k] not in (None, False, 0, 0.0)]
+            if given:
+                raise ValueError(f"quant='gguf' keeps the GGUF file's own blocks (group size, scales, codes); "
+                                 f"{given[0]}={picked[given[0]]!r} cannot be combined with it")
         opts.validate()
         return opts
 
     @property
     def scheme(self) -> str | None:
-        return None if self.quant is None or self.quant in NO_QUANT else self.quant
+        return None if self.quant is None or self.quant in NO_QUANT + (SOURCE_QUANT,) else self.quant
+
+    @property
+    def keeps_source(self) -> bool:
+        return self.quant == SOURCE_QUANT
 
     def validate(self) -> None:
-        from .ir.quant_grids import SCHEMES
-        if self.quant is not None and self.quant not in NO_QUANT and self.quant not in SCHEMES:
-            raise UnknownOptionError("quantization scheme", self.quant, list(SCHEMES) + list(NO_QUANT))
+        from .ir.quant_grids import SCHEMES, fitted_schemes
+        fitted = list(fitted_schemes())
+        if self.quant is not None and self.quant not in NO_QUANT + (SOURCE_QUANT,) and self.quant not in fitted:
+            if self.quant in SCHEMES:
+                raise ValueError(f"quantization scheme {self.quant!r} is a GGUF file's own format: "
+                                 f"compile the .gguf model with quant='gguf'")
+            raise UnknownOptionError("quantization scheme", self.quant, fitted + list(NO_QUANT) + [SOURCE_QUANT])
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
         if not 0.0 <= float(self.outliers) < 1.0:
@@ -82,8 +98,25 @@ class CompressionOptions:
         d["layers"] = list(self.layers)
         return d
 
-    def build_passes(self, tokenizer_json: str | None) -> list[Any]:
+    def check_model(self, model: Any) -> None:
+        """quant='gguf' needs a GGUF model (a .gguf path or a zoo name); checked before the capture."""
+        if not self.keeps_source:
+            return
+        from .frontend.models import gguf_path_of
+        named = isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")
+        if not named or gguf_path_of(str(model)) is None:
+            shown = model if isinstance(model, str) else type(model).__name__
+            raise ValueError(f"quant='gguf' keeps a GGUF file's quantization, but the model {shown!r} is not a "
+                             f".gguf file or a GGUF model name; choose a scheme such as rtn-int4 instead")
+
+    def build_passes(self, tokenizer_json: str | None, source_weights: Any = None) -> list[Any]:
+        """``source_weights``: the decoded GGUF blocks the frontend captured the model from (quant='gguf')."""
         from .passes import get_pass
+        if self.keeps_source:
+            if source_weights is None:
+                raise ValueError("quant='gguf': the model was not loaded from a GGUF file bitsmith can read "
+                                 "(llama architecture); choose a scheme such as rtn-int4 instead")
+            return [get_pass("gguf-quantize", layers=self.layers, source=source_weights)]
         calibration = None
         if self.needs_calibration:
             if tokenizer_json is None:

@@ -44,8 +44,11 @@ class GoldenCase:
 
     @property
     def spec(self) -> str:
+        """The case's pass spec; ``@CASE_DIR@`` in it stands for the case's folder (a pass
+        option naming a file beside the case, e.g. gguf-quantize's source)."""
         spec = self.file(".spec")
-        return spec.read_text(encoding="utf-8").strip() if spec.exists() else self.pass_name
+        text = spec.read_text(encoding="utf-8").strip() if spec.exists() else self.pass_name
+        return text.replace("@CASE_DIR@", str(self.folder))
 
     @property
     def data(self) -> Path | None:

@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("transformers")
 
 import bitsmith  # noqa: E402
-from bitsmith.ir.quant_grids import SCHEMES, get_scheme  # noqa: E402
+from bitsmith.ir.quant_grids import fitted_schemes, get_scheme  # noqa: E402
 from bitsmith.ir.quantized import operand_types  # noqa: E402
 from bitsmith.runtime.datatype_usage import layer_datatypes  # noqa: E402
 from test_cli import assert_one_line_error, run_cli  # noqa: E402
@@ -108,7 +108,7 @@ def test_unknown_scheme_is_one_line_listing_the_valid_ones(capsys, tiny_dir, tex
                                                                           "reference", "--out", "x"]):
         code, _, err = run_cli(capsys, *command, "--quant", "int5")
         assert_one_line_error(code, err, "unknown quantization scheme 'int5'")
-        assert all(name in err for name in SCHEMES) and "fp32" in err
+        assert all(name in err for name in fitted_schemes()) and "fp32" in err and "gguf" in err
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitsmith.ir.quant_grids import SCHEMES
+from bitsmith.ir.quant_grids import fitted_schemes
 
 from bitsmith.ir.code_packing import group_count
 from bitsmith.passes.quantization.gptq import GPTQError, gptq_quantize_matrix, inverse_hessian_cholesky
 from bitsmith.passes.quantization.groups import (decode, dequantize_matrix, fit_groups, quantize_matrix,
                                                  quantize_to_params)
 
-SCHEME_NAMES = sorted(SCHEMES)
+SCHEME_NAMES = sorted(fitted_schemes())
 GROUP_SIZES = st.sampled_from([3, 4, 8, 16, 32, 128])
 
 
@@ -74,7 +74,7 @@ def test_output_error_no_worse_than_round_to_nearest(problem, scheme_name, group
     # so no slack beyond float rounding is allowed.
     rng, w = problem
     x = correlated_inputs(rng, 4 * w.shape[1], w.shape[1])
-    scheme = SCHEMES[scheme_name]
+    scheme = fitted_schemes()[scheme_name]
     gptq = dequantize_matrix(gptq_quantize_matrix(w, x.T @ x, scheme, group_size), scheme, group_size)
     rtn = dequantize_matrix(quantize_matrix(w, scheme, group_size), scheme, group_size)
 
@@ -89,7 +89,7 @@ def test_output_error_clearly_better_on_a_layer():
     w = rng.standard_normal((64, 256)).astype(np.float32)
     x = correlated_inputs(rng, 1024, 256)
     for name in ("rtn-int3", "bitmod-w3", "fp4"):
-        scheme = SCHEMES[name]
+        scheme = fitted_schemes()[name]
         gptq = dequantize_matrix(gptq_quantize_matrix(w, x.T @ x, scheme, 128), scheme, 128)
         rtn = dequantize_matrix(quantize_matrix(w, scheme, 128), scheme, 128)
         ratio = np.sum(np.square(x @ (w - gptq).T)) / np.sum(np.square(x @ (w - rtn).T))
@@ -106,7 +106,7 @@ def test_matches_unblocked_reference(problem, scheme_name, group_size, outlier_s
     ``dequantize_matrix`` of its result is exactly what it chose (outliers aside)."""
     rng, w = problem
     n, k = w.shape
-    scheme = SCHEMES[scheme_name]
+    scheme = fitted_schemes()[scheme_name]
     x = correlated_inputs(rng, 2 * k + 3, k)
     x[:, rng.random(k) < dead_share] = 0  # inputs that are always zero
     mask = rng.random((n, k)) >= outlier_share
@@ -129,7 +129,7 @@ def test_outliers_are_left_out_of_fitting_and_compensation(problem, scheme_name,
     """Masked weights keep their original value, so only the compensation that reached them
     (not their value) propagates: scaling them by 1000 changes nothing else."""
     rng, w = problem
-    scheme = SCHEMES[scheme_name]
+    scheme = fitted_schemes()[scheme_name]
     x = correlated_inputs(rng, 2 * w.shape[1] + 3, w.shape[1])
     mask = rng.random(w.shape) >= 0.1
     wild = np.where(mask, w, w * 1000).astype(np.float32)
@@ -150,7 +150,7 @@ def test_diagonal_hessian_equals_round_to_nearest(problem, scheme_name, group_si
     """With uncorrelated inputs (diagonal H) no error crosses columns: each group is fitted on
     the original weights and each weight rounded to nearest, exactly as quantize_matrix does."""
     rng, w = problem
-    scheme = SCHEMES[scheme_name]
+    scheme = fitted_schemes()[scheme_name]
     mask = rng.random(w.shape) >= 0.2 if with_mask else np.ones(w.shape, dtype=bool)
     hessian = np.diag(rng.uniform(0.1, 10, w.shape[1]))
     got = gptq_quantize_matrix(w, hessian, scheme, group_size, mask=mask if with_mask else None)
@@ -195,7 +195,7 @@ def test_singular_hessian_without_damping_raises_or_recovers():
 
 def test_rejects_mismatched_shapes():
     w = np.zeros((2, 3), dtype=np.float32)
-    scheme = SCHEMES["fp4"]
+    scheme = fitted_schemes()["fp4"]
     with pytest.raises(GPTQError, match="Hessian shape"):
         gptq_quantize_matrix(w, np.eye(4), scheme, 2)
     with pytest.raises(GPTQError, match="mask shape"):

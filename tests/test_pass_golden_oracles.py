@@ -114,6 +114,17 @@ def test_quantize_one_grid_operands_match_the_scalar_reference(ident, scheme, gs
         assert after.tensors.info(f"{prefix}.{role}").sha256 == sha256_of(array), role
 
 
+def test_dequantize_weight_is_the_scalar_reference_decode():
+    """dequantize/rtn_int4: the new constant is the scalar reference's decode of the quantize
+    pass's rtn-int4 operands of the same weight."""
+    c = case("dequantize/rtn_int4")
+    ops = ref_rtn_operands(data_of(c)["model.up_proj.weight"], "rtn-int4", 4)
+    attrs = {"scheme": "rtn-int4", "group_size": 4, "in_features": 8, "out_features": 4, "sparsity": "",
+             "outliers": 0.0, "bias": True}
+    want = ref_dequantize(attrs, [ops[r] for r in ("codes", "scales", "zeros")]).astype(np.float32)
+    assert c.expected().tensors.info("model.up_proj.weight.dequantized").sha256 == sha256_of(want)
+
+
 def test_quantize_sparse_outliers_decodes_to_the_kept_weights():
     """The decoded weight (scalar reference) is zero where magnitude 2:4 pruned, and holds the
     one outlier exactly (fp16) at a kept position; the other kept weights are within half a

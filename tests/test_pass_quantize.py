@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bitsmith.errors import PassError
 from bitsmith.ir import GraphBuilder, Location, TensorType, evaluate, print_module
-from bitsmith.ir.quant_grids import SCHEMES
+from bitsmith.ir.quant_grids import fitted_schemes
 from bitsmith.ir.quantized import dequantize
 from bitsmith.passes import PassManager, Quantize, get_pass, parse_pass_spec
 from bitsmith.passes.quantization import quantize_matrix, select_outliers
@@ -44,7 +44,7 @@ def test_before_after_ir_example():
     assert run_passes(after, Quantize(scheme="bitmod-w3", group_size=8)) == after  # nothing left to quantize
 
 
-@pytest.mark.parametrize("name", sorted(SCHEMES))
+@pytest.mark.parametrize("name", sorted(fitted_schemes()))
 def test_operand_shapes_and_bits(name):
     """K = 576 in groups of 128: 5 groups, the last one 64 wide."""
     module = run_passes(mlp_module(k=576, hidden=8), Quantize(scheme=name, layers=(UP,)))
@@ -60,7 +60,7 @@ def test_operand_shapes_and_bits(name):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.sampled_from(sorted(SCHEMES)), st.sampled_from([4, 5, 8, 32, 128]), st.sampled_from([8, 24, 40]),
+@given(st.sampled_from(sorted(fitted_schemes())), st.sampled_from([4, 5, 8, 32, 128]), st.sampled_from([8, 24, 40]),
        st.integers(0, 2 ** 16))
 def test_qlinear_equals_dense_matmul_with_dequantized_weights(name, group_size, k, seed):
     """The interpreter's qlinear equals x @ W.T with W decoded by the scalar reference.
@@ -147,7 +147,7 @@ def test_calibrate_hands_hessian_and_outlier_mask_to_gptq(fake_gptq):
     assert np.array_equal(w_up, before.tensors[f"{UP}.weight"]) and h_up.shape == (32, 32)
     assert mask_down is None
     # outliers were chosen with the Hessian diagonal as importance, and left out of the fit
-    want = select_outliers(w_up, SCHEMES["bitmod-w4"], 8, 0.05, np.diag(h_up))
+    want = select_outliers(w_up, fitted_schemes()["bitmod-w4"], 8, 0.05, np.diag(h_up))
     assert np.array_equal(~mask_up, want)
     up = nodes_of(after, "qlinear")[0]
     values, cols, rowptr = operands_of(after, up)[3:6]  # after codes, scales, selectors

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from bitsmith.ir.quant_grids import SCHEMES, get_scheme
+from bitsmith.ir.quant_grids import fitted_schemes, get_scheme
 
 from bitsmith.ir.code_packing import pack_codes, unpack_codes
 from bitsmith.passes.quantization import (compress_nm, decode, dequantize_matrix, expand_nm, fit_groups, nm_mask,
@@ -36,7 +36,7 @@ def masks_for(w: np.ndarray):
 
 
 def test_reference_grids_match_the_ir_quant_grids():
-    assert set(REF_SCHEMES) == set(SCHEMES)
+    assert set(REF_SCHEMES) == set(fitted_schemes())
     for name, (bits, asym, grids) in REF_SCHEMES.items():
         scheme = get_scheme(name)
         assert (scheme.bits, scheme.asymmetric) == (bits, asym)
@@ -71,7 +71,7 @@ def test_asymmetric_min_max_scale_and_zero(name, w, data):
         assert (float(params.scale[r]), int(params.zero[r])) == (scale, zero)
 
 
-@pytest.mark.parametrize("name", sorted(SCHEMES))
+@pytest.mark.parametrize("name", sorted(fitted_schemes()))
 def test_constant_and_zero_groups_decode_exactly(name):
     scheme = get_scheme(name)
     w = np.array([[0.0] * 4, [0.75] * 4, [-3.0] * 4], dtype=np.float32)
@@ -86,7 +86,7 @@ def test_constant_and_zero_groups_decode_exactly(name):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(sorted(SCHEMES)), blocks(), st.data())
+@given(st.sampled_from(sorted(fitted_schemes())), blocks(), st.data())
 def test_rounding_is_nearest_inside_the_range_and_clips_outside(name, w, data):
     """Every weight inside [min*s, max*s] of its row's scaled grid is within half of its
     surrounding gap and lands on one of the two neighbours; weights outside go to the nearest

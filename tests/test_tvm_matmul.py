@@ -28,13 +28,13 @@ from bitsmith.backends.tvm.matmul_cpu import generic_schedule  # noqa: E402
 from bitsmith.backends.tvm.qlinear_layout import (  # noqa: E402
     field_width, pack_sliced, sliced_length, unpack_sliced)
 from bitsmith.errors import BitsmithError  # noqa: E402
-from bitsmith.ir.quant_grids import SCHEMES, get_scheme  # noqa: E402
+from bitsmith.ir.quant_grids import fitted_schemes, get_scheme  # noqa: E402
 from bitsmith.ir.quantized import dequantize  # noqa: E402
 from bitsmith.passes.quantization.groups import quantize_matrix  # noqa: E402
 from bitsmith.passes.quantization.pack import qlinear_operands as pack_qlinear  # noqa: E402
 from qlinear_cases import make_qlinear  # noqa: E402
 
-ALL_SCHEMES = sorted(SCHEMES)
+ALL_SCHEMES = sorted(fitted_schemes())
 
 
 def reference(attrs, arrays, x):

@@ -18,13 +18,22 @@ def capture(model: Any, example_inputs: tuple | None = None,
 
     say = progress or (lambda message: None)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        import dataclasses
         from .hf_capture import model_name
-        from .models import MODEL_ZOO, load_pretrained
+        from .models import MODEL_ZOO, gguf_path_of, load_gguf, load_pretrained
         say(f"loading {model}")
-        hf_model, tokenizer = load_pretrained(str(model))
+        gguf_file = gguf_path_of(str(model))
+        source = None
+        if gguf_file is not None:
+            hf_model, tokenizer, weights = load_gguf(gguf_file)
+            if weights is not None:
+                from .gguf_loader import blocks_by_parameter
+                source = blocks_by_parameter(hf_model, weights)
+        else:
+            hf_model, tokenizer = load_pretrained(str(model))
         say("capturing with torch.export and lowering to IR")
         name = str(model) if str(model) in MODEL_ZOO else model_name(str(model))
-        return capture_causal_lm(hf_model, tokenizer, name=name)
+        return dataclasses.replace(capture_causal_lm(hf_model, tokenizer, name=name), source_weights=source)
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"cannot compile a {type(model).__name__}: pass an nn.Module, a model name or a path")
     if _is_hf_causal_lm(model) and example_inputs is None:

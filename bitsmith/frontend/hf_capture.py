@@ -39,6 +39,9 @@ class CapturedModel:
     # pass specs the compiler runs before any other: what makes the module whole (a causal
     # LM's KV cache); the frontend names them and never imports the passes
     passes: tuple[str, ...] = ()
+    # a GGUF model's decoded quantized blocks by tensor-table name (bitsmith.gguf.QuantizedRows),
+    # for quant="gguf" (pass gguf-quantize); None for other models
+    source_weights: Any = None
 
 
 class _LogitsOnly(torch.nn.Module):

@@ -47,7 +47,27 @@ def zoo_gguf_path(name: str) -> Path:
     return d / entry.gguf_file
 
 
+def load_gguf(path: Path) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, decoded GGUF weights or None): llama files through bitsmith's own
+    reader (``gguf_loader``: one read, numpy dequantization), others through transformers."""
+    from ..gguf import GGUFFormatError, UnsupportedBlockType
+    from .gguf_loader import UnsupportedGGUF, load_gguf_model
+    try:
+        return load_gguf_model(path)
+    except (UnsupportedGGUF, UnsupportedBlockType):
+        pass  # transformers may still know this architecture or tensor type
+    except GGUFFormatError as e:
+        raise ModelLoadError(f"cannot load GGUF file {path}: {e}") from e
+    model, tok = _load_gguf_transformers(path)
+    return model, tok, None
+
+
 def _load_gguf(path: Path) -> tuple[Any, Any]:
+    model, tok, _ = load_gguf(path)
+    return model, tok
+
+
+def _load_gguf_transformers(path: Path) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
@@ -72,6 +92,14 @@ def _load_hf_dir(path: Path) -> tuple[Any, Any]:
         except Exception as e:
             raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
     return model.train(False), tok  # inference mode
+
+
+def gguf_path_of(name_or_path: str) -> Path | None:
+    """The GGUF file a model name or path stands for (None: not a GGUF model)."""
+    if name_or_path in MODEL_ZOO:
+        return zoo_gguf_path(name_or_path)
+    path = Path(name_or_path)
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def load_pretrained(name_or_path: str) -> tuple[Any, Any]:

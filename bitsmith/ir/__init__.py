@@ -5,6 +5,7 @@ from .graph import Function, Location, Module, Node, TensorInfo, TensorTable, Va
 from .interpreter import InterpreterError, evaluate, run_function
 from .ops import OPS, get_op
 from . import quantized as _quantized  # registers the qlinear op and its interpreter rule
+from . import gguf_schemes as _gguf_schemes  # registers the gguf-* qlinear schemes
 from .parser import IRParseError, parse_module
 from .printer import print_module
 from .types import DTYPES, IRTypeError, TensorType

@@ -17,6 +17,10 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
         raise ValueError(f"codes out of range for {bits} bits")
     c = codes.astype(np.uint8)
+    if bits == 8:
+        return np.ascontiguousarray(c)
+    if bits == 4 and c.shape[-1] % 2 == 0:  # the same stream, without the bit-plane temporaries
+        return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
     bitplanes = (c[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # [..., K, bits]
     stream = bitplanes.reshape(*c.shape[:-1], c.shape[-1] * bits)
     return np.packbits(stream, axis=-1, bitorder="little")

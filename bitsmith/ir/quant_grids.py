@@ -69,11 +69,18 @@ for _sign, _s in (("+", 1), ("-", -1)):
 
 @dataclass(frozen=True)
 class Scheme:
-    """A weight format: candidate grids (ties go to the first), asymmetric or not."""
+    """A weight format: candidate grids (ties go to the first), asymmetric or not.
+
+    Formats taken from a file rather than fitted (the ``gguf-*`` schemes) may store float32
+    scales (``scale_dtype``), a float per-group ``offsets`` operand added after scaling
+    (``w = grid[code] * scale + offset``) and fix the group size (``block_size``)."""
 
     name: str
     candidates: tuple[Grid, ...]
     asymmetric: bool = False
+    scale_dtype: str = "float16"
+    offsets: bool = False
+    block_size: int | None = None
 
     @property
     def bits(self) -> int:
@@ -102,6 +109,12 @@ def register_scheme(scheme: Scheme) -> Scheme:
         raise ValueError(f"quantization scheme {scheme.name!r} registered twice")
     SCHEMES[scheme.name] = scheme
     return scheme
+
+
+def fitted_schemes() -> dict[str, Scheme]:
+    """The schemes the ``quantize`` pass fits to float weights: all but a file's own fixed
+    formats (``block_size`` set, e.g. the ``gguf-*`` schemes, which only ``gguf-quantize`` makes)."""
+    return {name: s for name, s in SCHEMES.items() if s.block_size is None}
 
 
 def get_scheme(name: str) -> Scheme:

@@ -1,8 +1,9 @@
 """The quantized linear op ``qlinear``: its operands, type rule and reference meaning.
 
 Operands, in order (optional ones present as the attributes say):
-  x [..., in], codes u8 [out, packed(kept*bits)], scales f16 [out, groups],
-  zeros u8 [out, groups]             (asymmetric schemes),
+  x [..., in], codes u8 [out, packed(kept*bits)], scales f16 [out, groups] (f32 where the
+  scheme's scale_dtype says), zeros u8 [out, groups]             (asymmetric schemes),
+  offsets [out, groups], the scale's dtype   (schemes with offsets: w = grid[code]*scale + offset),
   selectors u8 [out, packed(groups*selector_bits)]   (schemes with several grids),
   nm_index u8 [out, packed(kept*log2 M)]             (``sparsity = "N:M"``),
   outlier_values f16 [nnz], outlier_cols i32 [nnz], outlier_rowptr i32 [out+1]  (CSR),
@@ -60,12 +61,16 @@ def operand_types(attrs: dict, x_dtype: str = "float32") -> list[tuple[str, Tens
     k, n, gs = attrs["in_features"], attrs["out_features"], attrs["group_size"]
     if not (isinstance(k, int) and isinstance(n, int) and isinstance(gs, int) and k > 0 and n > 0 and gs > 0):
         raise IRTypeError("qlinear: in_features, out_features and group_size must be positive ints")
+    if scheme.block_size is not None and gs != scheme.block_size:
+        raise IRTypeError(f"qlinear: scheme {scheme.name} has groups of {scheme.block_size}, not {gs}")
     kept = kept_per_row(k, attrs["sparsity"])
     groups = group_count(kept, gs)
     out = [("codes", TensorType((n, packed_length(kept, scheme.bits)), "uint8")),
-           ("scales", TensorType((n, groups), "float16"))]
+           ("scales", TensorType((n, groups), scheme.scale_dtype))]
     if scheme.asymmetric:
         out.append(("zeros", TensorType((n, groups), "uint8")))
+    if scheme.offsets:
+        out.append(("offsets", TensorType((n, groups), scheme.scale_dtype)))
     if scheme.selector_bits:
         out.append(("selectors", TensorType((n, packed_length(groups, scheme.selector_bits)), "uint8")))
     nm = parse_sparsity(attrs["sparsity"])
@@ -134,6 +139,8 @@ def dequantize(attrs: dict, operands: Sequence[np.ndarray]) -> np.ndarray:
         else:
             sel = np.zeros_like(codes)
         values = table[sel, codes] * scale
+    if scheme.offsets:  # one float32 rounding per weight, after the (exact) scaling
+        values = values + ops["offsets"].astype(np.float32)[:, gi]
     nm = parse_sparsity(attrs["sparsity"])
     if nm is None:
         weight = values

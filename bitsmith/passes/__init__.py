@@ -12,7 +12,9 @@ from .manager import PassManager
 # Importing the pass modules registers them.
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
+from .dequantize import Dequantize
 from .fold import ConstantFolding
+from .gguf_quantize import GGUFQuantize
 from .half_precision import HalfPrecision
 from .inline import Inline
 from .kv_cache import KVCache
@@ -22,7 +24,7 @@ from .quantize import Quantize
 from .sparsify import Sparsify
 
 __all__ = [
-    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder", "HalfPrecision",
+    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "Dequantize", "DumpToFolder", "GGUFQuantize", "HalfPrecision",
     "Inline", "KVCache", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
     "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",

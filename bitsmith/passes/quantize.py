@@ -84,9 +84,11 @@ class Quantize(Pass):
 
     def __post_init__(self) -> None:
         if not self.scheme:
-            from bitsmith.ir.quant_grids import SCHEMES
-            raise ValueError(f"quantize needs scheme=NAME; valid: {', '.join(SCHEMES)}")
-        get_scheme(self.scheme)  # unknown scheme: ValueError listing the valid ones
+            from bitsmith.ir.quant_grids import fitted_schemes
+            raise ValueError(f"quantize needs scheme=NAME; valid: {', '.join(fitted_schemes())}")
+        if get_scheme(self.scheme).block_size is not None:  # unknown scheme: ValueError listing the valid ones
+            raise ValueError(f"quantize: scheme {self.scheme} keeps a file's own quantization and cannot be "
+                             f"fitted; compile a .gguf model with quant='gguf' (pass gguf-quantize)")
         if not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(f"quantize: group_size must be a positive integer, got {self.group_size!r}")
         object.__setattr__(self, "layers", normalize_layers(self.layers))

@@ -147,8 +147,11 @@ class LUTBackend(Backend):
         return host
 
     def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
-        """Calls inlined: the host plans one function at a time."""
-        return Pipeline(legalize=("inline",))
+        """Calls inlined: the host plans one function at a time; qlinears the engine cannot
+        hold exactly (float offsets) become dense layers on their exact weights, for the host."""
+        from ..scheme_fallback import dequantize_specs
+        from .decompose import native_scheme
+        return Pipeline(legalize=("inline",) + dequantize_specs(native_scheme))
 
     def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
         """The host path's ops (host.py), qlinear within the engine's limits."""

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ...errors import UnsupportedOpError
-from ...ir.quant_grids import get_scheme
+from ...ir.quant_grids import Scheme, get_scheme
 from ...ir.code_packing import group_count, group_index, unpack_codes
 from ...ir.quantized import operand_types, parse_sparsity
 
@@ -55,8 +55,20 @@ def scheme_planes(scheme_name: str) -> int:
     return max(1, int(span).bit_length())
 
 
+def native_scheme(scheme: Scheme) -> bool:
+    """Whether the engine's integer form ``s * (u - o)`` holds the scheme exactly: no float
+    offsets, at most 8 planes. lut-cpu runs the others as dense float32 on its host
+    (``backends/scheme_fallback.py``)."""
+    if scheme.offsets:
+        return False
+    return scheme.asymmetric or max(max(g.values) - min(g.values) for g in scheme.candidates) < 256
+
+
 def qlinear_reason(attrs: Mapping) -> str | None:
     """Why the engine cannot run a qlinear with these attributes (None: it can)."""
+    if not native_scheme(get_scheme(attrs["scheme"])):
+        return (f"scheme {attrs['scheme']} has float offsets the engine's integer form cannot hold "
+                f"(lut-cpu's pipeline dequantizes such layers for its host)")
     if parse_sparsity(attrs["sparsity"]) is not None:
         return (f"N:M sparsity ({attrs['sparsity']}) has no LUT lowering; "
                 "compile without sparsity or use another target")

@@ -58,7 +58,8 @@ def pipeline(options: Mapping[str, Any]) -> Pipeline:
     """Calls inlined (kernels are planned per function), then fp16 activations (pass
     ``half-precision``) unless ``act_dtype="float32"``."""
     _, act = _options(options)
-    return Pipeline(legalize=("inline",), lower=("half-precision",) if act == "float16" else ())
+    from .targets import legalize_specs
+    return Pipeline(legalize=legalize_specs(), lower=("half-precision",) if act == "float16" else ())
 
 
 def _check_act_dtype(module: Module, act: str) -> None:

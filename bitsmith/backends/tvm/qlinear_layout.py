@@ -138,11 +138,22 @@ def _check_attrs(attrs: Mapping[str, Any]) -> None:
         raise BitsmithError(f"qlinear attributes lack {sorted(missing)}")
 
 
+def native_scheme(scheme: Scheme) -> bool:
+    """Whether the tvm kernels decode this scheme: 2/3/4-bit codes, float16 scales, no float
+    offsets, grid values in the int8 table (asymmetric schemes use zero points instead). The
+    tvm targets run the others as dense float32 (``backends/scheme_fallback.py``)."""
+    if scheme.bits not in (2, 3, 4) or scheme.offsets or scheme.scale_dtype != "float16":
+        return False
+    return scheme.asymmetric or all(-128 <= v <= 127 for g in scheme.candidates for v in g.values)
+
+
 def layout_for(attrs: Mapping[str, Any], outlier_width: int) -> QLinearLayout:
     _check_attrs(attrs)
     scheme = get_scheme(str(attrs["scheme"]))
-    if scheme.bits not in (2, 3, 4):
-        raise BitsmithError(f"qlinear scheme {scheme.name}: {scheme.bits}-bit codes are not supported by tvm")
+    if not native_scheme(scheme):
+        raise BitsmithError(f"qlinear scheme {scheme.name}: {scheme.bits}-bit codes, {scheme.scale_dtype} scales"
+                            f"{' and float offsets' if scheme.offsets else ''} are not supported by the tvm "
+                            f"kernels (the tvm pipelines dequantize such layers first)")
     k, gs = int(attrs["in_features"]), int(attrs["group_size"])
     kept = kept_per_row(k, str(attrs["sparsity"]))
     nm = parse_sparsity(str(attrs["sparsity"]))

@@ -34,9 +34,18 @@ BuildFn = Callable[[Module, Mapping[str, Any]], Executable]
 LoadFn = Callable[[Module, Mapping[str, Any], Mapping[str, bytes]], Executable]
 
 
+def legalize_specs() -> tuple[str, ...]:
+    """Calls inlined (kernels are planned per function); qlinears of schemes the kernels lack
+    become dense layers on their exact weights."""
+    from ..scheme_fallback import dequantize_specs
+    from .qlinear_layout import native_scheme
+    return ("inline",) + dequantize_specs(native_scheme)
+
+
 def inline_only(options: Mapping[str, Any]) -> Pipeline:
-    """Kernels are planned per function: calls between functions are inlined first."""
-    return Pipeline(legalize=("inline",))
+    """Kernels are planned per function: calls between functions are inlined first (and
+    unsupported weight formats dequantized, see ``legalize_specs``)."""
+    return Pipeline(legalize=legalize_specs())
 
 
 @dataclass(frozen=True)

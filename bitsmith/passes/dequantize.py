@@ -1,0 +1,58 @@
+"""Pass ``dequantize``: ``qlinear`` nodes of the named schemes become ``linear`` nodes on their
+exact float32 weight (``bitsmith.ir.quantized.dequantize``).
+
+A backend whose kernels do not implement a weight format puts this pass in its legalize phase
+with the schemes it lacks (``dequantize{schemes=gguf-q4_1|gguf-q8_0}``), so such a model still
+runs, computing with bit-identical weights in dense float32 (bigger and slower, never wrong).
+Option ``schemes``: globs over scheme names (separated by spaces, ``;`` or ``|``); none: the
+pass changes nothing. A weight shared by several nodes (a tied lm_head) is decoded once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+
+from bitsmith.ir import Module, Node
+from bitsmith.ir.quantized import dequantize
+
+from .base import Pass, register_pass
+from .quantization.sites import normalize_layers
+from .rewrite import Pattern, Rewriter, apply_patterns
+
+
+@register_pass
+@dataclass(frozen=True)
+class Dequantize(Pass):
+    name = "dequantize"
+    idempotent = True  # it leaves no qlinear of the named schemes
+    schemes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schemes", normalize_layers(self.schemes))
+
+    def apply(self, module: Module) -> Module:
+        if not self.schemes:
+            return module
+        decoded: dict[tuple[str, ...], str] = {}
+
+        def to_linear(node: Node, rw: Rewriter) -> None:
+            attrs = node.attr_dict
+            n_weight = len(node.inputs) - 1 - (1 if attrs["bias"] else 0)
+            producers = [rw.producer(v) for v in node.inputs[1:1 + n_weight]]
+            if any(p is None or p.op != "constant" for p in producers):
+                return  # operands computed at run time: not this pass's business
+            names = tuple(p.attr("name") for p in producers)
+            if names not in decoded:
+                weight = dequantize(attrs, [rw.tensor(n) for n in names]).astype(np.float32)
+                decoded[names] = rw.add_tensor(f"{names[0].rsplit('.', 1)[0]}.dequantized", weight)
+            w = rw.constant(decoded[names], f"{node.output.name}.weight", producers[0].loc)
+            rw.replace(Node("linear", (node.inputs[0], w) + node.inputs[1 + n_weight:], node.outputs, {}, node.loc))
+
+        def named(node: Node, rw: Rewriter) -> bool:
+            return any(fnmatch.fnmatchcase(str(node.attr("scheme")), g) for g in self.schemes)
+
+        pattern = Pattern(to_linear, frozenset({"qlinear"}), where=named, name="dequantize_qlinear")
+        return apply_patterns(module, [pattern], once=True, remove_dead=True).prune_tensors()
