@@ -5,6 +5,7 @@ from .graph import Function, Location, Module, Node, TensorInfo, TensorTable, Va
 from .interpreter import InterpreterError, evaluate, run_function
 from .ops import OPS, get_op
 from . import quantized as _quantized  # registers the qlinear op and its interpreter rule
+from . import scheme_int8 as _scheme_int8  # registers the rtn-int8 weight format
 from .parser import IRParseError, parse_module
 from .printer import print_module
 from .types import DTYPES, IRTypeError, TensorType

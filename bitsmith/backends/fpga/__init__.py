@@ -176,7 +176,7 @@ def _legal_check(node: Node) -> str | None:
         return "qlinear with fp16 outliers is not supported by the MV/MM units (compile without --outliers)"
     if node.op == "call":
         return "calls must be inlined (the fpga pipeline runs inline)"
-    for o in node.outputs:
+    for o in node.outputs if node.op != "constant" else ():
         if o.type.dtype in ("float16", "bfloat16", "float64"):
             return f"result dtype {o.type.dtype}: the fpga simulator models float32 activations"
     return None

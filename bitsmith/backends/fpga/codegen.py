@@ -364,7 +364,7 @@ class Lowering:
         self.types[scores_val] = type(self.types[out])((hk, g * s, t), "float32")
         scores = self.place(scores_val)
         view = self.place(out)
-        queue = self.matrix_queue(g * s)
+        queue = self.matrix_queue(s)
         kvv, vvv = self.views[k], self.views[v]
         kv_ch = self.preset["hbm"]["kv_channels"]
         for h in range(hk):
