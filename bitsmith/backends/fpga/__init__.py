@@ -157,7 +157,7 @@ class FPGAExecutable(Executable):
                 t = fn.result_types()[i]
                 idx = tuple(slice(0, seq) if d == "seq" else slice(None) for d in t.shape)
                 arr = arr[idx]
-            outs.append(np.ascontiguousarray(arr))
+            outs.append(np.array(arr, copy=True, order="C"))
         return outs
 
     def files(self) -> dict[str, bytes]:
