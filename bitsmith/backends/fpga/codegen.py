@@ -288,9 +288,10 @@ class Lowering:
     def tile_rows(self, layer: Layer) -> int:
         per = layer.tile_bytes(1)
         limit = layer.out_features
+        slr = int(self.preset["slr"])   # each SLR has its own B/META/SCALE banks and takes a slice of the rows
         for buf, b in per.items():
             if b:
-                limit = min(limit, max(1, self.preset.buffer_bytes(buf) // 2 // b))
+                limit = min(limit, max(1, self.preset.buffer_bytes(buf) * slr // 2 // b))
         unit = int(self.preset["mv"]["n"]) * int(self.preset["slr"])
         return limit // unit * unit if limit >= unit else limit
 
