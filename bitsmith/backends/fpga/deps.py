@@ -21,7 +21,7 @@ from .isa import QUEUES, Instr, make
 
 class Tracker:
     def __init__(self) -> None:
-        self.graph = nx.DiGraph()
+        self.edges: list[tuple[int, int]] = []
         self.queues: list[str] = []
         self.writer: dict[int, int] = {}
         self.readers: dict[int, list[int]] = {}
@@ -39,6 +39,14 @@ class Tracker:
             self.inherited[rid] = acc
         return rid
 
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The instruction dependency graph (networkx), built once from the recorded edges."""
+        g = nx.DiGraph()
+        g.add_nodes_from(range(len(self.queues)))
+        g.add_edges_from(self.edges)
+        return g
+
     def accessors(self, rid: int) -> set[int]:
         out = set(self.readers.get(rid, ()))
         if rid in self.writer:
@@ -48,7 +56,6 @@ class Tracker:
     def add(self, queue: str, reads: Sequence[int], writes: Sequence[int]) -> int:
         idx = len(self.queues)
         self.queues.append(queue)
-        self.graph.add_node(idx)
         deps: set[int] = set()
         for r in reads:
             if r in self.writer:
@@ -57,8 +64,7 @@ class Tracker:
         for w in writes:
             deps |= self.accessors(w)
         deps.discard(idx)
-        for d in deps:
-            self.graph.add_edge(d, idx)
+        self.edges.extend((d, idx) for d in deps)
         for r in reads:
             self.readers.setdefault(r, []).append(idx)
         for w in writes:

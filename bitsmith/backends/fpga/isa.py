@@ -98,21 +98,30 @@ class Instr:
         return Instr(self.queue, frozenset(wait), frozenset(release), self.fields, self.inputs)
 
 
+_FIELD_NAMES = {q: tuple(f.name for f in fs if f.name not in ("opcode", "wait", "release", "reserved"))
+                for q, fs in FORMATS.items()}
+_FIELD_SET = {q: frozenset(n) for q, n in _FIELD_NAMES.items()}
+_NO_QUEUES: frozenset[str] = frozenset()
+
+
 def make(queue: str, inputs: Sequence[int] = (), **fields: int) -> Instr:
-    if queue not in FORMATS:
+    """An instruction without flags; ``fields`` are stored in format order (absent ones as 0), as
+    the decoder returns them, so equal instructions compare equal."""
+    names = _FIELD_NAMES.get(queue)
+    if names is None:
         raise ISAError(f"unknown queue {queue!r}; valid: {QUEUES}")
-    names = {f.name for f in FORMATS[queue]} - {"opcode", "wait", "release", "reserved"}
-    unknown = set(fields) - names
-    if unknown:
-        raise ISAError(f"{queue}: unknown fields {sorted(unknown)}; valid: {sorted(names)}")
+    if not _FIELD_SET[queue].issuperset(fields):
+        raise ISAError(f"{queue}: unknown fields {sorted(set(fields) - _FIELD_SET[queue])}; valid: {sorted(names)}")
     if queue == "MISC":
         fields["n_in"] = len(inputs)
-    return Instr(queue, frozenset(), frozenset(), tuple(sorted((k, int(v)) for k, v in fields.items())),
+    return Instr(queue, _NO_QUEUES, _NO_QUEUES, tuple((k, int(fields.get(k, 0))) for k in names),
                  tuple(int(a) for a in inputs))
 
 
 def mask_of(queue: str, queues: Iterable[str]) -> int:
     """The 5-bit mask over the queues other than ``queue`` (first other queue = bit 4)."""
+    if not queues:
+        return 0
     others = [q for q in QUEUES if q != queue]
     value = 0
     for q in queues:
@@ -127,18 +136,22 @@ def queues_of(queue: str, mask: int) -> frozenset[str]:
     return frozenset(q for i, q in enumerate(others) if mask >> (len(others) - 1 - i) & 1)
 
 
+_LAYOUT = {q: {f.name: (f.word, f.lo, 1 << f.width) for f in fs} for q, fs in FORMATS.items()}
+
+
 def encode(ins: Instr) -> list[int]:
-    words = [0] * BASE_WORDS[ins.queue]
-    values = dict(ins.fields)
-    values.update(opcode=OPCODES[ins.queue], wait=mask_of(ins.queue, ins.wait),
-                  release=mask_of(ins.queue, ins.release))
-    for f in FORMATS[ins.queue]:
-        v = values.pop(f.name, 0)
-        if not 0 <= v < 1 << f.width:
-            raise ISAError(f"{ins.queue}.{f.name} = {v} does not fit {f.width} bits")
-        words[f.word] |= v << f.lo
-    if values:
-        raise ISAError(f"{ins.queue}: unknown fields {sorted(values)}")
+    q = ins.queue
+    layout = _LAYOUT[q]
+    words = [0] * BASE_WORDS[q]
+    words[0] = OPCODES[q] << 28 | mask_of(q, ins.wait) << 23 | mask_of(q, ins.release) << 18
+    for name, v in ins.fields:
+        spec = layout.get(name)
+        if spec is None or name in ("opcode", "wait", "release", "reserved"):
+            raise ISAError(f"{q}: unknown field {name!r}")
+        word, lo, top = spec
+        if not 0 <= v < top:
+            raise ISAError(f"{q}.{name} = {v} does not fit {top.bit_length() - 1} bits")
+        words[word] |= v << lo
     if ins.queue == "MISC":
         if len(ins.inputs) > MAX_MISC_INPUTS:
             raise ISAError(f"MISC: {len(ins.inputs)} inputs, at most {MAX_MISC_INPUTS}")
@@ -168,9 +181,12 @@ def decode_one(words: Sequence[int], pos: int) -> tuple[Instr, int]:
         raise ISAError(f"word {pos}: {queue} needs {n} words, the stream ends after {len(words) - pos}")
     vals: dict[str, int] = {}
     for f in FORMATS[queue]:
-        vals[f.name] = (int(words[pos + f.word]) >> f.lo) & ((1 << f.width) - 1)
-    if vals.pop("reserved", 0):
-        raise ISAError(f"word {pos}: {queue} has reserved bits set")
+        v = (int(words[pos + f.word]) >> f.lo) & ((1 << f.width) - 1)
+        if f.name == "reserved":
+            if v:
+                raise ISAError(f"word {pos}: {queue} has reserved bits set")
+            continue
+        vals[f.name] = v
     inputs: tuple[int, ...] = ()
     if queue == "MISC":
         k = vals["n_in"]
@@ -181,7 +197,7 @@ def decode_one(words: Sequence[int], pos: int) -> tuple[Instr, int]:
     wait = queues_of(queue, vals.pop("wait"))
     release = queues_of(queue, vals.pop("release"))
     vals.pop("opcode")
-    return Instr(queue, wait, release, tuple(sorted(vals.items())), inputs), pos + n
+    return Instr(queue, wait, release, tuple((k, vals[k]) for k in _FIELD_NAMES[queue]), inputs), pos + n
 
 
 def decode_stream(words: np.ndarray | Sequence[int]) -> list[Instr]:

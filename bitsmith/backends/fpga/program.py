@@ -40,14 +40,16 @@ class Packed:
     templates: list[np.ndarray]
     bucket_template: list[int]
     patches: list[np.ndarray]     # per bucket: uint32 [n, 2] (position, word)
+    program_bytes: list[int]      # per bucket: its full stream's bytes
 
 
 def pack(programs: Sequence[Program]) -> Packed:
     templates: list[np.ndarray] = []
     index: dict[tuple, int] = {}
-    which, patches = [], []
+    which, patches, sizes = [], [], []
     for p in programs:
         words = isa.encode_stream(p.instrs)
+        sizes.append(int(words.nbytes))
         key = skeleton(p.instrs)
         t = index.get(key)
         if t is None:
@@ -57,7 +59,7 @@ def pack(programs: Sequence[Program]) -> Packed:
         pos = np.nonzero(base != words)[0].astype("<u4")
         patches.append(np.stack([pos, words[pos]], axis=1).astype("<u4") if pos.size else np.zeros((0, 2), "<u4"))
         which.append(t)
-    return Packed(templates, which, patches)
+    return Packed(templates, which, patches, sizes)
 
 
 def unpack_stream(template: np.ndarray, patch: np.ndarray) -> np.ndarray:
@@ -74,7 +76,7 @@ def size_report(programs: Sequence[Program], packed: Packed, max_length: int, pr
     """Stored instruction bytes against one program per length (each length's program is its
     bucket's stream: same instructions, other addresses and counts)."""
     stored = sum(t.nbytes for t in packed.templates) + sum(p.nbytes for p in packed.patches)
-    by_bucket = {(p.function, p.bucket.key): int(isa.encode_stream(p.instrs).nbytes) for p in programs}
+    by_bucket = {(p.function, p.bucket.key): n for p, n in zip(programs, packed.program_bytes)}
     per_length = 0
     lengths = 0
     for p in programs:

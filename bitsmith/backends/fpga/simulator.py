@@ -102,8 +102,10 @@ class _Costs:
         return concrete(self.types[value], self.info.bindings)
 
     def matrix(self, unit: str, m: int, n: int, k: int) -> int:
+        """Rows of activations in steps of Pm; the n x k weights of a tile spread over the
+        Pn x Pk MACs of every SLR (a tile narrower than Pn*SLR rows splits K instead)."""
         u = self.p[unit]
-        return (math.ceil(m / u["m"]) * math.ceil(n / (u["n"] * self.p["slr"])) * math.ceil(k / u["k"]))
+        return math.ceil(m / u["m"]) * math.ceil(n * math.ceil(k / u["k"]) / (u["n"] * self.p["slr"]))
 
     def __call__(self, ins: isa.Instr) -> int:
         q = ins.queue
@@ -151,6 +153,7 @@ class _Costs:
 def simulate_timing(instrs: Sequence[isa.Instr], info: ProgramInfo, preset: Preset) -> Timing:
     costs = _Costs(preset, info)
     dur = [costs(i) for i in instrs]
+    latency = int(preset["hbm"]["latency_cycles"])
     n = len(instrs)
     start, end = [0] * n, [0] * n
     order = {q: [i for i, ins in enumerate(instrs) if ins.queue == q] for q in isa.QUEUES}
@@ -170,7 +173,11 @@ def simulate_timing(instrs: Sequence[isa.Instr], info: ProgramInfo, preset: Pres
                 t = free[q]
                 for p in ins.wait:
                     t = max(t, tokens[(p, q)].popleft())
-                start[idx], end[idx] = t, t + dur[idx]
+                d = dur[idx]
+                if q in ("LD", "ST") and t == free[q] and t > 0:
+                    d -= latency   # back-to-back requests: the access latency overlaps the previous transfer
+                start[idx], end[idx] = t, t + d
+                dur[idx] = d
                 free[q] = end[idx]
                 for c in ins.release:
                     tokens[(q, c)].append(end[idx])
