@@ -64,6 +64,12 @@ class LengthBuckets:
         raise LengthBucketError(f"a call with {seq} new tokens after {past} cached ones fits no bucket: buckets "
                                 f"cover prefill from an empty cache and one-token decode steps")
 
+    @property
+    def kv_capacity(self) -> int:
+        """Cache rows every bucket's program fits (prefill up to the padded maximum, decode up to
+        the largest padded past plus the new token)."""
+        return max(round_up(self.max_length, self.prefill_step), round_up(self.max_length - 1, self.kv_step) + 1)
+
     def to_json(self) -> dict[str, int]:
         return {"prefill_step": self.prefill_step, "kv_step": self.kv_step, "max_length": self.max_length}
 

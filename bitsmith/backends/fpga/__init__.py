@@ -242,7 +242,7 @@ def compile_module(module: Module, target: str, options: Mapping[str, Any],
     programs: list[Program] = []
     for fn in module.functions:
         for b in (buckets if buckets is not None else buckets_for(fn, module, steps)):
-            programs.append(lower(ctx, fn, b))
+            programs.append(lower(ctx, fn, b, steps.kv_capacity))
     packed = program_files.pack(programs)
     doc = {"isa_version": 1, "preset": preset.to_json(), "misc_ops": ctx.misc_ops,
            "layers": [layer.to_json() for layer in ctx.layers],

@@ -89,8 +89,11 @@ def concrete(t: Any, bindings: dict[str, int]) -> tuple[int, ...]:
 
 
 class Lowering:
-    def __init__(self, ctx: ModuleContext, fn: Function, bucket: Bucket) -> None:
+    def __init__(self, ctx: ModuleContext, fn: Function, bucket: Bucket, kv_capacity: int = 0) -> None:
+        """``kv_capacity``: rows per head of every KV region and score block, the same for all
+        buckets so that their streams differ only in lengths and loop counts (0: this bucket's)."""
         self.ctx, self.fn, self.bucket = ctx, fn, bucket
+        self.kv_capacity = kv_capacity
         self.preset = ctx.preset
         self.act_bytes = int(self.preset["hbm"].get("act_bytes", 2))
         self.bindings = {"batch": 1, "seq": bucket.seq, "past": bucket.past}
@@ -226,7 +229,7 @@ class Lowering:
             node = uses[0]
             present = node.outputs[0].name
             b, h, t, d = self.shape(present)
-            cap = t
+            cap = max(t, self.kv_capacity)
             addr, _ = self.hbm.alloc(b * h * cap * d * 4)
             strides = (h * cap * d, cap * d, d, 1)
             self.views[p] = View(HBM, addr, self.shape(p), strides, "float32")
@@ -362,7 +365,7 @@ class Lowering:
         g = hq // hk
         self.load_operand(q)
         scores_val = f"{out}.scores"
-        self.types[scores_val] = type(self.types[out])((hk, g * s, t), "float32")
+        self.types[scores_val] = type(self.types[out])((hk, g * s, max(t, self.kv_capacity)), "float32")
         scores = self.place(scores_val)
         view = self.place(out)
         queue = self.matrix_queue(s)
@@ -391,8 +394,8 @@ class Lowering:
             self.st(out)
 
 
-def lower(ctx: ModuleContext, fn: Function, bucket: Bucket) -> Program:
-    return Lowering(ctx, fn, bucket).run()
+def lower(ctx: ModuleContext, fn: Function, bucket: Bucket, kv_capacity: int = 0) -> Program:
+    return Lowering(ctx, fn, bucket, kv_capacity).run()
 
 
 ProgressFn = Callable[[int, int], None]
