@@ -179,3 +179,29 @@ def test_dropping_a_wait_flag_reorders_and_is_caught(captured):
     timing = simulate_timing(broken, exe.info(p), exe.preset)
     with pytest.raises(AssertionError):
         producers_before_consumers(broken, timing)
+
+
+def test_artifact_round_trip_run_and_inspect(tmp_path, capsys):
+    """compile -> save -> load (streams validated, nothing unpickled) -> same results; inspect
+    prints the backend's stats file; a damaged stream is refused naming the file."""
+    pytest.importorskip("torch")
+    import bitsmith
+    from bitsmith.cli import main
+    from bitsmith.errors import ArtifactError
+    from bitsmith.testing.hf_configs import make_model
+    model = bitsmith.compile(make_model("llama"), target="fpga-vhk158", max_length=48, prefill_step=16, quant="rtn-int8")
+    ids = np.array([[5, 9, 2, 7]], dtype=np.int64)
+    want = np.asarray(model(ids))
+    model.save(tmp_path / "a")
+    loaded = bitsmith.load(tmp_path / "a")
+    assert np.array_equal(np.asarray(loaded(ids)), want)
+    assert np.array_equal(np.asarray(loaded.generate(ids, max_new_tokens=6)), np.asarray(model.generate(ids, max_new_tokens=6)))
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "target/fpga/stats.json" in out and "templates" in out and "sim_ms main@decode:1:16" in out
+    streams = tmp_path / "a" / "target" / "fpga" / "streams.bin"
+    data = bytearray(streams.read_bytes())
+    data[0:4] = (0).to_bytes(4, "little")   # opcode 0 exists in no queue
+    streams.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError):
+        bitsmith.load(tmp_path / "a")

@@ -62,7 +62,7 @@ def _end():
     ([isa.make("LD", buffer=7, length=4), _end()], "buffer 7 unknown"),
     ([isa.make("MV", mode=0, ref=5), _end()], "layer 5 is not in the program's layer table"),
     ([isa.make("MV", nm_n=8, nm_mlog2=2), _end()], "N > M"),
-    ([isa.make("MISC", [1], misc_op=0, node=0), _end()], "1 input addresses, node 0 has 2 inputs"),
+    ([isa.make("MISC", [1], misc_op=0, node=0), _end()], "1 input addresses, misc_op 0 on node 0 takes 2"),
     ([isa.make("MISC", [], misc_op=9, node=0), _end()], "misc_op 9 not in the program's MISC table"),
     ([isa.make("MM", mode=1).with_flags({"LD"}, ()), _end()], "waits for a LD token that no LD instruction releases"),
     ([isa.make("SYS", code=3), _end()], "SYS code 3 unknown"),

@@ -23,7 +23,7 @@ from ...tolerance import Tolerance
 from ..base import Backend, Executable, LegalOps, Pipeline, interpretable_ops
 from . import isa, presets
 from . import program as program_files
-from .codegen import Bucket, Program, lower
+from .codegen import ATTN_SOFTMAX, KV_APPEND, Bucket, Program, lower
 from .context import build_context, has_data, image_bytes
 from .simulator import ProgramInfo, Timing, run_functional, simulate_timing
 
@@ -215,8 +215,10 @@ class FPGABackend(Backend):
             if p.function not in fnames:
                 raise ArtifactError("target/" + program_files.INDEX, f"program for unknown function {p.function!r}")
             fn = module.function(p.function)
-            limits = isa.StreamLimits(len(loaded.doc["misc_ops"]), len(loaded.doc["layers"]), len(fn.nodes),
-                                      {i: len(n.inputs) for i, n in enumerate(fn.nodes)})
+            misc = list(loaded.doc["misc_ops"])
+            limits = isa.StreamLimits(len(misc), len(loaded.doc["layers"]), len(fn.nodes),
+                                      {i: len(n.inputs) for i, n in enumerate(fn.nodes)},
+                                      {misc.index(op): 1 for op in (KV_APPEND, ATTN_SOFTMAX) if op in misc})
             try:
                 isa.validate(p.instrs, limits)
             except isa.ISAError as e:
@@ -252,9 +254,9 @@ def compile_module(module: Module, target: str, options: Mapping[str, Any],
     image = np.frombuffer(image_bytes(ctx), dtype=np.uint8) if data else None
     exe = FPGAExecutable(module, target, options, preset, doc, programs, image)
     stats = build_stats(exe, programs, packed, steps)
-    exe.doc["stats"] = stats
     if data:
         exe._files = program_files.to_files(exe.doc, programs, packed, image.tobytes(), stats)
+    exe.doc["stats"] = stats
     return exe
 
 

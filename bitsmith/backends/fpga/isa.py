@@ -223,6 +223,7 @@ class StreamLimits:
     layers: int = 1 << 16
     nodes: int = 1 << 32
     node_inputs: Mapping[int, int] = field(default_factory=dict)   # node index -> input count
+    fixed_inputs: Mapping[int, int] = field(default_factory=dict)  # misc_op -> input count (ops not an IR op)
 
 
 def validate(instrs: Sequence[Instr], limits: StreamLimits = StreamLimits()) -> None:
@@ -253,9 +254,10 @@ def validate(instrs: Sequence[Instr], limits: StreamLimits = StreamLimits()) -> 
             node = ins.get("node")
             if node >= limits.nodes:
                 raise ISAError(f"{where}: node {node} out of range ({limits.nodes} nodes)")
-            want = limits.node_inputs.get(node)
+            op = ins.get("misc_op")
+            want = limits.fixed_inputs[op] if op in limits.fixed_inputs else limits.node_inputs.get(node)
             if want is not None and want != len(ins.inputs):
-                raise ISAError(f"{where}: {len(ins.inputs)} input addresses, node {node} has {want} inputs")
+                raise ISAError(f"{where}: {len(ins.inputs)} input addresses, misc_op {op} on node {node} takes {want}")
         if ins.queue == "SYS" and ins.get("code") >= len(SYS_CODES):
             raise ISAError(f"{where}: SYS code {ins.get('code')} unknown")
         for p in ins.release:

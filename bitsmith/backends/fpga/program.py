@@ -138,6 +138,11 @@ def from_files(files: Mapping[str, bytes]) -> Loaded:
         raise _fail(tf, INDEX, f"not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise _fail(tf, INDEX, f"not a {FORMAT} v{VERSION} index")
+    if STATS in tf:
+        try:
+            doc["stats"] = json.loads(tf[STATS].decode("utf-8")).get("stats", {})
+        except (UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise _fail(tf, STATS, f"not a JSON object with stats: {e}") from None
     streams = tf.read_array(STREAMS, "<u4")
     patches = tf.read_array(PATCHES, "<u4").reshape(-1, 2)
     image = tf.read_array(WEIGHTS, "u1")
