@@ -205,3 +205,17 @@ def test_artifact_round_trip_run_and_inspect(tmp_path, capsys):
     streams.write_bytes(bytes(data))
     with pytest.raises(ArtifactError):
         bitsmith.load(tmp_path / "a")
+
+
+def test_bucket_streams_rebuild_from_shared_templates(captured):
+    """Every bucket's stream is its template with patches, and the patches touch only
+    addresses, lengths and loop counts (equal skeletons)."""
+    from bitsmith.backends.fpga import program as pf
+    exe, _ = fpga_build(captured["llama"], "fpga-u280", max_length=96, prefill_step=32, kv_step=16)
+    programs = list(exe.programs.values())
+    packed = pf.pack(programs)
+    assert len(packed.templates) == 2   # one prefill, one decode template for 3 + 6 buckets
+    for p, t, patch in zip(programs, packed.bucket_template, packed.patches):
+        words = pf.unpack_stream(packed.templates[t], patch)
+        assert np.array_equal(words, isa.encode_stream(p.instrs))
+        assert pf.skeleton(isa.decode_stream(packed.templates[t])) == pf.skeleton(p.instrs)
