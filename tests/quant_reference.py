@@ -20,6 +20,7 @@ SCHEMES = {
     "rtn-int2": (2, True, [list(range(4))]),
     "rtn-int3": (3, True, [list(range(8))]),
     "rtn-int4": (4, True, [list(range(16))]),
+    "rtn-int8": (8, True, [list(range(256))]),   # FlightLLM's 8-bit weights (issue 13)
     "rtn-int2-sym": (2, False, [list(range(-1, 2))]),
     "rtn-int3-sym": (3, False, [list(range(-3, 4))]),
     "rtn-int4-sym": (4, False, [list(range(-7, 8))]),

@@ -28,7 +28,7 @@ from bitsmith.passes import PASSES, Pass, PassManager, register_pass
 FAKE_OP = "test_unlowerable"
 WHERE = Location("net.0", "test_backend_pipelines.py:42")
 GOLDEN = Path(__file__).parent / "passes"
-BUILT_IN = ("reference", "tvm-llvm", "tvm-cuda", "lut-cpu")
+BUILT_IN = ("reference", "tvm-llvm", "tvm-cuda", "lut-cpu", "fpga-u280")
 
 
 @dataclass(frozen=True)

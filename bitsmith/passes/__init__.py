@@ -18,6 +18,7 @@ from .gguf_quantize import GGUFQuantize
 from .half_precision import HalfPrecision
 from .inline import Inline
 from .kv_cache import KVCache
+from .length_adaptive import LengthAdaptive
 from .outliers import MarkOutliers
 from .partition import Partition
 from .quantize import Quantize
@@ -25,7 +26,7 @@ from .sparsify import Sparsify
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "Dequantize", "DumpToFolder", "GGUFQuantize", "HalfPrecision",
-    "Inline", "KVCache", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
+    "Inline", "KVCache", "LengthAdaptive", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
     "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]
