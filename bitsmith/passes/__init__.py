@@ -16,6 +16,7 @@ from .fold import ConstantFolding
 from .half_precision import HalfPrecision
 from .inline import Inline
 from .kv_cache import KVCache
+from .offload_attention import OffloadAttention
 from .outliers import MarkOutliers
 from .partition import Partition
 from .quantize import Quantize
@@ -23,7 +24,7 @@ from .sparsify import Sparsify
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder", "HalfPrecision",
-    "Inline", "KVCache", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
+    "Inline", "KVCache", "MarkOutliers", "OffloadAttention", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
     "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]
