@@ -86,13 +86,21 @@ def _writer(out: TextIO) -> Callable[[str], None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import cli_offload
     kwargs = generation_kwargs(args)
-    cm = _load(args)
+    offloaded = cli_offload.is_offloaded(args.artifact)
+    if offloaded and cli_offload.is_worker_rank():
+        return cli_offload.serve(args)
+    if not offloaded:
+        cli_offload.check_plain_run(args)
+    cm = cli_offload.load(args) if offloaded else _load(args)
     prompt = args.prompt
     if args.chat:
         prompt = cm.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     stream_reply(cm, cm.tokenizer(), prompt, kwargs, args.stop, _writer(sys.stdout))
     print(flush=True)
+    if offloaded:
+        cli_offload.finish(cm, args)
     return 0
 
 
@@ -149,6 +157,8 @@ def add_generation_commands(sub: Any, add_trust_argument: Callable[[argparse.Arg
                    help="wrap the prompt as one user message in the artifact's chat template")
     add_generation_arguments(p)
     add_trust_argument(p)
+    from .cli_offload import add_run_arguments
+    add_run_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with a compiled language model (stdin lines, /exit to end)")

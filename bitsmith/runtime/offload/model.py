@@ -30,6 +30,7 @@ class OffloadedModel(CompiledModel):
     schedule: Schedule | None = None
     engine: OffloadEngine | None = None
     transfer: dict[str, Any] = field(default_factory=dict)
+    worker_processes: list[Any] = field(default_factory=list)  # the local workers this process started
 
     def save(self, path: str) -> None:
         from .artifact import save_offloaded
@@ -39,7 +40,11 @@ class OffloadedModel(CompiledModel):
 
     def close(self) -> dict[str, Any]:
         """Stops the attention side (workers exit); returns the engine's timing and byte figures."""
-        return self.engine.close()
+        try:
+            return self.engine.close()
+        finally:
+            from .launch import _reap
+            _reap(self.worker_processes)
 
     def report(self) -> dict[str, Any]:
         return {**self.dense.report(), "target": self.target, "attention_target": self.attention_target,
