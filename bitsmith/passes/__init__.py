@@ -17,6 +17,7 @@ from .half_precision import HalfPrecision
 from .inline import Inline
 from .kv_cache import KVCache
 from .offload_attention import OffloadAttention
+from .kv_head_group import KVHeadGroup
 from .outliers import MarkOutliers
 from .partition import Partition
 from .quantize import Quantize
@@ -24,7 +25,7 @@ from .sparsify import Sparsify
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder", "HalfPrecision",
-    "Inline", "KVCache", "MarkOutliers", "OffloadAttention", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
+    "Inline", "KVCache", "KVHeadGroup", "MarkOutliers", "OffloadAttention", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
     "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]

@@ -64,6 +64,7 @@ class KVHeadGroup(Pass):
     """Retypes every offloaded attention function to one KV-head group (see the module docstring)."""
 
     name = "kv_head_group"
+    idempotent = True
 
     def apply(self, module: Module) -> Module:
         functions = tuple(group_function(f) if f.attr("partition") == LABEL and f.attr("device") == ATTENTION_DEVICE

@@ -108,7 +108,9 @@ def _function_of(name: str, nodes: list[Node], fn: Function, outside_readers: se
 
 def _call(callee: Function, fn: Function) -> Node:
     types = fn.value_types()
-    loc = next((n.loc for n in callee.nodes if n.loc is not None and n.loc.module_path), None)
+    located = [n.loc for n in callee.nodes if n.loc is not None and n.loc.module_path]
+    computed = [n.loc for n in callee.nodes if n.loc is not None and n.loc.module_path and not has_trait(n.op, SOURCE)]
+    loc = (computed or located or [None])[0]  # where the segment's first computation comes from
     return Node("call", tuple(p.name for p in callee.params), tuple(Value(r, types[r]) for r in callee.results),
                 (("callee", callee.name),), loc)
 
