@@ -5,9 +5,28 @@ writes the greedy tokens, the prompt's logits and the engine's figures (JSON) to
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child process that imports this checkout's bitsmith."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def run_rank0(path: Path, workers: int, stagger: bool, prompts: list, new: int, out: Path,
+              timeout: float = 600) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Runs this script in a child process; returns (tokens, prompt logits, engine figures)."""
+    subprocess.run([sys.executable, __file__, str(path), str(workers), str(int(stagger)), json.dumps(prompts),
+                    str(new), str(out)], check=True, env=child_env(), timeout=timeout)
+    data = np.load(out)
+    return data["tokens"], data["logits"], json.loads(bytes(data["stats"]).decode())
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ prediction; a dead or stuck worker ends the run with an error naming its rank, n
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,14 +21,14 @@ from bitsmith.passes import PassManager
 from bitsmith.passes.offload_attention import offload_report
 from bitsmith.runtime.offload.launch import load_offloaded
 from bitsmith.testing.hf_configs import make_model
+from offload_rank0 import child_env, run_rank0
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[5, 17, 3, 99, 42], [1, 2, 3, 4, 5]]  # a batch of 2 (stagger needs at least 2 rows)
 NEW = 8
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+_env = child_env
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +48,8 @@ def compiled(tmp_path_factory):
     return get
 
 
-def rank0(path: Path, workers: int, stagger: bool, prompts=PROMPTS, new: int = NEW, tmp: Path | None = None):
-    out = (tmp or path.parent) / f"out-{workers}-{int(stagger)}.npz"
-    subprocess.run([sys.executable, str(ROOT / "tests" / "offload_rank0.py"), str(path), str(workers), str(int(stagger)),
-                    json.dumps(prompts), str(new), str(out)], check=True, env=_env(), timeout=300)
-    data = np.load(out)
-    return data["tokens"], data["logits"], json.loads(bytes(data["stats"]).decode())
+def rank0(path: Path, workers: int, stagger: bool, tmp: Path):
+    return run_rank0(path, workers, stagger, PROMPTS, NEW, tmp / f"out-{workers}-{int(stagger)}.npz", timeout=300)
 
 
 def predicted_bytes(plain, batch: int, seqs: list[int]) -> tuple[int, int]:

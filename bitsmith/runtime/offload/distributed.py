@@ -72,6 +72,7 @@ class _Pending:
             for k, b in enumerate(buffers):
                 per_output[k].append(b.numpy())
                 self.shards.bytes_received += b.numel() * b.element_size()
+                self.shards.by_kind[self.shards.kind]["received"] += b.numel() * b.element_size()
         return [merge(parts, self.rows) for parts in per_output]
 
 
@@ -83,6 +84,8 @@ class DistributedShards:
         self.schedule, self.timeout = schedule, timeout
         self.heads = head_split(schedule.kv_heads, workers)
         self.bytes_sent = self.bytes_received = self.header_bytes = 0
+        self.by_kind = {k: {"sent": 0, "received": 0} for k in ("prefill", "decode")}
+        self.kind = "prefill"
         self.rows: list[int] = []
         self.seq = 0
         self.sends: list[tuple[int, Any]] = []
@@ -93,6 +96,7 @@ class DistributedShards:
         nbytes = t.numel() * t.element_size()
         if count:
             self.bytes_sent += nbytes
+            self.by_kind[self.kind]["sent"] += nbytes
         else:
             self.header_bytes += nbytes
 
@@ -104,6 +108,7 @@ class DistributedShards:
     def begin(self, seq: int, reset: bool, rows: Sequence[int]) -> None:
         self._drain_sends()
         self.rows, self.seq = list(rows), seq
+        self.kind = "decode" if seq == 1 else "prefill"
         header = np.array([FORWARD, seq, int(reset), len(rows), rows[0], rows[-1]], dtype=np.int64)
         for rank in range(1, len(self.heads) + 1):
             self._send(rank, header, 0, count=False)
@@ -138,7 +143,7 @@ class DistributedShards:
         return {"workers": len(self.heads), "heads": self.heads,
                 "attention_seconds": [s[0] for s in seconds],
                 "attention_seconds_by_kind": [{"prefill": s[1], "decode": s[2]} for s in seconds],
-                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "bytes_by_kind": self.by_kind,
                 "header_bytes": self.header_bytes}
 
 

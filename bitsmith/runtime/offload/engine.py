@@ -57,6 +57,7 @@ class LocalShards:
     def __init__(self, shard: AttentionShard) -> None:
         self.shard = shard
         self.seq = 0
+        self.by_kind = {"prefill": 0.0, "decode": 0.0}
 
     def begin(self, seq: int, reset: bool, rows: Sequence[int]) -> None:
         if reset:
@@ -66,13 +67,15 @@ class LocalShards:
     def submit(self, step: AttentionStep, mb: int, inputs: Sequence[np.ndarray]) -> Pending:
         from .schedule import shard
         parts = [shard(x, step.roles[i], step.kv_heads, self.shard.heads) for i, x in zip(step.sent, inputs)]
+        before = self.shard.seconds
         outs = self.shard.step(step, mb, parts)
+        self.by_kind["decode" if self.seq == 1 else "prefill"] += self.shard.seconds - before
         if step is _last(self.shard.schedule) and mb == len(self.shard.rows) - 1:
             self.shard.end_forward(self.seq)
         return _Done([merge([o], self.shard.rows[mb]) for o in outs])
 
     def close(self) -> dict[str, Any]:
-        return {"attention_seconds": [self.shard.seconds]}
+        return {"workers": 0, "attention_seconds": [self.shard.seconds], "attention_seconds_by_kind": [self.by_kind]}
 
 
 def _last(schedule: Schedule) -> AttentionStep:

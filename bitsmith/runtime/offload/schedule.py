@@ -160,6 +160,8 @@ class Schedule:
                     tuple(_strings(_field(doc, "results", list, where), where)), tuple(steps))
         if not sched.attention_steps:
             raise ArtifactError(where, "the schedule has no attention step")
+        if len({s.kv_heads for s in sched.attention_steps}) != 1:
+            raise ArtifactError(where, "attention layers with different kv-head counts cannot share one head split")
         return sched
 
 
