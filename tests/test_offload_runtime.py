@@ -5,6 +5,7 @@ prediction; a dead or stuck worker ends the run with an error naming its rank, n
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -139,3 +140,29 @@ def test_stuck_worker_times_out_naming_rank(tiny_llama_artifact):
     code, err, took = _run_and_break(tiny_llama_artifact, signal.SIGSTOP, timeout=5.0)
     assert code != 0 and "rank 2" in err and "timeout 5" in err, err
     assert took < 5.0 + 30
+
+
+def test_cli_compile_and_run_flags(tiny_llama_artifact, tmp_path, capsys):
+    from bitsmith.cli import main
+    assert main(["run", str(tiny_llama_artifact), "--prompt", "w5 w7", "--max-new-tokens", "3",
+                 "--attention-workers", "3"]) == 2
+    assert "between 1 and the model's 2 kv heads" in capsys.readouterr().err
+    assert main(["compile", "x", "--target", "reference", "--attention-target", "reference",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--attention-target needs --offload-attention" in capsys.readouterr().err
+    assert main(["run", str(tiny_llama_artifact), "--prompt", "w5 w7", "--max-new-tokens", "3", "--stagger"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3
+    manifest = json.loads((tiny_llama_artifact / "offload.json").read_text())
+    assert (manifest["dense"]["target"], manifest["attention"]["target"]) == ("reference", "reference")
+    assert manifest["transfer_bytes_per_token"]["sent"] == 2 * 4 * 16 * (4 + 2 + 2)  # 2 layers, q + k + v
+
+
+@pytest.mark.slow  # torchrun starts 3 processes
+def test_torchrun_equals_single_process(tiny_llama_artifact):
+    def run(*launcher: str) -> str:
+        cmd = [*launcher, "-m", "bitsmith", "run", str(tiny_llama_artifact), "--prompt", "w5 w7 w9",
+               "--max-new-tokens", "12"]
+        return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, check=True,
+                              timeout=300).stdout
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "3"]
+    assert run(*torchrun) == run(sys.executable)
