@@ -167,6 +167,11 @@ def load(path: str, trust_native_code: bool = False, threads: int | None = None)
 
     ``threads`` sets the CPU kernel thread count of targets that have one (tvm-llvm, lut-cpu;
     0: every core the process may use), replacing the one stored at compile time; the reference
-    target refuses it (ValueError)."""
+    target refuses it (ValueError). An artifact compiled with ``offload_attention=True`` loads
+    with both programs in this process (``runtime.offload.launch.load_offloaded`` for workers)."""
     from .runtime.artifact import load_artifact
+    from .runtime.offload.artifact import is_offload_artifact
+    if is_offload_artifact(path):
+        from .runtime.offload.launch import load_offloaded
+        return load_offloaded(str(path), trust_native_code=trust_native_code, threads=threads)
     return load_artifact(path, trust_native_code=trust_native_code, threads=threads)

@@ -107,11 +107,15 @@ class OffloadEngine:
         half = (batch + 1) // 2
         return [slice(0, half), slice(half, batch)]
 
-    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def forward(self, *inputs: np.ndarray) -> np.ndarray:
+        """Logits for ``inputs`` (the schedule's non-cache parameters: input_ids, position_ids, ...)."""
+        if len(inputs) != len(self.schedule.inputs):
+            raise ValueError(f"an offloaded model takes {', '.join(self.schedule.inputs)}; got {len(inputs)} arrays")
         with self.lock:
-            return self._forward(np.asarray(input_ids), np.asarray(position_ids))
+            return self._forward([np.asarray(x) for x in inputs])
 
-    def _forward(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _forward(self, inputs: list[np.ndarray]) -> np.ndarray:
+        ids, pos = inputs[0], inputs[1]
         b, seq = ids.shape
         start = int(pos[0, 0])
         reset = start == 0
@@ -123,7 +127,7 @@ class OffloadEngine:
         t_start = time.perf_counter()
         mbs = self.micro_batches(b)
         self.shards.begin(seq, reset, [m.stop - m.start for m in mbs])
-        env = [dict(zip(self.schedule.params[:2], (ids[m], pos[m]))) for m in mbs]
+        env = [dict(zip(self.schedule.inputs, (x[m] for x in inputs))) for m in mbs]
         pending: list[tuple[AttentionStep, Pending] | None] = [None] * len(mbs)
         dense = wait = 0.0
         for dense_steps, attention in self.schedule.stages():
@@ -160,16 +164,16 @@ class OffloadEngine:
 
 
 class OffloadExecutable(Executable):
-    """``run("main", [input_ids, position_ids])`` -> [logits]: what a CompiledModel calls; the
-    KV cache never leaves the attention side, so ``main`` takes and returns no cache."""
+    """``run("main", [input_ids, position_ids, ...])`` -> [logits]: what a CompiledModel calls;
+    the KV cache never leaves the attention side, so ``main`` takes and returns no cache."""
 
     def __init__(self, engine: OffloadEngine, report: dict[str, Any]) -> None:
         self.engine, self._report = engine, report
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        if function != "main" or len(args) != 2:
-            raise ValueError(f"an offloaded model runs main(input_ids, position_ids) only, got {function}({len(args)} args)")
-        return [self.engine.forward(args[0], args[1])]
+        if function != "main":
+            raise ValueError(f"an offloaded model runs main only, not {function}")
+        return [self.engine.forward(*args)]
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

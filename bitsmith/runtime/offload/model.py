@@ -15,11 +15,11 @@ from .schedule import Schedule
 
 
 def facade_module(dense: Module, schedule: Schedule) -> Module:
-    """A module whose ``main(input_ids, position_ids)`` stands for the whole split model (the
-    generation loop reads its attrs and parameters; the cache is on the attention side)."""
-    fn = dense.function(next(s.callee for s in schedule.steps))
-    types = {p.name: p.type for p in fn.params}
-    params = tuple(Value(n, types.get(n, TensorType(("batch", "seq"), "int64"))) for n in schedule.params[:2])
+    """A module whose ``main(input_ids, position_ids, ...)`` (no cache parameters) stands for the
+    whole split model: the generation loop reads its attrs and parameters; the cache lives on
+    the attention side."""
+    types = {p.name: p.type for f in dense.functions for p in f.params}
+    params = tuple(Value(n, types.get(n, TensorType(("batch", "seq"), "int64"))) for n in schedule.inputs)
     return Module(functions=(Function("main", params, (), ()),), attrs=dense.attrs)
 
 

@@ -99,6 +99,12 @@ class Schedule:
         return tuple(s for s in self.steps if isinstance(s, AttentionStep))
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """The parameters rank 0 feeds (input_ids, position_ids, ...): all but the cache."""
+        state = {s.inputs[i] for s in self.attention_steps for i, r in enumerate(s.roles) if r == "state"}
+        return tuple(p for p in self.params if p not in state)
+
+    @property
     def kv_heads(self) -> int:
         return min(s.kv_heads for s in self.attention_steps)
 
