@@ -3,8 +3,8 @@ starts the same processes on one machine or many).
 
 Rank 0 runs the dense program and sampling; rank r >= 1 holds kv heads ``head_split(...)[r-1]``
 of every layer. Per forward, rank 0 sends each worker a header (tag 0) and then, per layer and
-micro-batch, the worker's share of the attention inputs (tag 1 + micro-batch); the worker
-answers with its share of the output on the same tag. Every wait is bounded by ``timeout``: a
+micro-batch, the worker's share of the attention inputs packed into one byte buffer (tag 1 +
+micro-batch); the worker answers with its share of the output on the same tag. Every wait is bounded by ``timeout``: a
 dead worker (connection reset) or a silent one ends the run with an OffloadError naming its
 rank, never a hang. ``bytes_sent``/``bytes_received`` count the tensor payloads rank 0 moves
 (headers separately), the figure the pass predicts.
@@ -21,7 +21,7 @@ import numpy as np
 
 from .attention_side import AttentionShard
 from .engine import OffloadError
-from .schedule import AttentionStep, Schedule, head_split, merge, shard, shard_shape
+from .schedule import AttentionStep, Schedule, head_split, merge, pack, packed_size, shard, shard_shape, unpack
 
 FORWARD, STOP = 1, 2
 HEADER = 6  # [command, seq, reset, micro-batches, rows of micro-batch 0, rows of micro-batch 1]
@@ -62,17 +62,16 @@ class _Pending:
     shards: "DistributedShards"
     step: AttentionStep
     rows: int
-    recvs: list[tuple[int, Any, list[Any]]]  # (rank, works, buffers) per worker
+    recvs: list[tuple[int, Any, Any, list[tuple[tuple[int, ...], str]]]]  # (rank, work, buffer, specs)
 
     def wait(self) -> list[np.ndarray]:
         per_output: list[list[np.ndarray]] = [[] for _ in self.step.returned]
-        for rank, works, buffers in self.recvs:
-            for w in works:
-                _wait(w, self.shards.timeout, rank, f"computing layer {self.step.layer}")
-            for k, b in enumerate(buffers):
-                per_output[k].append(b.numpy())
-                self.shards.bytes_received += b.numel() * b.element_size()
-                self.shards.by_kind[self.shards.kind]["received"] += b.numel() * b.element_size()
+        for rank, work, buffer, specs in self.recvs:
+            _wait(work, self.shards.timeout, rank, f"computing layer {self.step.layer}")
+            for k, out in enumerate(unpack(buffer.numpy(), specs)):
+                per_output[k].append(out)
+            self.shards.bytes_received += buffer.numel()
+            self.shards.by_kind[self.shards.kind]["received"] += buffer.numel()
         return [merge(parts, self.rows) for parts in per_output]
 
 
@@ -117,16 +116,12 @@ class DistributedShards:
         recvs = []
         rows = self.rows[mb]
         for rank, heads in enumerate(self.heads, start=1):
-            for i, x in zip(step.sent, inputs):
-                self._send(rank, shard(x, step.roles[i], step.kv_heads, heads), 1 + mb)
-            buffers, works = [], []
-            for i in step.returned:
-                spec = step.output_types[i]
-                full = spec.evaluate({"batch": rows, "seq": self.seq})
-                buf = self.torch.from_numpy(np.empty(shard_shape(full, step.kv_heads, heads), spec.dtype))
-                buffers.append(buf)
-                works.append(self.dist.irecv(buf, src=rank, tag=1 + mb))
-            recvs.append((rank, works, buffers))
+            self._send(rank, pack([shard(x, step.roles[i], step.kv_heads, heads) for i, x in zip(step.sent, inputs)]),
+                       1 + mb)
+            specs = [(shard_shape(step.output_types[i].evaluate({"batch": rows, "seq": self.seq}), step.kv_heads, heads),
+                      step.output_types[i].dtype) for i in step.returned]
+            buffer = self.torch.from_numpy(np.empty(packed_size(specs), np.uint8))
+            recvs.append((rank, self.dist.irecv(buffer, src=rank, tag=1 + mb), buffer, specs))
         return _Pending(self, step, rows, recvs)
 
     def close(self) -> dict[str, Any]:
@@ -179,10 +174,10 @@ def serve(shard_: AttentionShard, rank: int, timeout: float, idle_timeout: float
         before = shard_.seconds
         for step in shard_.schedule.attention_steps:
             for mb in range(n_mb):
-                inputs = [recv(shape, dtype, 1 + mb, timeout, f"receiving layer {step.layer}")
-                          for shape, dtype in shard_.input_shapes(step, mb, seq)]
-                for out in shard_.step(step, mb, inputs):
-                    t = torch.from_numpy(np.ascontiguousarray(out))
-                    sends.append((dist.isend(t, dst=0, tag=1 + mb), t))  # t stays alive until sent
+                specs = shard_.input_shapes(step, mb, seq)
+                inputs = unpack(recv((packed_size(specs),), "uint8", 1 + mb, timeout, f"receiving layer {step.layer}"),
+                                specs)
+                t = torch.from_numpy(pack(shard_.step(step, mb, inputs)))
+                sends.append((dist.isend(t, dst=0, tag=1 + mb), t))  # t stays alive until sent
         shard_.end_forward(seq)
         by_kind["decode" if seq == 1 else "prefill"] += shard_.seconds - before

@@ -91,6 +91,7 @@ class Stats:
     dense_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     wait_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
     total_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
+    submit_seconds: dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "decode": 0.0})
 
 
 class OffloadEngine:
@@ -129,7 +130,7 @@ class OffloadEngine:
         self.shards.begin(seq, reset, [m.stop - m.start for m in mbs])
         env = [dict(zip(self.schedule.inputs, (x[m] for x in inputs))) for m in mbs]
         pending: list[tuple[AttentionStep, Pending] | None] = [None] * len(mbs)
-        dense = wait = 0.0
+        dense = wait = submit = 0.0
         for dense_steps, attention in self.schedule.stages():
             for k, values in enumerate(env):
                 if pending[k] is not None:
@@ -144,14 +145,17 @@ class OffloadEngine:
                     values.update(zip(d.outputs, self.dense_run(d.callee, [values[v] for v in d.inputs])))
                 dense += time.perf_counter() - t
                 if attention is not None:
+                    t = time.perf_counter()
                     inputs = [values[attention.inputs[i]] for i in attention.sent]
                     pending[k] = (attention, self.shards.submit(attention, k, inputs))
+                    submit += time.perf_counter() - t
         logits = np.concatenate([values[self.schedule.results[0]] for values in env], axis=0)
         s = self.stats
         s.forwards[kind] += 1
         s.tokens[kind] += b * seq
         s.dense_seconds[kind] += dense
         s.wait_seconds[kind] += wait
+        s.submit_seconds[kind] += submit
         s.total_seconds[kind] += time.perf_counter() - t_start
         return logits
 
@@ -160,7 +164,8 @@ class OffloadEngine:
         report = self.shards.close()
         s = self.stats
         return {"forwards": s.forwards, "tokens": s.tokens, "dense_seconds": s.dense_seconds,
-                "wait_seconds": s.wait_seconds, "total_seconds": s.total_seconds, **report}
+                "wait_seconds": s.wait_seconds, "submit_seconds": s.submit_seconds, "total_seconds": s.total_seconds,
+                **report}
 
 
 class OffloadExecutable(Executable):

@@ -9,7 +9,7 @@ is checked on load (ArtifactError naming the field), and nothing in it is evalua
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -230,3 +230,23 @@ def merge(parts: list[np.ndarray], rows: int) -> np.ndarray:
 def shard_shape(full: tuple[int, ...], kv_heads: int, heads: tuple[int, int]) -> tuple[int, ...]:
     m = heads[1] - heads[0]
     return (full[0] * m, full[1] // kv_heads, *full[2:])
+
+
+def pack(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Arrays as one byte buffer (one message per layer and worker instead of one per tensor)."""
+    parts = [np.ascontiguousarray(a).reshape(-1).view(np.uint8) for a in arrays]
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def packed_size(specs: Sequence[tuple[tuple[int, ...], str]]) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for shape, dtype in specs)
+
+
+def unpack(buffer: np.ndarray, specs: Sequence[tuple[tuple[int, ...], str]]) -> list[np.ndarray]:
+    """Inverse of ``pack`` for arrays of these (shape, dtype)s."""
+    out, at = [], 0
+    for shape, dtype in specs:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        out.append(buffer[at:at + n].view(dtype).reshape(shape))
+        at += n
+    return out
