@@ -89,9 +89,16 @@ class DistributedShards:
         self.seq = 0
         self.sends: list[tuple[int, Any]] = []
 
+    def _post(self, op: Any, tensor: Any, rank: int, tag: int) -> Any:
+        """isend/irecv, a failure to even post it (peer gone) named by rank."""
+        try:
+            return op(tensor, rank, tag=tag)
+        except Exception as e:
+            raise OffloadError(f"attention worker rank {rank} is unreachable: {' '.join(str(e).split())[:300]}") from None
+
     def _send(self, rank: int, array: np.ndarray, tag: int, count: bool = True) -> None:
         t = self.torch.from_numpy(np.ascontiguousarray(array))
-        self.sends.append((rank, self.dist.isend(t, dst=rank, tag=tag), t))
+        self.sends.append((rank, self._post(self.dist.isend, t, rank, tag), t))
         nbytes = t.numel() * t.element_size()
         if count:
             self.bytes_sent += nbytes
@@ -121,7 +128,7 @@ class DistributedShards:
             specs = [(shard_shape(step.output_types[i].evaluate({"batch": rows, "seq": self.seq}), step.kv_heads, heads),
                       step.output_types[i].dtype) for i in step.returned]
             buffer = self.torch.from_numpy(np.empty(packed_size(specs), np.uint8))
-            recvs.append((rank, self.dist.irecv(buffer, src=rank, tag=1 + mb), buffer, specs))
+            recvs.append((rank, self._post(self.dist.irecv, buffer, rank, 1 + mb), buffer, specs))
         return _Pending(self, step, rows, recvs)
 
     def close(self) -> dict[str, Any]:
@@ -132,7 +139,7 @@ class DistributedShards:
         for rank in range(1, len(self.heads) + 1):
             self._send(rank, stop, 0, count=False)
             buf = self.torch.zeros(STATS, dtype=self.torch.float64)
-            _wait(self.dist.irecv(buf, src=rank, tag=0), self.timeout, rank, "stopping")
+            _wait(self._post(self.dist.irecv, buf, rank, 0), self.timeout, rank, "stopping")
             seconds.append(buf.numpy().tolist())
         self._drain_sends()
         return {"workers": len(self.heads), "heads": self.heads,
