@@ -166,3 +166,18 @@ def test_torchrun_equals_single_process(tiny_llama_artifact):
                               timeout=300).stdout
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "3"]
     assert run(*torchrun) == run(sys.executable)
+
+
+@pytest.mark.slow  # tvm-llvm compiles of both sides for three models
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_tvm_llvm_sides_within_tolerance_of_the_oracle(compiled, arch, tmp_path):
+    oracle, _, _ = compiled(arch)
+    plain, path, off = compiled(arch, "tvm-llvm")
+    ids = np.asarray(PROMPTS)
+    tol = backend_for_target("tvm-llvm").tolerance("tvm-llvm", {})
+    assert tol.mismatch(np.asarray(off(ids)), np.asarray(oracle(ids))) is None
+    want = np.asarray(plain.generate(ids, NEW))
+    np.testing.assert_array_equal(np.asarray(off.generate(ids, NEW)), want)
+    tokens, logits, _ = run_rank0(path, 2, True, PROMPTS, NEW, tmp_path / "w2.npz", timeout=300)
+    np.testing.assert_array_equal(tokens, want)
+    assert tol.mismatch(logits, np.asarray(oracle(ids))) is None
