@@ -98,22 +98,36 @@ def test_workers_equal_single_process(compiled, arch, workers, tmp_path):
     assert (stats["bytes_sent"], stats["bytes_received"]) == predicted_bytes(plain, 2, [n, n] + [1] * (NEW - 1))
 
 
+def _child_with_rank(parent: int, rank: str) -> int:
+    """The pid of ``parent``'s child process whose environment says RANK=rank (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    raise AssertionError(f"no child of {parent} with RANK={rank}")
+
+
 def _run_and_break(path: Path, how: int, timeout: float) -> tuple[int, str, float]:
     """Starts `bitsmith run --attention-workers 2`, waits for the first generated text, sends
     ``how`` to the worker of rank 2, and returns (exit code, stderr, seconds rank 0 took after)."""
-    import psutil
     proc = subprocess.Popen([sys.executable, "-m", "bitsmith", "run", str(path), "--prompt", "w5 w7 w9",
                              "--max-new-tokens", "240", "--attention-workers", "2", "--offload-timeout", str(timeout)],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         proc.stdout.read(2)  # generation is under way: both workers joined and answer
-        victim = next(c for c in psutil.Process(proc.pid).children() if c.environ().get("RANK") == "2")
-        os.kill(victim.pid, how)
+        victim = _child_with_rank(proc.pid, "2")
+        os.kill(victim, how)
         start = time.monotonic()
         code = proc.wait(timeout=timeout + 60)
         took = time.monotonic() - start
         if how == signal.SIGSTOP:
-            os.kill(victim.pid, signal.SIGKILL)
+            os.kill(victim, signal.SIGKILL)
         return code, proc.stderr.read().decode(), took
     finally:
         if proc.poll() is None:

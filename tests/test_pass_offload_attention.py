@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bitsmith.errors import PassError
@@ -33,6 +33,7 @@ def _inputs(rng, batch: int, seq: int, past: int) -> list[np.ndarray]:
     return [x] + [rng.standard_normal((batch, 1, past, 8)).astype(np.float32) for _ in range(4)]
 
 
+@settings(max_examples=25, deadline=None)  # each example runs the interpreter twice
 @given(st.integers(1, 3), st.integers(1, 4), st.integers(0, 5), st.integers(0, 2**32 - 1))
 def test_split_schedule_is_bitwise_identical(batch, seq, past, seed):
     module = _module()
@@ -65,6 +66,7 @@ def test_needs_a_kv_cache():
         PassManager("offload_attention").run(no_cache)
 
 
+@settings(deadline=None)
 @given(st.integers(1, 8), st.data())
 def test_head_split_shard_merge_round_trip(kv_heads, data):
     workers = data.draw(st.integers(1, kv_heads))

@@ -43,14 +43,14 @@ DENSE, ATTENTION_DEVICE = "dense", "attention"
 Q_OPERAND, KV_OPERANDS = 0, (1, 2)  # the attention op's operands split by heads: q, then k and v
 
 
-def _operand_sources(fn: Function, value: str, producers: Mapping[str, Node], params: set[str]) -> set[str]:
+def _operand_sources(value: str, producers: Mapping[str, Node], params: set[str]) -> set[str]:
     """Parameters ``value`` comes from through cache appends (``concat`` along the sequence)."""
     if value in params:
         return {value}
     node = producers.get(value)
     if node is None or node.op != "concat":
         return set()
-    return set().union(*(_operand_sources(fn, v, producers, params) for v in node.inputs))
+    return set().union(*(_operand_sources(v, producers, params) for v in node.inputs))
 
 
 def attention_roles(fn: Function, state: set[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -67,7 +67,7 @@ def attention_roles(fn: Function, state: set[str]) -> tuple[tuple[str, ...], tup
             continue
         for k, v in enumerate(node.inputs):
             kind = "q" if k == Q_OPERAND else "kv" if k in KV_OPERANDS else None
-            for p in _operand_sources(fn, v, producers, params) if kind else ():
+            for p in _operand_sources(v, producers, params) if kind else ():
                 role[p] = "state" if p in state else kind
     index = {p.name: i for i, p in enumerate(fn.params)}
     result_state = []
@@ -87,7 +87,6 @@ def _segments(fn: Function, calls: list[int]) -> dict[int, int]:
     for i, node in enumerate(fn.nodes):
         for v in node.inputs:
             readers.setdefault(v, []).append(i)
-    results = set(fn.results)
     seg: dict[int, int] = {}
     for i in range(len(fn.nodes) - 1, -1, -1):
         node = fn.nodes[i]
