@@ -126,8 +126,11 @@ def _run_and_break(path: Path, how: int, timeout: float) -> tuple[int, str, floa
         start = time.monotonic()
         code = proc.wait(timeout=timeout + 60)
         took = time.monotonic() - start
-        if how == signal.SIGSTOP:
-            os.kill(victim, signal.SIGKILL)
+        if how == signal.SIGSTOP:  # rank 0 reaps the workers it started; this one may be gone already
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         return code, proc.stderr.read().decode(), took
     finally:
         if proc.poll() is None:
