@@ -25,7 +25,8 @@ from .sparsify import Sparsify
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "DumpToFolder", "HalfPrecision",
-    "Inline", "KVCache", "KVHeadGroup", "MarkOutliers", "OffloadAttention", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
+    "Inline", "KVCache", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
+    "KVHeadGroup", "OffloadAttention",
     "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]
