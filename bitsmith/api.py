@@ -49,7 +49,10 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     ``progress`` receives a line at the start of each step that can take seconds.
     Compression options (see ``CompressionOptions``): ``quant`` (a scheme such as
     "bitmod-w3"), ``group_size``, ``outliers``, ``sparsity`` ("2:4"), ``sparsity_method``,
-    ``calibrate`` with ``calib_text``, ``layers`` (globs over module paths). ``tokenizer``
+    ``calibrate`` with ``calib_text``, ``layers`` (globs over module paths). With
+    ``offload_attention=True`` (and optionally ``attention_target=``) the cached decode ``main``
+    is split into a dense and an attention program, each built for its target, and an
+    ``OffloadedModel`` comes back (docs/attention-offload.md). ``tokenizer``
     supplies one when an nn.Module is compiled and calibration or generation needs it.
     """
     from .frontend import capture
@@ -64,6 +67,8 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
 
     backend = backend_for_target(target)  # unknown targets fail before the slow capture
     options = dict(options)
+    from .offload_compile import pop_offload_options
+    offload, attention_target = pop_offload_options(options)
     compression = CompressionOptions.from_options(options)
     compression.check_model(model)
     defaults = backend.option_defaults(target)
@@ -78,7 +83,7 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     cleanup = parsed(DEFAULT_PIPELINE)  # parsed now so a bad spec fails before the capture
     user = parsed(specs)
     phases = backend_pipeline(backend, target, resolved)
-    lowering = parsed(phases.specs())
+    lowering = [] if offload else parsed(phases.specs())  # offloaded: each side gets its own
 
     say = progress or (lambda message: None)
     t0 = time.perf_counter()
@@ -100,6 +105,12 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
     say(f"running passes: {', '.join(p.name for p in pipeline)}")
     manager = PassManager(pipeline, instruments)
     module = manager.run(captured.module)
+    if offload:
+        from .offload_compile import build_offloaded
+        lm = LanguageModelInfo(captured.tokenizer_json, captured.bos_token_id, captured.eos_token_id,
+                               captured.chat_template)
+        return build_offloaded(module, target, {**resolved, **compression.as_json()}, attention_target, lm,
+                               {"pipeline": [p.name for p in pipeline]}, say)
     check_legal(module, backend.legal_ops(target, resolved), target)
     t2 = time.perf_counter()
     say(f"building for target {target} (backend {backend.name})")
@@ -157,6 +168,11 @@ def load(path: str, trust_native_code: bool = False, threads: int | None = None)
 
     ``threads`` sets the CPU kernel thread count of targets that have one (tvm-llvm, lut-cpu;
     0: every core the process may use), replacing the one stored at compile time; the reference
-    target refuses it (ValueError)."""
+    target refuses it (ValueError). An artifact compiled with ``offload_attention=True`` loads
+    with both programs in this process (``runtime.offload.launch.load_offloaded`` for workers)."""
     from .runtime.artifact import load_artifact
+    from .runtime.offload.artifact import is_offload_artifact
+    if is_offload_artifact(path):
+        from .runtime.offload.launch import load_offloaded
+        return load_offloaded(str(path), trust_native_code=trust_native_code, threads=threads)
     return load_artifact(path, trust_native_code=trust_native_code, threads=threads)

@@ -122,7 +122,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # fail before a compile that can take a minute
         raise ValueError(f"--out {args.out} exists and is not a directory")
-    cm = _compile_with_progress(args.model, args.target, args.passes, {**options, **quant})
+    from .cli_offload import compile_options
+    cm = _compile_with_progress(args.model, args.target, args.passes, {**options, **quant, **compile_options(args)})
     start = time.perf_counter()
     cm.save(args.out)
     size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
@@ -413,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a compile option; VALUE is read as JSON when it parses (repeatable)")
     _add_quant_arguments(p)
+    from .cli_offload import add_compile_arguments
+    add_compile_arguments(p)
     p.set_defaults(func=cmd_compile)
 
     add_generation_commands(sub, _add_trust_argument)

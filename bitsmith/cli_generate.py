@@ -109,18 +109,28 @@ def _writer(out: TextIO) -> Callable[[str], None]:
 def cmd_run(args: argparse.Namespace) -> int:
     """One --prompt streams its reply; several run as one ragged batch, each reply printed
     after a ``[i]`` line (i counts the prompts from 1)."""
+    from . import cli_offload
     kwargs = generation_kwargs(args)
-    cm = _load(args)
+    offloaded = cli_offload.is_offloaded(args.artifact)
+    if offloaded and cli_offload.is_worker_rank():
+        return cli_offload.serve(args)
+    if not offloaded:
+        cli_offload.check_plain_run(args)
+    cm = cli_offload.load(args) if offloaded else _load(args)
     prompts = list(args.prompt)
-    if args.chat:
-        prompts = [cm.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                   for p in prompts]
-    if len(prompts) == 1:
-        stream_reply(cm, cm.tokenizer(), prompts[0], kwargs, args.stop, _writer(sys.stdout))
-        print(flush=True)
-        return 0
-    for i, reply in enumerate(batch_replies(cm, cm.tokenizer(), prompts, kwargs, args.stop), 1):
-        print(f"[{i}]\n{reply}", flush=True)
+    try:
+        if args.chat:
+            prompts = [cm.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                       for p in prompts]
+        if len(prompts) == 1:
+            stream_reply(cm, cm.tokenizer(), prompts[0], kwargs, args.stop, _writer(sys.stdout))
+            print(flush=True)
+        else:
+            for i, reply in enumerate(batch_replies(cm, cm.tokenizer(), prompts, kwargs, args.stop), 1):
+                print(f"[{i}]\n{reply}", flush=True)
+    finally:
+        if offloaded:
+            cli_offload.finish(cm, args)
     return 0
 
 
@@ -179,6 +189,8 @@ def add_generation_commands(sub: Any, add_trust_argument: Callable[[argparse.Arg
                    help="wrap the prompt as one user message in the artifact's chat template")
     add_generation_arguments(p)
     add_trust_argument(p)
+    from .cli_offload import add_run_arguments
+    add_run_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat with a compiled language model (stdin lines, /exit to end)")

@@ -19,6 +19,8 @@ from .half_precision import HalfPrecision
 from .inline import Inline
 from .kv_cache import KVCache
 from .length_adaptive import LengthAdaptive
+from .offload_attention import OffloadAttention
+from .kv_head_group import KVHeadGroup
 from .outliers import MarkOutliers
 from .partition import Partition
 from .quantize import Quantize
@@ -27,6 +29,7 @@ from .sparsify import Sparsify
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "Dequantize", "DumpToFolder", "GGUFQuantize", "HalfPrecision",
     "Inline", "KVCache", "LengthAdaptive", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
+    "KVHeadGroup", "OffloadAttention",
     "PrintAfter", "Quantize",
     "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]
