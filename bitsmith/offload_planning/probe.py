@@ -1,0 +1,52 @@
+"""Measures this machine's read bandwidth and matmul FLOP/s with numpy (the ``cpu-server`` preset).
+
+Run ``python -m bitsmith.offload_planning.probe`` to print a preset entry for the machine it runs
+on; the numbers in ``presets.json`` came from one such run (its text says when and where).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+
+def read_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes/s of a streaming reduction over ``nbytes`` of float64 (best of ``repeats``)."""
+    a = np.ones(nbytes // 8)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of an ``n``x``n`` matmul (2 n^3 per product; best of ``repeats``)."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine (POSIX sysconf)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def main() -> None:
+    entry = {"peak_flops": matmul_flops(), "memory_bandwidth": read_bandwidth(), "memory_bytes": memory_bytes(),
+             "cpus": os.cpu_count()}
+    print(json.dumps(entry, indent=2))
+
+
+if __name__ == "__main__":
+    main()
