@@ -287,6 +287,7 @@ def test_cli_plan_offload_errors(tmp_path, capsys):
 # ---------------------------------------------------------------- captured models and artifacts
 
 
+@pytest.mark.slow
 def test_synthetic_shape_matches_the_captured_model_and_its_artifact(tmp_path):
     """The synthetic builder against the frontend: a random-init Llama captured, compiled for
     the reference target and saved gives the same profile, read back from the artifact DIR,

@@ -91,19 +91,26 @@ def _info_type(module: Module, name: str) -> TensorType:
     return TensorType(tuple(info.shape), info.dtype)
 
 
+def attention_functions(module: Module) -> set[str]:
+    """The attention side: functions whose ``device`` attribute is ``attention`` (the
+    ``offload_attention`` pass marks both sides), else every partition callee."""
+    marked = {f.name for f in module.functions if f.attr("device") == "attention"}
+    return marked or {f.name for f in module.functions if f.attr("partition") is not None}
+
+
 def decode_profile(module: Module, sizes: ElementSizes = AS_IR, name: str = "") -> DecodeProfile:
     """The profile of ``module``, a decode function with its attention outlined into callees."""
-    callees = {f.name for f in module.functions if f.attr("partition") is not None}
+    callees = attention_functions(module)
     if not callees:
-        raise ProfileError(f"module {name or ''} has no partitioned attention functions: run "
-                           f"partition{{pattern=attention_kv}} first".replace("  ", " "))
-    cuts = cut_report(module).calls
+        raise ProfileError(f"module {name} has no partitioned attention functions: run "
+                           f"partition{{pattern=attention_kv}} (or offload_attention) first")
+    cuts = [c for c in cut_report(module).calls if c.callee in callees]
     dense_fns = {f.name for f in module.functions} - callees
     dense = [c for f in module.functions if f.name in dense_fns for c in function_costs(f, sizes)]
     attention = [c for f in module.functions if f.name in callees for c in function_costs(f, sizes)]
     to_att: Dim = 0
     from_att: Dim = 0
-    for call in cuts:
+    for call in cuts:  # what crosses between the sides; the cache (a caller parameter) stays
         for v in call.inputs:
             if not v.boundary:
                 to_att = sym.add(to_att, sizes.nbytes(v.type))
