@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+# one BLAS thread, so that process CPU time (the clock below) equals the time the code runs
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 
@@ -25,8 +30,9 @@ from machine import machine_line  # noqa: E402
 from bitsmith.ir.interpreter import RULES, run_function  # noqa: E402
 from bitsmith.offload_planning.presets import builtin_presets  # noqa: E402
 from bitsmith.offload_planning.probe import matmul_flops, read_bandwidth  # noqa: E402
-from bitsmith.offload_planning.profile import decode_bindings, decode_profile  # noqa: E402
-from bitsmith.offload_planning.roofline import AS_IR  # noqa: E402
+from bitsmith.ir import symbolic as sym  # noqa: E402
+from bitsmith.offload_planning.profile import attention_functions, decode_bindings, decode_profile  # noqa: E402
+from bitsmith.offload_planning.roofline import AS_IR, function_costs  # noqa: E402
 from bitsmith.offload_planning.sources import load_model  # noqa: E402
 
 
@@ -46,8 +52,14 @@ F32 = {"linear": lambda xs, node, ctx: [xs[0] @ xs[1].T + (xs[2] if len(xs) == 3
        "attention": _f32_attention}
 
 
-def measure(module, batch: int, context: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of (dense, attention) per decode step."""
+# CPU time of this process: the machine is shared (load average ~18 on 2 cores while this was
+# written), and wall time would measure the other jobs; memory-bandwidth contention remains
+CLOCK = time.process_time
+
+
+def measure(module, batch: int, context: int, repeats: int) -> tuple[float, float, dict[str, float]]:
+    """Median seconds of (dense, attention) per decode step, and of each op kind inside the
+    attention calls (the cache append by ``concat`` and the ``attention`` op)."""
     fn = module.function("main")
     rng = np.random.default_rng(0)
     args = []
@@ -59,22 +71,60 @@ def measure(module, batch: int, context: int, repeats: int) -> tuple[float, floa
     in_calls = [0.0]
 
     def timed_call(xs, node, ctx):
-        t = time.perf_counter()
+        t = CLOCK()
         out = RULES["call"](xs, node, ctx)
-        in_calls[0] += time.perf_counter() - t
+        in_calls[0] += CLOCK() - t
         return out
 
-    overrides = {**F32, "call": timed_call}
+    per_op: dict[str, float] = {}
+
+    def timed(op, impl):
+        def run(xs, node, ctx):
+            t = CLOCK()
+            out = impl(xs, node, ctx)
+            per_op[op] = per_op.get(op, 0.0) + CLOCK() - t
+            return out
+        return run
+
+    # concat and attention occur only inside the attention calls of this module (rope's concat
+    # sits in the dense side, so concat is timed only while a call runs)
+    inside = [False]
+
+    def call_flag(xs, node, ctx):
+        inside[0] = True
+        try:
+            return timed_call(xs, node, ctx)
+        finally:
+            inside[0] = False
+
+    concat = timed("concat", RULES["concat"])
+    overrides = {**F32, "call": call_flag, "attention": timed("attention", F32["attention"]),
+                 "concat": lambda xs, node, ctx: (concat if inside[0] else RULES["concat"])(xs, node, ctx)}
     dense, attention = [], []
+    ops: dict[str, list[float]] = {}
     for i in range(repeats + 1):
         in_calls[0] = 0.0
-        t = time.perf_counter()
+        per_op.clear()
+        t = CLOCK()
         run_function(module, "main", args, overrides=overrides)
-        total = time.perf_counter() - t
+        total = CLOCK() - t
         if i:  # the first run warms caches and allocators
             dense.append(total - in_calls[0])
             attention.append(in_calls[0])
-    return statistics.median(dense), statistics.median(attention)
+            for op, t in per_op.items():
+                ops.setdefault(op, []).append(t)
+    return statistics.median(dense), statistics.median(attention), {k: statistics.median(v) for k, v in ops.items()}
+
+
+def predicted_by_op(module, bindings, peak: float, bandwidth: float) -> dict[str, float]:
+    """Roofline seconds of each op kind inside the attention functions."""
+    out: dict[str, float] = {}
+    for fn in module.functions:
+        if fn.name in attention_functions(module):
+            for c in function_costs(fn, AS_IR):
+                t = max(sym.evaluate(c.flops, bindings) / peak, sym.evaluate(c.bytes, bindings) / bandwidth)
+                out[c.op] = out.get(c.op, 0.0) + t
+    return out
 
 
 def main() -> None:
@@ -92,9 +142,9 @@ def main() -> None:
     for batch in (int(x) for x in a.batch.split(",")):
         for context in (int(x) for x in a.context.split(",")):
             # this machine is shared: probe it right before and after, and predict with the mean too
-            before = (matmul_flops(repeats=3), read_bandwidth(repeats=3))
-            dense, attention = measure(module, batch, context, a.repeats)
-            after = (matmul_flops(repeats=3), read_bandwidth(repeats=3))
+            before = (matmul_flops(repeats=3, clock=CLOCK), read_bandwidth(repeats=3, clock=CLOCK))
+            dense, attention, ops = measure(module, batch, context, a.repeats)
+            after = (matmul_flops(repeats=3, clock=CLOCK), read_bandwidth(repeats=3, clock=CLOCK))
             flops, bw = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
             b = decode_bindings(batch, context)
             row = {"batch": batch, "context": context,
@@ -104,11 +154,15 @@ def main() -> None:
                    "probe_gflops": flops / 1e9, "probe_gbps": bw / 1e9,
                    "calibrated_dense_ms": prof.dense.seconds(b, flops, bw) * 1e3,
                    "calibrated_attention_ms": prof.attention.seconds(b, flops, bw) * 1e3,
+                   "measured_append_ms": ops.get("concat", 0.0) * 1e3,
+                   "measured_attention_op_ms": ops.get("attention", 0.0) * 1e3,
+                   **{f"calibrated_{k}_ms": v * 1e3 for k, v in predicted_by_op(module, b, flops, bw).items()},
                    "bytes_per_token": sum(prof.transfer_bytes(decode_bindings(1, context)))}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
     out = {"model": name, "machine": machine_line(), "preset": "cpu-server", "dtype": "float32",
-           "executor": "reference interpreter with float32 numpy linear/matmul/attention", "rows": rows}
+           "executor": "reference interpreter with float32 numpy linear/matmul/attention",
+           "clock": "process CPU time, 1 BLAS thread", "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -215,6 +215,28 @@ def test_preset_errors_name_the_file_and_field(tmp_path, entry, field):
     assert str(path) in str(e.value) and field in str(e.value)
 
 
+def test_unknown_preset_keys_are_named(tmp_path):
+    path = tmp_path / "typo.json"
+    entry = {"peak_flops": 1.0, "memory_bandwidth": 1.0, "memory_bytes": 1.0, "dollars_per_hour": 1.0,
+             "description": "d", "source": "s", "price_source": "p", "op_overheads": 1e-6}
+    path.write_text(json.dumps({"format": "bitsmith-offload-presets/1", "devices": {"x": entry}}))
+    with pytest.raises(PresetError, match=r"typo.json: devices\.x\.op_overheads: unknown key"):
+        load_presets(path)
+
+
+@given(shape=shapes, batch=st.integers(1, 8), context=st.integers(1, 500), overhead=st.floats(1e-7, 1e-3))
+@settings(max_examples=20, deadline=None)
+def test_op_overhead_is_paid_once_per_costed_op(shape, batch, context, overhead):
+    prof = _profile(shape)
+    b = decode_bindings(batch, context)
+    for side in (prof.dense, prof.attention):
+        extra = side.seconds(b, 1e12, 1e11, overhead) - side.seconds(b, 1e12, 1e11)
+        costed = sum(1 for f in partitioned(synthetic_llama(shape)).functions
+                     if (f.attr("partition") is None) == (side is prof.dense)
+                     for c in function_costs(f) if c.flops != 0 or c.bytes != 0)
+        assert math.isclose(extra, costed * overhead, rel_tol=1e-9)
+
+
 def test_preset_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

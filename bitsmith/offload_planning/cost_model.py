@@ -15,6 +15,7 @@ A decode step of batch B at context L (B new tokens over L cached ones each) cos
   no resource does more than its own work, and no micro-batch waits less than its own chain.
   The dense weights are read once per micro-batch, so staggering costs one extra weight read.
 
+A device's ``op_overhead`` (seconds per op; 0 for the GPU presets) adds a fixed cost per op.
 A group of k devices of one preset acts as one device with k times its FLOP/s, bandwidth,
 memory and price (ideal tensor parallelism: no all-reduce cost; this favours the baseline,
 which needs it more). Memory: weights live on the compute group, the KV cache of every
@@ -74,10 +75,10 @@ class StepTimes:
 
 
 @lru_cache(maxsize=1 << 16)
-def side_seconds(side: SideProfile, batch: int, context: int, peak_flops: float, bandwidth: float) -> float:
+def side_seconds(side: SideProfile, batch: int, context: int, group: Group) -> float:
     if batch == 0:
         return 0.0
-    return side.seconds(decode_bindings(batch, context), peak_flops, bandwidth)
+    return side.seconds(decode_bindings(batch, context), group.peak_flops, group.bandwidth, group.device.op_overhead)
 
 
 def transfer_seconds(profile: DecodeProfile, batch: int, context: int, link: LinkPreset, lanes: int = 1) -> float:
@@ -93,8 +94,8 @@ def offload_step(profile: DecodeProfile, compute: Group, memory: Group, link: Li
     lanes = min(compute.count, memory.count)
 
     def parts(b: int) -> tuple[float, float, float]:
-        return (side_seconds(profile.dense, b, context, compute.peak_flops, compute.bandwidth),
-                side_seconds(profile.attention, b, context, memory.peak_flops, memory.bandwidth),
+        return (side_seconds(profile.dense, b, context, compute),
+                side_seconds(profile.attention, b, context, memory),
                 transfer_seconds(profile, b, context, link, lanes))
 
     whole = parts(batch)
@@ -107,8 +108,8 @@ def offload_step(profile: DecodeProfile, compute: Group, memory: Group, link: Li
 
 
 def homogeneous_step(profile: DecodeProfile, group: Group, batch: int, context: int) -> StepTimes:
-    dense = side_seconds(profile.dense, batch, context, group.peak_flops, group.bandwidth)
-    attention = side_seconds(profile.attention, batch, context, group.peak_flops, group.bandwidth)
+    dense = side_seconds(profile.dense, batch, context, group)
+    attention = side_seconds(profile.attention, batch, context, group)
     return StepTimes(dense, attention, 0.0, dense + attention)
 
 

@@ -40,6 +40,7 @@ class DevicePreset:
     dollars_per_hour: float
     source: str
     price_source: str
+    op_overhead: float = 0.0  # seconds per op on top of its roofline (dispatch, launch); optional
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class Presets:
 
 _DEVICE_NUMBERS = ("peak_flops", "memory_bandwidth", "memory_bytes", "dollars_per_hour")
 _DEVICE_TEXTS = ("description", "source", "price_source")
-_LINK_NUMBERS = ("bandwidth", "latency")
+_DEVICE_KEYS = frozenset(_DEVICE_NUMBERS + _DEVICE_TEXTS + ("op_overhead",))
+_LINK_KEYS = frozenset({"bandwidth", "latency", "source"})
 
 
 def _number(file: str, field: str, entry: Mapping[str, Any], key: str, allow_zero: bool = False) -> float:
@@ -91,13 +93,16 @@ def _text(file: str, field: str, entry: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _section(file: str, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+def _section(file: str, data: Mapping[str, Any], key: str, known: frozenset[str]) -> Mapping[str, Any]:
     section = data.get(key, {})
     if not isinstance(section, dict):
         raise PresetError(file, key, f"must be an object of named entries, got {type(section).__name__}")
     for name, entry in section.items():
         if not isinstance(entry, dict):
             raise PresetError(file, f"{key}.{name}", f"must be an object, got {type(entry).__name__}")
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise PresetError(file, f"{key}.{name}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
     return section
 
 
@@ -115,13 +120,15 @@ def parse_presets(text: str, file: str) -> Presets:
     if unknown:
         raise PresetError(file, unknown[0], "unknown key (known: format, devices, links)")
     devices = {}
-    for name, e in _section(file, data, "devices").items():
+    for name, e in _section(file, data, "devices", _DEVICE_KEYS).items():
         field = f"devices.{name}"
         numbers = {k: _number(file, field, e, k, allow_zero=k == "dollars_per_hour") for k in _DEVICE_NUMBERS}
         texts = {k: _text(file, field, e, k) for k in _DEVICE_TEXTS}
+        if "op_overhead" in e:
+            numbers["op_overhead"] = _number(file, field, e, "op_overhead", allow_zero=True)
         devices[name] = DevicePreset(name, **texts, **numbers)
     links = {}
-    for name, e in _section(file, data, "links").items():
+    for name, e in _section(file, data, "links", _LINK_KEYS).items():
         field = f"links.{name}"
         links[name] = LinkPreset(name, _number(file, field, e, "bandwidth"),
                                  _number(file, field, e, "latency", allow_zero=True), _text(file, field, e, "source"))

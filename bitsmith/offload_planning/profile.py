@@ -51,9 +51,17 @@ class SideProfile:
         nbytes = sum(n * sym.evaluate(b, bindings) for _, b, n in self.groups)
         return flops, nbytes
 
-    def seconds(self, bindings: Mapping[str, int], peak_flops: float, bandwidth: float) -> float:
-        """Sum over ops of max(flops / peak, bytes / bandwidth): each op at its own roofline."""
-        return sum(n * max(sym.evaluate(f, bindings) / peak_flops, sym.evaluate(b, bindings) / bandwidth)
+    @property
+    def ops(self) -> int:
+        """Ops that move or compute anything (views and constants excluded)."""
+        return sum(n for _, _, n in self.groups)
+
+    def seconds(self, bindings: Mapping[str, int], peak_flops: float, bandwidth: float,
+                op_overhead: float = 0.0) -> float:
+        """Sum over ops of max(flops / peak, bytes / bandwidth): each op at its own roofline,
+        plus ``op_overhead`` seconds per op (a kernel launch, an interpreter's dispatch)."""
+        return sum(n * (op_overhead + max(sym.evaluate(f, bindings) / peak_flops,
+                                          sym.evaluate(b, bindings) / bandwidth))
                    for f, b, n in self.groups)
 
 

@@ -58,6 +58,10 @@ def load_model(model: str, progress: Callable[[str], None] = lambda m: None) -> 
     path = Path(model)
     if path.is_file() and path.suffix == ".json":
         return path.stem, partitioned(synthetic_llama(shape_from_file(path), path.stem))
+    if path.is_dir() and (path / "offload.json").exists():
+        raise ArtifactError(str(path), "is an offloaded artifact (offload.json): its two programs no longer hold "
+                                       "the whole decode step; plan from the model it was compiled from, or from "
+                                       "an artifact compiled without --offload-attention")
     if path.is_dir() and (path / "manifest.json").exists():
         return path.resolve().name, from_artifact(path)
     return model, from_frontend(model, progress)
