@@ -88,15 +88,37 @@ def _measured_section() -> str:
     if ours.exists():
         m = json.loads(ours.read_text())
         lines.append(f"Per-side times measured by `benchmarks/offload_measure.py` ({m['model']}, {m['executor']}, "
-                     f"{m['dtype']}; {m['machine']}) against the cost model with the `{m['preset']}` preset:\n")
-        lines.append("| batch | context | dense measured ms | dense predicted ms | ratio | attention measured ms | "
-                     "attention predicted ms | ratio | bytes/token (both ways) |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
+                     f"{m['dtype']}, {m.get('clock', 'wall time')}; {m['machine']}). *Predicted*: the cost model "
+                     f"with the `{m['preset']}` preset; *calibrated*: the same model with FLOP/s and bandwidth "
+                     f"probed (same clock) just before and after each row. Inside the attention side, the "
+                     f"KV-cache append (`concat`) and the `attention` op are timed apart: the interpreter appends "
+                     f"by copying the whole cache into a fresh array, the cost model assumes an in-place append "
+                     f"(what a paged or preallocated cache does).\n")
+        lines.append("| batch | context | dense measured | dense predicted | dense calibrated | attention side measured "
+                     "| of it: append (copy) | of it: attention op | attention op calibrated | attention side "
+                     "calibrated (in-place append) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in m["rows"]:
-            lines.append(f"| {r['batch']} | {r['context']} | {r['measured_dense_ms']:.2f} | {r['predicted_dense_ms']:.2f} "
-                         f"| {r['measured_dense_ms'] / r['predicted_dense_ms']:.2f} | {r['measured_attention_ms']:.2f} "
-                         f"| {r['predicted_attention_ms']:.3f} | "
-                         f"{r['measured_attention_ms'] / r['predicted_attention_ms']:.2f} | {r['bytes_per_token']} |")
+            lines.append(f"| {r['batch']} | {r['context']} | {r['measured_dense_ms']:.1f} ms | "
+                         f"{r['predicted_dense_ms']:.1f} ms | {r['calibrated_dense_ms']:.1f} ms | "
+                         f"{r['measured_attention_ms']:.1f} ms | {r.get('measured_append_ms', float('nan')):.1f} ms | "
+                         f"{r.get('measured_attention_op_ms', float('nan')):.1f} ms | "
+                         f"{r.get('calibrated_op_attention_ms', float('nan')):.2f} ms | "
+                         f"{r['calibrated_attention_ms']:.2f} ms |")
+    link = RESULTS / "offload_link_probe.json"
+    if link.exists():
+        k = json.loads(link.read_text())
+        lines.append(f"\nTransfer on loopback (`benchmarks/offload_link_probe.py`: {k['backend']}; {k['model']}, float32; "
+                     f"load average {', '.join(f'{x:.1f}' for x in k['load_average'])} on {k['machine']}). A link "
+                     f"is fitted from 8-byte and 16 MiB ping-pongs (latency {k['fitted_latency_us']:.0f} us per "
+                     f"message, {k['fitted_bandwidth_gbps']:.2f} GB/s); the cost model's transfer time on that link "
+                     f"is then checked against the exchange of one decode step (per layer q/k/v out, output back):\n")
+        lines.append("| batch | bytes out / back per layer | layers | measured ms | predicted ms | ratio |")
+        lines.append("|---|---|---|---|---|---|")
+        for r in k["rows"]:
+            lines.append(f"| {r['batch']} | {r['bytes_sent_per_layer']} / {r['bytes_received_per_layer']} | "
+                         f"{r['layers']} | {r['measured_ms']:.1f} | {r['predicted_ms']:.1f} | "
+                         f"{r['measured_ms'] / r['predicted_ms']:.2f} |")
     return "\n".join(lines) or "No measurement found (run benchmarks/offload_measure.py)."
 
 
