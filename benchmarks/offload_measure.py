@@ -167,7 +167,8 @@ def main() -> None:
                    "bytes_per_token": sum(prof.transfer_bytes(decode_bindings(1, context)))}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    out = {"model": name, "machine": machine_line(), "dense_ops": prof.dense.ops, "attention_ops": prof.attention.ops, "preset": "cpu-server", "dtype": "float32",
+    out = {"model": name, "machine": machine_line(), "layers": prof.layers, "dense_ops": prof.dense.ops,
+           "attention_ops": prof.attention.ops, "preset": "cpu-server", "dtype": "float32",
            "executor": "reference interpreter with float32 numpy linear/matmul/attention",
            "clock": "process CPU time, 1 BLAS thread", "rows": rows}
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
