@@ -5,7 +5,8 @@ The module is SmolLM2-135M captured by the frontend, with ``partition{pattern=at
 It runs on the reference interpreter with float32 numpy kernels for linear/matmul/attention
 (the interpreter's own rules widen to float64, which would time a conversion, not the model);
 the time inside the attention calls is the attention side, the rest the dense side.
-Usage: python benchmarks/offload_measure.py [--model smollm2-135m] [--out benchmarks/results/offload_measured_planner.json]
+Usage: python benchmarks/offload_measure.py [--model smollm2-135m]
+       [--out benchmarks/results/offload_measured_planner.json]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from bitsmith.offload_planning.sources import load_model  # noqa: E402
 def _f32_attention(xs, node, ctx):
     q, k, v = xs
     b, hq, s, d = q.shape
-    hk, t = k.shape[1], k.shape[2]
+    hk = k.shape[1]
     scores = np.matmul(q.reshape(b, hk, hq // hk * s, d) * np.float32(node.attr("scale")), np.swapaxes(k, -1, -2))
     scores -= scores.max(axis=-1, keepdims=True)  # decode: s = 1, every key is visible
     np.exp(scores, out=scores)

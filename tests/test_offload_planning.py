@@ -245,8 +245,8 @@ def test_preset_file_errors(tmp_path):
     with pytest.raises(PresetError, match="missing.json"):
         load_presets(tmp_path / "missing.json")
     link = tmp_path / "link.json"
-    link.write_text(json.dumps({"format": "bitsmith-offload-presets/1", "links": {"l": {"bandwidth": 0,
-                                                                                         "latency": 0, "source": "s"}}}))
+    entry = {"bandwidth": 0, "latency": 0, "source": "s"}
+    link.write_text(json.dumps({"format": "bitsmith-offload-presets/1", "links": {"l": entry}}))
     with pytest.raises(PresetError, match=r"link.json: links\.l\.bandwidth"):
         load_presets(link)
 
