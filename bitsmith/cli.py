@@ -20,6 +20,7 @@ from .bench import add_bench_command
 from .cli_generate import add_generation_commands
 from .cli_opt import add_opt_command
 from .cli_serve import add_serve_command
+from .cli_plan_offload import add_plan_offload_command
 from .errors import BitsmithError
 
 EXIT_USAGE = 2
@@ -458,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_opt_command(sub)
     add_bench_command(sub)
+    add_plan_offload_command(sub)
     return parser
 
 
