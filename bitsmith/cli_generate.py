@@ -118,19 +118,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         cli_offload.check_plain_run(args)
     cm = cli_offload.load(args) if offloaded else _load(args)
     prompts = list(args.prompt)
-    try:
-        if args.chat:
-            prompts = [cm.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                       for p in prompts]
-        if len(prompts) == 1:
-            stream_reply(cm, cm.tokenizer(), prompts[0], kwargs, args.stop, _writer(sys.stdout))
-            print(flush=True)
-        else:
-            for i, reply in enumerate(batch_replies(cm, cm.tokenizer(), prompts, kwargs, args.stop), 1):
-                print(f"[{i}]\n{reply}", flush=True)
-    finally:
-        if offloaded:
-            cli_offload.finish(cm, args)
+    if args.chat:
+        prompts = [cm.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in prompts]
+    if len(prompts) == 1:
+        stream_reply(cm, cm.tokenizer(), prompts[0], kwargs, args.stop, _writer(sys.stdout))
+        print(flush=True)
+    else:
+        for i, reply in enumerate(batch_replies(cm, cm.tokenizer(), prompts, kwargs, args.stop), 1):
+            print(f"[{i}]\n{reply}", flush=True)
+    if offloaded:  # on an error the launcher's own cleanup ends the workers; its message names the rank
+        cli_offload.finish(cm, args)
     return 0
 
 

@@ -9,6 +9,7 @@ from .backends import backend_for_target
 from .backends.base import check_legal
 from .ir import Module
 from .passes import PassManager, parse_pass_spec
+from .passes.drop_attention_mask import DropAttentionMask
 from .passes.kv_head_group import KVHeadGroup
 from .passes.offload_attention import ATTENTION_DEVICE, DENSE, OffloadAttention, attention_roles, offload_report
 from .runtime.model import CompiledModel, LanguageModelInfo
@@ -72,8 +73,10 @@ def build_offloaded(module: Module, target: str, options: dict[str, Any], attent
     attention_target = attention_target or target
     attention_backend = backend_for_target(attention_target)
     attention_options = dict(options) if attention_target == target else attention_backend.option_defaults(attention_target)
-    say("running passes: offload_attention, kv_head_group")
-    split = PassManager([OffloadAttention()]).run(module)
+    # an offloaded run feeds equal-length batches (one batch at a time): without main's
+    # attention_mask the runtime refuses a ragged batch clearly, and no mask crosses the link
+    say("running passes: drop-attention-mask, offload_attention, kv_head_group")
+    split = PassManager([DropAttentionMask(), OffloadAttention()]).run(module)
     schedule = schedule_of(split)
     dense = _side(split, DENSE, {**dict(module.attrs), "offload_side": "dense"})
     attention = PassManager([KVHeadGroup()]).run(

@@ -15,6 +15,7 @@ from bitsmith.errors import UnsupportedOpError
 from bitsmith.ir import symbolic as sym
 from bitsmith.ir.interpreter import run_function
 from bitsmith.passes import PassManager
+from bitsmith.passes.drop_attention_mask import DropAttentionMask
 from bitsmith.testing.strategies import random_modules
 from bitsmith.tolerance import Tolerance
 
@@ -37,8 +38,10 @@ def captured():
 
 
 def compressed(module, **options):
-    passes = CompressionOptions.from_options(dict(options)).build_passes(None)
-    return PassManager(passes).run(module) if passes else module
+    """The module the fpga pipeline sees: compressed, and without main's attention_mask (the
+    pipeline's drop-attention-mask), so the reference runs the same signature."""
+    passes = CompressionOptions.from_options(dict(options)).build_passes(None) + [DropAttentionMask()]
+    return PassManager(passes).run(module)
 
 
 def lm_args(module, ids, past=None, start=0):
@@ -92,7 +95,7 @@ def test_matches_reference_prefill_and_padded_decode(captured, arch, options):
 
 def test_lengths_beyond_the_buckets_are_refused(captured):
     exe, _ = fpga_build(captured["llama"], "fpga-u280", max_length=32, prefill_step=16, kv_step=16)
-    module = captured["llama"]
+    module = compressed(captured["llama"])
     with pytest.raises(Exception, match="exceeds max_length 32"):
         exe.run("main", lm_args(module, np.ones((1, 40), np.int64)))
 

@@ -55,7 +55,7 @@ def rank0(path: Path, workers: int, stagger: bool, tmp: Path):
 
 def predicted_bytes(plain, batch: int, seqs: list[int]) -> tuple[int, int]:
     """What the pass predicts rank 0 sends / receives over forwards of these lengths."""
-    split = PassManager("offload_attention").run(plain.module)
+    split = PassManager("drop-attention-mask,offload_attention").run(plain.module)
     reports = [offload_report(split, {"batch": batch, "seq": s}) for s in seqs]
     return sum(r.sent for r in reports), sum(r.received for r in reports)
 

@@ -13,6 +13,7 @@ from .manager import PassManager
 from .cse import CommonSubexpressionElimination
 from .dce import DeadCodeElimination
 from .dequantize import Dequantize
+from .drop_attention_mask import DropAttentionMask
 from .fold import ConstantFolding
 from .gguf_quantize import GGUFQuantize
 from .half_precision import HalfPrecision
@@ -27,7 +28,7 @@ from .quantize import Quantize
 from .sparsify import Sparsify
 
 __all__ = [
-    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "Dequantize", "DumpToFolder", "GGUFQuantize", "HalfPrecision",
+    "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "Dequantize", "DropAttentionMask", "DumpToFolder", "GGUFQuantize", "HalfPrecision",
     "Inline", "KVCache", "LengthAdaptive", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
     "KVHeadGroup", "OffloadAttention",
     "PrintAfter", "Quantize",

@@ -197,7 +197,7 @@ class FPGABackend(Backend):
     def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
         steps = f"length_adaptive{{prefill_step={options.get('prefill_step', 128)},kv_step={options.get('kv_step', 16)}," \
                 f"max_length={options.get('max_length', 0)}}}"
-        return Pipeline(legalize=("inline",), lower=(steps,), finalize=("dce",))
+        return Pipeline(legalize=("inline", "drop-attention-mask"), lower=(steps,), finalize=("dce",))
 
     def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
         from ...ir.traits import CALL, ops_with
