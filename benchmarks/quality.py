@@ -33,7 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from machine import machine_line  # noqa: E402
 
-TEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
+# shared/ beside the checkout (a git worktree sits one level deeper than the main checkout)
+TEXT_DIR = next((p / "shared" / "data" / "text" for p in Path(__file__).resolve().parents
+                 if (p / "shared" / "data" / "text").is_dir()), Path(__file__).resolve().parents[2] / "shared" / "data" / "text")
 EVAL_TEXT = TEXT_DIR / "prideprejudice.txt"
 CALIB_TEXT = TEXT_DIR / "sensesensibility.txt"
 MODEL = "smollm2-135m"
