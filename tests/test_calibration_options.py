@@ -140,6 +140,7 @@ def test_sequential_statistics_come_from_the_quantized_layers_before(llama, wind
         assert (moved == 0) if k == 0 else (moved > 1e-3), (k, moved)
 
 
+@pytest.mark.slow  # two compiles from an HF directory: ~30 s on 2 cores
 def test_sequential_with_act_order_through_compile(tmp_path):
     """End to end on the tiny model: compile with every calibration option, by text and tokenizer."""
     from tiny_llama import random_text, save_tiny_llama
