@@ -68,7 +68,7 @@ def main() -> None:
             worst = max(float(np.abs(stats[k].hessian - ref[1][k].hessian).max() / np.abs(ref[1][k].hessian).max())
                         for k in ref[1])
             lines.append(f"\nlargest |H_{name} - H_reference| / max|H_reference| over all layers: {worst:.2e}")
-    lines += ["", f"Machine: {machine_line()} (shared with other jobs: load at start "
+    lines += ["", f"Machine: {machine_line()} (shared with other jobs: 1-minute load average at the end "
                   f"{open('/proc/loadavg').read().split()[0]})", "", ""]
     text = "\n".join(lines)
     args.out.parent.mkdir(parents=True, exist_ok=True)
