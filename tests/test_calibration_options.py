@@ -117,12 +117,22 @@ class WindowCalibration:
         return run_sequential(module, self.windows, stages, spy, self.runner)
 
 
-def test_sequential_statistics_come_from_the_quantized_layers_before(llama, windows):
+def tvm_runner():
+    from bitsmith.backends.calibration import BackendRunner
+    return BackendRunner("tvm-llvm")
+
+
+@pytest.mark.parametrize("make_runner, tolerance", [
+    (InterpreterRunner, 1e-9),  # same interpreter, same float32 Gram per window: float64 round-off
+    # segments built for tvm-llvm: float32 forward vs the reference's, as in the runner test above
+    pytest.param(tvm_runner, 1e-4, marks=[pytest.mark.slow, pytest.mark.skipif(not HAS_TVM, reason="needs TVM")]),
+])
+def test_sequential_statistics_come_from_the_quantized_layers_before(llama, windows, make_runner, tolerance):
     """Stage k's statistics must be those of its input computed with every layer before it
     quantized: checked against one whole-model interpreter run of the final quantized module
     (layers at or after stage k cannot change stage k's input, so the final module gives what
     stage k saw), and they must differ from the full-precision statistics after the first stage."""
-    calib = WindowCalibration(windows)
+    calib = WindowCalibration(windows, make_runner())
     quantized = get_pass("quantize", scheme="rtn-int2", group_size=16, calibrate=True, calibration=calib,
                          sequential=True).apply(llama)
     assert not [n for n in quantized.function("main").nodes if n.op == "linear"
@@ -134,10 +144,9 @@ def test_sequential_statistics_come_from_the_quantized_layers_before(llama, wind
     assert len(order) == 8  # per decoder layer: q/k/v input, o input, gate/up input, down input
     for k, value in enumerate(order):
         got, want = calib.recorded[value].hessian, independent[value].hessian
-        # same interpreter, same float32 Gram matrices per window: equal to float64 round-off
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9 * np.abs(want).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max())
         moved = np.abs(got - full_precision[value].hessian).max() / np.abs(want).max()
-        assert (moved == 0) if k == 0 else (moved > 1e-3), (k, moved)
+        assert (moved <= tolerance) if k == 0 else (moved > 1e-3), (k, moved)
 
 
 @pytest.mark.slow  # two compiles from an HF directory: ~30 s on 2 cores
