@@ -192,7 +192,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Quantization quality: SmolLM2-135M on Pride and Prejudice",
         "",
-        f"Perplexity of the compiled model (target reference, computed from its packed codes) over the "
+        f"Perplexity of the compiled model (computed from its packed codes, on the target of each row) over the "
         f"first {meta['windows']} non-overlapping windows of {meta['ctx']} tokens of `{meta['eval_text']}` "
         f"(no BOS; {meta['ctx'] - 1} tokens scored per window). Calibration text: `{meta['calib_text']}` "
         f"only. All quantized rows use groups of {GROUP_SIZE}; embeddings and lm_head stay fp32. "
