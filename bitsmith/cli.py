@@ -49,7 +49,8 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 _QUANT_FLAGS = ("quant", "group_size", "outliers", "sparsity", "sparsity_method", "calib_text",
-                "calib_sequences", "calib_seq_len")
+                "calib_sequences", "calib_seq_len", "calib_damp", "calib_target")
+_QUANT_SWITCHES = ("calibrate", "calib_sequential", "act_order")
 
 
 def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,8 +59,7 @@ def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
     from .compression import CompressionOptions
 
     options = {k: getattr(args, k) for k in _QUANT_FLAGS if getattr(args, k) is not None}
-    if args.calibrate:
-        options["calibrate"] = True
+    options.update({k: True for k in _QUANT_SWITCHES if getattr(args, k)})
     if args.layers:
         options["layers"] = list(args.layers)
     CompressionOptions.from_options(dict(options))
@@ -394,6 +394,14 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-text", metavar="FILE", help="calibration text (never the evaluation text)")
     g.add_argument("--calib-sequences", type=int, metavar="N", help="calibration sequences (default 64)")
     g.add_argument("--calib-seq-len", type=int, metavar="L", help="tokens per calibration sequence (default 512)")
+    g.add_argument("--calib-sequential", action="store_true",
+                   help="each layer's statistics from the already-quantized layers before it (GPTQ order)")
+    g.add_argument("--act-order", action="store_true",
+                   help="GPTQ columns by decreasing Hessian diagonal (groups fitted up front; needs --calibrate)")
+    g.add_argument("--calib-damp", type=float, metavar="F",
+                   help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
+    g.add_argument("--calib-target", metavar="TARGET",
+                   help="where calibration runs the model: auto (default: fastest CPU target), reference, tvm-llvm")
     g.add_argument("--layers", nargs="+", action="extend", default=[], metavar="GLOB",
                    help="module paths to quantize (globs; default: all linear layers but lm_head; "
                         "with gguf: every quantized tensor of the file)")

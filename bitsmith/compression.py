@@ -28,6 +28,10 @@ class CompressionOptions:
     calib_sequences: int = 64
     calib_seq_len: int = 512
     layers: tuple[str, ...] = ()
+    calib_sequential: bool = False
+    act_order: bool = False
+    calib_damp: float = 0.01
+    calib_target: str = "auto"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -83,6 +87,14 @@ class CompressionOptions:
             raise ValueError("calibrate with N:M sparsity is not supported (GPTQ over pruned rows)")
         if self.calibrate and self.scheme is None:
             raise ValueError("calibrate needs a quantization scheme (quant=...)")
+        for name in ("calib_sequential", "act_order"):
+            if getattr(self, name) and not self.calibrate:
+                raise ValueError(f"{name} is an option of GPTQ calibration: it needs calibrate=True "
+                                 f"(CLI: --calibrate --calib-text FILE)")
+        if not isinstance(self.calib_damp, (int, float)) or not 0.0 <= float(self.calib_damp) < 1e3:
+            raise ValueError(f"calib_damp is a fraction of the mean Hessian diagonal (>= 0), got {self.calib_damp!r}")
+        from .backends.calibration import check_calib_target
+        check_calib_target(self.calib_target)
         if self.needs_calibration:
             if not self.calib_text:
                 raise ValueError("calibration (calibrate=True or sparsity_method='activation') needs calib_text=FILE")
@@ -122,8 +134,10 @@ class CompressionOptions:
             if tokenizer_json is None:
                 raise ValueError("calibration needs the model's tokenizer: compile by name or path, "
                                  "or pass tokenizer=...")
+            from .backends.calibration import calibration_runner
             from .passes.quantization.calibration import TextCalibration
-            calibration = TextCalibration(self.calib_text, tokenizer_json, self.calib_sequences, self.calib_seq_len)
+            calibration = TextCalibration(self.calib_text, tokenizer_json, self.calib_sequences, self.calib_seq_len,
+                                          runner=calibration_runner(self.calib_target))
         out = []
         if self.sparsity is not None:
             out.append(get_pass("sparsify", pattern=self.sparsity, method=self.sparsity_method,
@@ -132,5 +146,7 @@ class CompressionOptions:
             out.append(get_pass("outliers", fraction=float(self.outliers), layers=self.layers))
         if self.scheme is not None:
             out.append(get_pass("quantize", scheme=self.scheme, group_size=self.group_size, layers=self.layers,
-                                calibrate=bool(self.calibrate), calibration=calibration))
+                                calibrate=bool(self.calibrate), calibration=calibration,
+                                sequential=bool(self.calib_sequential), act_order=bool(self.act_order),
+                                damp=float(self.calib_damp)))
         return out

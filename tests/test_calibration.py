@@ -110,7 +110,7 @@ def test_text_calibration_tokenizes_and_caches(llama, tmp_path, monkeypatch):
     calls = []
     real = calibration.collect_statistics
     monkeypatch.setattr(calibration, "collect_statistics",
-                        lambda m, windows, progress=False: calls.append(windows) or real(m, windows))
+                        lambda m, windows, progress=False, runner=None: calls.append(windows) or real(m, windows, runner=runner))
 
     calib = TextCalibration(str(text), word_tokenizer_json(words), sequences=4, length=24)
     assert "tokenizer" not in repr(calib)

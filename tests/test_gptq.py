@@ -25,31 +25,40 @@ def correlated_inputs(rng: np.random.Generator, tokens: int, k: int) -> np.ndarr
 
 
 def reference_gptq(w: np.ndarray, hessian: np.ndarray, scheme, group_size: int,
-                   mask: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+                   mask: np.ndarray, damp: float = 0.01, act_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The unblocked form of GPTQ (Frantar et al. 2023, eqs. 2-3, i.e. OBQ with a fixed order):
     explicit H⁻¹, each column's error pushed through its row of H⁻¹, then column j removed from
     H⁻¹ by Gaussian elimination. No Cholesky factor, no lazy blocks. Returns the weights the
-    algorithm chose [N, K] (outliers at their original value) and the codes."""
+    algorithm chose [N, K] (outliers at their original value) and the codes.
+
+    ``act_order``: columns visited by decreasing diagonal of H, every group fitted first on the
+    weights as given (static groups). Everything stays in the original column space: the
+    elimination removes each visited column from H⁻¹, so no permutation is ever formed."""
     n, k = w.shape
     h = np.array(hessian, dtype=np.float64)
     work = w.astype(np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     work[:, dead] = 0
+    order = sorted(range(k), key=lambda j: -h[j, j]) if act_order else range(k)  # sorted() is stable
+    static = [fit_groups(work[:, g:g + group_size].astype(np.float32), scheme, mask[:, g:g + group_size])
+              for g in range(0, k, group_size)] if act_order else None
     h += damp * np.mean(np.diag(h)) * np.eye(k)
     hinv = np.linalg.inv(h)
     chosen = np.zeros((n, k))
     codes = np.zeros((n, k), dtype=np.uint8)
     params = None
-    for j in range(k):
-        if j % group_size == 0:
+    for j in order:
+        if static is not None:
+            params = static[j // group_size]
+        elif j % group_size == 0:
             end = min(j + group_size, k)
             params = fit_groups(work[:, j:end].astype(np.float32), scheme, mask[:, j:end])
         c = quantize_to_params(work[:, j:j + 1].astype(np.float32), params, scheme)
         q = np.where(mask[:, j], decode(c, params, scheme)[:, 0], w[:, j])
         chosen[:, j], codes[:, j] = q, c[:, 0]
         err = (work[:, j] - q) / hinv[j, j]
-        work[:, j + 1:] -= np.outer(err, hinv[j, j + 1:])
+        work -= np.outer(err, hinv[j, :])  # row j of H⁻¹ is zero at every column already visited
         hinv -= np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
     return chosen, codes
 
@@ -121,6 +130,33 @@ def test_matches_unblocked_reference(problem, scheme_name, group_size, outlier_s
     np.testing.assert_array_equal(qm.codes[mask], codes[mask])
     decoded = dequantize_matrix(qm, scheme, group_size)
     np.testing.assert_array_equal(decoded[mask], chosen[mask].astype(np.float32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from(SCHEME_NAMES), GROUP_SIZES, st.sampled_from([0.0, 0.05, 0.3]),
+       st.sampled_from([0.0, 0.2]), st.sampled_from([1, 4, 128]))
+def test_act_order_matches_unblocked_reference(problem, scheme_name, group_size, outlier_share, dead_share,
+                                               block_size):
+    """act_order: the permuted, blocked Cholesky loop, its codes written back at their stored
+    columns, chooses the same weights as the unblocked reference visiting the columns in the
+    original index space; and the stored group parameters are the ones fitted on the weights
+    as given (static groups), i.e. round-to-nearest's, so contiguous groups stay valid."""
+    rng, w = problem
+    n, k = w.shape
+    scheme = SCHEMES[scheme_name]
+    x = correlated_inputs(rng, 2 * k + 3, k)
+    x[:, rng.random(k) < dead_share] = 0
+    mask = rng.random((n, k)) >= outlier_share
+    qm = gptq_quantize_matrix(w, x.T @ x, scheme, group_size, mask=mask, block_size=block_size, act_order=True)
+    chosen, codes = reference_gptq(w, x.T @ x, scheme, group_size, mask, act_order=True)
+    # as in test_matches_unblocked_reference: round-off differences ~1e-13, codes agree exactly
+    np.testing.assert_array_equal(qm.codes[mask], codes[mask])
+    np.testing.assert_array_equal(dequantize_matrix(qm, scheme, group_size)[mask], chosen[mask].astype(np.float32))
+    live = (x != 0).any(axis=0)
+    rtn = quantize_matrix(np.where(live, w, 0).astype(np.float32), scheme, group_size, mask)
+    for field in ("scales", "zeros", "selectors"):
+        if getattr(rtn, field) is not None:
+            np.testing.assert_array_equal(getattr(qm, field), getattr(rtn, field))
 
 
 @settings(max_examples=30, deadline=None)

@@ -119,7 +119,7 @@ def fake_gptq(monkeypatch):
     tested with gptq.py itself."""
     calls = []
 
-    def gptq_quantize_matrix(w, hessian, scheme, group_size, mask=None):
+    def gptq_quantize_matrix(w, hessian, scheme, group_size, mask=None, **options):
         calls.append((w.copy(), hessian, mask))
         return quantize_matrix(w, scheme, group_size, mask)
 

@@ -14,7 +14,12 @@ It consumes the annotations earlier passes left on the linear:
 
 Weights are rounded to nearest (``calibrate=False``) or with GPTQ error compensation
 (``calibrate=True``, Frantar et al. 2023), which needs ``calibration``: a callable
-``module -> {linear input value name: statistics with .hessian [K, K] and .column_norms [K]}``.
+``module -> {linear input value name: statistics with .hessian [K, K] and .column_norms [K]}``
+(``quantization.calibration.TextCalibration``). Calibration options: ``act_order`` (columns by
+decreasing Hessian diagonal, groups fitted up front; see ``quantization.gptq``), ``damp``
+(GPTQ's dampening, a fraction of the mean Hessian diagonal) and ``sequential`` (each layer's
+statistics from the already-quantized layers before it, which needs a ``calibration`` with a
+``sequential(module, stages, step)`` method; see ``quantization.sequential``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from .base import Pass, register_pass
 from .quantization.groups import QuantizedMatrix, quantize_matrix, select_outliers
 from .quantization.nm import compress_nm, expand_nm, nm_mask, parse_pattern
 from .quantization.pack import operand_roles, qlinear_operands
-from .quantization.sites import linear_site, normalize_layers, rewrite_selected_linears
+from .quantization.sites import linear_site, normalize_layers, rewrite_selected_linears, selected_linear_inputs
 from .rewrite import Rewriter
 
 
@@ -42,7 +47,16 @@ def qlinear_attrs(shape: tuple[int, ...], scheme: Scheme, group_size: int, spars
             "bias": has_bias}
 
 
-def pack_weight(weight: np.ndarray, scheme: Scheme, attrs: dict, stats: object = None) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class GPTQOptions:
+    """How GPTQ runs (see ``quantization.gptq.gptq_quantize_matrix``)."""
+
+    damp: float = 0.01
+    act_order: bool = False
+
+
+def pack_weight(weight: np.ndarray, scheme: Scheme, attrs: dict, stats: object = None,
+                gptq: GPTQOptions = GPTQOptions()) -> list[np.ndarray]:
     """The qlinear weight operands of one [out, in] weight, quantized as ``attrs`` say
     (``stats``: calibration statistics of its input for GPTQ; None: round-to-nearest)."""
     w = np.asarray(weight, dtype=np.float32)
@@ -60,7 +74,7 @@ def pack_weight(weight: np.ndarray, scheme: Scheme, attrs: dict, stats: object =
     else:
         from .quantization.gptq import gptq_quantize_matrix
         qm = gptq_quantize_matrix(kept, np.asarray(stats.hessian, dtype=np.float64), scheme, group_size,
-                                  mask=participates)
+                                  mask=participates, damp=gptq.damp, act_order=gptq.act_order)
     outlier_dense = outlier_kept
     if outlier_kept is not None and nm is not None:
         outlier_dense = expand_nm(outlier_kept, index, *nm, w.shape[1])
@@ -71,8 +85,9 @@ def pack_weight(weight: np.ndarray, scheme: Scheme, attrs: dict, stats: object =
 @dataclass(frozen=True)
 class Quantize(Pass):
     """Options: ``scheme`` (one of bitsmith.ir.quant_grids.SCHEMES), ``group_size``, ``layers``
-    module-path globs (default: every linear but ``*lm_head``), ``calibrate`` (GPTQ) and
-    ``calibration`` (the statistics source ``calibrate`` needs)."""
+    module-path globs (default: every linear but ``*lm_head``), ``calibrate`` (GPTQ),
+    ``calibration`` (the statistics source ``calibrate`` needs), and with ``calibrate``:
+    ``sequential``, ``act_order``, ``damp`` (see the module docstring)."""
 
     name = "quantize"
     idempotent = True  # it rewrites only `linear` nodes, and leaves none it would rewrite again
@@ -81,6 +96,9 @@ class Quantize(Pass):
     layers: tuple[str, ...] = ()
     calibrate: bool = False
     calibration: object = field(default=None, compare=False, repr=False)
+    sequential: bool = False
+    act_order: bool = False
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.scheme:
@@ -92,41 +110,63 @@ class Quantize(Pass):
         if not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(f"quantize: group_size must be a positive integer, got {self.group_size!r}")
         object.__setattr__(self, "layers", normalize_layers(self.layers))
+        needing = [k for k in ("sequential", "act_order") if getattr(self, k)]
+        if needing and not self.calibrate:
+            raise ValueError(f"quantize: {needing[0]} needs calibrate=true (it is an option of GPTQ calibration)")
+        if not 0.0 <= float(self.damp) < 1e3:
+            raise ValueError(f"quantize: damp must be >= 0 (a fraction of the mean Hessian diagonal), "
+                             f"got {self.damp!r}")
 
     def apply(self, module: Module) -> Module:
         scheme = get_scheme(self.scheme)
         if self.calibrate and self.calibration is None:
             raise ValueError("quantize{calibrate=true} needs calibration activations "
                              "(e.g. bitsmith.compile(..., calibrate=True, calib_text=FILE))")
-        stats_by_input = self.calibration(module) if self.calibrate else {}
+        gptq = GPTQOptions(damp=float(self.damp), act_order=bool(self.act_order))
         prefixes: dict[tuple, str] = {}  # a weight shared by several linears is quantized once
 
-        def quantize_linear(node: Node, rw: Rewriter) -> None:
-            site = linear_site(node, rw)
-            if site is None:
-                return
-            sparsity = str(node.attr("sparsity") or "")
-            outliers = float(node.attr("outliers") or 0.0)
-            stats = None
-            if self.calibrate:
-                if sparsity:
-                    raise ValueError(f"linear {site.module_path}: calibrate with N:M sparsity is not supported")
-                stats = stats_by_input.get(node.inputs[0])
-                if stats is None:
-                    raise ValueError(f"calibration has no statistics for the input %{node.inputs[0]} "
-                                     f"of linear {site.module_path}")
-            attrs = qlinear_attrs(site.weight_type.shape, scheme, self.group_size, sparsity, outliers,
-                                  len(node.inputs) == 3)
-            roles = operand_roles(attrs)
-            key = (site.weight_name, sparsity, outliers, node.inputs[0] if self.calibrate else None)
-            if key not in prefixes:
-                try:
-                    operands = pack_weight(site.weight, scheme, attrs, stats)
-                except ValueError as e:
-                    raise ValueError(f"linear {site.module_path}: {e}") from None
-                prefixes[key] = rw.add_tensors(site.weight_name, {f".{r}": a for r, a in zip(roles, operands)})
-            consts = tuple(rw.constant(f"{prefixes[key]}.{r}", f"{node.output.name}.{r}", site.weight_loc)
-                           for r in roles)
-            rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))
+        def rewrite(mod: Module, stats_by_input: dict, only_input: str | None = None) -> Module:
+            def quantize_linear(node: Node, rw: Rewriter) -> None:
+                if only_input is not None and node.inputs[0] != only_input:
+                    return
+                self._quantize_linear(node, rw, scheme, stats_by_input, prefixes, gptq)
+            return rewrite_selected_linears(mod, self.layers, quantize_linear, "quantize_linear")
 
-        return rewrite_selected_linears(module, self.layers, quantize_linear, "quantize_linear")
+        if not self.calibrate:
+            return rewrite(module, {})
+        if not self.sequential:
+            return rewrite(module, self.calibration(module))
+        if not callable(getattr(self.calibration, "sequential", None)):
+            raise ValueError("quantize{sequential=true} needs a calibration source with a sequential() method "
+                             "(bitsmith.passes.quantization.calibration.TextCalibration)")
+        stages = selected_linear_inputs(module, self.layers)
+        return self.calibration.sequential(module, stages, lambda mod, value, stats: rewrite(mod, {value: stats}, value))
+
+    def _quantize_linear(self, node: Node, rw: Rewriter, scheme: Scheme, stats_by_input: dict,
+                         prefixes: dict[tuple, str], gptq: GPTQOptions) -> None:
+        site = linear_site(node, rw)
+        if site is None:
+            return
+        sparsity = str(node.attr("sparsity") or "")
+        outliers = float(node.attr("outliers") or 0.0)
+        stats = None
+        if self.calibrate:
+            if sparsity:
+                raise ValueError(f"linear {site.module_path}: calibrate with N:M sparsity is not supported")
+            stats = stats_by_input.get(node.inputs[0])
+            if stats is None:
+                raise ValueError(f"calibration has no statistics for the input %{node.inputs[0]} "
+                                 f"of linear {site.module_path}")
+        attrs = qlinear_attrs(site.weight_type.shape, scheme, self.group_size, sparsity, outliers,
+                              len(node.inputs) == 3)
+        roles = operand_roles(attrs)
+        key = (site.weight_name, sparsity, outliers, node.inputs[0] if self.calibrate else None)
+        if key not in prefixes:
+            try:
+                operands = pack_weight(site.weight, scheme, attrs, stats, gptq)
+            except ValueError as e:
+                raise ValueError(f"linear {site.module_path}: {e}") from None
+            prefixes[key] = rw.add_tensors(site.weight_name, {f".{r}": a for r, a in zip(roles, operands)})
+        consts = tuple(rw.constant(f"{prefixes[key]}.{r}", f"{node.output.name}.{r}", site.weight_loc)
+                       for r in roles)
+        rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))

@@ -6,10 +6,16 @@ GPTQ (Frantar et al., ICLR 2023) needs each layer's Hessian of the output error,
 pass of the reference interpreter over calibration windows, observing the value that feeds
 each ``linear`` (or ``qlinear``) node.
 
-Deviation from GPTQ: the paper quantizes layer by layer, feeding each layer the outputs of the
-already-quantized layers before it. Here every layer's statistics come from one run of the
-full-precision model as captured ("non-sequential" GPTQ): one forward per window instead of
-one per layer, at a usually small cost in accuracy.
+Where the model runs: a :class:`CalibrationRunner` turns a module into a function of ``main``'s
+arguments. Passes import no backend, so the API hands them a runner built on the fastest CPU
+target (``bitsmith.backends.calibration``: tvm-llvm where TVM is installed); the reference
+interpreter (:class:`InterpreterRunner`) is the fallback and the oracle in tests. The runner
+gets a *probe* of the module: ``main`` with the linear inputs as its only results, so nothing
+after the last linear layer (lm_head, the KV outputs) is computed.
+
+By default every layer's statistics come from one run of the full-precision model as captured
+("non-sequential" GPTQ). ``bitsmith.passes.quantization.sequential`` implements the paper's
+order: each layer's statistics from the already-quantized layers before it.
 """
 
 from __future__ import annotations
@@ -19,13 +25,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from bitsmith.ir import Module
 from bitsmith.ir import symbolic as sym
-from bitsmith.ir.graph import Node
 from bitsmith.ir.interpreter import run_function
 from bitsmith.ir.traits import LINEAR_LIKE, has_trait
 from bitsmith.ir.types import numpy_dtype
@@ -39,6 +44,43 @@ class LayerStats:
     #                      which GPTQ's result does not depend on)
     column_norms: np.ndarray  # float64 [K]: ‖X[:, k]‖₂ over all calibration tokens
     tokens: int
+
+
+RunFn = Callable[[Sequence[np.ndarray]], list[np.ndarray]]
+
+
+class CalibrationRunner(Protocol):
+    """Runs modules for calibration. ``compile(module)`` returns a function from the arguments
+    of the module's ``main`` (numpy arrays) to its results. The module is a probe (its results
+    are activations, see :func:`probe_module`) or a segment of one (``sequential``)."""
+
+    name: str
+
+    def compile(self, module: Module) -> RunFn: ...
+
+
+class InterpreterRunner:
+    """The reference interpreter as a runner: no build step, float64 accumulation."""
+
+    name = "reference"
+
+    def compile(self, module: Module) -> RunFn:
+        return lambda args: run_function(module, "main", args)
+
+    def __repr__(self) -> str:
+        return "InterpreterRunner()"
+
+
+def probe_module(module: Module, values: Sequence[str]) -> Module:
+    """``module`` with ``main`` returning ``values`` (in that order) and nothing else, dead code
+    (what only the old results needed) removed."""
+    from ..dce import drop_dead
+    fn = module.function("main")
+    params = {p.name for p in fn.params}
+    bad = sorted(set(values) & params)
+    if bad:  # a runner returns computed values; a parameter feeding a linear is never one
+        raise ValueError(f"linear inputs {bad} are parameters of main; only computed values are observed")
+    return drop_dead(module.with_function(fn.replace(results=tuple(values))))
 
 
 def linear_inputs(module: Module, function: str = "main") -> dict[str, int]:
@@ -84,45 +126,53 @@ class _Accumulator:
         self.sums[name] += (x32.T @ x32).astype(np.float64)
         self.tokens[name] += x.shape[0]
 
-    def observe(self, node: Node, outputs: Sequence[np.ndarray]) -> None:
-        for value, array in zip(node.outputs, outputs):
-            if value.name in self.sums:
-                self.add(value.name, array)
-
     def stats(self) -> dict[str, LayerStats]:
         out = {}
         for name, total in self.sums.items():
             n = self.tokens[name]
             if n == 0:
                 raise ValueError(f"linear input %{name} was never computed on the calibration windows")
-            hessian, norms = total / n, np.sqrt(np.diag(total))
-            hessian.setflags(write=False)  # shared by every pass that asks (see TextCalibration)
-            norms.setflags(write=False)
-            out[name] = LayerStats(hessian=hessian, column_norms=norms, tokens=n)
+            out[name] = layer_stats(total, n)
         return out
 
 
-def collect_statistics(module: Module, windows: list[np.ndarray],
-                       progress: bool = False) -> dict[str, LayerStats]:
+def layer_stats(gram: np.ndarray, tokens: int) -> LayerStats:
+    """LayerStats from Σ xᵀx (float64 [K, K]) over ``tokens`` rows, read-only (shared by every pass
+    that asks, see TextCalibration)."""
+    hessian, norms = gram / tokens, np.sqrt(np.diag(gram))
+    hessian.setflags(write=False)
+    norms.setflags(write=False)
+    return LayerStats(hessian=hessian, column_norms=norms, tokens=tokens)
+
+
+def main_arguments(module: Module, ids: np.ndarray) -> list[np.ndarray]:
+    """The arguments of a causal-LM ``main`` for one window of token ids (int64 [B, L] or [L]):
+    the ids, positions 0..L-1 and empty caches."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    b, length = ids.shape
+    positions = np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)).copy()
+    return [ids, positions, *_empty_caches(module, b, length)]
+
+
+def collect_statistics(module: Module, windows: list[np.ndarray], progress: bool = False,
+                       runner: CalibrationRunner | None = None) -> dict[str, LayerStats]:
     """Runs the causal-LM ``main`` of ``module`` on each window (int64 [1, L] token ids, positions
-    0..L-1, empty caches) and returns the statistics of every linear layer input, keyed by the
-    name of the value feeding the layer (q/k/v projections that share an input share one entry).
+    0..L-1, empty caches) with ``runner`` (default: the reference interpreter) and returns the
+    statistics of every linear layer input, keyed by the name of the value feeding the layer
+    (q/k/v projections that share an input share one entry).
     """
     if not windows:
         raise ValueError("no calibration windows")
     wanted = linear_inputs(module)
     acc = _Accumulator(wanted)
-    unobservable = sorted(set(wanted) & {p.name for p in module.function("main").params})
-    if unobservable:  # the observe hook sees node outputs only
-        raise ValueError(f"linear inputs {unobservable} are parameters of main; only computed values are observed")
+    names = list(wanted)
+    run = (runner or InterpreterRunner()).compile(probe_module(module, names))
     start = last_report = time.perf_counter()
     for i, ids in enumerate(windows):
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.ndim == 1:
-            ids = ids[None, :]
-        b, length = ids.shape
-        positions = np.broadcast_to(np.arange(length, dtype=np.int64), (b, length)).copy()
-        run_function(module, "main", [ids, positions, *_empty_caches(module, b, length)], observe=acc.observe)
+        for name, array in zip(names, run(main_arguments(module, ids))):
+            acc.add(name, array)
         now = time.perf_counter()
         if progress and (now - last_report >= 10 or i + 1 == len(windows)):  # a window of SmolLM2: ~10 s
             print(f"calibration: {i + 1}/{len(windows)} windows, {now - start:.0f}s", file=sys.stderr, flush=True)
@@ -160,21 +210,29 @@ class TextCalibration:
     """Calibration statistics from a text file, given to passes as ``calibration=``.
 
     ``TextCalibration(text_path, tokenizer_json)(module)`` tokenizes the text (no special
-    tokens), runs the first ``sequences`` windows of ``length`` tokens through ``module`` and
-    returns :func:`collect_statistics`' result. The result is cached: a later call with a module
-    whose fingerprint matches (same module, or one whose linear weights alone were rewritten,
-    e.g. by sparsify before quantize) returns the first statistics, so every pass sees those of
-    the full-precision model as captured (non-sequential GPTQ; see the module docstring).
+    tokens), runs the first ``sequences`` windows of ``length`` tokens through ``module`` with
+    ``runner`` (default: the reference interpreter) and returns :func:`collect_statistics`'
+    result. The result is cached: a later call with a module whose fingerprint matches (same
+    module, or one whose linear weights alone were rewritten, e.g. by sparsify before quantize)
+    returns the first statistics, so every pass sees those of the full-precision model as
+    captured (non-sequential GPTQ; see the module docstring).
+
+    ``sequential(module, stages, step)`` is the GPTQ order instead (``sequential.run_sequential``):
+    ``step(module, value, stats)`` quantizes the layers fed by ``value`` and returns the module
+    whose quantized layers then produce the next stage's inputs. Nothing is cached there.
     """
 
-    def __init__(self, text_path: str, tokenizer_json: str, sequences: int = 64, length: int = 512) -> None:
+    def __init__(self, text_path: str, tokenizer_json: str, sequences: int = 64, length: int = 512,
+                 runner: CalibrationRunner | None = None) -> None:
         self.text_path = str(text_path)
         self.tokenizer_json = tokenizer_json
         self.sequences = sequences
         self.length = length
+        self.runner = runner or InterpreterRunner()
 
     def __repr__(self) -> str:  # passes print their options; keep the tokenizer JSON out of it
-        return f"TextCalibration({self.text_path!r}, sequences={self.sequences}, length={self.length})"
+        return (f"TextCalibration({self.text_path!r}, sequences={self.sequences}, length={self.length}, "
+                f"runner={self.runner.name!r})")
 
     def windows(self) -> list[np.ndarray]:
         from tokenizers import Tokenizer
@@ -182,20 +240,30 @@ class TextCalibration:
         ids = Tokenizer.from_str(self.tokenizer_json).encode(text, add_special_tokens=False).ids
         return calibration_windows(np.asarray(ids, dtype=np.int64), self.sequences, self.length)
 
+    def _announce(self, windows: list[np.ndarray], how: str) -> None:
+        print(f"calibration: {len(windows)} windows of {self.length} tokens from {self.text_path} "
+              f"on {self.runner.name}{how}", file=sys.stderr, flush=True)
+
     def __call__(self, module: Module) -> dict[str, LayerStats]:
         text_digest = hashlib.sha256(Path(self.text_path).read_bytes()).hexdigest()
         tok_digest = hashlib.sha256(self.tokenizer_json.encode()).hexdigest()
-        key = (text_digest, tok_digest, self.sequences, self.length, _fingerprint(module))
+        key = (text_digest, tok_digest, self.sequences, self.length, self.runner.name, _fingerprint(module))
         for cached_key, stats in _STATS_CACHE:
             if cached_key == key:
                 return stats
         windows = self.windows()
-        print(f"calibration: {len(windows)} windows of {self.length} tokens from {self.text_path}",
-              file=sys.stderr, flush=True)
-        stats = collect_statistics(module, windows, progress=True)
+        self._announce(windows, "")
+        stats = collect_statistics(module, windows, progress=True, runner=self.runner)
         _STATS_CACHE.append((key, stats))
         del _STATS_CACHE[:-_STATS_CACHE_SIZE]
         return stats
+
+    def sequential(self, module: Module, stages: Sequence[str],
+                   step: Callable[[Module, str, LayerStats], Module]) -> Module:
+        from .sequential import run_sequential
+        windows = self.windows()
+        self._announce(windows, ", sequential")
+        return run_sequential(module, windows, stages, step, self.runner, progress=True)
 
 
 # Process-wide, so compiles of the same model with several schemes (a quality table) share one

@@ -13,6 +13,14 @@ group, on the group's weights as they stand then, i.e. after compensation for al
 columns (the paper's ``act-order=False``, ``static_groups=False`` variant). Blocks are aligned
 to groups so those weights are exact when the group is fitted.
 
+``act_order=True`` quantizes the columns in order of decreasing Hessian diagonal (the paper's
+"act-order", from its reference code), so the columns whose activations carry the most energy
+are quantized first, while the most columns remain to absorb their error. Groups stay
+contiguous in the stored (original) column order: every group is fitted up front, on the
+weights as given, before any compensation (the reference code's ``static_groups``), so no
+per-column group index is stored and the qlinear format is unchanged; only the processing
+order is permuted, and codes are written back at their original columns.
+
 Weights excluded by ``mask`` (False: outliers kept in fp16 by the ``outliers`` pass) are taken
 to keep their original value exactly: they are left out of group fitting, and the difference
 between the original value and the compensated target at that position is propagated like any
@@ -84,7 +92,7 @@ def _block_width(group_size: int, block_size: int) -> int:
 
 def gptq_quantize_matrix(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, group_size: int,
                          mask: np.ndarray | None = None, damp: float = 0.01,
-                         block_size: int = 128) -> QuantizedMatrix:
+                         block_size: int = 128, act_order: bool = False) -> QuantizedMatrix:
     """Quantizes ``w`` [N, K] with GPTQ against ``hessian`` [K, K] (``∝ XᵀX``; any positive
     factor gives the same result).
 
@@ -114,7 +122,6 @@ def gptq_quantize_matrix(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, gro
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     work[:, dead] = 0.0
-    u = inverse_hessian_cholesky(h, damp)
 
     groups = group_count(k, group_size)
     codes = np.zeros((n, k), dtype=np.uint8)
@@ -122,31 +129,50 @@ def gptq_quantize_matrix(w: np.ndarray, hessian: np.ndarray, scheme: Scheme, gro
     zeros = np.zeros((n, groups), dtype=np.uint8) if scheme.asymmetric else None
     selectors = np.zeros((n, groups), dtype=np.uint8) if scheme.selector_bits else None
 
-    width = _block_width(group_size, block_size)
+    def store(g: int, params: GroupParams) -> GroupParams:
+        scales[:, g] = params.scale
+        if zeros is not None:
+            zeros[:, g] = params.zero
+        if selectors is not None:
+            selectors[:, g] = params.selector
+        return params
+
+    def fit(g: int, weights: np.ndarray) -> GroupParams:
+        c0, c1 = g * group_size, min((g + 1) * group_size, k)
+        return store(g, fit_groups(weights.astype(np.float32), scheme, None if keep is None else keep[:, c0:c1]))
+
+    static: list[GroupParams] | None = None
+    if act_order:  # columns by decreasing H diagonal; groups fitted up front (static groups)
+        perm = np.argsort(-np.diag(h), kind="stable")
+        static = [fit(g, work[:, g * group_size:(g + 1) * group_size]) for g in range(groups)]
+        h = h[np.ix_(perm, perm)]
+        work = work[:, perm]
+        width = block_size
+    else:
+        perm = np.arange(k)
+        width = _block_width(group_size, block_size)
+    u = inverse_hessian_cholesky(h, damp)
+
     params: GroupParams | None = None
     for b0 in range(0, k, width):
         b1 = min(b0 + width, k)
         block = work[:, b0:b1]  # a view: in-block updates land in ``work``
         errors = np.empty((n, b1 - b0), dtype=np.float64)
         for j in range(b1 - b0):
-            col = b0 + j
-            if col % group_size == 0:
-                g, end = col // group_size, min(col + group_size, k)
-                params = fit_groups(block[:, j:j + end - col].astype(np.float32), scheme,
-                                    None if keep is None else keep[:, col:end])
-                scales[:, g] = params.scale
-                if zeros is not None:
-                    zeros[:, g] = params.zero
-                if selectors is not None:
-                    selectors[:, g] = params.selector
+            pos = b0 + j
+            col = int(perm[pos])  # the stored column; pos == col without act_order
+            if static is not None:
+                params = static[col // group_size]
+            elif col % group_size == 0:
+                params = fit(col // group_size, block[:, j:j + min(group_size, k - col)])
             target = block[:, j]
             c = quantize_to_params(target[:, None].astype(np.float32), params, scheme)
             q = decode(c, params, scheme)[:, 0].astype(np.float64)
             if keep is not None:
                 q = np.where(keep[:, col], q, w[:, col])  # outliers keep their original value
             codes[:, col] = c[:, 0]
-            err = (target - q) / u[col, col]
+            err = (target - q) / u[pos, pos]
             errors[:, j] = err
-            block[:, j + 1:] -= np.outer(err, u[col, col + 1:b1])
+            block[:, j + 1:] -= np.outer(err, u[pos, pos + 1:b1])
         work[:, b1:] -= errors @ u[b0:b1, b1:]
     return QuantizedMatrix(codes=codes, scales=scales, zeros=zeros, selectors=selectors)

@@ -70,6 +70,12 @@ def linear_site(node: Node, rw: Rewriter) -> LinearSite | None:
     return LinearSite(node, name, weight_type, producer.loc, rw)
 
 
+def selected_linear_inputs(module: Module, layers: tuple[str, ...], function: str = "main") -> list[str]:
+    """The distinct values feeding the ``linear`` nodes ``layers`` selects, in node order."""
+    fn = module.function(function)
+    return list(dict.fromkeys(n.inputs[0] for n in fn.nodes if n.op == "linear" and is_selected(n, layers)))
+
+
 def rewrite_selected_linears(module: Module, layers: tuple[str, ...], rewrite: RewriteFn, name: str) -> Module:
     """Runs ``rewrite`` once on each ``linear`` that ``layers`` selects, then drops the nodes
     and tensors (old weights) nothing uses any more."""
