@@ -143,7 +143,7 @@ def test_act_order_matches_unblocked_reference(problem, scheme_name, group_size,
     as given (static groups), i.e. round-to-nearest's, so contiguous groups stay valid."""
     rng, w = problem
     n, k = w.shape
-    scheme = SCHEMES[scheme_name]
+    scheme = fitted_schemes()[scheme_name]
     x = correlated_inputs(rng, 2 * k + 3, k)
     x[:, rng.random(k) < dead_share] = 0
     mask = rng.random((n, k)) >= outlier_share
