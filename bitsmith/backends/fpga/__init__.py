@@ -197,7 +197,11 @@ class FPGABackend(Backend):
     def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
         steps = f"length_adaptive{{prefill_step={options.get('prefill_step', 128)},kv_step={options.get('kv_step', 16)}," \
                 f"max_length={options.get('max_length', 0)}}}"
-        return Pipeline(legalize=("inline", "drop-attention-mask"), lower=(steps,), finalize=("dce",))
+        # the MV/MM decode table holds the quantize pass's fitted schemes (fp16 scales, no float
+        # offsets); a file's own block formats (gguf-*) run as dense layers on their exact weights
+        from ..scheme_fallback import dequantize_specs
+        legalize = ("inline", "drop-attention-mask") + dequantize_specs(lambda scheme: scheme.block_size is None)
+        return Pipeline(legalize=legalize, lower=(steps,), finalize=("dce",))
 
     def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
         from ...ir.traits import CALL, ops_with
