@@ -350,3 +350,15 @@ def test_golden_gguf_quantize_operands_mean_the_files_weights():
             want = gguf_dequantize(f.tensor_bytes(t).reshape(t.shape[0], -1), GGMLQuantizationType[t.type_name])
             assert weights[t.name][0] == f"gguf-{t.type_name.lower()}"
             np.testing.assert_array_equal(_bits(weights[t.name][1]), _bits(want))
+
+
+def test_gguf_quantize_is_idempotent(legacy_file, tmp_path, monkeypatch):
+    """Declared idempotent: a second run over its own output changes nothing (random modules
+    cannot carry GGUF blocks, so tests/test_pass_rewrite.py leaves this pass to here)."""
+    from bitsmith.frontend.gguf_loader import read_gguf
+    from bitsmith.passes import get_pass
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path))
+    cm = bitsmith.compile(str(legacy_file), target="reference")
+    p = get_pass("gguf-quantize", source=dict(read_gguf(legacy_file).quantized))
+    once = p.apply(cm.module)
+    assert once != cm.module and p.apply(once) == once

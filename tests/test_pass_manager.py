@@ -77,9 +77,9 @@ def test_register_pass_refuses_bad_classes():
 
 
 def test_get_pass_unknown_name_and_option():
-    with pytest.raises(UnknownOptionError, match="unknown pass 'nope'; valid: cse, dce, fold") as e:
+    with pytest.raises(UnknownOptionError, match="unknown pass 'nope'; valid: cse, dce, ") as e:
         get_pass("nope")
-    assert "dce" in e.value.valid
+    assert list(e.value.valid) == sorted(PASSES)
     with pytest.raises(UnknownOptionError, match="option of pass fold 'size'; valid: max_elements"):
         get_pass("fold", size=3)
 
