@@ -17,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"`bitsmith serve` needs the serve extra (pip install 'bitsmith[serve]'): {e}") from None
     from .runtime.artifact import load_artifact
 
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                              ("--port", args.port, 0)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")

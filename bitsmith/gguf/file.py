@@ -12,6 +12,7 @@ tests check the result against ``GGUFReader``.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ class _Cursor:
                     self.pos += length
             elif item in _SCALARS:
                 self.pos += struct.calcsize(_SCALARS[item]) * count
+            elif item == ARRAY:  # llama.cpp writes no nested arrays; a file that does is not ours to read
+                raise GGUFFormatError(f"nested array at byte {self.pos}")
             else:
                 for _ in range(count):
                     self.value(item)
@@ -115,7 +118,9 @@ def open_gguf(path: str | Path) -> GGUFFile:
         name = cur.string()
         dims = [cur.take("<Q") for _ in range(cur.take("<I"))]
         raw.append((name, dims, cur.take("<I"), cur.take("<Q")))
-    align = int(fields.get("general.alignment") or 32)
+    align = fields.get("general.alignment") or 32
+    if not isinstance(align, int) or not 0 < align <= 1 << 20:
+        raise GGUFFormatError(f"general.alignment {align!r} is not a positive integer")
     data_offset = -(-cur.pos // align) * align
     tensors = []
     for name, dims, type_id, rel in raw:
@@ -124,7 +129,9 @@ def open_gguf(path: str | Path) -> GGUFFile:
         except ValueError:
             raise GGUFFormatError(f"tensor {name}: unknown ggml type {type_id}") from None
         block, size = GGML_QUANT_SIZES[qtype]
-        count = int(np.prod(dims)) if dims else 1
+        count = math.prod(dims)  # Python ints: no silent wrap-around
+        if count == 0 or count % block:
+            raise GGUFFormatError(f"tensor {name}: dims {dims} are empty or not whole {qtype.name} blocks of {block}")
         nbytes = count // block * size
         offset = data_offset + rel
         if offset + nbytes > len(data):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -98,8 +99,9 @@ async def _read_json(request: Request) -> Any:
         chunks.append(chunk)
     try:
         return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise invalid(None, f"the request body is not valid JSON: {e}", "invalid_json") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError;
+        # so are integers over Python's digit limit; RecursionError: absurdly deep nesting
+        raise invalid(None, f"the request body is not valid JSON: {str(e)[:200]}", "invalid_json") from None
 
 
 async def _next_event(queue: asyncio.Queue, request: Request) -> Event:
@@ -157,7 +159,8 @@ def create_app(model: CompiledModel, config: ServeConfig) -> Starlette:
     async def generate(request: Request, kind: str) -> Response:
         try:
             authorize(request)
-            req = parse_request(await _read_json(request), kind, ctx)
+            # tokenizing and chat templates take CPU time: off the event loop, so streams keep flowing
+            req = await run_in_threadpool(parse_request, await _read_json(request), kind, ctx)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
             job = engine.submit(req, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))

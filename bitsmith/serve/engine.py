@@ -90,8 +90,9 @@ class Engine:
     def __init__(self, batch_factory: Callable[[], Batch], decode: Callable[[list[int]], str],
                  eos_ids: Sequence[int], max_batch: int = 8, max_queue: int = 64,
                  timeout: float = 600.0, clock: Callable[[], float] = time.monotonic) -> None:
-        if max_batch < 1 or max_queue < 0 or not timeout > 0:
-            raise ValueError(f"need max_batch >= 1, max_queue >= 0 and timeout > 0 "
+        # every request waits in the queue before a token boundary admits it: 0 would refuse all
+        if max_batch < 1 or max_queue < 1 or not timeout > 0:
+            raise ValueError(f"need max_batch >= 1, max_queue >= 1 and timeout > 0 "
                              f"(got {max_batch}, {max_queue}, {timeout})")
         self._batch_factory, self._batch = batch_factory, batch_factory()
         self.decode, self.eos = decode, frozenset(int(i) for i in eos_ids)

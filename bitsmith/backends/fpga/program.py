@@ -162,7 +162,14 @@ def from_files(files: Mapping[str, bytes]) -> Loaded:
                 raise ValueError(f"programs[{i}].template {t} not among {len(templates)} templates")
             words = unpack_stream(templates[t], patches[off:off + n])
             instrs = isa.decode_stream(words)
-            programs.append(Program(str(rec["function"]), Bucket(str(rec["phase"]), int(rec["seq"]), int(rec["past"])),
+            bucket = Bucket(str(rec["phase"]), int(rec["seq"]), int(rec["past"]))
+            for a, c in rec["kv_regions"]:  # caps become strides of the simulator's KV views
+                if not int(c) >= max(1, bucket.past + bucket.seq) or int(a) < 0:
+                    raise ValueError(f"programs[{i}].kv_regions: region {a} with capacity {c} does not hold "
+                                     f"{bucket.past + bucket.seq} positions")
+            if int(rec["hbm_high"]) < 0 or int(rec["onchip_high"]) < 0:
+                raise ValueError(f"programs[{i}]: negative hbm_high/onchip_high")
+            programs.append(Program(str(rec["function"]), bucket,
                                     instrs, [View.from_json(v) for v in rec["params"]],
                                     [View.from_json(v) for v in rec["results"]],
                                     {int(k): int(v) for k, v in rec["kv"]},

@@ -229,6 +229,8 @@ class Memory:
             strides = (h * cap * d, cap * d, d, 1)
         else:
             strides = View.contiguous(space, addr, shape, dtype).strides
+        if any(st < 0 for st in strides) or any(n < 0 for n in shape):
+            raise SimulationError(f"view at {addr:#x} has negative strides {strides} or shape {shape}")
         extent = View(space, addr, shape, strides, dtype).extent
         arr, off = self._base(space, addr, extent, write)
         raw = arr[off:off + extent]
