@@ -49,8 +49,9 @@ def compiled(tmp_path_factory):
     return get
 
 
-def rank0(path: Path, workers: int, stagger: bool, tmp: Path):
-    return run_rank0(path, workers, stagger, PROMPTS, NEW, tmp / f"out-{workers}-{int(stagger)}.npz", timeout=300)
+def rank0(path: Path, workers: int, stagger: bool, tmp: Path, loads: int = 1):
+    return run_rank0(path, workers, stagger, PROMPTS, NEW, tmp / f"out-{workers}-{int(stagger)}.npz", timeout=300,
+                     loads=loads)
 
 
 def predicted_bytes(plain, batch: int, seqs: list[int]) -> tuple[int, int]:
@@ -83,6 +84,16 @@ def test_workers_match_and_bytes_equal_prediction(compiled, tmp_path):
     sent, received = predicted_bytes(plain, len(PROMPTS), [n, n] + [1] * (NEW - 1))
     assert (stats["bytes_sent"], stats["bytes_received"]) == (sent, received)
     assert stats["heads"] == [[0, 1], [1, 2]]
+
+
+@pytest.mark.slow  # two loads, each starting a worker
+def test_second_load_in_one_process(compiled, tmp_path):
+    """Loading, closing and loading again in one process starts fresh workers (the first load
+    must leave no torchrun-like environment or process group behind)."""
+    plain, path, _ = compiled("llama")
+    tokens, _, stats = rank0(path, 1, False, tmp=tmp_path, loads=2)
+    np.testing.assert_array_equal(tokens, np.asarray(plain.generate(np.asarray(PROMPTS), NEW)))
+    assert stats["workers"] == 1
 
 
 @pytest.mark.slow  # six runs of 2-3 processes each: ~2 min on a shared 2-core machine

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -34,17 +34,21 @@ def _torch():
     return torch, dist
 
 
-def init(timeout: float) -> tuple[int, int]:
-    """Joins the process group from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+def init(timeout: float, rendezvous: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """Joins the process group: from the environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT,
+    as torchrun sets them) or from ``rendezvous`` holding the same keys (workers started here)."""
     torch, dist = _torch()
+    env = os.environ if rendezvous is None else rendezvous
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        if var not in os.environ:
+        if var not in env:
             raise OffloadError(f"torch.distributed rendezvous needs {var} in the environment (torchrun sets it)")
     try:
-        dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group("gloo", init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+                                rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                                timeout=datetime.timedelta(seconds=timeout))
     except Exception as e:  # the store raises its own types on a rendezvous timeout
-        raise OffloadError(f"rank {os.environ['RANK']}: the {os.environ['WORLD_SIZE']} processes did not all join "
-                           f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout:g} s: "
+        raise OffloadError(f"rank {env['RANK']}: the {env['WORLD_SIZE']} processes did not all join "
+                           f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} within {timeout:g} s: "
                            f"{' '.join(str(e).split())[:300]}") from None
     return dist.get_rank(), dist.get_world_size()
 
@@ -142,6 +146,7 @@ class DistributedShards:
             _wait(self._post(self.dist.irecv, buf, rank, 0), self.timeout, rank, "stopping")
             seconds.append(buf.numpy().tolist())
         self._drain_sends()
+        self.dist.destroy_process_group()  # this process may load another offloaded model later
         return {"workers": len(self.heads), "heads": self.heads,
                 "attention_seconds": [s[0] for s in seconds],
                 "attention_seconds_by_kind": [{"prefill": s[1], "decode": s[2]} for s in seconds],

@@ -32,8 +32,9 @@ def _free_port() -> int:
 
 
 def _start_workers(path: str, workers: int, timeout: float, trust_native_code: bool,
-                   threads: int | None) -> list[subprocess.Popen]:
-    """N worker processes (ranks 1..N) on 127.0.0.1; this process becomes rank 0."""
+                   threads: int | None) -> tuple[list[subprocess.Popen], dict[str, str]]:
+    """N worker processes (ranks 1..N) on 127.0.0.1, and the rendezvous for this process as rank 0
+    (kept out of os.environ, so a later load in this process does not think it runs under torchrun)."""
     port = _free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(workers + 1)}
     package_root = str(Path(__file__).resolve().parents[3])  # the same bitsmith in the children
@@ -46,8 +47,7 @@ def _start_workers(path: str, workers: int, timeout: float, trust_native_code: b
     procs = [subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.DEVNULL)
              for r in range(1, workers + 1)]
     atexit.register(_reap, procs)
-    os.environ.update({k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}, RANK="0")
-    return procs
+    return procs, {**{k: env[k] for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE")}, "RANK": "0"}
 
 
 def _reap(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
@@ -68,9 +68,10 @@ def load_offloaded(path: str, attention_workers: int = 0, stagger: bool = False,
     manifest = read_offload_manifest(path)
     rank = env_rank()
     procs: list[subprocess.Popen] = []
+    rendezvous: dict[str, str] | None = None  # None: torchrun's environment
     if rank is None and attention_workers:
         head_split(manifest.schedule.kv_heads, attention_workers)  # a bad N fails before anything starts
-        procs = _start_workers(path, attention_workers, timeout, trust_native_code, threads)
+        procs, rendezvous = _start_workers(path, attention_workers, timeout, trust_native_code, threads)
         rank = 0
     elif rank is not None:
         world = int(os.environ["WORLD_SIZE"])
@@ -86,7 +87,7 @@ def load_offloaded(path: str, attention_workers: int = 0, stagger: bool = False,
         attention = load_side(path, ATTENTION_DIR, trust_native_code, threads)
         return assemble(dense, attention, manifest.schedule, None, stagger, transfer, manifest.attention_target)
     head_split(manifest.schedule.kv_heads, attention_workers)
-    init(timeout)
+    init(timeout, rendezvous)
     shards = DistributedShards(manifest.schedule, attention_workers, timeout)
     model = assemble(dense, None, manifest.schedule, shards, stagger, transfer, manifest.attention_target)
     model.worker_processes = procs
