@@ -191,7 +191,9 @@ class FPGABackend(Backend):
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
         """float32 products and sums (tiles, softmax) against the reference's float64 ones:
-        the same bound as tvm-llvm's float32 kernels (docs/writing-a-backend.md table)."""
+        the same bound as tvm-llvm's float32 kernels (docs/writing-a-backend.md table). Measured
+        on random Llama/Qwen2 logits, every scheme and sparsity: max error 1.5e-7..2.4e-7 (AVX-512
+        Zen 4), so ~400x below atol - room for another CPU's BLAS summation order."""
         return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=1e-5)
 
     def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
