@@ -98,15 +98,17 @@ class CudaKernel:
     key: str
     name: str
     kind: str
-    functions: tuple[str, ...]          # "main", and "main_gemv" for dynamic-row linears
+    functions: tuple[str, ...]          # "main", and "main_gemv"/"main_small" for dynamic-row linears
     scratch: tuple[ScratchSpec, ...]
     library: bytes
     source: str
     fatbin: bytes | None
     ptx: str | None
+    schedules: tuple[str, ...] = ()     # how each function was scheduled ("" where unrecorded)
 
     def meta(self) -> dict[str, Any]:
         return {"key": self.key, "name": self.name, "kind": self.kind, "functions": list(self.functions),
+                "schedules": list(self.schedules),
                 "scratch": [s.to_json() for s in self.scratch],
                 "source_sha256": source_digest(self.source),
                 "library_sha256": native_loader.sha256(self.library)}
@@ -143,7 +145,8 @@ class CudaCompiler:
         want_nvcc = self.use_nvcc
         if want_nvcc and nvcc_path() is None:
             raise NvccMissingError(NVCC_MISSING)
-        key = kernel_key(kdef, SCHEDULE_ID + ("+nvcc" if want_nvcc else ""), self.target)
+        from .schedule_mma import generator_digest
+        key = kernel_key(kdef, f"{SCHEDULE_ID}+{generator_digest()}" + ("+nvcc" if want_nvcc else ""), self.target)
         cached = self._read(key, kdef, want_nvcc)
         if cached is not None:
             self.hits += 1
@@ -151,8 +154,10 @@ class CudaCompiler:
             return cached
         self.misses += 1
         from .schedule_cuda import schedule_kernel
+        from .schedule_mma import schedule_of
         t0 = time.perf_counter()
         mod = schedule_kernel(kdef, self.target)
+        functions = tuple(sorted(gv.name_hint for gv in mod.get_global_vars()))
         with self.target:
             lib = tvm.compile(mod, target=self.target)
         source = lib.mod.imports[0].inspect_source()
@@ -166,8 +171,8 @@ class CudaCompiler:
         if want_nvcc:
             fatbin, ptx, secs = nvcc_compile(source, self.target)
             self.nvcc_seconds += secs
-        kernel = CudaKernel(key, kdef.name, kdef.kind, tuple(f.name_hint for f in mod.get_global_vars()),
-                            tuple(specs), library, source, fatbin, ptx)
+        kernel = CudaKernel(key, kdef.name, kdef.kind, functions, tuple(specs), library, source, fatbin, ptx,
+                            tuple(schedule_of(mod[f]) for f in functions))
         self._write(kernel)
         native_loader.grant_built(library, host_spec(self.target))
         return kernel
@@ -202,4 +207,5 @@ class CudaCompiler:
                 or meta.get("library_sha256") != native_loader.sha256(library):
             return None  # tampered, half-written or written by an older bitsmith: rebuild
         scratch = tuple(ScratchSpec.from_json(s) for s in meta.get("scratch", []))
-        return CudaKernel(key, kdef.name, kdef.kind, tuple(meta["functions"]), scratch, library, source, fatbin, ptx)
+        return CudaKernel(key, kdef.name, kdef.kind, tuple(meta["functions"]), scratch, library, source, fatbin, ptx,
+                          tuple(str(s) for s in meta.get("schedules", ())))

@@ -30,7 +30,10 @@ from .cuda_scratch import ScratchSpec
 from .plan import FunctionPlan, View
 
 NO_GPU = "tvm-cuda needs a CUDA GPU; none found"
-SCHEDULE_ID = "cuda-v1"  # part of the kernel cache key: bump when a CUDA schedule changes
+SCHEDULE_ID = "cuda-v2"  # part of the kernel cache key: bump when a CUDA schedule changes
+GEMV_MAX_ROWS = 8  # "main_gemv" of a linear kernel serves m <= this
+SMALL_MMA_MAX_ROWS = 32  # "main_small" (tensor cores, 16-row tiles) serves m <= this
+ROW_LIMITS = {"main_gemv": GEMV_MAX_ROWS, "main_small": SMALL_MMA_MAX_ROWS}  # by function name
 HOST_KIND = "tvm-cuda-host"  # NativeSpec kind of a kernel library (launch code + device module)
 
 
@@ -122,14 +125,19 @@ BINARIES = BinaryStore()
 
 
 class LinearDispatch:
-    """Calls "main_gemv" when the row count (first dim of the first argument) is small."""
+    """Calls the first function whose row limit covers the row count (first dim of the first
+    argument), else the general one ("main")."""
 
-    def __init__(self, general: Callable, gemv: Callable, max_rows: int) -> None:
-        self.general, self.gemv, self.max_rows = general, gemv, max_rows
+    def __init__(self, general: Callable, limited: Sequence[tuple[int, Callable]]) -> None:
+        self.general, self.limited = general, sorted(limited, key=lambda p: p[0])
 
     def __call__(self, *args: Any) -> None:
-        fn = self.gemv if args[0].shape[0] <= self.max_rows else self.general
-        fn(*args)
+        rows = args[0].shape[0]
+        for limit, fn in self.limited:
+            if rows <= limit:
+                fn(*args)
+                return
+        self.general(*args)
 
 
 class KernelLibraries:
@@ -142,9 +150,9 @@ class KernelLibraries:
         tvm = _tvm()
         mod = native_loader.load(library, f"kernels/{key}.so", lambda path: tvm.runtime.load_module(path))
         self._modules.append(mod)
-        if "main_gemv" in functions:
-            return LinearDispatch(mod["main"], mod["main_gemv"], max_rows)
-        return mod["main"]
+        limits = {**ROW_LIMITS, "main_gemv": max_rows}
+        limited = [(limits[f], mod[f]) for f in functions if f in limits]
+        return LinearDispatch(mod["main"], limited) if limited else mod["main"]
 
 
 @dataclass(frozen=True)

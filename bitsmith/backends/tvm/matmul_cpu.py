@@ -7,8 +7,8 @@ from typing import Any
 
 from ...errors import BitsmithError
 from .kernel import KernelDef
-from .matmul_defs import ATTR
-from .qlinear_layout import LANES, QLinearLayout
+from .matmul_defs import matmul_attrs
+from .qlinear_layout import LANES, layout_from_attrs as _layout_from_attrs
 
 
 def host_llvm_target(tvm):
@@ -43,16 +43,6 @@ def _has(target, feature: str) -> bool:
         return False
 
 
-def _layout_from_attrs(a: dict[str, Any]) -> QLinearLayout:
-    nm = str(a["nm"])
-    return QLinearLayout(
-        in_features=int(a["in_features"]), out_features=int(a["out_features"]),
-        group_size=int(a["group_size"]), scheme=str(a["scheme"]), bits=int(a["bits"]), kept=int(a["kept"]),
-        groups=int(a["groups"]), asymmetric=bool(a["asymmetric"]), candidates=int(a["candidates"]),
-        has_selectors=bool(a["has_selectors"]), nm=tuple(int(p) for p in nm.split(":")) if nm else None,
-        nm_width=int(a["nm_width"]), outlier_width=int(a["outlier_width"]), has_bias=bool(a["has_bias"]))
-
-
 def _param_shapes(func, skip_first: int = 1) -> list[tuple[tuple[int, ...], str]]:
     out = []
     for p in list(func.params)[skip_first:-1]:
@@ -67,8 +57,7 @@ GENERIC = "generic"
 
 
 def _matmul_attrs(kdef: KernelDef) -> dict[str, Any] | None:
-    attrs = kdef.func.attrs[ATTR] if kdef.func.attrs is not None and ATTR in kdef.func.attrs else None
-    return None if attrs is None else {str(k): v for k, v in attrs.items()}
+    return matmul_attrs(kdef.func)
 
 
 def choose_schedule(kdef: KernelDef) -> str:

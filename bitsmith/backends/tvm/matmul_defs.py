@@ -28,6 +28,12 @@ ACCUM = "float32"
 ATTR = "bitsmith.matmul"
 
 
+def matmul_attrs(func: Any) -> dict[str, Any] | None:
+    """The ``bitsmith.matmul`` description of a kernel definition (None if it has none)."""
+    attrs = func.attrs[ATTR] if func.attrs is not None and ATTR in func.attrs else None
+    return None if attrs is None else {str(k): v for k, v in attrs.items()}
+
+
 def _field(stream: te.Tensor, width: int, n, kk):
     """Field ``kk`` of row ``n`` of a sliced16 stream, as int32."""
     byte = stream[n, (kk // chunk_fields(width)) * LANES + kk % LANES]

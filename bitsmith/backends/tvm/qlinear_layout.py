@@ -147,6 +147,17 @@ def native_scheme(scheme: Scheme) -> bool:
     return scheme.asymmetric or all(-128 <= v <= 127 for g in scheme.candidates for v in g.values)
 
 
+def layout_from_attrs(a: Mapping[str, Any]) -> QLinearLayout:
+    """The layout a kernel definition records (``QLinearLayout.as_attrs``, values as TVM or Python scalars)."""
+    nm = str(a["nm"])
+    return QLinearLayout(
+        in_features=int(a["in_features"]), out_features=int(a["out_features"]),
+        group_size=int(a["group_size"]), scheme=str(a["scheme"]), bits=int(a["bits"]), kept=int(a["kept"]),
+        groups=int(a["groups"]), asymmetric=bool(a["asymmetric"]), candidates=int(a["candidates"]),
+        has_selectors=bool(a["has_selectors"]), nm=tuple(int(p) for p in nm.split(":")) if nm else None,
+        nm_width=int(a["nm_width"]), outlier_width=int(a["outlier_width"]), has_bias=bool(a["has_bias"]))
+
+
 def layout_for(attrs: Mapping[str, Any], outlier_width: int) -> QLinearLayout:
     _check_attrs(attrs)
     scheme = get_scheme(str(attrs["scheme"]))

@@ -2,23 +2,25 @@
 
 Every KernelDef (an unscheduled TIR function) becomes a scheduled IRModule for a CUDA
 target. Dense and quantized linear kernels ("gemv", "qgemv") with a dynamic row count get
-two schedules, compiled side by side ("main", "main_gemv"); the runtime picks one per call
-by the row count m:
+one function per row regime (``LINEAR_REGIMES``), compiled side by side; the runtime picks
+one per call by the row count m:
 
-* few rows (decode): a hand-written GEMV. One thread block per (row, tile of output
-  features); its threads split the reduction and combine partial sums with a warp/block
-  all-reduce. Quantized weights are decoded in registers right where they are multiplied:
-  the decode block is inlined into the product, so no dense weight is ever written.
-* any rows (prefill): dlight's ``Matmul`` rule, whose tiles also inline the decode into the
-  shared-memory load of the weight tile.
-Linear kernels with a second reduction (the outlier corrections) take dlight's rules for
-both regimes. Attention has its own two-kernel schedule (``schedule_attention``). Every other
-kernel goes through dlight's default rules (``Reduction``, ``GeneralReduction``, ``RMSNorm``,
-``Fallback``, ...). All functions carry ``dlight.do_not_tensorize``: TVM 0.27's fp16
-tensor-core path (Tensorize) segfaults for M, N, K > 64 on sm >= 70 (project toolchain
-notes), so matmuls use CUDA cores. CUDA kernels cannot allocate global memory, so a
-schedule that compiles keeps every intermediate (a decoded weight included) in registers
-or shared memory.
+* m <= 8 (decode), "main_gemv": a hand-written GEMV. One thread block per (row, tile of
+  output features); its threads split the reduction and combine partial sums with a
+  warp/block all-reduce. Quantized weights are decoded in registers right where they are
+  multiplied: the decode block is inlined into the product, so no dense weight is written.
+* m <= 32, "main_small", and any m, "main": tensor-core GEMMs (``schedule_mma``: CUDA C with
+  inline PTX mma.sync the backend generates from the kernel's description; each weight
+  tile decoded to fp16 in shared memory), on a 16-row tile with split k and a 64x64 tile.
+Where the tensor-core path does not apply (float32 activations) "main" is dlight's
+CUDA-core ``Matmul``, with the reason recorded per function (``bitsmith.schedule``). Linear
+kernels with outlier corrections (a second reduction) have no GEMV: the tensor-core kernels
+serve every m. Attention has its own two-kernel schedule (``schedule_attention``). Every
+other kernel goes through dlight's default rules (``Reduction``, ``GeneralReduction``,
+``RMSNorm``, ``Fallback``, ...). dlight's functions carry ``dlight.do_not_tensorize``: TVM
+0.27's fp16 tensor-core path (Tensorize) segfaults for M, N, K > 64 on sm >= 70 (project
+toolchain notes). CUDA kernels cannot allocate global memory, so a schedule that compiles
+keeps every intermediate (a decoded weight included) in registers or shared memory.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import inspect
 import linecache
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import tvm
 from tvm import tirx as tir
 
 from ...errors import BitsmithError, OptionError
+from .cuda_runtime import GEMV_MAX_ROWS, SMALL_MMA_MAX_ROWS
 from .kernel import KernelDef
+from .mma_gemm import LARGE_TILE, SMALL_TILE, MmaTile, TensorCoreUnsupported
+from .schedule_mma import SCHEDULE_ATTR, schedule_tensor_core
 
 DEFAULT_ARCH = "sm_90"
 LINEAR_KINDS = frozenset({"gemv", "qgemv"})
@@ -68,7 +73,7 @@ class GemvConfig:
     threads_k: int = 64
     rows: int = 4
     unroll_k: int = 8
-    max_rows: int = 8
+    max_rows: int = GEMV_MAX_ROWS
 
 
 DEFAULT_GEMV = GemvConfig()
@@ -259,21 +264,78 @@ def schedule_attention(func: tir.PrimFunc, threads: int = 64) -> tir.PrimFunc:
 
 # ---------------------------------------------------------------- linear: one function per row regime
 
-def schedule_linear(func: tir.PrimFunc, target: tvm.target.Target,
-                    cfg: GemvConfig = DEFAULT_GEMV) -> dict[str, tir.PrimFunc]:
-    """{"main": any row count} plus, when m is dynamic, {"main_gemv": m <= cfg.max_rows}.
+@dataclass(frozen=True)
+class RowRegime:
+    """One compiled function of a linear kernel: ``function`` serves row counts up to
+    ``max_rows`` (None: any), ``schedule(func, target, gemv_cfg, stem)`` makes it."""
+
+    function: str
+    max_rows: int | None
+    schedule: Callable[[tir.PrimFunc, tvm.target.Target, GemvConfig, str], tir.PrimFunc]
+
+
+def _gemv_regime(func: tir.PrimFunc, target: tvm.target.Target, cfg: GemvConfig, stem: str) -> tir.PrimFunc:
+    return schedule_gemv(func, cfg).with_attr(SCHEDULE_ATTR, "hand-written GEMV (CUDA cores, decode in registers)")
+
+
+def _tensor_core_regime(tile: MmaTile) -> Callable[..., tir.PrimFunc]:
+    def build(func: tir.PrimFunc, target: tvm.target.Target, cfg: GemvConfig, stem: str) -> tir.PrimFunc:
+        try:
+            return schedule_tensor_core(func, tile, stem)
+        except TensorCoreUnsupported as e:
+            raise CudaScheduleError(f"tensor cores: {e}") from e
+    return build
+
+
+# tried in order for each row count; the runtime (``cuda_runtime.LinearDispatch``) calls the
+# first function present whose max_rows covers m, "main" otherwise
+LINEAR_REGIMES = (
+    RowRegime("main_gemv", DEFAULT_GEMV.max_rows, _gemv_regime),
+    RowRegime("main_small", SMALL_MMA_MAX_ROWS, _tensor_core_regime(SMALL_TILE)),
+    RowRegime("main", None, _tensor_core_regime(LARGE_TILE)),
+)
+
+
+def _dlight_matmul(func: tir.PrimFunc, target: tvm.target.Target, why: str) -> tir.PrimFunc:
+    """The CUDA-core fallback for any row count (reason recorded with the kernel)."""
+    try:
+        out = schedule_dlight(func, target, MATMUL_RULES)
+        rule = "dlight Matmul"
+    except CudaScheduleError:
+        out = schedule_dlight(func, target)
+        rule = "dlight default rules"
+    return out.with_attr(SCHEDULE_ATTR, f"{rule} (CUDA cores): {why}")
+
+
+def schedule_linear(func: tir.PrimFunc, target: tvm.target.Target, cfg: GemvConfig = DEFAULT_GEMV,
+                    stem: str = "linear") -> dict[str, tir.PrimFunc]:
+    """One function per row regime (``LINEAR_REGIMES``) that applies; a static row count gets the
+    first regime that covers it, as "main". A regime that does not apply (e.g. the GEMV for a
+    kernel with outlier corrections, tensor cores for float32 activations) is left out, and a
+    missing "main" becomes dlight's CUDA-core Matmul with the reason in ``bitsmith.schedule``.
 
     TVM cannot put a host-side branch between two kernels with shared memory (its sync
-    planner rejects syncs under a condition), so the row-count dispatch lives in the
-    runtime (``cuda_runtime.LinearDispatch``), which picks the function per call.
+    planner rejects syncs under a condition), so the row-count dispatch lives in the runtime.
     """
     rows = _row_dim(func)
-    if isinstance(rows, tir.IntImm):
-        if int(rows) <= cfg.max_rows:
-            return {"main": schedule_gemv(func, cfg)}
-        return {"main": schedule_dlight(func, target, MATMUL_RULES)}
-    return {"main": schedule_dlight(func, target, MATMUL_RULES),
-            "main_gemv": schedule_gemv(func, cfg)}
+    static = int(rows) if isinstance(rows, tir.IntImm) else None
+    out: dict[str, tir.PrimFunc] = {}
+    refused: list[str] = []
+    for regime in LINEAR_REGIMES:
+        covers = regime.max_rows is None or (static is not None and static <= regime.max_rows)
+        if static is not None and not covers:
+            continue
+        try:
+            built = regime.schedule(func, target, cfg, f"{stem}_{regime.function}")
+        except CudaScheduleError as e:
+            refused.append(f"{regime.function}: {e}")
+            continue
+        out["main" if static is not None else regime.function] = built
+        if static is not None:
+            break
+    if "main" not in out:
+        out["main"] = _dlight_matmul(func, target, "; ".join(refused) or "no regime applies")
+    return out
 
 
 # ---------------------------------------------------------------- entry point
@@ -281,10 +343,7 @@ def schedule_linear(func: tir.PrimFunc, target: tvm.target.Target,
 def _schedule_by_kind(kernel: KernelDef, func: tir.PrimFunc, target: tvm.target.Target,
                       gemv: GemvConfig) -> dict[str, tir.PrimFunc]:
     if kernel.kind in LINEAR_KINDS:
-        try:
-            return schedule_linear(func, target, gemv)
-        except CudaScheduleError:
-            return {"main": schedule_dlight(func, target)}
+        return schedule_linear(func, target, gemv, kernel.name)
     if kernel.kind == "attention":
         return {"main": schedule_attention(func)}
     return {"main": schedule_dlight(func, target)}
@@ -293,7 +352,7 @@ def _schedule_by_kind(kernel: KernelDef, func: tir.PrimFunc, target: tvm.target.
 def schedule_kernel(kernel: KernelDef, target: tvm.target.Target,
                     gemv: GemvConfig = DEFAULT_GEMV) -> tvm.IRModule:
     """The scheduled IRModule of one kernel: "main" (every shape) and, for linear kernels
-    whose row count is dynamic, "main_gemv" (rows <= gemv.max_rows)."""
+    whose row count is dynamic, the functions of the other row regimes (``LINEAR_REGIMES``)."""
     func = kernel.func.with_attr("dlight.do_not_tensorize", True)
     try:
         funcs = _schedule_by_kind(kernel, func, target, gemv)
