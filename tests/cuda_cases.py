@@ -59,7 +59,14 @@ for _s in ("rtn-int2", "rtn-int3", "rtn-int4", "rtn-int2-sym", "rtn-int3-sym", "
 QKERNEL_CASES["bitmod-w4-ol-bias"] = ("bitmod-w4", 320, 96, 64, "", 0.02, True)
 QKERNEL_CASES["bitmod-w3-2of4"] = ("bitmod-w3", 256, 80, 64, "2:4", 0.0, False)
 QKERNEL_CASES["rtn-int4-4of8-ol"] = ("rtn-int4", 256, 72, 32, "4:8", 0.01, False)
-QKERNEL_MS = (1, 5, 33)
+QKERNEL_CASES["rtn-int3-g40"] = ("rtn-int3", 200, 88, 40, "", 0.0, False)  # groups straddle 16-weight runs
+QKERNEL_CASES["gguf-q4_0"] = ("gguf-q4_0", 256, 72, 32, "", 0.0, False)
+# m = 1, 5: GEMV; 16: tensor cores, 16-row tile; 33, 130: tensor cores, 64x64 tile (row tails)
+QKERNEL_MS = (1, 5, 16, 33, 130)
+# dense fp16 linear kernels (in, out, bias): K % 8 != 0 takes the scalar tile loads
+DENSE_CASES: dict[str, tuple[int, int, bool]] = {"dense-320x96": (320, 96, False),
+                                                 "dense-200x72-bias": (200, 72, True),
+                                                 "dense-100x40": (100, 40, False)}
 
 
 # ---------------------------------------------------------------- building (compiler side)
@@ -158,6 +165,29 @@ def build_qkernels(out: Path) -> None:
         print(f"built qkernel case {case}", flush=True)
 
 
+def build_dense_kernels(out: Path) -> None:
+    from bitsmith.backends.tvm.cuda_bundle import save_kernel
+    from bitsmith.backends.tvm.matmul import linear_kernel
+    d = out / "dense"
+    shutil.rmtree(d, ignore_errors=True)
+    rng = np.random.default_rng(2)
+    for case, (k, n, bias) in DENSE_CASES.items():
+        save_kernel(linear_kernel(k, n, bias, "float16", "float16"), d, case)
+        w = (rng.standard_normal((n, k)) * 0.1).astype(np.float16)
+        data: dict[str, np.ndarray] = {"op0": w}
+        if bias:
+            data["op1"] = rng.standard_normal(n).astype(np.float16)
+        for m in QKERNEL_MS:
+            x = rng.standard_normal((m, k)).astype(np.float16)
+            xf, wf = x.astype(np.float64), w.astype(np.float64)
+            y = xf @ wf.T + (data["op1"].astype(np.float64) if bias else 0.0)
+            # inputs are exact fp16; float32 sums and one fp16 rounding of the output
+            tol = QLINEAR_TOL * (np.abs(xf) @ np.abs(wf).T) + QLINEAR_TOL * np.abs(y) + 1e-6
+            data[f"x{m}"], data[f"y{m}"], data[f"tol{m}"] = x, y, tol
+        np.savez(d / f"{case}.npz", **data)
+        print(f"built dense kernel case {case}", flush=True)
+
+
 # ---------------------------------------------------------------- checking (GPU side)
 
 def _npz(path: Path) -> dict[str, np.ndarray]:
@@ -219,5 +249,6 @@ if __name__ == "__main__":
     root = Path(a.build)
     if a.only in (None, "qkernels"):
         build_qkernels(root)
+        build_dense_kernels(root)
     if a.only in (None, "models"):
         build_models(root)
