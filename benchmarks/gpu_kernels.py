@@ -1,23 +1,30 @@
-"""Quantized GEMV/GEMM kernels of tvm-cuda against torch fp16 matmul, on one GPU.
+"""Dense and quantized GEMV/GEMM kernels of tvm-cuda against torch fp16 matmul, on one GPU.
 
 Two steps, because the GPU machine has TVM's runtime but not its compiler:
 
     python benchmarks/gpu_kernels.py --build .gpu/prebuilt/bench   # here: compile + nvcc
-    python3 benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench    # GPU machine (< 5 min)
+    python3 benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench    # GPU machine (< 3 min)
 
 The built kernels hold no weights: ``--run`` makes random packed operands with numpy
-(every bit pattern is a valid code) and random fp16 activations. For each weight shape
-(N out, K in) and row count m it times, with the same method for all (wall clock over many
-back-to-back calls, then a device synchronize, launch overhead included):
-  * torch: ``torch.nn.functional.linear`` with fp16 weight and activations (cuBLAS);
-  * tvm fp16: our dense fp16 linear kernel;
-  * tvm <scheme>: our quantized kernel (decode of the packed grid codes inside the kernel).
-Bytes per call = every operand the kernel reads (packed codes, scales, zero points,
-selectors, grid table; or the fp16 weight) + activations + output. Achieved GB/s is set
-against the device-to-device copy bandwidth measured in the same run (2 x bytes copied /
-time, the practical roofline) and the H100 SXM spec of 3.35 TB/s. Each quantized kernel's
-output is checked against torch on the dequantized weight (max error / max|ref|, at m=16;
-skipped for the 28M-weight lm_head, whose numpy dequantization would cost ~10 s per scheme).
+(every bit pattern is a valid code) and random fp16 activations. Each kernel library holds
+one function per row regime (GEMV for m <= 8, tensor-core GEMMs for larger m; column
+``fn``); the runtime's dispatch picks it as it would in a model. For each weight shape
+(N out, K in) and row count m it times, with the same two methods for every implementation:
+  * wall: back-to-back calls then a device synchronize, launch overhead included;
+  * kernel: CUDA events around back-to-back calls queued behind a ``torch.cuda._sleep``
+    (so the GPU runs them without gaps while Python launches them), per call; operands
+    rotate over copies totalling >= 2x the L2 cache, so weights stream from HBM as in a
+    model, not from L2.
+Implementations: torch ``F.linear`` fp16 (cuBLAS), our dense fp16 linear, our quantized
+kernels (decode inside the kernel). Figures: GB/s = bytes every operand read + output
+written per call / kernel time, against the device-to-device copy bandwidth measured in the
+same run (2 x bytes copied / time: the practical roofline of a memory-bound GEMV); TFLOP/s =
+2 m N K / kernel time, against the dense fp16 tensor-core peak of the device's datasheet
+(``DATASHEET``; mma.sync, which these kernels use, does not reach Hopper's wgmma peak).
+Each kernel's output is checked against torch on the dequantized weight (max error /
+max|ref|, at m = 16 and 128; skipped for the 28M-weight lm_head, whose numpy dequantization
+costs ~10 s per scheme). Goals (issue 16): dense fp16 >= 0.8x torch at m = 128; quantized
+>= 1.0x torch at m <= 16 and >= 0.7x at m = 128; W4 GEMV >= 70 % of copy bandwidth.
 """
 
 from __future__ import annotations
@@ -36,14 +43,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SPEC_GBPS = 3350.0  # H100 SXM5 HBM3, NVIDIA H100 datasheet
+# Datasheet figures by device-name substring (first match): memory bandwidth (GB/s) and dense
+# fp16 tensor-core peak (TFLOP/s; the datasheets list it "with sparsity", twice the dense
+# rate). NVIDIA H100 Tensor Core GPU datasheet: SXM 3.35 TB/s, 1,979 TF sparse; PCIe 2 TB/s,
+# 1,513 TF sparse; NVL 3.9 TB/s, 1,671 TF sparse. NVIDIA H200 Tensor Core GPU datasheet:
+# 4.8 TB/s, 1,979 TF sparse (SXM and NVL).
+DATASHEET = (("H200", 4800.0, 989.5), ("H100 PCIe", 2000.0, 756.5), ("H100 NVL", 3900.0, 835.5),
+             ("H100", 3350.0, 989.5))
+L2_ROTATE_BYTES = 2 * 50 * 2**20  # H100/H200 have 50 MB of L2: rotate operands over >= twice that
 SHAPES = {  # name -> (N = out_features, K = in_features)
     "4096x4096": (4096, 4096),
     "smollm2.up": (1536, 576),
     "smollm2.down": (576, 1536),
     "smollm2.lm_head": (49152, 576),
 }
-SCHEMES = ("rtn-int4", "bitmod-w4", "bitmod-w3", "rtn-int2")
+SCHEMES = ("rtn-int4", "bitmod-w4", "bitmod-w3", "rtn-int2", "fp4")
 GROUP = 128
 MS = (1, 16, 128)
 CHECK_MAX_WEIGHTS = 1 << 24  # numpy dequantization for the check costs seconds per 16M weights
@@ -80,31 +94,34 @@ def build(out: Path, arch: str) -> None:
     t0 = time.perf_counter()
     for shape, (n, k) in SHAPES.items():
         name = f"dense_{shape}"
-        save_kernel(linear_kernel(k, n, False, "float16", "float16"), out, name, arch)
-        index["kernels"][name] = {"shape": shape, "impl": "tvm fp16"}
+        meta = save_kernel(linear_kernel(k, n, False, "float16", "float16"), out, name, arch)
+        index["kernels"][name] = {"shape": shape, "impl": "tvm fp16", "schedules": dict(zip(meta["functions"],
+                                                                                         meta["schedules"]))}
         for scheme in SCHEMES:
             attrs = qattrs(scheme, n, k)
             ops = qlinear_operands(attrs, random_ir_operands(attrs, rng), "float16")
             name = f"q_{scheme}_{shape}"
-            save_kernel(qlinear_kernel(attrs, ops, "float16"), out, name, arch)
-            index["kernels"][name] = {"shape": shape, "impl": f"tvm {scheme}", "attrs": attrs}
+            meta = save_kernel(qlinear_kernel(attrs, ops, "float16"), out, name, arch)
+            index["kernels"][name] = {"shape": shape, "impl": f"tvm {scheme}", "attrs": attrs,
+                                      "schedules": dict(zip(meta["functions"], meta["schedules"]))}
             print(f"built {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
     (out / "bench.json").write_text(json.dumps(index, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------- run (TVM runtime + GPU)
 
-def time_calls(fn: Callable[[], None], sync: Callable[[], None], min_seconds: float = 0.05,
+def time_calls(fn: Callable[[int], None], sync: Callable[[], None], min_seconds: float = 0.05,
                max_reps: int = 2000) -> float:
-    """Seconds per call: warm up, then back-to-back calls for at least ``min_seconds``."""
-    for _ in range(3):
-        fn()
+    """Wall seconds per call: warm up, then back-to-back calls for at least ``min_seconds``
+    (``fn(i)`` makes call i, on operand copy i % copies)."""
+    for i in range(3):
+        fn(i)
     sync()
-    reps, elapsed = 8, 0.0
+    reps = 8
     while True:
         t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
+        for i in range(reps):
+            fn(i)
         sync()
         elapsed = time.perf_counter() - t0
         if elapsed >= min_seconds or reps >= max_reps:
@@ -112,11 +129,44 @@ def time_calls(fn: Callable[[], None], sync: Callable[[], None], min_seconds: fl
         reps = min(max_reps, reps * 4)
 
 
+_SLEEP_RATE: list[float] = []
+
+
+def sleep_rate(torch: Any) -> float:
+    """Cycles per second of ``torch.cuda._sleep``, measured once with CUDA events."""
+    if not _SLEEP_RATE:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # warm up
+        start.record()
+        torch.cuda._sleep(20_000_000)
+        end.record()
+        end.synchronize()
+        _SLEEP_RATE.append(20_000_000 / (start.elapsed_time(end) / 1e3))
+    return _SLEEP_RATE[0]
+
+
+def kernel_time(torch: Any, fn: Callable[[int], None], wall: float, reps: int = 100) -> float:
+    """Seconds per call between CUDA events, the calls queued behind a GPU sleep longer than
+    launching them takes (wall time per call bounds the launch cost), so they run back to back.
+    TVM launches on the legacy default stream, the stream torch records events on here."""
+    cycles_per_s = sleep_rate(torch)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(min(2.0 * reps * wall + 1e-3, 0.5) * cycles_per_s))
+    start.record()
+    for i in range(reps):
+        fn(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def copy_bandwidth(torch: Any) -> float:
-    """GB/s of a device-to-device copy of 1 GiB (bytes read + bytes written)."""
+    """GB/s of a device-to-device copy of 1 GiB (bytes read + bytes written), kernel time."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    t = time_calls(lambda: b.copy_(a), torch.cuda.synchronize, 0.2, 50)
+    wall = time_calls(lambda i: b.copy_(a), torch.cuda.synchronize, 0.2, 50)
+    t = kernel_time(torch, lambda i: b.copy_(a), wall, reps=20)
     return 2 * a.numel() / t / 1e9
 
 
@@ -126,6 +176,24 @@ def machine() -> str:
                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown (nvidia-smi failed)"
+
+
+def datasheet(name: str) -> tuple[str, float, float]:
+    for key, gbps, tflops in DATASHEET:
+        if key in name:
+            return key, gbps, tflops
+    return "unknown device (H100 SXM figures)", 3350.0, 989.5
+
+
+def regime(functions: list[str], m: int) -> str:
+    """The function the runtime's LinearDispatch calls for m rows."""
+    from bitsmith.backends.tvm.cuda_runtime import ROW_LIMITS
+    fits = sorted((ROW_LIMITS[f], f) for f in functions if f in ROW_LIMITS and m <= ROW_LIMITS[f])
+    return fits[0][1] if fits else "main"
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, min(64, -(-L2_ROTATE_BYTES // max(nbytes, 1))))
 
 
 def run(bench: Path, ms: tuple[int, ...], trust_native_code: bool = False) -> None:
@@ -141,54 +209,78 @@ def run(bench: Path, ms: tuple[int, ...], trust_native_code: bool = False) -> No
     if not dev.exist:
         raise SystemExit("no CUDA GPU visible to TVM")
     rng = np.random.default_rng(0)
+    name = torch.cuda.get_device_name(0)
+    sheet, spec_gbps, peak_tflops = datasheet(name)
     copy_gbps = copy_bandwidth(torch)
     print(f"machine: {machine()}")
     print(f"torch {torch.__version__}, TVM {tvm.__version__}, kernels built for {index['arch']}")
-    print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s measured; H100 SXM spec {SPEC_GBPS:.0f} GB/s")
-    print("timing: wall clock over back-to-back calls + synchronize (launch overhead included)")
-    head = f"{'shape':>16} {'m':>4} {'impl':>16} {'ms':>9} {'GB/s':>7} {'%copy':>6} {'%spec':>6} {'vs torch':>8} {'err':>8}"
+    print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s measured (kernel time); datasheet ({sheet}) "
+          f"{spec_gbps:.0f} GB/s; dense fp16 tensor-core peak (datasheet) {peak_tflops:.1f} TFLOP/s")
+    print("wall: back-to-back calls + synchronize; kernel: CUDA events, calls queued behind a GPU sleep; "
+          "operands rotate over >= 100 MB (no L2 reuse)")
+    head = (f"{'shape':>16} {'m':>4} {'impl':>16} {'fn':>10} {'wall us':>8} {'kern us':>8} {'GB/s':>6} {'%copy':>6} "
+            f"{'TFLOP/s':>7} {'%peak':>6} {'x torch':>7} {'x t.wall':>8} {'err':>8}")
     print(head)
     print("-" * len(head))
     sync = torch.cuda.synchronize
     for shape, (n, k) in index["shapes"].items():
-        w16 = torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02
-        kernels = {name: meta for name, meta in index["kernels"].items() if meta["shape"] == shape}
+        kernels = {kname: meta for kname, meta in index["kernels"].items() if meta["shape"] == shape}
+        w_copies = [torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02
+                    for _ in range(copies_for(2 * n * k))]
         loaded = {}
-        for name, meta in kernels.items():
-            fn, _ = load_kernel(bench, name, trust_native_code=trust_native_code)
+        for kname, meta in kernels.items():
+            fn, _ = load_kernel(bench, kname, trust_native_code=trust_native_code)
+            functions = list(meta.get("schedules", {})) or ["main"]
             if "attrs" in meta:
                 attrs = meta["attrs"]
                 ir_ops = random_ir_operands(attrs, rng)
                 ops = qlinear_operands(attrs, ir_ops, "float16")
                 w_ref = (torch.from_numpy(dequantize(attrs, ir_ops).astype(np.float16)).cuda()
                          if n * k <= CHECK_MAX_WEIGHTS else None)
+                op_bytes = sum(o.nbytes for o in ops)
+                dev_ops = [tvm.runtime.tensor(o, dev) for o in ops]
+                op_sets = [dev_ops] + [[tvm.runtime.tensor(o, dev) for o in ops]
+                                       for _ in range(copies_for(op_bytes) - 1)]
             else:
-                ops = [w16.cpu().numpy()]
-                w_ref = w16
-            loaded[name] = (fn, [tvm.runtime.tensor(o, dev) for o in ops], sum(o.nbytes for o in ops), w_ref, meta)
+                w_ref = w_copies[0]
+                op_bytes = 2 * n * k
+                op_sets = [[tvm.runtime.tensor(w.cpu().numpy(), dev)] for w in w_copies]
+            loaded[kname] = (fn, op_sets, op_bytes, w_ref, meta, functions)
         for m in ms:
             x = torch.randn(m, k, dtype=torch.float16, device="cuda")
             io_bytes = 2 * m * (k + n)
-            t_torch = time_calls(lambda: torch.nn.functional.linear(x, w16), sync)
-            gbps = (2 * n * k + io_bytes) / t_torch / 1e9
-            print(f"{shape:>16} {m:>4} {'torch fp16':>16} {t_torch * 1e3:9.4f} {gbps:7.0f} {100 * gbps / copy_gbps:6.1f} "
-                  f"{100 * gbps / SPEC_GBPS:6.1f} {1.0:8.2f} {'':>8}")
+            flops = 2.0 * m * n * k
+
+            def torch_call(i: int) -> None:
+                torch.nn.functional.linear(x, w_copies[i % len(w_copies)])
+
+            wall_torch = time_calls(torch_call, sync)
+            t_torch = kernel_time(torch, torch_call, wall_torch)
+            row = lambda impl, fn_name, wall, t, nbytes, err: (  # noqa: E731
+                f"{shape:>16} {m:>4} {impl:>16} {fn_name:>10} {wall * 1e6:8.1f} {t * 1e6:8.1f} "
+                f"{nbytes / t / 1e9:6.0f} {100 * nbytes / t / 1e9 / copy_gbps:6.1f} {flops / t / 1e12:7.1f} "
+                f"{100 * flops / t / 1e12 / peak_tflops:6.1f} {t_torch / t:7.2f} {wall_torch / wall:8.2f} {err:>8}")
+            print(row("torch fp16", "cuBLAS", wall_torch, t_torch, 2 * n * k + io_bytes, ""))
             xt = tvm.runtime.tensor(x.cpu().numpy(), dev)
             yt = tvm.runtime.empty((m, n), "float16", dev)
-            for name, (fn, ops, op_bytes, w_ref, meta) in loaded.items():
-                t = time_calls(lambda: fn(xt, *ops, yt), dev.sync)
-                gbps = (op_bytes + io_bytes) / t / 1e9
+            for kname, (fn, op_sets, op_bytes, w_ref, meta, functions) in loaded.items():
+                def call(i: int, fn=fn, op_sets=op_sets) -> None:
+                    fn(xt, *op_sets[i % len(op_sets)], yt)
+
+                wall = time_calls(call, dev.sync)
+                t = kernel_time(torch, call, wall)
                 err = ""
-                if w_ref is not None and (m == 16 or m == ms[0] and 16 not in ms):
+                if w_ref is not None and m in (16, 128):
                     ref = torch.nn.functional.linear(x.float(), w_ref.float()).cpu().numpy()
-                    fn(xt, *ops, yt)
+                    call(0)
+                    dev.sync()
                     err = f"{np.abs(yt.numpy().astype(np.float32) - ref).max() / max(np.abs(ref).max(), 1e-30):8.1e}"
-                print(f"{shape:>16} {m:>4} {meta['impl']:>16} {t * 1e3:9.4f} {gbps:7.0f} {100 * gbps / copy_gbps:6.1f} "
-                      f"{100 * gbps / SPEC_GBPS:6.1f} {t_torch / t:8.2f} {err:>8}")
+                print(row(meta["impl"], regime(functions, m), wall, t, op_bytes + io_bytes, err))
             sys.stdout.flush()
-        del loaded, w16
+        del loaded, w_copies
         torch.cuda.empty_cache()
-    print("GB/s counts bytes read + written per call; vs torch = torch time / our time (>1: faster)")
+    print("GB/s: bytes read + written per call / kernel time; x torch = torch kernel time / ours, x t.wall = "
+          "the same for wall time (> 1: faster); %peak of the dense fp16 tensor-core peak")
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ writes
     models/<case>/inputs_<k>.npz  arguments of function "main" (prefill m=8, m=20, decode m=1)
     models/<case>/ref_<k>.npy     the reference target's logits for them (same module)
     qkernels/<case>.{so,fatbin,ptx,json}  one quantized-linear kernel per case
-    qkernels/<case>.npz           its operands, activations for m = 1, 5, 33, reference outputs
+    qkernels/<case>.npz           its operands, activations for m = 1, 5, 16, 33, 130, reference outputs
+    dense/<case>.{so,fatbin,ptx,json,npz}  dense fp16 linear kernels, the same way
 Checking (GPU machine: TVM runtime only) is ``check_model`` / ``check_qkernel``, used by the
 gpu-marked tests in test_tvm_cuda.py. Nothing here is unpickled: .npz/.npy load with
 ``allow_pickle=False``.
@@ -25,6 +26,9 @@ Tolerances (fp16 activations against the float32/float64 oracle):
 * quantized linear: |y - ref| <= 2e-3 * (|x| @ |W|.T) + 2e-3 * |ref| elementwise: every
   decoded weight (grid value times fp16 scale) and the fp16 output are rounded once each
   (<= 4.9e-4 relative), the float32 accumulation adds far less; 2e-3 leaves a 2x margin.
+  The tensor-core kernels (m > 8) round each weight to fp16 for mma (the same single
+  rounding) and accumulate in float32; the dense fp16 cases have exact fp16 inputs, so only
+  the output rounding and float32 sums remain.
 """
 
 from __future__ import annotations

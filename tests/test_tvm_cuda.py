@@ -245,8 +245,9 @@ def test_quantized_kernels_read_only_packed_operands(case, tmp_path):
     for p in kdef.func.params[1:-1]:
         assert not (tuple(int(d) for d in p.shape) == dense and "float" in str(p.dtype))
     k = CudaCompiler(cuda_target(), use_nvcc=False, directory=tmp_path).compile(kdef)
-    # both row regimes; a kernel with outlier corrections (two reductions) is dlight's alone
-    assert k.functions == (("main",) if attrs["outliers"] else ("main", "main_gemv"))
+    # every row regime; a kernel with outlier corrections (two reductions) has no GEMV: its
+    # tensor-core functions serve every m
+    assert k.functions == (("main", "main_small") if attrs["outliers"] else ("main", "main_gemv", "main_small"))
     assert "__global__" in k.source
 
 
@@ -255,15 +256,15 @@ def test_quantized_kernels_read_only_packed_operands(case, tmp_path):
 @given(scheme=st.sampled_from(sorted(fitted_schemes())), k=st.integers(2, 12).map(lambda v: 32 * v),
        n=st.integers(1, 6).map(lambda v: 16 * v), group=st.sampled_from([32, 64, 128]))
 def test_quantized_kernels_schedule_for_any_shape(scheme, k, n, group, tmp_path):
-    """Random shapes, group sizes and bit widths schedule on both CUDA paths (GEMV for few
-    rows, dlight Matmul otherwise) and compile to CUDA C; numerics are the gpu tests'."""
+    """Random shapes, group sizes and bit widths schedule on every CUDA path (GEMV for few
+    rows, tensor cores otherwise) and compile to CUDA C; numerics are the gpu tests'."""
     from bitsmith.backends.tvm.cuda_build import CudaCompiler
     from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
     from bitsmith.backends.tvm.schedule_cuda import cuda_target
     attrs, arrays = cuda_cases.make_qlinear(np.random.default_rng(k * n), scheme, k, n, group, "", 0.0, False)
     kdef = qlinear_kernel(attrs, qlinear_operands(attrs, arrays, "float16"), "float16")
     kernel = CudaCompiler(cuda_target(), use_nvcc=False, directory=tmp_path).compile(kdef)
-    assert "main_gemv_kernel" in kernel.source
+    assert "main_gemv_kernel" in kernel.source and "mma.sync.aligned.m16n8k16" in kernel.source
 
 
 @pytest.mark.parametrize("arch,quant", [("llama", None), ("qwen2", "bitmod-w4")])
@@ -334,6 +335,7 @@ def prebuilt(tmp_path_factory) -> Path:
         pytest.skip("no prebuilt cases (BITSMITH_CUDA_PREBUILT) and no TVM compiler to build them")
     root = tmp_path_factory.mktemp("cuda_prebuilt")
     cuda_cases.build_qkernels(root)
+    cuda_cases.build_dense_kernels(root)
     cuda_cases.build_models(root)
     return root
 
@@ -346,7 +348,14 @@ def test_model_logits_match_reference_on_gpu(prebuilt, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(cuda_cases.QKERNEL_CASES))
+@pytest.mark.parametrize("case", sorted(cuda_cases.QKERNEL_CASES))  # m = 1 .. 130: GEMV and tensor cores
 def test_quantized_kernel_matches_numpy_on_gpu(prebuilt, case):
     for m, ratio in cuda_cases.check_qkernel(prebuilt / "qkernels", case, trust_native_code=BUILT_ELSEWHERE):
+        assert ratio <= 1.0, f"{case} m={m}: error {ratio:.3g} x tolerance"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", sorted(cuda_cases.DENSE_CASES))  # fp16 GEMV and tensor cores
+def test_dense_kernel_matches_numpy_on_gpu(prebuilt, case):
+    for m, ratio in cuda_cases.check_qkernel(prebuilt / "dense", case, trust_native_code=BUILT_ELSEWHERE):
         assert ratio <= 1.0, f"{case} m={m}: error {ratio:.3g} x tolerance"

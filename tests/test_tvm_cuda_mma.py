@@ -54,6 +54,7 @@ def test_generated_source_uses_the_emulated_fragment_addresses():
                  "b_[j_][0] = *(const unsigned*)&Bs[cur][c_][kb_];",
                  "b_[j_][1] = *(const unsigned*)&Bs[cur][c_][kb_ + 8];",
                  "const int kb_ = (wk + 1 * s_) * 16 + 2 * tig;",
+                 "__shared__ __align__(16) half As[2][64][72];",
                  "const int row_ = row0 + wm * 32 + i_ * 16 + gid + (q_ >> 1) * 8;",
                  "const int col_ = col0 + wn * 32 + j_ * 8 + 2 * tig + (q_ & 1);", MMA):
         assert line in src, line
@@ -73,7 +74,7 @@ def test_nm_block_wider_than_the_k_step_is_refused_with_the_reason():
     attrs, arrays = cuda_cases.make_qlinear(np.random.default_rng(0), "rtn-int4", 256, 16, 64, "2:128")
     kdef = qlinear_kernel(attrs, qlinear_operands(attrs, arrays, "float16"), "float16")
     with pytest.raises(TensorCoreUnsupported, match="N:M sparsity 2:128.*k step of 64"):
-        schedule_tensor_core(kdef.func, SMALL_TILE, "t")
+        schedule_tensor_core(kdef.func, LARGE_TILE, "t")
 
 
 def _weight_reference(attrs, arrays) -> tuple[np.ndarray, np.ndarray]:
@@ -141,19 +142,3 @@ def test_every_tensor_core_kernel_builds_for_sm_90_with_mma_in_its_ptx(case, tmp
             assert MMA in body and how.startswith("tensor cores"), (fn, how)
     meta = json.loads(json.dumps(k.meta()))
     assert meta["schedules"] == list(k.schedules)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", sorted(cuda_cases.DENSE_CASES))
-def test_dense_kernel_matches_numpy_on_gpu(case, tmp_path):
-    from bitsmith.backends.tvm.cuda_runtime import gpu_available
-    import os
-    from pathlib import Path
-    if not gpu_available():
-        pytest.skip("needs a CUDA GPU")
-    env = os.environ.get("BITSMITH_CUDA_PREBUILT")
-    root = Path(env) if env else tmp_path
-    if not env:
-        cuda_cases.build_dense_kernels(root)
-    for m, ratio in cuda_cases.check_qkernel(root / "dense", case, trust_native_code=bool(env)):
-        assert ratio <= 1.0, f"{case} m={m}: error {ratio:.3g} x tolerance"

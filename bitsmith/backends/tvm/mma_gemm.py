@@ -67,10 +67,14 @@ class MmaTile:
             raise ValueError(f"mma tile {self} does not split into m16n8k16 fragments per warp")
 
 
+# Both regimes are bandwidth bound on the benchmark shapes (a 4096 x 4096 fp16 weight at
+# m = 128 is 4.3 GFLOP against 32 MB), so the tiles aim at bytes in flight per SM: deep k
+# tiles (2-4 16-byte loads per thread per tile) and about one block per SM on N = 4096.
+# First choices, to be tuned on a GPU (benchmarks/gpu_kernels.py).
 # few rows (decode batches): one m16 tile, 4 warps splitting k -> N/32 blocks even for m = 16
-SMALL_TILE = MmaTile(bm=16, bn=32, bk=64, wm=1, wn=1, wk=4)
+SMALL_TILE = MmaTile(bm=16, bn=32, bk=128, wm=1, wn=1, wk=4)
 # many rows (prefill): 2 x 2 warps of 32 x 32
-LARGE_TILE = MmaTile(bm=64, bn=64, bk=32, wm=2, wn=2, wk=1)
+LARGE_TILE = MmaTile(bm=64, bn=64, bk=64, wm=2, wn=2, wk=1)
 
 HELPERS = r"""
 #ifndef BITSMITH_MMA_HELPERS
