@@ -28,6 +28,7 @@ import bitsmith  # noqa: E402
 from bitsmith.backends.tvm.cuda_runtime import NO_GPU, gpu_available  # noqa: E402
 from bitsmith.backends.tvm.cuda_scratch import ScratchSpec  # noqa: E402
 from bitsmith.errors import ArtifactError, BitsmithError  # noqa: E402
+from bitsmith.backends.tvm.qlinear_layout import native_scheme  # noqa: E402
 from bitsmith.ir.quant_grids import fitted_schemes  # noqa: E402
 
 import cuda_cases  # noqa: E402
@@ -253,7 +254,8 @@ def test_quantized_kernels_read_only_packed_operands(case, tmp_path):
 
 @needs_compiler
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(scheme=st.sampled_from(sorted(fitted_schemes())), k=st.integers(2, 12).map(lambda v: 32 * v),
+@given(scheme=st.sampled_from(sorted(n for n, s in fitted_schemes().items() if native_scheme(s))),
+       k=st.integers(2, 12).map(lambda v: 32 * v),
        n=st.integers(1, 6).map(lambda v: 16 * v), group=st.sampled_from([32, 64, 128]))
 def test_quantized_kernels_schedule_for_any_shape(scheme, k, n, group, tmp_path):
     """Random shapes, group sizes and bit widths schedule on every CUDA path (GEMV for few

@@ -64,8 +64,6 @@ def check_layout(lay: QLinearLayout) -> None:
     """Raises DecodeUnsupported for layouts the generated code does not decode."""
     if lay.bits not in (2, 3, 4):
         raise DecodeUnsupported(f"{lay.bits}-bit codes (the tensor-core decode takes 2, 3 and 4 bits)")
-    if not lay.asymmetric and lay.candidates > 16:
-        raise DecodeUnsupported(f"{lay.candidates} candidate grids (at most 16)")
 
 
 def _field_expr(stream: str, row_bytes: int, width: int, n: str, kk: str) -> str:
@@ -75,12 +73,12 @@ def _field_expr(stream: str, row_bytes: int, width: int, n: str, kk: str) -> str
             f">> ({width} * ((({kk}) / {LANES}) % {per_byte}))) & {(1 << width) - 1})")
 
 
-def _weight_expr(lay: QLinearLayout, code: str, g_params: str) -> str:
-    """float32 weight from int ``code``; ``g_params`` names scale (float) and zero / sel (int)."""
+def _weight_expr(lay: QLinearLayout, code: str, scale: str, zero: str, sel: str) -> str:
+    """float32 weight from the int ``code`` and its group's ``scale`` and ``zero`` / ``sel``."""
     if lay.asymmetric:
-        return f"(float)({code} - {g_params}_zero) * {g_params}_scale"
-    sel = f"{g_params}_sel * 16 + " if lay.has_selectors else ""
-    return f"(float)grid[{sel}{code}] * {g_params}_scale"
+        return f"(float)({code} - {zero}) * {scale}"
+    row = f"{sel} * 16 + " if lay.has_selectors else ""
+    return f"(float)grid[{row}{code}] * {scale}"
 
 
 def decode_source(lay: QLinearLayout, prefix: str) -> DecodeSource:
@@ -107,7 +105,7 @@ def decode_source(lay: QLinearLayout, prefix: str) -> DecodeSource:
                f"  if (kk >= {lay.kept}) return 0.0f;\n"
                f"  const int code = {code_expr};\n"
                f"  {{\n{group_loads('n', f'kk / {lay.group_size}', 'g')}"
-               f"    return {_weight_expr(lay, 'code', 'g')};\n  }}\n}}\n")
+               f"    return {_weight_expr(lay, 'code', 'g_scale', 'g_zero', 'g_sel')};\n  }}\n}}\n")
     if lay.nm is not None:
         keep, block = lay.nm
         idx = _field_expr("nm_index", sliced_length(lay.kept, lay.nm_width), lay.nm_width, "n", "kk")
@@ -135,9 +133,7 @@ def decode_source(lay: QLinearLayout, prefix: str) -> DecodeSource:
                          f"  const int sh{i} = {w} * ((kk0 / {LANES}) % {8 // w});\n"
                          for i, (_, _, w, _) in enumerate(streams))
         code = " | ".join(f"(((b{i}[j] >> sh{i}) & {(1 << w) - 1}) << {sh})" for i, (_, _, w, sh) in enumerate(streams))
-        gp = {"zero": "r.zero", "sel": "r.sel", "scale": "r.scale"}
-        value = _weight_expr(lay, "code", "r").replace("r_zero", gp["zero"]).replace("r_sel", gp["sel"]) \
-            .replace("r_scale", gp["scale"])
+        value = _weight_expr(lay, "code", "r.scale", "r.zero", "r.sel")
         grid_param = "const signed char* __restrict__ grid, " if not lay.asymmetric else ""
         out.append(f"{hd} void {prefix}_decode16(const {prefix}_run& r, {grid_param}int kk0, half* out) {{\n"
                    f"{bytes_}"

@@ -117,12 +117,14 @@ def _loop(total: int, threads: int, var: str, body: str) -> str:
             f"      const int {var} = threadIdx.x + it_ * {threads};\n      {guard}{{\n{body}      }}\n    }}\n")
 
 
+@dataclass(frozen=True)
 class _Loader:
     """Code that moves one k tile of an operand into a shared buffer: ``decl`` (registers),
     ``fetch`` (global -> registers, tile ``k0``) and ``store`` (registers -> shared ``buf``)."""
 
-    def __init__(self, decl: str = "", fetch: str = "", store: str = "") -> None:
-        self.decl, self.fetch, self.store = decl, fetch, store
+    decl: str = ""
+    fetch: str = ""
+    store: str = ""
 
 
 def _fp16_rows(src: str, smem: str, rows: str, bound: str, k: int, tile: MmaTile, reg: str) -> _Loader:

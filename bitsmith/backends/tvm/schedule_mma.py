@@ -5,6 +5,7 @@ per scheme."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ _PLACEHOLDER = "BITSMITH_DEVICE_FN"
 _GENERATORS = ("mma_gemm.py", "mma_decode.py", "cuda_extern.py", "schedule_mma.py", "schedule_cuda.py")
 
 
+@functools.cache
 def generator_digest() -> str:
     """sha256 (16 hex) of the code that writes CUDA kernels: part of the kernel cache key, so
     a changed generator never reuses a kernel an older one wrote."""
