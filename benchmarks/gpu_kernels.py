@@ -47,9 +47,9 @@ if str(ROOT) not in sys.path:
 # fp16 tensor-core peak (TFLOP/s; the datasheets list it "with sparsity", twice the dense
 # rate). NVIDIA H100 Tensor Core GPU datasheet: SXM 3.35 TB/s, 1,979 TF sparse; PCIe 2 TB/s,
 # 1,513 TF sparse; NVL 3.9 TB/s, 1,671 TF sparse. NVIDIA H200 Tensor Core GPU datasheet:
-# 4.8 TB/s, 1,979 TF sparse (SXM and NVL).
-DATASHEET = (("H200", 4800.0, 989.5), ("H100 PCIe", 2000.0, 756.5), ("H100 NVL", 3900.0, 835.5),
-             ("H100", 3350.0, 989.5))
+# SXM 4.8 TB/s, 1,979 TF sparse; NVL 4.8 TB/s, 1,671 TF sparse.
+DATASHEET = (("H200 NVL", 4800.0, 835.5), ("H200", 4800.0, 989.5), ("H100 PCIe", 2000.0, 756.5),
+             ("H100 NVL", 3900.0, 835.5), ("H100", 3350.0, 989.5))
 L2_ROTATE_BYTES = 2 * 50 * 2**20  # H100/H200 have 50 MB of L2: rotate operands over >= twice that
 SHAPES = {  # name -> (N = out_features, K = in_features)
     "4096x4096": (4096, 4096),
@@ -148,7 +148,7 @@ def sleep_rate(torch: Any) -> float:
 def kernel_time(torch: Any, fn: Callable[[int], None], wall: float, reps: int = 100) -> float:
     """Seconds per call between CUDA events, the calls queued behind a GPU sleep longer than
     launching them takes (wall time per call bounds the launch cost), so they run back to back.
-    TVM launches on the legacy default stream, the stream torch records events on here."""
+    ``run`` puts TVM's launches on torch's current stream, where the events are recorded."""
     cycles_per_s = sleep_rate(torch)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -197,6 +197,15 @@ def copies_for(nbytes: int) -> int:
 
 
 def run(bench: Path, ms: tuple[int, ...], trust_native_code: bool = False) -> None:
+    """TVM's kernels launch on torch's current stream (tvm_ffi's stream context), the stream
+    the CUDA events are recorded on."""
+    import torch  # noqa: F401 - use_torch_stream needs it loaded
+    import tvm_ffi
+    with tvm_ffi.use_torch_stream():
+        _run(bench, ms, trust_native_code)
+
+
+def _run(bench: Path, ms: tuple[int, ...], trust_native_code: bool) -> None:
     import torch
     import tvm
     from bitsmith.backends.tvm.cuda_runtime import gpu_available
