@@ -153,12 +153,16 @@ def run(bundles: Path, trust_native_code: bool = False) -> int:
     import tvm
     from bitsmith.backends.tvm.cuda_runtime import gpu_available
     gpu_available()  # registers TVM's CUDA runtime under TVM_USE_RUNTIME_LIB=1
-    from gpu_kernels import copy_bandwidth, machine
+    from machine import machine_line
     if not tvm.cuda(0).exist:
         raise SystemExit("no CUDA GPU visible to TVM")
     failures = check_all(bundles, trust_native_code)
-    copy_gbps = copy_bandwidth(torch)
-    print(f"machine: {machine()}")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t_copy, _ = time_events(lambda: b.copy_(a), torch, 0.2, 50)
+    copy_gbps = 2 * a.numel() / t_copy / 1e9  # bytes read + written
+    del a, b
+    print(f"machine: {torch.cuda.get_device_name(0)}; host {machine_line()}")
     print(f"torch {torch.__version__}, TVM {tvm.__version__}; copy bandwidth {copy_gbps:.0f} GB/s measured")
     print("timing: CUDA events around back-to-back calls (kernel), and wall clock; torch = F.scaled_dot_product_attention")
     head = (f"{'config':>8} {'phase':>7} {'b':>3} {'s':>5} {'t':>5} {'torch us':>9} {'ours us':>9} {'ours wall':>9} "
