@@ -250,3 +250,25 @@ def test_kernels_match_reference_on_gpu(tmp_path):
         gpu_attention.build(bundles, "sm_90")
     failures = gpu_attention.check_all(bundles, trust_native_code=_bundles() is not None)
     assert not failures, failures
+
+
+def test_fp16_kv_cache_stays_fp16_between_steps():
+    """The executor hands ``present_*`` back in the dtype of the matching ``past_*`` parameter
+    (fp16 under act_dtype float16), which is what ``empty_cache`` allocates for step 0: the
+    host cache keeps one dtype across steps. Logits (and a present whose past has another
+    dtype) come back as float32 like every target's."""
+    from bitsmith.backends.tvm.cuda_target import kv_state_results
+    from bitsmith.ir import Function, Module, Node, TensorType, Value
+    from bitsmith.runtime.generate import empty_cache
+    past = TensorType(("batch", 2, "past", 8), "float16")
+    params = (Value("input_ids", TensorType(("batch", "seq"), "int64")),
+              Value("position_ids", TensorType(("batch", "seq"), "int64")),
+              Value("past_key_0", past), Value("past_value_0", past))
+    full = TensorType(("batch", 2, "past+seq", 8), "float16")
+    nodes = (Node("concat", ("past_key_0", "past_key_0"), (Value("present_key_0", full),), (("axis", 2),)),
+             Node("concat", ("past_value_0", "past_value_0"), (Value("present_value_0", full),), (("axis", 2),)),
+             Node("cast", ("present_key_0",), (Value("logits", TensorType(("batch", 2, "past+seq", 8), "float16")),),
+                  (("dtype", "float16"),)))
+    module = Module((Function("main", params, nodes, ("logits", "present_key_0", "present_value_0")),))
+    assert kv_state_results(module, "main") == frozenset({1, 2})
+    assert [c.dtype for c in empty_cache(module, 3)] == [np.float16, np.float16]
