@@ -39,8 +39,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tvm.script import tirx as T
-
 from .cuda_scratch import ScratchSpec
 from .kernel import KernelDef
 
@@ -74,6 +72,7 @@ DEFAULT_UNIFIED_MAX = UnifiedMax()
 
 def _visible_fn(causal: bool, has_mask: bool, mask_dtype: str | None):
     """A TIR expression builder: is key j visible to query row i of batch bi."""
+    from tvm.script import tirx as T
 
     def visible(M, bi, i, j, s, t):
         conds = [j >= T.int64(0)]
@@ -114,6 +113,7 @@ def flash_attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: 
 
 def _decode(H: int, KH: int, D: int, DV: int, scale: float, causal: bool, dtype: str, mask_dtype: str | None,
             um: UnifiedMax):
+    from tvm.script import tirx as T  # here, not at import: a runtime-only TVM (GPU machine) lacks the parser
     G = H // KH
     C = SPLIT
     LOG = int(math.log2(C))
@@ -280,6 +280,7 @@ def _decode(H: int, KH: int, D: int, DV: int, scale: float, causal: bool, dtype:
 # ---------------------------------------------------------------- prefill: tiled, online softmax
 
 def _prefill(H: int, KH: int, D: int, DV: int, scale: float, causal: bool, dtype: str, mask_dtype: str | None):
+    from tvm.script import tirx as T
     G = H // KH
     BR, BC = PREFILL_ROWS, PREFILL_KEYS
     has_mask = mask_dtype is not None
