@@ -101,9 +101,13 @@ def kv_state_results(module: Module, function: str) -> frozenset[int]:
     from the same parameter types."""
     fn = module.function(function)
     params = {p.name: p.type for p in fn.params}
-    return frozenset(k for k, r in enumerate(fn.results)
-                     if r.startswith("present_") and params.get("past_" + r[len("present_"):]) is not None
-                     and params["past_" + r[len("present_"):]].dtype == fn.value_types()[r].dtype)
+    types = fn.value_types()
+    kept = set()
+    for k, r in enumerate(fn.results):
+        past = params.get("past_" + r.removeprefix("present_")) if r.startswith("present_") else None
+        if past is not None and past.dtype == types[r].dtype:
+            kept.add(k)
+    return frozenset(kept)
 
 
 class CudaExecutable(Executable):
