@@ -77,7 +77,8 @@ class Kernel:
 
     def prepare(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None) -> Callable[[], Any]:
         tvm, dev = self.tvm, self.dev
-        ins = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in (q, k, v) + ((mask,) if mask is not None else ())]
+        arrays = (q, k, v) + ((mask,) if mask is not None else ())
+        ins = [tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays]
         scratch = [tvm.runtime.empty(s.shape(ins), s.dtype, dev) for s in self.kernel.scratch]
         out = tvm.runtime.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), self.cfg[5], dev)
         self.out = out
@@ -164,7 +165,8 @@ def run(bundles: Path, trust_native_code: bool = False) -> int:
     del a, b
     print(f"machine: {torch.cuda.get_device_name(0)}; host {machine_line()}")
     print(f"torch {torch.__version__}, TVM {tvm.__version__}; copy bandwidth {copy_gbps:.0f} GB/s measured")
-    print("timing: CUDA events around back-to-back calls (kernel), and wall clock; torch = F.scaled_dot_product_attention")
+    print("timing: CUDA events around back-to-back calls (kernel), and wall clock; "
+          "torch = F.scaled_dot_product_attention")
     head = (f"{'config':>8} {'phase':>7} {'b':>3} {'s':>5} {'t':>5} {'torch us':>9} {'ours us':>9} {'ours wall':>9} "
             f"{'vs torch':>8} {'KV GB/s':>8} {'%copy':>6}")
     print(head)
@@ -173,7 +175,8 @@ def run(bundles: Path, trust_native_code: bool = False) -> int:
     for name in ("smollm2", "llama1b"):
         cfg = CONFIGS[name]
         kern = Kernel(bundles, name, trust_native_code)
-        for phase, shapes in (("decode", [(b, 1, t) for b, t in DECODE]), ("prefill", [(b, n, n) for b, n in PREFILL])):
+        phases = (("decode", [(b, 1, t) for b, t in DECODE]), ("prefill", [(b, n, n) for b, n in PREFILL]))
+        for phase, shapes in phases:
             for b, s, t in shapes:
                 q, k, v, mask = _inputs(rng, cfg, b, s, t)
                 call = kern.prepare(q, k, v, mask)

@@ -12,7 +12,7 @@ Tolerance of the emulation against the float64 oracle: |out - ref| <= 1e-5 * max
 sum is float32 (unit roundoff 6e-8) over at most a few hundred terms of one sign (p >= 0), and
 the result is a convex combination of v rows, so the error stays a few ulps of max|v|:
 measured at most 7.8e-7 * max|v| over 600 random cases (fallback and plain, chunks of 8 and
-128, tiles of 4 and 16, t up to 400; /tmp script in the commit log of this file), 1e-5 is 12x
+128, tiles of 4 and 16, t up to 400; ``python tests/attention_emulation.py``), 1e-5 is 12x
 that. A wrong chunk boundary, a dropped key, a bad rescale or a missed fallback moves the
 output by O(max|v|) (or to inf/NaN).
 """
