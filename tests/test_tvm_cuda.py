@@ -315,7 +315,7 @@ def test_smollm2_every_kernel_compiles_with_nvcc(smollm2, quant):
         ptx = files[f"kernels/{meta['key']}.ptx"].decode()
         assert ".target sm_90" in ptx and ".entry main_kernel" in ptx, meta["name"]
     kinds = {m["kind"] for m in plan["kernels"]}
-    assert ("qgemv" if quant else "gemv") in kinds and "attention" in kinds
+    assert ("qgemv" if quant else "gemv") in kinds and "flash-attention" in kinds
 
 
 # ---------------------------------------------------------------- gpu: numerics

@@ -6,7 +6,7 @@ must be IR constants; the matmul kernels come from ``matmul.py`` (x flattened to
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from ...ir import symbolic as sym
 from ...ir.graph import Node
@@ -86,18 +86,32 @@ def _qlinear(node: Node, ctx) -> None:
     finish_out(node, ctx, out[0])
 
 
-@register_anchor("attention")
-def _attention(node: Node, ctx) -> None:
-    q, k, v = (ctx.types[i] for i in node.inputs[:3])
-    mask_dtype = ctx.types[node.inputs[3]].dtype if len(node.inputs) == 4 else None
-    if not all(isinstance(d, int) for d in (q.shape[1], q.shape[3], k.shape[1], v.shape[3])):
-        raise ctx.unsupported(node, "head counts and head dims must be static")
-    if q.shape[1] % k.shape[1]:
-        raise ctx.unsupported(node, f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
-    kdef = attention_kernel(q.shape[1], k.shape[1], q.shape[3], v.shape[3], float(node.attr("scale")),
-                            bool(node.attr("causal")), q.dtype, mask_dtype)
-    t = node.output.type
-    ctx.call(kdef, [ctx.slot(i) for i in node.inputs], [ctx.out(ctx.slot(node.output.name), t.shape, t.dtype)])
+def _attention_with(make_kernel: Callable[..., Any]) -> AnchorRule:
+    """An attention rule calling ``make_kernel(heads, kv_heads, head_dim, value_dim, scale,
+    causal, dtype, mask_dtype)`` (one kernel: q, k, v[, mask] -> out)."""
+
+    def rule(node: Node, ctx) -> None:
+        q, k, v = (ctx.types[i] for i in node.inputs[:3])
+        mask_dtype = ctx.types[node.inputs[3]].dtype if len(node.inputs) == 4 else None
+        if not all(isinstance(d, int) for d in (q.shape[1], q.shape[3], k.shape[1], v.shape[3])):
+            raise ctx.unsupported(node, "head counts and head dims must be static")
+        if q.shape[1] % k.shape[1]:
+            raise ctx.unsupported(node, f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
+        kdef = make_kernel(q.shape[1], k.shape[1], q.shape[3], v.shape[3], float(node.attr("scale")),
+                           bool(node.attr("causal")), q.dtype, mask_dtype)
+        t = node.output.type
+        ctx.call(kdef, [ctx.slot(i) for i in node.inputs], [ctx.out(ctx.slot(node.output.name), t.shape, t.dtype)])
+
+    return rule
+
+
+register_anchor("attention")(_attention_with(attention_kernel))
+
+
+def cuda_anchor_rules() -> dict[str, AnchorRule]:
+    """tvm-cuda's overrides: attention as split-KV decode + tiled prefill (``attention_cuda``)."""
+    from .attention_cuda import flash_attention_kernel
+    return {"attention": _attention_with(flash_attention_kernel)}
 
 
 @register_anchor("embedding")

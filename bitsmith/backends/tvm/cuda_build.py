@@ -133,6 +133,8 @@ class CudaCompiler:
         self.directory = Path(self.directory)
 
     def prepare(self, kdef: KernelDef) -> tuple[KernelDef, list[ScratchSpec]]:
+        if kdef.scratch:  # a hand-scheduled kernel declares its scratch parameters itself
+            return kdef, list(kdef.scratch)
         names = SCRATCH_BY_KIND.get(kdef.kind, ())
         if not names:
             return kdef, []

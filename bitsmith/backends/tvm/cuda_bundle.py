@@ -68,8 +68,9 @@ def load_kernel(directory: str | Path, name: str, max_rows: int = 8,
     BINARIES.install()
     if not _LIBS:
         _LIBS.append(KernelLibraries())
-    fn = _LIBS[0].load(str(meta["key"]), library, meta["functions"], max_rows)
-    return fn, DeviceKernel(fn, tuple(ScratchSpec.from_json(s) for s in meta["scratch"]))
+    scratch = tuple(ScratchSpec.from_json(s) for s in meta["scratch"])
+    fn = _LIBS[0].load(str(meta["key"]), library, meta["functions"], max_rows, scratch)
+    return fn, DeviceKernel(fn, scratch)
 
 
 __all__ = ["save_kernel", "load_kernel", "source_digest"]

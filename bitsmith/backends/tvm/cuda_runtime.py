@@ -140,16 +140,40 @@ class LinearDispatch:
         self.general(*args)
 
 
+class AttentionDispatch:
+    """Calls "main_decode" (split-KV) when the query length (axis 2 of q, the first argument)
+    is at most ``max_seq``, else "main" (tiled prefill); see ``attention_cuda``."""
+
+    def __init__(self, general: Callable, decode: Callable, max_seq: int) -> None:
+        self.general, self.decode, self.max_seq = general, decode, max_seq
+
+    def __call__(self, *args: Any) -> None:
+        fn = self.decode if args[0].shape[2] <= self.max_seq else self.general
+        fn(*args)
+
+
+def decode_max_seq(key: str, scratch: Sequence[ScratchSpec]) -> int:
+    """The longest query the split-KV function may take: the cap its split buffers were sized
+    with (a (param, axis, div, cap) dim of the scratch specs), so the two always agree."""
+    caps = [d[3] for spec in scratch for d in spec.dims if isinstance(d, tuple) and len(d) == 4 and d[3] > 0]
+    if not caps:
+        raise BitsmithError(f"kernel {key} has a split-KV function but no capped scratch dim to bound its queries")
+    return min(caps)
+
+
 class KernelLibraries:
     """Kernel libraries loaded from bytes (``native_loader``) for the GPU, kept alive together."""
 
     def __init__(self) -> None:
         self._modules: list[Any] = []
 
-    def load(self, key: str, library: bytes, functions: Sequence[str], max_rows: int) -> Callable:
+    def load(self, key: str, library: bytes, functions: Sequence[str], max_rows: int,
+             scratch: Sequence[ScratchSpec] = ()) -> Callable:
         tvm = _tvm()
         mod = native_loader.load(library, f"kernels/{key}.so", lambda path: tvm.runtime.load_module(path))
         self._modules.append(mod)
+        if "main_decode" in functions:
+            return AttentionDispatch(mod["main"], mod["main_decode"], decode_max_seq(key, scratch))
         limits = {**ROW_LIMITS, "main_gemv": max_rows}
         limited = [(limits[f], mod[f]) for f in functions if f in limits]
         return LinearDispatch(mod["main"], limited) if limited else mod["main"]
@@ -166,8 +190,11 @@ class CudaPlanExecutor:
     CPU (``binder.PlanBinder``)."""
 
     def __init__(self, plan: FunctionPlan, kernels: Mapping[str, DeviceKernel],
-                 consts: Mapping[int, np.ndarray], device: Any) -> None:
+                 consts: Mapping[int, np.ndarray], device: Any, keep_dtype: frozenset[int] = frozenset()) -> None:
+        """``keep_dtype``: result indices handed back in their own dtype (the KV cache: fp16
+        stays fp16 between steps); every other fp16 result comes back as float32."""
         tvm = _tvm()
+        self.keep_dtype = keep_dtype
         self.tvm, self.plan, self.device, self.kernels = tvm, plan, device, kernels
         self.base_env: list[Any] = [None] * plan.num_slots
         for slot, arr in consts.items():
@@ -213,4 +240,5 @@ class CudaPlanExecutor:
                 outs.append(a)
             kernel.fn(*ins, *scratch, *outs)
         out = [env[r].numpy() for r in plan.results]
-        return [a.astype(np.float32) if a.dtype == np.float16 else a for a in out]
+        return [a.astype(np.float32) if a.dtype == np.float16 and k not in self.keep_dtype else a
+                for k, a in enumerate(out)]

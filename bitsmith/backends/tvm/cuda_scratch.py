@@ -5,7 +5,9 @@ dynamic extent (attention's scores, kv_len floats per query row) fit neither reg
 static shared memory. Such an intermediate becomes a parameter placed just before the
 kernel's outputs; the runtime allocates it per call from a ``ScratchSpec``: each dim is an
 int or a reference (parameter index, axis) to a dim of another parameter, so the spec is
-plain JSON and is evaluated from the argument shapes alone.
+plain JSON and is evaluated from the argument shapes alone. A reference may also carry a
+divisor and a cap, (index, axis, div, cap): ceil(dim / div), then at most cap (cap 0: none),
+for per-chunk buffers whose extent follows a dynamic length (the split-KV attention's).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from tvm import s_tir, tirx as tir
 
 from ...errors import BitsmithError
 
-DimRef = int | tuple[int, int]  # a constant, or (parameter index, axis)
+DimRef = int | tuple[int, int] | tuple[int, int, int, int]  # a constant, (index, axis) or (index, axis, div, cap)
+
+
+def _ref_extent(d: tuple[int, ...], args: Sequence[Any]) -> int:
+    n = int(args[d[0]].shape[d[1]])
+    if len(d) == 2:
+        return n
+    n = -(-n // d[2])
+    return min(n, d[3]) if d[3] else n
 
 
 @dataclass(frozen=True)
@@ -28,7 +38,7 @@ class ScratchSpec:
 
     def shape(self, args: Sequence[Any]) -> tuple[int, ...]:
         """The concrete shape for a call with these (inputs-only) arguments."""
-        return tuple(d if isinstance(d, int) else int(args[d[0]].shape[d[1]]) for d in self.dims)
+        return tuple(d if isinstance(d, int) else _ref_extent(d, args) for d in self.dims)
 
     def to_json(self) -> dict[str, Any]:
         return {"position": self.position, "dtype": self.dtype,
@@ -43,6 +53,9 @@ class ScratchSpec:
                     dims.append(x)
                 elif isinstance(x, list) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in x):
                     dims.append((x[0], x[1]))
+                elif isinstance(x, list) and len(x) == 4 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 for v in x) and x[2] >= 1 and x[3] >= 0:
+                    dims.append((x[0], x[1], x[2], x[3]))
                 else:
                     raise ValueError(f"bad dim {x!r}")
             pos, dtype = d["position"], d["dtype"]

@@ -94,6 +94,22 @@ def nvcc_record(mode: str, flags: list[str]) -> dict[str, Any]:
     return {"mode": mode, "flags": [], "runtime_compiler": RUNTIME_COMPILER}
 
 
+def kv_state_results(module: Module, function: str) -> frozenset[int]:
+    """Indices of the results that come back as parameters on the next call (the kv-cache
+    pass's ``present_X`` for its ``past_X``): they keep the dtype the module gives them, so
+    an fp16 cache (act_dtype float16) stays fp16 on the host, as ``empty_cache`` allocates it
+    from the same parameter types."""
+    fn = module.function(function)
+    params = {p.name: p.type for p in fn.params}
+    types = fn.value_types()
+    kept = set()
+    for k, r in enumerate(fn.results):
+        past = params.get("past_" + r.removeprefix("present_")) if r.startswith("present_") else None
+        if past is not None and past.dtype == types[r].dtype:
+            kept.add(k)
+    return frozenset(kept)
+
+
 class CudaExecutable(Executable):
     """Kernels + plans; device state (uploaded weights, loaded libraries) made on first run."""
 
@@ -121,11 +137,14 @@ class CudaExecutable(Executable):
         self._libraries = KernelLibraries()
         loaded: dict[str, DeviceKernel] = {}
         for key, meta in self.kernels.items():
-            fn = self._libraries.load(key, self.blobs[f"kernels/{key}.so"], meta["functions"], DEFAULT_GEMV.max_rows)
-            loaded[key] = DeviceKernel(fn, tuple(ScratchSpec.from_json(s) for s in meta["scratch"]))
+            scratch = tuple(ScratchSpec.from_json(s) for s in meta["scratch"])
+            fn = self._libraries.load(key, self.blobs[f"kernels/{key}.so"], meta["functions"], DEFAULT_GEMV.max_rows,
+                                      scratch)
+            loaded[key] = DeviceKernel(fn, scratch)
         consts = self._consts or {}
         self._executors = {name: CudaPlanExecutor(plan, loaded, consts[name] if name in consts else
-                                                  resolve_consts(self.module, plan, self.derived.get(name)), device)
+                                                  resolve_consts(self.module, plan, self.derived.get(name)), device,
+                                                  kv_state_results(self.module, name))
                            for name, plan in self.plans.items()}
         self._consts = None  # on the device now
         return self._executors
@@ -173,6 +192,7 @@ def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable
     """Lower, schedule and compile every kernel of ``module`` (no GPU needed); nvcc per option
     ``nvcc`` (a missing nvcc under "required" raises NvccMissingError before any work)."""
     from .cuda_build import NVCC_MISSING, CudaCompiler, NvccMissingError, nvcc_flags, nvcc_path
+    from .anchor_rules import cuda_anchor_rules
     from .lowering import lower_function
     from .schedule_cuda import cuda_target
     arch, act = _options(options)
@@ -188,7 +208,7 @@ def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable
     blobs: dict[str, bytes] = {}
     derived: dict[str, dict[int, np.ndarray]] = {}
     for fn in module.functions:
-        plan, kdefs, consts = lower_function(module, fn, TARGET)
+        plan, kdefs, consts = lower_function(module, fn, TARGET, cuda_anchor_rules())
         rename: dict[str, str] = {}
         for digest, kdef in kdefs.items():
             k = compiler.compile(kdef)

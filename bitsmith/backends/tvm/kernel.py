@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from .cuda_scratch import ScratchSpec
+
 
 @dataclass(frozen=True)
 class KernelDef:
@@ -20,11 +22,13 @@ class KernelDef:
     "qgemv" (quantized linear), "attention", ... ."""
 
     name: str
-    func: Any  # tvm.tir.PrimFunc
+    func: Any  # tvm.tir.PrimFunc, or an IRModule of functions scheduled by hand
     kind: str
+    scratch: tuple[ScratchSpec, ...] = ()  # parameters the runtime allocates (a hand-scheduled kernel's)
 
     def text(self) -> str:
         return self.func.script()
 
     def digest(self) -> str:
-        return hashlib.sha256(f"{self.kind}\n{self.text()}".encode()).hexdigest()
+        extra = "".join(f"\n{sorted(s.to_json().items())}" for s in self.scratch)
+        return hashlib.sha256(f"{self.kind}\n{self.text()}{extra}".encode()).hexdigest()

@@ -353,6 +353,8 @@ def schedule_kernel(kernel: KernelDef, target: tvm.target.Target,
                     gemv: GemvConfig = DEFAULT_GEMV) -> tvm.IRModule:
     """The scheduled IRModule of one kernel: "main" (every shape) and, for linear kernels
     whose row count is dynamic, the functions of the other row regimes (``LINEAR_REGIMES``)."""
+    if isinstance(kernel.func, tvm.IRModule):  # scheduled by hand (``attention_cuda``)
+        return tvm.IRModule({gv.name_hint: _with_attrs(f, gv.name_hint) for gv, f in kernel.func.functions.items()})
     func = kernel.func.with_attr("dlight.do_not_tensorize", True)
     try:
         funcs = _schedule_by_kind(kernel, func, target, gemv)
