@@ -392,3 +392,23 @@ def test_device_decoder_on_gpu_matches_the_per_call_path():
         dec = cm.executable.device_decoder(graphs=graphs)
         np.testing.assert_array_equal(dec.generate(ids, 12), want)
         assert dec.mode == ("graph" if graphs else "kernels"), dec.fallback_reason
+
+
+@pytest.mark.slow
+def test_tvm_cuda_artifact_lists_its_kv_append_kernel_and_refuses_a_bad_entry(tiny_hf_and_reference, tmp_path):
+    import bitsmith
+    from bitsmith.runtime.artifact import load_artifact
+    hf, _, _ = tiny_hf_and_reference
+    cm = bitsmith.compile(hf, target="tvm-cuda", nvcc="skip")
+    doc = json.loads(cm.executable.files()["plan.json"])
+    keys = {k["key"] for k in doc["kernels"]}
+    assert set(doc["kv_append"]) == {"float16"} and doc["kv_append"]["float16"] in keys
+    d = tmp_path / "a"
+    cm.save(str(d))
+    assert load_artifact(d).executable.kv_append == doc["kv_append"]
+    from bitsmith.backends.tvm import cuda_target
+    files = cm.executable.files()
+    for bad in ({"float16": "0" * 64}, {"int8": doc["kv_append"]["float16"]}, {"float16": [1]}):
+        tampered = dict(files, **{"plan.json": json.dumps(dict(doc, kv_append=bad), sort_keys=True).encode()})
+        with pytest.raises(ArtifactError, match="kv_append"):
+            cuda_target.load(cm.module, {}, tampered)
