@@ -66,6 +66,10 @@ def test_seeded_weights_differ_by_name_and_seed_and_have_the_stated_spread():
     assert abs(a.std() - STD) < 0.02 * STD * 5 and abs(a.mean()) < 5 * STD / 256
     n = seeded_array(0, "model.norm.weight", (4096,), norm=True)
     assert n.min() >= 1 - NORM_SPREAD and n.max() < 1 + NORM_SPREAD
+    # threads and the order of tensors do not change them
+    names = {n: "float16" for n in list(TINY.parameter_shapes())[:6]}
+    par = TINY.tensors(names, workers=3)
+    assert all(par[n].tobytes() == TINY.tensor(n).astype(np.float16).tobytes() for n in names)
     # a chunk boundary does not change the stream
     from bitsmith.testing import seeded_llama
     old = seeded_llama._CHUNK
@@ -127,6 +131,9 @@ def test_artifact_loads_with_regenerated_weights_and_refuses_wrong_ones(tiny_ref
     loaded = load_artifact(stripped, weights=weights)
     ids = np.arange(6)[None]
     np.testing.assert_array_equal(np.asarray(loaded(ids)), np.asarray(cm(ids)))
+    hf16 = TINY.hf_model(arrays=weights)  # built from the artifact's arrays: the same weights
+    assert all(np.array_equal(p.detach().numpy(), TINY.tensor(n)) for n, p in hf16.named_parameters()
+               if n != "model.embed_tokens.weight")
     bad = dict(weights)
     bad["model.norm.weight"] = bad["model.norm.weight"] + np.float32(1e-3)
     with pytest.raises(ArtifactError, match="sha256"):

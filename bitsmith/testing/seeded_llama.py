@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -75,21 +75,34 @@ class SeededLlama:
             raise KeyError(f"{name!r} is not a parameter of this seeded Llama")
         return seeded_array(self.seed, name, shapes[name], norm=name.endswith("norm.weight"))
 
+    def tensors(self, wanted: Mapping[str, str], workers: int = 8) -> dict[str, np.ndarray]:
+        """{name: array in dtype} for ``wanted`` (name -> dtype), generated in ``workers`` threads
+        (NumPy releases the GIL in the conversions; each tensor has its own stream, so the
+        result does not depend on the order)."""
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            arrays = pool.map(lambda item: self.tensor(item[0]).astype(item[1]), wanted.items())
+            return dict(zip(wanted, arrays))
+
     def state_dict(self) -> Iterator[tuple[str, np.ndarray]]:
         """(name, float32 array) for every parameter, one at a time (a 1B model is 4.4 GB in fp32)."""
         for name in self.parameter_shapes():
             yield name, self.tensor(name)
 
-    def hf_model(self, device: Any = "cpu", dtype: Any = None) -> Any:
-        """transformers' LlamaForCausalLM with these weights (float32 unless ``dtype``), in eval mode."""
+    def hf_model(self, device: Any = "cpu", dtype: Any = None, arrays: Mapping[str, np.ndarray] | None = None) -> Any:
+        """transformers' LlamaForCausalLM with these weights (float32 unless ``dtype``), in eval mode.
+        ``arrays`` (name -> array, e.g. an artifact's fp16 tensors made by ``tensors``) saves
+        generating them a second time; a name it lacks is generated."""
         import torch
         from transformers import LlamaForCausalLM
         with torch.device(device):
             model = LlamaForCausalLM(self.hf_config())
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, arr in self.state_dict():
-                params[name].copy_(torch.from_numpy(arr))
+            for name in self.parameter_shapes():
+                stored = "lm_head.weight" if self.tie_word_embeddings and name == "model.embed_tokens.weight" else name
+                arr = arrays[stored] if arrays is not None and stored in arrays else self.tensor(name)
+                params[name].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
         if dtype is not None:
             model = model.to(dtype)
         return model.train(False)
