@@ -102,7 +102,8 @@ class SeededLlama:
             for name in self.parameter_shapes():
                 stored = "lm_head.weight" if self.tie_word_embeddings and name == "model.embed_tokens.weight" else name
                 arr = arrays[stored] if arrays is not None and stored in arrays else self.tensor(name)
-                params[name].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+                arr = np.ascontiguousarray(arr)
+                params[name].copy_(torch.from_numpy(arr if arr.flags.writeable else arr.copy()))
         if dtype is not None:
             model = model.to(dtype)
         return model.train(False)
