@@ -7,13 +7,21 @@
 #          .gpu/prebuilt/qkernels/      (one quantized kernel per scheme/outlier/N:M case)
 #   BITSMITH_CACHE_DIR=/tmp/bitsmith-cache python benchmarks/gpu_kernels.py --build .gpu/prebuilt/bench
 #       -> .gpu/prebuilt/bench/ (dense + quantized GEMV/GEMM kernels, no weights)
+#   BITSMITH_CACHE_DIR=/tmp/bitsmith-cache python benchmarks/gpu_model.py --build .gpu/prebuilt/model
+#       -> .gpu/prebuilt/model/<model>/ (seeded SmolLM2-135M and TinyLlama-1.1B shapes: tvm-cuda
+#          artifact WITHOUT weights, reference tokens/logits; the GPU side regenerates the weights
+#          from the seed and checks them against the manifest's sha256)
 #   bash benchmarks/gpu_site.sh   -> .gpu/site
+# Size check before the call (what travels must stay < 64 MiB): du -sh .gpu
 # .gpu/site holds the TVM runtime (python package + libtvm_runtime_cuda, tvm_ffi for cp312)
 # and a bitsmith dist-info so the backend entry points resolve from the source tree.
 #
-# Run on the GPU machine from the repo root (carry: .gpu), total < 8 minutes (timeouts 90+180+200 s):
+# Run on the GPU machine from the repo root (carry: .gpu):
 #   bash benchmarks/gpu_check.sh
-# Writes to $OUT (default ./gpu_out): nvidia-smi.txt, smoke.txt, gpu_tests.txt, gpu_kernels.txt.
+# Per-step timeouts 60+90+100+170+100 s = 520 s at most; expected about 5 minutes.
+# Writes to $OUT (default ./gpu_out): nvidia-smi.txt, smoke.txt, gpu_tests.txt, gpu_kernels.txt,
+# gpu_model.txt (whole-model decode/prefill vs torch eager, correctness), gpu_model_compile.txt.
+# Without a GPU every step ends with a one-line "no GPU" message (dry run).
 set -u
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"  # libcudart for libtvm_runtime_cuda
 OUT="${OUT:-$PWD/gpu_out}"
@@ -34,14 +42,19 @@ PY="${PYTHON:-python3}"
 
 echo "== $(date -u +%FT%TZ) start" | tee "$OUT/nvidia-smi.txt"
 nvidia-smi >> "$OUT/nvidia-smi.txt" 2>&1
+# one line instead of a traceback from every step where there is no GPU (a dry run)
+NO_GPU=$("$PY" -c "from bitsmith.backends.tvm.cuda_runtime import NO_GPU, gpu_available; print('' if gpu_available() else NO_GPU)" 2>&1)
+[ -n "$NO_GPU" ] && echo "no GPU: $NO_GPU (each step below says so and runs nothing on a device)" | tee -a "$OUT/nvidia-smi.txt"
 
 # 1. smoke: runtime import, GPU visible, one prebuilt kernel loads without compiling, one model runs
-timeout 90 "$PY" - > "$OUT/smoke.txt" 2>&1 <<'EOF'
+timeout 60 "$PY" - > "$OUT/smoke.txt" 2>&1 <<'EOF'
 import time, sys
 from pathlib import Path
 t0 = time.time()
 import numpy as np, tvm
-from bitsmith.backends.tvm.cuda_runtime import gpu_available; gpu_available()
+from bitsmith.backends.tvm.cuda_runtime import NO_GPU, gpu_available
+if not gpu_available():
+    sys.exit(f"no GPU: {NO_GPU}")
 print("python", sys.version.split()[0], "tvm", tvm.__version__, tvm.__file__)
 print("cuda(0).exist:", tvm.cuda(0).exist, "compute", tvm.cuda(0).compute_version if tvm.cuda(0).exist else "-")
 from bitsmith.backends.tvm.cuda_runtime import BINARIES
@@ -58,11 +71,23 @@ print(f"smoke done in {time.time() - t0:.1f} s")
 EOF
 echo "smoke exit $?" >> "$OUT/smoke.txt"
 
-# 2. gpu-marked tests (tiny-model logits vs reference, every quantized kernel case vs numpy)
-timeout 180 "$PY" -m pytest tests/test_tvm_cuda.py -m gpu -v -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+# 2. gpu-marked tests (tiny-model logits vs reference, every quantized kernel case vs numpy,
+#    graph-captured decode vs the per-call path); they skip with "no GPU" where there is none
+timeout 90 "$PY" -m pytest tests/test_tvm_cuda.py tests/test_cuda_decode.py -m gpu -v -p no:cacheprovider \
+    > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
 
 # 3. kernel benchmark: quantized GEMV/GEMM vs torch fp16, GB/s vs the copy-bandwidth roofline
-timeout 200 "$PY" benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench --trust-native-code > "$OUT/gpu_kernels.txt" 2>&1
-echo "benchmark exit $?" >> "$OUT/gpu_kernels.txt"
+if [ -n "$NO_GPU" ]; then echo "no GPU: kernel benchmark not run" > "$OUT/gpu_kernels.txt"; else
+timeout 100 "$PY" benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench --trust-native-code > "$OUT/gpu_kernels.txt" 2>&1
+echo "benchmark exit $?" >> "$OUT/gpu_kernels.txt"; fi
+
+# 4. whole model: seeded SmolLM2-135M and TinyLlama-1.1B shapes, weights regenerated here;
+#    greedy tokens vs reference, decode tok/s at batch 1/16 (CUDA graph, per-kernel, torch eager), prefill 512
+timeout 170 "$PY" benchmarks/gpu_model.py --run .gpu/prebuilt/model --trust-native-code > "$OUT/gpu_model.txt" 2>&1
+echo "model exit $?" >> "$OUT/gpu_model.txt"
+
+# 5. torch.compile baseline of the same models (its own step: compiling takes minutes)
+timeout 100 "$PY" benchmarks/gpu_model.py --run .gpu/prebuilt/model --compile-only > "$OUT/gpu_model_compile.txt" 2>&1
+echo "compile baseline exit $?" >> "$OUT/gpu_model_compile.txt"
 echo "== $(date -u +%FT%TZ) done" >> "$OUT/nvidia-smi.txt"

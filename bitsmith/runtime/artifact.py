@@ -19,7 +19,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import safetensors.numpy
@@ -27,7 +27,7 @@ import safetensors.numpy
 from ..backends import native_loader
 from ..backends.base import Backend, backend_for_target
 from ..errors import ArtifactError, OptionError, UnknownTargetError
-from ..ir import IRParseError, Module, TensorTable, VerificationError, parse_module, print_module, verify_module
+from ..ir import IRParseError, IRTypeError, Module, TensorTable, VerificationError, parse_module, print_module, verify_module
 from ..version import __version__
 from .manifest import (CHAT_TEMPLATE, FORMAT_VERSION, HASH_FIELD, MANIFEST, TARGET_DIR, TOKENIZER, WEIGHTS,
                        check_relative_name, json_subset, manifest_hash, read_manifest, to_json_value)
@@ -256,8 +256,32 @@ def _backend(where: str, manifest: dict[str, Any]) -> Backend:
     return backend
 
 
+def supplied_weights(where: str, listed: list[dict[str, Any]], weights: Mapping[str, np.ndarray]) -> TensorTable:
+    """The tensor table from arrays the caller regenerated (e.g. seeded weights, see
+    ``bitsmith.testing.seeded_llama``) in place of weights.safetensors: exactly the manifest's
+    tensors, each with its listed shape, dtype and data sha256 (the manifest hashes itself, so the
+    arrays are the bytes the artifact was compiled against)."""
+    expected = {t["name"]: t for t in listed}
+    if set(weights) != set(expected):
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        raise ArtifactError(where, f"supplied weights differ from the manifest's table: missing {missing[:5]}, "
+                                   f"unlisted {[x[:80] for x in extra[:5]]}")
+    try:
+        table = TensorTable({n: np.ascontiguousarray(a) for n, a in weights.items()})
+    except IRTypeError as e:
+        raise ArtifactError(where, f"a supplied weight has a dtype the IR does not know: {e}") from None
+    for name, t in expected.items():
+        info = table.info(name)
+        if list(info.shape) != t["shape"] or info.dtype != t["dtype"]:
+            raise ArtifactError(where, f"supplied tensor {name!r} is {info.dtype}{list(info.shape)} but the manifest "
+                                       f"says {t['dtype']}{t['shape']}")
+        if info.sha256 != t["sha256"]:
+            raise ArtifactError(where, f"supplied tensor {name!r}: its data's sha256 differs from the manifest's")
+    return table
+
+
 def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False,
-                  threads: int | None = None) -> CompiledModel:
+                  threads: int | None = None, weights: Mapping[str, np.ndarray] | None = None) -> CompiledModel:
     """Loads an artifact directory written by ``save_artifact``, refusing any inconsistency.
 
     Order: manifest (size cap, version, self-hash, schema); the trust decision for its native
@@ -271,6 +295,8 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False,
     ArtifactError naming the bad file (also when no installed backend serves the target, or a
     stored option is invalid). ``threads`` replaces the stored ``threads`` option (CPU kernel
     threads, 0: every core) of targets that have one; others refuse it (ValueError).
+    ``weights`` (name -> array) replaces weights.safetensors, which may then be absent: each
+    array must match the manifest's tensor table, sha256 included (``supplied_weights``).
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise ValueError(f"threads must be a non-negative integer (0: every core), got {threads!r}")
@@ -279,9 +305,12 @@ def load_artifact(path: str | os.PathLike[str], trust_native_code: bool = False,
     where = str(root / MANIFEST)
     natives = trust.check_artifact(str(root), manifest, trust_native_code)
     entries = file_entries(manifest)
+    if weights is not None:
+        entries.pop(WEIGHTS, None)
     _check_present(root, entries)
     backend = _backend(where, manifest)
-    tensors = read_weights(root, entries[WEIGHTS], manifest["tensors"])
+    tensors = (read_weights(root, entries[WEIGHTS], manifest["tensors"]) if weights is None
+               else supplied_weights(where, manifest["tensors"], weights))
     module = _load_module(where, manifest, tensors)
     lm = _language_model(root, manifest, entries)
     files = ArtifactFiles(root, entries, TARGET_DIR + "/")

@@ -203,24 +203,51 @@ class CudaPlanExecutor:
         check_kernels(plan, kernels)
         self._pool: dict[tuple[int, int], Any] = {}
 
-    def _empty(self, key: tuple[int, int], shape: tuple[int, ...], dtype: str, reuse: bool) -> Any:
-        a = self._pool.get(key) if reuse else None
+    def _empty(self, key: tuple[int, int], shape: tuple[int, ...], dtype: str, reuse: bool,
+               pool: dict[tuple[int, int], Any] | None = None) -> Any:
+        pool = self._pool if pool is None else pool
+        a = pool.get(key) if reuse else None
         if a is None or tuple(a.shape) != shape:
             a = self.tvm.runtime.empty(shape, dtype, self.device)
             if reuse:
-                self._pool[key] = a
+                pool[key] = a
         return a
 
     def run(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         plan = self.plan
         host = [np.ascontiguousarray(a) for a in self.binder.arrays(args)]
-        shapes = self.binder.shapes(host)
         env = list(self.base_env)
         host_env: dict[int, np.ndarray] = {}
         for slot, a in zip(plan.params, host):
             env[slot] = self.tvm.runtime.tensor(a, self.device)
             host_env[slot] = a
-        for n, step in enumerate(plan.steps):
+        self._launch(env, self.binder.shapes(host), host_env, None)
+        out = [env[r].numpy() for r in plan.results]
+        return [a.astype(np.float32) if a.dtype == np.float16 and k not in self.keep_dtype else a
+                for k, a in enumerate(out)]
+
+    def run_static(self, inputs: Sequence[Any], pool: dict[tuple[int, int], Any],
+                   host_ids: Mapping[int, np.ndarray] | None = None) -> list[Any]:
+        """Runs on device tensors ``inputs`` (the plan's parameters) and returns the result
+        tensors, left on the device. Every buffer, results included, comes from ``pool`` (the
+        caller's own): calls with the same shapes touch the same addresses, which is what a
+        captured CUDA graph replays. Token ids are checked only where ``host_ids`` (param index
+        -> array) has them."""
+        plan = self.plan
+        if len(inputs) != len(plan.params):
+            raise BitsmithError(f"function {plan.name!r} takes {len(plan.params)} inputs, got {len(inputs)}")
+        env = list(self.base_env)
+        host_env = {plan.params[k]: a for k, a in (host_ids or {}).items()}
+        for slot, a in zip(plan.params, inputs):
+            env[slot] = a
+        self._launch(env, self.binder.shapes(inputs), host_env, pool)
+        return [env[r] for r in plan.results]
+
+    def _launch(self, env: list[Any], shapes: list[tuple[int, ...]], host_env: dict[int, np.ndarray],
+                static_pool: dict[tuple[int, int], Any] | None) -> None:
+        """Launches every step; with ``static_pool`` every output (results too) is pooled there."""
+        static = static_pool is not None
+        for n, step in enumerate(self.plan.steps):
             if isinstance(step, View):
                 shape = shapes[step.shape]
                 env[step.dst] = env[step.src]._create_view(shape)
@@ -231,14 +258,11 @@ class CudaPlanExecutor:
                 check_token_ids(host_env.get(step.check_ids[0]), step.check_ids[1])
             kernel = self.kernels[step.kernel]
             ins = [env[i] for i in step.inputs]
-            scratch = [self._empty((n, -1 - k), spec.shape(ins), spec.dtype, True)
+            scratch = [self._empty((n, -1 - k), spec.shape(ins), spec.dtype, True, static_pool)
                        for k, spec in enumerate(kernel.scratch)]
             outs = []
             for slot, shp, dt in step.outputs:
-                a = self._empty((n, slot), shapes[shp], dt, slot not in self.binder.escaping)
+                a = self._empty((n, slot), shapes[shp], dt, static or slot not in self.binder.escaping, static_pool)
                 env[slot] = a
                 outs.append(a)
             kernel.fn(*ins, *scratch, *outs)
-        out = [env[r].numpy() for r in plan.results]
-        return [a.astype(np.float32) if a.dtype == np.float16 and k not in self.keep_dtype else a
-                for k, a in enumerate(out)]

@@ -115,9 +115,11 @@ class CudaExecutable(Executable):
 
     def __init__(self, module: Module, plans: dict[str, FunctionPlan], kernels: dict[str, dict[str, Any]],
                  blobs: dict[str, bytes], derived: dict[str, dict[int, np.ndarray]], info: dict[str, Any],
-                 spec: native_loader.NativeSpec | None = None) -> None:
+                 spec: native_loader.NativeSpec | None = None, kv_append: Mapping[str, str] | None = None) -> None:
         self.module, self.plans, self.kernels, self.blobs = module, plans, kernels, blobs
         self.derived, self.info, self.spec = derived, info, spec
+        self.kv_append = dict(kv_append or {})  # cache dtype -> kernel key (device-resident decode)
+        self._loaded: dict[str, DeviceKernel] = {}
         self._executors: dict[str, CudaPlanExecutor] | None = None
         self._libraries: KernelLibraries | None = None
         self._consts: dict[str, dict[int, np.ndarray]] | None = None  # resolved at load (checked), uploaded on first run
@@ -141,6 +143,7 @@ class CudaExecutable(Executable):
             fn = self._libraries.load(key, self.blobs[f"kernels/{key}.so"], meta["functions"], DEFAULT_GEMV.max_rows,
                                       scratch)
             loaded[key] = DeviceKernel(fn, scratch)
+        self._loaded = loaded
         consts = self._consts or {}
         self._executors = {name: CudaPlanExecutor(plan, loaded, consts[name] if name in consts else
                                                   resolve_consts(self.module, plan, self.derived.get(name)), device,
@@ -154,6 +157,15 @@ class CudaExecutable(Executable):
             raise BitsmithError(f"no compiled function {function!r}; have {sorted(self.plans)}")
         return self._prepare()[function].run(args)
 
+    def device_decoder(self, graphs: bool = True) -> Any:
+        """A ``cuda_decode.DeviceDecoder`` for ``main``: KV cache kept on the GPU, each decode
+        step one CUDA-graph launch (``graphs=False``: per-kernel launches). DeviceDecodeUnavailable
+        for artifacts without an attention mask input or kv_append kernels."""
+        from .cuda_decode import DeviceDecoder
+        executors = self._prepare()
+        append = {dtype: self._loaded[key].fn for dtype, key in self.kv_append.items()}
+        return DeviceDecoder(executors["main"], self.module, append, require_gpu(), graphs=graphs)
+
     # ------------------------------------------------------------ artifact
 
     def files(self) -> dict[str, bytes]:
@@ -161,6 +173,8 @@ class CudaExecutable(Executable):
                "act_dtype": self.info["act_dtype"], "nvcc": self.info["nvcc"],
                "functions": [p.to_json() for p in self.plans.values()],
                "kernels": [self.kernels[k] for k in sorted(self.kernels)]}
+        if self.kv_append:
+            doc["kv_append"] = dict(sorted(self.kv_append.items()))
         if self.spec is not None:
             doc["host_isa"] = self.spec.to_json()
         return {**self.blobs, "plan.json": json.dumps(doc, sort_keys=True).encode()}
@@ -193,6 +207,7 @@ def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable
     ``nvcc`` (a missing nvcc under "required" raises NvccMissingError before any work)."""
     from .cuda_build import NVCC_MISSING, CudaCompiler, NvccMissingError, nvcc_flags, nvcc_path
     from .anchor_rules import cuda_anchor_rules
+    from .kv_append import kv_append_kernel
     from .lowering import lower_function
     from .schedule_cuda import cuda_target
     arch, act = _options(options)
@@ -220,11 +235,26 @@ def compile_module(module: Module, options: Mapping[str, Any]) -> CudaExecutable
                 s.kernel = rename[s.kernel]
         plans[fn.name] = plan
         derived[fn.name] = consts
+    kv_append: dict[str, str] = {}
+    for dtype in decode_cache_dtypes(module):
+        k = compiler.compile(kv_append_kernel(dtype))
+        kernels[k.key] = k.meta()
+        blobs.update(_kernel_blobs(k))
+        kv_append[dtype] = k.key
     info = {"arch": arch, "act_dtype": act, "target": str(target.export().get("kind")) + f" {arch}",
             "compile_seconds": time.perf_counter() - t0, "kernel_compile_seconds": compiler.compile_seconds,
             "nvcc_seconds": compiler.nvcc_seconds, "nvcc": nvcc_record(mode, nvcc_flags(target)),
             "cache_hits": compiler.hits, "cache_misses": compiler.misses, "schedule": SCHEDULE_ID}
-    return CudaExecutable(module, plans, kernels, blobs, derived, info, host_spec(target))
+    return CudaExecutable(module, plans, kernels, blobs, derived, info, host_spec(target), kv_append)
+
+
+def decode_cache_dtypes(module: Module) -> list[str]:
+    """Cache dtypes of a causal LM's ``main`` that takes an attention mask (kv-cache pass): the
+    kv_append kernels device-resident decode needs (``cuda_decode``); none for other modules."""
+    fn = next((f for f in module.functions if f.name == "main"), None)
+    if module.attr("kind") != "causal_lm" or fn is None or len(fn.params) < 4 or fn.params[-1].name != "attention_mask":
+        return []
+    return sorted({p.type.dtype for p in fn.params[2:-1]})
 
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:
@@ -279,7 +309,13 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
     consts = {name: resolve_consts(module, plan, None, files.path("plan.json")) for name, plan in plans.items()}
     info = {"arch": arch_doc, "act_dtype": act_doc,
             "compile_seconds": 0.0, "loaded_from_artifact": True, "schedule": SCHEDULE_ID, "nvcc": nvcc}
-    exe = CudaExecutable(module, plans, kernels, blobs, {}, info, spec)
+    kv_append = {}
+    if doc.has("kv_append"):  # optional: artifacts before device-resident decode have none
+        for dtype, key in doc["kv_append"].obj().items():
+            if not isinstance(key, str) or dtype not in ACT_DTYPES or key not in kernels:
+                doc["kv_append"].fail(f"entry {dtype!r}: {key!r} is not a listed kernel of a cache dtype"[:200])
+            kv_append[dtype] = key
+    exe = CudaExecutable(module, plans, kernels, blobs, {}, info, spec, kv_append)
     exe._consts = consts
     return exe
 
