@@ -23,7 +23,6 @@ enum { OP_END = 0, OP_TABLE = 1, OP_SYNC = 2, OP_TILE = 3, OP_LUTACC = 4, OP_SCA
 enum { ERR_HEADER = 1, ERR_OPCODE = 2, ERR_TABLE = 3, ERR_WEIGHTS = 4, ERR_LUTACC = 5, ERR_SCALE = 6,
        ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11, ERR_LAUNCH = 12 };
 
-#define PREFETCH_BYTES 1024 /* weight words are read in one sequential stream per tile */
 #define FIELD(w, lo, width) (((w) >> (lo)) & ((1ULL << (width)) - 1))
 
 typedef struct { int32_t row, col; float val; } outlier_t;
@@ -31,6 +30,14 @@ typedef struct { int32_t row, col; float val; } outlier_t;
 static int64_t fail(int64_t pos, int code) { return (pos << 8) | code; }
 
 int lut_abi_version(void) { return 2; }
+
+/* Which build this is (native.py ENGINE_ISAS[...].code): 1 AVX2, 2 AVX-512 (F/BW/VL). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LUT_ISA 2
+#else
+#define LUT_ISA 1
+#endif
+int lut_isa(void) { return LUT_ISA; }
 
 /* ------------------------------------------------------------------ tables */
 
@@ -85,61 +92,6 @@ static void build_table(const float* X, int64_t kpad, int64_t m, int64_t kg0, in
                          _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)));
     }
     *ts = mx / 127.f;
-}
-
-/* ------------------------------------------------------------------ lookup-accumulate, int8 tables */
-
-#define I8_BODY(MC)                                                                                   \
-    {                                                                                                 \
-        __m256i a_lo[MC], a_hi[MC];                                                                   \
-        for (int u = 0; u < MC; u++) { a_lo[u] = _mm256_setzero_si256(); a_hi[u] = a_lo[u]; }        \
-        for (int w = 0; w < nwords; w++) {                                                            \
-            _mm_prefetch((const char*)(wp + 32 * (int64_t)w + PREFETCH_BYTES), _MM_HINT_T0);          \
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(wp + 32 * (int64_t)w));             \
-            const __m256i lo = _mm256_and_si256(v, mask);                                             \
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                       \
-            for (int u = 0; u < MC; u++) {                                                            \
-                const int8_t* tr = T + (m + u) * tstride;                                             \
-                if (quad) {                                                                           \
-                    const __m256i tb = _mm256_broadcastsi128_si256(                                   \
-                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + w) * 16)));                      \
-                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, lo))); \
-                    a_hi[u] = _mm256_add_epi16(a_hi[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, hi))); \
-                } else {                                                                              \
-                    const __m256i t0 = _mm256_broadcastsi128_si256(                                   \
-                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w) * 16)));                  \
-                    const __m256i t1 = _mm256_broadcastsi128_si256(                                   \
-                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w + 1) * 16)));              \
-                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t0, lo))); \
-                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t1, hi))); \
-                }                                                                                     \
-            }                                                                                         \
-        }                                                                                             \
-        for (int u = 0; u < MC; u++) {                                                                \
-            float* acc = ACC + (m + u) * 16;                                                          \
-            const __m256 ts = _mm256_set1_ps(TS[(m + u) * tsstride]);                                 \
-            /* row sums lo * 2^p + hi * 2^(p+2), exact in int32: madd over (lo, hi) pairs gives      \
-             * rows 0-3,8-11 (l0x) and 4-7,12-15 (l1x); the lane swap restores row order */          \
-            const __m256i l0x = _mm256_madd_epi16(_mm256_unpacklo_epi16(a_lo[u], a_hi[u]), pw);       \
-            const __m256i l1x = _mm256_madd_epi16(_mm256_unpackhi_epi16(a_lo[u], a_hi[u]), pw);       \
-            const __m256i l0 = _mm256_permute2x128_si256(l0x, l1x, 0x20);                             \
-            const __m256i l1 = _mm256_permute2x128_si256(l0x, l1x, 0x31);                             \
-            _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc),                                  \
-                                                _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));           \
-            _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8),                          \
-                                                    _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));       \
-        }                                                                                             \
-    }
-
-static void lutacc_i8(const uint8_t* wp, int nwords, int quad, int plane, int64_t kg0, const int8_t* T,
-                      int64_t tstride, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
-    const __m256i mask = _mm256_set1_epi8(0x0f);
-    const __m256i w12 = _mm256_set1_epi16(0x0201); /* unsigned bytes 1, 2: planes p and p+1 */
-    /* int16 weights (2^p, 2^(p+2)) of the (lo, hi) accumulators; pair mode has no hi part (zero) */
-    const __m256i pw = _mm256_set1_epi32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 0u) << 16)));
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) I8_BODY(4)
-    for (; m < M; m++) I8_BODY(1)
 }
 
 /* ------------------------------------------------------------------ lookup-accumulate, fp32 tables */
@@ -277,9 +229,10 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
 
 /* ------------------------------------------------------------------ execution */
 
+/* One tile with fp32 tables (int8 tables run in groups of tiles: run_group). */
 static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uint8_t* W, const float* P,
-                        const outlier_t* O, const float* X, int64_t M, float* Y, int fp32, const void* tables,
-                        int64_t tstride, const float* TS, const float* XS, float* acc, float* yt) {
+                        const outlier_t* O, const float* X, int64_t M, float* Y, const float* tables,
+                        int64_t tstride, const float* XS, float* acc, float* yt) {
     int64_t wptr = (int64_t)FIELD(s[i], 8, 56);
     memset(acc, 0, sizeof(float) * 16 * M);
     memset(yt, 0, sizeof(float) * 16 * M);
@@ -290,9 +243,7 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
             const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
             const int64_t kg0 = FIELD(w, 13, 20);
             const int nwords = (int)FIELD(w, 33, 7) + 1;
-            if (fp32) lutacc_f32(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, M, acc);
-            else lutacc_i8(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, TS + FIELD(w, 40, 20),
-                           p->blocks, M, acc);
+            lutacc_f32(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, M, acc);
             wptr += nwords;
             break;
         }
@@ -324,6 +275,237 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
             for (int64_t m = 0; m < M; m++) memcpy(Y + m * p->n + row0, yt + m * 16, sizeof(float) * nrows);
             return;
         }
+        default:
+            return; /* unreachable after validation */
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ tile groups (int8 tables) */
+
+/* Up to GROUP_TILES tiles of one shape (same LUTACC and SCALE words but for SCALE.pidx, which
+ * codegen emits for every tile of a layer) run together: each table vector is loaded once and
+ * used for every tile, the loop and dispatch overhead is paid once per group, and the tiles'
+ * accumulations are independent chains. Per row, every float operation is the single-tile
+ * path's, in the same order, so grouping changes no bit of the result. With AVX-512 two tiles
+ * share one 512-bit register (tile a in the low half, b in the high half). */
+#define GROUP_TILES 4
+#define GROUP_PREFETCH 512 /* bytes ahead in each tile's weight stream, one prefetch per cache line */
+#define SCALE_PIDX_MASK (~(((1ULL << 28) - 1) << 36))
+
+static int same_shape(const uint64_t* s, const int64_t* tile, int nt) {
+    for (int64_t rel = 1;; rel++) {
+        const uint64_t w0 = s[tile[0] + rel];
+        const int op = (int)(w0 & 0xff);
+        for (int t = 1; t < nt; t++) {
+            const uint64_t w = s[tile[t] + rel];
+            if ((int)(w & 0xff) != op) return 0;
+            if (op == OP_LUTACC && w != w0) return 0;
+            if (op == OP_SCALE && (w & SCALE_PIDX_MASK) != (w0 & SCALE_PIDX_MASK)) return 0;
+        }
+        if (op == OP_STORE) return 1;
+    }
+}
+
+#if LUT_ISA == 2
+/* The words of tiles a and b (b may be a again) as one 512-bit vector. */
+static inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)a)),
+                              _mm256_loadu_si256((const __m256i*)b), 1);
+}
+
+#define GROUP_BODY(NV)                                                                                \
+    {                                                                                                 \
+        __m512i a_lo[NV], a_hi[NV];                                                                   \
+        for (int v = 0; v < NV; v++) { a_lo[v] = _mm512_setzero_si512(); a_hi[v] = a_lo[v]; }        \
+        for (int w = 0; w < nwords; w++) {                                                            \
+            if (quad) {                                                                               \
+                const __m512i tb = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(tr + (kg0 + w) * 16))); \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    if (!(w & 1)) {                                                                   \
+                        _mm_prefetch((const char*)(wa[v] + 32 * (int64_t)w + GROUP_PREFETCH), _MM_HINT_T0); \
+                        _mm_prefetch((const char*)(wb[v] + 32 * (int64_t)w + GROUP_PREFETCH), _MM_HINT_T0); \
+                    }                                                                                 \
+                    const __m512i x = load_pair(wa[v] + 32 * (int64_t)w, wb[v] + 32 * (int64_t)w);    \
+                    const __m512i lo = _mm512_and_si512(x, mask);                                     \
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), mask);               \
+                    a_lo[v] = _mm512_add_epi16(a_lo[v], _mm512_maddubs_epi16(w12, _mm512_shuffle_epi8(tb, lo))); \
+                    a_hi[v] = _mm512_add_epi16(a_hi[v], _mm512_maddubs_epi16(w12, _mm512_shuffle_epi8(tb, hi))); \
+                }                                                                                     \
+            } else {                                                                                  \
+                const __m512i t0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w) * 16))); \
+                const __m512i t1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w + 1) * 16))); \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    if (!(w & 1)) {                                                                   \
+                        _mm_prefetch((const char*)(wa[v] + 32 * (int64_t)w + GROUP_PREFETCH), _MM_HINT_T0); \
+                        _mm_prefetch((const char*)(wb[v] + 32 * (int64_t)w + GROUP_PREFETCH), _MM_HINT_T0); \
+                    }                                                                                 \
+                    const __m512i x = load_pair(wa[v] + 32 * (int64_t)w, wb[v] + 32 * (int64_t)w);    \
+                    const __m512i lo = _mm512_and_si512(x, mask);                                     \
+                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(x, 4), mask);               \
+                    a_lo[v] = _mm512_add_epi16(a_lo[v], _mm512_maddubs_epi16(w12, _mm512_shuffle_epi8(t0, lo))); \
+                    a_hi[v] = _mm512_add_epi16(a_hi[v], _mm512_maddubs_epi16(w12, _mm512_shuffle_epi8(t1, hi))); \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        const __m512 ts = _mm512_set1_ps(tsv);                                                        \
+        for (int v = 0; v < NV; v++) {                                                                \
+            /* int32 lanes [a0-3, a8-11, b0-3, b8-11] and [a4-7, a12-15, b4-7, b12-15] */             \
+            const __m512i l0x = _mm512_madd_epi16(_mm512_unpacklo_epi16(a_lo[v], a_hi[v]), pw);       \
+            const __m512i l1x = _mm512_madd_epi16(_mm512_unpackhi_epi16(a_lo[v], a_hi[v]), pw);       \
+            for (int h = 0; h < 2 && 2 * v + h < nt; h++) {                                           \
+                const __m512i rows = _mm512_permutex2var_epi64(l0x, h ? idx_b : idx_a, l1x);          \
+                float* acc = ACC + ((2 * v + h) * M + m) * 16;                                        \
+                _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc),                              \
+                                                    _mm512_mul_ps(_mm512_cvtepi32_ps(rows), ts)));     \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad, int plane, int64_t kg0,
+                         const int8_t* T, int64_t tstride, const float* TS, int64_t tsstride, int64_t M,
+                         float* ACC) {
+    const __m512i mask = _mm512_set1_epi8(0x0f);
+    const __m512i w12 = _mm512_set1_epi16(0x0201);
+    /* pair mode: t1's lookups go to a_hi, weighted like a_lo (same plane) */
+    const __m512i pw = _mm512_set1_epi32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16)));
+    const __m512i idx_a = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i idx_b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const uint8_t *wa[GROUP_TILES / 2], *wb[GROUP_TILES / 2];
+    for (int v = 0; v < (nt + 1) / 2; v++) { wa[v] = wp[2 * v]; wb[v] = wp[2 * v + 1 < nt ? 2 * v + 1 : 2 * v]; }
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t* tr = T + m * tstride;
+        const float tsv = TS[m * tsstride];
+        if (nt > 2) GROUP_BODY(2) else GROUP_BODY(1)
+    }
+}
+#else
+#define GROUP_BODY(NV)                                                                                \
+    {                                                                                                 \
+        __m256i a_lo[NV], a_hi[NV];                                                                   \
+        for (int v = 0; v < NV; v++) { a_lo[v] = _mm256_setzero_si256(); a_hi[v] = a_lo[v]; }        \
+        for (int w = 0; w < nwords; w++) {                                                            \
+            if (quad) {                                                                               \
+                const __m256i tb = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(tr + (kg0 + w) * 16))); \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    if (!(w & 1)) _mm_prefetch((const char*)(wp[v] + 32 * (int64_t)w + GROUP_PREFETCH), _MM_HINT_T0); \
+                    const __m256i x = _mm256_loadu_si256((const __m256i*)(wp[v] + 32 * (int64_t)w));  \
+                    const __m256i lo = _mm256_and_si256(x, mask);                                     \
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);               \
+                    a_lo[v] = _mm256_add_epi16(a_lo[v], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, lo))); \
+                    a_hi[v] = _mm256_add_epi16(a_hi[v], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, hi))); \
+                }                                                                                     \
+            } else {                                                                                  \
+                const __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w) * 16))); \
+                const __m256i t1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w + 1) * 16))); \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    if (!(w & 1)) _mm_prefetch((const char*)(wp[v] + 32 * (int64_t)w + GROUP_PREFETCH), _MM_HINT_T0); \
+                    const __m256i x = _mm256_loadu_si256((const __m256i*)(wp[v] + 32 * (int64_t)w));  \
+                    const __m256i lo = _mm256_and_si256(x, mask);                                     \
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), mask);               \
+                    a_lo[v] = _mm256_add_epi16(a_lo[v], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t0, lo))); \
+                    a_hi[v] = _mm256_add_epi16(a_hi[v], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t1, hi))); \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        const __m256 ts = _mm256_set1_ps(tsv);                                                        \
+        for (int v = 0; v < NV; v++) {                                                                \
+            float* acc = ACC + (v * M + m) * 16;                                                      \
+            const __m256i l0x = _mm256_madd_epi16(_mm256_unpacklo_epi16(a_lo[v], a_hi[v]), pw);       \
+            const __m256i l1x = _mm256_madd_epi16(_mm256_unpackhi_epi16(a_lo[v], a_hi[v]), pw);       \
+            const __m256i l0 = _mm256_permute2x128_si256(l0x, l1x, 0x20);                             \
+            const __m256i l1 = _mm256_permute2x128_si256(l0x, l1x, 0x31);                             \
+            _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts))); \
+            _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8),                          \
+                                                    _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));       \
+        }                                                                                             \
+    }
+
+static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad, int plane, int64_t kg0,
+                         const int8_t* T, int64_t tstride, const float* TS, int64_t tsstride, int64_t M,
+                         float* ACC) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    const __m256i w12 = _mm256_set1_epi16(0x0201);
+    const __m256i pw = _mm256_set1_epi32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16)));
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t* tr = T + m * tstride;
+        const float tsv = TS[m * tsstride];
+        switch (nt) {
+        case 4: GROUP_BODY(4) break;
+        case 3: GROUP_BODY(3) break;
+        case 2: GROUP_BODY(2) break;
+        default: GROUP_BODY(1) break;
+        }
+    }
+}
+#endif
+
+/* YT = YT + (ACC * s - so * xs); ACC = 0 for one tile's 16 rows (the spec's order, per lane). */
+static inline void scale_rows(float* y, float* a, const float* blk, float xs) {
+#if LUT_ISA == 2
+    const __m512 t2 = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(blk));
+    const __m512 t3 = _mm512_mul_ps(_mm512_loadu_ps(blk + 16), _mm512_set1_ps(xs));
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), _mm512_sub_ps(t2, t3)));
+    _mm512_storeu_ps(a, _mm512_setzero_ps());
+#else
+    const __m256 vxs = _mm256_set1_ps(xs);
+    for (int h = 0; h < 16; h += 8) {
+        const __m256 t2 = _mm256_mul_ps(_mm256_loadu_ps(a + h), _mm256_loadu_ps(blk + h));
+        const __m256 t3 = _mm256_mul_ps(_mm256_loadu_ps(blk + 16 + h), vxs);
+        _mm256_storeu_ps(y + h, _mm256_add_ps(_mm256_loadu_ps(y + h), _mm256_sub_ps(t2, t3)));
+        _mm256_storeu_ps(a + h, _mm256_setzero_ps());
+    }
+#endif
+}
+
+/* Runs nt same-shape tiles (TILE words at s[tile[t]]) with int8 tables; acc, yt: [nt][M][16]. */
+static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan_t* p, const uint8_t* W,
+                      const float* P, const outlier_t* O, const float* X, int64_t M, float* Y, const int8_t* tables,
+                      int64_t tstride, const float* TS, const float* XS, float* acc, float* yt) {
+    const uint8_t* wp[GROUP_TILES];
+    for (int t = 0; t < nt; t++) wp[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
+    memset(acc, 0, sizeof(float) * 16 * M * nt);
+    memset(yt, 0, sizeof(float) * 16 * M * nt);
+    for (int64_t rel = 1;; rel++) {
+        const uint64_t w = s[tile[0] + rel];
+        switch ((int)(w & 0xff)) {
+        case OP_LUTACC: {
+            const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
+            const int nwords = (int)FIELD(w, 33, 7) + 1;
+            group_lutacc(wp, nt, nwords, quad, plane, FIELD(w, 13, 20), tables, tstride, TS + FIELD(w, 40, 20),
+                         p->blocks, M, acc);
+            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
+            break;
+        }
+        case OP_SCALE: {
+            const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;
+            for (int64_t m = 0; m < M; m++) {
+                float xs = XS[m * p->blocks + b0];
+                for (int64_t b = b0 + 1; b < b0 + nb; b++) xs = xs + XS[m * p->blocks + b];
+                for (int t = 0; t < nt; t++)
+                    scale_rows(yt + (t * M + m) * 16, acc + (t * M + m) * 16,
+                               P + 32 * (int64_t)FIELD(s[tile[t] + rel], 36, 28), xs);
+            }
+            break;
+        }
+        case OP_OUTLIER:
+            for (int t = 0; t < nt; t++) {
+                const uint64_t wt = s[tile[t] + rel];
+                const int64_t start = FIELD(wt, 8, 36), count = FIELD(wt, 44, 20) + 1;
+                float* ytt = yt + t * M * 16;
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t o = start; o < start + count; o++)
+                        ytt[m * 16 + O[o].row] = ytt[m * 16 + O[o].row] + O[o].val * X[m * p->kpad + O[o].col];
+            }
+            break;
+        case OP_STORE:
+            for (int t = 0; t < nt; t++) {
+                const uint64_t wt = s[tile[t] + rel];
+                const int64_t row0 = FIELD(wt, 8, 32), nrows = FIELD(wt, 40, 5) + 1;
+                for (int64_t m = 0; m < M; m++)
+                    memcpy(Y + m * p->n + row0, yt + (t * M + m) * 16, sizeof(float) * nrows);
+            }
+            return;
         default:
             return; /* unreachable after validation */
         }
@@ -371,6 +553,7 @@ typedef struct {
     const uint8_t* W; const float* P; const outlier_t* O; const float* X; int64_t M; float* Y; int fp32;
     plan_t p; void* tables; int64_t tstride; float *TS, *XS;
     int oom;
+    int64_t next; /* first tile not yet handed out (segments_task) */
 } job_t;
 
 static void split(int64_t n, int task, int ntask, int64_t* begin, int64_t* end) {
@@ -391,14 +574,25 @@ static void tables_range(job_t* j, int64_t begin, int64_t end) { /* over (TABLE 
 
 static void segments_range(job_t* j, int64_t begin, int64_t end) {
     if (begin >= end) return;
-    const size_t bytes = (size_t)(64 * ((j->M * 16 * 4 + 63) / 64));
+    const size_t bytes = (size_t)(64 * ((GROUP_TILES * j->M * 16 * 4 + 63) / 64));
     float* acc = aligned_alloc(64, bytes);
     float* yt = aligned_alloc(64, bytes);
+    const int64_t* tile = j->pos + j->ntables;
     if (!acc || !yt) __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
     else
-        for (int64_t g = begin; g < end; g++)
-            run_segment(j->s, j->pos[j->ntables + g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->fp32, j->tables,
-                        j->tstride, j->TS, j->XS, acc, yt);
+        for (int64_t g = begin; g < end;) {
+            int nt = 1;
+            if (!j->fp32) /* the longest run of same-shape tiles that fits a group */
+                for (int n = end - g < GROUP_TILES ? (int)(end - g) : GROUP_TILES; n > 1; n--)
+                    if (same_shape(j->s, tile + g, n)) { nt = n; break; }
+            if (j->fp32)
+                run_segment(j->s, tile[g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
+                            j->XS, acc, yt);
+            else
+                run_group(j->s, tile + g, nt, &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
+                          j->TS, j->XS, acc, yt);
+            g += nt;
+        }
     free(acc);
     free(yt);
 }
@@ -411,12 +605,18 @@ static int tables_task(int task, par_env_t* env, void* cdata) {
     return 0;
 }
 
+/* Tiles are handed out in chunks from a shared counter, not split in fixed shares: on a shared
+ * machine one descheduled thread would otherwise hold up the call for its whole share. */
 static int segments_task(int task, par_env_t* env, void* cdata) {
     job_t* j = cdata;
-    int64_t b, e;
-    split(j->nsegs, task, env->num_task, &b, &e);
-    segments_range(j, b, e);
-    return 0;
+    (void)task;
+    int64_t chunk = j->nsegs / (8 * (int64_t)(env->num_task > 0 ? env->num_task : 1));
+    chunk = chunk < GROUP_TILES ? GROUP_TILES : chunk - chunk % GROUP_TILES;
+    for (;;) {
+        const int64_t b = __atomic_fetch_add(&j->next, chunk, __ATOMIC_RELAXED);
+        if (b >= j->nsegs) return 0;
+        segments_range(j, b, b + chunk < j->nsegs ? b + chunk : j->nsegs);
+    }
 }
 
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
