@@ -27,6 +27,7 @@ from .program import LayerEntry
 
 TABLE_KINDS = ("int8", "fp32")
 EXECUTORS = ("auto", "fast", "reference")
+ACTIVATION_BITS = (32, 8)
 
 
 class LUTOptionError(OptionError):
@@ -49,6 +50,13 @@ def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
     if executor not in EXECUTORS:
         raise LUTOptionError(f"lut_executor must be one of {EXECUTORS}, got {executor!r}")
     host.check_choice(options.get("lut_host", "auto"))
+    abits = options.get("activation_bits", 32)  # artifacts from before the option: float activations
+    if isinstance(abits, bool) or abits not in ACTIVATION_BITS:
+        raise LUTOptionError(f"activation_bits must be one of {ACTIVATION_BITS} (8: activations quantized to int8 "
+                             f"per table block, integer dot products; 32: float activations), got {abits!r}")
+    if abits == 8 and tables != "int8":
+        raise LUTOptionError("activation_bits=8 computes exact integer tables of int8 activations; it needs "
+                             f"lut_tables='int8', got {tables!r}")
     return tables == "int8", threads, executor
 
 
@@ -87,6 +95,7 @@ class LUTExecutable(Executable):
         self.isa = isa
         self.int8, self.threads, choice = _check_options(options)
         self.table_group = options["lut_table_group"]
+        self.activation_bits = options.get("activation_bits", 32)
         self.fast = None
         if choice != "reference":
             self.fast = native.load_library(library, isa)
@@ -106,8 +115,9 @@ class LUTExecutable(Executable):
     def run_layer(self, entry: LayerEntry, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """y [m, out] for x2 [m, in] float32 (C-contiguous), written into ``out`` when given."""
         if self.fast is not None:
-            return self.fast.run(entry.program, x2, self.int8, self.threads, out=out, launcher=self.launcher)
-        y = reference_executor.run(entry.program, x2, self.int8)
+            return self.fast.run(entry.program, x2, self.int8, self.threads, out=out, launcher=self.launcher,
+                                 activation_bits=self.activation_bits)
+        y = reference_executor.run(entry.program, x2, self.int8, self.activation_bits)
         if out is None:
             return y
         out[...] = y
@@ -127,7 +137,8 @@ class LUTExecutable(Executable):
 
     def report(self) -> dict[str, Any]:
         return {"executor": self.executor, "lut_isa": self.isa, **self.host.report(), "lut_tables": "int8" if self.int8 else "fp32",
-                "lut_table_group": self.table_group, "threads": self.threads, "streams": self._stats}
+                "lut_table_group": self.table_group, "activation_bits": self.activation_bits, "threads": self.threads,
+                "streams": self._stats}
 
 
 class LUTBackend(Backend):
@@ -136,7 +147,7 @@ class LUTBackend(Backend):
 
     def option_defaults(self, target: str) -> dict[str, Any]:
         return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto",
-                "lut_host": "auto", "mcpu": host.PORTABLE_MCPU}
+                "lut_host": "auto", "mcpu": host.PORTABLE_MCPU, "activation_bits": 32}
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
         """fp32 tables: float32 sums in another order (tests/test_lut_backend.py: 1e-5).

@@ -68,6 +68,7 @@ ENGINE_ISAS: dict[str, EngineISA] = {i.name: i for i in (
                                        _AVX2_FLAGS + ("avx512f", "avx512bw", "avx512vl")), 2),
 )}
 PORTABLE_ISA = "avx2"
+TABLES_INT8, TABLES_FP32, TABLES_A8 = 0, 1, 2   # lut_exec_tables' table kinds (native/lutexec.c)
 # the portable build's flags and spec under their historical names
 CFLAGS = ENGINE_ISAS[PORTABLE_ISA].cflags
 SPEC = ENGINE_ISAS[PORTABLE_ISA].spec
@@ -174,7 +175,9 @@ class NativeExecutor:
         self._plan = self._lib.lut_plan
         self._plan.argtypes = [p, i64, i64, i64, p, i64, p, p]
         self._plan.restype = i64
-        self._run_stream = self._lib.lut_exec
+        # libraries in artifacts from before W4A8 have only lut_exec (int8 or fp32 tables)
+        self.has_a8 = hasattr(self._lib, "lut_exec_tables")
+        self._run_stream = self._lib.lut_exec_tables if self.has_a8 else self._lib.lut_exec
         self._run_stream.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p]
         self._run_stream.restype = i64
         self._plans: dict[int, tuple] = {}
@@ -200,11 +203,19 @@ class NativeExecutor:
         return bound
 
     def run(self, program: LayerProgram, x: np.ndarray, int8_tables: bool = True, threads: int = 0,
-            out: np.ndarray | None = None, launcher: int | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, launcher: int | None = None, activation_bits: int = 32) -> np.ndarray:
         """y [M, N] for x [M, K]; written into ``out`` (float32, C-contiguous [M, N]) when given.
         ``launcher``: address of a TVMBackendParallelLaunch-compatible function to run the
-        parallel parts on (None: OpenMP)."""
-        return self.plan(program)(x, int8_tables, threads, out, launcher)
+        parallel parts on (None: OpenMP). ``activation_bits=8``: activations quantized to int8
+        per table block, exact integer tables (W4A8; needs ``int8_tables``)."""
+        if activation_bits not in (8, 32):
+            raise ValueError(f"activation_bits must be 8 or 32, got {activation_bits!r}")
+        if activation_bits == 8 and not int8_tables:
+            raise ValueError("activation_bits=8 runs on integer tables; fp32 tables take float activations")
+        if activation_bits == 8 and not self.has_a8:
+            raise NativeBuildError("this lutexec.so predates activation_bits=8; recompile the artifact")
+        kind = TABLES_A8 if activation_bits == 8 else TABLES_INT8 if int8_tables else TABLES_FP32
+        return self.plan(program)(x, kind, threads, out, launcher)
 
 
 class _BoundStream:
@@ -227,7 +238,7 @@ class _BoundStream:
             and p.params is program.params and self.sizes == (program.weights.size, program.params.size) \
             and not (program.stream.flags.writeable or program.outliers.flags.writeable)
 
-    def __call__(self, x: np.ndarray, int8_tables: bool, threads: int, out: np.ndarray | None,
+    def __call__(self, x: np.ndarray, kind: int, threads: int, out: np.ndarray | None,
                  launcher: int | None = None) -> np.ndarray:
         m = x.shape[0]
         if x.ndim != 2 or x.shape[1] != self.k:
@@ -252,7 +263,7 @@ class _BoundStream:
             return y
         if threads == 0 and m * self.macs_per_row < (AUTO_THREADS_MACS_POOL if launcher else AUTO_THREADS_MACS):
             threads = 1
-        err = self._call(xp.ctypes.data, m, y.ctypes.data, 0 if int8_tables else 1, int(threads), launcher)
+        err = self._call(xp.ctypes.data, m, y.ctypes.data, kind, int(threads), launcher)
         if err:
             raise StreamError(f"LUT executor failed: {ERRORS.get(err & 0xFF, 'error')}")
         return y
