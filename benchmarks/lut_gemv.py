@@ -137,9 +137,28 @@ def goal_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table
     return rows
 
 
+def cpu_detail() -> str:
+    """cpuinfo's family/model (the model name may be just "AMD EPYC") and the vector extensions
+    the engine builds care about."""
+    from bitsmith.backends.native_loader import cpu_features
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = cpu_features()
+    ext = [name for name, flag in (("AVX2", "avx2"), ("AVX-512F", "avx512f"), ("AVX-512BW", "avx512bw"),
+                                   ("AVX-512VL", "avx512vl"), ("AVX-512 VNNI", "avx512_vnni")) if flag in flags]
+    return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}; " \
+           f"{', '.join(ext) or 'no AVX2'}"
+
+
 def goal_markdown(rows: list[dict], machine: str, table_group: int, load: str) -> str:
     lines = [f"# LUT GEMV at N = K = 4096, M = 1 (benchmarks/lut_gemv.py --goal)", "",
-             f"Machine: {machine}. Load average before the run: {load} (the machine is shared by other jobs: "
+             f"Machine: {machine} ({cpu_detail()}). Load average before the run: {load} (the machine is shared by other jobs: "
              "timings vary 10-30% and more between runs; compare within one row).",
              f"rtn-intK weights, group 128, int8 tables (lut_table_group {table_group}); weights rotated through "
              ">= 128 MiB of copies (each call reads them from DRAM). GB/s = engine bytes read (weight words + "
@@ -180,7 +199,7 @@ def main() -> None:
         lut = libraries[native.choose_isa("host")]
     from machine import machine_line
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"machine: {machine_line()}; load average {load}")
+    print(f"machine: {machine_line()} ({cpu_detail()}); load average {load}")
     goal = goal_table(libraries, args.cold_mib, args.table_group, np.random.default_rng(1))
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -426,6 +426,30 @@ static inline void add_parts(vec_t l0x, vec_t l1x, int v, int nt, int64_t M, int
 #endif
 }
 
+/* Pair mode, float activations: both lookups of a word went to one int16 accumulator (32 words
+ * x 2 x 381 < 2^15), so the row sums are its lanes widened and shifted by the plane: no
+ * interleave or lane permutation. Same integers as the general path, so the same floats. */
+static inline void add_pair_rows(vec_t a, int plane, int v, int nt, int64_t M, int64_t m, float tsv, float* ACC) {
+    const __m128i sh = _mm_cvtsi32_si128(plane);
+#if LUT_ISA == 2
+    const __m512 ts = _mm512_set1_ps(tsv);
+    for (int h = 0; h < 2 && 2 * v + h < nt; h++) {
+        const __m512i rows = _mm512_sll_epi32(_mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(a, 1)
+                                                                      : _mm512_castsi512_si256(a)), sh);
+        float* acc = ACC + ((2 * v + h) * M + m) * 16;
+        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_mul_ps(_mm512_cvtepi32_ps(rows), ts)));
+    }
+#else
+    (void)nt;
+    const __m256 ts = _mm256_set1_ps(tsv);
+    float* acc = ACC + (v * M + m) * 16;
+    const __m256i l0 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)), sh);
+    const __m256i l1 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)), sh);
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));
+    _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));
+#endif
+}
+
 /* NV vectors of tiles, one activation row m. Quad mode: lo nibbles -> a_lo, hi -> a_hi (planes
  * p+j and p+2+j); pair mode: lo nibbles (quad kg) -> a_lo, hi (quad kg+1) -> a_hi, both plane p+j.
  * A8 (int8 activations): the TH lookups go to a_*, the TL lookups to b_*, part = 16 a + b. */
@@ -442,11 +466,12 @@ static inline void add_parts(vec_t l0x, vec_t l1x, int v, int nt, int64_t M, int
                 const vec_t x = load_word(wp, v, nt, 32 * (int64_t)w);                                \
                 const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                    \
                 LOOKUP(a_lo[v], t0, lo);                                                              \
-                LOOKUP(a_hi[v], t1, hi);                                                              \
+                if (quad || A8) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                \
                 if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                         \
             }                                                                                         \
         }                                                                                             \
         for (int v = 0; v < NV; v++) {                                                                \
+            if (!quad && !A8) { add_pair_rows(a_lo[v], plane, v, nt, M, m, tsv, ACC); continue; }    \
             vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                                   \
             vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                                   \
             if (A8) {                                                                                 \
