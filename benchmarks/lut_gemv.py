@@ -28,8 +28,15 @@ and the ratio over torch fp32 dense (``torch.nn.functional.linear``) timed in th
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# Before torch loads libgomp (the engine shares torch's copy): OpenMP's default spin-waiting at
+# barriers makes 2-thread calls 5-10x slower than 1-thread ones whenever other jobs keep the
+# cores busy (measured: 14-35 ms instead of ~3 at load ~10 on 2 cores). Passive waits cost
+# microseconds per call on an idle machine. An explicit OMP_WAIT_POLICY is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import argparse  # noqa: E402
 import platform
 import time
 from typing import Callable
@@ -158,7 +165,8 @@ def cpu_detail() -> str:
 
 def goal_markdown(rows: list[dict], machine: str, table_group: int, load: str) -> str:
     lines = [f"# LUT GEMV at N = K = 4096, M = 1 (benchmarks/lut_gemv.py --goal)", "",
-             f"Machine: {machine} ({cpu_detail()}). Load average before the run: {load} (the machine is shared by other jobs: "
+             f"Machine: {machine} ({cpu_detail()}). OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
+             f"Load average before the run: {load} (the machine is shared by other jobs: "
              "timings vary 10-30% and more between runs; compare within one row).",
              f"rtn-intK weights, group 128, int8 tables (lut_table_group {table_group}); weights rotated through "
              ">= 128 MiB of copies (each call reads them from DRAM). GB/s = engine bytes read (weight words + "
