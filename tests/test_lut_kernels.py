@@ -178,9 +178,10 @@ def test_activation_bits_option_runs_the_model_and_is_refused_where_it_does_not_
     assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()
     with pytest.raises(BitsmithError, match="activation_bits"):
         bitsmith.compile(model, target="tvm-llvm", quant="rtn-int4", group_size=32, activation_bits=8)
-    with pytest.raises(BitsmithError, match="needs lut_tables='int8'"):
-        bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, activation_bits=8,
-                         lut_tables="fp32", lut_host="reference")
-    with pytest.raises(BitsmithError, match="activation_bits must be one of"):
-        bitsmith.compile(model, target="lut-cpu", quant="rtn-int4", group_size=32, activation_bits=4,
-                         lut_host="reference")
+    from bitsmith.backends.lut import LUTBackend, LUTOptionError, _check_options
+    defaults = LUTBackend().option_defaults("lut-cpu")
+    with pytest.raises(LUTOptionError, match="needs lut_tables='int8'"):
+        _check_options({**defaults, "activation_bits": 8, "lut_tables": "fp32"})
+    for bad in (4, True, "8"):
+        with pytest.raises(LUTOptionError, match="activation_bits must be one of"):
+            _check_options({**defaults, "activation_bits": bad})
