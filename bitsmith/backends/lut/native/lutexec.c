@@ -2,11 +2,13 @@
  *
  * It decodes the 64-bit instructions of one layer's stream and dispatches each to a vectorized
  * loop: TABLE builds activation tables, LUTACC looks 16 rows x 4 table indices up per weight
- * word with AVX2 pshufb (int8 tables) or scalar loads (fp32 tables), SCALE/OUTLIER/STORE finish
- * a tile. Every float operation follows the order the spec gives (build with
+ * word with pshufb (int8 tables; up to 4 same-shape tiles per pass, see run_group) or scalar
+ * loads (fp32 tables), SCALE/OUTLIER/STORE finish a tile. One source, two builds (native.py
+ * ENGINE_ISAS): AVX2, and AVX-512 F/BW/VL (two tiles per 512-bit register), told apart by
+ * LUT_ISA. Every float operation follows the order the spec gives (build with
  * -ffp-contract=off, no -ffast-math), so results equal the Python reference executor's bit for
- * bit. A first pass validates the whole stream against its operands before anything runs.
- * Adapted from the project's AVX2 T-MAC kernel (shared/notes/lutkern.c).
+ * bit in both builds. A first pass validates the whole stream against its operands before
+ * anything runs. Adapted from the project's AVX2 T-MAC kernel (shared/notes/lutkern.c).
  */
 #include <immintrin.h>
 #include <stdint.h>
