@@ -164,7 +164,7 @@ def cpu_detail() -> str:
 
 
 def goal_markdown(rows: list[dict], machine: str, table_group: int, load: str) -> str:
-    lines = [f"# LUT GEMV at N = K = 4096, M = 1 (benchmarks/lut_gemv.py --goal)", "",
+    lines = ["# LUT GEMV at N = K = 4096, M = 1 (benchmarks/lut_gemv.py --goal)", "",
              f"Machine: {machine} ({cpu_detail()}). OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
              f"Load average before the run: {load} (the machine is shared by other jobs: "
              "timings vary 10-30% and more between runs; compare within one row).",

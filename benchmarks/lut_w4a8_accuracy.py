@@ -74,7 +74,7 @@ def main() -> None:
               f"rms {r['rms_err']:.2e}")
     if args.markdown:
         load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-        lines = [f"# int8 activations (W4A8) on lut-cpu: accuracy cost (benchmarks/lut_w4a8_accuracy.py)", "",
+        lines = ["# int8 activations (W4A8) on lut-cpu: accuracy cost (benchmarks/lut_w4a8_accuracy.py)", "",
                  f"Machine: {machine_line()}; load average at the end {load}. {MODEL}, {args.quant} group 128, "
                  f"first {args.windows} windows of {args.ctx} tokens of {EVAL_TEXT.name}; logit errors against the "
                  "fp32-table build on the same windows.", "",
