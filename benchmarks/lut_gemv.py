@@ -14,14 +14,29 @@ same run (torch.sum over 512 MiB of float32, per thread count). GB/s counts the 
 engine reads for the weights (weight words + SCALE parameters); "codes GB/s" counts the
 packed codes alone (N*K*bits/8), as in shared/notes/cpu-lut-kernels.md.
 
+The goal table (``--goal``, also printed first by a full run) is the issue's figure: M = 1,
+N = K = 4096, 4-bit and 2-bit, 1 and 2 threads, for every engine build this CPU runs (AVX2,
+AVX-512) and for int8 activations (``activation_bits=8``): fraction of the read bandwidth
+measured right before each row in the same process (the machine is shared: bandwidth drifts),
+and the ratio over torch fp32 dense (``torch.nn.functional.linear``) timed in the same row.
+``--markdown FILE`` writes it with the machine line.
+
     python benchmarks/lut_gemv.py                 # everything (a few minutes)
+    python benchmarks/lut_gemv.py --goal --markdown benchmarks/results/lut_gemv.md
     python benchmarks/lut_gemv.py --quick         # N = K = 4096 only, 4-bit
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# Before torch loads libgomp (the engine shares torch's copy): OpenMP's default spin-waiting at
+# barriers makes 2-thread calls 5-10x slower than 1-thread ones whenever other jobs keep the
+# cores busy (measured: 14-35 ms instead of ~3 at load ~10 on 2 cores). Passive waits cost
+# microseconds per call on an idle machine. An explicit OMP_WAIT_POLICY is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import argparse  # noqa: E402
 import platform
 import time
 from typing import Callable
@@ -91,12 +106,89 @@ def tvm_runner(attrs: dict, ops: list[np.ndarray], m: int) -> tuple[Callable[[np
         return None, f"{type(e).__name__}: {str(e)[:60]}"
 
 
+def goal_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table_group: int,
+               rng: np.random.Generator) -> list[dict]:
+    """The issue's figure: M = 1, N = K = 4096, per bits, threads, engine build and activation bits."""
+    n = k = 4096
+    rows = []
+    x = rng.normal(size=(1, k)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    for bits in (4, 2):
+        attrs, ops = quantized_layer(n, k, bits, rng)
+        prog = generate(decompose(attrs, ops), table_group)
+        read = prog.weights.nbytes + prog.params.nbytes
+        copies = max(1, min(4096, (cold_mib << 20) // read))
+        progs = [LayerProgram(prog.stream, prog.weights.copy(), prog.params.copy(), prog.outliers, k)
+                 for _ in range(copies)]
+        dense_w = torch.from_numpy(dequantize(attrs, ops))
+        for threads in (1, 2):
+            for isa, lut in libraries.items():
+                for abits in (32, 8):
+                    bw = read_bandwidth(threads)
+                    torch.set_num_threads(threads)
+                    state = {"i": 0}
+
+                    def run_lut() -> None:
+                        state["i"] = (state["i"] + 1) % copies
+                        lut.run(progs[state["i"]], x, True, threads, activation_bits=abits)
+
+                    t_lut = timeit(run_lut, 0.2, 5)
+                    t_torch = timeit(lambda: torch.nn.functional.linear(xt, dense_w), 0.2, 3)
+                    row = dict(bits=bits, threads=threads, isa=isa, abits=abits, lut=t_lut, bw=bw,
+                               gbs=read / t_lut / 1e9, torch=t_torch, read=read)
+                    row["frac"] = row["gbs"] / bw
+                    rows.append(row)
+                    print(f"4096x4096 {bits}-bit T{threads} {isa:<6} a{abits:<2} | lut {t_lut * 1e3:7.3f} ms "
+                          f"{row['gbs']:5.1f} GB/s = {100 * row['frac']:3.0f}% of {bw:4.1f} GB/s read | torch fp32 "
+                          f"{t_torch * 1e3:7.3f} ms, lut {t_torch / t_lut:5.1f}x faster", flush=True)
+    return rows
+
+
+def cpu_detail() -> str:
+    """cpuinfo's family/model (the model name may be just "AMD EPYC") and the vector extensions
+    the engine builds care about."""
+    from bitsmith.backends.native_loader import cpu_features
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = cpu_features()
+    ext = [name for name, flag in (("AVX2", "avx2"), ("AVX-512F", "avx512f"), ("AVX-512BW", "avx512bw"),
+                                   ("AVX-512VL", "avx512vl"), ("AVX-512 VNNI", "avx512_vnni")) if flag in flags]
+    return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}; " \
+           f"{', '.join(ext) or 'no AVX2'}"
+
+
+def goal_markdown(rows: list[dict], machine: str, table_group: int, load: str) -> str:
+    lines = ["# LUT GEMV at N = K = 4096, M = 1 (benchmarks/lut_gemv.py --goal)", "",
+             f"Machine: {machine} ({cpu_detail()}). OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
+             f"Load average before the run: {load} (the machine is shared by other jobs: "
+             "timings vary 10-30% and more between runs; compare within one row).",
+             f"rtn-intK weights, group 128, int8 tables (lut_table_group {table_group}); weights rotated through "
+             ">= 128 MiB of copies (each call reads them from DRAM). GB/s = engine bytes read (weight words + "
+             "SCALE parameters) / time; read bandwidth = torch.sum over 512 MiB measured just before the row; "
+             "x torch = torch fp32 dense (F.linear on the dequantized weight) time / LUT time.", "",
+             "| bits | threads | engine build | activations | LUT ms | GB/s | % of read BW | read BW GB/s | "
+             "torch fp32 ms | x torch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        act = "int8 (activation_bits=8)" if r["abits"] == 8 else "fp32 (int8 tables)"
+        lines.append(f"| {r['bits']} | {r['threads']} | {r['isa']} | {act} | {r['lut'] * 1e3:.3f} | {r['gbs']:.1f} | "
+                     f"{100 * r['frac']:.0f}% | {r['bw']:.1f} | {r['torch'] * 1e3:.3f} | {r['torch'] / r['lut']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="N = K = 4096, 4-bit only")
     ap.add_argument("--cold-mib", type=int, default=128, help="total size of the rotated weight copies (> L3)")
     ap.add_argument("--table-group", type=int, default=32, help="activations per int8 table scale (lut_table_group)")
     ap.add_argument("--library", help="a prebuilt lutexec.so (default: build native/lutexec.c with gcc now)")
+    ap.add_argument("--goal", action="store_true", help="only the N = K = 4096 goal table (every engine build)")
+    ap.add_argument("--markdown", help="write the goal table to this markdown file")
     args = ap.parse_args()
     shapes = {"4096x4096": SHAPES["4096x4096"]} if args.quick else SHAPES
     bit_list = (4,) if args.quick else (2, 3, 4)
@@ -109,6 +201,19 @@ def main() -> None:
     else:
         library = native.build_library()
     lut = native.load_library(library)
+    libraries = {isa: native.load_library(native.build_library(isa=isa), isa)
+                 for isa in native.ENGINE_ISAS if native.cpu_runs(isa)}
+    if not args.library:
+        lut = libraries[native.choose_isa("host")]
+    from machine import machine_line
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    print(f"machine: {machine_line()} ({cpu_detail()}); load average {load}")
+    goal = goal_table(libraries, args.cold_mib, args.table_group, np.random.default_rng(1))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(goal_markdown(goal, machine_line(), args.table_group, load))
+    if args.goal:
+        return
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:

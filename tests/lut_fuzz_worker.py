@@ -34,15 +34,16 @@ def write_message(stream, arrays: dict[str, np.ndarray]) -> None:
     stream.flush()
 
 
-def main(library_path: str) -> None:
+def main(library_path: str, engine_isa: str = "avx2") -> None:
     from bitsmith.backends import native_loader
     from bitsmith.backends.lut import isa, native
     from bitsmith.backends.lut.codegen import LayerProgram
     with open(library_path, "rb") as f:
         library = f.read()
     # the parent test process built this library; this worker trusts it as a caller would
-    native_loader.grant(native_loader.sha256(library), native.SPEC, native_loader.TRUSTED_CALLER)
-    exe = native.NativeExecutor(library)
+    native_loader.grant(native_loader.sha256(library), native.ENGINE_ISAS[engine_isa].spec,
+                        native_loader.TRUSTED_CALLER)
+    exe = native.NativeExecutor(library, engine_isa)
     while (req := read_message(sys.stdin.buffer)) is not None:
         exe._plans.clear()  # every request is a new program; keep nothing from the last one
         prog = LayerProgram(req["stream"], req["weights"], req["params"], req["outliers"], int(req["in_features"]))
@@ -59,4 +60,4 @@ def main(library_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

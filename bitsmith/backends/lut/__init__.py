@@ -27,6 +27,7 @@ from .program import LayerEntry
 
 TABLE_KINDS = ("int8", "fp32")
 EXECUTORS = ("auto", "fast", "reference")
+ACTIVATION_BITS = (32, 8)
 
 
 class LUTOptionError(OptionError):
@@ -49,6 +50,13 @@ def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
     if executor not in EXECUTORS:
         raise LUTOptionError(f"lut_executor must be one of {EXECUTORS}, got {executor!r}")
     host.check_choice(options.get("lut_host", "auto"))
+    abits = options.get("activation_bits", 32)  # artifacts from before the option: float activations
+    if isinstance(abits, bool) or abits not in ACTIVATION_BITS:
+        raise LUTOptionError(f"activation_bits must be one of {ACTIVATION_BITS} (8: activations quantized to int8 "
+                             f"per table block, integer dot products; 32: float activations), got {abits!r}")
+    if abits == 8 and tables != "int8":
+        raise LUTOptionError("activation_bits=8 computes exact integer tables of int8 activations; it needs "
+                             f"lut_tables='int8', got {tables!r}")
     return tables == "int8", threads, executor
 
 
@@ -77,21 +85,25 @@ class LUTExecutable(Executable):
     run on the calling thread's TVM pool or OpenMP team."""
 
     def __init__(self, module: Module, layers: list[LayerEntry], library: bytes, options: Mapping[str, Any],
-                 host_factory: Callable[[Mapping[tuple[str, str], LayerEntry], host.LayerRunner], Any]) -> None:
-        """``host_factory(layers, run_layer)`` makes the host path (host.py) around the engine."""
+                 host_factory: Callable[[Mapping[tuple[str, str], LayerEntry], host.LayerRunner], Any],
+                 isa: str = native.PORTABLE_ISA) -> None:
+        """``host_factory(layers, run_layer)`` makes the host path (host.py) around the engine;
+        ``isa``: which build of the engine ``library`` is (native.ENGINE_ISAS)."""
         self.module = module
         self.layers = {(e.function, e.value): e for e in layers}
         self.library = library
+        self.isa = isa
         self.int8, self.threads, choice = _check_options(options)
         self.table_group = options["lut_table_group"]
+        self.activation_bits = options.get("activation_bits", 32)
         self.fast = None
         if choice != "reference":
-            self.fast = native.load_library(library)
+            self.fast = native.load_library(library, isa)
             if self.fast is None and choice == "fast":
                 raise BitsmithError("lut_executor='fast' needs a CPU with AVX2 and FMA; this one has neither "
                                     "(use lut_executor='auto' to fall back to the reference executor)")
         if self.fast is not None:
-            self.executor = "native C (AVX2, lut/lutexec.so)"
+            self.executor = f"native C ({isa.upper().replace('AVX512', 'AVX-512')}, lut/lutexec.so)"
         elif choice == "reference":
             self.executor = "reference (python, chosen by lut_executor)"
         else:
@@ -103,8 +115,9 @@ class LUTExecutable(Executable):
     def run_layer(self, entry: LayerEntry, x2: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """y [m, out] for x2 [m, in] float32 (C-contiguous), written into ``out`` when given."""
         if self.fast is not None:
-            return self.fast.run(entry.program, x2, self.int8, self.threads, out=out, launcher=self.launcher)
-        y = reference_executor.run(entry.program, x2, self.int8)
+            return self.fast.run(entry.program, x2, self.int8, self.threads, out=out, launcher=self.launcher,
+                                 activation_bits=self.activation_bits)
+        y = reference_executor.run(entry.program, x2, self.int8, self.activation_bits)
         if out is None:
             return y
         out[...] = y
@@ -114,17 +127,18 @@ class LUTExecutable(Executable):
         return self.host.run(function, args)
 
     def native_files(self) -> dict[str, Any]:
-        return {native.LIBRARY_FILE: native.SPEC, **self.host.native_files()}
+        return {native.LIBRARY_FILE: native.ENGINE_ISAS[self.isa].spec, **self.host.native_files()}
 
     def files(self) -> dict[str, bytes]:
         layers = list(self.layers.values())
-        extra = {"library_file": native.LIBRARY_FILE, "cflags": list(native.CFLAGS)}
+        extra = {"library_file": native.LIBRARY_FILE, "isa": self.isa, "cflags": list(native.ENGINE_ISAS[self.isa].cflags)}
         return {native.LIBRARY_FILE: self.library, **program.to_files(layers, self.host.name, extra),
                 **self.host.files()}
 
     def report(self) -> dict[str, Any]:
-        return {"executor": self.executor, **self.host.report(), "lut_tables": "int8" if self.int8 else "fp32",
-                "lut_table_group": self.table_group, "threads": self.threads, "streams": self._stats}
+        return {"executor": self.executor, "lut_isa": self.isa, **self.host.report(), "lut_tables": "int8" if self.int8 else "fp32",
+                "lut_table_group": self.table_group, "activation_bits": self.activation_bits, "threads": self.threads,
+                "streams": self._stats}
 
 
 class LUTBackend(Backend):
@@ -133,7 +147,7 @@ class LUTBackend(Backend):
 
     def option_defaults(self, target: str) -> dict[str, Any]:
         return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto",
-                "lut_host": "auto", "mcpu": host.PORTABLE_MCPU}
+                "lut_host": "auto", "mcpu": host.PORTABLE_MCPU, "activation_bits": 32}
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
         """fp32 tables: float32 sums in another order (tests/test_lut_backend.py: 1e-5).
@@ -160,9 +174,10 @@ class LUTBackend(Backend):
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         _check_options(options)
         layers = lower_module(module, options["lut_table_group"])
-        return LUTExecutable(module, layers, native.build_library(), options,
+        isa = native.choose_isa(options.get("mcpu", host.PORTABLE_MCPU))
+        return LUTExecutable(module, layers, native.build_library(isa=isa), options,
                              lambda lay, run_layer: host.build_host(options.get("lut_host", "auto"), module, lay,
-                                                                    run_layer, options))
+                                                                    run_layer, options), isa)
 
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:
@@ -179,10 +194,14 @@ class LUTBackend(Backend):
         if doc["host"] not in host.HOSTS:
             raise ArtifactError(files.path(program.INDEX_FILE), f"host: {str(doc['host'])[:60]!r} is not one of "
                                                                 f"{sorted(host.HOSTS)}")
+        isa = doc.get("isa", native.PORTABLE_ISA)  # artifacts from before the AVX-512 build: AVX2
+        if not isinstance(isa, str) or isa not in native.ENGINE_ISAS:
+            raise ArtifactError(files.path(program.INDEX_FILE), f"isa: {str(isa)[:40]!r} is not one of "
+                                                                f"{sorted(native.ENGINE_ISAS)}")
         library = files[native.LIBRARY_FILE]
         exe = LUTExecutable(module, layers, library, options,
                             lambda lay, run_layer: host.load_host(doc["host"], options.get("lut_host", "auto"),
-                                                                  module, lay, run_layer, options, files))
+                                                                  module, lay, run_layer, options, files), isa)
         _validate_streams(exe, layers, files.path(program.INDEX_FILE))
         return exe
 

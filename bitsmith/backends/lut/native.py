@@ -1,10 +1,13 @@
 """Building, storing and loading the C fast executor (native/lutexec.c).
 
-The library is compiled once per process at compile time with a portable AVX2 build
-(x86-64-v3: ``-mavx2 -mfma``; ``SPEC`` records the cpuinfo flags that implies), its bytes go
+The library is compiled once per process and instruction set at compile time, its bytes go
 into the artifact, and loading hands those (already sha256-checked and trusted) bytes to
-``native_loader`` for ``ctypes``. A CPU without AVX2 gets ``None`` from ``load_library`` and
-the caller falls back to the reference executor.
+``native_loader`` for ``ctypes``. Two builds of the one source (``ENGINE_ISAS``): a portable
+AVX2 build (x86-64-v3) and an AVX-512 build (512-bit lookups, two tiles per register), chosen
+at compile time from the target's ``mcpu`` (``choose_isa``) and recorded in the artifact (the
+manifest's native spec and program.json's ``isa``). A CPU without AVX2 gets ``None`` from
+``load_library`` and the caller falls back to the reference executor; an AVX-512 build on a CPU
+without AVX-512 is refused with ``UnsupportedCPUError`` naming the missing flags.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from importlib import resources
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,11 +40,38 @@ LIBRARY_FILE = "lut/lutexec.so"
 # more split at 2^16: 36.1 in benchmarks/results/cpu_decode.md; same machine, noisy).
 AUTO_THREADS_MACS = 1 << 22
 AUTO_THREADS_MACS_POOL = 1 << 16
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 ABI_VERSION = 2   # lut_abi_version() of native/lutexec.c that this binding speaks
-# What CFLAGS let gcc emit: -mavx2 implies AVX and SSE3..SSE4.2; -mfma adds FMA.
-SPEC = native_loader.NativeSpec("lut-engine", "x86_64", "x86-64-v3",
-                                ("avx", "avx2", "fma", "pni", "ssse3", "sse4_1", "sse4_2"))
+_COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+_AVX2_FLAGS = ("avx", "avx2", "fma", "pni", "ssse3", "sse4_1", "sse4_2")  # what -mavx2 -mfma let gcc emit
+
+
+@dataclass(frozen=True)
+class EngineISA:
+    """One build of lutexec.c: its gcc flags, the cpuinfo flags they imply (``spec``) and the
+    value of the library's ``lut_isa()`` (which checks that the flags reached the code)."""
+
+    name: str
+    isa_flags: tuple[str, ...]
+    spec: native_loader.NativeSpec
+    code: int
+
+    @property
+    def cflags(self) -> tuple[str, ...]:
+        return (_COMMON_FLAGS[0], *self.isa_flags, *_COMMON_FLAGS[1:])
+
+
+ENGINE_ISAS: dict[str, EngineISA] = {i.name: i for i in (
+    EngineISA("avx2", ("-mavx2", "-mfma"),
+              native_loader.NativeSpec("lut-engine", "x86_64", "x86-64-v3", _AVX2_FLAGS), 1),
+    EngineISA("avx512", ("-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl"),
+              native_loader.NativeSpec("lut-engine", "x86_64", "x86-64-v3+avx512bw",
+                                       _AVX2_FLAGS + ("avx512f", "avx512bw", "avx512vl")), 2),
+)}
+PORTABLE_ISA = "avx2"
+TABLES_INT8, TABLES_FP32, TABLES_A8 = 0, 1, 2   # lut_exec_tables' table kinds (native/lutexec.c)
+# the portable build's flags and spec under their historical names
+CFLAGS = ENGINE_ISAS[PORTABLE_ISA].cflags
+SPEC = ENGINE_ISAS[PORTABLE_ISA].spec
 
 
 class NativeBuildError(BitsmithError):
@@ -52,20 +83,62 @@ def source_text() -> bytes:
 
 
 def cpu_has_avx2() -> bool:
-    """Whether this CPU can run the engine (every flag of ``SPEC``)."""
-    return native_loader.host_arch() == SPEC.arch and set(SPEC.features) <= native_loader.cpu_features()
+    """Whether this CPU can run the portable engine (every flag of ``SPEC``)."""
+    return cpu_runs(PORTABLE_ISA)
 
 
-def build_library(source: bytes | None = None) -> bytes:
-    """The shared library's bytes, compiled from ``source`` (default: the packaged C file) once
-    per process, and granted to ``native_loader`` (built here) on every call."""
-    data = _compile(source_text() if source is None else source)
-    native_loader.grant_built(data, SPEC)
+def cpu_runs(isa: str) -> bool:
+    """Whether this CPU has every flag the ``isa`` build needs."""
+    spec = ENGINE_ISAS[isa].spec
+    return native_loader.host_arch() == spec.arch and set(spec.features) <= native_loader.cpu_features()
+
+
+def choose_isa(mcpu: str) -> str:
+    """The engine build for a target ``mcpu``: "avx512" when that CPU has AVX-512 F/BW/VL, else
+    "avx2". ``host``/``native`` read this CPU's flags; other names are asked of gcc (-march),
+    then of LLVM through TVM where installed (gcc 12 does not know znver4)."""
+    need = {"avx512f", "avx512bw", "avx512vl"}
+    flags = native_loader.cpu_features() if mcpu in ("host", "native") else _mcpu_flags(mcpu)
+    return "avx512" if need <= flags else PORTABLE_ISA
+
+
+_GCC_MACROS = {"__AVX512F__": "avx512f", "__AVX512BW__": "avx512bw", "__AVX512VL__": "avx512vl", "__AVX2__": "avx2"}
+
+
+@functools.lru_cache(maxsize=16)
+def _mcpu_flags(mcpu: str) -> frozenset[str]:
+    """The cpuinfo flags (of those ``choose_isa`` needs) a CPU name implies."""
+    if not isinstance(mcpu, str) or not mcpu or mcpu.startswith("-") \
+            or not all(c.isalnum() or c in "-_.+" for c in mcpu):
+        raise NativeBuildError(f"lut-cpu: mcpu {mcpu!r} is not a CPU name")
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        raise NativeBuildError("target lut-cpu needs a C compiler (gcc) at compile time to build its executor")
+    proc = subprocess.run([cc, f"-march={mcpu}", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
+    if proc.returncode == 0:
+        macros = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("#define ")}
+        return frozenset(flag for macro, flag in _GCC_MACROS.items() if macro in macros)
+    try:
+        import tvm
+        from tvm.target import codegen
+        if mcpu in codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})):
+            return frozenset(native_loader.llvm_spec("lut-engine", tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).features)
+    except Exception:  # no TVM: only gcc's names are known
+        pass
+    raise NativeBuildError(f"lut-cpu: neither {cc} (-march) nor LLVM knows mcpu {mcpu!r}")
+
+
+def build_library(source: bytes | None = None, isa: str = PORTABLE_ISA) -> bytes:
+    """The shared library's bytes for build ``isa``, compiled from ``source`` (default: the
+    packaged C file) once per process, and granted to ``native_loader`` (built here) on every call."""
+    engine = ENGINE_ISAS[isa]
+    data = _compile(source_text() if source is None else source, engine.cflags)
+    native_loader.grant_built(data, engine.spec)
     return data
 
 
-@functools.lru_cache(maxsize=4)
-def _compile(source: bytes) -> bytes:
+@functools.lru_cache(maxsize=8)
+def _compile(source: bytes, cflags: tuple[str, ...] = CFLAGS) -> bytes:
     cc = shutil.which(os.environ.get("CC", "gcc"))
     if cc is None:
         raise NativeBuildError("target lut-cpu needs a C compiler (gcc) at compile time to build its executor")
@@ -75,10 +148,10 @@ def _compile(source: bytes) -> bytes:
             f.write(source)
         # relative names from inside the temporary directory, and its name mapped away, so the
         # random directory name reaches no byte of the library (artifacts are deterministic)
-        proc = subprocess.run([cc, *CFLAGS, f"-ffile-prefix-map={d}=.", SOURCE, "-o", "lutexec.so", "-lm"],
+        proc = subprocess.run([cc, *cflags, f"-ffile-prefix-map={d}=.", SOURCE, "-o", "lutexec.so", "-lm"],
                               capture_output=True, text=True, cwd=d)
         if proc.returncode:
-            raise NativeBuildError(f"building the LUT executor failed ({cc} {' '.join(CFLAGS)}):\n{proc.stderr[-2000:]}")
+            raise NativeBuildError(f"building the LUT executor failed ({cc} {' '.join(cflags)}):\n{proc.stderr[-2000:]}")
         with open(out, "rb") as f:
             return f.read()
 
@@ -86,18 +159,25 @@ def _compile(source: bytes) -> bytes:
 class NativeExecutor:
     """ctypes binding of ``lut_plan`` (validate once per program) and ``lut_exec`` (run)."""
 
-    def __init__(self, library: bytes) -> None:
+    def __init__(self, library: bytes, isa: str = PORTABLE_ISA) -> None:
         self.sha256 = hashlib.sha256(library).hexdigest()
+        self.isa = ENGINE_ISAS[isa]
         self._lib = native_loader.load(library, LIBRARY_FILE, ctypes.CDLL)
         abi = int(self._lib.lut_abi_version())
         if abi != ABI_VERSION:
             raise NativeBuildError(f"lutexec.so speaks ABI {abi}, this runtime speaks {ABI_VERSION}; "
                                    "recompile the artifact with this bitsmith")
+        code = int(self._lib.lut_isa()) if hasattr(self._lib, "lut_isa") else ENGINE_ISAS[PORTABLE_ISA].code
+        if code != self.isa.code:
+            raise NativeBuildError(f"lutexec.so was built for instruction set {code} (lut_isa()), the artifact "
+                                   f"records {isa!r} ({self.isa.code}); recompile the artifact")
         p, i64 = ctypes.c_void_p, ctypes.c_int64
         self._plan = self._lib.lut_plan
         self._plan.argtypes = [p, i64, i64, i64, p, i64, p, p]
         self._plan.restype = i64
-        self._run_stream = self._lib.lut_exec
+        # libraries in artifacts from before W4A8 have only lut_exec (int8 or fp32 tables)
+        self.has_a8 = hasattr(self._lib, "lut_exec_tables")
+        self._run_stream = self._lib.lut_exec_tables if self.has_a8 else self._lib.lut_exec
         self._run_stream.argtypes = [p, p, i64, i64, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p]
         self._run_stream.restype = i64
         self._plans: dict[int, tuple] = {}
@@ -123,11 +203,19 @@ class NativeExecutor:
         return bound
 
     def run(self, program: LayerProgram, x: np.ndarray, int8_tables: bool = True, threads: int = 0,
-            out: np.ndarray | None = None, launcher: int | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, launcher: int | None = None, activation_bits: int = 32) -> np.ndarray:
         """y [M, N] for x [M, K]; written into ``out`` (float32, C-contiguous [M, N]) when given.
         ``launcher``: address of a TVMBackendParallelLaunch-compatible function to run the
-        parallel parts on (None: OpenMP)."""
-        return self.plan(program)(x, int8_tables, threads, out, launcher)
+        parallel parts on (None: OpenMP). ``activation_bits=8``: activations quantized to int8
+        per table block, exact integer tables (W4A8; needs ``int8_tables``)."""
+        if activation_bits not in (8, 32):
+            raise ValueError(f"activation_bits must be 8 or 32, got {activation_bits!r}")
+        if activation_bits == 8 and not int8_tables:
+            raise ValueError("activation_bits=8 runs on integer tables; fp32 tables take float activations")
+        if activation_bits == 8 and not self.has_a8:
+            raise NativeBuildError("this lutexec.so predates activation_bits=8; recompile the artifact")
+        kind = TABLES_A8 if activation_bits == 8 else TABLES_INT8 if int8_tables else TABLES_FP32
+        return self.plan(program)(x, kind, threads, out, launcher)
 
 
 class _BoundStream:
@@ -150,7 +238,7 @@ class _BoundStream:
             and p.params is program.params and self.sizes == (program.weights.size, program.params.size) \
             and not (program.stream.flags.writeable or program.outliers.flags.writeable)
 
-    def __call__(self, x: np.ndarray, int8_tables: bool, threads: int, out: np.ndarray | None,
+    def __call__(self, x: np.ndarray, kind: int, threads: int, out: np.ndarray | None,
                  launcher: int | None = None) -> np.ndarray:
         m = x.shape[0]
         if x.ndim != 2 or x.shape[1] != self.k:
@@ -175,7 +263,7 @@ class _BoundStream:
             return y
         if threads == 0 and m * self.macs_per_row < (AUTO_THREADS_MACS_POOL if launcher else AUTO_THREADS_MACS):
             threads = 1
-        err = self._call(xp.ctypes.data, m, y.ctypes.data, 0 if int8_tables else 1, int(threads), launcher)
+        err = self._call(xp.ctypes.data, m, y.ctypes.data, kind, int(threads), launcher)
         if err:
             raise StreamError(f"LUT executor failed: {ERRORS.get(err & 0xFF, 'error')}")
         return y
@@ -189,8 +277,19 @@ def tvm_parallel_launcher() -> int | None:
         return None
 
 
-def load_library(library: bytes) -> NativeExecutor | None:
-    """The executor for these library bytes, or None on a CPU without AVX2/FMA."""
+def load_library(library: bytes, isa: str = PORTABLE_ISA) -> NativeExecutor | None:
+    """The executor for these library bytes (the ``isa`` build), or None on a CPU without
+    AVX2/FMA (callers fall back to the reference executor). A build for more than AVX2 on a CPU
+    that lacks it is refused: the artifact was compiled for another machine."""
+    if isa not in ENGINE_ISAS:
+        raise NativeBuildError(f"unknown LUT engine build {isa!r}; this runtime knows {sorted(ENGINE_ISAS)}")
     if not cpu_has_avx2():
         return None
-    return NativeExecutor(library)
+    engine = ENGINE_ISAS[isa]
+    missing = engine.spec.missing()
+    if missing:
+        raise native_loader.UnsupportedCPUError(
+            f"the lut-cpu engine ({LIBRARY_FILE}) was compiled for {engine.name} ({engine.spec.describe()}); this "
+            f"CPU lacks {' '.join(missing)}. Recompile the model for this machine (mcpu='host') or portably "
+            f"(mcpu='x86-64-v3', the AVX2 build)")
+    return NativeExecutor(library, isa)

@@ -34,10 +34,35 @@ def build_tables(xq: np.ndarray, int8: bool) -> tuple[np.ndarray, np.float32 | n
     return q, (mx / np.float32(127)).astype(np.float32), xs
 
 
-def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True) -> np.ndarray:
+def build_tables_a8(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tables of int8 activations (``activation_bits=8``) for quads ``xq`` [M, nkg, 4].
+
+    The block's activations are quantized as llama.cpp's Q8_0 blocks are (d = max|x| / 127,
+    q = round(x / d); here rint(x * (127 / max|x|)), ties to even), and the tables hold the
+    exact integer sums T[e] = sum_j b_j q_j. TS = d and XS = d * sum(q) (float32), so
+    SCALE computes s * d * sum_k (u_k - o) q_k: the integer dot product of a Q4 x Q8 kernel."""
+    m = xq.shape[0]
+    flat = xq.reshape(m, -1)
+    mx = np.abs(flat).max(axis=1) if flat.size else np.zeros(m, np.float32)
+    inv = np.where(mx > 0, np.float32(127) / np.where(mx > 0, mx, np.float32(1)), np.float32(0)).astype(np.float32)
+    q = np.rint(flat * inv[:, None]).astype(np.int64).reshape(xq.shape)
+    bits = _BITS.astype(np.int64)
+    t = q[..., 0, None] * bits[:, 0] + q[..., 1, None] * bits[:, 1] + q[..., 2, None] * bits[:, 2] \
+        + q[..., 3, None] * bits[:, 3]
+    ts = (mx / np.float32(127)).astype(np.float32)
+    return t, ts, (ts * q.reshape(m, -1).sum(axis=1).astype(np.float32)).astype(np.float32)
+
+
+def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True, activation_bits: int = 32) -> np.ndarray:
     """y [M, N] = the layer applied to x [M, K] (float32), by interpreting the stream. The
     program is validated first by the fast executor's rules (``validate``): both executors
-    refuse the same streams with the same error."""
+    refuse the same streams with the same error. ``activation_bits=8``: integer tables of int8
+    activations (``build_tables_a8``; ``int8_tables`` must be True)."""
+    if activation_bits not in (8, 32):
+        raise ValueError(f"activation_bits must be 8 or 32, got {activation_bits!r}")
+    a8 = activation_bits == 8
+    if a8 and not int8_tables:
+        raise ValueError("activation_bits=8 runs on integer tables; fp32 tables take float activations")
     head = validate.check_program(program)
     if x.ndim != 2 or x.shape[1] != program.in_features:
         raise validate.StreamError(f"LUT layer takes x of shape [M, {program.in_features}], got {x.shape}")
@@ -59,7 +84,7 @@ def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True) -> np.nd
         if ins.op == "TABLE":
             k0, nk, g = f["kg0"], f["nkg"], f["block"]
             xq = xp[:, 4 * k0:4 * (k0 + nk)].reshape(m, nk, 4)
-            tables[:, k0:k0 + nk], ts[:, g], xs[:, g] = build_tables(xq, int8_tables)
+            tables[:, k0:k0 + nk], ts[:, g], xs[:, g] = build_tables_a8(xq) if a8 else build_tables(xq, int8_tables)
         elif ins.op == "TILE":
             acc = np.zeros((m, 16), np.float32)
             yt = np.zeros((m, 16), np.float32)

@@ -2,11 +2,13 @@
  *
  * It decodes the 64-bit instructions of one layer's stream and dispatches each to a vectorized
  * loop: TABLE builds activation tables, LUTACC looks 16 rows x 4 table indices up per weight
- * word with AVX2 pshufb (int8 tables) or scalar loads (fp32 tables), SCALE/OUTLIER/STORE finish
- * a tile. Every float operation follows the order the spec gives (build with
+ * word with pshufb (int8 tables; up to 4 same-shape tiles per pass, see run_group) or scalar
+ * loads (fp32 tables), SCALE/OUTLIER/STORE finish a tile. One source, two builds (native.py
+ * ENGINE_ISAS): AVX2, and AVX-512 F/BW/VL (two tiles per 512-bit register), told apart by
+ * LUT_ISA. Every float operation follows the order the spec gives (build with
  * -ffp-contract=off, no -ffast-math), so results equal the Python reference executor's bit for
- * bit. A first pass validates the whole stream against its operands before anything runs.
- * Adapted from the project's AVX2 T-MAC kernel (shared/notes/lutkern.c).
+ * bit in both builds. A first pass validates the whole stream against its operands before
+ * anything runs. Adapted from the project's AVX2 T-MAC kernel (shared/notes/lutkern.c).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -23,7 +25,6 @@ enum { OP_END = 0, OP_TABLE = 1, OP_SYNC = 2, OP_TILE = 3, OP_LUTACC = 4, OP_SCA
 enum { ERR_HEADER = 1, ERR_OPCODE = 2, ERR_TABLE = 3, ERR_WEIGHTS = 4, ERR_LUTACC = 5, ERR_SCALE = 6,
        ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11, ERR_LAUNCH = 12 };
 
-#define PREFETCH_BYTES 1024 /* weight words are read in one sequential stream per tile */
 #define FIELD(w, lo, width) (((w) >> (lo)) & ((1ULL << (width)) - 1))
 
 typedef struct { int32_t row, col; float val; } outlier_t;
@@ -31,6 +32,14 @@ typedef struct { int32_t row, col; float val; } outlier_t;
 static int64_t fail(int64_t pos, int code) { return (pos << 8) | code; }
 
 int lut_abi_version(void) { return 2; }
+
+/* Which build this is (native.py ENGINE_ISAS[...].code): 1 AVX2, 2 AVX-512 (F/BW/VL). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LUT_ISA 2
+#else
+#define LUT_ISA 1
+#endif
+int lut_isa(void) { return LUT_ISA; }
 
 /* ------------------------------------------------------------------ tables */
 
@@ -45,6 +54,46 @@ static inline void quad_table(const float* q, __m256* lo, __m256* hi) {
     t = _mm256_add_ps(t, _mm256_and_ps(_mm256_set1_ps(q[2]), m2));
     *lo = t;
     *hi = _mm256_add_ps(t, _mm256_set1_ps(q[3]));
+}
+
+/* Table kinds (lut_exec_tables): int8 tables of float activations, fp32 tables, and exact
+ * integer tables of int8 activations (W4A8 / "activation_bits=8"). */
+enum { TABLES_INT8 = 0, TABLES_FP32 = 1, TABLES_A8 = 2 };
+
+/* Activations quantized to int8 per table block as llama.cpp's Q8_0 does (d = max|x| / 127,
+ * q = round(x / d); here q = rint(x * (127 / max|x|)), ties to even), then tables of exact
+ * integer sums T[e] = sum_j b_j q_j in [-508, 508], stored split as q = 16 qh + ql (qh in
+ * [-8, 7], ql in [0, 15]): per quad 16 bytes of TH[e] = sum b_j qh_j, then 16 of TL[e] = sum
+ * b_j ql_j, so both fit int8 lookups and T = 16 TH + TL exactly. TS = d, XS = d * sum(q). */
+static void build_table_a8(const float* X, int64_t kpad, int64_t m, int64_t kg0, int64_t nkg, int8_t* tables,
+                           int64_t tstride, float* ts, float* xs) {
+    const float* xr = X + m * kpad + 4 * kg0;
+    float mx = 0.f;
+    for (int64_t i = 0; i < 4 * nkg; i++) {
+        const float a = xr[i] < 0.f ? -xr[i] : xr[i];
+        mx = a > mx ? a : mx;
+    }
+    const float inv = mx > 0.f ? 127.f / mx : 0.f;
+    int8_t* out = tables + m * tstride + kg0 * 32;
+    int32_t qsum = 0;
+    for (int64_t kg = 0; kg < nkg; kg++) {
+        int32_t qh[4], ql[4];
+        for (int j = 0; j < 4; j++) {
+            const int32_t q = (int32_t)_mm_cvtss_si32(_mm_set_ss(xr[4 * kg + j] * inv)); /* rint, |q| <= 127 */
+            qsum += q;
+            qh[j] = q >> 4;  /* arithmetic shift: floor(q / 16) */
+            ql[j] = q & 15;
+        }
+        for (int e = 0; e < 16; e++) {
+            int32_t h = 0, l = 0;
+            for (int j = 0; j < 4; j++)
+                if (e >> j & 1) { h += qh[j]; l += ql[j]; }
+            out[32 * kg + e] = (int8_t)h;
+            out[32 * kg + 16 + e] = (int8_t)l;
+        }
+    }
+    *ts = mx / 127.f;
+    *xs = *ts * (float)qsum;
 }
 
 static void build_table(const float* X, int64_t kpad, int64_t m, int64_t kg0, int64_t nkg, int fp32,
@@ -85,61 +134,6 @@ static void build_table(const float* X, int64_t kpad, int64_t m, int64_t kg0, in
                          _mm_packs_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1)));
     }
     *ts = mx / 127.f;
-}
-
-/* ------------------------------------------------------------------ lookup-accumulate, int8 tables */
-
-#define I8_BODY(MC)                                                                                   \
-    {                                                                                                 \
-        __m256i a_lo[MC], a_hi[MC];                                                                   \
-        for (int u = 0; u < MC; u++) { a_lo[u] = _mm256_setzero_si256(); a_hi[u] = a_lo[u]; }        \
-        for (int w = 0; w < nwords; w++) {                                                            \
-            _mm_prefetch((const char*)(wp + 32 * (int64_t)w + PREFETCH_BYTES), _MM_HINT_T0);          \
-            const __m256i v = _mm256_loadu_si256((const __m256i*)(wp + 32 * (int64_t)w));             \
-            const __m256i lo = _mm256_and_si256(v, mask);                                             \
-            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);                       \
-            for (int u = 0; u < MC; u++) {                                                            \
-                const int8_t* tr = T + (m + u) * tstride;                                             \
-                if (quad) {                                                                           \
-                    const __m256i tb = _mm256_broadcastsi128_si256(                                   \
-                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + w) * 16)));                      \
-                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, lo))); \
-                    a_hi[u] = _mm256_add_epi16(a_hi[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(tb, hi))); \
-                } else {                                                                              \
-                    const __m256i t0 = _mm256_broadcastsi128_si256(                                   \
-                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w) * 16)));                  \
-                    const __m256i t1 = _mm256_broadcastsi128_si256(                                   \
-                        _mm_loadu_si128((const __m128i*)(tr + (kg0 + 2 * w + 1) * 16)));              \
-                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t0, lo))); \
-                    a_lo[u] = _mm256_add_epi16(a_lo[u], _mm256_maddubs_epi16(w12, _mm256_shuffle_epi8(t1, hi))); \
-                }                                                                                     \
-            }                                                                                         \
-        }                                                                                             \
-        for (int u = 0; u < MC; u++) {                                                                \
-            float* acc = ACC + (m + u) * 16;                                                          \
-            const __m256 ts = _mm256_set1_ps(TS[(m + u) * tsstride]);                                 \
-            /* row sums lo * 2^p + hi * 2^(p+2), exact in int32: madd over (lo, hi) pairs gives      \
-             * rows 0-3,8-11 (l0x) and 4-7,12-15 (l1x); the lane swap restores row order */          \
-            const __m256i l0x = _mm256_madd_epi16(_mm256_unpacklo_epi16(a_lo[u], a_hi[u]), pw);       \
-            const __m256i l1x = _mm256_madd_epi16(_mm256_unpackhi_epi16(a_lo[u], a_hi[u]), pw);       \
-            const __m256i l0 = _mm256_permute2x128_si256(l0x, l1x, 0x20);                             \
-            const __m256i l1 = _mm256_permute2x128_si256(l0x, l1x, 0x31);                             \
-            _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc),                                  \
-                                                _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));           \
-            _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8),                          \
-                                                    _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));       \
-        }                                                                                             \
-    }
-
-static void lutacc_i8(const uint8_t* wp, int nwords, int quad, int plane, int64_t kg0, const int8_t* T,
-                      int64_t tstride, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
-    const __m256i mask = _mm256_set1_epi8(0x0f);
-    const __m256i w12 = _mm256_set1_epi16(0x0201); /* unsigned bytes 1, 2: planes p and p+1 */
-    /* int16 weights (2^p, 2^(p+2)) of the (lo, hi) accumulators; pair mode has no hi part (zero) */
-    const __m256i pw = _mm256_set1_epi32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 0u) << 16)));
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) I8_BODY(4)
-    for (; m < M; m++) I8_BODY(1)
 }
 
 /* ------------------------------------------------------------------ lookup-accumulate, fp32 tables */
@@ -277,9 +271,10 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
 
 /* ------------------------------------------------------------------ execution */
 
+/* One tile with fp32 tables (int8 tables run in groups of tiles: run_group). */
 static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uint8_t* W, const float* P,
-                        const outlier_t* O, const float* X, int64_t M, float* Y, int fp32, const void* tables,
-                        int64_t tstride, const float* TS, const float* XS, float* acc, float* yt) {
+                        const outlier_t* O, const float* X, int64_t M, float* Y, const float* tables,
+                        int64_t tstride, const float* XS, float* acc, float* yt) {
     int64_t wptr = (int64_t)FIELD(s[i], 8, 56);
     memset(acc, 0, sizeof(float) * 16 * M);
     memset(yt, 0, sizeof(float) * 16 * M);
@@ -290,9 +285,7 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
             const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
             const int64_t kg0 = FIELD(w, 13, 20);
             const int nwords = (int)FIELD(w, 33, 7) + 1;
-            if (fp32) lutacc_f32(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, M, acc);
-            else lutacc_i8(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, TS + FIELD(w, 40, 20),
-                           p->blocks, M, acc);
+            lutacc_f32(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, M, acc);
             wptr += nwords;
             break;
         }
@@ -324,6 +317,280 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
             for (int64_t m = 0; m < M; m++) memcpy(Y + m * p->n + row0, yt + m * 16, sizeof(float) * nrows);
             return;
         }
+        default:
+            return; /* unreachable after validation */
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ tile groups (int8 tables) */
+
+/* Up to GROUP_TILES tiles of one shape (same LUTACC and SCALE words but for SCALE.pidx, which
+ * codegen emits for every tile of a layer) run together: each table vector is loaded once and
+ * used for every tile, the loop and dispatch overhead is paid once per group, and the tiles'
+ * accumulations are independent chains. Per row, every float operation is the single-tile
+ * path's, in the same order, so grouping changes no bit of the result. With AVX-512 two tiles
+ * share one 512-bit register (tile a in the low half, b in the high half). */
+#define GROUP_TILES 4
+#define GROUP_PREFETCH 512 /* bytes ahead in each tile's weight stream, one prefetch per cache line */
+#define SCALE_PIDX_MASK (~(((1ULL << 28) - 1) << 36))
+
+static int same_shape(const uint64_t* s, const int64_t* tile, int nt) {
+    for (int64_t rel = 1;; rel++) {
+        const uint64_t w0 = s[tile[0] + rel];
+        const int op = (int)(w0 & 0xff);
+        for (int t = 1; t < nt; t++) {
+            const uint64_t w = s[tile[t] + rel];
+            if ((int)(w & 0xff) != op) return 0;
+            if (op == OP_LUTACC && w != w0) return 0;
+            if (op == OP_SCALE && (w & SCALE_PIDX_MASK) != (w0 & SCALE_PIDX_MASK)) return 0;
+        }
+        if (op == OP_STORE) return 1;
+    }
+}
+
+/* One lookup of table vector tb with index vector ix, merged into an int16 accumulator. */
+#if LUT_ISA == 2
+typedef __m512i vec_t;
+#define V_AND _mm512_and_si512
+#define V_SRLI16 _mm512_srli_epi16
+#define V_ADD16 _mm512_add_epi16
+#define V_MADDUBS _mm512_maddubs_epi16
+#define V_SHUF _mm512_shuffle_epi8
+#define V_ZERO _mm512_setzero_si512
+#define V_TABLE(p) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(p)))
+#define V_MADD _mm512_madd_epi16
+#define V_ADD32 _mm512_add_epi32
+#define V_SLLI32 _mm512_slli_epi32
+#define V_UNPACKLO16 _mm512_unpacklo_epi16
+#define V_UNPACKHI16 _mm512_unpackhi_epi16
+#define TILES_PER_VEC 2
+#define V_SET1_8 _mm512_set1_epi8
+#define V_SET1_16 _mm512_set1_epi16
+#define V_SET1_32 _mm512_set1_epi32
+/* The words of tiles a and b (b may be a again) as one 512-bit vector: a low, b high. */
+static inline vec_t load_word(const uint8_t* const* wp, int v, int nt, int64_t off) {
+    const uint8_t* a = wp[2 * v];
+    const uint8_t* b = wp[2 * v + 1 < nt ? 2 * v + 1 : 2 * v];
+    if (!(off & 63)) {
+        _mm_prefetch((const char*)(a + off + GROUP_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char*)(b + off + GROUP_PREFETCH), _MM_HINT_T0);
+    }
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(a + off))),
+                              _mm256_loadu_si256((const __m256i*)(b + off)), 1);
+}
+#else
+typedef __m256i vec_t;
+#define V_AND _mm256_and_si256
+#define V_SRLI16 _mm256_srli_epi16
+#define V_ADD16 _mm256_add_epi16
+#define V_MADDUBS _mm256_maddubs_epi16
+#define V_SHUF _mm256_shuffle_epi8
+#define V_ZERO _mm256_setzero_si256
+#define V_TABLE(p) _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(p)))
+#define V_MADD _mm256_madd_epi16
+#define V_ADD32 _mm256_add_epi32
+#define V_SLLI32 _mm256_slli_epi32
+#define V_UNPACKLO16 _mm256_unpacklo_epi16
+#define V_UNPACKHI16 _mm256_unpackhi_epi16
+#define TILES_PER_VEC 1
+#define V_SET1_8 _mm256_set1_epi8
+#define V_SET1_16 _mm256_set1_epi16
+#define V_SET1_32 _mm256_set1_epi32
+static inline vec_t load_word(const uint8_t* const* wp, int v, int nt, int64_t off) {
+    (void)nt;
+    if (!(off & 63)) _mm_prefetch((const char*)(wp[v] + off + GROUP_PREFETCH), _MM_HINT_T0);
+    return _mm256_loadu_si256((const __m256i*)(wp[v] + off));
+}
+#endif
+#define LOOKUP(acc, tb, ix) acc = V_ADD16(acc, V_MADDUBS(w12, V_SHUF(tb, ix)))
+
+/* ACC[t][m] += float32(part) * ts for the int32 row sums of the vector's tiles:
+ * l0x = rows [0-3, 8-11] (per tile), l1x = rows [4-7, 12-15]. */
+static inline void add_parts(vec_t l0x, vec_t l1x, int v, int nt, int64_t M, int64_t m, float tsv, float* ACC) {
+#if LUT_ISA == 2
+    const __m512i idx_a = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+    const __m512i idx_b = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    const __m512 ts = _mm512_set1_ps(tsv);
+    for (int h = 0; h < 2 && 2 * v + h < nt; h++) {
+        const __m512i rows = _mm512_permutex2var_epi64(l0x, h ? idx_b : idx_a, l1x);
+        float* acc = ACC + ((2 * v + h) * M + m) * 16;
+        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_mul_ps(_mm512_cvtepi32_ps(rows), ts)));
+    }
+#else
+    (void)nt;
+    const __m256 ts = _mm256_set1_ps(tsv);
+    float* acc = ACC + (v * M + m) * 16;
+    const __m256i l0 = _mm256_permute2x128_si256(l0x, l1x, 0x20);
+    const __m256i l1 = _mm256_permute2x128_si256(l0x, l1x, 0x31);
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));
+    _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));
+#endif
+}
+
+/* Pair mode, float activations: both lookups of a word went to one int16 accumulator (32 words
+ * x 2 x 381 < 2^15), so the row sums are its lanes widened and shifted by the plane: no
+ * interleave or lane permutation. Same integers as the general path, so the same floats. */
+static inline void add_pair_rows(vec_t a, int plane, int v, int nt, int64_t M, int64_t m, float tsv, float* ACC) {
+    const __m128i sh = _mm_cvtsi32_si128(plane);
+#if LUT_ISA == 2
+    const __m512 ts = _mm512_set1_ps(tsv);
+    for (int h = 0; h < 2 && 2 * v + h < nt; h++) {
+        const __m512i rows = _mm512_sll_epi32(_mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(a, 1)
+                                                                      : _mm512_castsi512_si256(a)), sh);
+        float* acc = ACC + ((2 * v + h) * M + m) * 16;
+        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_mul_ps(_mm512_cvtepi32_ps(rows), ts)));
+    }
+#else
+    (void)nt;
+    const __m256 ts = _mm256_set1_ps(tsv);
+    float* acc = ACC + (v * M + m) * 16;
+    const __m256i l0 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)), sh);
+    const __m256i l1 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)), sh);
+    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));
+    _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));
+#endif
+}
+
+/* NV vectors of tiles, one activation row m. Quad mode: lo nibbles -> a_lo, hi -> a_hi (planes
+ * p+j and p+2+j); pair mode: lo nibbles (quad kg) -> a_lo, hi (quad kg+1) -> a_hi, both plane p+j.
+ * A8 (int8 activations): the TH lookups go to a_*, the TL lookups to b_*, part = 16 a + b. */
+#define GROUP_BODY(NV, A8)                                                                            \
+    {                                                                                                 \
+        vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                                 \
+        for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();               \
+        for (int w = 0; w < nwords; w++) {                                                            \
+            const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                 \
+            const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                       \
+            vec_t u0 = t0, u1 = t1;                                                                   \
+            if (A8) { u0 = V_TABLE(tr + k0 * tq + 16); u1 = V_TABLE(tr + k1 * tq + 16); }             \
+            for (int v = 0; v < NV; v++) {                                                            \
+                const vec_t x = load_word(wp, v, nt, 32 * (int64_t)w);                                \
+                const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                    \
+                LOOKUP(a_lo[v], t0, lo);                                                              \
+                if (quad || A8) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                \
+                if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                         \
+            }                                                                                         \
+        }                                                                                             \
+        for (int v = 0; v < NV; v++) {                                                                \
+            if (!quad && !A8) { add_pair_rows(a_lo[v], plane, v, nt, M, m, tsv, ACC); continue; }    \
+            vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                                   \
+            vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                                   \
+            if (A8) {                                                                                 \
+                l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));          \
+                l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));          \
+            }                                                                                         \
+            add_parts(l0x, l1x, v, nt, M, m, tsv, ACC);                                               \
+        }                                                                                             \
+    }
+
+/* One LUTACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word). */
+static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad, int plane, int64_t kg0,
+                         const int8_t* T, int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M,
+                         float* ACC) {
+    const vec_t mask = V_SET1_8(0x0f);
+    const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
+    /* int16 weights of (a_lo, a_hi) in the int32 row sums: 2^p and 2^(p+2) (quad), 2^p and 2^p (pair) */
+    const int pwv = (int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16));
+    const vec_t pw = V_SET1_32(pwv);
+    const int64_t tq = a8 ? 32 : 16;  /* table bytes per quad */
+    const int nv = (nt + TILES_PER_VEC - 1) / TILES_PER_VEC;
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t* tr = T + m * tstride;
+        const float tsv = TS[m * tsstride];
+        if (a8) {
+#if LUT_ISA == 2
+            if (nv == 2) GROUP_BODY(2, 1) else GROUP_BODY(1, 1)
+#else
+            /* 8 accumulators per tile: at most 2 tiles at a time in AVX2's 16 registers */
+            for (int t0 = 0; t0 < nt; t0 += 2) {
+                const uint8_t* const* wp0 = wp;
+                float* ACC0 = ACC;
+                {
+                    const uint8_t* const* wp = wp0 + t0;
+                    float* ACC = ACC0 + t0 * M * 16;
+                    if (nt - t0 >= 2) GROUP_BODY(2, 1) else GROUP_BODY(1, 1)
+                }
+            }
+#endif
+        } else {
+            switch (nv) {
+            case 4: GROUP_BODY(4, 0) break;
+            case 3: GROUP_BODY(3, 0) break;
+            case 2: GROUP_BODY(2, 0) break;
+            default: GROUP_BODY(1, 0) break;
+            }
+        }
+    }
+}
+
+/* YT = YT + (ACC * s - so * xs); ACC = 0 for one tile's 16 rows (the spec's order, per lane). */
+static inline void scale_rows(float* y, float* a, const float* blk, float xs) {
+#if LUT_ISA == 2
+    const __m512 t2 = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(blk));
+    const __m512 t3 = _mm512_mul_ps(_mm512_loadu_ps(blk + 16), _mm512_set1_ps(xs));
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), _mm512_sub_ps(t2, t3)));
+    _mm512_storeu_ps(a, _mm512_setzero_ps());
+#else
+    const __m256 vxs = _mm256_set1_ps(xs);
+    for (int h = 0; h < 16; h += 8) {
+        const __m256 t2 = _mm256_mul_ps(_mm256_loadu_ps(a + h), _mm256_loadu_ps(blk + h));
+        const __m256 t3 = _mm256_mul_ps(_mm256_loadu_ps(blk + 16 + h), vxs);
+        _mm256_storeu_ps(y + h, _mm256_add_ps(_mm256_loadu_ps(y + h), _mm256_sub_ps(t2, t3)));
+        _mm256_storeu_ps(a + h, _mm256_setzero_ps());
+    }
+#endif
+}
+
+/* Runs nt same-shape tiles (TILE words at s[tile[t]]) with int8 tables (a8: of int8 activations);
+ * acc, yt: [nt][M][16]. */
+static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan_t* p, const uint8_t* W,
+                      const float* P, const outlier_t* O, const float* X, int64_t M, float* Y, const int8_t* tables,
+                      int64_t tstride, int a8, const float* TS, const float* XS, float* acc, float* yt) {
+    const uint8_t* wp[GROUP_TILES];
+    for (int t = 0; t < nt; t++) wp[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
+    memset(acc, 0, sizeof(float) * 16 * M * nt);
+    memset(yt, 0, sizeof(float) * 16 * M * nt);
+    for (int64_t rel = 1;; rel++) {
+        const uint64_t w = s[tile[0] + rel];
+        switch ((int)(w & 0xff)) {
+        case OP_LUTACC: {
+            const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
+            const int nwords = (int)FIELD(w, 33, 7) + 1;
+            group_lutacc(wp, nt, nwords, quad, plane, FIELD(w, 13, 20), tables, tstride, a8, TS + FIELD(w, 40, 20),
+                         p->blocks, M, acc);
+            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
+            break;
+        }
+        case OP_SCALE: {
+            const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;
+            for (int64_t m = 0; m < M; m++) {
+                float xs = XS[m * p->blocks + b0];
+                for (int64_t b = b0 + 1; b < b0 + nb; b++) xs = xs + XS[m * p->blocks + b];
+                for (int t = 0; t < nt; t++)
+                    scale_rows(yt + (t * M + m) * 16, acc + (t * M + m) * 16,
+                               P + 32 * (int64_t)FIELD(s[tile[t] + rel], 36, 28), xs);
+            }
+            break;
+        }
+        case OP_OUTLIER:
+            for (int t = 0; t < nt; t++) {
+                const uint64_t wt = s[tile[t] + rel];
+                const int64_t start = FIELD(wt, 8, 36), count = FIELD(wt, 44, 20) + 1;
+                float* ytt = yt + t * M * 16;
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t o = start; o < start + count; o++)
+                        ytt[m * 16 + O[o].row] = ytt[m * 16 + O[o].row] + O[o].val * X[m * p->kpad + O[o].col];
+            }
+            break;
+        case OP_STORE:
+            for (int t = 0; t < nt; t++) {
+                const uint64_t wt = s[tile[t] + rel];
+                const int64_t row0 = FIELD(wt, 8, 32), nrows = FIELD(wt, 40, 5) + 1;
+                for (int64_t m = 0; m < M; m++)
+                    memcpy(Y + m * p->n + row0, yt + (t * M + m) * 16, sizeof(float) * nrows);
+            }
+            return;
         default:
             return; /* unreachable after validation */
         }
@@ -368,9 +635,10 @@ typedef int (*par_launch_t)(par_lambda_t flambda, void* cdata, int num_task);
 
 typedef struct {
     const uint64_t* s; const int64_t* pos; int64_t ntables, nsegs;
-    const uint8_t* W; const float* P; const outlier_t* O; const float* X; int64_t M; float* Y; int fp32;
+    const uint8_t* W; const float* P; const outlier_t* O; const float* X; int64_t M; float* Y; int fp32, a8;
     plan_t p; void* tables; int64_t tstride; float *TS, *XS;
     int oom;
+    int64_t next; /* first tile not yet handed out (segments_task) */
 } job_t;
 
 static void split(int64_t n, int task, int ntask, int64_t* begin, int64_t* end) {
@@ -384,21 +652,36 @@ static void tables_range(job_t* j, int64_t begin, int64_t end) { /* over (TABLE 
         const int64_t t = i / j->M, m = i % j->M;
         const uint64_t w = j->s[j->pos[t]];
         const int64_t g = FIELD(w, 8, 20);
-        build_table(j->X, j->p.kpad, m, FIELD(w, 28, 20), FIELD(w, 48, 16) + 1, j->fp32, j->tables, j->tstride,
-                    j->TS + m * j->p.blocks + g, j->XS + m * j->p.blocks + g);
+        if (j->a8)
+            build_table_a8(j->X, j->p.kpad, m, FIELD(w, 28, 20), FIELD(w, 48, 16) + 1, j->tables, j->tstride,
+                           j->TS + m * j->p.blocks + g, j->XS + m * j->p.blocks + g);
+        else
+            build_table(j->X, j->p.kpad, m, FIELD(w, 28, 20), FIELD(w, 48, 16) + 1, j->fp32, j->tables, j->tstride,
+                        j->TS + m * j->p.blocks + g, j->XS + m * j->p.blocks + g);
     }
 }
 
 static void segments_range(job_t* j, int64_t begin, int64_t end) {
     if (begin >= end) return;
-    const size_t bytes = (size_t)(64 * ((j->M * 16 * 4 + 63) / 64));
+    const size_t bytes = (size_t)(64 * ((GROUP_TILES * j->M * 16 * 4 + 63) / 64));
     float* acc = aligned_alloc(64, bytes);
     float* yt = aligned_alloc(64, bytes);
+    const int64_t* tile = j->pos + j->ntables;
     if (!acc || !yt) __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
     else
-        for (int64_t g = begin; g < end; g++)
-            run_segment(j->s, j->pos[j->ntables + g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->fp32, j->tables,
-                        j->tstride, j->TS, j->XS, acc, yt);
+        for (int64_t g = begin; g < end;) {
+            int nt = 1;
+            if (!j->fp32) /* the longest run of same-shape tiles that fits a group */
+                for (int n = end - g < GROUP_TILES ? (int)(end - g) : GROUP_TILES; n > 1; n--)
+                    if (same_shape(j->s, tile + g, n)) { nt = n; break; }
+            if (j->fp32)
+                run_segment(j->s, tile[g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
+                            j->XS, acc, yt);
+            else
+                run_group(j->s, tile + g, nt, &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
+                          j->a8, j->TS, j->XS, acc, yt);
+            g += nt;
+        }
     free(acc);
     free(yt);
 }
@@ -411,32 +694,39 @@ static int tables_task(int task, par_env_t* env, void* cdata) {
     return 0;
 }
 
+/* Tiles are handed out in chunks from a shared counter, not split in fixed shares: on a shared
+ * machine one descheduled thread would otherwise hold up the call for its whole share. */
 static int segments_task(int task, par_env_t* env, void* cdata) {
     job_t* j = cdata;
-    int64_t b, e;
-    split(j->nsegs, task, env->num_task, &b, &e);
-    segments_range(j, b, e);
-    return 0;
+    (void)task;
+    int64_t chunk = j->nsegs / (8 * (int64_t)(env->num_task > 0 ? env->num_task : 1));
+    chunk = chunk < GROUP_TILES ? GROUP_TILES : chunk - chunk % GROUP_TILES;
+    for (;;) {
+        const int64_t b = __atomic_fetch_add(&j->next, chunk, __ATOMIC_RELAXED);
+        if (b >= j->nsegs) return 0;
+        segments_range(j, b, b + chunk < j->nsegs ? b + chunk : j->nsegs);
+    }
 }
 
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
- * Y: [M, N] float32, zero on entry. threads: 1 = this thread only; otherwise the tables, then
+ * Y: [M, N] float32, zero on entry. kind: TABLES_INT8, TABLES_FP32 or TABLES_A8. threads: 1 = this thread only; otherwise the tables, then
  * the tiles, are split over `launch` (if not NULL: all of its pool) or OpenMP (0 = all threads).
  * Tiles are independent (validate() refuses two STOREs of one row) and each table is built by one
  * task over quads no other TABLE touches, so the result does not depend on the split.
  * Returns 0, ERR_MEMORY, or ERR_LAUNCH if the launcher failed. */
-int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t nsegs, const uint8_t* W,
-                 const float* P, const void* O, const float* X, int64_t M, float* Y, int fp32, int threads,
-                 void* launch) {
+int64_t lut_exec_tables(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t nsegs, const uint8_t* W,
+                        const float* P, const void* O, const float* X, int64_t M, float* Y, int kind, int threads,
+                        void* launch) {
+    if (kind < TABLES_INT8 || kind > TABLES_A8) return fail(0, ERR_ARGS);
     job_t j = {0};
     j.s = s; j.pos = pos; j.ntables = ntables; j.nsegs = nsegs; j.W = W; j.P = P; j.O = (const outlier_t*)O;
-    j.X = X; j.M = M; j.Y = Y; j.fp32 = fp32;
+    j.X = X; j.M = M; j.Y = Y; j.fp32 = kind == TABLES_FP32; j.a8 = kind == TABLES_A8;
     j.p.n = (int64_t)(s[2] & 0xffffffffULL);
     j.p.kpad = (int64_t)(s[2] >> 32);
     j.p.kg = j.p.kpad / 4;
     j.p.blocks = (int64_t)s[3];
-    j.tstride = (j.p.kg + 1) * 16;
-    j.tables = calloc((size_t)(M * j.tstride), fp32 ? 4 : 1); /* quads no TABLE builds read as zeros */
+    j.tstride = (j.p.kg + 1) * 16 * (j.a8 ? 2 : 1);  /* entries per row (bytes: int8 kinds) */
+    j.tables = calloc((size_t)(M * j.tstride), j.fp32 ? 4 : 1); /* quads no TABLE builds read as zeros */
     j.TS = calloc((size_t)(M * j.p.blocks), sizeof(float));  /* blocks no TABLE builds: scale 0, sum 0 */
     j.XS = calloc((size_t)(M * j.p.blocks), sizeof(float));
     int64_t err = 0;
@@ -460,4 +750,12 @@ int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t
     }
     free(j.tables); free(j.TS); free(j.XS);
     return j.oom ? fail(0, ERR_MEMORY) : err;
+}
+
+/* The ABI-2 entry point: int8 (fp32 = 0) or fp32 (fp32 != 0) tables of float activations. */
+int64_t lut_exec(const uint64_t* s, const int64_t* pos, int64_t ntables, int64_t nsegs, const uint8_t* W,
+                 const float* P, const void* O, const float* X, int64_t M, float* Y, int fp32, int threads,
+                 void* launch) {
+    return lut_exec_tables(s, pos, ntables, nsegs, W, P, O, X, M, Y, fp32 ? TABLES_FP32 : TABLES_INT8, threads,
+                           launch);
 }
