@@ -36,7 +36,7 @@ import numpy as np
 from ...errors import ArtifactError, BitsmithError
 from .. import native_loader
 from .binder import PlanBinder
-from .executor import PlanExecutor, aligned_copy, aligned_empty
+from .executor import ALIGN, PlanExecutor, aligned_copy, aligned_empty
 from .plan import EXTERN_PREFIX, Call, View
 
 SOURCE = "stepdrv.c"
@@ -257,7 +257,7 @@ class NativePlanExecutor:
         st.inter_slots = np.array([s for s, _, _ in st.inter], np.int64)
         st.inter_shape = np.array([p for _, p, _ in st.inter], np.int64)
         st.inter_size = np.array([d.itemsize for _, _, d in st.inter], np.int64)
-        st.capacity = np.zeros(len(st.inter), np.int64)
+        st.capacity = np.full(len(st.inter), -1, np.int64)  # -1: no buffer yet (even 0 bytes get one)
         st.buffers = [None] * len(st.inter)
         st.out_calls = [(slot, shp, dt) for slot, shp, dt in self.produced if slot in self.escaping]
         st.ready = True
@@ -290,8 +290,9 @@ class NativePlanExecutor:
         need = sizes[st.inter_shape] * st.inter_size
         for i in np.flatnonzero(need > st.capacity):
             slot, shp, dt = st.inter[i]
+            # a shape with a symbol (seq, past) may grow again: double, so growth costs O(log n) buffers
             cap = int(need[i]) * 2 if any(isinstance(d, str) for d in plan.shapes[shp]) else int(need[i])
-            buf = aligned_empty((cap // dt.itemsize,), dt)
+            buf = aligned_empty((max(cap, ALIGN) // dt.itemsize,), dt)
             st.buffers[i], st.capacity[i] = buf, cap
             data[slot] = buf.ctypes.data
         outs: dict[int, np.ndarray] = {}
