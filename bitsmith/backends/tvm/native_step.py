@@ -132,6 +132,15 @@ class Driver:
         addr = [ctypes.cast(getattr(ffi, n), ctypes.c_void_p).value
                 for n in ("TVMFFIFunctionCall", "TVMFFIErrorMoveFromRaised", "TVMFFIObjectDecRef")]
         self.api = np.array(addr, dtype=np.uint64)
+        self.api_ptr = self.api.ctypes.data
+
+
+def _aligned(a: np.ndarray) -> np.ndarray:
+    """``a`` if a kernel can take it as is (writable, C-contiguous, 64-byte aligned, not empty),
+    else an aligned copy (``executor.aligned_copy``'s rule, without a ctypes object per array)."""
+    if a.flags.writeable and a.flags.c_contiguous and a.size and a.__array_interface__["data"][0] % ALIGN == 0:
+        return a
+    return aligned_copy(a if a.flags.writeable else a.copy())
 
 
 def _dl_dtype(dt: np.dtype) -> tuple[int, int]:
@@ -166,9 +175,6 @@ class NativePlanExecutor:
         self.binder = PlanBinder(replace(plan, shapes=list(plan.shapes) + [list(d) for d, _ in plan.param_types]))
         self.nshapes = len(self.binder.plan.shapes)
         self.rank = max([len(s) for s in self.binder.plan.shapes] + [1])
-        self.rank_mask = np.zeros((self.nshapes, self.rank), bool)
-        for k, s in enumerate(self.binder.plan.shapes):
-            self.rank_mask[k, :len(s)] = True
         keys: dict[str, int] = {}
         handles: list[int] = []
         externs: list[np.ndarray] = []
@@ -220,6 +226,16 @@ class NativePlanExecutor:
         self.slot_shape, self.slot_dtype = slot_shape, slot_dtype
         self.escaping = python.binder.escaping
         self._results_views = self._result_recipes()
+        out_calls = [(slot, shp, dt) for slot, shp, dt in self.produced if slot in self.escaping]
+        self.out_slot_list = [slot for slot, _, _ in out_calls]
+        self.out_slots = np.array(self.out_slot_list, np.int64)
+        self.out_shape = np.array([shp for _, shp, _ in out_calls], np.int64)
+        self.out_size = np.array([dt.itemsize for _, _, dt in out_calls], np.int64)
+        self.out_dtypes = [dt for _, _, dt in out_calls]
+        self.param_slots = np.array(plan.params, np.int64)
+        self.param_index = {slot: k for k, slot in enumerate(plan.params)}
+        self.program_ptr, self.handles_ptr = self.program.ctypes.data, self.handles.ctypes.data
+        self.externs_ptr = self.externs.ctypes.data
         self._state = _ThreadState()
 
     def _result_recipes(self) -> list[tuple[int, int]]:
@@ -259,7 +275,7 @@ class NativePlanExecutor:
         st.inter_size = np.array([d.itemsize for _, _, d in st.inter], np.int64)
         st.capacity = np.full(len(st.inter), -1, np.int64)  # -1: no buffer yet (even 0 bytes get one)
         st.buffers = [None] * len(st.inter)
-        st.out_calls = [(slot, shp, dt) for slot, shp, dt in self.produced if slot in self.escaping]
+        st.table_ptr = st.table.ctypes.data
         st.ready = True
 
     @staticmethod
@@ -276,17 +292,14 @@ class NativePlanExecutor:
         if not st.ready:
             self._setup(st)
         plan = self.plan
-        arrays = [aligned_copy(a if a.flags.writeable else a.copy()) for a in self.python.binder.arrays(args)]
+        arrays = [_aligned(a) for a in self.python.binder.arrays(args)]
         shapes = self.binder.shapes(arrays)
-        table = st.table
-        for k, shape in enumerate(shapes):
-            if shape:
-                st.shapes[k, :len(shape)] = shape
-        data = table["data"]
-        for slot, a in zip(plan.params, arrays):
-            data[slot] = a.ctypes.data
+        rank = self.rank
+        st.shapes[...] = [s + (1,) * (rank - len(s)) for s in shapes]  # padding 1s: products unchanged
+        data = st.table["data"]
+        data[self.param_slots] = [a.__array_interface__["data"][0] for a in arrays]
+        sizes = st.shapes.prod(axis=1)
         # intermediates whose bytes grew (first run, or a dim such as ``past`` went up)
-        sizes = np.prod(st.shapes, axis=1, where=self.rank_mask, initial=1)
         need = sizes[st.inter_shape] * st.inter_size
         for i in np.flatnonzero(need > st.capacity):
             slot, shp, dt = st.inter[i]
@@ -294,20 +307,22 @@ class NativePlanExecutor:
             cap = int(need[i]) * 2 if any(isinstance(d, str) for d in plan.shapes[shp]) else int(need[i])
             buf = aligned_empty((max(cap, ALIGN) // dt.itemsize,), dt)
             st.buffers[i], st.capacity[i] = buf, cap
-            data[slot] = buf.ctypes.data
-        outs: dict[int, np.ndarray] = {}
-        for slot, shp, dt in st.out_calls:
-            a = aligned_empty(shapes[shp], dt)
-            outs[slot] = a
-            data[slot] = a.ctypes.data
-        rc = self.driver.run(self.program.ctypes.data, self.program.size, table.ctypes.data, plan.num_slots,
-                             self.handles.ctypes.data, len(self.handles), self.externs.ctypes.data,
-                             len(self.externs), self.driver.api.ctypes.data)
+            data[slot] = buf.__array_interface__["data"][0]
+        # the arrays that reach the caller: carved from one fresh arena per run (64-byte aligned each)
+        nbytes = (sizes[self.out_shape] * self.out_size + ALIGN - 1) // ALIGN * ALIGN
+        offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]) if len(nbytes) else nbytes
+        arena = aligned_empty((max(int(nbytes.sum()), ALIGN),), np.dtype(np.uint8))
+        data[self.out_slots] = arena.__array_interface__["data"][0] + offsets
+        rc = self.driver.run(self.program_ptr, self.program.size, st.table_ptr, plan.num_slots, self.handles_ptr,
+                             len(self.handles), self.externs_ptr, len(self.externs), self.driver.api_ptr)
         if rc:
             return self._failed(rc, args)
+        outs = {slot: arena[o:o + n].view(dt) for slot, o, n, dt in
+                zip(self.out_slot_list, offsets.tolist(), (sizes[self.out_shape] * self.out_size).tolist(),
+                    self.out_dtypes)}
         results = []
         for src, shp in self._results_views:
-            a = outs[src] if src in outs else arrays[plan.params.index(src)]
+            a = outs[src] if src in outs else arrays[self.param_index[src]]
             results.append(a.reshape(shapes[shp]) if shp >= 0 else a)
         return results
 
