@@ -6,10 +6,12 @@
 Both executors run the same artifact, the same kernels and the same greedy loop in one process
 (``python_steps`` switches the executable between them), alternating round by round so the
 machine's load falls on both alike. Reported per (threads, row): decode tokens/s of each,
-their ratio, whether the greedy tokens and every step's logits are bit-identical, and a
-per-token time breakdown: each kernel call timed (time.perf_counter around it, in the Python
-path: a tracing profiler) and summed by kind, then "overhead" = time per token minus the
-kernels' time, for each executor. Artifacts are compiled once into --work (kept for reruns).
+their ratio, the CPU time of the process per token (on a shared machine the wall clock counts
+other processes' time; at 1 thread the CPU clock does not), whether the greedy tokens and every
+step's logits are bit-identical, and a per-token CPU breakdown: each kernel call of the Python
+path timed with the calling thread's CPU clock (a tracing profiler) and summed by kind, then
+"overhead" = CPU per token minus the kernels' CPU, for each executor. Artifacts are compiled
+once into --work (kept for reruns).
 """
 
 from __future__ import annotations
@@ -51,21 +53,23 @@ def stepper(cm):
     return host if hasattr(host, "executors") and hasattr(host, "python_steps") else ex
 
 
-def decode(cm, ids: np.ndarray, new_tokens: int) -> tuple[list[int], list[np.ndarray], float]:
-    """Prefill then ``new_tokens`` greedy steps; (tokens, each step's logits, decode seconds)."""
+def decode(cm, ids: np.ndarray, new_tokens: int) -> tuple[list[int], list[np.ndarray], float, float]:
+    """Prefill then ``new_tokens`` greedy steps; (tokens, each step's logits, decode wall seconds,
+    decode CPU seconds of this process: with 1 thread, the work itself, whatever else the
+    machine runs)."""
     from bitsmith.runtime.generate import empty_cache, main_args, positions
     cache = empty_cache(cm.module, 1)
     logits, *cache = cm.run("main", main_args(cm.module, ids, positions(1, 0, ids.shape[1]), cache))
     pos, tok = ids.shape[1], int(logits[0, -1].argmax())
     tokens, steps = [tok], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(new_tokens):
         logits, *cache = cm.run("main", main_args(cm.module, np.array([[tok]]), positions(1, pos, 1), cache))
         pos += 1
         tok = int(logits[0, -1].argmax())
         tokens.append(tok)
         steps.append(logits)
-    return tokens, steps, time.perf_counter() - t0
+    return tokens, steps, time.perf_counter() - t0, time.process_time() - c0
 
 
 def kind_of(name: str) -> str:
@@ -94,9 +98,9 @@ def kernel_profile(cm, ids: np.ndarray, new_tokens: int) -> tuple[dict[str, floa
             k += 1
 
             def timed(*a, _fn=step[1], _kind=kind):
-                t = time.perf_counter()
+                t = time.thread_time()  # CPU time of this thread: immune to other processes
                 _fn(*a)
-                totals[_kind] += time.perf_counter() - t
+                totals[_kind] += time.thread_time() - t
             step = (step[0], timed, *step[2:])
         wrapped.append(step)
     st.python_steps = True
@@ -146,25 +150,30 @@ def main() -> None:
             ids = np.asarray([cm.tokenizer().encode(PROMPT).ids], dtype=np.int64)
             st = stepper(cm)
             times = {"python": [], "native": []}
+            cpu = {"python": [], "native": []}
             outs = {}
             for _ in range(a.rounds):
                 for mode in ("python", "native"):
                     st.python_steps = mode == "python"
-                    tokens, logits, secs = decode(cm, ids, a.new_tokens)
+                    tokens, logits, secs, cpu_secs = decode(cm, ids, a.new_tokens)
                     times[mode].append(secs)
+                    cpu[mode].append(cpu_secs)
                     outs[mode] = (tokens, logits)
             st.python_steps = False
             same_tokens = outs["python"][0] == outs["native"][0]
             same_logits = all(np.array_equal(x, y) for x, y in zip(outs["python"][1], outs["native"][1]))
             kernels, calls = kernel_profile(cm, ids, a.new_tokens)
             best = {m: min(v) / a.new_tokens for m, v in times.items()}
+            best_cpu = {m: min(v) / a.new_tokens for m, v in cpu.items()}
             res = {"threads": threads, "row": row, "calls_per_token": calls,
                    "tok_s": {m: 1.0 / s for m, s in best.items()},
                    "ms_per_token": {m: 1e3 * s for m, s in best.items()},
-                   "kernels_ms": {k: 1e3 * v for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])},
+                   "cpu_ms_per_token": {m: 1e3 * s for m, s in best_cpu.items()},
+                   "kernels_cpu_ms": {k: 1e3 * v for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])},
                    "same_tokens": same_tokens, "same_logits": same_logits}
-            ksum = sum(res["kernels_ms"].values())
-            res["overhead_ms"] = {m: res["ms_per_token"][m] - ksum for m in best}
+            ksum = sum(res["kernels_cpu_ms"].values())
+            # at 1 thread every kernel runs on this thread: CPU per token minus kernels' CPU = overhead
+            res["overhead_cpu_ms"] = {m: res["cpu_ms_per_token"][m] - ksum for m in best}
             results.append(res)
             print(json.dumps(res), file=sys.stderr, flush=True)
     load_after = os.getloadavg()
@@ -174,22 +183,29 @@ def main() -> None:
     print(f"machine: {machine_line()}; load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/"
           f"{load_before[2]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}")
     print()
-    print("| threads | row | kernel calls/token | python tok/s | native tok/s | speed-up | python overhead ms/token "
-          "| native overhead ms/token | tokens equal | logits bit-equal |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("Wall clock (what a user sees; shared, loaded machine) and CPU time of this process per token "
+          "(at 1 thread the work itself: time other processes take is not counted).")
+    print()
+    print("| threads | row | kernel calls/token | python tok/s | native tok/s | speed-up (wall) | python CPU ms/token "
+          "| native CPU ms/token | CPU saved ms/token | tokens equal | logits bit-equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        c = r["cpu_ms_per_token"]
         print(f"| {r['threads']} | {r['row']} | {r['calls_per_token']} | {r['tok_s']['python']:.1f} | "
               f"{r['tok_s']['native']:.1f} | {r['tok_s']['native'] / r['tok_s']['python']:.2f}x | "
-              f"{r['overhead_ms']['python']:.2f} | {r['overhead_ms']['native']:.2f} | "
+              f"{c['python']:.2f} | {c['native']:.2f} | {c['python'] - c['native']:.2f} | "
               f"{'yes' if r['same_tokens'] else 'NO'} | {'yes' if r['same_logits'] else 'NO'} |")
     print()
-    print("Per-token breakdown (ms; kernels timed one by one in the Python path):")
+    print("Per-token CPU breakdown (ms): every kernel call of the Python path timed with the calling thread's "
+          "CPU clock, summed by kind; overhead = CPU per token minus the kernels' CPU. Exact at 1 thread; at 2 "
+          "threads kernels run partly on TVM's pool thread (not counted on this thread) and idle pool threads "
+          "spin, so the 2-thread split is indicative only.")
     print()
     for r in results:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["kernels_ms"].items())
-        print(f"- {r['threads']} thread(s), {r['row']}: {parts}; kernels total {sum(r['kernels_ms'].values()):.2f}; "
-              f"overhead python {r['overhead_ms']['python']:.2f}, native {r['overhead_ms']['native']:.2f} "
-              f"(token: python {r['ms_per_token']['python']:.2f}, native {r['ms_per_token']['native']:.2f})")
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["kernels_cpu_ms"].items())
+        o = r["overhead_cpu_ms"]
+        print(f"- {r['threads']} thread(s), {r['row']}: {parts}; kernels {sum(r['kernels_cpu_ms'].values()):.2f}; "
+              f"overhead python {o['python']:.2f}, native {o['native']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine_line(), "load": [load_before, load_after],
                                             "results": results}, indent=1))

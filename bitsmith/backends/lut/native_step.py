@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ...errors import BitsmithError
 from . import native
 from .program import LayerEntry
 
@@ -32,7 +33,10 @@ def native_extern(fast: "native.NativeExecutor | None", entry: LayerEntry, int8:
     program = entry.program
     if program.stream.flags.writeable or program.outliers.flags.writeable:
         return None
-    bound = fast.plan(program)
+    try:
+        bound = fast.plan(program)
+    except BitsmithError:  # a stream the engine refuses: the loader's validation reports it, naming the layer
+        return None
     call = getattr(bound, "_call", None)
     if call is None or len(call.args) != 7:
         return None
