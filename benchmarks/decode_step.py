@@ -125,6 +125,30 @@ def kernel_profile(cm, ids: np.ndarray, new_tokens: int) -> tuple[dict[str, floa
     return per_token, len(calls)
 
 
+def native_python_side(cm, ids: np.ndarray, new_tokens: int) -> float | None:
+    """CPU seconds per token of the native executor's Python part (argument binding, shape table,
+    buffers, result arrays): the same loop with the driver's C call replaced by a no-op."""
+    st = stepper(cm)
+    ex = st.executors["main"]
+    driver = getattr(ex, "driver", None)
+    if driver is None:
+        return None
+    from bitsmith.runtime.generate import empty_cache, main_args, positions
+    st.python_steps = False
+    cache = empty_cache(cm.module, 1)
+    logits, *cache = cm.run("main", main_args(cm.module, ids, positions(1, 0, ids.shape[1]), cache))
+    real = driver.run
+    driver.run = lambda *a: 0
+    try:
+        pos, c0 = ids.shape[1], time.process_time()
+        for _ in range(new_tokens):
+            _, *cache = cm.run("main", main_args(cm.module, np.array([[1]]), positions(1, pos, 1), cache))
+            pos += 1
+        return (time.process_time() - c0) / new_tokens
+    finally:
+        driver.run = real
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default=",".join(ROWS))
@@ -163,6 +187,7 @@ def main() -> None:
             same_tokens = outs["python"][0] == outs["native"][0]
             same_logits = all(np.array_equal(x, y) for x, y in zip(outs["python"][1], outs["native"][1]))
             kernels, calls = kernel_profile(cm, ids, a.new_tokens)
+            py_side = native_python_side(cm, ids, a.new_tokens)
             best = {m: min(v) / a.new_tokens for m, v in times.items()}
             best_cpu = {m: min(v) / a.new_tokens for m, v in cpu.items()}
             res = {"threads": threads, "row": row, "calls_per_token": calls,
@@ -170,7 +195,8 @@ def main() -> None:
                    "ms_per_token": {m: 1e3 * s for m, s in best.items()},
                    "cpu_ms_per_token": {m: 1e3 * s for m, s in best_cpu.items()},
                    "kernels_cpu_ms": {k: 1e3 * v for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])},
-                   "same_tokens": same_tokens, "same_logits": same_logits}
+                   "same_tokens": same_tokens, "same_logits": same_logits,
+                   "native_python_side_cpu_ms": None if py_side is None else 1e3 * py_side}
             ksum = sum(res["kernels_cpu_ms"].values())
             # at 1 thread every kernel runs on this thread: CPU per token minus kernels' CPU = overhead
             res["overhead_cpu_ms"] = {m: res["cpu_ms_per_token"][m] - ksum for m in best}
@@ -205,7 +231,8 @@ def main() -> None:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in r["kernels_cpu_ms"].items())
         o = r["overhead_cpu_ms"]
         print(f"- {r['threads']} thread(s), {r['row']}: {parts}; kernels {sum(r['kernels_cpu_ms'].values()):.2f}; "
-              f"overhead python {o['python']:.2f}, native {o['native']:.2f}")
+              f"overhead python {o['python']:.2f}, native {o['native']:.2f}; native executor's Python part "
+              f"alone {r['native_python_side_cpu_ms']:.2f}")
     if a.json:
         Path(a.json).write_text(json.dumps({"machine": machine_line(), "load": [load_before, load_after],
                                             "results": results}, indent=1))
