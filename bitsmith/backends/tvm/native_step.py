@@ -135,12 +135,19 @@ class Driver:
         self.api_ptr = self.api.ctypes.data
 
 
-def _aligned(a: np.ndarray) -> np.ndarray:
-    """``a`` if a kernel can take it as is (writable, C-contiguous, 64-byte aligned, not empty),
-    else an aligned copy (``executor.aligned_copy``'s rule, without a ctypes object per array)."""
-    if a.flags.writeable and a.flags.c_contiguous and a.size and a.__array_interface__["data"][0] % ALIGN == 0:
-        return a
-    return aligned_copy(a if a.flags.writeable else a.copy())
+def _aligned_all(arrays: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    """Each array as a kernel can take it (writable, C-contiguous, 64-byte aligned, not empty:
+    ``executor.aligned_copy``'s rule; else an aligned copy) and its data pointer, read once
+    through ``__array_interface__`` (cheaper than a ctypes object per array)."""
+    out, pointers = [], []
+    for a in arrays:
+        ptr = a.__array_interface__["data"][0]
+        if not (a.flags.writeable and a.flags.c_contiguous and a.size and ptr % ALIGN == 0):
+            a = aligned_copy(a if a.flags.writeable else a.copy())
+            ptr = a.__array_interface__["data"][0]
+        out.append(a)
+        pointers.append(ptr)
+    return out, pointers
 
 
 def _dl_dtype(dt: np.dtype) -> tuple[int, int]:
@@ -292,12 +299,12 @@ class NativePlanExecutor:
         if not st.ready:
             self._setup(st)
         plan = self.plan
-        arrays = [_aligned(a) for a in self.python.binder.arrays(args)]
+        arrays, pointers = _aligned_all(self.python.binder.arrays(args))
         shapes = self.binder.shapes(arrays)
         rank = self.rank
         st.shapes[...] = [s + (1,) * (rank - len(s)) for s in shapes]  # padding 1s: products unchanged
         data = st.table["data"]
-        data[self.param_slots] = [a.__array_interface__["data"][0] for a in arrays]
+        data[self.param_slots] = pointers
         sizes = st.shapes.prod(axis=1)
         # intermediates whose bytes grew (first run, or a dim such as ``past`` went up)
         need = sizes[st.inter_shape] * st.inter_size
