@@ -193,6 +193,7 @@ class NativePlanExecutor:
         for k, (slot, (_, dt)) in enumerate(zip(plan.params, plan.param_types)):
             slot_shape[slot] = len(plan.shapes) + k
             slot_dtype[slot] = self.binder.param_dtypes[k]
+        const_dtype = {slot: a.dtype for slot, a in enumerate(python.base_env) if a is not None}
         self.produced: list[tuple[int, int, np.dtype]] = []  # (slot, shape id, dtype) of call outputs
         for s in plan.steps:
             if isinstance(s, Call):
@@ -225,7 +226,7 @@ class NativePlanExecutor:
             else:
                 words += [OP_VIEW, s.src, s.dst]
                 slot_shape[s.dst] = s.shape
-                slot_dtype[s.dst] = slot_dtype.get(s.src)
+                slot_dtype[s.dst] = slot_dtype.get(s.src, const_dtype.get(s.src))  # a view of a constant too
         self.program = np.array(words, dtype=np.int64)
         self.handles = np.array(handles or [0], dtype=np.uint64)
         self.externs = np.array(externs, dtype=EXTERN_LAYER) if externs else np.zeros(1, EXTERN_LAYER)
