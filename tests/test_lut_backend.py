@@ -96,7 +96,8 @@ def test_artifact_round_trip_and_stored_program(tmp_path, capsys):
     engine = manifest["native"]["target/lut/lutexec.so"]
     assert engine["kind"] == "lut-engine" and engine["cpu"] == "x86-64-v3"
     assert {"avx2", "fma"} <= set(engine["features"])
-    assert all(manifest["native"][n]["kind"] == "tvm-llvm-kernel" for n in libraries if "/host/" in n)
+    assert all(manifest["native"][n]["kind"] == ("tvm-step-driver" if n.endswith("driver/stepdrv.so")
+                                                 else "tvm-llvm-kernel") for n in libraries if "/host/" in n)
     from bitsmith.cli import main
     assert main(["inspect", str(tmp_path / "a")]) == 0
     text = capsys.readouterr().out

@@ -352,8 +352,9 @@ def test_save_load_round_trip_without_compiling(compiled_models, tmp_path, monke
     import bitsmith
     ref, cm = compiled_models["qwen2"]
     cm.save(str(tmp_path / "art"))
-    files = sorted(p.name for p in (tmp_path / "art").rglob("*.so"))
+    files = sorted(p.name for p in (tmp_path / "art" / "target" / "kernels").rglob("*.so"))
     assert len(files) == cm.executable.report()["kernels"]
+    assert (tmp_path / "art" / "target" / "driver" / "stepdrv.so").is_file()  # the native step driver
 
     def no_compile(*a, **k):
         raise AssertionError("load must not compile")

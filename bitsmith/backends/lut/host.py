@@ -97,7 +97,8 @@ class TVMHost:
         from .native import tvm_parallel_launcher
         self.parallel_launcher = tvm_parallel_launcher()
         self.program, self.threads = program, threads
-        engine = {_extern_name(i): functools.partial(_call_layer, run_layer, e) for i, e in enumerate(layers.values())}
+        engine = {_extern_name(i): _engine_step(run_layer, e, threads, self.parallel_launcher)
+                  for i, e in enumerate(layers.values())}
         self.executors = program.executors(module, engine, what="LUT program")
         self.externs = len({n for names in program.extern_names().values() for n in names})
 
@@ -106,7 +107,10 @@ class TVMHost:
         if function not in self.executors:
             raise BitsmithError(f"no compiled function {function!r}; have {sorted(self.executors)}")
         set_threads(self.threads)
-        return self.executors[function].run(args)
+        ex = self.executors[function]
+        return ex.run_python(args) if self.python_steps and hasattr(ex, "run_python") else ex.run(args)
+
+    python_steps = False  # True: host kernels and engine called one by one from Python (comparisons)
 
     def files(self) -> dict[str, bytes]:
         return {FILE_PREFIX + k: v for k, v in self.program.files().items()}
@@ -118,7 +122,9 @@ class TVMHost:
         info = self.program.info
         keep = ("compile_seconds", "cache_hits", "cache_misses", "kernel_compile_seconds", "mcpu", "load_seconds",
                 "kernel_schedules")
+        from ..tvm.llvm_target import step_executor_name
         return {"host": self.name, "host_kernels": self.program.kernel_count, "host_engine_calls": self.externs,
+                "host_executor": step_executor_name(self.executors, self.python_steps),
                 "engine_threads": "TVM thread pool" if self.parallel_launcher else "OpenMP",
                 **{f"host_{k}": info[k] for k in keep if k in info}}
 
@@ -135,6 +141,18 @@ class TVMHost:
         from ..tvm.host_interface import load_host
         return cls(module, layers, run_layer, load_host(target_files(files).under(FILE_PREFIX)),
                    options.get("threads", 0))
+
+
+def _engine_step(run_layer: LayerRunner, entry: LayerEntry, threads: int, launcher: int | None) -> Callable:
+    """The extern step of one layer: a C entry point for the step driver where the engine runs
+    natively (``native_step``), with the Python call as its fallback. ``run_layer`` is
+    LUTExecutable.run_layer; its executable holds the engine (``fast``) and table kind."""
+    from .native_step import native_extern
+    fallback = functools.partial(_call_layer, run_layer, entry)
+    owner = getattr(run_layer, "__self__", None)
+    ext = native_extern(getattr(owner, "fast", None), entry, getattr(owner, "int8", True), threads, launcher,
+                        fallback) if owner is not None else None
+    return ext if ext is not None else fallback
 
 
 def _call_layer(run_layer: LayerRunner, entry: LayerEntry, x2: np.ndarray, *rest: np.ndarray) -> None:

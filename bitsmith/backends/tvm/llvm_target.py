@@ -22,7 +22,7 @@ from ...ir import Module
 from .. import native_loader
 from ..json_fields import Field
 from ..base import Executable
-from . import runtime_cpu, stored_operands
+from . import native_step, runtime_cpu, stored_operands
 from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import lower_function
@@ -133,7 +133,10 @@ class LLVMExecutable(Executable):
         if function not in self.executors:
             raise BitsmithError(f"no compiled function {function!r}; have {sorted(self.executors)}")
         runtime_cpu.set_threads(self.threads)
-        return self.executors[function].run(args)
+        ex = self.executors[function]
+        return ex.run_python(args) if self.python_steps and hasattr(ex, "run_python") else ex.run(args)
+
+    python_steps = False  # True: kernels called one by one from Python (benchmarks, tests compare)
 
     def files(self) -> dict[str, bytes]:
         return self.host.files()
@@ -145,8 +148,13 @@ class LLVMExecutable(Executable):
         calls = sum(1 for p in self.plans.values() for s in p.steps if isinstance(s, Call))
         return {**self.info, "kernels": len(self.libraries), "kernel_calls_per_run": calls,
                 "threads": self.threads, "threads_effective": runtime_cpu.num_threads(),
-                "executor": "flat plan of TVM llvm kernels on numpy arrays (64-byte aligned, "
-                            "destination-passing, reshapes as views)"}
+                "executor": step_executor_name(self.executors, self.python_steps)}
+
+
+def step_executor_name(executors: Mapping[str, Any], python_steps: bool = False) -> str:
+    native = not python_steps and any(isinstance(e, native_step.NativePlanExecutor) for e in executors.values())
+    return ("flat plan of TVM llvm kernels on 64-byte aligned buffers, "
+            + ("one native call per run (driver/stepdrv.so)" if native else "called one by one from Python"))
 
 
 @dataclass
@@ -164,13 +172,28 @@ class HostBuild:
     info: dict[str, Any]
     spec: native_loader.NativeSpec | None = None  # what the kernels were built for (None: unrecorded)
     plan_file: str = "plan.json"  # the artifact path of plan.json that errors name
+    driver: bytes | None = None   # native_step's driver library (None: plans run on the Python executor)
 
-    def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, PlanExecutor]:
+    def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, Any]:
+        """Per function, a NativePlanExecutor (one C call per run) where the driver is here and
+        every extern step has a native entry point, else the Python PlanExecutor."""
         kernels = {**self.loaded, **(externs or {})}
         check_kernels(self.plans, kernels, self.plan_file)
-        return {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name), self.plan_file),
-                                   self.plan_file)
-                for name, p in self.plans.items()}
+        python = {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name), self.plan_file),
+                                     self.plan_file)
+                  for name, p in self.plans.items()}
+        driver = self.step_driver()
+        if driver is None or not all(isinstance(fn, native_step.NativeExtern) for fn in (externs or {}).values()):
+            return python
+        return {name: native_step.NativePlanExecutor(ex, kernels, driver) for name, ex in python.items()}
+
+    def step_driver(self) -> "native_step.Driver | None":
+        if self.driver is None:
+            return None
+        if not hasattr(self, "_driver"):
+            self._driver = native_step.Driver(self.driver, self.plan_file.rsplit("plan.json", 1)[0]
+                                              + native_step.DRIVER_FILE)
+        return self._driver
 
     def files(self) -> dict[str, bytes]:
         operands, out = stored_operands.to_files(self.plans, self.derived)
@@ -179,6 +202,9 @@ class HostBuild:
                 "schedules": self.info["kernel_schedules"]}
         if self.spec is not None:
             plan["isa"] = self.spec.to_json()
+        if self.driver is not None:
+            plan["driver_isa"] = native_step.SPEC.to_json()
+            out[native_step.DRIVER_FILE] = self.driver
         out.update({f"kernels/{k}.so": v for k, v in self.libraries.items()})
         out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
         return out
@@ -186,7 +212,8 @@ class HostBuild:
     def native_files(self) -> dict[str, native_loader.NativeSpec]:
         if self.spec is None:
             raise BitsmithError("tvm-llvm kernels of unknown instruction set cannot be saved")
-        return {f"kernels/{k}.so": self.spec for k in self.libraries}
+        driver = {native_step.DRIVER_FILE: native_step.SPEC} if self.driver is not None else {}
+        return {**{f"kernels/{k}.so": self.spec for k in self.libraries}, **driver}
 
 
 def compile_host(module: Module, options: Mapping[str, Any],
@@ -226,7 +253,9 @@ def compile_host(module: Module, options: Mapping[str, Any],
             "cache_rejected": cache.rejected, "cache_dir": str(cache.directory),
             "mcpu": str(target.attrs.get("mcpu", "")), "isa": spec.describe(), "target": str(target),
             "kernel_schedules": schedules}
-    return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec)
+    driver = native_step.build_driver()
+    info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (no C compiler)"
+    return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec, driver=driver)
 
 
 def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.LibraryDir]:
@@ -259,7 +288,17 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
             "stored_operands": sum(len(d) for d in derived.values()), "kernel_schedules": schedules}
     if spec is not None:
         info["isa"] = spec.describe()
-    return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json")), libdir
+    driver = None
+    if doc.has("driver_isa"):  # artifacts since the native step driver
+        driver_spec = read_native_spec(doc, "driver_isa")
+        if driver_spec != native_step.SPEC:
+            doc["driver_isa"].fail(f"expected {native_step.SPEC.describe()}, got {driver_spec.describe()}")
+        if native_step.DRIVER_FILE not in files:
+            raise PlanError(files.path("plan.json"), f"records a step driver but {native_step.DRIVER_FILE} "
+                                                     "is not listed in the artifact")
+        driver = files[native_step.DRIVER_FILE]
+    info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (artifact has no driver)"
+    return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json"), driver), libdir
 
 
 def _read_schedules(doc: Field, libraries: Mapping[str, bytes]) -> dict[str, dict[str, str]]:
