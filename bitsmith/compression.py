@@ -14,6 +14,11 @@ NO_QUANT = ("fp32", "none")
 SOURCE_QUANT = "gguf"  # keep a GGUF model's own quantization (pass gguf-quantize)
 # what quant="gguf" cannot be combined with: the file fixes group sizes and the rounding
 GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_method")
+# how the output projection (tied to the embedding in SmolLM2) is stored when ``layers`` is not
+# given: "same" (the scheme, at its width), "int8" (rtn-int8 in the same groups) or "fp32".
+# The default was chosen by measurement (benchmarks/results/lm_head.md, issue 15 part 4).
+HEAD_QUANTS = {"same": None, "int8": "rtn-int8", "fp32": None}
+HEAD_PATH = ("*lm_head",)
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class CompressionOptions:
     act_order: bool = False
     calib_damp: float = 0.01
     calib_target: str = "auto"
+    head_quant: str = "same"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -93,6 +99,8 @@ class CompressionOptions:
                                  f"(CLI: --calibrate --calib-text FILE)")
         if not isinstance(self.calib_damp, (int, float)) or not 0.0 <= float(self.calib_damp) < 1e3:
             raise ValueError(f"calib_damp is a fraction of the mean Hessian diagonal (>= 0), got {self.calib_damp!r}")
+        if self.head_quant not in HEAD_QUANTS:
+            raise UnknownOptionError("lm_head quantization (head_quant)", self.head_quant, list(HEAD_QUANTS))
         from .backends.calibration import check_calib_target
         check_calib_target(self.calib_target)
         if self.needs_calibration:
@@ -149,4 +157,17 @@ class CompressionOptions:
                                 calibrate=bool(self.calibrate), calibration=calibration,
                                 sequential=bool(self.calib_sequential), act_order=bool(self.act_order),
                                 damp=float(self.calib_damp)))
+            head = self.head_scheme
+            if head is not None:
+                out.append(get_pass("quantize", scheme=head, group_size=self.group_size, layers=HEAD_PATH))
         return out
+
+    @property
+    def head_scheme(self) -> str | None:
+        """The scheme the output projection gets from its own (round-to-nearest) quantize pass,
+        None when it stays fp32 or ``layers`` chooses the linears. Its own pass because
+        calibration collects no statistics past the last decoder layer; a weight tied to the
+        embedding is quantized once (the embedding gather keeps reading the float table)."""
+        if self.scheme is None or self.layers or self.head_quant == "fp32":
+            return None
+        return HEAD_QUANTS[self.head_quant] or self.scheme
