@@ -13,7 +13,7 @@ from .errors import UnknownOptionError
 NO_QUANT = ("fp32", "none")
 SOURCE_QUANT = "gguf"  # keep a GGUF model's own quantization (pass gguf-quantize)
 # what quant="gguf" cannot be combined with: the file fixes group sizes and the rounding
-GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_method")
+GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_method", "head_quant")
 # how the output projection (tied to the embedding in SmolLM2) is stored when ``layers`` is not
 # given: "same" (the scheme, at its width), "int8" (rtn-int8 in the same groups) or "fp32".
 # The default was chosen by measurement (benchmarks/results/lm_head.md, issue 15 part 4).
@@ -101,6 +101,11 @@ class CompressionOptions:
             raise ValueError(f"calib_damp is a fraction of the mean Hessian diagonal (>= 0), got {self.calib_damp!r}")
         if self.head_quant not in HEAD_QUANTS:
             raise UnknownOptionError("lm_head quantization (head_quant)", self.head_quant, list(HEAD_QUANTS))
+        if self.head_quant != "same" and self.scheme is None and not self.keeps_source:
+            raise ValueError(f"head_quant={self.head_quant!r} needs a quantization scheme (quant=...)")
+        if self.head_quant != "same" and self.layers:
+            raise ValueError(f"head_quant={self.head_quant!r} applies when layers is not given; with layers, "
+                             f"lm_head is quantized (with the scheme) exactly when a glob matches it")
         from .backends.calibration import check_calib_target
         check_calib_target(self.calib_target)
         if self.needs_calibration:

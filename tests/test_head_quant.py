@@ -61,6 +61,12 @@ def test_layers_decide_when_given(model):
     assert _head(cm).op == "qlinear" and len(list(qlinear_nodes(cm.module))) == 1
 
 
-def test_unknown_head_quant_is_refused(model):
+def test_unknown_or_inapplicable_head_quant_is_refused(model):
     with pytest.raises(UnknownOptionError, match="head_quant"):
         bitsmith.compile(model, target="reference", quant="rtn-int4", head_quant="int4")
+    with pytest.raises(ValueError, match="needs a quantization scheme"):
+        bitsmith.compile(model, target="reference", head_quant="int8")
+    with pytest.raises(ValueError, match="applies when layers is not given"):
+        bitsmith.compile(model, target="reference", quant="rtn-int4", head_quant="fp32", layers=["*mlp*"])
+    with pytest.raises(ValueError, match="quant='gguf'.*head_quant"):
+        bitsmith.compile("smollm2-135m", target="reference", quant="gguf", head_quant="fp32")
