@@ -79,3 +79,26 @@ def test_a_cached_capture_imports_neither_torch_nor_transformers(gguf_file, tmp_
     assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr[-2000:]
     assert runs[0].stdout.split()[-2:] == ["True", "True"]
     assert runs[1].stdout.strip() == "['cached_capture'] False False"
+
+
+def test_old_entries_are_pruned(tmp_path, monkeypatch):
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path / "cache"))
+    root = capture_cache.cache_dir()
+    for i in range(capture_cache.KEEP_ENTRIES + 2):
+        (root / f"old{i}").mkdir(parents=True)
+        os.utime(root / f"old{i}", (i, i))  # old5 is the newest
+    captured = capture_cache.CapturedModel(_tiny_module())
+    capture_cache.store("new", captured, None)
+    kept = sorted(p.name for p in root.iterdir())
+    assert kept == sorted(["new"] + [f"old{i}" for i in range(3, capture_cache.KEEP_ENTRIES + 2)])
+    assert capture_cache.load("new", tmp_path / "unused.gguf").module == captured.module
+
+
+def _tiny_module():
+    """A module with one tensor, so the safetensors file is not empty."""
+    from bitsmith.ir import TensorTable, parse_module
+    table = TensorTable({"w": np.arange(4, dtype=np.float32)})
+    text = ("module {\n" + f'  tensor "w" : f32[4] sha256 "{table.info("w").sha256}"\n'
+            "  func @main(%x: f32[4]) {\n    %w = constant() {name = \"w\"} : f32[4]\n"
+            "    %a = add(%x, %w) : f32[4]\n    return %a\n  }\n}\n")
+    return parse_module(text, table)

@@ -28,6 +28,7 @@ from .captured import CapturedModel
 FORMAT = "bitsmith-capture-1"
 _CODE_PACKAGES = ("frontend", "gguf", "ir")
 _VERSIONED = ("torch", "transformers")
+KEEP_ENTRIES = 4  # an entry holds the model's float weights: older ones are removed on store
 
 
 def cache_dir() -> Path:
@@ -104,6 +105,14 @@ def load(key: str, model_file: Path) -> CapturedModel | None:
                          None if sources is None else DeferredBlocks(model_file, sources))
 
 
+def _prune(root: Path, keep: str) -> None:
+    """Removes all but the ``KEEP_ENTRIES`` most recently written entries (``keep`` always stays)."""
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != keep),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[KEEP_ENTRIES - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def store(key: str, captured: CapturedModel, sources: Mapping[str, str] | None) -> None:
     """Writes ``captured`` as entry ``key``; ``sources``: tensor-table name -> the GGUF tensor's
     name in ``read_gguf``'s table (what ``DeferredBlocks`` reopens). A failed write costs only time."""
@@ -126,6 +135,7 @@ def store(key: str, captured: CapturedModel, sources: Mapping[str, str] | None) 
             shutil.rmtree(root / key, ignore_errors=True)
         os.replace(tmp, root / key)
         tmp = None
+        _prune(root, key)
     except OSError:
         pass
     finally:
