@@ -87,7 +87,7 @@ def test_artifact_round_trip_and_stored_program(tmp_path, capsys):
     assert np.array_equal(_logits(cm), _logits(loaded))
     target_dir = tmp_path / "a" / "target" / "lut"
     doc = json.loads((target_dir / "program.json").read_text())
-    assert doc["host"] == DEFAULT_HOST and len(doc["layers"]) == 14
+    assert doc["host"] == DEFAULT_HOST and len(doc["layers"]) == 15  # 7 projections x 2 layers + lm_head
     assert (target_dir / "lutexec.so").read_bytes()[:4] == b"\x7fELF"
     assert loaded.report()["executable"]["streams"] == cm.report()["executable"]["streams"]
     # every shared library is declared native: the engine (x86-64-v3 = AVX2 + FMA) and the host kernels
