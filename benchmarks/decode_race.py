@@ -373,6 +373,8 @@ def main() -> None:
     ap.add_argument("--head-rows", action="store_true", help="add the lm_head variants (issue 15 part 4)")
     ap.add_argument("--work", default=None, help="folder for artifacts and the kernel cache (kept; reused)")
     ap.add_argument("--out", default=str(HERE / "results" / "decode_race.md"))
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only write the report from the .json files of earlier (partial) runs")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_payload", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -390,6 +392,20 @@ def main() -> None:
 
     sys.path.insert(0, str(HERE))
     from machine import machine_line
+
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        results = [r for part in parts for r in part["results"]]
+        compiles = {k: v for part in parts for k, v in part["compiles"].items()}
+        for key in ("new_tokens", "prompt_tokens", "ppl_windows", "ppl_ctx"):  # the runs' own settings
+            setattr(a, key, max(part["args"][key] for part in parts))
+        Path(a.out).with_suffix(".json").write_text(json.dumps(
+            {"machine": parts[0]["machine"], "merged": a.merge, "parts": [p["args"] for p in parts],
+             "compiles": compiles, "results": results}, indent=1))
+        text = report(results, compiles, a, parts[0]["machine"])
+        Path(a.out).write_text(text)
+        print(text)
+        return
 
     known = all_rows(True)
     rows = [r for r in (a.rows.split(",") if a.rows else all_rows(a.head_rows)) if r]
