@@ -27,8 +27,9 @@ no BOS). Per row and thread count, in a fresh process (thread pools are fixed at
 * once per row (at the largest thread count): perplexity over the first ``--ppl-windows``
   windows of ``--ppl-ctx`` tokens of prideprejudice.txt (bitsmith.runtime.perplexity's
   protocol: no BOS, each window from an empty cache; llama.cpp's from its own logits with
-  ``logits_all=True``), and bits per weight over the linear layers, lm_head included
-  (llama.cpp: the GGUF's 2-D weight tensors, the tied token_embd counted once as lm_head).
+  ``logits_all=True``), and bits per weight: bitsmith's ``report()["bits_per_weight"]``, over
+  the *quantized* linear layers (an fp32 lm_head is not in it; fp32 rows: 32); llama.cpp: the
+  GGUF's 2-D tensors, all quantized, the tied token_embd counted once as lm_head.
 Rows run interleaved (round r visits every row; odd rounds in reverse order) so all see the
 same machine load; the load average is recorded per measurement. Results:
 benchmarks/results/decode_race.md and .json (``--out``).
@@ -306,7 +307,7 @@ def report(results: list[dict], compiles: dict, args, machine: str) -> str:
              f"Machine: {machine}. Same token ids for every row; each (row, threads) in a fresh process, "
              "rows interleaved. Perplexity: first "
              f"{args.ppl_windows} windows of {args.ppl_ctx} tokens of prideprejudice.txt (no BOS). "
-             "bits/weight: linear layers, lm_head included. `load` = 1-minute load average before/after "
+             "bits/weight: the quantized linear layers (llama.cpp: every 2-D tensor). `load` = 1-minute load average before/after "
              "the row (2 shared cores: wall-clock figures move with it).", ""]
     skipped = sorted({r["row"]: r["skipped"] for r in results if "skipped" in r}.items())
     for row, why in skipped:

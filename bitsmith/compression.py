@@ -16,8 +16,11 @@ SOURCE_QUANT = "gguf"  # keep a GGUF model's own quantization (pass gguf-quantiz
 GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_method", "head_quant")
 # how the output projection (tied to the embedding in SmolLM2) is stored when ``layers`` is not
 # given: "same" (the scheme, at its width), "int8" (rtn-int8 in the same groups) or "fp32".
-# The default was chosen by measurement (benchmarks/results/lm_head.md, issue 15 part 4).
+# The default was chosen by measurement (benchmarks/results/lm_head.md, issue 15 part 4): at the
+# scheme's width the head costs +17 % perplexity (bitmod-w4), and neither CPU target decodes
+# faster with a quantized head today (lut-cpu 4.6x slower, tvm-llvm runs 8-bit heads dense).
 HEAD_QUANTS = {"same": None, "int8": "rtn-int8", "fp32": None}
+DEFAULT_HEAD_QUANT = "fp32"
 HEAD_PATH = ("*lm_head",)
 
 
@@ -37,7 +40,7 @@ class CompressionOptions:
     act_order: bool = False
     calib_damp: float = 0.01
     calib_target: str = "auto"
-    head_quant: str = "same"
+    head_quant: str = DEFAULT_HEAD_QUANT
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -101,9 +104,9 @@ class CompressionOptions:
             raise ValueError(f"calib_damp is a fraction of the mean Hessian diagonal (>= 0), got {self.calib_damp!r}")
         if self.head_quant not in HEAD_QUANTS:
             raise UnknownOptionError("lm_head quantization (head_quant)", self.head_quant, list(HEAD_QUANTS))
-        if self.head_quant != "same" and self.scheme is None and not self.keeps_source:
+        if self.head_quant != DEFAULT_HEAD_QUANT and self.scheme is None and not self.keeps_source:
             raise ValueError(f"head_quant={self.head_quant!r} needs a quantization scheme (quant=...)")
-        if self.head_quant != "same" and self.layers:
+        if self.head_quant != DEFAULT_HEAD_QUANT and self.layers:
             raise ValueError(f"head_quant={self.head_quant!r} applies when layers is not given; with layers, "
                              f"lm_head is quantized (with the scheme) exactly when a glob matches it")
         from .backends.calibration import check_calib_target
