@@ -18,7 +18,7 @@ GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_met
 # given: "same" (the scheme, at its width), "int8" (rtn-int8 in the same groups) or "fp32".
 # The default was chosen by measurement (benchmarks/results/lm_head.md, issue 15 part 4): at the
 # scheme's width the head costs +17 % perplexity (bitmod-w4), and neither CPU target decodes
-# faster with a quantized head today (lut-cpu 4.6x slower, tvm-llvm runs 8-bit heads dense).
+# faster with an 8-bit head (lut-cpu 4.6x slower, tvm-llvm runs it dense).
 HEAD_QUANTS = {"same": None, "int8": "rtn-int8", "fp32": None}
 DEFAULT_HEAD_QUANT = "fp32"
 HEAD_PATH = ("*lm_head",)
