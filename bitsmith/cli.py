@@ -406,7 +406,7 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
                    help="module paths to quantize (globs; default: every linear layer, lm_head as "
                         "--head-quant says; with gguf: every quantized tensor of the file)")
     g.add_argument("--head-quant", choices=("same", "int8", "fp32"),
-                   help="lm_head without --layers: fp32 (default), the scheme's width (same) or rtn-int8")
+                   help="lm_head without --layers: rtn-int8 (int8, default), the scheme's width (same) or fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:

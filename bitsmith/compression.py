@@ -17,10 +17,10 @@ GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_met
 # how the output projection (tied to the embedding in SmolLM2) is stored when ``layers`` is not
 # given: "same" (the scheme, at its width), "int8" (rtn-int8 in the same groups) or "fp32".
 # The default was chosen by measurement (benchmarks/results/lm_head.md, issue 15 part 4): at the
-# scheme's width the head costs +17 % perplexity (bitmod-w4), and neither CPU target decodes
-# faster with an 8-bit head (lut-cpu 4.6x slower, tvm-llvm runs it dense).
+# scheme's width the head costs +17 % perplexity (bitmod-w4); rtn-int8 costs +0.3 % and decodes
+# 1.57x faster than an fp32 head on lut-cpu (1 thread); tvm-llvm runs it dense (no 8-bit kernel).
 HEAD_QUANTS = {"same": None, "int8": "rtn-int8", "fp32": None}
-DEFAULT_HEAD_QUANT = "fp32"
+DEFAULT_HEAD_QUANT = "int8"
 HEAD_PATH = ("*lm_head",)
 
 
