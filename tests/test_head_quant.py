@@ -41,7 +41,7 @@ def test_same_quantizes_lm_head_with_the_scheme_once(model):
     assert head.op == "qlinear" and head.attr("scheme") == "rtn-int4" and head.attr("group_size") == 32
     # tied: one set of codes for lm_head; the embedding gather keeps the float table
     assert [n for n in cm.module.tensors if n.endswith(".codes") and "lm_head" in n] == ["lm_head.weight.codes"]
-    explicit = bitsmith.compile(model, target="reference", quant="rtn-int4", group_size=32,
+    explicit = bitsmith.compile(model, target="reference", quant="rtn-int4", group_size=32, head_quant="fp32",
                                 passes="quantize{scheme=rtn-int4,group_size=32,layers=*lm_head}")
     np.testing.assert_array_equal(np.asarray(cm(IDS)), np.asarray(explicit(IDS)))
 
