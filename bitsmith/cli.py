@@ -49,7 +49,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 _QUANT_FLAGS = ("quant", "group_size", "outliers", "sparsity", "sparsity_method", "calib_text",
-                "calib_sequences", "calib_seq_len", "calib_damp", "calib_target")
+                "calib_sequences", "calib_seq_len", "calib_damp", "calib_target", "head_quant")
 _QUANT_SWITCHES = ("calibrate", "calib_sequential", "act_order")
 
 
@@ -403,8 +403,10 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-target", metavar="TARGET",
                    help="where calibration runs the model: auto (default: fastest CPU target), reference, tvm-llvm")
     g.add_argument("--layers", nargs="+", action="extend", default=[], metavar="GLOB",
-                   help="module paths to quantize (globs; default: all linear layers but lm_head; "
-                        "with gguf: every quantized tensor of the file)")
+                   help="module paths to quantize (globs; default: every linear layer, lm_head as "
+                        "--head-quant says; with gguf: every quantized tensor of the file)")
+    g.add_argument("--head-quant", choices=("same", "int8", "fp32"),
+                   help="lm_head without --layers: rtn-int8 (int8, default), the scheme's width (same) or fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:

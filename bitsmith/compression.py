@@ -13,7 +13,15 @@ from .errors import UnknownOptionError
 NO_QUANT = ("fp32", "none")
 SOURCE_QUANT = "gguf"  # keep a GGUF model's own quantization (pass gguf-quantize)
 # what quant="gguf" cannot be combined with: the file fixes group sizes and the rounding
-GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_method")
+GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_method", "head_quant")
+# how the output projection (tied to the embedding in SmolLM2) is stored when ``layers`` is not
+# given: "same" (the scheme, at its width), "int8" (rtn-int8 in the same groups) or "fp32".
+# The default was chosen by measurement (benchmarks/results/lm_head.md, issue 15 part 4): at the
+# scheme's width the head costs +17 % perplexity (bitmod-w4); rtn-int8 costs +0.3 % and decodes
+# 1.57x faster than an fp32 head on lut-cpu (1 thread); tvm-llvm runs it dense (no 8-bit kernel).
+HEAD_QUANTS = {"same": None, "int8": "rtn-int8", "fp32": None}
+DEFAULT_HEAD_QUANT = "int8"
+HEAD_PATH = ("*lm_head",)
 
 
 @dataclass(frozen=True)
@@ -32,6 +40,7 @@ class CompressionOptions:
     act_order: bool = False
     calib_damp: float = 0.01
     calib_target: str = "auto"
+    head_quant: str = DEFAULT_HEAD_QUANT
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -93,6 +102,13 @@ class CompressionOptions:
                                  f"(CLI: --calibrate --calib-text FILE)")
         if not isinstance(self.calib_damp, (int, float)) or not 0.0 <= float(self.calib_damp) < 1e3:
             raise ValueError(f"calib_damp is a fraction of the mean Hessian diagonal (>= 0), got {self.calib_damp!r}")
+        if self.head_quant not in HEAD_QUANTS:
+            raise UnknownOptionError("lm_head quantization (head_quant)", self.head_quant, list(HEAD_QUANTS))
+        if self.head_quant != DEFAULT_HEAD_QUANT and self.scheme is None and not self.keeps_source:
+            raise ValueError(f"head_quant={self.head_quant!r} needs a quantization scheme (quant=...)")
+        if self.head_quant != DEFAULT_HEAD_QUANT and self.layers:
+            raise ValueError(f"head_quant={self.head_quant!r} applies when layers is not given; with layers, "
+                             f"lm_head is quantized (with the scheme) exactly when a glob matches it")
         from .backends.calibration import check_calib_target
         check_calib_target(self.calib_target)
         if self.needs_calibration:
@@ -149,4 +165,17 @@ class CompressionOptions:
                                 calibrate=bool(self.calibrate), calibration=calibration,
                                 sequential=bool(self.calib_sequential), act_order=bool(self.act_order),
                                 damp=float(self.calib_damp)))
+            head = self.head_scheme
+            if head is not None:
+                out.append(get_pass("quantize", scheme=head, group_size=self.group_size, layers=HEAD_PATH))
         return out
+
+    @property
+    def head_scheme(self) -> str | None:
+        """The scheme the output projection gets from its own (round-to-nearest) quantize pass,
+        None when it stays fp32 or ``layers`` chooses the linears. Its own pass because
+        calibration collects no statistics past the last decoder layer; a weight tied to the
+        embedding is quantized once (the embedding gather keeps reading the float table)."""
+        if self.scheme is None or self.layers or self.head_quant == "fp32":
+            return None
+        return HEAD_QUANTS[self.head_quant] or self.scheme

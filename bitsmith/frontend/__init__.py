@@ -1,6 +1,7 @@
 """Frontend: capture PyTorch / Hugging Face models and lower them into the bitsmith IR.
 
-Imports torch and transformers; the runtime never imports this package.
+Imports torch and transformers when it captures (a GGUF model served from the capture cache
+imports neither); the runtime never imports this package.
 """
 
 from __future__ import annotations
@@ -8,32 +9,18 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ..errors import ModelLoadError
-from .hf_capture import CapturedModel, capture_causal_lm
+from .captured import CapturedModel
 
 
 def capture(model: Any, example_inputs: tuple | None = None,
             progress: Callable[[str], None] | None = None) -> CapturedModel:
     """A model name, a path (HF dir or .gguf), an HF causal LM, or a plain nn.Module → IR."""
-    import torch
-
     say = progress or (lambda message: None)
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        import dataclasses
-        from .hf_capture import model_name
-        from .models import MODEL_ZOO, gguf_path_of, load_gguf, load_pretrained
-        say(f"loading {model}")
-        gguf_file = gguf_path_of(str(model))
-        source = None
-        if gguf_file is not None:
-            hf_model, tokenizer, weights = load_gguf(gguf_file)
-            if weights is not None:
-                from .gguf_loader import blocks_by_parameter
-                source = blocks_by_parameter(hf_model, weights)
-        else:
-            hf_model, tokenizer = load_pretrained(str(model))
-        say("capturing with torch.export and lowering to IR")
-        name = str(model) if str(model) in MODEL_ZOO else model_name(str(model))
-        return dataclasses.replace(capture_causal_lm(hf_model, tokenizer, name=name), source_weights=source)
+        return _capture_named(str(model), say)
+    import torch
+
+    from .hf_capture import capture_causal_lm
     if not isinstance(model, torch.nn.Module):
         raise ModelLoadError(f"cannot compile a {type(model).__name__}: pass an nn.Module, a model name or a path")
     if _is_hf_causal_lm(model) and example_inputs is None:
@@ -52,6 +39,51 @@ def _is_hf_causal_lm(model: Any) -> bool:
     except ImportError:
         return False
     return isinstance(model, PreTrainedModel) and isinstance(model, GenerationMixin)
+
+
+def _capture_named(model: str, say: Callable[[str], None]) -> CapturedModel:
+    """A GGUF file that bitsmith's own reader loads is captured once per file and capture code
+    (``capture_cache``); anything else is captured every time."""
+    import dataclasses
+    import time
+
+    from .models import MODEL_ZOO, gguf_path_of, load_gguf, load_pretrained
+    gguf_file = gguf_path_of(model)
+    name = model if model in MODEL_ZOO else None
+    key = None
+    if gguf_file is not None:
+        from . import capture_cache
+        t0 = time.perf_counter()
+        key = capture_cache.capture_key(gguf_file, name or "")
+        cached = capture_cache.load(key, gguf_file)
+        if cached is not None:
+            say(f"loaded the capture of {model} from {capture_cache.cache_dir()}")
+            return dataclasses.replace(cached, seconds={"cached_capture": time.perf_counter() - t0})
+    say(f"loading {model}")
+    source, weights = None, None
+    if gguf_file is not None:
+        hf_model, tokenizer, weights = load_gguf(gguf_file)
+        if weights is not None:
+            from .gguf_loader import blocks_by_parameter
+            source = blocks_by_parameter(hf_model, weights)
+    else:
+        hf_model, tokenizer = load_pretrained(model)
+    say("capturing with torch.export and lowering to IR")
+    from .hf_capture import capture_causal_lm, model_name
+    captured = dataclasses.replace(capture_causal_lm(hf_model, tokenizer, name=name or model_name(model)),
+                                   source_weights=source)
+    if key is not None and weights is not None:  # our reader: the blocks can be found again by name
+        from . import capture_cache
+        from .gguf_loader import hf_name
+        capture_cache.store(key, captured, {n: hf_name(src.info.name) for n, src in source.sources.items()})
+    return captured
+
+
+def __getattr__(name: str) -> Any:
+    if name == "capture_causal_lm":  # imports torch: only when asked for
+        from .hf_capture import capture_causal_lm
+        return capture_causal_lm
+    raise AttributeError(name)
 
 
 __all__ = ["CapturedModel", "capture", "capture_causal_lm"]

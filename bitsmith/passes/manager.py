@@ -50,7 +50,7 @@ class PassManager:
             self.timings.append((p.name, time.perf_counter() - start))
             if not isinstance(out, Module):
                 raise PassError(f"pass {p.name!r} returned {type(out).__name__}, not a Module ({_ran(ran)})")
-            if self.verify:
+            if self.verify and out is not module:  # an unchanged module was verified already
                 try:
                     verify_module(out)
                 except VerificationError as e:
