@@ -79,6 +79,8 @@ def choose_schedule(kdef: KernelDef) -> str:
         return f"{GENERIC}: no matmul attributes on the definition"
     if str(a["op"]) == "linear":
         return VECTOR_DENSE
+    if str(a["op"]) == "bcq_linear":  # backends/tvm/bcq.py
+        return f"{GENERIC}: bcq_linear sign planes are decoded in registers by the generic schedule (no vector kernel yet)"
     group_size = int(a["group_size"])
     if group_size % LANES:
         return (f"{GENERIC}: group_size {group_size} is not a multiple of {LANES}, so the vector kernel's "
