@@ -188,7 +188,7 @@ def test_artifact_round_trip(target, tmp_path):
 
 @pytest.mark.skipif(not HAS_TVM, reason="apache-tvm not installed")
 @settings(max_examples=6, deadline=None)
-@given(bits=st.integers(1, 4), k=st.sampled_from([8, 37, 64]), gs=st.sampled_from([8, 16, 32]),
+@given(bits=st.integers(1, 4), k=st.sampled_from([8, 37, 56, 64]), gs=st.sampled_from([8, 16, 32]),
        scale=st.sampled_from(["pow2", "apot2", "fp16"]), m=st.integers(1, 5), seed=st.integers(0, 1000))
 def test_tvm_llvm_kernel_equals_the_reference(bits, k, gs, scale, m, seed):
     """Within the tvm backend's Tolerance (float32 sums in another order than the oracle)."""
