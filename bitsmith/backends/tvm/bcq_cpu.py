@@ -6,8 +6,8 @@ activations with their sign flipped where the plane's bit is 0: a select, no mul
 the group the partial sums are scaled by the plane's alpha (a power of two built from the
 exponent's bits, see ``bcq.py``) and added to the row's accumulator: ``bits`` multiplies per
 group instead of one per weight. The 16 bits of a chunk are two bytes of the IR's own planes
-(LSB first), spread to 16 lanes by a byte gather (lane j reads byte ``j // 8``) and a per-lane
-shift (``j % 8``). Activation rows are walked one at a time (decode re-done per row: prefill
+(LSB first), read as one int32 word, broadcast and shifted by the lane index; a cleared bit
+flips the activation's float sign bit (xor). Activation rows are walked one at a time (decode re-done per row: prefill
 is slower than the integer-code kernels; decode, m = 1, is the case this serves). Needs
 ``group_size % 16 == 0``; a short last group's whole chunks take the same path, the last
 ``in % 16`` weights are scalar. Parallel over tasks of ``ROWS`` output rows, one scratch slab
@@ -39,12 +39,17 @@ def _alpha(S, scale: str, i, r, g):
     return tirx.Cast(F32, S[i, r, g])
 
 
-def _bits_vec(P, i, r, c):
-    """uint8x16: bit j of chunk c (weights 16c .. 16c+15) in lane j."""
-    lanes = tirx.Ramp(0, 1, V)
-    raw = P[i, r, tirx.Broadcast(c * 2, V) + tirx.floordiv(lanes, 8)]
-    shift = tirx.Cast(f"uint8x{V}", tirx.floormod(lanes, 8))
-    return tirx.bitwise_and(tirx.shift_right(raw, shift), tirx.Broadcast(tirx.const(1, "uint8"), V))
+def _negate_where_clear(xv, P, i, r, c):
+    """``xv`` (float32x16, weights 16c .. 16c+15) with lane j's sign flipped where bit j of the
+    plane is 0 (s = -1): the chunk's two bytes as one int32 word, broadcast, shifted right by the
+    lane index, and the inverted low bit moved to the float sign bit (an xor, no multiply)."""
+    word = tirx.bitwise_or(tirx.Cast("int32", P[i, r, c * 2]),
+                           tirx.shift_left(tirx.Cast("int32", P[i, r, c * 2 + 1]), 8))
+    bit = tirx.bitwise_and(tirx.shift_right(tirx.Broadcast(word, V), tirx.Ramp(0, 1, V)),
+                           tirx.Broadcast(tirx.const(1, "int32"), V))
+    flip = tirx.shift_left(tirx.bitwise_xor(bit, tirx.Broadcast(tirx.const(1, "int32"), V)),
+                           tirx.Broadcast(tirx.const(31, "int32"), V))
+    return tirx.reinterpret(VF32, tirx.bitwise_xor(tirx.reinterpret(f"int32x{V}", xv), flip))
 
 
 def _bit_scalar(P, i, r, kk):
@@ -76,8 +81,8 @@ def bcq_kernel(attrs: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], str
         for c in range(chunks):
             xv = T.bind(T.Cast(VF32, X[i0, T.Ramp((c0 + c) * V, 1, V)]))
             for p in T.unroll(bits):
-                part[T.Ramp((p + 1) * V, 1, V)] = part[T.Ramp((p + 1) * V, 1, V)] + T.Select(
-                    _bits_vec(P, p, r, c0 + c) == T.Broadcast(T.uint8(1), V), xv, -xv)
+                part[T.Ramp((p + 1) * V, 1, V)] = part[T.Ramp((p + 1) * V, 1, V)] + _negate_where_clear(
+                    xv, P, p, r, c0 + c)
 
     @T.macro
     def flush(S, part, r, g):
