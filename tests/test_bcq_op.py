@@ -204,3 +204,12 @@ def test_tvm_llvm_kernel_equals_the_reference(bits, k, gs, scale, m, seed):
     got = tvm_backend.build(module, "tvm-llvm", opts).run("main", [x])
     want = ref.build(module, "reference", {}).run("main", [x])
     assert tvm_backend.tolerance("tvm-llvm", opts).compare(got, want) is None
+
+
+def test_mlir_export_keeps_bcq_linear_in_generic_form():
+    pytest.importorskip("torch_mlir")
+    from bitsmith.mlir.export import export_module
+    signs, scales = random_operands(np.random.default_rng(4), 2, 4, 16, 8, "pow2")
+    module, _ = bcq_module(signs, scales, "pow2", 8, ("batch", 16))
+    line = next(line for line in export_module(module).splitlines() if "bcq_linear" in line)
+    assert '"bitsmith.bcq_linear"' in line and 'scale = "pow2"' in line and "tensor<2x4x2xui8>" in line
