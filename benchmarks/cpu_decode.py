@@ -34,6 +34,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "tvm-bitmod-w4": ("tvm-llvm", {"quant": "bitmod-w4"}),
     "lut-bitmod-w4": ("lut-cpu", {"quant": "bitmod-w4"}),
     "lut-rtn-int4": ("lut-cpu", {"quant": "rtn-int4"}),
+    # ShiftAddLLM pow2 BCQ: planes decoded by the generic (scalar) tvm-llvm schedule, see docs/shiftadd.md
+    "tvm-shiftadd-w3": ("tvm-llvm", {"quant": "shiftadd-w3"}),
 }
 
 

@@ -95,6 +95,17 @@ ROWS: tuple[Row, ...] = (
     Row("bitmod-w4+2:4", "bitmod-w4", {"sparsity": "2:4", "sparsity_method": "magnitude"}),
     Row("gguf", "gguf"),
 ) + tuple(r for r in CALIBRATION_ROWS if r.key not in ("bitmod-w3+calibrate", "bitmod-w4+calibrate"))
+# ShiftAddLLM (pass shiftadd, docs/shiftadd.md): pow2 scales, with and without calibration, the
+# per-layer allocation at 3.0 bits, and rtn-int2 beside shiftadd-w2
+BUDGET = {"bits_budget": 3.0}
+SHIFTADD_ROWS = tuple(Row(f"shiftadd-w{b}{suffix}", f"shiftadd-w{b}", opts) for b in (2, 3, 4)
+                      for suffix, opts in (("", {}), ("+calibrate", CAL))) + (
+    Row("shiftadd-auto3.0", "shiftadd-auto", BUDGET),
+    Row("shiftadd-auto3.0+calibrate", "shiftadd-auto", {**BUDGET, **CAL}),
+    Row("rtn-int2", "rtn-int2"),
+    Row("rtn-int2+calibrate", "rtn-int2", CAL),
+)
+ROWS = ROWS + SHIFTADD_ROWS
 ROW_BY_KEY = {r.key: r for r in ROWS}
 SMOKE_ROWS = ("fp32", "rtn-int4")
 
@@ -189,6 +200,15 @@ def goals(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
             best = min(variants, key=ppl.__getitem__)
             pct = 100.0 * (ppl[best] / ppl["fp32"] - 1)
             out.append((text, pct <= limit, f"{best} {pct:+.2f}%"))
+        else:
+            out.append((text, None, "not measured"))
+    for w, other, factor in ((3, "rtn-int3+calibrate", 1.0), (2, "rtn-int2+calibrate", 0.5)):  # issue 11
+        key = f"shiftadd-w{w}+calibrate"
+        text = (f"{key} below {other}" if factor == 1.0
+                else f"{key} far below {other} (at most half its gap to fp32)")
+        if need("fp32", key, other):
+            gap, other_gap = ppl[key] - ppl["fp32"], ppl[other] - ppl["fp32"]
+            out.append((text, gap < factor * other_gap, f"{ppl[key]:.3f} vs {ppl[other]:.3f}"))
         else:
             out.append((text, None, "not measured"))
     return out

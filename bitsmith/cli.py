@@ -49,7 +49,8 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 
 _QUANT_FLAGS = ("quant", "group_size", "outliers", "sparsity", "sparsity_method", "calib_text",
-                "calib_sequences", "calib_seq_len", "calib_damp", "calib_target", "head_quant")
+                "calib_sequences", "calib_seq_len", "calib_damp", "calib_target", "head_quant",
+                "shiftadd_scale", "shiftadd_iterations", "bits_budget")
 _QUANT_SWITCHES = ("calibrate", "calib_sequential", "act_order")
 
 
@@ -384,7 +385,8 @@ def _add_trust_argument(p: argparse.ArgumentParser) -> None:
 def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization")
     g.add_argument("--quant", metavar="SCHEME", help="fp32 (default: no quantization), rtn-int2/3/4[-sym], "
-                                                    "fp3, fp4, bitmod-w3, bitmod-w4, or gguf (a .gguf "
+                                                    "fp3, fp4, bitmod-w3, bitmod-w4, shiftadd-w2/w3/w4/auto "
+                                                    "(docs/shiftadd.md), or gguf (a .gguf "
                                                     "model's own blocks, bit-exact)")
     g.add_argument("--group-size", type=int, metavar="G", help="weights per scale group (default 128)")
     g.add_argument("--outliers", type=float, metavar="F", help="fraction kept in fp16, e.g. 0.005")
@@ -402,6 +404,12 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
                    help="GPTQ dampening, a fraction of the mean Hessian diagonal (default 0.01)")
     g.add_argument("--calib-target", metavar="TARGET",
                    help="where calibration runs the model: auto (default: fastest CPU target), reference, tvm-llvm")
+    g.add_argument("--shiftadd-scale", metavar="KIND",
+                   help="shiftadd-* scales: pow2 (default; a shift), apot2 (two shifts), fp16 (plain BCQ)")
+    g.add_argument("--shiftadd-iterations", type=int, metavar="N",
+                   help="shiftadd-* alternating refinement steps (default 10)")
+    g.add_argument("--bits-budget", type=float, metavar="B",
+                   help="shiftadd-auto: average bits per weight over the layers, 2 to 4 (default 3.0)")
     g.add_argument("--layers", nargs="+", action="extend", default=[], metavar="GLOB",
                    help="module paths to quantize (globs; default: every linear layer, lm_head as "
                         "--head-quant says; with gguf: every quantized tensor of the file)")

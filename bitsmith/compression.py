@@ -41,6 +41,9 @@ class CompressionOptions:
     calib_damp: float = 0.01
     calib_target: str = "auto"
     head_quant: str = DEFAULT_HEAD_QUANT
+    shiftadd_scale: str = "pow2"  # quant="shiftadd-*" only (pass shiftadd, docs/shiftadd.md)
+    shiftadd_iterations: int = 10
+    bits_budget: float | None = None  # quant="shiftadd-auto" only; None: 3.0
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -70,12 +73,19 @@ class CompressionOptions:
         return None if self.quant is None or self.quant in NO_QUANT + (SOURCE_QUANT,) else self.quant
 
     @property
+    def shiftadd(self) -> bool:
+        from .ir.bcq import SHIFTADD_QUANTS
+        return self.quant in SHIFTADD_QUANTS
+
+    @property
     def keeps_source(self) -> bool:
         return self.quant == SOURCE_QUANT
 
     def validate(self) -> None:
         from .ir.quant_grids import SCHEMES, fitted_schemes
-        fitted = list(fitted_schemes())
+        from .ir.bcq import SHIFTADD_QUANTS
+        fitted = list(fitted_schemes()) + list(SHIFTADD_QUANTS)
+        self._validate_shiftadd()
         if self.quant is not None and self.quant not in NO_QUANT + (SOURCE_QUANT,) and self.quant not in fitted:
             if self.quant in SCHEMES:
                 raise ValueError(f"quantization scheme {self.quant!r} is a GGUF file's own format: "
@@ -106,6 +116,9 @@ class CompressionOptions:
             raise UnknownOptionError("lm_head quantization (head_quant)", self.head_quant, list(HEAD_QUANTS))
         if self.head_quant != DEFAULT_HEAD_QUANT and self.scheme is None and not self.keeps_source:
             raise ValueError(f"head_quant={self.head_quant!r} needs a quantization scheme (quant=...)")
+        if self.head_quant == "same" and self.shiftadd:
+            raise ValueError("head_quant='same' with quant='shiftadd-*': the shiftadd pass leaves lm_head to "
+                             "head_quant, which takes int8 or fp32 there")
         if self.head_quant != DEFAULT_HEAD_QUANT and self.layers:
             raise ValueError(f"head_quant={self.head_quant!r} applies when layers is not given; with layers, "
                              f"lm_head is quantized (with the scheme) exactly when a glob matches it")
@@ -116,6 +129,25 @@ class CompressionOptions:
                 raise ValueError("calibration (calibrate=True or sparsity_method='activation') needs calib_text=FILE")
             if not Path(self.calib_text).is_file():
                 raise ValueError(f"calibration text {self.calib_text} does not exist")
+
+    def _validate_shiftadd(self) -> None:
+        from .ir.bcq import SCALE_KINDS
+        set_here = [k for k, default in (("shiftadd_scale", "pow2"), ("shiftadd_iterations", 10))
+                    if getattr(self, k) != default]
+        if set_here and not self.shiftadd:
+            raise ValueError(f"{set_here[0]} is an option of quant='shiftadd-w2|w3|w4|auto', not of quant={self.quant!r}")
+        if self.bits_budget is not None and self.quant != "shiftadd-auto":
+            raise ValueError(f"bits_budget allocates bits per layer for quant='shiftadd-auto', not quant={self.quant!r}")
+        if self.shiftadd_scale not in SCALE_KINDS:
+            raise UnknownOptionError("shiftadd scale", self.shiftadd_scale, list(SCALE_KINDS))
+        it = self.shiftadd_iterations
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+            raise ValueError(f"shiftadd_iterations must be an integer >= 0, got {it!r}")
+        b = self.bits_budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 2.0 <= b <= 4.0):
+            raise ValueError(f"bits_budget is the average bits per weight shiftadd-auto allocates, in [2, 4]; got {b!r}")
+        if self.shiftadd and (self.outliers or self.sparsity is not None):
+            raise ValueError(f"quant={self.quant!r} does not combine with outliers or N:M sparsity")
 
     @property
     def needs_calibration(self) -> bool:
@@ -160,14 +192,22 @@ class CompressionOptions:
                                 layers=self.layers, calibration=calibration))
         if self.outliers:
             out.append(get_pass("outliers", fraction=float(self.outliers), layers=self.layers))
-        if self.scheme is not None:
+        if self.shiftadd:
+            bits = "auto" if self.quant == "shiftadd-auto" else int(self.quant[len("shiftadd-w"):])
+            out.append(get_pass("shiftadd", bits=bits, group_size=self.group_size, scale=self.shiftadd_scale,
+                                iterations=self.shiftadd_iterations,
+                                bits_budget=3.0 if self.bits_budget is None else float(self.bits_budget),
+                                layers=self.layers, calibrate=bool(self.calibrate), calibration=calibration,
+                                sequential=bool(self.calib_sequential), act_order=bool(self.act_order),
+                                damp=float(self.calib_damp)))
+        elif self.scheme is not None:
             out.append(get_pass("quantize", scheme=self.scheme, group_size=self.group_size, layers=self.layers,
                                 calibrate=bool(self.calibrate), calibration=calibration,
                                 sequential=bool(self.calib_sequential), act_order=bool(self.act_order),
                                 damp=float(self.calib_damp)))
-            head = self.head_scheme
-            if head is not None:
-                out.append(get_pass("quantize", scheme=head, group_size=self.group_size, layers=HEAD_PATH))
+        head = self.head_scheme
+        if head is not None:
+            out.append(get_pass("quantize", scheme=head, group_size=self.group_size, layers=HEAD_PATH))
         return out
 
     @property

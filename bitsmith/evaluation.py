@@ -11,11 +11,14 @@ from typing import Any
 
 UNQUANTIZED = "fp32"
 # Passes whose time counts as "quantize time" (calibration runs inside them or beside them).
-QUANTIZE_PASSES = ("quantize", "outliers", "sparsify")
+QUANTIZE_PASSES = ("quantize", "outliers", "sparsify", "shiftadd")
 
 
 def qlinear_attrs(cm: Any) -> list[dict[str, Any]]:
-    return [n.attr_dict for f in cm.module.functions for n in f.nodes if n.op == "qlinear"]
+    """Attributes of every quantized linear; a bcq_linear's "scheme" is its label (shiftadd-w3)."""
+    from .ir.bcq import OP as BCQ, quant_label
+    return [n.attr_dict if n.op == "qlinear" else {**n.attr_dict, "scheme": quant_label(n.attr_dict)}
+            for f in cm.module.functions for n in f.nodes if n.op in ("qlinear", BCQ)]
 
 
 def _common(values: list[Any]) -> Any:

@@ -166,22 +166,23 @@ class _DecodeCache:
     outside it, and a layer two threads decoded at once is stored once.
     """
 
-    def __init__(self, max_bytes: int = 3 << 30) -> None:
+    def __init__(self, max_bytes: int = 3 << 30, decode=None) -> None:
         self.max_bytes = max_bytes
+        self.decode = decode or dequantize  # another quantized op's decoder (bcq_linear)
         self.entries: collections.OrderedDict[tuple, tuple[list, np.ndarray]] = collections.OrderedDict()
         self.bytes = 0
         self._lock = threading.Lock()
 
     def get(self, attrs: dict, operands: Sequence[np.ndarray]) -> np.ndarray:
         if any(a.flags.writeable for a in operands):  # not table constants: decode afresh
-            return dequantize(attrs, operands)
+            return self.decode(attrs, operands)
         key = (tuple(sorted(attrs.items())),) + tuple(id(a) for a in operands)
         with self._lock:
             hit = self.entries.get(key)
             if hit is not None:
                 self.entries.move_to_end(key)
                 return hit[1]
-        weight = dequantize(attrs, operands)
+        weight = self.decode(attrs, operands)
         weight.flags.writeable = False  # shared between calls and threads
         with self._lock:
             hit = self.entries.get(key)

@@ -26,11 +26,12 @@ from .outliers import MarkOutliers
 from .partition import Partition
 from .quantize import Quantize
 from .sparsify import Sparsify
+from .shiftadd import ShiftAdd
 
 __all__ = [
     "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination", "Dequantize", "DropAttentionMask", "DumpToFolder", "GGUFQuantize", "HalfPrecision",
     "Inline", "KVCache", "LengthAdaptive", "MarkOutliers", "PASSES", "Partition", "Pass", "PassInstrument", "PassManager", "PassTiming",
     "KVHeadGroup", "OffloadAttention",
     "PrintAfter", "Quantize",
-    "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
+    "ShiftAdd", "Sparsify", "get_pass", "instruments", "parse_pass_spec", "register_pass",
 ]

@@ -16,6 +16,8 @@ import numpy as np
 
 from ..backends.base import Executable
 from ..ir import Module
+from ..ir.bcq import bits_per_layer
+from ..ir.traits import QUANTIZED, has_trait
 from .generate import MASK_PARAM, decode_generate, forward_logits
 from .padding import check_attention_mask, left_pad
 from .sampling import SamplingConfig
@@ -62,7 +64,7 @@ def linear_storage(module: Module) -> tuple[int, int, int]:
     for fn in module.functions:
         const = {n.outputs[0].name: n.attr("name") for n in fn.nodes if n.op == "constant"}
         for node in fn.nodes:
-            if node.op == "qlinear":
+            if has_trait(node.op, QUANTIZED):  # qlinear, bcq_linear: same attribute names
                 operands = node.inputs[1:len(node.inputs) - (1 if node.attr("bias") else 0)]
                 q_bytes += sum(sizes[const[v]] for v in operands if v in const)
                 q_weights += node.attr("in_features") * node.attr("out_features")
@@ -198,6 +200,7 @@ class CompiledModel:
             "model_bytes": weight_bytes,
             "bits_per_weight": (8.0 * layer_bytes / layer_weights) if layer_weights else 0.0,
             "quantized_layers": quantized,
+            "bits_per_layer": bits_per_layer(self.module),  # planes of each bcq_linear (shiftadd)
             "linear_weights": layer_weights,
             "linear_bytes": layer_bytes,
             "op_counts": op_counts(self.module),

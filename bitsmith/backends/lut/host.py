@@ -165,7 +165,16 @@ def _call_layer(run_layer: LayerRunner, entry: LayerEntry, x2: np.ndarray, *rest
 HOSTS: dict[str, type] = {ReferenceHost.name: ReferenceHost, TVMHost.name: TVMHost}
 
 
+# Quantized ops the LUT engine has no lowering for yet, and why (else the host would run them).
+ENGINE_REFUSALS = {
+    "bcq_linear": "binary-coded (shiftadd) weights have no LUT lowering yet: the engine's stream holds "
+                  "qlinear integer codes, not +-1 sign planes with per-plane scales; use tvm-llvm or reference",
+}
+
+
 def _engine_reason(node: Node) -> str | None:
+    if node.op in ENGINE_REFUSALS:
+        return ENGINE_REFUSALS[node.op]
     return qlinear_reason(node.attr_dict) if has_trait(node.op, QUANTIZED) else None
 
 

@@ -126,3 +126,6 @@ def _embedding(node: Node, ctx) -> None:
     out = ctx.out(ctx.new_slot(), [n, table.shape[1]], t.dtype)
     ctx.call(kdef, [ctx.slot(node.inputs[0]), flat_ids], [out], check_ids=(flat_ids, table.shape[0]))
     finish_out(node, ctx, out[0])
+
+
+from . import bcq as _bcq  # noqa: E402,F401  registers the bcq_linear anchor from its own module

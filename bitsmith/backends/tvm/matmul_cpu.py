@@ -53,6 +53,7 @@ def _param_shapes(func, skip_first: int = 1) -> list[tuple[tuple[int, ...], str]
 
 VECTOR_DENSE = "vector-dense"
 VECTOR_QLINEAR = "vector-qlinear"
+VECTOR_BCQ = "vector-bcq"
 GENERIC = "generic"
 
 
@@ -68,6 +69,10 @@ def choose_schedule(kdef: KernelDef) -> str:
         return f"{GENERIC}: no matmul attributes on the definition"
     if str(a["op"]) == "linear":
         return VECTOR_DENSE
+    if str(a["op"]) == "bcq_linear":  # backends/tvm/bcq.py, bcq_cpu.py
+        from .bcq_cpu import applies
+        return VECTOR_BCQ if applies(a) else (
+            f"{GENERIC}: bcq_linear group_size {a['group_size']} is not a multiple of {LANES} (scalar decode)")
     group_size = int(a["group_size"])
     if group_size % LANES:
         return (f"{GENERIC}: group_size {group_size} is not a multiple of {LANES}, so the vector kernel's "
@@ -86,7 +91,10 @@ def schedule(kdef: KernelDef, target):
         return generic_schedule(kdef)
     a = _matmul_attrs(kdef)
     assert a is not None
-    if chosen == VECTOR_DENSE:
+    if chosen == VECTOR_BCQ:
+        from .bcq_cpu import bcq_kernel
+        func = bcq_kernel(a, _param_shapes(kdef.func))
+    elif chosen == VECTOR_DENSE:
         func = kern.dense_kernel(int(a["in_features"]), int(a["out_features"]), bool(a["has_bias"]),
                                  str(a["act_dtype"]), str(a["weight_dtype"]))
     else:
