@@ -29,6 +29,7 @@ quantized (output objective).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -211,12 +212,82 @@ def _greedy(w: np.ndarray, mask: np.ndarray, bits: int, scale: str) -> tuple[np.
     return alphas, signs
 
 
+UNIFORM_SPAN = 40  # octaves below the group's peak searched for the uniform grid's step
+
+
+def _uniform_pow2_grid(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best symmetric uniform grid ``±h·(1, 3, ..., 2^bits - 1)`` with ``h`` a power of two,
+    per group, as BCQ: alphas ``(2^(bits-1) h, ..., 2h, h)`` and the binary digits of each
+    weight's level as signs. It is what round-to-nearest with a power-of-two scale gives, and a
+    pow2 BCQ can always reach it, so the fit starts no worse (outlier groups included)."""
+    levels = 2 ** bits
+    peak = np.max(np.abs(w), axis=-1)
+    top = np.ceil(np.log2(np.maximum(peak, np.finfo(np.float64).tiny))) + 1
+    best_err = np.full(peak.shape, np.inf)
+    best_h = np.zeros(peak.shape)
+    for d in range(bits, bits + UNIFORM_SPAN + 1):
+        h = np.exp2(np.clip(top - d, _EXP_MIN, _EXP_MAX - bits))[..., None]
+        m = np.clip(np.rint((w / h + levels - 1) / 2), 0, levels - 1)
+        err = np.sum(((w - h * (2 * m - levels + 1)) * mask) ** 2, axis=-1)
+        better = err < best_err
+        best_err, best_h = np.where(better, err, best_err), np.where(better, h[..., 0], best_h)
+    best_h = np.where(peak > 0, best_h, 0.0)
+    h = best_h[..., None]
+    m = np.clip(np.rint((w / np.where(h > 0, h, 1.0) + levels - 1) / 2), 0, levels - 1).astype(np.int64)
+    alphas = np.stack([best_h * 2.0 ** (bits - 1 - i) for i in range(bits)])
+    signs = np.stack([((m >> (bits - 1 - i)) & 1) * 2.0 - 1 for i in range(bits)]) * mask
+    return alphas, signs
+
+
+def _shape_drops(bits: int) -> list[tuple[int, ...]]:
+    """Exponent drops between consecutive planes searched by :func:`_pow2_dictionary`
+    (``alphas ∝ 2^0, 2^-d1, 2^-d1-d2, ...``); fewer per drop as the combinations multiply."""
+    drops = range(4) if bits <= 3 else range(3) if bits == 4 else range(1, 3)
+    return list(itertools.product(drops, repeat=bits - 1))
+
+
+def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best pow2 BCQ grid per group among a dictionary: every shape of
+    :func:`_shape_drops`, each at the four powers of two that put its top level between a
+    quarter and twice the group's peak, every weight at its nearest level (exact error, unlike
+    a least-squares step followed by rounding, which stalls at the uniform grid: the nearest
+    powers of two of the least-squares scales are the grid it started from)."""
+    peak = np.max(np.abs(w), axis=-1)
+    best_err = np.full(peak.shape, np.inf)
+    best = np.zeros((bits,) + peak.shape)
+    patterns = _sign_patterns(bits)
+    for drops in _shape_drops(bits):
+        shape = np.exp2(-np.concatenate([[0], np.cumsum(drops)]))
+        levels = np.unique(patterns @ shape)
+        mids = (levels[1:] + levels[:-1]) / 2
+        base = np.floor(np.log2(np.maximum(peak, np.finfo(np.float64).tiny) / shape.sum()))
+        for offset in (-2, -1, 0, 1):
+            c = np.exp2(np.clip(base + offset, _EXP_MIN, _EXP_MAX - 3))[..., None]
+            x = w / c
+            q = levels[np.searchsorted(mids, x)]
+            err = np.sum(((x - q) * mask) ** 2, axis=-1) * c[..., 0] ** 2
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = np.where(better, c[..., 0] * shape[:, None, None], best)
+    best = np.where(peak > 0, best, 0.0)
+    return best, _best_signs(w, best) * mask
+
+
 def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
                 iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """BCQ of padded groups ``w`` [R, G, L] (``mask`` False on padding): greedy then alternating
-    refinement, keeping each group's best state. Returns (alphas [bits, R, G], signs [bits, R, G, L])."""
+    refinement, keeping each group's best state. For pow2/apot2 the initial state is the
+    better of greedy and the best power-of-two uniform grid. Returns (alphas [bits, R, G],
+    signs [bits, R, G, L])."""
     alphas, signs = _greedy(w, mask, bits, scale)
     best_err = _errors(w, alphas, signs)
+    if scale != "fp16":
+        for c_alphas, c_signs in (_uniform_pow2_grid(w, mask, bits), _pow2_dictionary(w, mask, bits)):
+            c_err = _errors(w, c_alphas, c_signs)
+            better = c_err < best_err
+            best_err = np.where(better, c_err, best_err)
+            alphas = np.where(better, c_alphas, alphas)
+            signs = np.where(better[..., None], c_signs, signs)
     best_alphas, best_signs = alphas.copy(), signs.copy()
     for _ in range(iterations):
         alphas, signs = _least_squares_alphas(signs, w)
