@@ -84,7 +84,7 @@ def hessians(model, ids: np.ndarray, ctx: int, windows: int, cache: Path) -> dic
     return out
 
 
-def quantize_weight(row: str, w: np.ndarray, hessian: np.ndarray | None, iterations: int) -> np.ndarray:
+def quantize_weight(row: str, w: np.ndarray, hessian: np.ndarray | None, iterations: int, refits: int) -> np.ndarray:
     """The dense weight ``row``'s quantization of ``w`` stands for."""
     base = row.split("+")[0]
     act = "+act" in row
@@ -101,7 +101,7 @@ def quantize_weight(row: str, w: np.ndarray, hessian: np.ndarray | None, iterati
         raise SystemExit(f"unknown row {row!r}")
     from bitsmith.passes.quantization.bcq_fit import fit_bcq
     return fit_bcq(w, int(m.group(1)), GROUP_SIZE, m.group(2), iterations, hessian=hessian,
-                   act_order=act).reconstruct()
+                   act_order=act, refits=refits).reconstruct()
 
 
 def main() -> None:
@@ -112,12 +112,17 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--calib-ctx", type=int, default=512)
     ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--refits", type=int, default=1, help="output-optimal scale refits (+cal rows)")
+    ap.add_argument("--coverage", type=float, default=None,
+                    help="override bcq_fit's coverage of each group's largest weight (pow2/apot2)")
     ap.add_argument("--only", default=None, help="regex: quantize only matching linear layers")
     ap.add_argument("--out", default=str(HERE / "results" / "shiftadd_quality_numpy.md"))
     args = ap.parse_args()
 
     import torch
     torch.set_num_threads(2)
+    from bitsmith.passes.quantization import bcq_fit
+    bcq_fit.COVERAGE = args.coverage
     model, tok = load()
     ids = token_ids(tok, TEXT_DIR / "prideprejudice.txt")
     layers = linears(model)
@@ -136,14 +141,16 @@ def main() -> None:
                 if args.only and not re.search(args.only, name):
                     q = w
                 else:
-                    q = quantize_weight(row, w, hs[name] if "+cal" in row else None, args.iterations)
+                    q = quantize_weight(row, w, hs[name] if "+cal" in row else None, args.iterations,
+                                       args.refits)
                 mod.weight.data = torch.from_numpy(np.ascontiguousarray(q, dtype=np.float32))
         tq = time.time() - t0
         ppl = perplexity(model, ids, args.ctx, args.windows)
         for name, mod in layers.items():
             mod.weight.data = original[name].clone()
-        line = (f"| {row} | {args.only or 'all'} | {ppl:.3f} | {args.windows}x{args.ctx} | "
-                f"{args.iterations} | {tq:.0f} |")
+        cov = "" if args.coverage is None or "shiftadd" not in row else f" cov={args.coverage}"
+        line = (f"| {row}{cov} | {args.only or 'all'} | {ppl:.3f} | {args.windows}x{args.ctx} | "
+                f"{args.iterations} | {args.refits if '+cal' in row and 'shiftadd' in row else '—'} | {tq:.0f} |")
         print(line, flush=True)
         lines.append(line)
     out = Path(args.out)
@@ -152,7 +159,7 @@ def main() -> None:
                        "Produced by `benchmarks/shiftadd_quality_numpy.py` (see its docstring); eval on the "
                        "first windows of prideprejudice.txt, calibration (+cal) on 16x512 tokens of "
                        "sensesensibility.txt; groups of 128; embeddings and lm_head fp32.\n\n"
-                       "| row | layers | ppl | windows x ctx | iterations | quantize s |\n|---|---|---:|---|---:|---:|\n")
+                       "| row | layers | ppl | windows x ctx | iterations | refits | quantize s |\n|---|---|---:|---|---:|---:|---:|\n")
     with out.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print(machine_line())

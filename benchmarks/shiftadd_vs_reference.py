@@ -23,7 +23,7 @@ Rows per layer:
   the textbook GPTQ update.
 
 Errors: weight ``‖W-Q‖²/‖W‖²``; output ``tr((W-Q) H (W-Q)ᵀ) / tr(W H Wᵀ)`` with ``H = XᵀX`` from
-16 x 512 tokens of sensesensibility.txt (the eval harness's cache). Results:
+``--calib-windows`` x 512 tokens of sensesensibility.txt. Results:
 benchmarks/results/shiftadd_vs_reference.md.
 """
 
@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10, help="refinement rounds, both sides")
     ap.add_argument("--layers", nargs="+", default=list(LAYERS))
     ap.add_argument("--no-hessian-loop", action="store_true")
+    ap.add_argument("--max-rows", type=int, default=None, help="only the first rows of each layer (time)")
+    ap.add_argument("--calib-windows", type=int, default=16, help="windows of 512 tokens for H")
     ap.add_argument("--out", default=str(HERE / "results" / "shiftadd_vs_reference.md"))
     args = ap.parse_args()
 
@@ -93,8 +95,8 @@ def main() -> None:
     from bitsmith.passes.quantization.bcq_fit import fit_bcq
     bcq, bcq_shift = import_reference(Path(args.reference))
     model, tok = load()
-    hs = hessians(model, token_ids(tok, TEXT_DIR / "sensesensibility.txt"), 512, 16,
-                  Path("/tmp/smollm2_hessians_16x512.npz"))
+    hs = hessians(model, token_ids(tok, TEXT_DIR / "sensesensibility.txt"), 512, args.calib_windows,
+                  Path(f"/tmp/smollm2_hessians_{args.calib_windows}x512.npz"))
     mods = linears(model)
     lines = []
 
@@ -109,7 +111,7 @@ def main() -> None:
         lines.append(line)
 
     for name in args.layers:
-        w = mods[name].weight.detach().numpy().astype(np.float32)
+        w = mods[name].weight.detach().numpy().astype(np.float32)[:args.max_rows]
         h = hs[name]
         wt = torch.from_numpy(w.copy())
         for bits in args.bits:
@@ -133,7 +135,9 @@ def main() -> None:
 
     out = Path(args.out)
     header = ("# ShiftAddLLM's quantizer vs bitsmith's BCQ fit on SmolLM2-135M layers\n\n"
-              f"`python benchmarks/shiftadd_vs_reference.py --rounds {args.rounds} --bits {' '.join(map(str, args.bits))}`; "
+              f"`python benchmarks/shiftadd_vs_reference.py --rounds {args.rounds} --bits {' '.join(map(str, args.bits))} "
+              f"{'' if args.max_rows is None else f'--max-rows {args.max_rows} '}--calib-windows {args.calib_windows}"
+              f"{' --no-hessian-loop' if args.no_hessian_loop else ''}`; "
               f"groups of {GROUP}; relative errors (lower is better), ratio = ours/theirs output error. "
               "See the script's docstring for what each row runs.\n\n"
               "| layer | bits | method | theirs weight | theirs output | ours weight | ours output | ratio |\n"

@@ -59,20 +59,24 @@ def row_group_errors(w: np.ndarray, q: np.ndarray, group_size: int) -> np.ndarra
 
 
 def best_pow2_uniform_grid_error(values: np.ndarray, bits: int) -> float:
-    """Smallest squared error of the symmetric uniform grid ±step·(1, 3, ..., 2^bits - 1)/2 with a
-    power-of-two half-step, over every exponent that can matter. It is the BCQ grid with
-    alphas (2^e, 2^(e-1), ..., 2^(e-bits+1)), so a pow2 BCQ fit can always reach it."""
+    """Smallest squared error of the symmetric uniform grid ±h·(1, 3, ..., 2^bits - 1) with h a
+    power of two, among the grids that clip max|v| by at most half a step, h·2^bits >= max|v|
+    (round-to-nearest with a power-of-two scale). It is the BCQ grid with alphas (2^(bits-1) h, ..., 2h, h),
+    so a pow2 BCQ fit can always reach it."""
     peak = max(abs(float(v)) for v in values)
     if peak == 0:
         return 0.0
     levels = 2 ** bits
     best = math.inf
-    top = math.ceil(math.log2(peak)) + 1
-    for e in range(top - bits - 40, top + 1):
-        half = 2.0 ** (e - bits + 1)  # the smallest alpha
-        grid = [half * (2 * j - (levels - 1)) for j in range(levels)]
-        err = sum(min((float(v) - g) ** 2 for g in grid) for v in values)
-        best = min(best, err)
+    e = math.floor(math.log2(peak / (levels - 1))) - 1
+    while e < 200:
+        h = 2.0 ** e
+        if h * levels >= peak * (1 - 1e-12):
+            grid = [h * (2 * j - (levels - 1)) for j in range(levels)]
+            best = min(best, sum(min((float(v) - g) ** 2 for g in grid) for v in values))
+            if h * (levels - 1) >= 4 * peak:
+                break
+        e += 1
     return best
 
 
@@ -187,6 +191,19 @@ def test_planted_outlier_rows_no_worse_than_the_pow2_uniform_grid(seed, bits, gs
         for g in range(2):
             grid = best_pow2_uniform_grid_error(w[r, g * gs:(g + 1) * gs], bits)
             assert errors[r, g] <= grid * (1 + 1e-5) + 1e-30
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from(["pow2", "apot2"]), st.integers(0, 4))
+def test_shift_scales_cover_every_groups_largest_weight(problem, scale, iterations):
+    # minimising the squared error alone would clip outliers, which breaks LLMs: at most half
+    # a step of the uniform grid (1 - 2^-bits of the top level) may be clipped
+    w, bits, gs = problem
+    fit = fit_bcq(w, bits, gs, scale, iterations)
+    for r in range(w.shape[0]):
+        for g in range(fit.alphas.shape[2]):
+            peak = max(abs(float(v)) for v in w[r, g * gs:(g + 1) * gs])
+            assert sum(float(a) for a in fit.alphas[:, r, g]) >= peak * (1 - 2.0 ** -bits) * (1 - 1e-6)
 
 
 def test_exact_bcq_values_are_recovered():

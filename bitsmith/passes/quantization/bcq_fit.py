@@ -14,17 +14,28 @@ for ablation.
 Fitting without calibration (Xu et al., "Alternating Multi-bit Quantization", ICLR 2018, the
 fit ShiftAddLLM builds on): greedy initialisation (plane ``i`` takes the sign of the residual
 and its mean magnitude per group), then alternating refinement: least-squares ``α`` given
-``B``, then for every weight the best of the ``2^bits`` sign patterns given ``α``. For pow2 and
-apot2 the least-squares ``α`` are snapped by a joint search over the neighbouring representable
-values of all planes (exact group error from the planes' Gram matrix), then coordinate descent;
-each group keeps the best state it has seen, so refinement never increases the error of the
+``B``, then for every weight the best of the ``2^bits`` sign patterns given ``α``. Each group
+keeps the best state it has seen, so refinement never increases the error of the
 initialisation (groups are independent: the error is a sum over groups).
 
-With a calibration Hessian ``H ∝ XᵀX`` the fit runs inside GPTQ's column loop (Frantar et al.,
-ICLR 2023; ShiftAddLLM §3.2 "multi-objective optimization"): each group's scales are fitted to
-the group's weights after compensation for the earlier columns (weight objective), each
-column's signs are chosen given those scales and its error is pushed onto the columns not yet
-quantized (output objective).
+Power-of-two scales change what works. Greedy with each ``α`` rounded is poor (it doubles the
+error of the best pow2 grid on SmolLM2 layers), and least squares followed by rounding stalls:
+the nearest powers of two of the least-squares scales of a uniform grid are that grid again.
+So pow2/apot2 start from the best of greedy, the best uniform grid ``±h·(1, 3, ..., 2^bits-1)``
+with ``h`` a power of two (searched over 40 octaves, so groups with an outlier may clip it:
+never worse than round-to-nearest with a power-of-two scale), and a small dictionary of
+non-uniform pow2 shapes; refinement snaps least-squares scales by a joint search over each
+plane's neighbouring representable values (exact error from the planes' Gram matrix).
+
+With a calibration Hessian ``H ∝ XᵀX`` (ShiftAddLLM §3.2, "multi-objective optimization"):
+GPTQ's column loop (Frantar et al., ICLR 2023; see gptq.py), each group's scales fitted to its
+weights after compensation for the earlier columns (weight objective), each column's signs the
+nearest level of its group, the column's error pushed onto the columns not yet quantized
+(output objective). Then ``refits`` rounds of: the scales of each row that minimise the output
+error ``(w - q) H (w - q)ᵀ`` given the signs (``q`` is linear in the row's ``bits·G`` scales),
+and the column loop again with those scales fixed; each row keeps its best state. ShiftAddLLM's
+code instead gives every column its own scales per group of output rows; the issue's format
+(groups along K per output row) is kept here.
 """
 
 from __future__ import annotations
@@ -213,14 +224,32 @@ def _greedy(w: np.ndarray, mask: np.ndarray, bits: int, scale: str) -> tuple[np.
     return alphas, signs
 
 
+def _coverage(bits: int) -> float:
+    """pow2/apot2 fits keep ``Σ_i α_i >= _coverage(bits) · max|w|`` in every group: the
+    largest weight is clipped by at most half a step of the uniform grid (``1 - 2^-bits`` of the
+    top level), as round-to-nearest would. Minimising the squared error alone clips outliers
+    (SmolLM2's layers.27.mlp.gate_proj: 9.25 -> 3.5), and those few weights carry the model:
+    perplexity 273042 with clipping vs 77.9 for round-to-nearest int3 (4 windows of 256 tokens);
+    full coverage (factor 1) triples the weight error of pow2 3-bit fits instead."""
+    return COVERAGE if COVERAGE is not None else 1.0 - 2.0 ** -bits
+
+
+COVERAGE: float | None = None  # research override of _coverage (benchmarks/shiftadd_quality_numpy.py)
+
+
+def _covers(top: np.ndarray, peak: np.ndarray, bits: int) -> np.ndarray:
+    return top >= _coverage(bits) * peak * (1 - 1e-12)
+
+
 UNIFORM_SPAN = 40  # octaves below the group's peak searched for the uniform grid's step
 
 
 def _uniform_pow2_grid(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """The best symmetric uniform grid ``±h·(1, 3, ..., 2^bits - 1)`` with ``h`` a power of two,
     per group, as BCQ: alphas ``(2^(bits-1) h, ..., 2h, h)`` and the binary digits of each
-    weight's level as signs. It is what round-to-nearest with a power-of-two scale gives, and a
-    pow2 BCQ can always reach it, so the fit starts no worse (outlier groups included)."""
+    weight's level as signs, among the grids whose top level covers the group's peak. It is
+    what round-to-nearest with a power-of-two scale gives, and a pow2 BCQ can always reach
+    it, so the fit starts no worse (outlier groups included)."""
     levels = 2 ** bits
     peak = np.max(np.abs(w), axis=-1)
     top = np.ceil(np.log2(np.maximum(peak, np.finfo(np.float64).tiny))) + 1
@@ -230,6 +259,7 @@ def _uniform_pow2_grid(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.n
         h = np.exp2(np.clip(top - d, _EXP_MIN, _EXP_MAX - bits))[..., None]
         m = np.clip(np.rint((w / h + levels - 1) / 2), 0, levels - 1)
         err = np.sum(((w - h * (2 * m - levels + 1)) * mask) ** 2, axis=-1)
+        err = np.where(_covers(h[..., 0] * (levels - 1), peak, bits), err, np.inf)
         better = err < best_err
         best_err, best_h = np.where(better, err, best_err), np.where(better, h[..., 0], best_h)
     best_h = np.where(peak > 0, best_h, 0.0)
@@ -269,6 +299,7 @@ def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.nda
             x = w / c
             q = levels[np.searchsorted(mids, x)]
             err = np.sum(((x - q) * mask) ** 2, axis=-1) * c[..., 0] ** 2
+            err = np.where(_covers(c[..., 0] * shape.sum(), peak, bits), err, np.inf)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best = np.where(better, c[..., 0] * shape[:, None, None], best)
@@ -280,13 +311,20 @@ def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
                 iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """BCQ of padded groups ``w`` [R, G, L] (``mask`` False on padding): greedy then alternating
     refinement, keeping each group's best state. For pow2/apot2 the initial state is the
-    better of greedy and the best power-of-two uniform grid. Returns (alphas [bits, R, G],
+    best of greedy, the best power-of-two uniform grid and the pow2 dictionary, and only
+    states that cover the group's peak (:func:`_coverage`) count. Returns (alphas [bits, R, G],
     signs [bits, R, G, L])."""
     alphas, signs = _greedy(w, mask, bits, scale)
-    best_err = _errors(w, alphas, signs)
+    peak = np.max(np.abs(w) * mask, axis=-1)
+
+    def error(a: np.ndarray, s: np.ndarray) -> np.ndarray:
+        err = _errors(w, a, s)
+        return err if scale == "fp16" else np.where(_covers(a.sum(axis=0), peak, bits), err, np.inf)
+
+    best_err = error(alphas, signs)
     if scale != "fp16":
         for c_alphas, c_signs in (_uniform_pow2_grid(w, mask, bits), _pow2_dictionary(w, mask, bits)):
-            c_err = _errors(w, c_alphas, c_signs)
+            c_err = error(c_alphas, c_signs)
             better = c_err < best_err
             best_err = np.where(better, c_err, best_err)
             alphas = np.where(better, c_alphas, alphas)
@@ -297,7 +335,7 @@ def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
         if scale != "fp16":
             alphas = _snap_alphas(alphas, signs, w, scale)
         signs = _best_signs(w, alphas) * mask
-        err = _errors(w, alphas, signs)
+        err = error(alphas, signs)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_alphas = np.where(better, alphas, best_alphas)
@@ -379,10 +417,14 @@ def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iter
     alphas, signs = loop.run(bits, scale, iterations)
     best_alphas, best_signs = alphas, signs
     best_err = _row_output_errors(w, h, alphas, signs, group_size)
+    # refitted scales must still cover each group's peak (_coverage), or what the loop covered
+    floor = np.minimum(_coverage(bits) * np.max(np.abs(_grouped(w, group_size)[0]), axis=-1), alphas.sum(axis=0))
     for _ in range(refits):  # output-optimal scales for these signs, then the loop's signs for them
         alphas, signs = _refit_alphas(w, h, alphas, signs, group_size, scale)
         for candidate in ((alphas, signs), loop.run(bits, scale, iterations, alphas)):
             err = _row_output_errors(w, h, *candidate, group_size)
+            if scale != "fp16":
+                err = np.where(np.all(candidate[0].sum(axis=0) >= floor * (1 - 1e-12), axis=-1), err, np.inf)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_alphas = np.where(better[None, :, None], candidate[0], best_alphas)
