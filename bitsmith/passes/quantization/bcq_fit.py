@@ -270,7 +270,7 @@ def _uniform_pow2_grid(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.n
     return alphas, signs
 
 
-_DROPS = (1, 2)  # measured on SmolLM2: drops of 0 or 3 never won a group
+_DROPS = (0, 1, 2)  # 0 (equal scales) gives a zero level: bulk weights of a group with an outlier
 
 
 def _shape_drops(bits: int) -> list[tuple[int, ...]]:
