@@ -14,21 +14,33 @@ for ablation.
 Fitting without calibration (Xu et al., "Alternating Multi-bit Quantization", ICLR 2018, the
 fit ShiftAddLLM builds on): greedy initialisation (plane ``i`` takes the sign of the residual
 and its mean magnitude per group), then alternating refinement: least-squares ``α`` given
-``B``, then for every weight the best of the ``2^bits`` sign patterns given ``α``. For pow2 and
-apot2 the least-squares ``α`` are snapped by a joint search over the neighbouring representable
-values of all planes (exact group error from the planes' Gram matrix), then coordinate descent;
-each group keeps the best state it has seen, so refinement never increases the error of the
+``B``, then for every weight the best of the ``2^bits`` sign patterns given ``α``. Each group
+keeps the best state it has seen, so refinement never increases the error of the
 initialisation (groups are independent: the error is a sum over groups).
 
-With a calibration Hessian ``H ∝ XᵀX`` the fit runs inside GPTQ's column loop (Frantar et al.,
-ICLR 2023; ShiftAddLLM §3.2 "multi-objective optimization"): each group's scales are fitted to
-the group's weights after compensation for the earlier columns (weight objective), each
-column's signs are chosen given those scales and its error is pushed onto the columns not yet
-quantized (output objective).
+Power-of-two scales change what works. Greedy with each ``α`` rounded is poor (it doubles the
+error of the best pow2 grid on SmolLM2 layers), and least squares followed by rounding stalls:
+the nearest powers of two of the least-squares scales of a uniform grid are that grid again.
+So pow2/apot2 start from the best of greedy, the best uniform grid ``±h·(1, 3, ..., 2^bits-1)``
+with ``h`` a power of two (searched over 40 octaves, so groups with an outlier may clip it:
+never worse than round-to-nearest with a power-of-two scale), and a small dictionary of
+non-uniform pow2 shapes; refinement snaps least-squares scales by a joint search over each
+plane's neighbouring representable values (exact error from the planes' Gram matrix).
+
+With a calibration Hessian ``H ∝ XᵀX`` (ShiftAddLLM §3.2, "multi-objective optimization"):
+GPTQ's column loop (Frantar et al., ICLR 2023; see gptq.py), each group's scales fitted to its
+weights after compensation for the earlier columns (weight objective), each column's signs the
+nearest level of its group, the column's error pushed onto the columns not yet quantized
+(output objective). Then ``refits`` rounds of: the scales of each row that minimise the output
+error ``(w - q) H (w - q)ᵀ`` given the signs (``q`` is linear in the row's ``bits·G`` scales),
+and the column loop again with those scales fixed; each row keeps its best state. ShiftAddLLM's
+code instead gives every column its own scales per group of output rows; the issue's format
+(groups along K per output row) is kept here.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,7 +159,8 @@ def _best_signs(w: np.ndarray, alphas: np.ndarray) -> np.ndarray:
 
 def _gram(signs: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per group: ``BᵀB`` [R, G, bits, bits] and ``Bᵀw`` [R, G, bits] (padding is 0 in ``signs``)."""
-    return np.einsum("irgl,jrgl->rgij", signs, signs), np.einsum("irgl,rgl->rgi", signs, w)
+    s = np.moveaxis(signs, 0, 2)  # [R, G, bits, L]: batched matrix products, far faster than einsum
+    return s @ np.swapaxes(s, -1, -2), (s @ w[..., None])[..., 0]
 
 
 def _group_error(alphas: np.ndarray, gram: np.ndarray, rhs: np.ndarray, ww: np.ndarray) -> np.ndarray:
@@ -211,19 +224,118 @@ def _greedy(w: np.ndarray, mask: np.ndarray, bits: int, scale: str) -> tuple[np.
     return alphas, signs
 
 
+def _coverage(bits: int) -> float:
+    """pow2/apot2 fits keep ``Σ_i α_i >= _coverage(bits) · max|w|`` in every group: the
+    largest weight is clipped by at most half a step of the uniform grid (``1 - 2^-bits`` of the
+    top level), as round-to-nearest would. Minimising the squared error alone clips outliers
+    (SmolLM2's layers.27.mlp.gate_proj: 9.25 -> 3.5), and those few weights carry the model:
+    perplexity 273042 with clipping vs 77.9 for round-to-nearest int3 (4 windows of 256 tokens);
+    full coverage (factor 1) triples the weight error of pow2 3-bit fits instead."""
+    return COVERAGE if COVERAGE is not None else 1.0 - 2.0 ** -bits
+
+
+COVERAGE: float | None = None  # research override of _coverage (benchmarks/shiftadd_quality_numpy.py)
+
+
+def _covers(top: np.ndarray, peak: np.ndarray, bits: int) -> np.ndarray:
+    return top >= _coverage(bits) * peak * (1 - 1e-12)
+
+
+UNIFORM_SPAN = 40  # octaves below the group's peak searched for the uniform grid's step
+
+
+def _uniform_pow2_grid(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best symmetric uniform grid ``±h·(1, 3, ..., 2^bits - 1)`` with ``h`` a power of two,
+    per group, as BCQ: alphas ``(2^(bits-1) h, ..., 2h, h)`` and the binary digits of each
+    weight's level as signs, among the grids whose top level covers the group's peak. It is
+    what round-to-nearest with a power-of-two scale gives, and a pow2 BCQ can always reach
+    it, so the fit starts no worse (outlier groups included)."""
+    levels = 2 ** bits
+    peak = np.max(np.abs(w), axis=-1)
+    top = np.ceil(np.log2(np.maximum(peak, np.finfo(np.float64).tiny))) + 1
+    best_err = np.full(peak.shape, np.inf)
+    best_h = np.zeros(peak.shape)
+    for d in range(bits, bits + UNIFORM_SPAN + 1):
+        h = np.exp2(np.clip(top - d, _EXP_MIN, _EXP_MAX - bits))[..., None]
+        m = np.clip(np.rint((w / h + levels - 1) / 2), 0, levels - 1)
+        err = np.sum(((w - h * (2 * m - levels + 1)) * mask) ** 2, axis=-1)
+        err = np.where(_covers(h[..., 0] * (levels - 1), peak, bits), err, np.inf)
+        better = err < best_err
+        best_err, best_h = np.where(better, err, best_err), np.where(better, h[..., 0], best_h)
+    best_h = np.where(peak > 0, best_h, 0.0)
+    h = best_h[..., None]
+    m = np.clip(np.rint((w / np.where(h > 0, h, 1.0) + levels - 1) / 2), 0, levels - 1).astype(np.int64)
+    alphas = np.stack([best_h * 2.0 ** (bits - 1 - i) for i in range(bits)])
+    signs = np.stack([((m >> (bits - 1 - i)) & 1) * 2.0 - 1 for i in range(bits)]) * mask
+    return alphas, signs
+
+
+_DROPS = (0, 1, 2)  # 0 (equal scales) gives a zero level: bulk weights of a group with an outlier
+
+
+def _shape_drops(bits: int) -> list[tuple[int, ...]]:
+    """Exponent drops between consecutive planes searched by :func:`_pow2_dictionary`
+    (``alphas ∝ 2^0, 2^-d1, 2^-d1-d2, ...``; all drops 1 is the uniform grid)."""
+    return list(itertools.product(_DROPS, repeat=bits - 1))
+
+
+def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best pow2 BCQ grid per group among a dictionary: every shape of
+    :func:`_shape_drops`, each at the three powers of two that put its top level between a
+    half and twice the group's peak, every weight at its nearest level (exact error, unlike
+    a least-squares step followed by rounding, which stalls at the uniform grid: the nearest
+    powers of two of the least-squares scales are the grid it started from)."""
+    peak = np.max(np.abs(w), axis=-1)
+    best_err = np.full(peak.shape, np.inf)
+    best = np.zeros((bits,) + peak.shape)
+    patterns = _sign_patterns(bits)
+    for drops in _shape_drops(bits):
+        shape = np.exp2(-np.concatenate([[0], np.cumsum(drops)]))
+        levels = np.unique(patterns @ shape)
+        mids = (levels[1:] + levels[:-1]) / 2
+        base = np.floor(np.log2(np.maximum(peak, np.finfo(np.float64).tiny) / shape.sum()))
+        for offset in (-1, 0, 1):
+            c = np.exp2(np.clip(base + offset, _EXP_MIN, _EXP_MAX - 3))[..., None]
+            x = w / c
+            q = levels[np.searchsorted(mids, x)]
+            err = np.sum(((x - q) * mask) ** 2, axis=-1) * c[..., 0] ** 2
+            err = np.where(_covers(c[..., 0] * shape.sum(), peak, bits), err, np.inf)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = np.where(better, c[..., 0] * shape[:, None, None], best)
+    best = np.where(peak > 0, best, 0.0)
+    return best, _best_signs(w, best) * mask
+
+
 def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
                 iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """BCQ of padded groups ``w`` [R, G, L] (``mask`` False on padding): greedy then alternating
-    refinement, keeping each group's best state. Returns (alphas [bits, R, G], signs [bits, R, G, L])."""
+    refinement, keeping each group's best state. For pow2/apot2 the initial state is the
+    best of greedy, the best power-of-two uniform grid and the pow2 dictionary, and only
+    states that cover the group's peak (:func:`_coverage`) count. Returns (alphas [bits, R, G],
+    signs [bits, R, G, L])."""
     alphas, signs = _greedy(w, mask, bits, scale)
-    best_err = _errors(w, alphas, signs)
+    peak = np.max(np.abs(w) * mask, axis=-1)
+
+    def error(a: np.ndarray, s: np.ndarray) -> np.ndarray:
+        err = _errors(w, a, s)
+        return err if scale == "fp16" else np.where(_covers(a.sum(axis=0), peak, bits), err, np.inf)
+
+    best_err = error(alphas, signs)
+    if scale != "fp16":
+        for c_alphas, c_signs in (_uniform_pow2_grid(w, mask, bits), _pow2_dictionary(w, mask, bits)):
+            c_err = error(c_alphas, c_signs)
+            better = c_err < best_err
+            best_err = np.where(better, c_err, best_err)
+            alphas = np.where(better, c_alphas, alphas)
+            signs = np.where(better[..., None], c_signs, signs)
     best_alphas, best_signs = alphas.copy(), signs.copy()
     for _ in range(iterations):
         alphas, signs = _least_squares_alphas(signs, w)
         if scale != "fp16":
             alphas = _snap_alphas(alphas, signs, w, scale)
         signs = _best_signs(w, alphas) * mask
-        err = _errors(w, alphas, signs)
+        err = error(alphas, signs)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_alphas = np.where(better, alphas, best_alphas)
@@ -273,7 +385,7 @@ def _result(alphas: np.ndarray, signs: np.ndarray, k: int, group_size: int, scal
 
 def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "pow2",
             iterations: int = 10, hessian: np.ndarray | None = None, damp: float = 0.01,
-            act_order: bool = False) -> BCQFit:
+            act_order: bool = False, refits: int = 2) -> BCQFit:
     """BCQ of ``weight`` [N, K] with ``bits`` planes and groups of ``group_size`` along K.
 
     Without ``hessian``: minimises the weight error (greedy + ``iterations`` rounds of
@@ -284,58 +396,156 @@ def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "
         grouped, mask = _grouped(w, group_size)
         alphas, signs = _fit_groups(grouped, mask, bits, scale, iterations)
         return _result(alphas, signs, w.shape[1], group_size, scale)
-    return _fit_bcq_hessian(w, bits, group_size, scale, iterations, hessian, damp, act_order)
+    return _fit_bcq_hessian(w, bits, group_size, scale, iterations, hessian, damp, act_order, refits)
 
 
 def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iterations: int,
-                     hessian: np.ndarray, damp: float, act_order: bool, block_size: int = 128) -> BCQFit:
-    from .gptq import inverse_hessian_cholesky
-
+                     hessian: np.ndarray, damp: float, act_order: bool, refits: int) -> BCQFit:
     n, k = w.shape
     h = np.array(hessian, dtype=np.float64)
     if h.shape != (k, k):
         raise BCQFitError(f"hessian shape {h.shape} does not match in_features {k}")
-    work = w.copy()
+    if not np.all(np.isfinite(h)):
+        raise BCQFitError("hessian has non-finite values")
+    if damp < 0:
+        raise BCQFitError(f"damp must be >= 0, got {damp}")
+    w = w.copy()
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
-    work[:, dead] = 0.0
+    w[:, dead] = 0.0  # as GPTQ: a dead input's weight has no effect on the output
+    loop = _ColumnLoop(w, h, group_size, damp, act_order)
+    alphas, signs = loop.run(bits, scale, iterations)
+    best_alphas, best_signs = alphas, signs
+    best_err = _row_output_errors(w, h, alphas, signs, group_size)
+    # refitted scales must still cover each group's peak (_coverage), or what the loop covered
+    floor = np.minimum(_coverage(bits) * np.max(np.abs(_grouped(w, group_size)[0]), axis=-1), alphas.sum(axis=0))
+    for _ in range(refits):  # output-optimal scales for these signs, then the loop's signs for them
+        alphas, signs = _refit_alphas(w, h, alphas, signs, group_size, scale)
+        for candidate in ((alphas, signs), loop.run(bits, scale, iterations, alphas)):
+            err = _row_output_errors(w, h, *candidate, group_size)
+            if scale != "fp16":
+                err = np.where(np.all(candidate[0].sum(axis=0) >= floor * (1 - 1e-12), axis=-1), err, np.inf)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_alphas = np.where(better[None, :, None], candidate[0], best_alphas)
+            best_signs = np.where(better[None, :, None], candidate[1], best_signs)
+        alphas, signs = candidate
+    return _result(best_alphas, best_signs, k, group_size, scale)
+
+
+class _ColumnLoop:
+    """GPTQ's column loop (see gptq.py) choosing each column's signs given its group's scales;
+    the scales are fitted at the group's first column on the compensated weights, or given."""
+
+    def __init__(self, w: np.ndarray, h: np.ndarray, group_size: int, damp: float, act_order: bool,
+                 block_size: int = 128):
+        from .gptq import inverse_hessian_cholesky
+        k = w.shape[1]
+        self.w, self.group_size, self.act_order = w, group_size, act_order
+        if act_order:  # columns by decreasing H diagonal; groups fitted up front (static groups)
+            self.perm = np.argsort(-np.diag(h), kind="stable")
+            h = h[np.ix_(self.perm, self.perm)]
+            self.width = block_size
+        else:
+            self.perm = np.arange(k)
+            self.width = group_size * max(1, block_size // group_size)
+        self.u = inverse_hessian_cholesky(h, damp)
+
+    def run(self, bits: int, scale: str, iterations: int,
+            alphas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(alphas [bits, N, G], signs [bits, N, K]); ``alphas`` given: kept, only signs chosen."""
+        n, k = self.w.shape
+        gs = self.group_size
+        groups = -(-k // gs)
+        fixed = alphas is not None
+        alphas = np.zeros((bits, n, groups)) if alphas is None else alphas.copy()
+
+        def fit(g: int, weights: np.ndarray) -> None:
+            grouped, mask = _grouped(weights, weights.shape[1])
+            alphas[:, :, g] = _fit_groups(grouped, mask, bits, scale, iterations)[0][:, :, 0]
+
+        work = self.w[:, self.perm].copy()
+        if self.act_order and not fixed:
+            for g in range(groups):
+                fit(g, self.w[:, g * gs:(g + 1) * gs])
+        patterns = _sign_patterns(bits)  # [P, bits]
+        chosen = np.zeros((n, k), dtype=np.int64)  # pattern index of every weight
+        rows = np.arange(n)
+        values = None
+        u = self.u
+        for b0 in range(0, k, self.width):
+            b1 = min(b0 + self.width, k)
+            block = work[:, b0:b1]  # a view: in-block updates land in ``work``
+            errors = np.empty((n, b1 - b0))
+            for j in range(b1 - b0):
+                pos = b0 + j
+                col = int(self.perm[pos])
+                g = col // gs
+                if not fixed and not self.act_order and col % gs == 0:
+                    fit(g, block[:, j:j + min(gs, k - col)])
+                if values is None or col % gs == 0 or self.act_order:
+                    values = alphas[:, :, g].T @ patterns.T  # [N, P]: every level of the group
+                target = block[:, j]
+                best = np.argmin(np.abs(target[:, None] - values), axis=1)
+                chosen[:, col] = best
+                err = (target - values[rows, best]) / u[pos, pos]
+                errors[:, j] = err
+                block[:, j + 1:] -= np.outer(err, u[pos, pos + 1:b1])
+            work[:, b1:] -= errors @ u[b0:b1, b1:]
+        return alphas, np.moveaxis(patterns[chosen], -1, 0)
+
+
+def _dense(alphas: np.ndarray, signs: np.ndarray, group_size: int) -> np.ndarray:
+    k = signs.shape[2]
+    return np.einsum("ink,ink->nk", np.repeat(alphas, group_size, axis=2)[:, :, :k], signs)
+
+
+def _row_output_errors(w: np.ndarray, h: np.ndarray, alphas: np.ndarray, signs: np.ndarray,
+                       group_size: int) -> np.ndarray:
+    """``(w_n - q_n) H (w_n - q_n)ᵀ`` per row: the calibration output error of each output."""
+    d = w - _dense(alphas, signs, group_size)
+    return np.einsum("nk,nk->n", d @ h, d)
+
+
+def _group_sums(x: np.ndarray, group_size: int) -> np.ndarray:
+    """[N, K] -> [N, G]: sums over each group of columns (the last may be partial)."""
+    n, k = x.shape
     groups = -(-k // group_size)
-    alphas = np.zeros((bits, n, groups))
-    signs = np.zeros((bits, n, k))
+    padded = np.zeros((n, groups * group_size))
+    padded[:, :k] = x
+    return padded.reshape(n, groups, group_size).sum(axis=-1)
 
-    def fit(g: int, weights: np.ndarray) -> None:
-        grouped, mask = _grouped(weights, weights.shape[1])
-        a, _ = _fit_groups(grouped, mask, bits, scale, iterations)
-        alphas[:, :, g] = a[:, :, 0]
 
-    if act_order:  # static groups: every group fitted on the weights as given
-        perm = np.argsort(-np.diag(h), kind="stable")
+def _refit_alphas(w: np.ndarray, h: np.ndarray, alphas: np.ndarray, signs: np.ndarray, group_size: int,
+                  scale: str, sweeps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Scales given the signs that minimise the output error ``(w - q) H (w - q)ᵀ`` of each row
+    (``q`` is linear in the row's ``bits · G`` scales): least squares for fp16; for pow2/apot2
+    coordinate descent from the current scales, each step the representable value nearest the
+    one-variable optimum (never worse: the error is a convex quadratic in one scale). A negative
+    scale flips its plane's signs in its group."""
+    bits, n, k = signs.shape
+    groups = alphas.shape[2]
+    v = bits * groups
+    gram = np.zeros((n, v, v))
+    for j in range(bits):
         for g in range(groups):
-            fit(g, work[:, g * group_size:(g + 1) * group_size])
-        h = h[np.ix_(perm, perm)]
-        work = work[:, perm]
-        width = block_size
+            cols = slice(g * group_size, min((g + 1) * group_size, k))
+            z = signs[j][:, cols] @ h[cols, :]  # [N, K]: H applied to plane j's group g
+            for i in range(bits):
+                gram[:, i * groups:(i + 1) * groups, j * groups + g] = _group_sums(signs[i] * z, group_size)
+    wh = w @ h
+    rhs = np.concatenate([_group_sums(signs[i] * wh, group_size) for i in range(bits)], axis=1)  # [N, v]
+    a = alphas.transpose(1, 0, 2).reshape(n, v).copy()
+    if scale == "fp16":
+        a = np.einsum("nij,nj->ni", np.linalg.pinv(gram), rhs)
     else:
-        perm = np.arange(k)
-        width = group_size * max(1, block_size // group_size)
-    u = inverse_hessian_cholesky(h, damp)
-
-    for b0 in range(0, k, width):
-        b1 = min(b0 + width, k)
-        block = work[:, b0:b1]
-        errors = np.empty((n, b1 - b0))
-        for j in range(b1 - b0):
-            pos = b0 + j
-            col = int(perm[pos])
-            g = col // group_size
-            if not act_order and col % group_size == 0:
-                fit(g, block[:, j:j + min(group_size, k - col)])
-            target = block[:, j]
-            s = _best_signs(target[:, None, None], alphas[:, :, g:g + 1])[:, :, 0, 0]  # [bits, N]
-            q = np.einsum("in,in->n", alphas[:, :, g], s)
-            signs[:, :, col] = s
-            err = (target - q) / u[pos, pos]
-            errors[:, j] = err
-            block[:, j + 1:] -= np.outer(err, u[pos, pos + 1:b1])
-        work[:, b1:] -= errors @ u[b0:b1, b1:]
-    return _result(alphas, signs.reshape(bits, n, k), k, group_size, scale)
+        for _ in range(sweeps):
+            for t in range(v):
+                diag = gram[:, t, t]
+                rest = rhs[:, t] - np.einsum("nj,nj->n", gram[:, t, :], a) + diag * a[:, t]
+                opt = np.where(diag > 0, rest / np.where(diag > 0, diag, 1.0), 0.0)
+                a[:, t] = np.sign(opt) * _nearest(np.abs(opt), scale)
+    a = a.reshape(n, bits, groups).transpose(1, 0, 2)
+    flip = np.where(a < 0, -1.0, 1.0)
+    per_column = np.repeat(flip, group_size, axis=2)[:, :, :k]
+    return np.abs(a), signs * per_column
