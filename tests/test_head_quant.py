@@ -77,3 +77,11 @@ def test_unknown_or_inapplicable_head_quant_is_refused(model):
         bitsmith.compile(model, target="reference", quant="rtn-int4", head_quant="fp32", layers=["*mlp*"])
     with pytest.raises(ValueError, match="quant='gguf'.*head_quant"):
         bitsmith.compile("smollm2-135m", target="reference", quant="gguf", head_quant="fp32")
+
+
+def test_shiftadd_gets_the_int8_head_and_refuses_same(model):
+    cm = bitsmith.compile(model, target="reference", quant="shiftadd-w3", group_size=32, shiftadd_iterations=1)
+    head = _head(cm)
+    assert head.op == "qlinear" and head.attr("scheme") == "rtn-int8"
+    with pytest.raises(ValueError, match="head_quant='same'.*shiftadd"):
+        bitsmith.compile(model, target="reference", quant="shiftadd-w3", head_quant="same")
