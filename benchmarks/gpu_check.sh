@@ -11,6 +11,8 @@
 #       -> .gpu/prebuilt/model/<model>/ (seeded SmolLM2-135M and TinyLlama-1.1B shapes: tvm-cuda
 #          artifact WITHOUT weights, reference tokens/logits; the GPU side regenerates the weights
 #          from the seed and checks them against the manifest's sha256)
+#   BITSMITH_CACHE_DIR=/tmp/bitsmith-cache python benchmarks/gpu_attention.py --build .gpu/prebuilt/attention
+#       -> .gpu/prebuilt/attention/ (split-KV decode + tiled prefill attention kernels, ~1.5 min)
 #   bash benchmarks/gpu_site.sh   -> .gpu/site
 # Size check before the call (what travels must stay < 64 MiB): du -sh .gpu
 # .gpu/site holds the TVM runtime (python package + libtvm_runtime_cuda, tvm_ffi for cp312)
@@ -18,9 +20,9 @@
 #
 # Run on the GPU machine from the repo root (carry: .gpu):
 #   bash benchmarks/gpu_check.sh
-# Per-step timeouts 60+90+100+170+100 s = 520 s at most; expected about 5 minutes.
+# Per-step timeouts 60+90+90+60+150+60 s = 510 s at most; expected about 5 minutes.
 # Writes to $OUT (default ./gpu_out): nvidia-smi.txt, smoke.txt, gpu_tests.txt, gpu_kernels.txt,
-# gpu_model.txt (whole-model decode/prefill vs torch eager, correctness), gpu_model_compile.txt.
+# gpu_attention.txt, gpu_model.txt (whole-model decode/prefill vs torch eager, correctness), gpu_model_compile.txt.
 # Without a GPU every step ends with a one-line "no GPU" message (dry run).
 set -u
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}"  # libcudart for libtvm_runtime_cuda
@@ -73,21 +75,28 @@ echo "smoke exit $?" >> "$OUT/smoke.txt"
 
 # 2. gpu-marked tests (tiny-model logits vs reference, every quantized kernel case vs numpy,
 #    graph-captured decode vs the per-call path); they skip with "no GPU" where there is none
-timeout 90 "$PY" -m pytest tests/test_tvm_cuda.py tests/test_cuda_decode.py -m gpu -v -p no:cacheprovider \
+timeout 90 "$PY" -m pytest tests/test_tvm_cuda.py tests/test_tvm_cuda_mma.py tests/test_attention_cuda.py \
+    tests/test_cuda_decode.py -m gpu -v -p no:cacheprovider \
     > "$OUT/gpu_tests.txt" 2>&1
 echo "pytest exit $?" >> "$OUT/gpu_tests.txt"
 
 # 3. kernel benchmark: quantized GEMV/GEMM vs torch fp16, GB/s vs the copy-bandwidth roofline
 if [ -n "$NO_GPU" ]; then echo "no GPU: kernel benchmark not run" > "$OUT/gpu_kernels.txt"; else
-timeout 100 "$PY" benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench --trust-native-code > "$OUT/gpu_kernels.txt" 2>&1
+timeout 90 "$PY" benchmarks/gpu_kernels.py --run .gpu/prebuilt/bench --trust-native-code > "$OUT/gpu_kernels.txt" 2>&1
 echo "benchmark exit $?" >> "$OUT/gpu_kernels.txt"; fi
+
+# 3b. attention: split-KV decode and tiled prefill checked against the float64 interpreter, then
+#     timed (CUDA events) vs torch fp16 scaled_dot_product_attention
+if [ -n "$NO_GPU" ]; then echo "no GPU: attention benchmark not run" > "$OUT/gpu_attention.txt"; else
+timeout 60 "$PY" benchmarks/gpu_attention.py --run .gpu/prebuilt/attention --trust-native-code > "$OUT/gpu_attention.txt" 2>&1
+echo "attention exit $?" >> "$OUT/gpu_attention.txt"; fi
 
 # 4. whole model: seeded SmolLM2-135M and TinyLlama-1.1B shapes, weights regenerated here;
 #    greedy tokens vs reference, decode tok/s at batch 1/16 (CUDA graph, per-kernel, torch eager), prefill 512
-timeout 170 "$PY" benchmarks/gpu_model.py --run .gpu/prebuilt/model --trust-native-code > "$OUT/gpu_model.txt" 2>&1
+timeout 150 "$PY" benchmarks/gpu_model.py --run .gpu/prebuilt/model --trust-native-code > "$OUT/gpu_model.txt" 2>&1
 echo "model exit $?" >> "$OUT/gpu_model.txt"
 
 # 5. torch.compile baseline of the same models (its own step: compiling takes minutes)
-timeout 100 "$PY" benchmarks/gpu_model.py --run .gpu/prebuilt/model --compile-only > "$OUT/gpu_model_compile.txt" 2>&1
+timeout 60 "$PY" benchmarks/gpu_model.py --run .gpu/prebuilt/model --compile-only > "$OUT/gpu_model_compile.txt" 2>&1
 echo "compile baseline exit $?" >> "$OUT/gpu_model_compile.txt"
 echo "== $(date -u +%FT%TZ) done" >> "$OUT/nvidia-smi.txt"
