@@ -4,6 +4,7 @@ the passes they turn into. Validated before the slow capture, built into passes 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ GGUF_REFUSED = ("group_size", "calibrate", "outliers", "sparsity", "sparsity_met
 HEAD_QUANTS = {"same": None, "int8": "rtn-int8", "fp32": None}
 DEFAULT_HEAD_QUANT = "int8"
 HEAD_PATH = ("*lm_head",)
+# Measured, not assumed (docs/shiftadd.md, Quality): until the power-of-two fit keeps trained
+# models usable, every pow2/apot2 compile says so instead of handing back a silently poor model.
+SHIFTADD_QUALITY_WARNING = ("quant='shiftadd-*' with power-of-two scales is experimental: on SmolLM2 "
+                            "its perplexity is still far above rtn at the same width (docs/shiftadd.md, "
+                            "Quality); shiftadd_scale='fp16' is plain BCQ")
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,8 @@ class CompressionOptions:
         b = self.bits_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 2.0 <= b <= 4.0):
             raise ValueError(f"bits_budget is the average bits per weight shiftadd-auto allocates, in [2, 4]; got {b!r}")
+        if self.shiftadd and self.shiftadd_scale != "fp16":
+            warnings.warn(SHIFTADD_QUALITY_WARNING, UserWarning, stacklevel=4)
         if self.shiftadd and (self.outliers or self.sparsity is not None):
             raise ValueError(f"quant={self.quant!r} does not combine with outliers or N:M sparsity")
 

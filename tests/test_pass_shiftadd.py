@@ -246,3 +246,15 @@ def test_tvm_cuda_logits_equal_the_reference_on_gpu(tiny_llama):
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 9))
     tol = backend_for_target("tvm-cuda").tolerance("tvm-cuda", gpu.options)
     assert tol.compare([gpu(ids).numpy()], [ref(ids).numpy()]) is None
+
+
+def test_power_of_two_scales_warn_that_quality_is_experimental():
+    import warnings
+
+    from bitsmith.compression import SHIFTADD_QUALITY_WARNING, CompressionOptions
+    with pytest.warns(UserWarning, match="experimental"):
+        CompressionOptions.from_options({"quant": "shiftadd-w3"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_scale": "fp16"})
+    assert "docs/shiftadd.md" in SHIFTADD_QUALITY_WARNING
