@@ -36,11 +36,12 @@ def text_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bitmod_artifact(tiny_dir: Path, tmp_path_factory) -> Path:
-    """The tiny model compiled through the CLI with bitmod-w4, groups of 32."""
+    """The tiny model compiled through the CLI with bitmod-w4, groups of 32; the head stays fp32
+    so every quantized layer is a bitmod-w4 one (the int8 head default: tests/test_head_quant.py)."""
     out = tmp_path_factory.mktemp("art") / "bitmod"
     from bitsmith.cli import main
     assert main(["compile", str(tiny_dir), "--target", "reference", "--out", str(out),
-                 "--quant", "bitmod-w4", "--group-size", "32"]) == 0
+                 "--quant", "bitmod-w4", "--group-size", "32", "--head-quant", "fp32"]) == 0
     return out
 
 
@@ -75,7 +76,7 @@ def test_eval_artifact_equals_ppl_of_its_own_logits(capsys, tmp_path, bitmod_art
 
 def test_eval_compiles_a_model_dir_with_the_quant_flags(capsys, tmp_path, tiny_dir, text_file, bitmod_artifact):
     out = tmp_path / "r.json"
-    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--quant", "bitmod-w4", "--group-size", "32",
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--quant", "bitmod-w4", "--group-size", "32", "--head-quant", "fp32",
                            "--text", str(text_file), "--ctx", str(CTX), "--windows", "5", "--json", str(out))
     assert code == 0, err
     record = json.loads(out.read_text())
