@@ -67,7 +67,9 @@ class CompressionOptions:
             picked.pop("layers", None)
         opts = cls(**picked)
         if opts.quant == SOURCE_QUANT:
-            given = [k for k in GGUF_REFUSED if k in picked and picked[k] not in (None, False, 0, 0.0)]
+            unset = {k: (None, False, 0, 0.0) for k in GGUF_REFUSED}
+            unset["head_quant"] = (None, DEFAULT_HEAD_QUANT)  # what a gguf compile records: given back, it is no change
+            given = [k for k in GGUF_REFUSED if k in picked and picked[k] not in unset[k]]
             if given:
                 raise ValueError(f"quant='gguf' keeps the GGUF file's own blocks (group size, scales, codes); "
                                  f"{given[0]}={picked[given[0]]!r} cannot be combined with it")

@@ -13,6 +13,7 @@ import pytest
 
 import bitsmith
 from bitsmith.frontend import capture, capture_cache
+from bitsmith.frontend.captured import model_name
 from bitsmith.ir import print_module
 from gguf_files import write_tiny_llama
 
@@ -61,11 +62,25 @@ def test_another_file_or_a_damaged_entry_is_captured_again(gguf_file, tmp_path, 
     capture(str(gguf_file))
     (entry,) = _entries()
     other = write_tiny_llama(tmp_path / "other.gguf", MIX, seed=1)  # same header, other weights
-    assert capture_cache.capture_key(other, "") != capture_cache.capture_key(gguf_file, "") == entry
+    assert capture_cache.capture_key(other, "") != capture_cache.capture_key(gguf_file, "")
+    assert capture_cache.capture_key(gguf_file, model_name(str(gguf_file))) == entry
     (capture_cache.cache_dir() / entry / "tensors.safetensors").write_bytes(b"damaged")
     again = capture(str(gguf_file))
     assert "export" in again.seconds  # captured again, not read from the damaged entry
     assert "cached_capture" in capture(str(gguf_file)).seconds  # and the entry rewritten whole
+
+
+def test_a_renamed_copy_records_its_own_name(gguf_file, tmp_path, monkeypatch):
+    """The capture records the file's name: the same bytes under another name are another entry,
+    so an artifact's bytes never depend on what was compiled before it."""
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path / "cache"))
+    first = capture(str(gguf_file))
+    renamed = tmp_path / "renamed.gguf"
+    renamed.write_bytes(gguf_file.read_bytes())
+    second = capture(str(renamed))
+    assert "export" in second.seconds and len(_entries()) == 2
+    names = [dict(m.module.attrs)["model_name"] for m in (first, second)]
+    assert names == ["tiny.gguf", "renamed.gguf"], names
 
 
 @pytest.mark.slow  # two fresh interpreters, one of them importing torch and transformers

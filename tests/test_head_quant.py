@@ -85,3 +85,12 @@ def test_shiftadd_gets_the_int8_head_and_refuses_same(model):
     assert head.op == "qlinear" and head.attr("scheme") == "rtn-int8"
     with pytest.raises(ValueError, match="head_quant='same'.*shiftadd"):
         bitsmith.compile(model, target="reference", quant="shiftadd-w3", head_quant="same")
+
+
+def test_a_gguf_compile_takes_back_the_head_quant_it_records(tmp_path):
+    from gguf_files import write_tiny_llama
+    path = str(write_tiny_llama(tmp_path / "t.gguf", {"attn_q": "Q4_0"}))
+    first = bitsmith.compile(path, target="reference", quant="gguf")
+    again = bitsmith.compile(path, target="reference", quant="gguf", head_quant=first.options["head_quant"])
+    ids = IDS % 64  # the tiny GGUF's vocabulary
+    np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(first(ids)))

@@ -54,7 +54,9 @@ def _capture_named(model: str, say: Callable[[str], None]) -> CapturedModel:
     if gguf_file is not None:
         from . import capture_cache
         t0 = time.perf_counter()
-        key = capture_cache.capture_key(gguf_file, name or "")
+        from .captured import model_name
+        # the name the capture records is part of its bytes: key on it (a renamed file is another entry)
+        key = capture_cache.capture_key(gguf_file, name or model_name(model))
         cached = capture_cache.load(key, gguf_file)
         if cached is not None:
             say(f"loaded the capture of {model} from {capture_cache.cache_dir()}")

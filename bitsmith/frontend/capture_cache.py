@@ -27,7 +27,7 @@ from .captured import CapturedModel
 
 FORMAT = "bitsmith-capture-1"
 _CODE_PACKAGES = ("frontend", "gguf", "ir")
-_VERSIONED = ("torch", "transformers")
+_VERSIONED = ("torch", "transformers", "gguf", "tokenizers")  # everything a capture's bytes come from
 KEEP_ENTRIES = 4  # an entry holds the model's float weights: older ones are removed on store
 
 

@@ -4,6 +4,7 @@ the on-disk cache (``capture_cache``) never imports it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..ir import Module
@@ -27,3 +28,16 @@ class CapturedModel:
     # a GGUF model's decoded quantized blocks by tensor-table name (bitsmith.gguf.QuantizedRows),
     # for quant="gguf" (pass gguf-quantize); None for other models
     source_weights: Any = None
+
+
+def model_name(name_or_path: str) -> str:
+    """How an artifact names the model it came from: a zoo or hub name as given, a local path
+    by its base name. Never an absolute path: artifacts must not depend on where the model
+    (or the machine's packages) lie, so that compiling the same model twice gives the same bytes."""
+    text = str(name_or_path).rstrip("/\\")
+    if not text:
+        return ""
+    path = Path(text)
+    if path.is_absolute() or text.startswith(".") or path.exists():
+        return path.resolve().name  # resolved so that "." and "x/.." name a directory
+    return text

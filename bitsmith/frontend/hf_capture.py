@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from ..ir import Module, verify_module
 from .attention import ATTENTION_IMPL
-from .captured import CapturedModel
+from .captured import CapturedModel, model_name  # noqa: F401  (model_name: re-exported)
 from .export_capture import lower_exported_program
 
 CAPTURE_BATCH, CAPTURE_SEQ = 2, 8
@@ -53,19 +52,6 @@ def _max_positions(model: torch.nn.Module) -> int:
 
 def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
-
-
-def model_name(name_or_path: str) -> str:
-    """How an artifact names the model it came from: a zoo or hub name as given, a local path
-    by its base name. Never an absolute path: artifacts must not depend on where the model
-    (or the machine's packages) lie, so that compiling the same model twice gives the same bytes."""
-    text = str(name_or_path).rstrip("/\\")
-    if not text:
-        return ""
-    path = Path(text)
-    if path.is_absolute() or text.startswith(".") or path.exists():
-        return path.resolve().name  # resolved so that "." and "x/.." name a directory
-    return text
 
 
 def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str | None = None) -> CapturedModel:
