@@ -59,7 +59,7 @@ _DL_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}  # numpy kind -> DLDataTypeCode (kD
 EXTERN_LAYER = np.dtype([("fn", np.uint64), ("stream", np.uint64), ("pos", np.uint64), ("ntables", np.int64),
                          ("nsegs", np.int64), ("W", np.uint64), ("P", np.uint64), ("O", np.uint64),
                          ("n", np.int64), ("k", np.int64), ("kpad", np.int64), ("macs_per_row", np.int64),
-                         ("auto_single_below", np.int64), ("fp32", np.int64), ("threads", np.int64),
+                         ("auto_single_below", np.int64), ("kind", np.int64), ("threads", np.int64),
                          ("launcher", np.uint64)])
 
 

@@ -41,7 +41,7 @@ typedef struct {
     const uint64_t* stream; const int64_t* pos; int64_t ntables, nsegs;
     const uint8_t* W; const float* P; const void* O;
     int64_t n, k, kpad, macs_per_row, auto_single_below; /* threads=0 and m*macs below: 1 thread */
-    int64_t fp32, threads;
+    int64_t kind, threads;  /* kind: lut_exec_tables' table kind (0 int8, 1 fp32, 2 A8) */
     void* launcher;
 } extern_layer_t;
 
@@ -86,7 +86,7 @@ static int64_t run_extern(const extern_layer_t* L, const DLTensor* x, const DLTe
     }
     int threads = (int)L->threads;
     if (threads == 0 && m * L->macs_per_row < L->auto_single_below) threads = 1;
-    int64_t err = L->fn(L->stream, L->pos, L->ntables, L->nsegs, L->W, L->P, L->O, xp, m, out, (int)L->fp32,
+    int64_t err = L->fn(L->stream, L->pos, L->ntables, L->nsegs, L->W, L->P, L->O, xp, m, out, (int)L->kind,
                         threads, L->launcher);
     free(padded);
     if (err) return ERR_EXTERN;
