@@ -69,9 +69,14 @@ static int ids_ok(const DLTensor* t, int64_t bound) {
     }
 }
 
+static int is_f32(const DLTensor* t) { return t->dtype.code == kDLFloat && t->dtype.bits == 32 && t->dtype.lanes == 1; }
+
 static int64_t run_extern(const extern_layer_t* L, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
     const int64_t m = x->ndim == 2 ? x->shape[0] : 0;
     if (x->ndim != 2 || x->shape[1] != L->k || y->ndim != 2 || y->shape[0] != m || y->shape[1] != L->n)
+        return ERR_ARGS;
+    /* the engine reads x and writes y as float32, the bias add reads n float32s */
+    if (!is_f32(x) || !is_f32(y) || (bias && (!is_f32(bias) || bias->ndim != 1 || bias->shape[0] != L->n)))
         return ERR_ARGS;
     float* out = y->data;
     memset(out, 0, sizeof(float) * (size_t)(m * L->n));  /* rows no STORE writes are 0 (spec) */
