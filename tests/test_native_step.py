@@ -18,7 +18,8 @@ from bitsmith.runtime.generate import empty_cache, main_args, positions
 from bitsmith.testing.hf_configs import VOCAB, make_model
 
 QUANT = {"quant": "rtn-int4", "group_size": 32}
-CASES = {"tvm-llvm": ("tvm-llvm", {}), "tvm-llvm-rtn-int4": ("tvm-llvm", QUANT), "lut-cpu": ("lut-cpu", QUANT)}
+CASES = {"tvm-llvm": ("tvm-llvm", {}), "tvm-llvm-rtn-int4": ("tvm-llvm", QUANT), "lut-cpu": ("lut-cpu", QUANT),
+         "lut-cpu-a8": ("lut-cpu", {**QUANT, "activation_bits": 8})}
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,7 @@ def compile_case(name: str):
     return _COMPILED[name]
 
 
-@pytest.fixture(params=["tvm-llvm", pytest.param("tvm-llvm-rtn-int4", marks=pytest.mark.slow), "lut-cpu"])
+@pytest.fixture(params=["tvm-llvm", pytest.param("tvm-llvm-rtn-int4", marks=pytest.mark.slow), "lut-cpu", "lut-cpu-a8"])
 def compiled(request):
     return compile_case(request.param)
 
@@ -136,6 +137,110 @@ def test_artifact_ships_the_driver_as_trusted_native_code(compiled_target, tmp_p
     want = _decode_run(compiled, True, ids, None, 3)
     got = _decode_run(loaded, False, ids, None, 3)
     assert all(g.tobytes() == w.tobytes() for g, w in zip(got, want))
+
+
+def test_a8_layers_run_a8_tables_in_the_driver_or_fall_back_to_python():
+    from bitsmith.backends.lut import native
+    from bitsmith.backends.lut.native_step import native_extern
+    cm = compile_case("lut-cpu-a8")
+    (ex,) = executors(cm).values()
+    assert set(ex.externs["kind"].tolist()) == {native.TABLES_A8}
+    # an engine from before W4A8 (no lut_exec_tables): no driver entry, the Python path runs
+    fast = cm.executable.fast
+    old = type("OldEngine", (), {"has_a8": False, "plan": staticmethod(fast.plan)})()
+    entry = next(iter(cm.executable.layers.values()))
+    assert native_extern(fast, entry, True, 1, None, print, activation_bits=8) is not None
+    assert native_extern(old, entry, True, 1, None, print, activation_bits=8) is None
+
+
+def _python_plan_parts(ex):
+    """The kernels and constants of a NativePlanExecutor's plan, to build a variant of it."""
+    from bitsmith.backends.tvm.plan import Call
+    py = ex.python
+    kernels = {s.kernel: step[1] for s, step in zip(ex.plan.steps, py._steps) if isinstance(s, Call)}
+    return kernels, {slot: a for slot, a in enumerate(py.base_env) if a is not None}
+
+
+def test_a_view_larger_than_its_source_is_refused_before_the_driver_runs():
+    from dataclasses import replace
+    from types import SimpleNamespace
+    from bitsmith.backends.tvm.executor import PlanExecutor
+    from bitsmith.backends.tvm.plan import View
+    from bitsmith.errors import ArtifactError
+    cm = compile_case("tvm-llvm")
+    ex = executors(cm)["main"]
+    plan = ex.plan
+    i = next(k for k, s in enumerate(plan.steps) if isinstance(s, View))
+    v = plan.steps[i]
+    # the same view with one more dim of 2: twice its source's elements (a crafted plan.json)
+    bad = replace(plan, shapes=list(plan.shapes) + [list(plan.shapes[v.shape]) + [2]],
+                  steps=plan.steps[:i] + [View(v.src, v.dst, len(plan.shapes))] + plan.steps[i + 1:])
+    kernels, consts = _python_plan_parts(ex)
+    calls = []
+    driver = SimpleNamespace(run=lambda *a: calls.append(a) or 0, api_ptr=ex.driver.api_ptr)
+    native = native_step.NativePlanExecutor(PlanExecutor(bad, kernels, consts), kernels, driver)
+    args = main_args(cm.module, np.array([[1, 2, 3]], np.int64), positions(1, 0, 3), empty_cache(cm.module, 1))
+    with pytest.raises(ArtifactError, match="a view of .* elements"):
+        native.run(args)
+    assert not calls  # refused before any kernel could read or write past a buffer
+    with pytest.raises(ArtifactError):  # the Python executor refuses the same plan
+        PlanExecutor(bad, kernels, consts).run(args)
+
+
+def _dl(arr):
+    rec = np.zeros(1, native_step.DLTENSOR)
+    code, bits = native_step._dl_dtype(arr.dtype)
+    shape = np.array(arr.shape, np.int64)
+    rec["data"], rec["device_type"], rec["ndim"], rec["code"], rec["bits"], rec["lanes"] = \
+        arr.ctypes.data, native_step.KDL_CPU, arr.ndim, code, bits, 1
+    rec["shape"] = shape.ctypes.data
+    return rec, shape
+
+
+def test_extern_step_refuses_operands_that_are_not_float32_or_a_short_bias():
+    cm = compile_case("lut-cpu")
+    (ex,) = executors(cm).values()
+    rec = ex.externs[:1].copy()
+    n, k = int(rec["n"][0]), int(rec["k"][0])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, k)).astype(np.float32)
+    bias = rng.normal(size=n + 1).astype(np.float32)  # sliced below: no byte is read out of bounds
+
+    def run(x, b, y):
+        table, keep = zip(*(_dl(a) for a in (x, b, y)))
+        table = np.concatenate(table)
+        prog = np.array([native_step.OP_EXTERN, 0, 1, 0, 1, 2], np.int64)
+        return int(ex.driver.run(prog.ctypes.data, prog.size, table.ctypes.data, 3, ex.handles_ptr,
+                                 len(ex.handles), rec.ctypes.data, 1, ex.driver.api_ptr))
+
+    y = np.zeros((2, n), np.float32)
+    assert run(x, bias[:n], y) == 0
+    bound = next(o[0] for o in ex._owners if isinstance(o, tuple))  # extern 0's engine binding
+    want = bound(x, int(rec["kind"][0]), 1, None)
+    want += bias[:n]
+    assert y.tobytes() == want.tobytes()
+    for bad in [(x.astype(np.float64), bias[:n], y), (x, bias[:n].astype(np.float64), y),
+                (x, bias[:n - 1], y), (x, bias[:n].reshape(1, n), y), (x, bias[:n], y.astype(np.float64))]:
+        assert run(*bad) & 0xFF == native_step.ERR_ARGS
+
+
+def test_driver_out_of_memory_returns_the_python_result_other_codes_raise():
+    from types import SimpleNamespace
+    from bitsmith.errors import ArtifactError
+    cm = compile_case("tvm-llvm")
+    ex = executors(cm)["main"]
+    args = main_args(cm.module, np.array([[1, 2, 3]], np.int64), positions(1, 0, 3), empty_cache(cm.module, 1))
+    want = ex.python.run(args)
+    real = ex.driver
+    try:
+        ex.driver = SimpleNamespace(run=lambda *a: (4 << 8) | native_step.ERR_MEMORY, api_ptr=real.api_ptr)
+        got = ex.run(args)
+        assert len(got) == len(want) and all(g.tobytes() == w.tobytes() for g, w in zip(got, want))
+        ex.driver = SimpleNamespace(run=lambda *a: (4 << 8) | native_step.ERR_KERNEL, api_ptr=real.api_ptr)
+        with pytest.raises(ArtifactError, match="step driver stopped at step 4"):
+            ex.run(args)
+    finally:
+        ex.driver = real
 
 
 def test_untrusted_artifact_driver_is_refused(tmp_path, monkeypatch):

@@ -151,7 +151,7 @@ def _engine_step(run_layer: LayerRunner, entry: LayerEntry, threads: int, launch
     fallback = functools.partial(_call_layer, run_layer, entry)
     owner = getattr(run_layer, "__self__", None)
     ext = native_extern(getattr(owner, "fast", None), entry, getattr(owner, "int8", True), threads, launcher,
-                        fallback) if owner is not None else None
+                        fallback, getattr(owner, "activation_bits", 32)) if owner is not None else None
     return ext if ext is not None else fallback
 
 

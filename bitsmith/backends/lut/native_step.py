@@ -25,10 +25,14 @@ ENGINE_ABI = 2  # lut_exec's signature in stepdrv.c's lut_exec_t
 
 
 def native_extern(fast: "native.NativeExecutor | None", entry: LayerEntry, int8: bool, threads: int,
-                  launcher: int | None, fallback: Callable[..., None]) -> Any:
-    """A ``tvm.native_step.NativeExtern`` running ``entry`` on ``fast``, or None (see module doc)."""
+                  launcher: int | None, fallback: Callable[..., None], activation_bits: int = 32) -> Any:
+    """A ``tvm.native_step.NativeExtern`` running ``entry`` on ``fast``, or None (see module doc).
+    ``activation_bits=8`` needs the engine's ``lut_exec_tables`` (table kind ``TABLES_A8``); an
+    engine from before W4A8 gets None, so the Python path runs (and reports the old library)."""
     from ..tvm.native_step import EXTERN_LAYER, NativeExtern
     if fast is None or native.ABI_VERSION != ENGINE_ABI:
+        return None
+    if activation_bits == 8 and not (int8 and getattr(fast, "has_a8", False)):
         return None
     program = entry.program
     if program.stream.flags.writeable or program.outliers.flags.writeable:
@@ -47,5 +51,7 @@ def native_extern(fast: "native.NativeExecutor | None", entry: LayerEntry, int8:
     rec["W"], rec["P"], rec["O"] = w, p, o
     rec["n"], rec["k"], rec["kpad"], rec["macs_per_row"] = bound.n, bound.k, bound.kpad, bound.macs_per_row
     rec["auto_single_below"] = native.AUTO_THREADS_MACS_POOL if launcher else native.AUTO_THREADS_MACS
-    rec["fp32"], rec["threads"], rec["launcher"] = 0 if int8 else 1, threads, launcher or 0
+    # the table kind lut_exec_tables takes (lut_exec, without A8, reads 0/1 the same way)
+    kind = native.TABLES_A8 if activation_bits == 8 else native.TABLES_INT8 if int8 else native.TABLES_FP32
+    rec["kind"], rec["threads"], rec["launcher"] = kind, threads, launcher or 0
     return NativeExtern(rec[0], (bound, program), fallback)

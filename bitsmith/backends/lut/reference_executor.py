@@ -43,13 +43,17 @@ def build_tables_a8(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     SCALE computes s * d * sum_k (u_k - o) q_k: the integer dot product of a Q4 x Q8 kernel."""
     m = xq.shape[0]
     flat = xq.reshape(m, -1)
+    # a block with an inf or NaN has no int8 scale: zero tables and NaN scales (native/lutexec.c
+    # does the same), so its outputs are NaN rather than rint(NaN) cast to an integer
+    finite = np.isfinite(flat).all(axis=1)
+    flat = np.where(finite[:, None], flat, np.float32(0))
     mx = np.abs(flat).max(axis=1) if flat.size else np.zeros(m, np.float32)
     inv = np.where(mx > 0, np.float32(127) / np.where(mx > 0, mx, np.float32(1)), np.float32(0)).astype(np.float32)
     q = np.rint(flat * inv[:, None]).astype(np.int64).reshape(xq.shape)
     bits = _BITS.astype(np.int64)
     t = q[..., 0, None] * bits[:, 0] + q[..., 1, None] * bits[:, 1] + q[..., 2, None] * bits[:, 2] \
         + q[..., 3, None] * bits[:, 3]
-    ts = (mx / np.float32(127)).astype(np.float32)
+    ts = np.where(finite, mx / np.float32(127), np.float32(np.nan)).astype(np.float32)
     return t, ts, (ts * q.reshape(m, -1).sum(axis=1).astype(np.float32)).astype(np.float32)
 
 

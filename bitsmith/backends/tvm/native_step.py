@@ -45,7 +45,7 @@ DRIVER_ABI = 1
 CFLAGS = ("-O2", "-march=x86-64", "-mtune=generic", "-fPIC", "-shared", "-fno-strict-aliasing")
 SPEC = native_loader.NativeSpec("tvm-step-driver", "x86_64", "x86-64", ("sse", "sse2"))
 OP_KERNEL, OP_VIEW, OP_CHECK, OP_EXTERN = 0, 1, 2, 3
-ERR_KERNEL, ERR_IDS = 1, 2
+ERR_KERNEL, ERR_IDS, ERR_MEMORY, ERR_ARGS = 1, 2, 5, 6
 
 # DLTensor (dlpack.h) as a numpy record: data, device, ndim, dtype, shape, strides, byte_offset
 DLTENSOR = np.dtype([("data", np.uint64), ("device_type", np.int32), ("device_id", np.int32),
@@ -59,7 +59,7 @@ _DL_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}  # numpy kind -> DLDataTypeCode (kD
 EXTERN_LAYER = np.dtype([("fn", np.uint64), ("stream", np.uint64), ("pos", np.uint64), ("ntables", np.int64),
                          ("nsegs", np.int64), ("W", np.uint64), ("P", np.uint64), ("O", np.uint64),
                          ("n", np.int64), ("k", np.int64), ("kpad", np.int64), ("macs_per_row", np.int64),
-                         ("auto_single_below", np.int64), ("fp32", np.int64), ("threads", np.int64),
+                         ("auto_single_below", np.int64), ("kind", np.int64), ("threads", np.int64),
                          ("launcher", np.uint64)])
 
 
@@ -195,6 +195,7 @@ class NativePlanExecutor:
             slot_dtype[slot] = self.binder.param_dtypes[k]
         const_dtype = {slot: a.dtype for slot, a in enumerate(python.base_env) if a is not None}
         self.produced: list[tuple[int, int, np.dtype]] = []  # (slot, shape id, dtype) of call outputs
+        views: list[tuple[int, int, int | None]] = []  # (source slot, view shape id, source shape id)
         for s in plan.steps:
             if isinstance(s, Call):
                 if s.check_ids is not None:
@@ -225,9 +226,21 @@ class NativePlanExecutor:
                 words += [OP_KERNEL, keys[s.kernel], len(args), *args]
             else:
                 words += [OP_VIEW, s.src, s.dst]
+                views.append((s.src, s.shape, slot_shape.get(s.src)))
                 slot_shape[s.dst] = s.shape
                 slot_dtype[s.dst] = slot_dtype.get(s.src, const_dtype.get(s.src))  # a view of a constant too
         self.program = np.array(words, dtype=np.int64)
+        # a view only forwards the data pointer (stepdrv.c): its element count must equal its
+        # source's, checked per run (shapes with symbols) as numpy's reshape does on the Python path
+        self.view_shape = np.array([v for _, v, src in views if src is not None], np.int64)
+        self.view_src_shape = np.array([src for _, _, src in views if src is not None], np.int64)
+        const_views = [(v, slot) for slot, v, src in views if src is None]
+        for _, slot in const_views:
+            if const_dtype.get(slot) is None:
+                raise ArtifactError(python.file, f"functions[{plan.name!r}]: a view of slot {slot}, "
+                                                 "which no parameter, constant or step defines")
+        self.const_view_shape = np.array([v for v, _ in const_views], np.int64)
+        self.const_view_size = np.array([python.base_env[slot].size for _, slot in const_views], np.int64)
         self.handles = np.array(handles or [0], dtype=np.uint64)
         self.externs = np.array(externs, dtype=EXTERN_LAYER) if externs else np.zeros(1, EXTERN_LAYER)
         self.kernel_calls = sum(1 for s in plan.steps if isinstance(s, Call))
@@ -307,6 +320,9 @@ class NativePlanExecutor:
         data = st.table["data"]
         data[self.param_slots] = pointers
         sizes = st.shapes.prod(axis=1)
+        if not (np.array_equal(sizes[self.view_shape], sizes[self.view_src_shape])
+                and np.array_equal(sizes[self.const_view_shape], self.const_view_size)):
+            self._bad_view(sizes)
         # intermediates whose bytes grew (first run, or a dim such as ``past`` went up)
         need = sizes[st.inter_shape] * st.inter_size
         for i in np.flatnonzero(need > st.capacity):
@@ -334,11 +350,24 @@ class NativePlanExecutor:
             results.append(a.reshape(shapes[shp]) if shp >= 0 else a)
         return results
 
+    def _bad_view(self, sizes: np.ndarray) -> None:
+        """A view whose element count differs from its source's (a damaged plan: the next kernel
+        would read or write past the buffer): the ArtifactError the Python executor raises when
+        numpy's reshape refuses it."""
+        got = np.concatenate([sizes[self.view_shape], sizes[self.const_view_shape]])
+        want = np.concatenate([sizes[self.view_src_shape], self.const_view_size])
+        i = int(np.flatnonzero(got != want)[0])
+        raise ArtifactError(self.file, f"functions[{self.plan.name!r}]: a view of {int(want[i])} elements "
+                                       f"has shape of {int(got[i])} elements (the plan does not match its kernels)")
+
     def _failed(self, rc: int, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         """A kernel refused its arguments or a token id was out of range: the Python executor
         runs the same plan and raises the error it would have raised (ExecutionError,
-        ArtifactError naming the plan file)."""
-        self.python.run(args)
+        ArtifactError naming the plan file). When the driver only ran out of memory (the LUT
+        input's padded copy), the Python executor's result is the run's result, not an error."""
+        result = self.python.run(args)
+        if rc & 0xFF == ERR_MEMORY:
+            return result
         raise ArtifactError(self.file, f"functions[{self.plan.name!r}]: the step driver stopped at step "
                                        f"{rc >> 8} (code {rc & 0xFF}) where the Python executor did not")
 

@@ -10,7 +10,9 @@
  * bit in both builds. A first pass validates the whole stream against its operands before
  * anything runs. Adapted from the project's AVX2 T-MAC kernel (shared/notes/lutkern.c).
  */
+#include <float.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,12 +71,20 @@ static void build_table_a8(const float* X, int64_t kpad, int64_t m, int64_t kg0,
                            int64_t tstride, float* ts, float* xs) {
     const float* xr = X + m * kpad + 4 * kg0;
     float mx = 0.f;
+    int finite = 1;
     for (int64_t i = 0; i < 4 * nkg; i++) {
         const float a = xr[i] < 0.f ? -xr[i] : xr[i];
+        finite &= a <= FLT_MAX;  /* false for inf and NaN */
         mx = a > mx ? a : mx;
     }
-    const float inv = mx > 0.f ? 127.f / mx : 0.f;
     int8_t* out = tables + m * tstride + kg0 * 32;
+    if (!finite) {  /* no int8 scale exists: zero tables, NaN scales, so the block's outputs are NaN
+                     * (as the reference executor's build_tables_a8; x * 0 would give rint(NaN)) */
+        memset(out, 0, (size_t)(32 * nkg));
+        *ts = *xs = NAN;
+        return;
+    }
+    const float inv = mx > 0.f ? 127.f / mx : 0.f;
     int32_t qsum = 0;
     for (int64_t kg = 0; kg < nkg; kg++) {
         int32_t qh[4], ql[4];

@@ -41,7 +41,7 @@ typedef struct {
     const uint64_t* stream; const int64_t* pos; int64_t ntables, nsegs;
     const uint8_t* W; const float* P; const void* O;
     int64_t n, k, kpad, macs_per_row, auto_single_below; /* threads=0 and m*macs below: 1 thread */
-    int64_t fp32, threads;
+    int64_t kind, threads;  /* kind: lut_exec_tables' table kind (0 int8, 1 fp32, 2 A8) */
     void* launcher;
 } extern_layer_t;
 
@@ -69,9 +69,14 @@ static int ids_ok(const DLTensor* t, int64_t bound) {
     }
 }
 
+static int is_f32(const DLTensor* t) { return t->dtype.code == kDLFloat && t->dtype.bits == 32 && t->dtype.lanes == 1; }
+
 static int64_t run_extern(const extern_layer_t* L, const DLTensor* x, const DLTensor* bias, DLTensor* y) {
     const int64_t m = x->ndim == 2 ? x->shape[0] : 0;
     if (x->ndim != 2 || x->shape[1] != L->k || y->ndim != 2 || y->shape[0] != m || y->shape[1] != L->n)
+        return ERR_ARGS;
+    /* the engine reads x and writes y as float32, the bias add reads n float32s */
+    if (!is_f32(x) || !is_f32(y) || (bias && (!is_f32(bias) || bias->ndim != 1 || bias->shape[0] != L->n)))
         return ERR_ARGS;
     float* out = y->data;
     memset(out, 0, sizeof(float) * (size_t)(m * L->n));  /* rows no STORE writes are 0 (spec) */
@@ -86,7 +91,7 @@ static int64_t run_extern(const extern_layer_t* L, const DLTensor* x, const DLTe
     }
     int threads = (int)L->threads;
     if (threads == 0 && m * L->macs_per_row < L->auto_single_below) threads = 1;
-    int64_t err = L->fn(L->stream, L->pos, L->ntables, L->nsegs, L->W, L->P, L->O, xp, m, out, (int)L->fp32,
+    int64_t err = L->fn(L->stream, L->pos, L->ntables, L->nsegs, L->W, L->P, L->O, xp, m, out, (int)L->kind,
                         threads, L->launcher);
     free(padded);
     if (err) return ERR_EXTERN;
