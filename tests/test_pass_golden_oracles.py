@@ -149,7 +149,27 @@ def test_quantize_sparse_outliers_decodes_to_the_kept_weights():
         assert np.all(np.abs(dense[r][kept[r]] - w[r][kept[r]]) <= step / 2 + 1e-6 * step)
 
 
+def test_shiftadd_fp16_greedy_planes_and_scales():
+    """shiftadd/fp16_w2 (zero refinement steps): plane i is the sign of the residual (+1 at 0),
+    its scale the mean |residual| of the group of 4, scales in fp16; planes bit-packed LSB first
+    along the input (the op's stated layout). The data are multiples of 1/8, so every mean is
+    exact in fp16 and the hashes must match bit for bit."""
+    c = case("shiftadd/fp16_w2")
+    w = data_of(c)["model.up_proj.weight"].astype(np.float64)
+    residual, signs, alphas = w.copy(), [], []
+    for _ in range(2):
+        s = np.where(residual >= 0, 1.0, -1.0)
+        a = np.abs(residual).reshape(4, 2, 4).mean(-1)  # [out, groups]
+        residual -= s * np.repeat(a, 4, axis=1)
+        signs.append(s)
+        alphas.append(a)
+    planes = np.packbits(np.stack(signs) > 0, axis=-1, bitorder="little")
+    info = c.expected().tensors.info
+    assert info("model.up_proj.weight.planes").sha256 == sha256_of(planes)
+    assert info("model.up_proj.weight.alphas").sha256 == sha256_of(np.stack(alphas).astype(np.float16))
+
+
 def test_oracle_cases_exist():
     for ident in ("fold/constants", "fold/max_elements", "sparsify/magnitude", "quantize/rtn_int4",
-                  "quantize/sparse_outliers"):
+                  "quantize/sparse_outliers", "shiftadd/fp16_w2"):
         assert case(ident).file(".after.ir").exists(), ident
