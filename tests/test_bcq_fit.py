@@ -210,14 +210,14 @@ def test_shift_scales_cover_every_groups_largest_weight(problem, scale, iteratio
 @settings(max_examples=40, deadline=None)
 @given(problems(), st.sampled_from(["pow2", "apot2"]), st.integers(0, 4), st.integers(0, 2 ** 32 - 1))
 def test_zero_weights_stay_exactly_zero(problem, scale, iterations, seed):
-    # the default fit keeps a level 0 in every group (bits >= 2): a weight 0 reconstructs as 0
+    # zero_level=True keeps a level 0 in every group (bits >= 2): a weight 0 reconstructs as 0
     w, bits, gs = problem
     if bits < 2:
         return
     w = w.copy()
     zero = np.random.default_rng(seed).random(w.shape) < 0.3
     w[zero] = 0.0
-    fit = fit_bcq(w, bits, gs, scale, iterations)
+    fit = fit_bcq(w, bits, gs, scale, iterations, zero_level=True)
     assert np.all(fit.reconstruct()[zero] == 0.0)
     values = scalar_reconstruct(fit.alphas, fit.signs, gs)  # the level-0 claim via the scalar sum
     assert np.all(values[zero] == 0.0)

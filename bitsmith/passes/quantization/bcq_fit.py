@@ -42,9 +42,11 @@ vanishes, and the grids that minimise the weight error (the uniform ``±h·(1, 3
 all) never have one: every near-zero weight becomes ``±h``. On SmolLM2-135M that, not the size
 of the error, breaks the model: quantizing only the attention projections with the symmetric
 pow2-step grid (relative weight MSE 0.072) gives perplexity 948, the same grid shifted to hold 0
-(levels ``h·(-4..3)``, MSE 0.071) 44.6 (fp32 21.8; 4 windows of 256 tokens). So pow2/apot2
-fits keep only states with a level 0 by default (3 bits: scales ``(2c, c, c)``, levels 0, ±2c,
-±4c; 2 bits: ``(c, c)``); ``zero_level=False`` lifts that.
+(levels ``h·(-4..3)``, MSE 0.071) 44.6 (fp32 21.8; 4 windows of 256 tokens). ``zero_level=True``
+keeps only states with a level 0, but a pow2 code pays for it in levels (3 bits: scales
+``(2c, c, c)``, levels 0, ±2c, ±4c; 2 bits: ``(c, c)``) and measured worse on the whole model
+(3 bits: perplexity 939005 vs 150937), so it is off by default; apot2 3 bits can hold
+``(3c, 2c, c)``, the 7-level symmetric grid with a 0.
 """
 
 from __future__ import annotations
@@ -288,8 +290,17 @@ def _shape_drops(bits: int) -> list[tuple[int, ...]]:
     return list(itertools.product(_DROPS, repeat=bits - 1))
 
 
+def _apot2_shapes(bits: int) -> list[np.ndarray]:
+    """apot2 can hold the symmetric uniform grid with a level 0: ``(2^(bits-1) - 1, ..., 2, 1)·c``
+    is not pow2 but for 3 bits every term is a sum of two powers of two (3 = 2 + 1), giving
+    levels 0, ±2c, ..., ±(2^bits - 2)c."""
+    if bits != 3:
+        return []
+    return [np.array([1.5, 1.0, 0.5])]  # times a power of two: 1.5 = 1 + 1/2
+
+
 def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int,
-                     zero_level: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     zero_level: bool = False, extra: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The best pow2 BCQ grid per group among a dictionary: every shape of
     :func:`_shape_drops`, each at the three powers of two that put its top level between a
     half and twice the group's peak, every weight at its nearest level (exact error, unlike
@@ -300,15 +311,15 @@ def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int,
     best_err = np.full(peak.shape, np.inf)
     best = np.zeros((bits,) + peak.shape)
     patterns = _sign_patterns(bits)
-    for drops in _shape_drops(bits):
-        shape = np.exp2(-np.concatenate([[0], np.cumsum(drops)]))
+    shapes = [np.exp2(-np.concatenate([[0], np.cumsum(d)])) for d in _shape_drops(bits)] + list(extra)
+    for shape in shapes:
         if zero_level and not np.any(patterns @ shape == 0):
             continue
         levels = np.unique(patterns @ shape)
         mids = (levels[1:] + levels[:-1]) / 2
         base = np.floor(np.log2(np.maximum(peak, np.finfo(np.float64).tiny) / shape.sum()))
         for offset in (-1, 0, 1):
-            c = np.exp2(np.clip(base + offset, _EXP_MIN, _EXP_MAX - 3))[..., None]
+            c = np.exp2(np.clip(base + offset, _EXP_MIN + 1, _EXP_MAX - 3))[..., None]
             x = w / c
             q = levels[np.searchsorted(mids, x)]
             err = np.sum(((x - q) * mask) ** 2, axis=-1) * c[..., 0] ** 2
@@ -331,7 +342,7 @@ def _wants_zero_level(bits: int, scale: str, zero_level: bool) -> bool:
 
 
 def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
-                iterations: int, zero_level: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                iterations: int, zero_level: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """BCQ of padded groups ``w`` [R, G, L] (``mask`` False on padding): greedy then alternating
     refinement, keeping each group's best state. For pow2/apot2 the initial state is the
     best of greedy, the best power-of-two uniform grid and the pow2 dictionary, and only
@@ -351,7 +362,8 @@ def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
 
     best_err = error(alphas, signs)
     if scale != "fp16":
-        for c_alphas, c_signs in (_uniform_pow2_grid(w, mask, bits), _pow2_dictionary(w, mask, bits, _wants_zero_level(bits, scale, zero_level))):
+        for c_alphas, c_signs in (_uniform_pow2_grid(w, mask, bits), _pow2_dictionary(w, mask, bits, _wants_zero_level(bits, scale, zero_level),
+                                                         _apot2_shapes(bits) if scale == "apot2" else [])):
             c_err = error(c_alphas, c_signs)
             better = c_err < best_err
             best_err = np.where(better, c_err, best_err)
@@ -413,7 +425,7 @@ def _result(alphas: np.ndarray, signs: np.ndarray, k: int, group_size: int, scal
 
 def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "pow2",
             iterations: int = 10, hessian: np.ndarray | None = None, damp: float = 0.01,
-            act_order: bool = False, refits: int = 2, zero_level: bool = True) -> BCQFit:
+            act_order: bool = False, refits: int = 2, zero_level: bool = False) -> BCQFit:
     """BCQ of ``weight`` [N, K] with ``bits`` planes and groups of ``group_size`` along K.
 
     Without ``hessian``: minimises the weight error (greedy + ``iterations`` rounds of
@@ -421,8 +433,8 @@ def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "
     group's scales fitted on its compensated weights (see the module docstring).
 
     ``zero_level`` (pow2/apot2, bits >= 2): every group's scales give a level of exactly 0
-    (e.g. 3 bits: ``α = (2c, c, c)``, levels 0, ±2c, ±4c), at the cost of levels (see the module
-    docstring); ``False`` gives the best grid by weight error alone."""
+    (e.g. pow2 3 bits: ``α = (2c, c, c)``, levels 0, ±2c, ±4c), at the cost of levels (see the
+    module docstring); off: the best grid by weight error alone."""
     w = _validate(weight, bits, group_size, scale, iterations)
     if hessian is None:
         grouped, mask = _grouped(w, group_size)
@@ -434,7 +446,7 @@ def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "
 
 def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iterations: int,
                      hessian: np.ndarray, damp: float, act_order: bool, refits: int,
-                     zero_level: bool = True) -> BCQFit:
+                     zero_level: bool = False) -> BCQFit:
     n, k = w.shape
     h = np.array(hessian, dtype=np.float64)
     if h.shape != (k, k):
@@ -474,7 +486,7 @@ class _ColumnLoop:
     the scales are fitted at the group's first column on the compensated weights, or given."""
 
     def __init__(self, w: np.ndarray, h: np.ndarray, group_size: int, damp: float, act_order: bool,
-                 zero_level: bool = True, block_size: int = 128):
+                 zero_level: bool = False, block_size: int = 128):
         from .gptq import inverse_hessian_cholesky
         k = w.shape[1]
         self.w, self.group_size, self.act_order, self.zero_level = w, group_size, act_order, zero_level
