@@ -186,7 +186,8 @@ def test_planted_outlier_rows_no_worse_than_the_pow2_uniform_grid(seed, bits, gs
     w[4, :gs] = rng.standard_normal(gs) * 3.0
     w[4, 3] = 40.0  # and a lone outlier weight in a row
     w = w.astype(np.float32)
-    errors = row_group_errors(w, fit_bcq(w, bits, gs, "pow2", iterations).reconstruct(), gs)
+    fit = fit_bcq(w, bits, gs, "pow2", iterations, zero_level=False)
+    errors = row_group_errors(w, fit.reconstruct(), gs)
     for r in range(w.shape[0]):
         for g in range(2):
             grid = best_pow2_uniform_grid_error(w[r, g * gs:(g + 1) * gs], bits)
@@ -206,12 +207,52 @@ def test_shift_scales_cover_every_groups_largest_weight(problem, scale, iteratio
             assert sum(float(a) for a in fit.alphas[:, r, g]) >= peak * (1 - 2.0 ** -bits) * (1 - 1e-6)
 
 
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from(["pow2", "apot2"]), st.integers(0, 4), st.integers(0, 2 ** 32 - 1))
+def test_zero_weights_stay_exactly_zero(problem, scale, iterations, seed):
+    # zero_level=True keeps a level 0 in every group (bits >= 2): a weight 0 reconstructs as 0
+    w, bits, gs = problem
+    if bits < 2:
+        return
+    w = w.copy()
+    zero = np.random.default_rng(seed).random(w.shape) < 0.3
+    w[zero] = 0.0
+    fit = fit_bcq(w, bits, gs, scale, iterations, zero_level=True)
+    assert np.all(fit.reconstruct()[zero] == 0.0)
+    values = scalar_reconstruct(fit.alphas, fit.signs, gs)  # the level-0 claim via the scalar sum
+    assert np.all(values[zero] == 0.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_near_zero_weights_on_a_massive_activation_channel(bits):
+    # SmolLM2's failure in miniature: input channel 5 carries activations ~1000x the others and
+    # its weights are ~0. Without a level 0 every such weight becomes ±h and the output error is
+    # dominated by that channel; with it the error stays that of the ordinary channels.
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((16, 64)) * 0.05
+    w[:, 5] = rng.standard_normal(16) * 1e-5
+    x = rng.standard_normal((64, 256))
+    x[5] *= 1000.0
+    w = w.astype(np.float32)
+
+    def output_error(zero_level: bool) -> float:
+        q = fit_bcq(w, bits, 32, "pow2", 4, zero_level=zero_level).reconstruct().astype(np.float64)
+        return float(np.sum(((w - q) @ x) ** 2))
+
+    without_channel = x.copy()
+    without_channel[5] = 0
+    plain = float(np.sum((w.astype(np.float64) @ x) ** 2))
+    # measured: no zero level -> error ~10x the output energy, with it ~0.1-0.3x
+    assert output_error(False) > plain
+    assert output_error(True) < 0.5 * plain
+
+
 def test_exact_bcq_values_are_recovered():
     # weights that are exactly a pow2 BCQ grid: the fit reproduces them without error
     rng = np.random.default_rng(3)
     signs = rng.choice([-1, 1], size=(3, 4, 32))
     w = (0.5 * signs[0] + 0.125 * signs[1] + 2.0 ** -5 * signs[2]).astype(np.float32)
-    fit = fit_bcq(w, 3, 32, "pow2", 3)
+    fit = fit_bcq(w, 3, 32, "pow2", 3, zero_level=False)  # this grid has no level 0
     np.testing.assert_array_equal(fit.reconstruct(), w)
 
 

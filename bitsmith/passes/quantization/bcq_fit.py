@@ -36,6 +36,17 @@ error ``(w - q) H (w - q)ᵀ`` given the signs (``q`` is linear in the row's ``b
 and the column loop again with those scales fixed; each row keeps its best state. ShiftAddLLM's
 code instead gives every column its own scales per group of output rows; the issue's format
 (groups along K per output row) is kept here.
+
+Zero level. A ±1 code with ``bits`` planes has no level 0 unless a signed sum of its scales
+vanishes, and the grids that minimise the weight error (the uniform ``±h·(1, 3, ..., 7)`` above
+all) never have one: every near-zero weight becomes ``±h``. On SmolLM2-135M that, not the size
+of the error, breaks the model: quantizing only the attention projections with the symmetric
+pow2-step grid (relative weight MSE 0.072) gives perplexity 948, the same grid shifted to hold 0
+(levels ``h·(-4..3)``, MSE 0.071) 44.6 (fp32 21.8; 4 windows of 256 tokens). ``zero_level=True``
+keeps only states with a level 0, but a pow2 code pays for it in levels (3 bits: scales
+``(2c, c, c)``, levels 0, ±2c, ±4c; 2 bits: ``(c, c)``) and measured worse on the whole model
+(3 bits: perplexity 939005 vs 150937), so it is off by default; apot2 3 bits can hold
+``(3c, 2c, c)``, the 7-level symmetric grid with a 0.
 """
 
 from __future__ import annotations
@@ -279,23 +290,36 @@ def _shape_drops(bits: int) -> list[tuple[int, ...]]:
     return list(itertools.product(_DROPS, repeat=bits - 1))
 
 
-def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+def _apot2_shapes(bits: int) -> list[np.ndarray]:
+    """apot2 can hold the symmetric uniform grid with a level 0: ``(2^(bits-1) - 1, ..., 2, 1)·c``
+    is not pow2 but for 3 bits every term is a sum of two powers of two (3 = 2 + 1), giving
+    levels 0, ±2c, ..., ±(2^bits - 2)c."""
+    if bits != 3:
+        return []
+    return [np.array([1.5, 1.0, 0.5])]  # times a power of two: 1.5 = 1 + 1/2
+
+
+def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int,
+                     zero_level: bool = False, extra: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The best pow2 BCQ grid per group among a dictionary: every shape of
     :func:`_shape_drops`, each at the three powers of two that put its top level between a
     half and twice the group's peak, every weight at its nearest level (exact error, unlike
     a least-squares step followed by rounding, which stalls at the uniform grid: the nearest
-    powers of two of the least-squares scales are the grid it started from)."""
+    powers of two of the least-squares scales are the grid it started from). ``zero_level``:
+    only the shapes with a level 0."""
     peak = np.max(np.abs(w), axis=-1)
     best_err = np.full(peak.shape, np.inf)
     best = np.zeros((bits,) + peak.shape)
     patterns = _sign_patterns(bits)
-    for drops in _shape_drops(bits):
-        shape = np.exp2(-np.concatenate([[0], np.cumsum(drops)]))
+    shapes = [np.exp2(-np.concatenate([[0], np.cumsum(d)])) for d in _shape_drops(bits)] + list(extra)
+    for shape in shapes:
+        if zero_level and not np.any(patterns @ shape == 0):
+            continue
         levels = np.unique(patterns @ shape)
         mids = (levels[1:] + levels[:-1]) / 2
         base = np.floor(np.log2(np.maximum(peak, np.finfo(np.float64).tiny) / shape.sum()))
         for offset in (-1, 0, 1):
-            c = np.exp2(np.clip(base + offset, _EXP_MIN, _EXP_MAX - 3))[..., None]
+            c = np.exp2(np.clip(base + offset, _EXP_MIN + 1, _EXP_MAX - 3))[..., None]
             x = w / c
             q = levels[np.searchsorted(mids, x)]
             err = np.sum(((x - q) * mask) ** 2, axis=-1) * c[..., 0] ** 2
@@ -307,23 +331,39 @@ def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int) -> tuple[np.nda
     return best, _best_signs(w, best) * mask
 
 
+def _has_zero_level(alphas: np.ndarray) -> np.ndarray:
+    """Per group (``alphas`` [bits, ...]): whether some ±1 pattern sums to exactly 0."""
+    values = np.einsum("pb,b...->p...", _sign_patterns(alphas.shape[0]), alphas)
+    return np.any(values == 0, axis=0)
+
+
+def _wants_zero_level(bits: int, scale: str, zero_level: bool) -> bool:
+    return zero_level and scale != "fp16" and bits >= 2
+
+
 def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
-                iterations: int) -> tuple[np.ndarray, np.ndarray]:
+                iterations: int, zero_level: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """BCQ of padded groups ``w`` [R, G, L] (``mask`` False on padding): greedy then alternating
     refinement, keeping each group's best state. For pow2/apot2 the initial state is the
     best of greedy, the best power-of-two uniform grid and the pow2 dictionary, and only
     states that cover the group's peak (:func:`_coverage`) count. Returns (alphas [bits, R, G],
     signs [bits, R, G, L])."""
     alphas, signs = _greedy(w, mask, bits, scale)
+    if scale != "fp16":  # greedy's signs need not be each weight's nearest level (nor a 0 one)
+        signs = _best_signs(w, alphas) * mask
     peak = np.max(np.abs(w) * mask, axis=-1)
 
     def error(a: np.ndarray, s: np.ndarray) -> np.ndarray:
         err = _errors(w, a, s)
-        return err if scale == "fp16" else np.where(_covers(a.sum(axis=0), peak, bits), err, np.inf)
+        if scale == "fp16":
+            return err
+        err = np.where(_covers(a.sum(axis=0), peak, bits), err, np.inf)
+        return np.where(_has_zero_level(a), err, np.inf) if _wants_zero_level(bits, scale, zero_level) else err
 
     best_err = error(alphas, signs)
     if scale != "fp16":
-        for c_alphas, c_signs in (_uniform_pow2_grid(w, mask, bits), _pow2_dictionary(w, mask, bits)):
+        for c_alphas, c_signs in (_uniform_pow2_grid(w, mask, bits), _pow2_dictionary(w, mask, bits, _wants_zero_level(bits, scale, zero_level),
+                                                         _apot2_shapes(bits) if scale == "apot2" else [])):
             c_err = error(c_alphas, c_signs)
             better = c_err < best_err
             best_err = np.where(better, c_err, best_err)
@@ -385,22 +425,28 @@ def _result(alphas: np.ndarray, signs: np.ndarray, k: int, group_size: int, scal
 
 def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "pow2",
             iterations: int = 10, hessian: np.ndarray | None = None, damp: float = 0.01,
-            act_order: bool = False, refits: int = 2) -> BCQFit:
+            act_order: bool = False, refits: int = 2, zero_level: bool = False) -> BCQFit:
     """BCQ of ``weight`` [N, K] with ``bits`` planes and groups of ``group_size`` along K.
 
     Without ``hessian``: minimises the weight error (greedy + ``iterations`` rounds of
     alternating refinement). With ``hessian`` [K, K] (``∝ XᵀX``): GPTQ's column loop with each
-    group's scales fitted on its compensated weights (see the module docstring)."""
+    group's scales fitted on its compensated weights (see the module docstring).
+
+    ``zero_level`` (pow2/apot2, bits >= 2): every group's scales give a level of exactly 0
+    (e.g. pow2 3 bits: ``α = (2c, c, c)``, levels 0, ±2c, ±4c), at the cost of levels (see the
+    module docstring); off: the best grid by weight error alone."""
     w = _validate(weight, bits, group_size, scale, iterations)
     if hessian is None:
         grouped, mask = _grouped(w, group_size)
-        alphas, signs = _fit_groups(grouped, mask, bits, scale, iterations)
+        alphas, signs = _fit_groups(grouped, mask, bits, scale, iterations, zero_level)
         return _result(alphas, signs, w.shape[1], group_size, scale)
-    return _fit_bcq_hessian(w, bits, group_size, scale, iterations, hessian, damp, act_order, refits)
+    return _fit_bcq_hessian(w, bits, group_size, scale, iterations, hessian, damp, act_order, refits,
+                            zero_level)
 
 
 def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iterations: int,
-                     hessian: np.ndarray, damp: float, act_order: bool, refits: int) -> BCQFit:
+                     hessian: np.ndarray, damp: float, act_order: bool, refits: int,
+                     zero_level: bool = False) -> BCQFit:
     n, k = w.shape
     h = np.array(hessian, dtype=np.float64)
     if h.shape != (k, k):
@@ -413,7 +459,7 @@ def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iter
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0  # as GPTQ: a dead input's weight has no effect on the output
-    loop = _ColumnLoop(w, h, group_size, damp, act_order)
+    loop = _ColumnLoop(w, h, group_size, damp, act_order, zero_level)
     alphas, signs = loop.run(bits, scale, iterations)
     best_alphas, best_signs = alphas, signs
     best_err = _row_output_errors(w, h, alphas, signs, group_size)
@@ -425,6 +471,8 @@ def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iter
             err = _row_output_errors(w, h, *candidate, group_size)
             if scale != "fp16":
                 err = np.where(np.all(candidate[0].sum(axis=0) >= floor * (1 - 1e-12), axis=-1), err, np.inf)
+                if _wants_zero_level(bits, scale, zero_level):
+                    err = np.where(np.all(_has_zero_level(candidate[0]), axis=-1), err, np.inf)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_alphas = np.where(better[None, :, None], candidate[0], best_alphas)
@@ -438,10 +486,10 @@ class _ColumnLoop:
     the scales are fitted at the group's first column on the compensated weights, or given."""
 
     def __init__(self, w: np.ndarray, h: np.ndarray, group_size: int, damp: float, act_order: bool,
-                 block_size: int = 128):
+                 zero_level: bool = False, block_size: int = 128):
         from .gptq import inverse_hessian_cholesky
         k = w.shape[1]
-        self.w, self.group_size, self.act_order = w, group_size, act_order
+        self.w, self.group_size, self.act_order, self.zero_level = w, group_size, act_order, zero_level
         if act_order:  # columns by decreasing H diagonal; groups fitted up front (static groups)
             self.perm = np.argsort(-np.diag(h), kind="stable")
             h = h[np.ix_(self.perm, self.perm)]
@@ -462,7 +510,7 @@ class _ColumnLoop:
 
         def fit(g: int, weights: np.ndarray) -> None:
             grouped, mask = _grouped(weights, weights.shape[1])
-            alphas[:, :, g] = _fit_groups(grouped, mask, bits, scale, iterations)[0][:, :, 0]
+            alphas[:, :, g] = _fit_groups(grouped, mask, bits, scale, iterations, self.zero_level)[0][:, :, 0]
 
         work = self.w[:, self.perm].copy()
         if self.act_order and not fixed:
