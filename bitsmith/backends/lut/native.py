@@ -41,7 +41,7 @@ LIBRARY_FILE = "lut/lutexec.so"
 AUTO_THREADS_MACS = 1 << 22
 AUTO_THREADS_MACS_POOL = 1 << 16
 ABI_VERSION = 2   # lut_abi_version() of native/lutexec.c that this binding speaks
-_COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+_COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-pthread", "-shared", "-fPIC")
 _AVX2_FLAGS = ("avx", "avx2", "fma", "pni", "ssse3", "sse4_1", "sse4_2")  # what -mavx2 -mfma let gcc emit
 
 

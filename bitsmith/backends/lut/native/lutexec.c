@@ -10,13 +10,19 @@
  * bit in both builds. A first pass validates the whole stream against its operands before
  * anything runs. Adapted from the project's AVX2 T-MAC kernel (shared/notes/lutkern.c).
  */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT (thread pool) */
 #include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define LUT_MAGIC 0x313041534954554cULL /* "LUTISA01" little-endian */
 #define LUT_VERSION 1
@@ -494,6 +500,11 @@ static inline void add_pair_rows(vec_t a, int plane, int v, int nt, int64_t M, i
         }                                                                                             \
     }
 
+/* GROUP_BODY with the LUTACC's mode as a constant (the inner constant shadows the argument), so
+ * the word loop carries no per-word test of it. */
+#define GROUP_BODY_Q(NV, A8)                                                                          \
+    if (quad) { const int quad = 1; GROUP_BODY(NV, A8) } else { const int quad = 0; GROUP_BODY(NV, A8) }
+
 /* One LUTACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word). */
 static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad, int plane, int64_t kg0,
                          const int8_t* T, int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M,
@@ -510,7 +521,7 @@ static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad,
         const float tsv = TS[m * tsstride];
         if (a8) {
 #if LUT_ISA == 2
-            if (nv == 2) GROUP_BODY(2, 1) else GROUP_BODY(1, 1)
+            if (nv == 2) GROUP_BODY_Q(2, 1) else GROUP_BODY_Q(1, 1)
 #else
             /* 8 accumulators per tile: at most 2 tiles at a time in AVX2's 16 registers */
             for (int t0 = 0; t0 < nt; t0 += 2) {
@@ -519,16 +530,16 @@ static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad,
                 {
                     const uint8_t* const* wp = wp0 + t0;
                     float* ACC = ACC0 + t0 * M * 16;
-                    if (nt - t0 >= 2) GROUP_BODY(2, 1) else GROUP_BODY(1, 1)
+                    if (nt - t0 >= 2) GROUP_BODY_Q(2, 1) else GROUP_BODY_Q(1, 1)
                 }
             }
 #endif
         } else {
             switch (nv) {
-            case 4: GROUP_BODY(4, 0) break;
-            case 3: GROUP_BODY(3, 0) break;
-            case 2: GROUP_BODY(2, 0) break;
-            default: GROUP_BODY(1, 0) break;
+            case 4: GROUP_BODY_Q(4, 0) break;
+            case 3: GROUP_BODY_Q(3, 0) break;
+            case 2: GROUP_BODY_Q(2, 0) break;
+            default: GROUP_BODY_Q(1, 0) break;
             }
         }
     }
@@ -718,9 +729,140 @@ static int segments_task(int task, par_env_t* env, void* cdata) {
     }
 }
 
+/* ------------------------------------------------------------------ the engine's thread pool */
+
+/* Calls without a host launcher run on this pool instead of OpenMP: the engine then shares no
+ * libgomp (torch's) whose wait policy is fixed when torch loads it, and whose spinning workers
+ * made 2-thread calls 5-10x slower than 1-thread ones on a busy machine. Workers spin briefly for
+ * the next call (decode calls come back-to-back), then sleep on a futex. The caller takes part;
+ * work is handed out in chunks from shared counters, so a worker that is slow to wake only
+ * costs the share it actually took. One call uses the pool at a time: a concurrent caller runs
+ * on its own thread (the result does not depend on the split). */
+#define POOL_MAX 64
+#ifndef POOL_SPIN
+#define POOL_SPIN 4096    /* pause iterations a waiting thread spins before it sleeps (~0.1 ms) */
+#endif
+#define POOL_SHARED_TABLES 256 /* (TABLE, row) pairs below which the caller builds every table */
+#define POOL_CLOSED 0x80000000u
+
+typedef struct {
+    job_t* j;
+    int ntask;
+    int64_t next_table, tables_done; /* table work: next (TABLE, row) pair handed out, pairs built */
+} pool_job_t;
+
+static struct {
+    pthread_mutex_t lock; /* held by the call using the pool */
+    pid_t pid;            /* process whose workers these are (a forked child has none) */
+    int size;             /* workers started */
+    uint32_t gen;         /* futex word: bumped for each call */
+    uint32_t state;       /* futex word: POOL_CLOSED | workers inside the call */
+    int limit;            /* workers the current call takes */
+    pool_job_t* job;
+} pool = {PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, POOL_CLOSED, 0, NULL};
+
+static void futex_wait(uint32_t* addr, uint32_t val) { syscall(SYS_futex, addr, FUTEX_WAIT_PRIVATE, val, NULL, NULL, 0); }
+static void futex_wake(uint32_t* addr) { syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0); }
+
+/* Spins, then yields, until *addr != val (a value another participant is about to change). */
+static void wait_change(const int64_t* addr, int64_t val) {
+    for (int i = 0; __atomic_load_n(addr, __ATOMIC_ACQUIRE) == val; i++)
+        if (i < POOL_SPIN) _mm_pause(); else sched_yield();
+}
+
+static void pool_work(pool_job_t* pj, int caller) {
+    job_t* j = pj->j;
+    const int64_t total = j->ntables * j->M;
+    int64_t chunk = total / (4 * (int64_t)pj->ntask);
+    chunk = chunk < 1 ? 1 : chunk;
+    /* few tables (decode: microseconds' work): the caller builds them all, so a worker that is
+     * descheduled holding a share of them cannot hold up every thread at the barrier below */
+    if (total < POOL_SHARED_TABLES) chunk = caller ? total : 0;
+    for (; chunk;) { /* tables, then (once every table is built) tiles */
+        const int64_t b = __atomic_fetch_add(&pj->next_table, chunk, __ATOMIC_RELAXED);
+        if (b >= total) break;
+        const int64_t e = b + chunk < total ? b + chunk : total;
+        tables_range(j, b, e);
+        __atomic_fetch_add(&pj->tables_done, e - b, __ATOMIC_RELEASE);
+    }
+    for (int64_t done; (done = __atomic_load_n(&pj->tables_done, __ATOMIC_ACQUIRE)) < total;) wait_change(&pj->tables_done, done);
+    par_env_t env = {NULL, pj->ntask};
+    segments_task(0, &env, j);
+}
+
+static void* pool_worker(void* arg) {
+    uint32_t seen = (uint32_t)(uintptr_t)arg;
+    for (;;) {
+        uint32_t g;
+        for (int i = 0; (g = __atomic_load_n(&pool.gen, __ATOMIC_ACQUIRE)) == seen; i++)
+            if (i < POOL_SPIN) _mm_pause(); else futex_wait(&pool.gen, seen);
+        seen = g;
+        uint32_t v = __atomic_load_n(&pool.state, __ATOMIC_RELAXED);
+        while (!(v & POOL_CLOSED)) /* join the call unless it is over */
+            if (__atomic_compare_exchange_n(&pool.state, &v, v + 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+                if ((int)v < pool.limit) pool_work(pool.job, 0);
+                if (__atomic_sub_fetch(&pool.state, 1, __ATOMIC_RELEASE) == POOL_CLOSED) futex_wake(&pool.state);
+                break;
+            }
+    }
+    return NULL;
+}
+
+/* Starts workers up to `want`; returns how many there are. Caller holds pool.lock. */
+static int pool_grow(int want) {
+    if (pool.pid != getpid()) { pool.pid = getpid(); pool.size = 0; } /* forked: the parent's workers stay there */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); /* workers inherit it: signals go to the caller's threads */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    for (pthread_t t; pool.size < want && pool.size < POOL_MAX; pool.size++)
+        if (pthread_create(&t, &attr, pool_worker, (void*)(uintptr_t)pool.gen)) break;
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return pool.size;
+}
+
+static int cpu_count(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set)) return 1;
+    const int n = CPU_COUNT(&set);
+    return n > 0 ? n : 1;
+}
+
+/* Runs job j on `threads` threads (0: one per CPU this process may use), the caller included. */
+static void pool_run(job_t* j, int threads) {
+    if (threads <= 0) threads = cpu_count();
+    if (threads > POOL_MAX + 1) threads = POOL_MAX + 1;
+    int workers = 0;
+    if (threads > 1 && !pthread_mutex_trylock(&pool.lock)) {
+        workers = pool_grow(threads - 1);
+        if (!workers) pthread_mutex_unlock(&pool.lock);
+    }
+    pool_job_t pj = {j, workers + 1, 0, 0};
+    if (!workers) { /* the pool is busy with another call (or has no threads): this thread alone */
+        tables_range(j, 0, j->ntables * j->M);
+        segments_range(j, 0, j->nsegs);
+        return;
+    }
+    pool.job = &pj;
+    pool.limit = workers;
+    __atomic_store_n(&pool.state, 0, __ATOMIC_RELEASE); /* open: workers may join */
+    __atomic_add_fetch(&pool.gen, 1, __ATOMIC_RELEASE);
+    futex_wake(&pool.gen);
+    pool_work(&pj, 1);
+    /* close the call, then wait for the workers that joined it (they use pj and j) */
+    uint32_t v = __atomic_or_fetch(&pool.state, POOL_CLOSED, __ATOMIC_ACQ_REL);
+    for (int i = 0; v != POOL_CLOSED; i++, v = __atomic_load_n(&pool.state, __ATOMIC_ACQUIRE))
+        if (i < POOL_SPIN) _mm_pause(); else futex_wait(&pool.state, v);
+    pthread_mutex_unlock(&pool.lock);
+}
+
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
  * Y: [M, N] float32, zero on entry. kind: TABLES_INT8, TABLES_FP32 or TABLES_A8. threads: 1 = this thread only; otherwise the tables, then
- * the tiles, are split over `launch` (if not NULL: all of its pool) or OpenMP (0 = all threads).
+ * the tiles, are split over `launch` (if not NULL: all of its pool) or the engine's pool (0 = one
+ * thread per CPU).
  * Tiles are independent (validate() refuses two STOREs of one row) and each table is built by one
  * task over quads no other TABLE touches, so the result does not depend on the split.
  * Returns 0, ERR_MEMORY, or ERR_LAUNCH if the launcher failed. */
@@ -750,13 +892,7 @@ int64_t lut_exec_tables(const uint64_t* s, const int64_t* pos, int64_t ntables, 
         const par_launch_t run = (par_launch_t)launch;
         if (run(tables_task, &j, 0) || run(segments_task, &j, 0)) err = fail(0, ERR_LAUNCH);
     } else {
-        #pragma omp parallel num_threads(threads > 0 ? threads : omp_get_max_threads())
-        {
-            par_env_t env = {NULL, omp_get_num_threads()};
-            tables_task(omp_get_thread_num(), &env, &j);
-            #pragma omp barrier
-            segments_task(omp_get_thread_num(), &env, &j);
-        }
+        pool_run(&j, threads);
     }
     free(j.tables); free(j.TS); free(j.XS);
     return j.oom ? fail(0, ERR_MEMORY) : err;
