@@ -110,6 +110,35 @@ def test_thread_count_does_not_change_results(fast):
     assert np.array_equal(fast.run(prog, x, True, 1), fast.run(prog, x, True, 2))
 
 
+@needs_avx2
+def test_concurrent_callers_share_the_engine_pool_and_get_exact_results(fast):
+    """The engine's own thread pool serves one call at a time; callers that overlap it (several
+    sessions in one process) run on their own thread. Every caller, pooled or not, at every
+    thread count (0 = one per CPU, 3 > this 2-core machine), gets the 1-thread result exactly,
+    and the reference executor's."""
+    import threading
+    attrs, ops = random_qlinear(np.random.default_rng(11), "rtn-int4", 512, 384, 128, True)
+    prog = generate(decompose(attrs, ops))
+    xs = [np.random.default_rng(12 + i).normal(size=(1 + i % 3, 384)).astype(np.float32) for i in range(6)]
+    want = [reference_executor.run(prog, x, True) for x in xs]
+    assert all(np.array_equal(fast.run(prog, x, True, 1), w) for x, w in zip(xs, want))
+    bad, start = [], threading.Barrier(6)
+
+    def caller(i):
+        start.wait()  # all callers begin together, so their calls overlap
+        for rep in range(30):
+            threads = (0, 2, 3)[(i + rep) % 3]
+            if not np.array_equal(fast.run(prog, xs[i], True, threads), want[i]):
+                bad.append((i, rep, threads))
+
+    workers = [threading.Thread(target=caller, args=(i,)) for i in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not bad
+
+
 _LAUNCHER_CHECK = """
 import numpy as np, tvm
 from bitsmith.backends.lut import native
