@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import os
 
-# Before torch loads libgomp (the engine shares torch's copy): OpenMP's default spin-waiting at
-# barriers makes 2-thread calls 5-10x slower than 1-thread ones whenever other jobs keep the
-# cores busy (measured: 14-35 ms instead of ~3 at load ~10 on 2 cores). Passive waits cost
-# microseconds per call on an idle machine. An explicit OMP_WAIT_POLICY is kept.
+# Before torch loads libgomp: OpenMP's default spin-waiting at barriers makes torch's 2-thread
+# baseline stall whenever other jobs keep the cores busy. (The engine no longer uses OpenMP: its
+# own pool spins briefly, then sleeps.) An explicit OMP_WAIT_POLICY is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import argparse  # noqa: E402
@@ -72,10 +71,10 @@ def timeit(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3
     return best
 
 
-def read_bandwidth(threads: int) -> float:
+def read_bandwidth(threads: int, min_seconds: float = 0.3) -> float:
     torch.set_num_threads(threads)
     a = torch.ones(128 << 20)  # 512 MiB
-    t = timeit(lambda: a.sum(), 0.3)
+    t = timeit(lambda: a.sum(), min_seconds)
     return a.numel() * 4 / t / 1e9
 
 
@@ -106,9 +105,28 @@ def tvm_runner(attrs: dict, ops: list[np.ndarray], m: int) -> tuple[Callable[[np
         return None, f"{type(e).__name__}: {str(e)[:60]}"
 
 
+def timeit_cpu(fn: Callable[[], object], min_seconds: float, repeats: int) -> tuple[float, float]:
+    """(wall, CPU time of this process) per call, each the min over ``repeats`` means of >= min_seconds
+    (on a shared machine the CPU clock leaves out the time other processes take)."""
+    fn()
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while True:
+            fn()
+            n += 1
+            dt = time.perf_counter() - t0
+            if dt >= min_seconds and n >= 2:
+                break
+        wall, cpu = min(wall, dt / n), min(cpu, (time.process_time() - c0) / n)
+    return wall, cpu
+
+
 def goal_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table_group: int,
-               rng: np.random.Generator) -> list[dict]:
-    """The issue's figure: M = 1, N = K = 4096, per bits, threads, engine build and activation bits."""
+               rng: np.random.Generator, reps: int = 5) -> list[dict]:
+    """The issue's figure: M = 1, N = K = 4096, per bits, threads, engine build and activation bits.
+    Each row is ``reps`` repetitions of (read-bandwidth probe, LUT timing) back to back in this
+    process; the fraction of read bandwidth is reported as median and best over them."""
     n = k = 4096
     rows = []
     x = rng.normal(size=(1, k)).astype(np.float32)
@@ -124,22 +142,30 @@ def goal_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table
         for threads in (1, 2):
             for isa, lut in libraries.items():
                 for abits in (32, 8):
-                    bw = read_bandwidth(threads)
-                    torch.set_num_threads(threads)
                     state = {"i": 0}
 
                     def run_lut() -> None:
                         state["i"] = (state["i"] + 1) % copies
                         lut.run(progs[state["i"]], x, True, threads, activation_bits=abits)
 
-                    t_lut = timeit(run_lut, 0.2, 5)
+                    fracs, walls, cpus, bws = [], [], [], []
+                    for _ in range(reps):
+                        bw = read_bandwidth(threads, 0.15)
+                        wall, cpu = timeit_cpu(run_lut, 0.1, 3)
+                        bws.append(bw)
+                        walls.append(wall)
+                        cpus.append(cpu)
+                        fracs.append(read / wall / 1e9 / bw)
+                    torch.set_num_threads(threads)
                     t_torch = timeit(lambda: torch.nn.functional.linear(xt, dense_w), 0.2, 3)
-                    row = dict(bits=bits, threads=threads, isa=isa, abits=abits, lut=t_lut, bw=bw,
-                               gbs=read / t_lut / 1e9, torch=t_torch, read=read)
-                    row["frac"] = row["gbs"] / bw
+                    t_lut = float(np.median(walls))
+                    row = dict(bits=bits, threads=threads, isa=isa, abits=abits, lut=t_lut, lut_best=min(walls),
+                               cpu=float(np.median(cpus)), bw=float(np.median(bws)), gbs=read / t_lut / 1e9,
+                               torch=t_torch, read=read, frac=float(np.median(fracs)), frac_best=max(fracs))
                     rows.append(row)
                     print(f"4096x4096 {bits}-bit T{threads} {isa:<6} a{abits:<2} | lut {t_lut * 1e3:7.3f} ms "
-                          f"{row['gbs']:5.1f} GB/s = {100 * row['frac']:3.0f}% of {bw:4.1f} GB/s read | torch fp32 "
+                          f"(cpu {row['cpu'] * 1e3:6.3f}) {row['gbs']:5.1f} GB/s = {100 * row['frac']:3.0f}% "
+                          f"(best {100 * row['frac_best']:3.0f}%) of {row['bw']:4.1f} GB/s read | torch fp32 "
                           f"{t_torch * 1e3:7.3f} ms, lut {t_torch / t_lut:5.1f}x faster", flush=True)
     return rows
 
@@ -163,21 +189,24 @@ def cpu_detail() -> str:
            f"{', '.join(ext) or 'no AVX2'}"
 
 
-def goal_markdown(rows: list[dict], machine: str, table_group: int, load: str) -> str:
+def goal_markdown(rows: list[dict], machine: str, table_group: int, load: str, load_after: str = "?") -> str:
     lines = ["# LUT GEMV at N = K = 4096, M = 1 (benchmarks/lut_gemv.py --goal)", "",
-             f"Machine: {machine} ({cpu_detail()}). OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}. "
-             f"Load average before the run: {load} (the machine is shared by other jobs: "
-             "timings vary 10-30% and more between runs; compare within one row).",
+             f"Machine: {machine} ({cpu_detail()}). OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (torch's "
+             f"baseline; the engine runs on its own thread pool). Load average before the run: {load}, after: "
+             f"{load_after} (the machine is shared by other jobs: timings vary 10-30% and more between runs).",
              f"rtn-intK weights, group 128, int8 tables (lut_table_group {table_group}); weights rotated through "
              ">= 128 MiB of copies (each call reads them from DRAM). GB/s = engine bytes read (weight words + "
-             "SCALE parameters) / time; read bandwidth = torch.sum over 512 MiB measured just before the row; "
+             "SCALE parameters) / time; each row repeats (read bandwidth = torch.sum over 512 MiB, then the LUT "
+             "timing) back to back: % of read BW is the median and the best of those repetitions; LUT ms and "
+             "CPU ms (this process's CPU time per call, which leaves out other processes' time) are medians; "
              "x torch = torch fp32 dense (F.linear on the dequantized weight) time / LUT time.", "",
-             "| bits | threads | engine build | activations | LUT ms | GB/s | % of read BW | read BW GB/s | "
-             "torch fp32 ms | x torch |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| bits | threads | engine build | activations | LUT ms | CPU ms | GB/s | % of read BW (median / best) | "
+             "read BW GB/s | torch fp32 ms | x torch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         act = "int8 (activation_bits=8)" if r["abits"] == 8 else "fp32 (int8 tables)"
-        lines.append(f"| {r['bits']} | {r['threads']} | {r['isa']} | {act} | {r['lut'] * 1e3:.3f} | {r['gbs']:.1f} | "
-                     f"{100 * r['frac']:.0f}% | {r['bw']:.1f} | {r['torch'] * 1e3:.3f} | {r['torch'] / r['lut']:.1f} |")
+        lines.append(f"| {r['bits']} | {r['threads']} | {r['isa']} | {act} | {r['lut'] * 1e3:.3f} | "
+                     f"{r['cpu'] * 1e3:.3f} | {r['gbs']:.1f} | {100 * r['frac']:.0f}% / {100 * r['frac_best']:.0f}% | "
+                     f"{r['bw']:.1f} | {r['torch'] * 1e3:.3f} | {r['torch'] / r['lut']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +240,8 @@ def main() -> None:
     goal = goal_table(libraries, args.cold_mib, args.table_group, np.random.default_rng(1))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(goal_markdown(goal, machine_line(), args.table_group, load))
+            f.write(goal_markdown(goal, machine_line(), args.table_group, load,
+                                  " ".join(f"{v:.2f}" for v in os.getloadavg())))
     if args.goal:
         return
     cpu = platform.processor() or platform.machine()
