@@ -82,7 +82,8 @@ class LUTExecutable(Executable):
     buffers, see tvm/executor.py) or the reference interpreter (per-call values); the C engine
     allocates its tables and accumulators per call and only reads the validated program, whose
     plan cache is filled once per layer (a race re-validates, never corrupts); parallel parts
-    run on the calling thread's TVM pool or OpenMP team."""
+    run on the calling thread's TVM pool or the engine's own pool (one call at a time; an
+    overlapping call runs on its caller's thread alone, with the same result)."""
 
     def __init__(self, module: Module, layers: list[LayerEntry], library: bytes, options: Mapping[str, Any],
                  host_factory: Callable[[Mapping[tuple[str, str], LayerEntry], host.LayerRunner], Any],

@@ -46,7 +46,7 @@ def tvm_available() -> bool:
 
 class ReferenceHost:
     name = "reference-interpreter"
-    parallel_launcher = None  # the engine uses OpenMP
+    parallel_launcher = None  # the engine uses its own thread pool
 
     def __init__(self, module: Module, layers: Mapping[tuple[str, str], LayerEntry], run_layer: LayerRunner,
                  note: str = "") -> None:
@@ -125,7 +125,7 @@ class TVMHost:
         from ..tvm.llvm_target import step_executor_name
         return {"host": self.name, "host_kernels": self.program.kernel_count, "host_engine_calls": self.externs,
                 "host_executor": step_executor_name(self.executors, self.python_steps),
-                "engine_threads": "TVM thread pool" if self.parallel_launcher else "OpenMP",
+                "engine_threads": "TVM thread pool" if self.parallel_launcher else "engine thread pool",
                 **{f"host_{k}": info[k] for k in keep if k in info}}
 
     @classmethod

@@ -32,12 +32,13 @@ from .validate import ERRORS, StreamError, check_operands, refusal  # noqa: F401
 
 SOURCE = "lutexec.c"
 LIBRARY_FILE = "lut/lutexec.so"
-# threads=0 (auto) runs smaller layer calls on one thread. With OpenMP the bar is high: its
-# region costs more than it saves on small layers, and between tvm-llvm host kernels OpenMP's
-# spinning threads and TVM's fight for the cores (SmolLM2 bitmod-w4 decode on 2 cores: 8 tok/s
-# with every layer split over OpenMP vs ~32 serial). On the host's TVM pool, whose threads are
-# awake between kernels, splitting even SmolLM2's smallest layers pays (~31-34 tok/s serial,
-# more split at 2^16: 36.1 in benchmarks/results/cpu_decode.md; same machine, noisy).
+# threads=0 (auto) runs smaller layer calls on one thread. The bar without a host launcher was set
+# for OpenMP, whose region cost more than it saved on small layers, and whose spinning threads
+# fought TVM's between tvm-llvm host kernels (SmolLM2 bitmod-w4 decode on 2 cores: 8 tok/s with
+# every layer split over OpenMP vs ~32 serial); the engine's own pool (lutexec.c) sleeps after a
+# short spin, but the bar stays until measured on a quiet machine. On the host's TVM pool, whose
+# threads are awake between kernels, splitting even SmolLM2's smallest layers pays (~31-34 tok/s
+# serial, more split at 2^16: 36.1 in benchmarks/results/cpu_decode.md; same machine, noisy).
 AUTO_THREADS_MACS = 1 << 22
 AUTO_THREADS_MACS_POOL = 1 << 16
 ABI_VERSION = 2   # lut_abi_version() of native/lutexec.c that this binding speaks
@@ -206,7 +207,7 @@ class NativeExecutor:
             out: np.ndarray | None = None, launcher: int | None = None, activation_bits: int = 32) -> np.ndarray:
         """y [M, N] for x [M, K]; written into ``out`` (float32, C-contiguous [M, N]) when given.
         ``launcher``: address of a TVMBackendParallelLaunch-compatible function to run the
-        parallel parts on (None: OpenMP). ``activation_bits=8``: activations quantized to int8
+        parallel parts on (None: the engine's own thread pool). ``activation_bits=8``: activations quantized to int8
         per table block, exact integer tables (W4A8; needs ``int8_tables``)."""
         if activation_bits not in (8, 32):
             raise ValueError(f"activation_bits must be 8 or 32, got {activation_bits!r}")

@@ -649,7 +649,7 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
 /* A parallel launcher with the signature of TVM's TVMBackendParallelLaunch (c_backend_api.h):
  * runs flambda(task_id, env, cdata) for task_id in [0, env->num_task) on the caller's thread
  * pool (num_task 0 = the pool's size). Hosted by tvm-llvm kernels, the engine runs on TVM's
- * pool instead of a second (OpenMP) pool that would fight it for the same cores. */
+ * pool instead of a second pool (the engine's own) that would fight it for the same cores. */
 typedef struct { void* sync_handle; int32_t num_task; } par_env_t;
 typedef int (*par_lambda_t)(int task_id, par_env_t* env, void* cdata);
 typedef int (*par_launch_t)(par_lambda_t flambda, void* cdata, int num_task);
