@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import bitsmith
+from bitsmith.backends import native_loader
 from bitsmith.backends.lut import host, native, program
 from bitsmith.errors import ArtifactError, BitsmithError, UnsupportedOpError
 
@@ -90,13 +91,13 @@ def test_artifact_round_trip_and_stored_program(tmp_path, capsys):
     assert doc["host"] == DEFAULT_HOST and len(doc["layers"]) == 15  # + lm_head (rtn-int8 by default)
     assert (target_dir / "lutexec.so").read_bytes()[:4] == b"\x7fELF"
     assert loaded.report()["executable"]["streams"] == cm.report()["executable"]["streams"]
-    # every shared library is declared native: the engine (x86-64-v3 = AVX2 + FMA) and the host kernels
+    # every shared library is declared native: the engine (the default mcpu "host": this CPU's build) and the host kernels
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     libraries = sorted(n for n in manifest["files"] if n.endswith(".so"))
     assert sorted(manifest["native"]) == libraries
     engine = manifest["native"]["target/lut/lutexec.so"]
-    assert engine["kind"] == "lut-engine" and engine["cpu"] == "x86-64-v3"
-    assert {"avx2", "fma"} <= set(engine["features"])
+    assert engine["kind"] == "lut-engine" and engine["cpu"] == native.ENGINE_ISAS[native.choose_isa("host")].spec.cpu
+    assert {"avx2", "fma"} <= set(engine["features"]) <= native_loader.cpu_features()
     assert all(manifest["native"][n]["kind"] == ("tvm-step-driver" if n.endswith("driver/stepdrv.so")
                                                  else "tvm-llvm-kernel") for n in libraries if "/host/" in n)
     from bitsmith.cli import main

@@ -44,6 +44,16 @@ def test_host_mcpu_follows_this_cpu(monkeypatch):
     assert native.choose_isa("host") == "avx512"
 
 
+def test_default_mcpu_is_the_build_machine(monkeypatch):
+    """As tvm-llvm's: the default builds for this CPU, so an AVX2-only one (CI's Zen 3) gets the
+    AVX2 build, an AVX-512 one the AVX-512 build (tests/test_lut_backend.py checks the manifest)."""
+    from bitsmith.backends.lut import LUTBackend
+    assert LUTBackend().option_defaults("lut-cpu")["mcpu"] == "host"
+    monkeypatch.setattr(native_loader, "cpu_features", lambda: AVX2_ONLY)
+    cm = bitsmith.compile(make_model("llama"), target="lut-cpu", quant="rtn-int4", group_size=32, lut_host="reference")
+    assert cm.report()["executable"]["lut_isa"] == "avx2"
+
+
 def test_a_bad_mcpu_is_refused():
     with pytest.raises(native.NativeBuildError, match="mcpu"):
         native.choose_isa("-fplugin=x")

@@ -148,7 +148,7 @@ class LUTBackend(Backend):
 
     def option_defaults(self, target: str) -> dict[str, Any]:
         return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto",
-                "lut_host": "auto", "mcpu": host.PORTABLE_MCPU, "activation_bits": 32}
+                "lut_host": "auto", "mcpu": host.DEFAULT_MCPU, "activation_bits": 32}
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
         """fp32 tables: float32 sums in another order (tests/test_lut_backend.py: 1e-5).
@@ -175,7 +175,7 @@ class LUTBackend(Backend):
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
         _check_options(options)
         layers = lower_module(module, options["lut_table_group"])
-        isa = native.choose_isa(options.get("mcpu", host.PORTABLE_MCPU))
+        isa = native.choose_isa(options.get("mcpu", host.DEFAULT_MCPU))
         return LUTExecutable(module, layers, native.build_library(isa=isa), options,
                              lambda lay, run_layer: host.build_host(options.get("lut_host", "auto"), module, lay,
                                                                     run_layer, options), isa)

@@ -36,7 +36,11 @@ from .program import INDEX_FILE, LayerEntry
 LayerRunner = Callable[[LayerEntry, np.ndarray, "np.ndarray | None"], np.ndarray]
 
 HOST_CHOICES = ("auto", "tvm-llvm", "reference")
-PORTABLE_MCPU = "x86-64-v3"   # host kernels as portable as lutexec.so's AVX2 build (option mcpu overrides)
+PORTABLE_MCPU = "x86-64-v3"   # host kernels as portable as lutexec.so's AVX2 build
+# The default, as tvm-llvm's: this machine's CPU (AVX-512 engine and znver4 host kernels on a Zen 4).
+# The artifact records what it needs and is refused, naming the fix, on a CPU without it;
+# mcpu=PORTABLE_MCPU gives artifacts that run on every AVX2 machine.
+DEFAULT_MCPU = "host"
 FILE_PREFIX = "host/"
 
 
@@ -132,7 +136,7 @@ class TVMHost:
     def build(cls, module, layers, run_layer, options) -> "TVMHost":
         from ..tvm.host_interface import compile_host
         externs = {key: _extern_name(i) for i, key in enumerate(layers)}
-        program = compile_host(module, externs, mcpu=options.get("mcpu", PORTABLE_MCPU),
+        program = compile_host(module, externs, mcpu=options.get("mcpu", DEFAULT_MCPU),
                                threads=options.get("threads", 0))
         return cls(module, layers, run_layer, program, options.get("threads", 0))
 
