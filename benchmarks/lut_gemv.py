@@ -55,20 +55,26 @@ SHAPES = {"4096x4096": (4096, 4096), "smollm2 q/o 576x576": (576, 576), "smollm2
 GROUP = 128
 
 
-def timeit(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
-    """Min over ``repeats`` of the mean time of a call, each mean over >= min_seconds."""
+def timeit_cpu(fn: Callable[[], object], min_seconds: float, repeats: int) -> tuple[float, float]:
+    """(wall, CPU time of this process) per call, each the min over ``repeats`` means of >= min_seconds
+    (on a shared machine the CPU clock leaves out the time other processes take)."""
     fn()
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
         while True:
             fn()
             n += 1
             dt = time.perf_counter() - t0
             if dt >= min_seconds and n >= 2:
                 break
-        best = min(best, dt / n)
-    return best
+        wall, cpu = min(wall, dt / n), min(cpu, (time.process_time() - c0) / n)
+    return wall, cpu
+
+
+def timeit(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
+    """Min over ``repeats`` of the mean time of a call, each mean over >= min_seconds."""
+    return timeit_cpu(fn, min_seconds, repeats)[0]
 
 
 def read_bandwidth(threads: int, min_seconds: float = 0.3) -> float:
@@ -103,23 +109,6 @@ def tvm_runner(attrs: dict, ops: list[np.ndarray], m: int) -> tuple[Callable[[np
         return (lambda xv: exe.run("main", [xv])), "ok"
     except Exception as e:  # the tvm backend may not be built yet: report, don't fail
         return None, f"{type(e).__name__}: {str(e)[:60]}"
-
-
-def timeit_cpu(fn: Callable[[], object], min_seconds: float, repeats: int) -> tuple[float, float]:
-    """(wall, CPU time of this process) per call, each the min over ``repeats`` means of >= min_seconds
-    (on a shared machine the CPU clock leaves out the time other processes take)."""
-    fn()
-    wall = cpu = float("inf")
-    for _ in range(repeats):
-        n, t0, c0 = 0, time.perf_counter(), time.process_time()
-        while True:
-            fn()
-            n += 1
-            dt = time.perf_counter() - t0
-            if dt >= min_seconds and n >= 2:
-                break
-        wall, cpu = min(wall, dt / n), min(cpu, (time.process_time() - c0) / n)
-    return wall, cpu
 
 
 def goal_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table_group: int,
