@@ -503,7 +503,7 @@ static inline void add_pair_rows(vec_t a, int plane, int v, int nt, int64_t M, i
 /* GROUP_BODY with the LUTACC's mode as a constant (the inner constant shadows the argument), so
  * the word loop carries no per-word test of it. */
 #define GROUP_BODY_Q(NV, A8)                                                                          \
-    if (quad) { const int quad = 1; GROUP_BODY(NV, A8) } else { const int quad = 0; GROUP_BODY(NV, A8) }
+    { if (quad) { const int quad = 1; GROUP_BODY(NV, A8) } else { const int quad = 0; GROUP_BODY(NV, A8) } }
 
 /* One LUTACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word). */
 static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad, int plane, int64_t kg0,
