@@ -35,7 +35,7 @@ def _children_cpu() -> float:
 
 
 def compile_once(repo: Path, cache: Path, out: Path) -> dict:
-    env = {**os.environ, "BITSMITH_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, "PYTHONPATH": str(repo), "BITSMITH_CACHE_DIR": str(cache), "HF_HUB_OFFLINE": "1",
            "BITSMITH_TRUST_STORE": str(cache.parent / "trust.json")}
     load = os.getloadavg()[0]
     cpu0, t0 = _children_cpu(), time.perf_counter()

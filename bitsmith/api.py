@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -103,7 +104,9 @@ def compile(model: Any, target: str | None = None, *, config: CompileConfig | No
         names = "all" if print_after == "all" else tuple(print_after.split(","))
         instruments.append(PrintAfter(names))
     say(f"running passes: {', '.join(p.name for p in pipeline)}")
-    manager = PassManager(pipeline, instruments)
+    # BITSMITH_VERIFY_PASSES=each verifies after every pass; by default only the ends are (a
+    # broken module is traced to its pass by a verified rerun, see PassManager)
+    manager = PassManager(pipeline, instruments, verify=os.environ.get("BITSMITH_VERIFY_PASSES", "ends"))
     module = manager.run(captured.module)
     if offload:
         from .offload_compile import build_offloaded

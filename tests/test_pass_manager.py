@@ -144,3 +144,25 @@ def test_dump_to_folder_writes_one_file_per_pass(tmp_path):
     files = sorted(p.name for p in (tmp_path / "dump").iterdir())
     assert files == ["01-cse.txt", "02-fold.txt", "03-dce.txt"]
     assert "relu" in (tmp_path / "dump" / "03-dce.txt").read_text()
+
+
+@pytest.mark.parametrize("after", [[], ["cse"], ["cse", "dce"]])
+def test_verifying_the_ends_names_the_same_pass_as_verifying_each(after):
+    """verify="ends" (what compile uses) skips verification between passes, yet a broken module
+    is traced to the pass that broke it, with the same message as verify="each" gives, also when
+    passes after it ran (or failed) on the broken module."""
+    passes = [get_pass("cse"), DropFirstNode()] + [get_pass(n) for n in after]
+    with pytest.raises(PassError) as each:
+        PassManager(passes, verify="each").run(small_module())
+    with pytest.raises(PassError) as ends:
+        PassManager(passes, verify="ends").run(small_module())
+    assert "pass 'drop-first' left an ill-formed module" in str(each.value)
+    assert str(ends.value) == str(each.value)
+
+
+def test_verifying_the_ends_gives_the_same_module_and_checks_the_input():
+    assert PassManager("cse,dce", verify="ends").run(small_module()) == PassManager("cse,dce").run(small_module())
+    with pytest.raises(PassError, match="input module is ill-formed"):
+        PassManager([get_pass("dce")], verify="ends").run(DropFirstNode().apply(small_module()))
+    with pytest.raises(ValueError, match="verify must be"):
+        PassManager("dce", verify="sometimes")

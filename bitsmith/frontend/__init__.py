@@ -64,7 +64,7 @@ def _capture_named(model: str, say: Callable[[str], None]) -> CapturedModel:
     say(f"loading {model}")
     source, weights = None, None
     if gguf_file is not None:
-        hf_model, tokenizer, weights = load_gguf(gguf_file)
+        hf_model, tokenizer, weights = load_gguf(gguf_file, hf_tokenizer=False)
         if weights is not None:
             from .gguf_loader import blocks_by_parameter
             source = blocks_by_parameter(hf_model, weights)

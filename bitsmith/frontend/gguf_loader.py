@@ -16,8 +16,9 @@ decoders are bit-identical to ``gguf.quants.dequantize``) and the same layout. F
   (``half = head_dim // 2``); loading undoes it with the inverse row order;
 * GGUF dims are listed fastest first: a [out, in] matrix has ``shape = (in, out)``.
 
-Only the tokenizer still comes from transformers (its GGUF tokenizer conversion); it is cached
-by file content under ``$BITSMITH_CACHE_DIR/gguf-tokenizers`` so a warm compile skips it.
+A capture takes the tokenizer from ``gguf_tokenizer`` (byte-level BPE written from the metadata);
+otherwise it comes from transformers' GGUF tokenizer conversion, cached by file content under
+``$BITSMITH_CACHE_DIR/gguf-tokenizers``.
 Architectures other than llama return None: the caller falls back to transformers.
 """
 
@@ -241,7 +242,11 @@ def blocks_by_parameter(model: Any, weights: GGUFWeights) -> LazyBlocks:
                                      if owner.get(p.data_ptr()) in sources})
 
 
-def load_gguf_model(path: str | Path) -> tuple[Any, Any, GGUFWeights]:
-    """(HF model, tokenizer, the decoded weights) of a llama GGUF; UnsupportedGGUF otherwise."""
+def load_gguf_model(path: str | Path, hf_tokenizer: bool = True) -> tuple[Any, Any, GGUFWeights]:
+    """(HF model, tokenizer, the decoded weights) of a llama GGUF; UnsupportedGGUF otherwise.
+    ``hf_tokenizer=False`` (a capture): the tokenizer may be ``gguf_tokenizer.GGUFTokenizer``,
+    which only carries what a capture records, built without transformers' conversion."""
+    from .gguf_tokenizer import tokenizer_of
     weights = read_gguf(path)
-    return build_model(weights), load_tokenizer(weights.file), weights
+    tokenizer = None if hf_tokenizer else tokenizer_of(weights.file)
+    return build_model(weights), tokenizer or load_tokenizer(weights.file), weights

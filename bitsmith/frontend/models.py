@@ -47,13 +47,14 @@ def zoo_gguf_path(name: str) -> Path:
     return d / entry.gguf_file
 
 
-def load_gguf(path: Path) -> tuple[Any, Any, Any]:
+def load_gguf(path: Path, hf_tokenizer: bool = True) -> tuple[Any, Any, Any]:
     """(model, tokenizer, decoded GGUF weights or None): llama files through bitsmith's own
-    reader (``gguf_loader``: one read, numpy dequantization), others through transformers."""
+    reader (``gguf_loader``: one read, numpy dequantization), others through transformers.
+    ``hf_tokenizer=False``: a capture's tokenizer stand-in may come back (``load_gguf_model``)."""
     from ..gguf import GGUFFormatError, UnsupportedBlockType
     from .gguf_loader import UnsupportedGGUF, load_gguf_model
     try:
-        return load_gguf_model(path)
+        return load_gguf_model(path, hf_tokenizer)
     except (UnsupportedGGUF, UnsupportedBlockType):
         pass  # transformers may still know this architecture or tensor type
     except GGUFFormatError as e:

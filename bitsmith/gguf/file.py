@@ -4,8 +4,8 @@
 49,152 tokens and 48,900 merges that is 3-15 s (measured here under load), far more than the
 weights take to decode. This reader walks the same layout (GGUF v2/v3, little-endian: magic,
 version, tensor count, kv count, key/values, tensor infos, aligned data; the spec in
-ggml/docs/gguf.md) with ``struct``, keeps scalar and string values, skips arrays (the tokenizer
-lists; transformers converts the tokenizer itself) and hands tensors out as memmap slices. Type
+ggml/docs/gguf.md) with ``struct``, keeps scalar and string values, skips arrays (noting where each lies, so
+``GGUFFile.array`` reads one when asked: the tokenizer's lists) and hands tensors out as memmap slices. Type
 codes and block sizes come from the ``gguf`` package (``GGUFValueType``, ``GGML_QUANT_SIZES``);
 tests check the result against ``GGUFReader``.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,26 @@ class GGUFFile:
     tensors: tuple[TensorInfo, ...]
     data_offset: int
     data: np.ndarray  # uint8 memmap of the whole file
+    array_at: dict[str, int] = field(default_factory=dict)  # array key -> byte offset of its value
+
+    def array(self, key: str) -> list[Any] | None:
+        """The metadata array ``key`` read in full (None: no such array), e.g. the tokenizer's
+        ``tokenizer.ggml.tokens``; the header walk skips arrays, this reads one when asked."""
+        at = self.array_at.get(key)
+        if at is None:
+            return None
+        cur = _Cursor(memoryview(self.data))
+        cur.pos = at
+        item, count = cur.take("<I"), cur.take("<Q")
+        if item == STRING:
+            return [cur.string() for _ in range(count)]
+        if item in _SCALARS:
+            fmt = _SCALARS[item]
+            end = cur.pos + struct.calcsize(fmt) * count
+            if end > len(self.data):
+                raise GGUFFormatError(f"array {key} runs past the end of the file")
+            return np.frombuffer(self.data, dtype=fmt, count=count, offset=cur.pos).tolist()
+        return [cur.value(item) for _ in range(count)]
 
     def tensor_bytes(self, info: TensorInfo) -> np.ndarray:
         return self.data[info.offset:info.offset + info.nbytes]
@@ -110,9 +130,13 @@ def open_gguf(path: str | Path) -> GGUFFile:
         raise GGUFFormatError(f"GGUF version {version} (supported: 2, 3)")
     n_tensors, n_kv = cur.take("<Q"), cur.take("<Q")
     fields: dict[str, Any] = {}
+    array_at: dict[str, int] = {}
     for _ in range(n_kv):
         key = cur.string()
-        fields[key] = cur.value(cur.take("<I"))
+        vtype = cur.take("<I")
+        if vtype == ARRAY:
+            array_at[key] = cur.pos
+        fields[key] = cur.value(vtype)
     raw = []
     for _ in range(n_tensors):
         name = cur.string()
@@ -137,4 +161,4 @@ def open_gguf(path: str | Path) -> GGUFFile:
         if offset + nbytes > len(data):
             raise GGUFFormatError(f"tensor {name} runs past the end of the file")
         tensors.append(TensorInfo(name, tuple(int(d) for d in reversed(dims)), type_id, qtype.name, offset, nbytes))
-    return GGUFFile(path, fields, tuple(tensors), data_offset, data)
+    return GGUFFile(path, fields, tuple(tensors), data_offset, data, array_at)

@@ -158,7 +158,10 @@ class TensorInfo:
 class TensorTable(Mapping[str, np.ndarray]):
     """Named constant tensors, read-only. Equality compares names, shapes, dtypes and hashes."""
 
-    def __init__(self, tensors: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, tensors: Mapping[str, np.ndarray] | None = None,
+                 hashed: "TensorTable | None" = None) -> None:
+        """``hashed``: a table whose digests are reused for the very same (read-only) arrays, so
+        that ``subset`` and ``with_tensors`` never hash a weight twice."""
         self._data: dict[str, np.ndarray] = {}
         self._info: dict[str, TensorInfo] = {}
         for name, arr in (tensors or {}).items():
@@ -166,7 +169,12 @@ class TensorTable(Mapping[str, np.ndarray]):
             dtype_of_numpy(arr.dtype)  # refuses dtypes the IR cannot type
             arr.setflags(write=False)
             self._data[name] = arr
-            self._info[name] = TensorInfo(name, tuple(arr.shape), dtype_of_numpy(arr.dtype), sha256_of(arr))
+            known = hashed._known_info(name, arr) if hashed is not None else None
+            self._info[name] = known or TensorInfo(name, tuple(arr.shape), dtype_of_numpy(arr.dtype), sha256_of(arr))
+
+    def _known_info(self, name: str, arr: np.ndarray) -> TensorInfo | None:
+        """The info of ``name`` if this table holds exactly ``arr`` under it (read-only since)."""
+        return self._info.get(name) if self._data.get(name) is arr else None
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._data[name]
@@ -186,11 +194,11 @@ class TensorTable(Mapping[str, np.ndarray]):
     def with_tensors(self, extra: Mapping[str, np.ndarray]) -> "TensorTable":
         merged = dict(self._data)
         merged.update(extra)
-        return TensorTable(merged)
+        return TensorTable(merged, hashed=self)
 
     def subset(self, names: Iterable[str]) -> "TensorTable":
         keep = set(names)
-        return TensorTable({n: a for n, a in self._data.items() if n in keep})
+        return TensorTable({n: a for n, a in self._data.items() if n in keep}, hashed=self)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._data.values())

@@ -6,6 +6,7 @@ docs/tvm-backend.md for the lowering, fusion, executor and cache design.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping
 
 from ...ir import Module
@@ -13,11 +14,34 @@ from ...tolerance import Tolerance
 from ..base import Backend, Executable, LegalOps, Pipeline
 
 
+def _import_tvm_without_torch() -> None:
+    """Imports TVM first without torch when torch is not loaded yet.
+
+    tvm_ffi's ``__init__`` imports torch before itself, inside ``try: ... except ImportError``
+    (a workaround for a symbol clash seen only on Windows); that costs ~2.5 s of CPU on every
+    compile that never needs torch (a warm compile served from the capture cache). Marking torch
+    absent for the length of the import makes tvm_ffi skip it; torch imports normally afterwards,
+    only tvm_ffi's optional torch fast paths (DLPack exchange, torch streams) stay off in such a
+    process. A process that loaded torch first keeps TVM's full torch support. Called by the
+    backend's methods before they import the TVM modules (listing backends imports no TVM).
+    """
+    if "tvm" in sys.modules or "torch" in sys.modules or sys.platform == "win32":
+        return
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        import tvm  # noqa: F401
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+
+
+
 class TVMBackend(Backend):
     name = "tvm"
     targets = ("tvm-llvm", "tvm-cuda")
 
     def option_defaults(self, target: str) -> dict[str, Any]:
+        _import_tvm_without_torch()
         from .targets import get_target
         return get_target(target).option_defaults()
 
@@ -34,19 +58,23 @@ class TVMBackend(Backend):
         return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=1e-5)
 
     def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
+        _import_tvm_without_torch()
         from .targets import get_target
         return get_target(target).pipeline(options)
 
     def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
         """What the lowering has rules for (the same on every tvm target; no ``call``)."""
+        _import_tvm_without_torch()
         from .lowering import legal_ops
         return legal_ops()
 
     def build(self, module: Module, target: str, options: Mapping[str, Any]) -> Executable:
+        _import_tvm_without_torch()
         from .targets import get_target
         return get_target(target).build(module, options)
 
     def load(self, module: Module, target: str, options: Mapping[str, Any],
              files: Mapping[str, bytes]) -> Executable:
+        _import_tvm_without_torch()
         from .targets import get_target
         return get_target(target).load(module, options, files)

@@ -123,11 +123,22 @@ def check_kernels(plans: Mapping[str, FunctionPlan], kernels: Mapping[str, Any],
 
 
 class LLVMExecutable(Executable):
-    def __init__(self, host: "HostBuild", executors: dict[str, PlanExecutor], options: Mapping[str, Any]) -> None:
-        self.host, self.executors = host, executors
+    """``executors``: per function, or a function making them on first use (a fresh build: a
+    compile that is only saved never copies the weights into aligned run buffers)."""
+
+    def __init__(self, host: "HostBuild", executors: dict[str, PlanExecutor] | Callable[[], dict[str, PlanExecutor]],
+                 options: Mapping[str, Any]) -> None:
+        self.host = host
+        self._executors, self._make_executors = (None, executors) if callable(executors) else (executors, None)
         self.plans, self.libraries, self.info = host.plans, host.libraries, host.info
         self.options = dict(options)
         self.threads = _threads(options)
+
+    @property
+    def executors(self) -> dict[str, PlanExecutor]:
+        if self._executors is None:
+            self._executors = self._make_executors()
+        return self._executors
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         if function not in self.executors:
@@ -316,7 +327,8 @@ def _read_schedules(doc: Field, libraries: Mapping[str, bytes]) -> dict[str, dic
 
 def build(module: Module, options: Mapping[str, Any]) -> Executable:
     host = compile_host(module, options)
-    return LLVMExecutable(host, host.executors(module), options)
+    check_kernels(host.plans, host.loaded, host.plan_file)  # what making the executors would check first
+    return LLVMExecutable(host, lambda: host.executors(module), options)
 
 
 def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes]) -> Executable:
