@@ -98,9 +98,11 @@ def compile_one(args: argparse.Namespace) -> dict[str, Any]:
     rss_at = {"phase_peaks": peaks, "after_save": rss()}
     seconds = {"capture": t1 - t0, **{k: v for k, v in cm.timings["seconds"].items() if k in ("passes", "build")},
                "save": t3 - t2, "total": t3 - t0}
-    size = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    files = [f for f in Path(args.out).rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    native = sum(1 for f in files if f.suffix in (".so", ".dll", ".dylib"))  # kernel libraries: one per shape
     return {"target": args.target, "peak_rss": max(overall, *peaks.values()), "rss": rss_at, "seconds": seconds,
-            "artifact_bytes": size}
+            "artifact_bytes": size, "native_libraries": native}
 
 
 def weight_bytes_per_token(artifact: str) -> int:
@@ -193,8 +195,8 @@ def main() -> None:
         rows.append((c, d))
         print(json.dumps({"compile": c, "decode": d}), flush=True)
     gib = 2 ** 30
-    print(f"\n| target | compile peak RSS | compile s (capture / passes / build / save) | artifact | "
-          f"decode peak RSS | load s | decode tok/s | floor tok/s | of floor |")
+    print("\n| target | compile peak RSS | compile s (capture / passes / build / save) | artifact | "
+          "decode peak RSS | load s | decode tok/s | floor tok/s | of floor |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for c, d in rows:
         s = c["seconds"]

@@ -24,7 +24,7 @@ from bitsmith.runtime.weights_writer import write_weights
 from bitsmith.testing.llama_shape import LlamaShape
 from bitsmith.testing.seeded_llama import SeededLlama
 
-TINY = SeededLlama(LlamaShape(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=2, vocab=256,
+TINY = SeededLlama(LlamaShape(hidden=64, heads=4, kv_heads=2, intermediate=128, layers=1, vocab=256,
                               max_positions=64), seed=7)
 
 

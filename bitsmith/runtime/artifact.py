@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import safetensors.numpy
 
 from ..backends import native_loader
 from ..backends.base import Backend, backend_for_target
@@ -41,22 +40,11 @@ __all__ = ["NativeArtifactError", "file_entries", "load_artifact", "op_counts", 
            "verify_files"]
 
 _ARTIFACT_ENTRIES = frozenset({MANIFEST, WEIGHTS, TOKENIZER, CHAT_TEMPLATE, TARGET_DIR})
-_CHUNK = 1 << 20
 
 
 def op_counts(module: Module) -> dict[str, int]:
     counts = collections.Counter(n.op for f in module.functions for n in f.nodes)
     return dict(sorted(counts.items()))
-
-
-def _file_entry(file: Path) -> dict[str, Any]:
-    """The manifest's record of a file just written: {sha256, size}, hashed in a stream."""
-    digest, size = hashlib.sha256(), 0
-    with open(file, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"sha256": digest.hexdigest(), "size": size}
 
 
 # --- saving ------------------------------------------------------------------------------
