@@ -29,7 +29,7 @@ TINY = SeededLlama(LlamaShape(hidden=64, heads=4, kv_heads=2, intermediate=128, 
 
 
 class CountingSource:
-    """The seeded weights, counting reads and the largest number of weights alive at once."""
+    """The seeded weights, recording each read."""
 
     def __init__(self, model: SeededLlama) -> None:
         self.model, self.reads = model, []
