@@ -14,8 +14,11 @@ from .captured import CapturedModel
 
 def capture(model: Any, example_inputs: tuple | None = None,
             progress: Callable[[str], None] | None = None) -> CapturedModel:
-    """A model name, a path (HF dir or .gguf), an HF causal LM, or a plain nn.Module → IR."""
+    """A model name, a path (HF dir or .gguf), an HF causal LM, or a plain nn.Module → IR.
+    A ``CapturedModel`` (e.g. from ``streamed_capture.capture_streamed``) is taken as it is."""
     say = progress or (lambda message: None)
+    if isinstance(model, CapturedModel):
+        return model
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         return _capture_named(str(model), say)
     import torch

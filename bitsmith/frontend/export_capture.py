@@ -7,7 +7,7 @@ the outputs depend on are lowered, so HF's unused bookkeeping never needs a rule
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from ..errors import UnsupportedOpError
-from ..ir import Function, GraphBuilder, TensorTable
+from ..ir import Function, GraphBuilder, TensorTable, TensorType
 from .aten_lowering import ATEN_RULES, LoweringContext, ir_dtype, node_location
 
 
@@ -42,8 +42,12 @@ def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def lower_exported_program(ep: ExportedProgram, input_dims: Sequence[Sequence[str | None]],
                            input_names: Sequence[str], name: str = "main",
-                           module_prefix: str = "") -> tuple[Function, TensorTable]:
-    """Lowers ``ep``; ``input_dims[i][j]`` names the symbol of dim j of user input i (None: static)."""
+                           module_prefix: str = "", unmaterialized: Callable[[torch.Tensor], bool] | None = None,
+                           ) -> tuple[Function, TensorTable]:
+    """Lowers ``ep``; ``input_dims[i][j]`` names the symbol of dim j of user input i (None: static).
+
+    Tensors for which ``unmaterialized`` is true become constants without data: the returned
+    table lacks them, and the caller supplies them (``streamed_capture``: weights read on demand)."""
     graph = ep.graph
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -83,6 +87,10 @@ def lower_exported_program(ep: ExportedProgram, input_dims: Sequence[Sequence[st
                    tuple(tensor.stride()), tensor.dtype)
             tname = by_storage.setdefault(key, tname)  # tied weights: one tensor, first name wins
             ir_dtype(tensor.dtype, f"for tensor {tname}")
+            if unmaterialized is not None and unmaterialized(tensor):
+                ctx.env[node] = b.declare_constant(tname, TensorType(tuple(tensor.shape), ir_dtype(tensor.dtype)),
+                                                   node_location(node, module_prefix))
+                continue
             data = b.tensors.get(tname)
             ctx.env[node] = b.constant(tname, data if data is not None else _tensor_to_numpy(tensor),
                                        node_location(node, module_prefix))

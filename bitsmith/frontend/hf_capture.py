@@ -54,12 +54,15 @@ def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str | None = None) -> CapturedModel:
+def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str | None = None,
+                      source: Any = None) -> CapturedModel:
     """Exports ``model`` (an HF causal LM in eval mode) to an IR module whose ``passes``
     (``kv-cache``) add its KV cache.
 
     ``name`` is recorded as the ``model_name`` attribute (default: the config's
-    ``_name_or_path`` through ``model_name``)."""
+    ``_name_or_path`` through ``model_name``). ``source`` (parameter name -> array): the
+    model's parameters are placeholders without data, read from it on demand
+    (``streamed_capture``)."""
     if model.training:
         model = model.train(False)  # inference mode
     t0 = time.perf_counter()
@@ -72,8 +75,14 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str |
     with _bitsmith_attention(model), torch.no_grad():
         ep = torch.export.export(_LogitsOnly(model), (ids, pos), dynamic_shapes=dyn)
     t1 = time.perf_counter()
+    streamed = None
+    if source is not None:
+        from . import streamed_capture as streamed
     fn, tensors = lower_exported_program(ep, [("batch", "seq"), ("batch", "seq")],
-                                         ["input_ids", "position_ids"], module_prefix="m.")
+                                         ["input_ids", "position_ids"], module_prefix="m.",
+                                         unmaterialized=None if streamed is None else streamed.is_placeholder)
+    if streamed is not None:
+        tensors = streamed.provided_table(fn, tensors, source)
     cfg = model.config
     attrs = {  # the kv-cache pass adds the cache layout (num_layers, kv_heads, key/value dims)
         "kind": "causal_lm",

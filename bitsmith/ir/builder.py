@@ -58,6 +58,13 @@ class GraphBuilder:
         self.types[out] = t
         return out
 
+    def declare_constant(self, tensor_name: str, t: TensorType, loc: Location | None = None) -> str:
+        """A ``constant`` node for a tensor whose data the caller's table supplies (not ``self.tensors``)."""
+        out = self.fresh()
+        self.nodes.append(Node("constant", (), (Value(out, t),), freeze_attrs({"name": tensor_name}), loc))
+        self.types[out] = t
+        return out
+
     def scalar(self, value: float | int | bool, dtype: str) -> str:
         return self.op("scalar", (), {"value": value, "dtype": dtype})
 

@@ -188,6 +188,11 @@ class TensorTable(Mapping[str, np.ndarray]):
     def info(self, name: str) -> TensorInfo:
         return self._info[name]
 
+    def tensor_type(self, name: str) -> TensorType:
+        """Shape and dtype of ``name`` without its hash (a table may compute hashes on demand)."""
+        info = self.info(name)
+        return TensorType(info.shape, info.dtype)
+
     def infos(self) -> tuple[TensorInfo, ...]:
         return tuple(self._info[n] for n in sorted(self._info))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import threading
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -117,14 +117,30 @@ def _infer_qlinear(types: tuple[TensorType, ...], attrs: dict) -> tuple[TensorTy
     return (TensorType(x.shape[:-1] + (attrs["out_features"],), x.dtype),)
 
 
+DECODE_ROW_ELEMENTS = 1 << 21  # weights decoded together: bounded temporaries (a 7B lm_head is 131M weights)
+
+
 def dequantize(attrs: dict, operands: Sequence[np.ndarray]) -> np.ndarray:
     """The dense float32 [out, in] weight that a qlinear's packed operands stand for."""
     scheme = get_scheme(attrs["scheme"])
-    k, n, gs = attrs["in_features"], attrs["out_features"], attrs["group_size"]
-    kept = kept_per_row(k, attrs["sparsity"])
+    k, n = attrs["in_features"], attrs["out_features"]
     roles = [r for r, _ in operand_types(attrs)]
-    ops = dict(zip(roles, operands))
+    ops = dict(zip(roles, operands))  # every role operand is [out, ...]: rows decode independently
     rest = list(operands[len(roles):])
+    rows = max(1, DECODE_ROW_ELEMENTS // max(k, 1))
+    weight = np.empty((n, k), dtype=np.float32)
+    for i in range(0, n, rows):
+        weight[i:i + rows] = _dequantize_rows(attrs, scheme, {r: a[i:i + rows] for r, a in ops.items()})
+    if attrs["outliers"]:
+        vals, cols, ptr = rest[:3]
+        rows_of = np.repeat(np.arange(n), np.diff(ptr))
+        weight[rows_of, cols] = vals.astype(np.float32)  # outliers replace the decoded value
+    return weight
+
+
+def _dequantize_rows(attrs: dict, scheme: Any, ops: dict[str, np.ndarray]) -> np.ndarray:
+    k, gs = attrs["in_features"], attrs["group_size"]
+    kept = kept_per_row(k, attrs["sparsity"])
     codes = unpack_codes(ops["codes"], scheme.bits, kept)
     gi = group_index(kept, gs)
     scale = ops["scales"].astype(np.float32)[:, gi]
@@ -143,17 +159,12 @@ def dequantize(attrs: dict, operands: Sequence[np.ndarray]) -> np.ndarray:
         values = values + ops["offsets"].astype(np.float32)[:, gi]
     nm = parse_sparsity(attrs["sparsity"])
     if nm is None:
-        weight = values
-    else:
-        nn, m = nm
-        idx = unpack_codes(ops["nm_index"], index_bits(m), kept).astype(np.int64)
-        cols = (np.arange(kept) // nn) * m + idx  # block start + index inside the block
-        weight = np.zeros((n, k), dtype=np.float32)
-        np.put_along_axis(weight, cols, values, axis=1)
-    if attrs["outliers"]:
-        vals, cols, ptr = rest[:3]
-        rows = np.repeat(np.arange(n), np.diff(ptr))
-        weight[rows, cols] = vals.astype(np.float32)  # outliers replace the decoded value
+        return values
+    nn, m = nm
+    idx = unpack_codes(ops["nm_index"], index_bits(m), kept).astype(np.int64)
+    cols = (np.arange(kept) // nn) * m + idx  # block start + index inside the block
+    weight = np.zeros((codes.shape[0], k), dtype=np.float32)
+    np.put_along_axis(weight, cols, values, axis=1)
     return weight
 
 

@@ -121,11 +121,11 @@ def verify_function(fn: Function, module: Module | None = None) -> None:
                 name = node.attr("name")
                 if name not in module.tensors:
                     raise VerificationError(f"{where}: tensor {name!r} is not in the tensor table")
-                info = module.tensors.info(name)
+                held = module.tensors.tensor_type(name)
                 declared = node.outputs[0].type if len(node.outputs) == 1 else None
-                if declared != TensorType(info.shape, info.dtype):
+                if declared != held:
                     raise VerificationError(
-                        f"{where}: declared type {declared} but the table holds {info.dtype}{list(info.shape)}")
+                        f"{where}: declared type {declared} but the table holds {held.dtype}{list(held.shape)}")
         elif tuple(o.type for o in node.outputs) != inferred:
             got = ", ".join(str(o.type) for o in node.outputs)
             want = ", ".join(str(t) for t in inferred)

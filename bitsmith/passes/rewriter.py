@@ -64,8 +64,7 @@ class TensorBook:
         if name in self.added:
             array = self.added[name]
             return TensorType(tuple(array.shape), dtype_of_numpy(array.dtype))
-        info = self.table.info(name)
-        return TensorType(info.shape, info.dtype)
+        return self.table.tensor_type(name)
 
     def add_group(self, hint: str, arrays: Mapping[str, np.ndarray]) -> str:
         prefix, i = hint, 0

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import safetensors.numpy
 
 from ..backends import native_loader
 from ..backends.base import Backend, backend_for_target
@@ -35,27 +34,17 @@ from . import trust
 from .artifact_files import ArtifactFiles, FileEntry, check_size, open_file, read_bytes, read_checked
 from .model import CompiledModel, LanguageModelInfo
 from .weights_file import read_weights
+from .weights_writer import write_weights
 
 __all__ = ["NativeArtifactError", "file_entries", "load_artifact", "op_counts", "read_manifest", "save_artifact",
            "verify_files"]
 
 _ARTIFACT_ENTRIES = frozenset({MANIFEST, WEIGHTS, TOKENIZER, CHAT_TEMPLATE, TARGET_DIR})
-_CHUNK = 1 << 20
 
 
 def op_counts(module: Module) -> dict[str, int]:
     counts = collections.Counter(n.op for f in module.functions for n in f.nodes)
     return dict(sorted(counts.items()))
-
-
-def _file_entry(file: Path) -> dict[str, Any]:
-    """The manifest's record of a file just written: {sha256, size}, hashed in a stream."""
-    digest, size = hashlib.sha256(), 0
-    with open(file, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"sha256": digest.hexdigest(), "size": size}
 
 
 # --- saving ------------------------------------------------------------------------------
@@ -102,20 +91,20 @@ def _write_payload(staging: Path, cm: CompiledModel) -> dict[str, dict[str, Any]
     """Writes weights, tokenizer and target files; returns {relative name: {sha256, size}}."""
     files: dict[str, dict[str, Any]] = {}
     tensors = cm.module.tensors
-    safetensors.numpy.save_file({n: np.asarray(tensors[n]) for n in tensors}, str(staging / WEIGHTS))
-    files[WEIGHTS] = _file_entry(staging / WEIGHTS)
+    files[WEIGHTS] = write_weights(staging / WEIGHTS, tensors)  # one tensor in memory at a time
     blobs: dict[str, bytes] = {}
     if cm.lm is not None and cm.lm.tokenizer_json is not None:
         blobs[TOKENIZER] = cm.lm.tokenizer_json.encode("utf-8")
     if cm.lm is not None and cm.lm.chat_template is not None:
         blobs[CHAT_TEMPLATE] = cm.lm.chat_template.encode("utf-8")
     for name, data in cm.executable.files().items():
-        blobs[f"{TARGET_DIR}/{check_relative_name(name)}"] = bytes(data)
+        # bytes-like target files (e.g. stored operands viewing their arrays) are written without a copy
+        blobs[f"{TARGET_DIR}/{check_relative_name(name)}"] = data if isinstance(data, (bytes, memoryview)) else bytes(data)
     for name, data in blobs.items():
         file = staging / name
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(data)
-        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": memoryview(data).nbytes}
     return files
 
 

@@ -209,6 +209,20 @@ def quantize_matrix(w: np.ndarray, scheme: Scheme, group_size: int,
         raise ValueError(f"group_size must be positive, got {group_size}")
     n, k = w.shape
     mask = _participating(w, mask)
+    rows = max(1, ROW_CHUNK_ELEMENTS // max(k, 1))
+    if n > rows:  # rows are independent: bounded float64 temporaries (a 7B MLP weight is 45M weights)
+        chunks = [_quantize_rows(w[i:i + rows], scheme, group_size, mask[i:i + rows]) for i in range(0, n, rows)]
+        return QuantizedMatrix(*(None if getattr(chunks[0], f) is None else
+                                 np.concatenate([getattr(c, f) for c in chunks]) for f in _FIELDS))
+    return _quantize_rows(w, scheme, group_size, mask)
+
+
+ROW_CHUNK_ELEMENTS = 1 << 21  # weights quantized together: float64 temporaries of 16 MiB each
+_FIELDS = ("codes", "scales", "zeros", "selectors")
+
+
+def _quantize_rows(w: np.ndarray, scheme: Scheme, group_size: int, mask: np.ndarray) -> QuantizedMatrix:
+    n, k = w.shape
     full = k // group_size
     parts, codes = [], []
     if full:  # all full groups in one call: rows of [N * full, group_size]
