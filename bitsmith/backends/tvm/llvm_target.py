@@ -211,11 +211,17 @@ class HostBuild:
                                               + native_step.DRIVER_FILE)
         return self._driver
 
+    def used_kernels(self) -> set[str]:
+        """Kernel keys the stored plans call (the variant's included): what an artifact keeps."""
+        plans = [*self.plans.values(), *([self.inplace] if self.inplace is not None else [])]
+        return {s.kernel for p in plans for s in p.steps if isinstance(s, Call) and s.kernel in self.libraries}
+
     def files(self) -> dict[str, bytes]:
         operands, out = stored_operands.to_files(self.plans, self.derived)
+        used = self.used_kernels()
         plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
                 "functions": [p.to_json() for p in self.plans.values()], "operands": operands,
-                "schedules": self.info["kernel_schedules"]}
+                "schedules": {k: v for k, v in self.info["kernel_schedules"].items() if k in used}}
         if self.inplace is not None:
             plan[kv_inplace.PLAN_FIELD] = [self.inplace.to_json()]
         if self.spec is not None:
@@ -223,7 +229,7 @@ class HostBuild:
         if self.driver is not None:
             plan["driver_isa"] = native_step.SPEC.to_json()
             out[native_step.DRIVER_FILE] = self.driver
-        out.update({f"kernels/{k}.so": v for k, v in self.libraries.items()})
+        out.update({f"kernels/{k}.so": v for k, v in self.libraries.items() if k in used})
         out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
         return out
 
@@ -231,7 +237,7 @@ class HostBuild:
         if self.spec is None:
             raise BitsmithError("tvm-llvm kernels of unknown instruction set cannot be saved")
         driver = {native_step.DRIVER_FILE: native_step.SPEC} if self.driver is not None else {}
-        return {**{f"kernels/{k}.so": self.spec for k in self.libraries}, **driver}
+        return {**{f"kernels/{k}.so": self.spec for k in sorted(self.used_kernels())}, **driver}
 
 
 def compile_host(module: Module, options: Mapping[str, Any],
