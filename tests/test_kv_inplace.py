@@ -21,8 +21,9 @@ from bitsmith.runtime.generate import empty_cache, main_args, round_capacity
 from bitsmith.runtime.padding import mask_positions
 from bitsmith.testing.hf_configs import make_model
 
-QUANT = {"quant": "rtn-int4", "group_size": 32}
-CASES = {"tvm-llvm": ("tvm-llvm", {}), "lut-cpu": ("lut-cpu", QUANT)}
+from test_native_step import compile_case, stepper  # the same tiny models, compiled once per process
+
+CASES = ("tvm-llvm", "lut-cpu")
 IDS = np.array([[3, 17, 5, 9, 2, 11], [0, 0, 0, 8, 4, 21]], np.int64)
 MASK = np.array([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]], np.int64)
 STEPS = 7
@@ -33,24 +34,9 @@ def _cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tvm-cache"))
 
 
-_COMPILED: dict[str, object] = {}
-
-
-def compile_case(name: str):
-    if name not in _COMPILED:
-        target, options = CASES[name]
-        _COMPILED[name] = bitsmith.compile(make_model("llama"), target=target, **options)
-    return _COMPILED[name]
-
-
-@pytest.fixture(params=list(CASES))
+@pytest.fixture(params=CASES)
 def compiled(request):
     return compile_case(request.param)
-
-
-def stepper(cm):
-    host = getattr(cm.executable, "host", None)
-    return host if hasattr(host, "python_steps") else cm.executable
 
 
 def concat_logits(cm, ids, mask, steps):
@@ -117,7 +103,8 @@ def test_generate_uses_the_session_and_equals_concat(compiled):
 @pytest.mark.parametrize("name", ["tvm-llvm", pytest.param("lut-cpu", marks=pytest.mark.slow)])
 def test_inplace_logits_within_tolerance_of_the_reference(name):
     compiled = compile_case(name)
-    ref = bitsmith.compile(make_model("llama"), target="reference", **CASES[compiled.target][1])
+    ref = bitsmith.compile(make_model("llama"), target="reference",
+                           **{k: v for k, v in compiled.options.items() if k in ("quant", "group_size")})
     tol = backend_for_target(compiled.target).tolerance(compiled.target, compiled.options)
     got = session_logits(compiled, IDS, MASK, 3)
     # the reference decodes the same tokens (ids chosen from the target's logits) on its own caches
