@@ -247,12 +247,13 @@ def main() -> None:
     print(f"machine: {machine_line()}; load average (1/5/15 min) before {load_before[0]:.2f}/{load_before[1]:.2f}/"
           f"{load_before[2]:.2f}, after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}")
     print()
-    print("Wall clock (what a user sees; shared, loaded machine) and CPU time of this process per token "
-          "(at 1 thread the work itself: time other processes take is not counted).")
-    print()
-    print("| threads | row | kernel calls/token | python tok/s | native tok/s | speed-up (wall) | python CPU ms/token "
-          "| native CPU ms/token | CPU saved ms/token | tokens equal | logits bit-equal |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    if "python" in modes:
+        print("Wall clock (what a user sees; shared, loaded machine) and CPU time of this process per token "
+              "(at 1 thread the work itself: time other processes take is not counted).")
+        print()
+        print("| threads | row | kernel calls/token | python tok/s | native tok/s | speed-up (wall) | python CPU ms/token "
+              "| native CPU ms/token | CPU saved ms/token | tokens equal | logits bit-equal |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results if "python" in modes else []:
         c = r["cpu_ms_per_token"]
         print(f"| {r['threads']} | {r['row']} | {r['calls_per_token']} | {r['tok_s']['python']:.1f} | "

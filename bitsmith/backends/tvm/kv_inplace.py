@@ -33,6 +33,7 @@ import numpy as np
 from tvm.script import tirx as T
 
 from ...errors import BitsmithError
+from ...ir import symbolic as sym
 from ...ir.graph import Function, Node
 from ...ir.traits import ATTENTION, has_trait
 from .binder import ExecutionError
@@ -103,15 +104,16 @@ def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[No
             raise KVInplaceUnavailable(f"no present result for {p.name}")
         present[r] = slot_of_param[p.name]
     steps = plan.steps
-    producer: dict[int, int] = {}
+    producer: dict[int, int] = {}  # slot -> index of the step making it
+    shape_of: dict[int, int] = {}  # slot -> shape id of a step output
     readers: dict[int, list[int]] = {}
     for k, s in enumerate(steps):
         ins = s.inputs if isinstance(s, Call) else [s.src]
         for i in ins:
             readers.setdefault(i, []).append(k)
         if isinstance(s, Call):
-            for o in s.outputs:
-                producer[o[0]] = k
+            for slot, shape, _ in s.outputs:
+                producer[slot], shape_of[slot] = k, shape
     attention_steps = [k for k, s in enumerate(steps)
                        if isinstance(s, Call) and any(i in present for i in s.inputs)
                        and k not in {producer.get(r) for r in present}]
@@ -124,10 +126,9 @@ def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[No
     nodes = [n for n in fn.nodes if has_trait(n.op, ATTENTION)]
     if len(nodes) != len(attention_steps):
         raise KVInplaceUnavailable(f"{len(nodes)} attention nodes but {len(attention_steps)} attention steps")
-    present_shapes = {steps[producer[r]].outputs[[o[0] for o in steps[producer[r]].outputs].index(r)][1]
-                      for r in present}
+    present_shapes = {shape_of[r] for r in present}
     for sid, dims in enumerate(plan.shapes):  # past = 0 in the variant: only presents may use it
-        if sid not in present_shapes and any(isinstance(d, str) and PAST in _symbols(d) for d in dims):
+        if sid not in present_shapes and any(isinstance(d, str) and PAST in sym.symbols(d) for d in dims):
             raise KVInplaceUnavailable(f"shape {dims} depends on {PAST} beyond the caches")
 
     out = copy.deepcopy(plan)
@@ -145,14 +146,15 @@ def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[No
     types[mask] = ([mask_dims[0], KV_LEN], mask_dt)
     write_keys: dict[str, str] = {}
     new_steps: list[Call | View] = []
-    cache_of = present
     for k, s in enumerate(out.steps):
         if k in attention_steps:
             node = nodes[attention_steps.index(k)]
             kdef = attention_kernel(node)
+            if kdef.name != s.name + "_kvcap":
+                raise KVInplaceUnavailable(f"attention step {k} ({s.name}) does not match node {node.loc}")
             kernels.setdefault(kdef.digest(), kdef)
             s.kernel, s.name = kdef.digest(), kdef.name
-            s.inputs = [cache_of.get(i, i) for i in s.inputs]
+            s.inputs = [present.get(i, i) for i in s.inputs]
             if len(s.inputs) != 4 or s.inputs[3] != mask:
                 raise KVInplaceUnavailable(f"attention step {k} does not read {MASK_PARAM}")
         new_steps.append(s)
@@ -171,17 +173,11 @@ def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[No
                                       f"kv_write_{dt}"))
     out.steps = new_steps
     out.num_slots = num_slots
-    out.param_types = [types[p] for p in out.params] + [[list(d), dt] for d, dt in empties]
-    out.param_types = [(list(d), dt) for d, dt in out.param_types]
+    out.param_types = [types[p] for p in out.params] + [(list(d), dt) for d, dt in empties]
     out.params = list(out.params) + list(empties.values())
     out.results = [r for r in plan.results if r not in present]
     out.check()
     return out
-
-
-def _symbols(d: str) -> set[str]:
-    from ...ir import symbolic as sym
-    return sym.symbols(d)
 
 
 def cache_specs(plan: FunctionPlan, base: FunctionPlan) -> tuple[list[CacheSpec], int, list[tuple]]:
