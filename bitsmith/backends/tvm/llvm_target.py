@@ -194,6 +194,12 @@ class HostBuild:
                                      self.plan_file)
                   for name, p in self.plans.items()}
         if self.inplace is not None:  # main's constants, shared (not copied)
+            if kv_inplace.FUNCTION not in python:
+                raise PlanError(self.plan_file, f"{kv_inplace.PLAN_FIELD}: a variant of {kv_inplace.FUNCTION!r}, "
+                                                "which has no plan")
+            if self.inplace.consts != self.plans[kv_inplace.FUNCTION].consts:
+                raise PlanError(self.plan_file, f"{kv_inplace.PLAN_FIELD}: constants differ from "
+                                                f"{kv_inplace.FUNCTION!r}'s, whose arrays it shares")
             python[kv_inplace.KEY] = PlanExecutor(self.inplace, kernels, {}, self.plan_file,
                                                   shared=python[kv_inplace.FUNCTION])
         driver = self.step_driver()
@@ -319,8 +325,8 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
     if doc.has(kv_inplace.PLAN_FIELD):  # artifacts since the in-place KV cache
         (variant,) = doc[kv_inplace.PLAN_FIELD].list(1)
         inplace = FunctionPlan.from_json(variant)
-        if inplace.name != kv_inplace.FUNCTION or kv_inplace.FUNCTION not in plans:
-            doc[kv_inplace.PLAN_FIELD].fail(f"an in-place variant of {inplace.name!r}, which has no plan")
+        if inplace.name != kv_inplace.FUNCTION:  # whether main's plan is there: executors() (module first)
+            doc[kv_inplace.PLAN_FIELD].fail(f"an in-place variant of {inplace.name!r}, not of {kv_inplace.FUNCTION!r}")
     for plan in [*plans.values(), *([inplace] if inplace else [])]:
         for s in plan.steps:
             if isinstance(s, Call) and s.kernel not in loaded and not s.kernel.startswith(EXTERN_PREFIX):
