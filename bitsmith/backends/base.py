@@ -35,6 +35,12 @@ class Executable(ABC):
         bit-identical to serial calls (a server's workers share one loaded model); every
         built-in CPU executable is (tests/test_thread_safety.py)."""
 
+    def kv_session(self) -> Any:
+        """A session that keeps a language model's KV caches at a fixed capacity and updates them
+        in place (``start(batch, capacity)``, ``step(ids, positions, mask) -> logits``; see
+        tvm/kv_inplace.py), or None: generation then runs ``main`` on concatenated caches."""
+        return None
+
     def files(self) -> dict[str, bytes]:
         """Target files (kernel libraries, programs) that an artifact must store."""
         return {}

@@ -22,6 +22,21 @@ from .sampling import SamplingConfig, next_tokens
 
 RunFn = Callable[[str, Sequence[np.ndarray]], list[np.ndarray]]
 MASK_PARAM = "attention_mask"  # the name the kv-cache pass gives it (passes/kv_cache.py)
+CAPACITY_STEP = 64  # fixed-capacity caches round up to this, so nearby lengths share buffers
+
+
+def round_capacity(tokens: int, step: int = CAPACITY_STEP) -> int:
+    """A fixed-capacity cache's length for ``tokens`` (tvm-cuda's device decode, CPU in-place caches)."""
+    return -(-tokens // step) * step
+
+
+class CacheSession(Protocol):
+    """KV caches of fixed capacity updated in place (an executable's ``kv_session()``): slot j of
+    each cache is column j of the attention mask, as ``present``'s column j is on the concat path."""
+
+    def start(self, batch: int, capacity: int) -> None: ...
+
+    def step(self, ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
 
 class RaggedBatchError(ValueError):
@@ -103,7 +118,8 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
                     sampling: SamplingConfig = SamplingConfig(), pad_token_id: int | None = None,
                     stop_check: Callable[[np.ndarray], np.ndarray] | None = None,
                     streamer: Streamer | None = None,
-                    attention_mask: np.ndarray | None = None) -> np.ndarray:
+                    attention_mask: np.ndarray | None = None,
+                    session: CacheSession | None = None) -> np.ndarray:
     """Returns [batch, prompt + new] token ids, like transformers' ``generate``.
 
     ``attention_mask`` [batch, prompt] (1 = token, 0 = left padding) lets prompts of different
@@ -112,6 +128,10 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
     A row finishes when it produces one of ``eos_token_id`` or when ``stop_check`` (given the
     ids so far, [batch, n]) returns True for it; finished rows are padded with ``pad_token_id``
     (default: the first eos id) and generation ends when every row has finished.
+
+    With ``session`` the caches live in it at capacity prompt + max_new_tokens (rounded) and each
+    step writes its keys in place; without, ``main`` returns ``concat(past, new)`` every step.
+    Both give the same tokens and logits.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -130,7 +150,9 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
     if pad is None and stop_check is not None and b > 1:
         raise ValueError("stop strings on a batch need pad_token_id or eos_token_id to pad finished rows")
     rng = sampling.generator()
-    cache = empty_cache(module, b)
+    cache = empty_cache(module, b) if session is None else []
+    if session is not None:
+        session.start(b, round_capacity(s + max_new_tokens))
     step_ids, start = ids, 0
     finished = np.zeros(b, dtype=bool)
     out = ids
@@ -139,7 +161,11 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
     for _ in range(max_new_tokens):
         n = step_ids.shape[1]
         pos = positions(b, start, n) if mask is None else mask_positions(mask)[:, -n:]
-        logits, *cache = run("main", main_args(module, step_ids, pos, cache, mask))
+        if session is None:
+            logits, *cache = run("main", main_args(module, step_ids, pos, cache, mask))
+        else:
+            live = mask if mask is not None else np.ones((b, start + n), dtype=np.int64)
+            logits = session.step(step_ids, pos, live)
         start += n
         if mask is not None:
             mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)

@@ -18,7 +18,7 @@ from ..backends.base import Executable
 from ..ir import Module
 from ..ir.bcq import bits_per_layer
 from ..ir.traits import QUANTIZED, has_trait
-from .generate import MASK_PARAM, decode_generate, forward_logits
+from .generate import MASK_PARAM, decode_generate, forward_logits, has_attention_mask
 from .padding import check_attention_mask, left_pad
 from .sampling import SamplingConfig
 from .text import stop_string_check
@@ -87,6 +87,10 @@ class CompiledModel:
     # process. Never saved (artifacts are deterministic), so a loaded model has none.
     timings: dict[str, Any] = field(default_factory=dict)
 
+    # generate() on in-place KV caches where the executable offers them (``kv_session``);
+    # False: every step returns concat(past, new) (comparisons, benchmarks)
+    kv_inplace: bool = field(default=True, repr=False, compare=False)
+
     @property
     def is_language_model(self) -> bool:
         return self.module.attr("kind") == "causal_lm"
@@ -151,8 +155,9 @@ class CompiledModel:
             tokenizer = self.tokenizer()
             stop = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
             check = stop_string_check(tokenizer.decode, np.shape(ids)[-1], stop)
+        session = self.executable.kv_session() if self.kv_inplace and has_attention_mask(self.module) else None
         out = decode_generate(self.run, self.module, ids, max_new_tokens, eos_token_id, config,
-                              pad_token_id, check, streamer, mask)
+                              pad_token_id, check, streamer, mask, session)
         return _to_torch(out, "int64")
 
     def tokenizer(self) -> Any:

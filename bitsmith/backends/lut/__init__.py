@@ -127,6 +127,10 @@ class LUTExecutable(Executable):
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         return self.host.run(function, args)
 
+    def kv_session(self) -> Any:
+        """The tvm-llvm host's in-place KV session (None on the reference host or an older artifact)."""
+        return getattr(self.host, "kv_session", lambda: None)()
+
     def native_files(self) -> dict[str, Any]:
         return {native.LIBRARY_FILE: native.ENGINE_ISAS[self.isa].spec, **self.host.native_files()}
 

@@ -116,6 +116,10 @@ class TVMHost:
 
     python_steps = False  # True: host kernels and engine called one by one from Python (comparisons)
 
+    def kv_session(self) -> Any:
+        from ..tvm.llvm_target import kv_session
+        return kv_session(self.executors, self.run)
+
     def files(self) -> dict[str, bytes]:
         return {FILE_PREFIX + k: v for k, v in self.program.files().items()}
 
@@ -129,6 +133,7 @@ class TVMHost:
         from ..tvm.llvm_target import step_executor_name
         return {"host": self.name, "host_kernels": self.program.kernel_count, "host_engine_calls": self.externs,
                 "host_executor": step_executor_name(self.executors, self.python_steps),
+                "host_kv_cache": info.get("kv_cache", "concat"),
                 "engine_threads": "TVM thread pool" if self.parallel_launcher else "engine thread pool",
                 **{f"host_{k}": info[k] for k in keep if k in info}}
 

@@ -86,19 +86,24 @@ def _qlinear(node: Node, ctx) -> None:
     finish_out(node, ctx, out[0])
 
 
+def attention_args(node: Node, ctx) -> tuple:
+    """``make_kernel``'s arguments for an attention node: (heads, kv_heads, head_dim, value_dim,
+    scale, causal, dtype, mask_dtype); UnsupportedOpError where the kernels cannot take it."""
+    q, k, v = (ctx.types[i] for i in node.inputs[:3])
+    mask_dtype = ctx.types[node.inputs[3]].dtype if len(node.inputs) == 4 else None
+    if not all(isinstance(d, int) for d in (q.shape[1], q.shape[3], k.shape[1], v.shape[3])):
+        raise ctx.unsupported(node, "head counts and head dims must be static")
+    if q.shape[1] % k.shape[1]:
+        raise ctx.unsupported(node, f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
+    return (q.shape[1], k.shape[1], q.shape[3], v.shape[3], float(node.attr("scale")),
+            bool(node.attr("causal")), q.dtype, mask_dtype)
+
+
 def _attention_with(make_kernel: Callable[..., Any]) -> AnchorRule:
-    """An attention rule calling ``make_kernel(heads, kv_heads, head_dim, value_dim, scale,
-    causal, dtype, mask_dtype)`` (one kernel: q, k, v[, mask] -> out)."""
+    """An attention rule calling ``make_kernel(*attention_args(node))`` (one kernel: q, k, v[, mask] -> out)."""
 
     def rule(node: Node, ctx) -> None:
-        q, k, v = (ctx.types[i] for i in node.inputs[:3])
-        mask_dtype = ctx.types[node.inputs[3]].dtype if len(node.inputs) == 4 else None
-        if not all(isinstance(d, int) for d in (q.shape[1], q.shape[3], k.shape[1], v.shape[3])):
-            raise ctx.unsupported(node, "head counts and head dims must be static")
-        if q.shape[1] % k.shape[1]:
-            raise ctx.unsupported(node, f"{q.shape[1]} query heads do not group over {k.shape[1]} kv heads")
-        kdef = make_kernel(q.shape[1], k.shape[1], q.shape[3], v.shape[3], float(node.attr("scale")),
-                           bool(node.attr("causal")), q.dtype, mask_dtype)
+        kdef = make_kernel(*attention_args(node, ctx))
         t = node.output.type
         ctx.call(kdef, [ctx.slot(i) for i in node.inputs], [ctx.out(ctx.slot(node.output.name), t.shape, t.dtype)])
 

@@ -11,6 +11,11 @@ The reductions over the key axis (max, sum, weighted sum) run in one fixed order
 a hidden key contributes an exact 0 (exp(-inf)): so a row's result does not depend on how
 many hidden (padding) keys its batch adds, which is what makes decode batch-invariant
 (docs/ragged-batches.md).
+
+With ``capacity`` (the in-place KV cache, ``kv_inplace.py``) k and v are capacity-sized caches
+[b, kvh, C, d] of which only the first t slots are live, t being the mask's length [b, t]:
+the kernel reads slots [0, t) in the same order as the compact kernel reads its t keys, so
+both give the same bits.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ from .kernel import KernelDef
 
 
 def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
-                     dtype: str, mask_dtype: str | None = None) -> KernelDef:
+                     dtype: str, mask_dtype: str | None = None, capacity: bool = False) -> KernelDef:
     b, s, t = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len"))
+    if capacity and mask_dtype is None:
+        raise ValueError("a capacity-sized KV cache needs the mask: its length is the live length")
+    cap = tirx.Var("kv_capacity", "int64") if capacity else t
     g = heads // kv_heads
     acc = "float32" if dtype == "float16" else dtype
     q = te.placeholder((b, heads, s, head_dim), dtype, name="q")
-    k = te.placeholder((b, kv_heads, t, head_dim), dtype, name="k")
-    v = te.placeholder((b, kv_heads, t, value_dim), dtype, name="v")
+    k = te.placeholder((b, kv_heads, cap, head_dim), dtype, name="k")
+    v = te.placeholder((b, kv_heads, cap, value_dim), dtype, name="v")
     mask = te.placeholder((b, t), mask_dtype, name="mask") if mask_dtype else None
     # q.k in LANES independent partial sums (a spatial axis the schedule vectorises; a plain
     # float reduction would stay scalar without fast-math reassociation), then summed
@@ -78,7 +86,7 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
     out = te.compute((b, heads, s, value_dim), normalised, name="out")
     func = te.create_prim_func([q, k, v] + ([mask] if mask is not None else []) + [out])
     name = (f"attention_h{heads}_kv{kv_heads}_d{head_dim}_{dtype}{'_causal' if causal else ''}"
-            f"{'_mask_' + mask_dtype if mask_dtype else ''}")
+            f"{'_mask_' + mask_dtype if mask_dtype else ''}{'_kvcap' if capacity else ''}")
     return KernelDef(name, func, "attention")
 
 

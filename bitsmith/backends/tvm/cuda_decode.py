@@ -27,12 +27,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ...errors import BitsmithError
-from ...runtime.generate import MASK_PARAM, stop_ids
+from ...runtime.generate import MASK_PARAM, round_capacity, stop_ids
 from ...runtime.padding import check_attention_mask
 from .binder import check_token_ids
 from .cuda_graph import CudaGraphUnavailable, StreamGraph
 
-CAPACITY_STEP = 64  # capacities round up to this, so nearby lengths share buffers and a graph
 
 
 class DeviceDecodeUnavailable(BitsmithError):
@@ -88,10 +87,6 @@ class StaticCacheLayout:
         out = np.zeros((b, h, self.capacity - 1, d), present.dtype)
         out[:, :, :p] = present
         return out
-
-
-def round_capacity(tokens: int, step: int = CAPACITY_STEP) -> int:
-    return -(-tokens // step) * step
 
 
 @dataclass

@@ -94,10 +94,15 @@ class PlanExecutor:
     once the caller's inputs have passed the binder's checks: ArtifactError, not ValueError."""
 
     def __init__(self, plan: FunctionPlan, kernels: Mapping[str, Callable], consts: Mapping[int, np.ndarray],
-                 file: str = "plan.json") -> None:
+                 file: str = "plan.json", shared: "PlanExecutor | None" = None) -> None:
+        """``shared``: an executor of a plan with the same constant slots (a variant of it, more
+        slots allowed), whose constants this one reuses instead of ``consts``."""
         self.plan, self.file = plan, file
         self.base_env: list[Any] = [None] * plan.num_slots
         self._keep_alive = []
+        if shared is not None:
+            self.base_env[:len(shared.base_env)] = shared.base_env
+            self._keep_alive.append(shared)
         for slot, arr in consts.items():
             self.base_env[slot], owner = kernel_view(arr)
             self._keep_alive.append(owner)

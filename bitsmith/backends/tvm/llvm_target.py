@@ -22,10 +22,10 @@ from ...ir import Module
 from .. import native_loader
 from ..json_fields import Field
 from ..base import Executable
-from . import native_step, runtime_cpu, stored_operands
+from . import kv_inplace, native_step, runtime_cpu, stored_operands
 from .cache import KernelCache
 from .executor import PlanExecutor
-from .lowering import lower_function
+from .lowering import LoweringContext, lower_function
 from ..files import target_files
 from .plan import (EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_function_plans, read_native_spec,
                    read_plan_doc)
@@ -149,6 +149,11 @@ class LLVMExecutable(Executable):
 
     python_steps = False  # True: kernels called one by one from Python (benchmarks, tests compare)
 
+    def kv_session(self) -> "kv_inplace.KVSession | None":
+        """Caches updated in place for one generation (``kv_inplace``); None for artifacts without
+        the variant."""
+        return kv_session(self.executors, self.run)
+
     def files(self) -> dict[str, bytes]:
         return self.host.files()
 
@@ -160,6 +165,11 @@ class LLVMExecutable(Executable):
         return {**self.info, "kernels": len(self.libraries), "kernel_calls_per_run": calls,
                 "threads": self.threads, "threads_effective": runtime_cpu.num_threads(),
                 "executor": step_executor_name(self.executors, self.python_steps)}
+
+
+def kv_session(executors: Mapping[str, Any], run: Callable) -> "kv_inplace.KVSession | None":
+    ex = executors.get(kv_inplace.KEY)
+    return kv_inplace.KVSession(run, ex) if ex is not None else None
 
 
 def step_executor_name(executors: Mapping[str, Any], python_steps: bool = False) -> str:
@@ -184,6 +194,7 @@ class HostBuild:
     spec: native_loader.NativeSpec | None = None  # what the kernels were built for (None: unrecorded)
     plan_file: str = "plan.json"  # the artifact path of plan.json that errors name
     driver: bytes | None = None   # native_step's driver library (None: plans run on the Python executor)
+    inplace: FunctionPlan | None = None  # main's in-place KV variant (kv_inplace; None: older artifact)
 
     def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, Any]:
         """Per function, a NativePlanExecutor (one C call per run) where the driver is here and
@@ -193,10 +204,21 @@ class HostBuild:
         python = {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name), self.plan_file),
                                      self.plan_file)
                   for name, p in self.plans.items()}
+        if self.inplace is not None:  # main's constants, shared (not copied)
+            if kv_inplace.FUNCTION not in python:
+                raise PlanError(self.plan_file, f"{kv_inplace.PLAN_FIELD}: a variant of {kv_inplace.FUNCTION!r}, "
+                                                "which has no plan")
+            if self.inplace.consts != self.plans[kv_inplace.FUNCTION].consts:
+                raise PlanError(self.plan_file, f"{kv_inplace.PLAN_FIELD}: constants differ from "
+                                                f"{kv_inplace.FUNCTION!r}'s, whose arrays it shares")
+            python[kv_inplace.KEY] = PlanExecutor(self.inplace, kernels, {}, self.plan_file,
+                                                  shared=python[kv_inplace.FUNCTION])
         driver = self.step_driver()
-        if driver is None or not all(isinstance(fn, native_step.NativeExtern) for fn in (externs or {}).values()):
-            return python
-        return {name: native_step.NativePlanExecutor(ex, kernels, driver) for name, ex in python.items()}
+        if driver is not None and all(isinstance(fn, native_step.NativeExtern) for fn in (externs or {}).values()):
+            python = {name: native_step.NativePlanExecutor(ex, kernels, driver) for name, ex in python.items()}
+        if kv_inplace.KEY in python:
+            python[kv_inplace.KEY] = kv_inplace.KVInplaceExecutor(python[kv_inplace.KEY], self.plans[kv_inplace.FUNCTION])
+        return python
 
     def step_driver(self) -> "native_step.Driver | None":
         if self.driver is None:
@@ -206,17 +228,25 @@ class HostBuild:
                                               + native_step.DRIVER_FILE)
         return self._driver
 
+    def used_kernels(self) -> set[str]:
+        """Kernel keys the stored plans call (the variant's included): what an artifact keeps."""
+        plans = [*self.plans.values(), *([self.inplace] if self.inplace is not None else [])]
+        return {s.kernel for p in plans for s in p.steps if isinstance(s, Call) and s.kernel in self.libraries}
+
     def files(self) -> dict[str, bytes]:
         operands, out = stored_operands.to_files(self.plans, self.derived)
+        used = self.used_kernels()
         plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
                 "functions": [p.to_json() for p in self.plans.values()], "operands": operands,
-                "schedules": self.info["kernel_schedules"]}
+                "schedules": {k: v for k, v in self.info["kernel_schedules"].items() if k in used}}
+        if self.inplace is not None:
+            plan[kv_inplace.PLAN_FIELD] = [self.inplace.to_json()]
         if self.spec is not None:
             plan["isa"] = self.spec.to_json()
         if self.driver is not None:
             plan["driver_isa"] = native_step.SPEC.to_json()
             out[native_step.DRIVER_FILE] = self.driver
-        out.update({f"kernels/{k}.so": v for k, v in self.libraries.items()})
+        out.update({f"kernels/{k}.so": v for k, v in self.libraries.items() if k in used})
         out["plan.json"] = json.dumps(plan, sort_keys=True).encode()
         return out
 
@@ -224,7 +254,7 @@ class HostBuild:
         if self.spec is None:
             raise BitsmithError("tvm-llvm kernels of unknown instruction set cannot be saved")
         driver = {native_step.DRIVER_FILE: native_step.SPEC} if self.driver is not None else {}
-        return {**{f"kernels/{k}.so": self.spec for k in self.libraries}, **driver}
+        return {**{f"kernels/{k}.so": self.spec for k in sorted(self.used_kernels())}, **driver}
 
 
 def compile_host(module: Module, options: Mapping[str, Any],
@@ -241,9 +271,11 @@ def compile_host(module: Module, options: Mapping[str, Any],
     derived_by_fn: dict[str, dict[int, np.ndarray]] = {}
     schedules: dict[str, dict[str, str]] = {}
     lower_seconds = 0.0
+    inplace: FunctionPlan | None = None
     for fn in module.functions:
         t1 = time.perf_counter()
         plan, kdefs, derived = lower_function(module, fn, TARGET, anchor_rules)
+        variant = _inplace_variant(module, fn, plan, kdefs) if fn.name == kv_inplace.FUNCTION else None
         lower_seconds += time.perf_counter() - t1
         rename: dict[str, str] = {}
         for digest, kdef in kdefs.items():
@@ -254,10 +286,13 @@ def compile_host(module: Module, options: Mapping[str, Any],
                 libraries[key] = data
                 native_loader.grant_built(data, spec)  # compiled here, or a digest-checked cache entry
                 loaded[key] = runtime_cpu.load_module(data, f"kernels/{key}.so")["main"]
-        for s in plan.steps:
-            if isinstance(s, Call) and not s.kernel.startswith(EXTERN_PREFIX):
-                s.kernel = rename[s.kernel]
+        for p in (plan, variant):
+            for s in p.steps if p is not None else ():
+                if isinstance(s, Call) and not s.kernel.startswith(EXTERN_PREFIX):
+                    s.kernel = rename[s.kernel]
         plans[fn.name] = plan
+        if variant is not None:
+            inplace = variant
         derived_by_fn[fn.name] = derived
     info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
@@ -266,7 +301,21 @@ def compile_host(module: Module, options: Mapping[str, Any],
             "kernel_schedules": schedules}
     driver = native_step.build_driver()
     info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (no C compiler)"
-    return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec, driver=driver)
+    info["kv_cache"] = "in place" if inplace is not None else "concat (main has no in-place variant)"
+    return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec, driver=driver, inplace=inplace)
+
+
+def _inplace_variant(module: Module, fn: Any, plan: FunctionPlan, kdefs: dict) -> FunctionPlan | None:
+    """main's in-place KV variant (its new kernels added to ``kdefs``), or None where main's plan
+    does not have the kv-cache pass's shape (a module without attention mask, say)."""
+    from .anchor_rules import attention_args
+    from .attention import attention_kernel
+    ctx = LoweringContext(module, fn, TARGET)
+    try:
+        return kv_inplace.derive_plan(fn, plan, lambda node: attention_kernel(*attention_args(node, ctx),
+                                                                              capacity=True), kdefs)
+    except kv_inplace.KVInplaceUnavailable:
+        return None
 
 
 def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.LibraryDir]:
@@ -283,7 +332,13 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
     libdir = runtime_cpu.LibraryDir()
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
-    for plan in plans.values():
+    inplace = None
+    if doc.has(kv_inplace.PLAN_FIELD):  # artifacts since the in-place KV cache
+        (variant,) = doc[kv_inplace.PLAN_FIELD].list(1)
+        inplace = FunctionPlan.from_json(variant)
+        if inplace.name != kv_inplace.FUNCTION:  # whether main's plan is there: executors() (module first)
+            doc[kv_inplace.PLAN_FIELD].fail(f"an in-place variant of {inplace.name!r}, not of {kv_inplace.FUNCTION!r}")
+    for plan in [*plans.values(), *([inplace] if inplace else [])]:
         for s in plan.steps:
             if isinstance(s, Call) and s.kernel not in loaded and not s.kernel.startswith(EXTERN_PREFIX):
                 name = f"kernels/{s.kernel}.so"
@@ -309,7 +364,8 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
                                                      "is not listed in the artifact")
         driver = files[native_step.DRIVER_FILE]
     info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (artifact has no driver)"
-    return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json"), driver), libdir
+    info["kv_cache"] = "in place" if inplace is not None else "concat (artifact has no in-place variant)"
+    return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json"), driver, inplace), libdir
 
 
 def _read_schedules(doc: Field, libraries: Mapping[str, bytes]) -> dict[str, dict[str, str]]:
