@@ -62,7 +62,12 @@ def test_streamed_table_equals_the_in_memory_one(compiled_pair):
 def test_streamed_compile_reads_each_weight_once_and_holds_no_quantized_fp32(compiled_pair):
     _, streamed, reads, _ = compiled_pair
     params = set(TINY.parameter_shapes())
-    assert sorted(reads) == sorted(params)  # each parameter read exactly once while compiling
+    # each parameter read at most once while compiling (the quantized ones exactly once); weights
+    # a compile only carries over (embedding, norms) may be read later, when executors or the
+    # artifact need them
+    assert len(reads) == len(set(reads)) and set(reads) <= params
+    quantized = {n for n in params if n.endswith("proj.weight")}
+    assert quantized <= set(reads)
     table = streamed.module.tensors
     # packed operands are held; what is left of the fp32 parameters (norms, embedding, lm_head) is not
     assert not any(n in params for n in table if not table.is_provided(n))
