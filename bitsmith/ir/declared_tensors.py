@@ -42,8 +42,8 @@ class DeclaredTensorTable(TensorTable):
     """
 
     def __init__(self, tensors: Mapping[str, np.ndarray] | None = None,
-                 declared: Iterable[TensorInfo] = ()) -> None:
-        super().__init__(tensors)
+                 declared: Iterable[TensorInfo] = (), known: TensorTable | None = None) -> None:
+        super().__init__(tensors, known)
         self._declared: dict[str, TensorInfo] = {}
         for info in declared:
             if info.name in self._info:
@@ -82,12 +82,12 @@ class DeclaredTensorTable(TensorTable):
 
     def with_tensors(self, extra: Mapping[str, np.ndarray]) -> "DeclaredTensorTable":
         return DeclaredTensorTable({**self._data, **extra},
-                                   [i for n, i in self._declared.items() if n not in extra])
+                                   [i for n, i in self._declared.items() if n not in extra], known=self)
 
     def subset(self, names: Iterable[str]) -> "DeclaredTensorTable":
         keep = set(names)
         return DeclaredTensorTable({n: a for n, a in self._data.items() if n in keep},
-                                   [i for n, i in self._declared.items() if n in keep])
+                                   [i for n, i in self._declared.items() if n in keep], known=self)
 
     def with_data(self, arrays: Mapping[str, np.ndarray], source: str = "the given data") -> "DeclaredTensorTable":
         """Gives declared entries their data, each checked against its declared dtype, shape and

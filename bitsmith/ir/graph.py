@@ -156,9 +156,14 @@ class TensorInfo:
 
 
 class TensorTable(Mapping[str, np.ndarray]):
-    """Named constant tensors, read-only. Equality compares names, shapes, dtypes and hashes."""
+    """Named constant tensors, read-only. Equality compares names, shapes, dtypes and hashes.
 
-    def __init__(self, tensors: Mapping[str, np.ndarray] | None = None) -> None:
+    ``known``: a table whose entries holding the very same (read-only) array objects lend their
+    info, so deriving a table (``with_tensors``, ``subset``: every weight rewrite, every probe
+    or segment) hashes only the new arrays, not the whole model again."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray] | None = None,
+                 known: "TensorTable | None" = None) -> None:
         self._data: dict[str, np.ndarray] = {}
         self._info: dict[str, TensorInfo] = {}
         for name, arr in (tensors or {}).items():
@@ -166,7 +171,10 @@ class TensorTable(Mapping[str, np.ndarray]):
             dtype_of_numpy(arr.dtype)  # refuses dtypes the IR cannot type
             arr.setflags(write=False)
             self._data[name] = arr
-            self._info[name] = TensorInfo(name, tuple(arr.shape), dtype_of_numpy(arr.dtype), sha256_of(arr))
+            if known is not None and known._data.get(name) is arr:
+                self._info[name] = known._info[name]
+            else:
+                self._info[name] = TensorInfo(name, tuple(arr.shape), dtype_of_numpy(arr.dtype), sha256_of(arr))
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self._data[name]
@@ -186,11 +194,11 @@ class TensorTable(Mapping[str, np.ndarray]):
     def with_tensors(self, extra: Mapping[str, np.ndarray]) -> "TensorTable":
         merged = dict(self._data)
         merged.update(extra)
-        return TensorTable(merged)
+        return TensorTable(merged, known=self)
 
     def subset(self, names: Iterable[str]) -> "TensorTable":
         keep = set(names)
-        return TensorTable({n: a for n, a in self._data.items() if n in keep})
+        return TensorTable({n: a for n, a in self._data.items() if n in keep}, known=self)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._data.values())
