@@ -4,6 +4,8 @@ plain and sequential, within bounds derived from float32 rounding."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -63,8 +65,10 @@ def windows():
     return calibration_windows(np.random.default_rng(0).integers(0, VOCAB, size=3 * 40), sequences=3, length=40)
 
 
-def test_auto_is_the_float32_runner():
-    assert calibration_runner("auto") == Float32BlasRunner()
+def test_auto_is_tvm_llvm_else_the_float32_runner():
+    from bitsmith.backends.calibration import BackendRunner
+    has_tvm = importlib.util.find_spec("tvm") is not None
+    assert calibration_runner("auto") == (BackendRunner("tvm-llvm") if has_tvm else Float32BlasRunner())
     assert isinstance(calibration_runner("numpy-fp32"), Float32BlasRunner)
 
 

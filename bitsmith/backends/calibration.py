@@ -3,13 +3,15 @@
 The calibration passes need the activations of the model they rewrite; running them through
 the reference interpreter (float64 accumulation, one numpy call per op) is the slow part of
 GPTQ calibration. The API builds a faster runner instead and hands it to the passes, which
-import no backend: ``calib_target="auto"`` is the float32 BLAS interpreter (``numpy-fp32``,
-``float32_blas``: no build step, and on 512-token windows faster than tvm-llvm's decode-tuned
-kernels, benchmarks/results/calibration_speed.md); a target name builds a
-:class:`BackendRunner` on that target; ``reference`` is the reference interpreter.
+import no backend: ``calib_target="auto"`` builds a :class:`BackendRunner` on tvm-llvm where
+TVM is installed (measured fastest, benchmarks/results/calibration_speed.md), else the float32
+BLAS interpreter ``numpy-fp32`` (``float32_blas``); a target name builds a BackendRunner on
+that target; ``reference`` is the reference interpreter.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -22,7 +24,8 @@ from .float32_blas import Float32BlasRunner
 
 REFERENCE = "reference"
 FLOAT32_BLAS = Float32BlasRunner.name  # "numpy-fp32"
-FASTEST = FLOAT32_BLAS  # what ``auto`` runs on
+# ``auto``: the first of these whose module is installed (numpy always is)
+FAST_CPU_TARGETS: tuple[tuple[str, str], ...] = (("tvm-llvm", "tvm"), (FLOAT32_BLAS, "numpy"))
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,15 @@ def check_calib_target(name: str) -> None:
                                  ["auto", FLOAT32_BLAS, *sorted(known)])
 
 
+def fastest_cpu_target() -> str:
+    return next(target for target, needs in FAST_CPU_TARGETS
+                if importlib.util.find_spec(needs) is not None and target in (FLOAT32_BLAS, *targets()))
+
+
 def calibration_runner(name: str = "auto") -> CalibrationRunner:
-    """The runner for ``calib_target``: ``auto`` = :data:`FASTEST`."""
+    """The runner for ``calib_target``: ``auto`` = :func:`fastest_cpu_target`."""
     check_calib_target(name)
-    target = FASTEST if name == "auto" else name
+    target = fastest_cpu_target() if name == "auto" else name
     if target == REFERENCE:
         return InterpreterRunner()
     if target == FLOAT32_BLAS:
