@@ -17,7 +17,6 @@ from bitsmith.backends.float32_blas import Float32BlasRunner, causal_attention_f
 from bitsmith.ir.interpreter import causal_attention
 from bitsmith.passes import get_pass
 from bitsmith.passes.quantization.calibration import calibration_windows, collect_statistics
-from bitsmith.passes.quantization.sequential import run_sequential
 from bitsmith.testing.hf_configs import ARCHS, VOCAB, make_model
 
 U = 2.0 ** -24  # float32 unit roundoff
@@ -90,8 +89,9 @@ def test_sequential_statistics_equal_the_reference(llama, windows):
     """Sequential calibration through quantized layers (qlinear runs in float32 from its decoded
     weight): each stage's Hessian equals the reference interpreter's on the final quantized
     module (stage k's input does not depend on the layers quantized after it)."""
-    recorded = {}
-    calib = _Sequential(windows, Float32BlasRunner(), recorded)
+    from test_calibration_options import WindowCalibration
+    calib = WindowCalibration(windows, Float32BlasRunner())
+    recorded = calib.recorded
     quantized = get_pass("quantize", scheme="rtn-int4", group_size=16, calibrate=True, calibration=calib,
                          sequential=True).apply(llama)
     want = collect_statistics(quantized, windows)
@@ -100,19 +100,3 @@ def test_sequential_statistics_equal_the_reference(llama, windows):
     for value, got in recorded.items():
         np.testing.assert_allclose(got.hessian, want[value].hessian, rtol=0,
                                    atol=bound * np.abs(want[value].hessian).max())
-
-
-class _Sequential:
-    """A calibration source over fixed windows that records each stage's statistics."""
-
-    def __init__(self, windows, runner, recorded):
-        self.windows, self.runner, self.recorded = windows, runner, recorded
-
-    def __call__(self, module):
-        return collect_statistics(module, self.windows, runner=self.runner)
-
-    def sequential(self, module, stages, step):
-        def spy(mod, value, stats):
-            self.recorded[value] = stats
-            return step(mod, value, stats)
-        return run_sequential(module, self.windows, stages, spy, self.runner)
