@@ -90,3 +90,22 @@ def test_a_tensor_listed_twice_is_refused():
 def test_declared_only_excludes_a_table():
     with pytest.raises(ValueError, match="either"):
         parse_module(text_of(a=A), TensorTable({"a": A}), declared_only=True)
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_derived_tables_hash_only_new_arrays(monkeypatch, declared):
+    """with_tensors and subset reuse the infos of the arrays they keep (hashing a model's weights
+    once per weight rewrite or probe was most of a calibration's fixed cost); the infos equal
+    a table built from scratch, and a replaced array is hashed anew."""
+    import bitsmith.ir.graph as graph
+    base = (parse_module(text_of(b=B), declared_only=True).tensors.with_tensors({"a": A}) if declared
+            else TensorTable({"a": A, "b": B}))
+    hashed = []
+    real = graph.sha256_of
+    monkeypatch.setattr(graph, "sha256_of", lambda arr: hashed.append(arr.shape) or real(arr))
+    grown = base.with_tensors({"c": B * 2})
+    small = grown.subset(["a", "c"])
+    replaced = small.with_tensors({"a": A + 1})
+    assert hashed == [B.shape, A.shape]  # "c" once, then the new "a"; nothing kept is rehashed
+    assert small.infos() == TensorTable({"a": A, "c": B * 2}).infos()
+    assert replaced.info("a") == TensorTable({"a": A + 1}).info("a")

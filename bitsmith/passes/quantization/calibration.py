@@ -7,9 +7,9 @@ pass of the reference interpreter over calibration windows, observing the value 
 each ``linear`` (or ``qlinear``) node.
 
 Where the model runs: a :class:`CalibrationRunner` turns a module into a function of ``main``'s
-arguments. Passes import no backend, so the API hands them a runner built on the fastest CPU
-target (``bitsmith.backends.calibration``: tvm-llvm where TVM is installed); the reference
-interpreter (:class:`InterpreterRunner`) is the fallback and the oracle in tests. The runner
+arguments. Passes import no backend, so the API hands them the fastest CPU runner
+(``bitsmith.backends.calibration``: the float32 BLAS interpreter ``numpy-fp32`` by default, or
+a compiled target); the reference interpreter (:class:`InterpreterRunner`) is the oracle in tests. The runner
 gets a *probe* of the module: ``main`` with the linear inputs as its only results, so nothing
 after the last linear layer (lm_head, the KV outputs) is computed.
 
@@ -110,8 +110,8 @@ def _empty_caches(module: Module, batch: int, seq: int) -> list[np.ndarray]:
     return out
 
 
-class _Accumulator:
-    """Sums XᵀX (float64) per observed value; one sgemm per window and value."""
+class GramAccumulator:
+    """Sums XᵀX per observed value: a float32 Gram (BLAS syrk) per window, summed in float64."""
 
     def __init__(self, wanted: dict[str, int]) -> None:
         self.wanted = wanted
@@ -166,7 +166,7 @@ def collect_statistics(module: Module, windows: list[np.ndarray], progress: bool
     if not windows:
         raise ValueError("no calibration windows")
     wanted = linear_inputs(module)
-    acc = _Accumulator(wanted)
+    acc = GramAccumulator(wanted)
     names = list(wanted)
     run = (runner or InterpreterRunner()).compile(probe_module(module, names))
     start = last_report = time.perf_counter()

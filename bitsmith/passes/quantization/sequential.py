@@ -23,7 +23,7 @@ import numpy as np
 from bitsmith.ir import Module
 from bitsmith.ir.graph import Function, Node, Value
 
-from .calibration import CalibrationRunner, LayerStats, layer_stats, main_arguments
+from .calibration import CalibrationRunner, LayerStats, GramAccumulator, main_arguments
 
 StepFn = Callable[[Module, str, LayerStats], Module]
 
@@ -121,16 +121,12 @@ def run_sequential(module: Module, windows: Sequence[np.ndarray], stages: Sequen
     for k, value in enumerate(order):
         seg = cut_segment(module, done, order[k:])
         run = runner.compile(seg.module)
-        features = seg.module.function("main").result_types()[0].shape[-1]
-        gram = np.zeros((features, features), dtype=np.float64)
-        tokens = 0
+        acc = GramAccumulator({value: seg.module.function("main").result_types()[0].shape[-1]})
         for env in carried:
             env.update(zip(seg.results, run([env[p] for p in seg.params])))
-            x = np.asarray(env[value], dtype=np.float32).reshape(-1, features)
-            gram += (x.T @ x).astype(np.float64)  # float32 per window, float64 across (as collect_statistics)
-            tokens += x.shape[0]
+            acc.add(value, env[value])  # as collect_statistics: float32 Gram per window, float64 across
         done |= seg.computed
-        module = step(module, value, layer_stats(gram, tokens))
+        module = step(module, value, acc.stats()[value])
         fn = module.function("main")
         needed = _ancestors(fn, order[k + 1:])
         live = {v for n in fn.nodes if any(o.name in needed for o in n.outputs)
