@@ -23,7 +23,7 @@
 #define HEADER_WORDS 4
 
 enum { OP_END = 0, OP_TABLE = 1, OP_SYNC = 2, OP_TILE = 3, OP_LUTACC = 4, OP_SCALE = 5, OP_OUTLIER = 6,
-       OP_STORE = 7 };
+       OP_STORE = 7, OP_BCQMUL = 8, OP_BCQACC = 9 };
 enum { ERR_HEADER = 1, ERR_OPCODE = 2, ERR_TABLE = 3, ERR_WEIGHTS = 4, ERR_LUTACC = 5, ERR_SCALE = 6,
        ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11, ERR_LAUNCH = 12 };
 
@@ -183,6 +183,10 @@ typedef struct {
     uint8_t *stored;          /* per output row: some STORE writes it (validation only) */
 } plan_t;
 
+#define BCQ_INT_WORDS 2   /* BCQMUL kind 0: int16 plane weights [2 halves][2 lanes][4 rows][2 planes] */
+#define BCQ_FLOAT_WORDS 4 /* BCQMUL kind 1: float32 plane weights [16 rows][2 planes] */
+#define BCQ_SLOTS 4
+
 static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t pblocks, int64_t nout, plan_t* p) {
     if (nw < HEADER_WORDS + 1 || s[0] != LUT_MAGIC || (s[1] & 0xff) != LUT_VERSION || s[1] >> 16)
         return fail(0, ERR_HEADER);
@@ -205,6 +209,7 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
     p->ntables = p->nsegs = 0;
     int phase = 0; /* 0 tables, 1 between tiles, 2 inside a tile, 3 ended */
     int64_t wptr = 0;
+    int slots = 0; /* BCQMUL slots set in the current tile */
     for (int64_t i = HEADER_WORDS; i < nw; i++) {
         const uint64_t w = s[i];
         const int op = (int)(w & 0xff);
@@ -230,6 +235,7 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
             wptr = (int64_t)FIELD(w, 8, 56);
             p->segs[p->nsegs++] = i;
             phase = 2;
+            slots = 0;
             break;
         case OP_LUTACC: {
             const int quad = FIELD(w, 8, 1) == 0;
@@ -239,6 +245,24 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
                 || plane + (quad ? 3 : 1) > 15
                 || nwords > (quad ? 64 : 32)
                 || kg0 + (quad ? nwords : 2 * nwords) > p->kg + 1) return fail(i, ERR_LUTACC);
+            if (wptr < 0 || wptr + nwords > wwords) return fail(i, ERR_WEIGHTS);
+            wptr += nwords;
+            break;
+        }
+        case OP_BCQMUL: {
+            const int64_t words = FIELD(w, 10, 1) ? BCQ_FLOAT_WORDS : BCQ_INT_WORDS;
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if (w >> 11) return fail(i, ERR_LUTACC);
+            if (wptr < 0 || wptr + words > wwords) return fail(i, ERR_WEIGHTS);
+            wptr += words;
+            slots |= 1 << FIELD(w, 8, 2);
+            break;
+        }
+        case OP_BCQACC: {
+            const int64_t kg0 = FIELD(w, 10, 20), nwords = FIELD(w, 30, 6) + 1, block = FIELD(w, 36, 20);
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if (w >> 56 || block >= p->blocks || !p->built[block] || !(slots >> FIELD(w, 8, 2) & 1)
+                || kg0 + 2 * nwords > p->kg + 1) return fail(i, ERR_LUTACC);
             if (wptr < 0 || wptr + nwords > wwords) return fail(i, ERR_WEIGHTS);
             wptr += nwords;
             break;
@@ -352,7 +376,7 @@ static int same_shape(const uint64_t* s, const int64_t* tile, int nt) {
         for (int t = 1; t < nt; t++) {
             const uint64_t w = s[tile[t] + rel];
             if ((int)(w & 0xff) != op) return 0;
-            if (op == OP_LUTACC && w != w0) return 0;
+            if ((op == OP_LUTACC || op == OP_BCQMUL || op == OP_BCQACC) && w != w0) return 0;
             if (op == OP_SCALE && (w & SCALE_PIDX_MASK) != (w0 & SCALE_PIDX_MASK)) return 0;
         }
         if (op == OP_STORE) return 1;
@@ -374,6 +398,9 @@ typedef __m512i vec_t;
 #define V_SLLI32 _mm512_slli_epi32
 #define V_UNPACKLO16 _mm512_unpacklo_epi16
 #define V_UNPACKHI16 _mm512_unpackhi_epi16
+#define V_UNPACKLO8 _mm512_unpacklo_epi8
+#define V_UNPACKHI8 _mm512_unpackhi_epi8
+#define V_STORE(p, v) _mm512_storeu_si512((void*)(p), v)
 #define TILES_PER_VEC 2
 #define V_SET1_8 _mm512_set1_epi8
 #define V_SET1_16 _mm512_set1_epi16
@@ -403,6 +430,9 @@ typedef __m256i vec_t;
 #define V_SLLI32 _mm256_slli_epi32
 #define V_UNPACKLO16 _mm256_unpacklo_epi16
 #define V_UNPACKHI16 _mm256_unpackhi_epi16
+#define V_UNPACKLO8 _mm256_unpacklo_epi8
+#define V_UNPACKHI8 _mm256_unpackhi_epi8
+#define V_STORE(p, v) _mm256_storeu_si256((__m256i*)(p), v)
 #define TILES_PER_VEC 1
 #define V_SET1_8 _mm256_set1_epi8
 #define V_SET1_16 _mm256_set1_epi16
@@ -534,6 +564,74 @@ static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad,
     }
 }
 
+/* ------------------------------------------------------------------ binary-coded planes (BCQACC) */
+
+/* Float plane weights (BCQMUL kind 1) for one tile: the int16 per-row, per-plane sums `a`
+ * (lo: rows 0-3 and 8-11, hi: rows 4-7 and 12-15, two planes per row, as the lookups left
+ * them) times TS, times the row's float weight of each plane, added in plane order. */
+static void bcq_float_rows(const int16_t* alo, const int16_t* ahi, const float* wts, float tsv, float* acc) {
+    for (int r = 0; r < 16; r++) {
+        const int16_t* a = ((r >> 2) & 1 ? ahi : alo) + 8 * (r >> 3) + 2 * (r & 3);
+        acc[r] = acc[r] + ((float)a[0] * tsv) * wts[2 * r];
+        acc[r] = acc[r] + ((float)a[1] * tsv) * wts[2 * r + 1];
+    }
+}
+
+/* NV vectors of tiles, one activation row m: pair-mode words (lo nibbles quad kg, hi nibbles
+ * quad kg+1; byte 2r+j = plane j of the slot's pair). The two lookups of a byte position are
+ * interleaved and summed into one int16 lane per (row, plane) (at most 64 x 2 x 127 < 2^15), so
+ * the two planes stay apart; kind 0 then weighs them by their int16 powers of two into one
+ * exact int32 per row (vpmaddwd: an integer shift per plane, no float multiply). */
+#define BCQ_BODY(NV)                                                                                  \
+    {                                                                                                 \
+        vec_t a_lo[NV], a_hi[NV];                                                                     \
+        for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                                   \
+        for (int w = 0; w < nwords; w++) {                                                            \
+            const int64_t k0 = kg0 + 2 * w;                                                           \
+            const vec_t t0 = V_TABLE(tr + k0 * 16), t1 = V_TABLE(tr + (k0 + 1) * 16);                 \
+            for (int v = 0; v < NV; v++) {                                                            \
+                const vec_t x = load_word(wp, v, nt, 32 * (int64_t)w);                                \
+                const vec_t l0 = V_SHUF(t0, V_AND(x, mask)), l1 = V_SHUF(t1, V_AND(V_SRLI16(x, 4), mask)); \
+                a_lo[v] = V_ADD16(a_lo[v], V_MADDUBS(ones, V_UNPACKLO8(l0, l1)));                     \
+                a_hi[v] = V_ADD16(a_hi[v], V_MADDUBS(ones, V_UNPACKHI8(l0, l1)));                     \
+            }                                                                                         \
+        }                                                                                             \
+        for (int v = 0; v < NV; v++) {                                                                \
+            if (!kind) {                                                                              \
+                add_parts(V_MADD(a_lo[v], load_word(mul, v, nt, 0)), V_MADD(a_hi[v], load_word(mul, v, nt, 32)), \
+                          v, nt, M, m, tsv, ACC);                                                     \
+                continue;                                                                             \
+            }                                                                                         \
+            int16_t lo16[TILES_PER_VEC * 16], hi16[TILES_PER_VEC * 16];                               \
+            V_STORE(lo16, a_lo[v]);                                                                   \
+            V_STORE(hi16, a_hi[v]);                                                                   \
+            for (int h = 0; h < TILES_PER_VEC && TILES_PER_VEC * v + h < nt; h++) {                   \
+                const int t = TILES_PER_VEC * v + h;                                                  \
+                bcq_float_rows(lo16 + 16 * h, hi16 + 16 * h, (const float*)mul[t], tsv, ACC + (t * M + m) * 16); \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+/* One BCQACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word; mul: each tile's
+ * BCQMUL record of the slot, all of one kind). */
+static void group_bcqacc(const uint8_t* const* wp, const uint8_t* const* mul, int kind, int nt, int nwords,
+                         int64_t kg0, const int8_t* T, int64_t tstride, const float* TS, int64_t tsstride,
+                         int64_t M, float* ACC) {
+    const vec_t mask = V_SET1_8(0x0f);
+    const vec_t ones = V_SET1_8(1);
+    const int nv = (nt + TILES_PER_VEC - 1) / TILES_PER_VEC;
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t* tr = T + m * tstride;
+        const float tsv = TS[m * tsstride];
+        switch (nv) {
+        case 4: BCQ_BODY(4) break;
+        case 3: BCQ_BODY(3) break;
+        case 2: BCQ_BODY(2) break;
+        default: BCQ_BODY(1) break;
+        }
+    }
+}
+
 /* YT = YT + (ACC * s - so * xs); ACC = 0 for one tile's 16 rows (the spec's order, per lane). */
 static inline void scale_rows(float* y, float* a, const float* blk, float xs) {
 #if LUT_ISA == 2
@@ -558,6 +656,8 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
                       const float* P, const outlier_t* O, const float* X, int64_t M, float* Y, const int8_t* tables,
                       int64_t tstride, int a8, const float* TS, const float* XS, float* acc, float* yt) {
     const uint8_t* wp[GROUP_TILES];
+    const uint8_t* mul[BCQ_SLOTS][GROUP_TILES] = {{0}}; /* each tile's BCQMUL record per slot */
+    int mulkind[BCQ_SLOTS] = {0};
     for (int t = 0; t < nt; t++) wp[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
     memset(acc, 0, sizeof(float) * 16 * M * nt);
     memset(yt, 0, sizeof(float) * 16 * M * nt);
@@ -569,6 +669,22 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
             const int nwords = (int)FIELD(w, 33, 7) + 1;
             group_lutacc(wp, nt, nwords, quad, plane, FIELD(w, 13, 20), tables, tstride, a8, TS + FIELD(w, 40, 20),
                          p->blocks, M, acc);
+            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
+            break;
+        }
+        case OP_BCQMUL: { /* same word in every tile of the group (same_shape) */
+            const int slot = (int)FIELD(w, 8, 2);
+            mulkind[slot] = (int)FIELD(w, 10, 1);
+            for (int t = 0; t < nt; t++) {
+                mul[slot][t] = wp[t];
+                wp[t] += 32 * (mulkind[slot] ? BCQ_FLOAT_WORDS : BCQ_INT_WORDS);
+            }
+            break;
+        }
+        case OP_BCQACC: {
+            const int slot = (int)FIELD(w, 8, 2), nwords = (int)FIELD(w, 30, 6) + 1;
+            group_bcqacc(wp, mul[slot], mulkind[slot], nt, nwords, FIELD(w, 10, 20), tables, tstride,
+                         TS + FIELD(w, 36, 20), p->blocks, M, acc);
             for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
             break;
         }
@@ -718,6 +834,15 @@ static int segments_task(int task, par_env_t* env, void* cdata) {
     }
 }
 
+/* Whether a validated stream has binary-coded-plane instructions (they run on int8 tables of
+ * float activations only). */
+static int has_bcq(const uint64_t* s, const int64_t* tile, int64_t nsegs) {
+    for (int64_t t = 0; t < nsegs; t++)
+        for (int64_t i = tile[t] + 1; (s[i] & 0xff) != OP_STORE; i++)
+            if ((s[i] & 0xff) == OP_BCQMUL || (s[i] & 0xff) == OP_BCQACC) return 1;
+    return 0;
+}
+
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
  * Y: [M, N] float32, zero on entry. kind: TABLES_INT8, TABLES_FP32 or TABLES_A8. threads: 1 = this thread only; otherwise the tables, then
  * the tiles, are split over `launch` (if not NULL: all of its pool) or OpenMP (0 = all threads).
@@ -728,6 +853,7 @@ int64_t lut_exec_tables(const uint64_t* s, const int64_t* pos, int64_t ntables, 
                         const float* P, const void* O, const float* X, int64_t M, float* Y, int kind, int threads,
                         void* launch) {
     if (kind < TABLES_INT8 || kind > TABLES_A8) return fail(0, ERR_ARGS);
+    if (kind != TABLES_INT8 && has_bcq(s, pos + ntables, nsegs)) return fail(0, ERR_ARGS);
     job_t j = {0};
     j.s = s; j.pos = pos; j.ntables = ntables; j.nsegs = nsegs; j.W = W; j.P = P; j.O = (const outlier_t*)O;
     j.X = X; j.M = M; j.Y = Y; j.fp32 = kind == TABLES_FP32; j.a8 = kind == TABLES_A8;
