@@ -73,11 +73,11 @@ def bcq_plane_sums(tables: np.ndarray, words: np.ndarray, kg0: int) -> np.ndarra
     """Exact integer sums [M, 16 rows, 2 planes] of pair-mode lookups: word w, byte 2r+j: low
     nibble indexes quad kg0+2w, high nibble quad kg0+2w+1, both for plane j of row r."""
     m = tables.shape[0]
-    out = np.zeros((m, 16, 2), np.int64)
+    out = np.zeros((m, 16, 2), tables.dtype)   # int64 (int8 tables: exact) or float32 (in word order)
     for w, word in enumerate(words):
         byte = word.reshape(16, 2)
         t0, t1 = tables[:, kg0 + 2 * w], tables[:, kg0 + 2 * w + 1]
-        out = out + t0[:, byte & 15] + t1[:, byte >> 4]
+        out = out + (t0[:, byte & 15] + t1[:, byte >> 4])
     return out
 
 
@@ -108,8 +108,8 @@ def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True, activati
     acc = yt = None
     wptr = 0
     decoded = isa.decode(program.stream[isa.HEADER_WORDS:])
-    if (a8 or not int8_tables) and any(i.op in ("BCQMUL", "BCQACC") for i in decoded):
-        raise validate.StreamError("binary-coded planes (BCQACC) run on int8 tables of float activations only")
+    if a8 and any(i.op in ("BCQMUL", "BCQACC") for i in decoded):
+        raise validate.StreamError("binary-coded planes (BCQACC) take float activations, not activation_bits=8")
     mul: dict[int, tuple[int, np.ndarray]] = {}
     for ins in decoded:
         f = dict(ins.args)
@@ -151,14 +151,17 @@ def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True, activati
             wptr += nw
         elif ins.op == "BCQACC":
             kind, weights = mul[f["slot"]]
-            sums = bcq_plane_sums(tables, words[wptr:wptr + f["nwords"]], f["kg0"])   # int64 [m, 16, 2]
+            sums = bcq_plane_sums(tables, words[wptr:wptr + f["nwords"]], f["kg0"])   # [m, 16, 2]
             wptr += f["nwords"]
             tsb = ts[:, f["block"], None]
-            if kind == isa.BCQ_MUL_INT:  # exact integer weighting, one conversion per row
+            if int8_tables and kind == isa.BCQ_MUL_INT:  # exact integer weighting, one conversion per row
                 acc = acc + (sums * weights.astype(np.int64)).sum(axis=2).astype(np.float32) * tsb
-            else:
+            elif int8_tables:
                 for j in range(2):
                     acc = acc + (sums[:, :, j].astype(np.float32) * tsb) * weights[None, :, j]
+            else:  # fp32 tables: float sums times the plane weights as float32
+                for j in range(2):
+                    acc = acc + sums[:, :, j] * weights[None, :, j].astype(np.float32)
         elif ins.op == "SCALE":
             blk, b0 = params[f["pidx"]], f["block0"]
             xsum = xs[:, b0]

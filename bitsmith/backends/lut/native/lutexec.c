@@ -173,6 +173,37 @@ static void lutacc_f32(const uint8_t* wp, int nwords, int quad, int plane, int64
     }
 }
 
+/* BCQACC with fp32 tables: per (row, plane) float32 sums P = P + (T[kg][lo] + T[kg+1][hi]), then
+ * ACC = ACC + P_j * w_j for planes j = 0, 1 (w: the BCQMUL record's weights as float32). */
+static void bcqacc_f32(const uint8_t* wp, int nwords, int64_t kg0, const float* wts, const float* T,
+                       int64_t tstride, int64_t M, float* ACC) {
+    for (int64_t m = 0; m < M; m++) {
+        const float* tr = T + m * tstride;
+        float part[32] = {0};
+        for (int w = 0; w < nwords; w++) {
+            const uint8_t* b = wp + 32 * (int64_t)w;
+            const float* t0 = tr + (kg0 + 2 * w) * 16;
+            const float* t1 = t0 + 16;
+            for (int i = 0; i < 32; i++) part[i] = part[i] + (t0[b[i] & 15] + t1[b[i] >> 4]);
+        }
+        float* acc = ACC + m * 16;
+        for (int r = 0; r < 16; r++) {
+            acc[r] = acc[r] + part[2 * r] * wts[2 * r];
+            acc[r] = acc[r] + part[2 * r + 1] * wts[2 * r + 1];
+        }
+    }
+}
+
+/* A BCQMUL record's plane weights as float32 [16 rows][2 planes] (kind 0: int16 in the lane
+ * order of the int8-table accumulators, rows 0-3, 8-11, 4-7, 12-15). */
+static void bcq_weights_f32(const uint8_t* rec, int kind, float* out) {
+    if (kind) { memcpy(out, rec, 32 * sizeof(float)); return; }
+    static const int rows[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    int16_t v[32];
+    memcpy(v, rec, sizeof(v));
+    for (int q = 0; q < 16; q++) { out[2 * rows[q]] = (float)v[2 * q]; out[2 * rows[q] + 1] = (float)v[2 * q + 1]; }
+}
+
 /* ------------------------------------------------------------------ validation */
 
 typedef struct {
@@ -310,6 +341,7 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
                         const outlier_t* O, const float* X, int64_t M, float* Y, const float* tables,
                         int64_t tstride, const float* XS, float* acc, float* yt) {
     int64_t wptr = (int64_t)FIELD(s[i], 8, 56);
+    float mulw[BCQ_SLOTS][32] = {{0}};
     memset(acc, 0, sizeof(float) * 16 * M);
     memset(yt, 0, sizeof(float) * 16 * M);
     for (i = i + 1;; i++) {
@@ -320,6 +352,18 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
             const int64_t kg0 = FIELD(w, 13, 20);
             const int nwords = (int)FIELD(w, 33, 7) + 1;
             lutacc_f32(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, M, acc);
+            wptr += nwords;
+            break;
+        }
+        case OP_BCQMUL: {
+            const int kind = (int)FIELD(w, 10, 1);
+            bcq_weights_f32(W + 32 * wptr, kind, mulw[FIELD(w, 8, 2)]);
+            wptr += kind ? BCQ_FLOAT_WORDS : BCQ_INT_WORDS;
+            break;
+        }
+        case OP_BCQACC: {
+            const int nwords = (int)FIELD(w, 30, 6) + 1;
+            bcqacc_f32(W + 32 * wptr, nwords, FIELD(w, 10, 20), mulw[FIELD(w, 8, 2)], tables, tstride, M, acc);
             wptr += nwords;
             break;
         }
@@ -834,8 +878,7 @@ static int segments_task(int task, par_env_t* env, void* cdata) {
     }
 }
 
-/* Whether a validated stream has binary-coded-plane instructions (they run on int8 tables of
- * float activations only). */
+/* Whether a validated stream has binary-coded-plane instructions (they take float activations). */
 static int has_bcq(const uint64_t* s, const int64_t* tile, int64_t nsegs) {
     for (int64_t t = 0; t < nsegs; t++)
         for (int64_t i = tile[t] + 1; (s[i] & 0xff) != OP_STORE; i++)
@@ -853,7 +896,7 @@ int64_t lut_exec_tables(const uint64_t* s, const int64_t* pos, int64_t ntables, 
                         const float* P, const void* O, const float* X, int64_t M, float* Y, int kind, int threads,
                         void* launch) {
     if (kind < TABLES_INT8 || kind > TABLES_A8) return fail(0, ERR_ARGS);
-    if (kind != TABLES_INT8 && has_bcq(s, pos + ntables, nsegs)) return fail(0, ERR_ARGS);
+    if (kind == TABLES_A8 && has_bcq(s, pos + ntables, nsegs)) return fail(0, ERR_ARGS);
     job_t j = {0};
     j.s = s; j.pos = pos; j.ntables = ntables; j.nsegs = nsegs; j.W = W; j.P = P; j.O = (const outlier_t*)O;
     j.X = X; j.M = M; j.Y = Y; j.fp32 = kind == TABLES_FP32; j.a8 = kind == TABLES_A8;
