@@ -45,9 +45,10 @@ def bcq_reason(attrs: Mapping) -> str | None:
     return None
 
 
-def plane_terms(attrs: Mapping, scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int16 weights m [bits, out, groups] or None where a row-group cannot use them, emin
-    [out, groups]): alpha_i = 2**emin * m_i / 2 exactly for pow2/apot2 scales."""
+def plane_terms(attrs: Mapping, scales: np.ndarray, block_quads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 weights m [bits, out, groups], -1 where a row-group cannot use them; emin [out, groups]):
+    alpha_i = 2**emin * m_i / 2 exactly for pow2/apot2 scales. A row-group can when every m_i fits
+    int16 and a block's int32 total, at most sum_i m_i * 127 * block_quads, cannot wrap."""
     e = np.asarray(scales).astype(np.int64)
     if e.ndim == 3:
         e = e[..., None]
@@ -58,7 +59,7 @@ def plane_terms(attrs: Mapping, scales: np.ndarray) -> tuple[np.ndarray, np.ndar
     shift = np.where(live, e - emin[None, :, :, None] + 1, 0)
     fits = (~live | (shift <= 14)).all(axis=(0, 3))
     m = np.where(live & (shift <= 14), np.left_shift(1, np.minimum(shift, 14)), 0).sum(axis=3)
-    fits &= (m <= INT_WEIGHT_MAX).all(axis=0)
+    fits &= (m <= INT_WEIGHT_MAX).all(axis=0) & (m.sum(axis=0) * 127 * block_quads < 1 << 31)
     return np.where(fits[None], m, -1), emin
 
 
@@ -89,7 +90,7 @@ def generate_bcq(attrs: Mapping, operands: Sequence[np.ndarray], table_group: in
     s = np.ones((npad, groups), np.float32)
     int_ok = np.zeros((npad, groups), bool)
     if attrs["scale"] != "fp16":
-        m, emin = plane_terms(attrs, scales)
+        m, emin = plane_terms(attrs, scales, table_group // 4)
         int_ok[:n] = (m >= 0).all(axis=0)
         wint[:bits, :n] = np.maximum(m, 0)
         s[:n] = np.where(int_ok[:n], np.ldexp(np.float32(1), emin.astype(np.int32)), 1).astype(np.float32)
@@ -114,10 +115,9 @@ def generate_bcq(attrs: Mapping, operands: Sequence[np.ndarray], table_group: in
             ops.append(isa.encode_columns("BCQMUL", 1, slot=q, kind=isa.BCQ_MUL_INT))
             parts.append(("mul", q, g))
         for j, (c0, cn) in enumerate(group_blocks):
-            for q in range(pairs):
-                seg = _unit_words(idx, isa.MODE_PAIR, 2 * q, c0, cn)   # [tiles, ceil(cn / 2), 32]
-                ops.append(isa.encode_columns("BCQACC", 1, slot=q, kg0=c0, nwords=seg.shape[1], block=block_id + j))
-                parts.append(("words", seg))
+            seg = np.concatenate([_unit_words(idx, isa.MODE_PAIR, 2 * q, c0, cn) for q in range(pairs)], axis=1)
+            ops.append(isa.encode_columns("BCQACC", 1, npairs=pairs, kg0=c0, nwords=-(-cn // 2), block=block_id + j))
+            parts.append(("words", seg))   # [tiles, pairs * ceil(cn / 2), 32], pair after pair
         ops.append(isa.encode_columns("SCALE", 1, block0=block_id, nblocks=len(group_blocks), pidx=g))
         parts.append(None)
         block_id += len(group_blocks)

@@ -72,10 +72,11 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format(0x08, "BCQMUL", (Field("slot", 8, 2), Field("kind", 10, 1)),
            "binary-coded planes: MUL[slot] = the plane-pair weights at WPTR (kind 0: int16 powers of "
            "two, 2 words; kind 1: float32, 4 words); WPTR += 2 or 4"),
-    Format(0x09, "BCQACC", (Field("slot", 8, 2), Field("kg0", 10, 20), Field("nwords", 30, 6, 1),
+    Format(0x09, "BCQACC", (Field("npairs", 8, 2, 1), Field("kg0", 10, 20), Field("nwords", 30, 6, 1),
                             Field("block", 36, 20)),
-           "ACC += TS[block] * (per-row, per-plane exact integer sums of pair-mode lookups of nwords weight "
-           "words, weighted by MUL[slot]); WPTR += nwords"),
+           "for plane pairs q < npairs: per-row, per-plane sums of pair-mode lookups of nwords weight words "
+           "(pair q's words follow pair q-1's), weighted by MUL[q]; ACC += their total times TS[block]; "
+           "WPTR += npairs * nwords"),
 )}
 BY_OPCODE: dict[int, Format] = {f.opcode: f for f in FORMATS.values()}
 MODE_QUAD, MODE_PAIR = 0, 1

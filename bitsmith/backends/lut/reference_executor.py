@@ -69,6 +69,11 @@ def bcq_plane_weights(record: np.ndarray, kind: int) -> np.ndarray:
     return out
 
 
+def _wrap32(v: np.ndarray) -> np.ndarray:
+    """int64 -> the int32 two's-complement value (vector int32 adds wrap)."""
+    return (v + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
 def bcq_plane_sums(tables: np.ndarray, words: np.ndarray, kg0: int) -> np.ndarray:
     """Exact integer sums [M, 16 rows, 2 planes] of pair-mode lookups: word w, byte 2r+j: low
     nibble indexes quad kg0+2w, high nibble quad kg0+2w+1, both for plane j of row r."""
@@ -150,18 +155,24 @@ def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True, activati
             mul[f["slot"]] = (f["kind"], bcq_plane_weights(words[wptr:wptr + nw], f["kind"]))
             wptr += nw
         elif ins.op == "BCQACC":
-            kind, weights = mul[f["slot"]]
-            sums = bcq_plane_sums(tables, words[wptr:wptr + f["nwords"]], f["kg0"])   # [m, 16, 2]
-            wptr += f["nwords"]
-            tsb = ts[:, f["block"], None]
-            if int8_tables and kind == isa.BCQ_MUL_INT:  # exact integer weighting, one conversion per row
-                acc = acc + (sums * weights.astype(np.int64)).sum(axis=2).astype(np.float32) * tsb
-            elif int8_tables:
-                for j in range(2):
-                    acc = acc + (sums[:, :, j].astype(np.float32) * tsb) * weights[None, :, j]
-            else:  # fp32 tables: float sums times the plane weights as float32
-                for j in range(2):
-                    acc = acc + sums[:, :, j] * weights[None, :, j].astype(np.float32)
+            nw, tsb = f["nwords"], ts[:, f["block"], None]
+            total = np.zeros((m, 16), np.int64)   # int32 (wrapping) total of the int16-weighted pairs
+            any_int = False
+            for q in range(f["npairs"]):
+                kind, weights = mul[q]
+                sums = bcq_plane_sums(tables, words[wptr + q * nw:wptr + (q + 1) * nw], f["kg0"])   # [m, 16, 2]
+                if not int8_tables:  # fp32 tables: float sums times the plane weights as float32, pair by pair
+                    for j in range(2):
+                        acc = acc + sums[:, :, j] * weights[None, :, j].astype(np.float32)
+                elif kind == isa.BCQ_MUL_INT:
+                    total = _wrap32(total + (sums * weights.astype(np.int64)).sum(axis=2))
+                    any_int = True
+                else:
+                    for j in range(2):
+                        acc = acc + (sums[:, :, j].astype(np.float32) * tsb) * weights[None, :, j]
+            if any_int:  # exact integers, converted once per row
+                acc = acc + total.astype(np.float32) * tsb
+            wptr += f["npairs"] * nw
         elif ins.op == "SCALE":
             blk, b0 = params[f["pidx"]], f["block0"]
             xsum = xs[:, b0]

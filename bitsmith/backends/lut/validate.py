@@ -11,7 +11,7 @@ that an accepted stream gives bit-identical results in both. The rules (docs/lut
   blocks <= Kpad / 4, N <= 16 x (number of TILEs);
 * order: TABLEs, SYNC, then tiles (TILE, LUTACC/SCALE/OUTLIER..., STORE), then END as the last word;
 * TABLEs build distinct blocks over disjoint quads; LUTACC/BCQACC/SCALE name built blocks; a
-  BCQACC's slot was set by a BCQMUL earlier in its tile; every
+  BCQACC's slots 0..npairs-1 were set by BCQMULs earlier in its tile; every
   field within the header and the operand sizes; STOREs write each output row at most once
   (tiles run in parallel); outlier records index a tile row (< 16) and an activation (< Kpad).
 """
@@ -150,15 +150,16 @@ def _validate(s: list[int], wwords: int, pblocks: int, nout: int) -> tuple[int, 
             wptr += isa.BCQ_MUL_WORDS[kind]
             slots |= 1 << slot
         elif op == _OP["BCQACC"]:
-            slot, kg0, nwords, block = _field(w, 8, 2), _field(w, 10, 20), _field(w, 30, 6) + 1, _field(w, 36, 20)
+            npairs, kg0, nwords, block = _field(w, 8, 2) + 1, _field(w, 10, 20), _field(w, 30, 6) + 1, _field(w, 36, 20)
             if phase != 2:
                 return (i << 8) | ERR_ORDER, kpad
-            if w >> 56 or block >= blocks or not built[block] or not slots >> slot & 1 \
+            need = (1 << npairs) - 1
+            if w >> 56 or block >= blocks or not built[block] or slots & need != need \
                     or kg0 + 2 * nwords > kg + 1:
                 return (i << 8) | ERR_LUTACC, kpad
-            if wptr + nwords > wwords:
+            if wptr + npairs * nwords > wwords:
                 return (i << 8) | ERR_WEIGHTS, kpad
-            wptr += nwords
+            wptr += npairs * nwords
         elif op == _OP["SCALE"]:
             b0, nb = _field(w, 8, 20), _field(w, 28, 8) + 1
             if phase != 2:

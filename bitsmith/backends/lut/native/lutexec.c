@@ -290,12 +290,14 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
             break;
         }
         case OP_BCQACC: {
-            const int64_t kg0 = FIELD(w, 10, 20), nwords = FIELD(w, 30, 6) + 1, block = FIELD(w, 36, 20);
+            const int64_t npairs = FIELD(w, 8, 2) + 1, kg0 = FIELD(w, 10, 20), nwords = FIELD(w, 30, 6) + 1,
+                          block = FIELD(w, 36, 20);
+            const int need = (1 << npairs) - 1;
             if (phase != 2) return fail(i, ERR_ORDER);
-            if (w >> 56 || block >= p->blocks || !p->built[block] || !(slots >> FIELD(w, 8, 2) & 1)
+            if (w >> 56 || block >= p->blocks || !p->built[block] || (slots & need) != need
                 || kg0 + 2 * nwords > p->kg + 1) return fail(i, ERR_LUTACC);
-            if (wptr < 0 || wptr + nwords > wwords) return fail(i, ERR_WEIGHTS);
-            wptr += nwords;
+            if (wptr < 0 || wptr + npairs * nwords > wwords) return fail(i, ERR_WEIGHTS);
+            wptr += npairs * nwords;
             break;
         }
         case OP_SCALE: {
@@ -362,9 +364,11 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
             break;
         }
         case OP_BCQACC: {
-            const int nwords = (int)FIELD(w, 30, 6) + 1;
-            bcqacc_f32(W + 32 * wptr, nwords, FIELD(w, 10, 20), mulw[FIELD(w, 8, 2)], tables, tstride, M, acc);
-            wptr += nwords;
+            const int npairs = (int)FIELD(w, 8, 2) + 1, nwords = (int)FIELD(w, 30, 6) + 1;
+            for (int q = 0; q < npairs; q++)
+                bcqacc_f32(W + 32 * (wptr + (int64_t)q * nwords), nwords, FIELD(w, 10, 20), mulw[q], tables, tstride,
+                           M, acc);
+            wptr += (int64_t)npairs * nwords;
             break;
         }
         case OP_SCALE: {
@@ -621,49 +625,61 @@ static void bcq_float_rows(const int16_t* alo, const int16_t* ahi, const float* 
     }
 }
 
-/* NV vectors of tiles, one activation row m: pair-mode words (lo nibbles quad kg, hi nibbles
- * quad kg+1; byte 2r+j = plane j of the slot's pair). The two lookups of a byte position are
+/* NV vectors of tiles, one activation row m, plane pair q: pair-mode words (lo nibbles quad kg,
+ * hi nibbles quad kg+1; byte 2r+j = plane j of the pair). The two lookups of a byte position are
  * interleaved and summed into one int16 lane per (row, plane) (at most 64 x 2 x 127 < 2^15), so
- * the two planes stay apart; kind 0 then weighs them by their int16 powers of two into one
- * exact int32 per row (vpmaddwd: an integer shift per plane, no float multiply). */
+ * the two planes stay apart; kind 0 then weighs them by their int16 powers of two into int32 row
+ * sums (vpmaddwd: an integer shift per plane, no float multiply), added over the pairs (int32,
+ * wrapping; code generation keeps them in range) and converted once per instruction. */
 #define BCQ_BODY(NV)                                                                                  \
     {                                                                                                 \
-        vec_t a_lo[NV], a_hi[NV];                                                                     \
-        for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                                   \
-        for (int w = 0; w < nwords; w++) {                                                            \
-            const int64_t k0 = kg0 + 2 * w;                                                           \
-            const vec_t t0 = V_TABLE(tr + k0 * 16), t1 = V_TABLE(tr + (k0 + 1) * 16);                 \
+        vec_t s_lo[NV], s_hi[NV];                                                                     \
+        for (int v = 0; v < NV; v++) s_lo[v] = s_hi[v] = V_ZERO();                                   \
+        for (int q = 0; q < npairs; q++) {                                                            \
+            const int64_t base = 32 * (int64_t)q * nwords;                                            \
+            vec_t a_lo[NV], a_hi[NV];                                                                 \
+            for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                               \
+            for (int w = 0; w < nwords; w++) {                                                        \
+                const int64_t k0 = kg0 + 2 * w;                                                       \
+                const vec_t t0 = V_TABLE(tr + k0 * 16), t1 = V_TABLE(tr + (k0 + 1) * 16);             \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    const vec_t x = load_word(wp, v, nt, base + 32 * (int64_t)w);                     \
+                    const vec_t l0 = V_SHUF(t0, V_AND(x, mask)), l1 = V_SHUF(t1, V_AND(V_SRLI16(x, 4), mask)); \
+                    a_lo[v] = V_ADD16(a_lo[v], V_MADDUBS(ones, V_UNPACKLO8(l0, l1)));                 \
+                    a_hi[v] = V_ADD16(a_hi[v], V_MADDUBS(ones, V_UNPACKHI8(l0, l1)));                 \
+                }                                                                                     \
+            }                                                                                         \
             for (int v = 0; v < NV; v++) {                                                            \
-                const vec_t x = load_word(wp, v, nt, 32 * (int64_t)w);                                \
-                const vec_t l0 = V_SHUF(t0, V_AND(x, mask)), l1 = V_SHUF(t1, V_AND(V_SRLI16(x, 4), mask)); \
-                a_lo[v] = V_ADD16(a_lo[v], V_MADDUBS(ones, V_UNPACKLO8(l0, l1)));                     \
-                a_hi[v] = V_ADD16(a_hi[v], V_MADDUBS(ones, V_UNPACKHI8(l0, l1)));                     \
+                if (!kind[q]) {                                                                       \
+                    s_lo[v] = V_ADD32(s_lo[v], V_MADD(a_lo[v], load_word(mul[q], v, nt, 0)));         \
+                    s_hi[v] = V_ADD32(s_hi[v], V_MADD(a_hi[v], load_word(mul[q], v, nt, 32)));        \
+                    continue;                                                                         \
+                }                                                                                     \
+                int16_t lo16[TILES_PER_VEC * 16], hi16[TILES_PER_VEC * 16];                           \
+                V_STORE(lo16, a_lo[v]);                                                               \
+                V_STORE(hi16, a_hi[v]);                                                               \
+                for (int h = 0; h < TILES_PER_VEC && TILES_PER_VEC * v + h < nt; h++) {               \
+                    const int t = TILES_PER_VEC * v + h;                                              \
+                    bcq_float_rows(lo16 + 16 * h, hi16 + 16 * h, (const float*)mul[q][t], tsv,        \
+                                   ACC + (t * M + m) * 16);                                           \
+                }                                                                                     \
             }                                                                                         \
         }                                                                                             \
-        for (int v = 0; v < NV; v++) {                                                                \
-            if (!kind) {                                                                              \
-                add_parts(V_MADD(a_lo[v], load_word(mul, v, nt, 0)), V_MADD(a_hi[v], load_word(mul, v, nt, 32)), \
-                          v, nt, M, m, tsv, ACC);                                                     \
-                continue;                                                                             \
-            }                                                                                         \
-            int16_t lo16[TILES_PER_VEC * 16], hi16[TILES_PER_VEC * 16];                               \
-            V_STORE(lo16, a_lo[v]);                                                                   \
-            V_STORE(hi16, a_hi[v]);                                                                   \
-            for (int h = 0; h < TILES_PER_VEC && TILES_PER_VEC * v + h < nt; h++) {                   \
-                const int t = TILES_PER_VEC * v + h;                                                  \
-                bcq_float_rows(lo16 + 16 * h, hi16 + 16 * h, (const float*)mul[t], tsv, ACC + (t * M + m) * 16); \
-            }                                                                                         \
-        }                                                                                             \
+        if (any_int)                                                                                  \
+            for (int v = 0; v < NV; v++) add_parts(s_lo[v], s_hi[v], v, nt, M, m, tsv, ACC);         \
     }
 
-/* One BCQACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word; mul: each tile's
- * BCQMUL record of the slot, all of one kind). */
-static void group_bcqacc(const uint8_t* const* wp, const uint8_t* const* mul, int kind, int nt, int nwords,
-                         int64_t kg0, const int8_t* T, int64_t tstride, const float* TS, int64_t tsstride,
-                         int64_t M, float* ACC) {
+/* One BCQACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word; mul[q]: each tile's
+ * BCQMUL record of pair q, kind[q] its kind). Float-weighted pairs are added to ACC as they come,
+ * the int32 total of the int16-weighted pairs after the last pair. */
+static void group_bcqacc(const uint8_t* const* wp, const uint8_t* const (*mul)[GROUP_TILES], const int* kind,
+                         int npairs, int nt, int nwords, int64_t kg0, const int8_t* T, int64_t tstride,
+                         const float* TS, int64_t tsstride, int64_t M, float* ACC) {
     const vec_t mask = V_SET1_8(0x0f);
     const vec_t ones = V_SET1_8(1);
     const int nv = (nt + TILES_PER_VEC - 1) / TILES_PER_VEC;
+    int any_int = 0;
+    for (int q = 0; q < npairs; q++) any_int |= !kind[q];
     for (int64_t m = 0; m < M; m++) {
         const int8_t* tr = T + m * tstride;
         const float tsv = TS[m * tsstride];
@@ -726,10 +742,10 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
             break;
         }
         case OP_BCQACC: {
-            const int slot = (int)FIELD(w, 8, 2), nwords = (int)FIELD(w, 30, 6) + 1;
-            group_bcqacc(wp, mul[slot], mulkind[slot], nt, nwords, FIELD(w, 10, 20), tables, tstride,
-                         TS + FIELD(w, 36, 20), p->blocks, M, acc);
-            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
+            const int npairs = (int)FIELD(w, 8, 2) + 1, nwords = (int)FIELD(w, 30, 6) + 1;
+            group_bcqacc(wp, (const uint8_t* const (*)[GROUP_TILES])mul, mulkind, npairs, nt, nwords, FIELD(w, 10, 20),
+                         tables, tstride, TS + FIELD(w, 36, 20), p->blocks, M, acc);
+            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)npairs * nwords;
             break;
         }
         case OP_SCALE: {
