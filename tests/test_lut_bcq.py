@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import bitsmith
-from bitsmith.backends.lut import isa, native, reference_executor, validate
+from bitsmith.backends.lut import isa, reference_executor, validate
 from bitsmith.backends.lut.codegen import LayerProgram
 from bitsmith.backends.lut.codegen_bcq import generate_bcq
 from bitsmith.ir import run_function
@@ -17,16 +17,7 @@ from bitsmith.ir.bcq import ZERO_EXPONENT, alphas, pack_planes
 
 from test_bcq_op import bcq_module, random_operands
 
-EPS32 = float(np.finfo(np.float32).eps)
-needs_avx2 = pytest.mark.skipif(not native.cpu_has_avx2(), reason="the fast executor needs AVX2/FMA")
-
-
-@pytest.fixture(scope="module", params=sorted(native.ENGINE_ISAS))
-def fast(request):
-    """Each build of the engine this CPU runs (CI: AVX2-only Zen 3 runs the avx2 build only)."""
-    if not native.cpu_runs(request.param):
-        pytest.skip(f"this CPU cannot run the {request.param} build of the fast executor")
-    return native.load_library(native.build_library(isa=request.param), request.param)
+from test_lut_executor import EPS32, fast, needs_avx2  # noqa: F401 - the per-build engine fixture
 
 
 @st.composite
