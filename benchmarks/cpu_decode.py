@@ -36,6 +36,8 @@ ROWS: dict[str, tuple[str, dict]] = {
     "lut-rtn-int4": ("lut-cpu", {"quant": "rtn-int4"}),
     # ShiftAddLLM pow2 BCQ: planes decoded by the generic (scalar) tvm-llvm schedule, see docs/shiftadd.md
     "tvm-shiftadd-w3": ("tvm-llvm", {"quant": "shiftadd-w3"}),
+    # the same planes on the LUT engine (BCQMUL/BCQACC, docs/lut-isa.md "Binary-coded planes")
+    "lut-shiftadd-w3": ("lut-cpu", {"quant": "shiftadd-w3"}),
 }
 
 
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--rows", default="eager," + ",".join(ROWS))
     ap.add_argument("--work", default=None, help="folder for artifacts and the kernel cache (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--compile-phases", default="cold,warm",
+                    help="compiles per row: 'cold,warm' (default) or 'cold' (one compile, e.g. for slow quantizers)")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_payload", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -188,7 +192,7 @@ def main() -> None:
             continue
         artifacts[row] = str(work / row)
         row_env = {**env, "BITSMITH_CACHE_DIR": str(work / "cache" / row)}  # cold means empty
-        for phase in ("cold", "warm"):
+        for phase in [p for p in a.compile_phases.split(",") if p]:
             print(f"compiling {row} ({phase})...", file=sys.stderr, flush=True)
             res = _worker(["--_worker", "compile", "--_payload", json.dumps({"row": row, "out": artifacts[row]})],
                           row_env)

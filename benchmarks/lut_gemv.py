@@ -24,6 +24,11 @@ and the ratio over torch fp32 dense (``torch.nn.functional.linear``) timed in th
     python benchmarks/lut_gemv.py                 # everything (a few minutes)
     python benchmarks/lut_gemv.py --goal --markdown benchmarks/results/lut_gemv.md
     python benchmarks/lut_gemv.py --quick         # N = K = 4096 only, 4-bit
+    python benchmarks/lut_gemv.py --shiftadd --markdown benchmarks/results/lut_gemv_shiftadd.md
+
+``--shiftadd``: binary-coded (bcq_linear, ShiftAddLLM) layers on the same engine at M = 1,
+N = K = 4096, 1 thread: shiftadd-w2/w3/w4 with power-of-two scales (int16 shift weights),
+apot2 and fp16 scales (float plane weights) at w3, beside bitmod-w3 and rtn-int3 qlinears.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import torch
 
 from bitsmith.backends.lut import native
 from bitsmith.backends.lut.codegen import LayerProgram, generate
+from bitsmith.backends.lut.codegen_bcq import generate_bcq
 from bitsmith.backends.lut.decompose import decompose
 from bitsmith.ir import GraphBuilder, TensorType
 from bitsmith.ir.code_packing import group_count, pack_codes
@@ -159,6 +165,99 @@ def goal_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table
     return rows
 
 
+def bcq_layer(n: int, k: int, bits: int, scale: str, rng: np.random.Generator) -> tuple[dict, list[np.ndarray]]:
+    """Random bcq_linear operands with scales shaped like a greedy fit's: plane i about 2**-i of plane 0."""
+    from bitsmith.ir.bcq import pack_planes
+    groups = group_count(k, GROUP)
+    attrs = dict(bits=bits, group_size=GROUP, in_features=k, out_features=n, scale=scale, bias=False)
+    signs = rng.choice(np.array([-1, 1], np.int8), (bits, n, k))
+    e = rng.integers(-9, -5, (1, n, groups)) - np.arange(bits)[:, None, None] - rng.integers(0, 2, (bits, n, groups))
+    if scale == "pow2":
+        scales = e.astype(np.int8)
+    elif scale == "apot2":
+        scales = np.stack([e, e - rng.integers(1, 4, e.shape)], axis=-1).astype(np.int8)
+    else:
+        scales = (np.ldexp(1.0, e) * rng.uniform(1, 2, e.shape)).astype(np.float16)
+    return attrs, [pack_planes(signs), scales]
+
+
+def qlinear_layer(n: int, k: int, scheme: str, rng: np.random.Generator) -> tuple[dict, list[np.ndarray]]:
+    """Random valid qlinear operands of a symmetric-grid scheme (codes, scales, selectors)."""
+    from bitsmith.ir.quant_grids import get_scheme
+    from bitsmith.ir.quantized import operand_types
+    sc = get_scheme(scheme)
+    groups = group_count(k, GROUP)
+    attrs = dict(scheme=scheme, group_size=GROUP, in_features=k, out_features=n, sparsity="", outliers=False,
+                 bias=False)
+    make = {"codes": lambda: pack_codes(rng.integers(0, len(sc.candidates[0].values), (n, k)), sc.bits),
+            "scales": lambda: rng.uniform(0.001, 0.01, (n, groups)).astype(np.float16),
+            "selectors": lambda: pack_codes(rng.integers(0, len(sc.candidates), (n, groups)), sc.selector_bits)}
+    return attrs, [make[role]() for role, _ in operand_types(attrs)]
+
+
+SHIFTADD_ROWS = (("shiftadd-w3", 3, "pow2"), ("shiftadd-w3-apot2", 3, "apot2"), ("shiftadd-w3-fp16", 3, "fp16"),
+                 ("shiftadd-w2", 2, "pow2"), ("shiftadd-w4", 4, "pow2"), ("bitmod-w3", 3, None),
+                 ("rtn-int3", 3, None))
+
+
+def shiftadd_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table_group: int,
+                   rng: np.random.Generator) -> list[dict]:
+    """M = 1, N = K = 4096, 1 thread: binary-coded layers vs bitmod-w3 / rtn-int3 on the same engine."""
+    n = k = 4096
+    x = rng.normal(size=(1, k)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    torch.set_num_threads(1)
+    dense_w = torch.from_numpy(rng.normal(size=(n, k)).astype(np.float32))
+    rows = []
+    for label, bits, scale in SHIFTADD_ROWS:
+        if scale is not None:
+            prog = generate_bcq(*bcq_layer(n, k, bits, scale, rng), table_group)
+        elif label.startswith("rtn"):
+            prog = generate(decompose(*quantized_layer(n, k, bits, rng)), table_group)
+        else:
+            prog = generate(decompose(*qlinear_layer(n, k, label, rng)), table_group)
+        read = prog.weights.nbytes + prog.params.nbytes
+        copies = max(1, min(4096, (cold_mib << 20) // read))
+        progs = [LayerProgram(prog.stream, prog.weights.copy(), prog.params.copy(), prog.outliers, k)
+                 for _ in range(copies)]
+        for isa, lut in libraries.items():
+            state = {"i": 0}
+
+            def run_lut() -> None:
+                state["i"] = (state["i"] + 1) % copies
+                lut.run(progs[state["i"]], x, True, 1)
+
+            t_lut, cpu_lut = timeit_cpu(run_lut, 0.2, 5)  # CPU time (1 thread): robust to load
+            t_torch = timeit(lambda: torch.nn.functional.linear(xt, dense_w), 0.2, 3)
+            row = dict(label=label, isa=isa, lut=t_lut, cpu=cpu_lut, torch=t_torch, read=read,
+                       bpw=8 * read / (n * k), gbs=read / t_lut / 1e9)
+            rows.append(row)
+            print(f"{label:<18} {isa:<6} | lut {t_lut * 1e3:7.3f} ms wall, {cpu_lut * 1e3:7.3f} ms CPU, "
+                  f"{row['bpw']:.2f} bits/weight read, {row['gbs']:5.1f} GB/s | torch fp32 {t_torch * 1e3:7.3f} ms",
+                  flush=True)
+    return rows
+
+
+def shiftadd_markdown(rows: list[dict], machine: str, table_group: int, load: tuple[str, str]) -> str:
+    base = {r["isa"]: r["cpu"] for r in rows if r["label"] == "bitmod-w3"}
+    lines = ["# Binary-coded (shiftadd) layers on the LUT engine, N = K = 4096, M = 1, 1 thread "
+             "(benchmarks/lut_gemv.py --shiftadd)", "",
+             f"Machine: {machine} ({cpu_detail()}). Load average before / after: {load[0]} / {load[1]} (shared "
+             "machine: compare within one engine build's column; timings vary 10-30% and more).",
+             f"Group 128, int8 tables (lut_table_group {table_group}); weights rotated through >= 128 MiB of copies "
+             "(read from DRAM each call). Random signs and scales (plane i about 2^-i of plane 0). bits/weight read "
+             "= (weight words + BCQMUL records + SCALE parameters) * 8 / (N K). x bitmod-w3 = bitmod-w3 / row "
+             "CPU time on the same build (CPU ms: this thread's CPU time per call, min of 5 means; on a loaded "
+             "machine wall time mostly measures the scheduler).", "",
+             "| layer | engine build | LUT CPU ms | LUT wall ms | bits/weight read | GB/s (wall) | x bitmod-w3 (CPU) "
+             "| torch fp32 wall ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['isa']} | {r['cpu'] * 1e3:.3f} | {r['lut'] * 1e3:.3f} | {r['bpw']:.2f} | "
+                     f"{r['gbs']:.1f} | {base[r['isa']] / r['cpu']:.2f} | {r['torch'] * 1e3:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def cpu_detail() -> str:
     """cpuinfo's family/model (the model name may be just "AMD EPYC") and the vector extensions
     the engine builds care about."""
@@ -206,7 +305,8 @@ def main() -> None:
     ap.add_argument("--table-group", type=int, default=32, help="activations per int8 table scale (lut_table_group)")
     ap.add_argument("--library", help="a prebuilt lutexec.so (default: build native/lutexec.c with gcc now)")
     ap.add_argument("--goal", action="store_true", help="only the N = K = 4096 goal table (every engine build)")
-    ap.add_argument("--markdown", help="write the goal table to this markdown file")
+    ap.add_argument("--markdown", help="write the goal table (with --shiftadd: the shiftadd table) to this file")
+    ap.add_argument("--shiftadd", action="store_true", help="only the binary-coded (shiftadd) rows, 1 thread")
     args = ap.parse_args()
     shapes = {"4096x4096": SHAPES["4096x4096"]} if args.quick else SHAPES
     bit_list = (4,) if args.quick else (2, 3, 4)
@@ -226,6 +326,14 @@ def main() -> None:
     from machine import machine_line
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"machine: {machine_line()} ({cpu_detail()}); load average {load}")
+    if args.shiftadd:
+        rows = shiftadd_table(libraries, args.cold_mib, args.table_group, np.random.default_rng(2))
+        after = " ".join(f"{v:.2f}" for v in os.getloadavg())
+        print(f"load average after: {after}")
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(shiftadd_markdown(rows, machine_line(), args.table_group, (load, after)))
+        return
     goal = goal_table(libraries, args.cold_mib, args.table_group, np.random.default_rng(1))
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -36,10 +36,15 @@ from bitsmith.backends.lut import isa, native, reference_executor, validate
 from bitsmith.backends.lut.codegen import OUTLIER_DTYPE, LayerProgram, generate
 from bitsmith.backends.lut.decompose import decompose
 
+from bitsmith.backends.lut.codegen_bcq import generate_bcq
+from bitsmith.ir.bcq import pack_planes
+
 from lut_operands import LUT_SCHEMES, random_qlinear
+from test_bcq_op import random_operands
 from lut_fuzz_worker import read_message, write_message
 
 HERE = Path(__file__).resolve().parent
+BCQ_SCALES = ("pow2", "apot2", "fp16")  # bcq_linear programs among the base programs
 
 
 def examples(default: int) -> int:
@@ -116,12 +121,17 @@ def _tally():
 
 @st.composite
 def base_programs(draw) -> LayerProgram:
-    scheme = draw(st.sampled_from(LUT_SCHEMES))
+    scheme = draw(st.sampled_from(LUT_SCHEMES + BCQ_SCALES))
     n, k = draw(st.integers(1, 40)), draw(st.integers(1, 100))
     gs = 4 * draw(st.integers(1, 20))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    table_group = draw(st.sampled_from([4, 8, 16, 32]))
+    if scheme in BCQ_SCALES:  # binary-coded planes: BCQMUL / BCQACC instructions
+        signs, scales = random_operands(rng, draw(st.integers(1, 5)), n, k, gs, scheme)
+        attrs = dict(bits=signs.shape[0], group_size=gs, in_features=k, out_features=n, scale=scheme, bias=False)
+        return generate_bcq(attrs, [pack_planes(signs), scales], table_group)
     attrs, ops = random_qlinear(rng, scheme, n, k, gs, draw(st.booleans()))
-    return generate(decompose(attrs, ops), draw(st.sampled_from([4, 8, 16, 32])))
+    return generate(decompose(attrs, ops), table_group)
 
 
 def _fields(word: int) -> tuple[isa.Field, ...]:

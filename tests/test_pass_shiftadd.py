@@ -206,16 +206,17 @@ def test_tiny_llama_reference_and_tvm_llvm_agree(tiny_llama):
     assert report["bits_per_weight"] == pytest.approx(3 + 3 * 8 / 32)  # planes + int8 exponent per group
 
 
-def test_lut_cpu_refuses_bcq_linear_naming_the_op():
+def test_lut_cpu_takes_bcq_linear_and_refuses_what_its_tables_cannot_hold_naming_the_op():
+    # the engine runs binary-coded planes (tests/test_lut_bcq.py); a group size that is not a
+    # multiple of its 4-activation tables is refused with the op and the reason
     from bitsmith.errors import UnsupportedOpError
-    model = two_linears()[0]
-    bcq = get_pass("shiftadd", bits=2, group_size=8, iterations=1).apply(model)
     from bitsmith.backends import backend_for_target
     from bitsmith.backends.base import check_legal
     be = backend_for_target("lut-cpu")
-    with pytest.raises(UnsupportedOpError, match="bcq_linear.*no LUT lowering yet"):
-        check_legal(bcq, be.legal_ops("lut-cpu", {**be.option_defaults("lut-cpu"), "lut_host": "reference"}),
-                    "lut-cpu")
+    legal = be.legal_ops("lut-cpu", {**be.option_defaults("lut-cpu"), "lut_host": "reference"})
+    check_legal(get_pass("shiftadd", bits=2, group_size=8, iterations=1).apply(two_linears()[0]), legal, "lut-cpu")
+    with pytest.raises(UnsupportedOpError, match="bcq_linear.*not a multiple of 4"):
+        check_legal(get_pass("shiftadd", bits=2, group_size=6, iterations=1).apply(two_linears()[0]), legal, "lut-cpu")
 
 
 @pytest.mark.slow  # tvm-cuda builds every kernel of the tiny Llama with nvcc: ~2 min on 2 cores

@@ -15,13 +15,13 @@ import numpy as np
 
 from ...errors import ArtifactError, BitsmithError, OptionError, UnsupportedOpError
 from ...ir import Module
-from ...ir.quantized import qlinear_nodes
 from ...tolerance import Tolerance
 from ..base import Backend, Executable, LegalOps, Pipeline
 from ..files import target_files
 from . import host, native, program
 from . import reference_executor
 from .codegen import generate
+from .codegen_bcq import generate_bcq
 from .decompose import TARGET, decompose
 from .program import LayerEntry
 
@@ -60,10 +60,16 @@ def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
     return tables == "int8", threads, executor
 
 
+ENGINE_OPS = ("qlinear", "bcq_linear")   # the ops the engine runs (each becomes one stream)
+
+
 def lower_module(module: Module, table_group: int = 32) -> list[LayerEntry]:
-    """Code generation: one LayerEntry per qlinear node of every function."""
+    """Code generation: one LayerEntry per qlinear or bcq_linear node of every function."""
     out = []
-    for fn, node, constants in qlinear_nodes(module):
+    for fn, node, constants in engine_nodes(module):
+        if node.op == "bcq_linear":
+            out.append(_lower_bcq(module, fn, node, constants, table_group))
+            continue
         attrs = node.attr_dict
         n_weight = len(node.inputs) - 1 - (1 if attrs["bias"] else 0)
         names = [constants.get(v) for v in node.inputs[1:1 + n_weight]]
@@ -75,6 +81,30 @@ def lower_module(module: Module, table_group: int = 32) -> list[LayerEntry]:
         layer = names[0].rsplit(".codes", 1)[0]
         out.append(LayerEntry(fn.name, node.outputs[0].name, layer, attrs["scheme"], generate(weight, table_group)))
     return out
+
+
+def engine_nodes(module: Module):
+    """(function, node, constants) of every node the engine runs, in node order."""
+    for fn in module.functions:
+        constants = {n.outputs[0].name: n.attr("name") for n in fn.nodes if n.op == "constant"}
+        for node in fn.nodes:
+            if node.op in ENGINE_OPS:
+                yield fn, node, constants
+
+
+def _lower_bcq(module: Module, fn, node, constants, table_group: int) -> LayerEntry:
+    attrs = node.attr_dict
+    names = [constants.get(v) for v in node.inputs[1:3]]
+    where = node.loc.module_path if node.loc is not None else ""
+    if None in names:
+        raise UnsupportedOpError("bcq_linear", module_path=where, target=TARGET,
+                                 detail="weight operands must be constants")
+    from ...ir.bcq import quant_label
+    try:
+        prog = generate_bcq(attrs, [module.tensors[n] for n in names], table_group)
+    except ValueError as e:
+        raise UnsupportedOpError("bcq_linear", module_path=where, target=TARGET, detail=str(e)) from None
+    return LayerEntry(fn.name, node.outputs[0].name, names[0].rsplit(".planes", 1)[0], quant_label(attrs), prog)
 
 
 class LUTExecutable(Executable):
@@ -191,11 +221,11 @@ class LUTBackend(Backend):
         layers, doc = program.from_files(files)
         if native.LIBRARY_FILE not in files:
             raise ArtifactError(files.path(native.LIBRARY_FILE), "missing from the artifact (needed by target lut-cpu)")
-        expected = {(fn.name, n.outputs[0].name) for fn in module.functions for n in fn.nodes if n.op == "qlinear"}
+        expected = {(fn.name, n.outputs[0].name) for fn in module.functions for n in fn.nodes if n.op in ENGINE_OPS}
         got = {(e.function, e.value) for e in layers}
         if expected != got:
             raise ArtifactError(files.path(program.INDEX_FILE), "layers: its streams do not match the module's "
-                                                                "qlinear layers")
+                                                                "qlinear and bcq_linear layers")
         if doc["host"] not in host.HOSTS:
             raise ArtifactError(files.path(program.INDEX_FILE), f"host: {str(doc['host'])[:60]!r} is not one of "
                                                                 f"{sorted(host.HOSTS)}")

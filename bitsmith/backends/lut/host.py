@@ -68,8 +68,8 @@ class ReferenceHost:
         return [y.astype(x.dtype, copy=False)]
 
     def run(self, function: str, args: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return run_function(self.module, function, args,
-                            overrides={"qlinear": functools.partial(self._qlinear, function)})
+        engine = functools.partial(self._qlinear, function)
+        return run_function(self.module, function, args, overrides={"qlinear": engine, "bcq_linear": engine})
 
     def files(self) -> dict[str, bytes]:
         return {}
@@ -174,16 +174,11 @@ def _call_layer(run_layer: LayerRunner, entry: LayerEntry, x2: np.ndarray, *rest
 HOSTS: dict[str, type] = {ReferenceHost.name: ReferenceHost, TVMHost.name: TVMHost}
 
 
-# Quantized ops the LUT engine has no lowering for yet, and why (else the host would run them).
-ENGINE_REFUSALS = {
-    "bcq_linear": "binary-coded (shiftadd) weights have no LUT lowering yet: the engine's stream holds "
-                  "qlinear integer codes, not +-1 sign planes with per-plane scales; use tvm-llvm or reference",
-}
-
-
 def _engine_reason(node: Node) -> str | None:
-    if node.op in ENGINE_REFUSALS:
-        return ENGINE_REFUSALS[node.op]
+    """Why the engine cannot run a quantized node (None: it can; else the host would run it)."""
+    if node.op == "bcq_linear":
+        from .codegen_bcq import bcq_reason
+        return bcq_reason(node.attr_dict)
     return qlinear_reason(node.attr_dict) if has_trait(node.op, QUANTIZED) else None
 
 

@@ -69,9 +69,20 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            "YT[row] += val * X[col] for outlier records start..start+count-1"),
     Format(0x07, "STORE", (Field("row0", 8, 32), Field("nrows", 40, 5, 1, 16)),
            "Y[:, row0 + r] = YT[:, r] for r < nrows; ends the tile"),
+    Format(0x08, "BCQMUL", (Field("slot", 8, 2), Field("kind", 10, 1)),
+           "binary-coded planes: MUL[slot] = the plane-pair weights at WPTR (kind 0: int16 powers of "
+           "two, 2 words; kind 1: float32, 4 words); WPTR += 2 or 4"),
+    Format(0x09, "BCQACC", (Field("npairs", 8, 2, 1), Field("kg0", 10, 20), Field("nwords", 30, 6, 1),
+                            Field("block", 36, 20)),
+           "for plane pairs q < npairs: per-row, per-plane sums of pair-mode lookups of nwords weight words "
+           "(pair q's words follow pair q-1's), weighted by MUL[q]; ACC += their total times TS[block]; "
+           "WPTR += npairs * nwords"),
 )}
 BY_OPCODE: dict[int, Format] = {f.opcode: f for f in FORMATS.values()}
 MODE_QUAD, MODE_PAIR = 0, 1
+BCQ_SLOTS = 4                      # plane pairs of one binary-coded layer: at most 8 planes
+BCQ_MUL_INT, BCQ_MUL_FLOAT = 0, 1  # BCQMUL kinds
+BCQ_MUL_WORDS = {BCQ_MUL_INT: 2, BCQ_MUL_FLOAT: 4}
 
 
 @dataclass(frozen=True)

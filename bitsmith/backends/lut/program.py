@@ -42,7 +42,8 @@ class LayerEntry:
 def layer_stats(p: LayerProgram) -> dict[str, Any]:
     head = p.header
     counts = isa.opcode_counts(p.stream)
-    words = isa.field_columns(p.stream, "LUTACC")["nwords"].sum()
+    bcq = isa.field_columns(p.stream, "BCQACC")
+    words = isa.field_columns(p.stream, "LUTACC")["nwords"].sum() + (bcq["npairs"] * bcq["nwords"]).sum()
     return {
         "instructions": counts,
         "stream_bytes": int(p.stream.nbytes),

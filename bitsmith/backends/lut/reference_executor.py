@@ -57,6 +57,35 @@ def build_tables_a8(xq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return t, ts, (ts * q.reshape(m, -1).sum(axis=1).astype(np.float32)).astype(np.float32)
 
 
+def bcq_plane_weights(record: np.ndarray, kind: int) -> np.ndarray:
+    """A BCQMUL record (uint8 words) -> plane weights [16 rows, 2 planes]: int16 (kind 0, stored
+    in the lane order of the C executor's accumulators, see ``codegen_bcq.INT_RECORD_ROWS``) or float32."""
+    from .codegen_bcq import INT_RECORD_ROWS
+    raw = np.ascontiguousarray(record).reshape(-1)
+    if kind == isa.BCQ_MUL_FLOAT:
+        return raw.view("<f4").reshape(16, 2)
+    out = np.zeros((16, 2), np.int16)
+    out[INT_RECORD_ROWS] = raw.view("<i2").reshape(16, 2)
+    return out
+
+
+def _wrap32(v: np.ndarray) -> np.ndarray:
+    """int64 -> the int32 two's-complement value (vector int32 adds wrap)."""
+    return (v + (1 << 31)) % (1 << 32) - (1 << 31)
+
+
+def bcq_plane_sums(tables: np.ndarray, words: np.ndarray, kg0: int) -> np.ndarray:
+    """Exact integer sums [M, 16 rows, 2 planes] of pair-mode lookups: word w, byte 2r+j: low
+    nibble indexes quad kg0+2w, high nibble quad kg0+2w+1, both for plane j of row r."""
+    m = tables.shape[0]
+    out = np.zeros((m, 16, 2), tables.dtype)   # int64 (int8 tables: exact) or float32 (in word order)
+    for w, word in enumerate(words):
+        byte = word.reshape(16, 2)
+        t0, t1 = tables[:, kg0 + 2 * w], tables[:, kg0 + 2 * w + 1]
+        out = out + (t0[:, byte & 15] + t1[:, byte >> 4])
+    return out
+
+
 def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True, activation_bits: int = 32) -> np.ndarray:
     """y [M, N] = the layer applied to x [M, K] (float32), by interpreting the stream. The
     program is validated first by the fast executor's rules (``validate``): both executors
@@ -83,7 +112,11 @@ def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True, activati
     params = program.params.reshape(-1, isa.PARAM_FLOATS)
     acc = yt = None
     wptr = 0
-    for ins in isa.decode(program.stream[isa.HEADER_WORDS:]):
+    decoded = isa.decode(program.stream[isa.HEADER_WORDS:])
+    if a8 and any(i.op in ("BCQMUL", "BCQACC") for i in decoded):
+        raise validate.StreamError("binary-coded planes (BCQACC) take float activations, not activation_bits=8")
+    mul: dict[int, tuple[int, np.ndarray]] = {}
+    for ins in decoded:
         f = dict(ins.args)
         if ins.op == "TABLE":
             k0, nk, g = f["kg0"], f["nkg"], f["block"]
@@ -117,6 +150,29 @@ def run(program: LayerProgram, x: np.ndarray, int8_tables: bool = True, activati
                 acc = acc + lo_part * np.float32(2 ** p)
                 if f["mode"] == isa.MODE_QUAD:
                     acc = acc + hi_part * np.float32(2 ** (p + 2))
+        elif ins.op == "BCQMUL":
+            nw = isa.BCQ_MUL_WORDS[f["kind"]]
+            mul[f["slot"]] = (f["kind"], bcq_plane_weights(words[wptr:wptr + nw], f["kind"]))
+            wptr += nw
+        elif ins.op == "BCQACC":
+            nw, tsb = f["nwords"], ts[:, f["block"], None]
+            total = np.zeros((m, 16), np.int64)   # int32 (wrapping) total of the int16-weighted pairs
+            any_int = False
+            for q in range(f["npairs"]):
+                kind, weights = mul[q]
+                sums = bcq_plane_sums(tables, words[wptr + q * nw:wptr + (q + 1) * nw], f["kg0"])   # [m, 16, 2]
+                if not int8_tables:  # fp32 tables: float sums times the plane weights as float32, pair by pair
+                    for j in range(2):
+                        acc = acc + sums[:, :, j] * weights[None, :, j].astype(np.float32)
+                elif kind == isa.BCQ_MUL_INT:
+                    total = _wrap32(total + (sums * weights.astype(np.int64)).sum(axis=2))
+                    any_int = True
+                else:
+                    for j in range(2):
+                        acc = acc + (sums[:, :, j].astype(np.float32) * tsb) * weights[None, :, j]
+            if any_int:  # exact integers, converted once per row
+                acc = acc + total.astype(np.float32) * tsb
+            wptr += f["npairs"] * nw
         elif ins.op == "SCALE":
             blk, b0 = params[f["pidx"]], f["block0"]
             xsum = xs[:, b0]

@@ -10,7 +10,8 @@ that an accepted stream gives bit-identical results in both. The rules (docs/lut
 * header: magic, version, no bits above the planes byte, N >= 1, Kpad a multiple of 4,
   blocks <= Kpad / 4, N <= 16 x (number of TILEs);
 * order: TABLEs, SYNC, then tiles (TILE, LUTACC/SCALE/OUTLIER..., STORE), then END as the last word;
-* TABLEs build distinct blocks over disjoint quads; LUTACC/SCALE name built blocks; every
+* TABLEs build distinct blocks over disjoint quads; LUTACC/BCQACC/SCALE name built blocks; a
+  BCQACC's slots 0..npairs-1 were set by BCQMULs earlier in its tile; every
   field within the header and the operand sizes; STOREs write each output row at most once
   (tiles run in parallel); outlier records index a tile row (< 16) and an activation (< Kpad).
 """
@@ -105,6 +106,7 @@ def _validate(s: list[int], wwords: int, pblocks: int, nout: int) -> tuple[int, 
     covered = np.zeros(kg + 1, bool)
     stored = np.zeros(n, bool)
     phase, wptr = 0, 0  # phase 0 tables, 1 between tiles, 2 inside a tile, 3 ended
+    slots = 0           # BCQMUL slots set in the current tile (bit per slot)
     for i in range(isa.HEADER_WORDS, nw):
         w = s[i]
         op = w & 0xFF
@@ -125,6 +127,7 @@ def _validate(s: list[int], wwords: int, pblocks: int, nout: int) -> tuple[int, 
                 return (i << 8) | ERR_ORDER, kpad
             wptr = _field(w, 8, 56)
             phase = 2
+            slots = 0
         elif op == _OP["LUTACC"]:
             quad = _field(w, 8, 1) == 0
             plane, kg0, nwords, block = _field(w, 9, 4), _field(w, 13, 20), _field(w, 33, 7) + 1, _field(w, 40, 20)
@@ -136,6 +139,27 @@ def _validate(s: list[int], wwords: int, pblocks: int, nout: int) -> tuple[int, 
             if wptr + nwords > wwords:
                 return (i << 8) | ERR_WEIGHTS, kpad
             wptr += nwords
+        elif op == _OP["BCQMUL"]:
+            slot, kind = _field(w, 8, 2), _field(w, 10, 1)
+            if phase != 2:
+                return (i << 8) | ERR_ORDER, kpad
+            if w >> 11:
+                return (i << 8) | ERR_LUTACC, kpad
+            if wptr + isa.BCQ_MUL_WORDS[kind] > wwords:
+                return (i << 8) | ERR_WEIGHTS, kpad
+            wptr += isa.BCQ_MUL_WORDS[kind]
+            slots |= 1 << slot
+        elif op == _OP["BCQACC"]:
+            npairs, kg0, nwords, block = _field(w, 8, 2) + 1, _field(w, 10, 20), _field(w, 30, 6) + 1, _field(w, 36, 20)
+            if phase != 2:
+                return (i << 8) | ERR_ORDER, kpad
+            need = (1 << npairs) - 1
+            if w >> 56 or block >= blocks or not built[block] or slots & need != need \
+                    or kg0 + 2 * nwords > kg + 1:
+                return (i << 8) | ERR_LUTACC, kpad
+            if wptr + npairs * nwords > wwords:
+                return (i << 8) | ERR_WEIGHTS, kpad
+            wptr += npairs * nwords
         elif op == _OP["SCALE"]:
             b0, nb = _field(w, 8, 20), _field(w, 28, 8) + 1
             if phase != 2:

@@ -29,7 +29,7 @@
 #define HEADER_WORDS 4
 
 enum { OP_END = 0, OP_TABLE = 1, OP_SYNC = 2, OP_TILE = 3, OP_LUTACC = 4, OP_SCALE = 5, OP_OUTLIER = 6,
-       OP_STORE = 7 };
+       OP_STORE = 7, OP_BCQMUL = 8, OP_BCQACC = 9 };
 enum { ERR_HEADER = 1, ERR_OPCODE = 2, ERR_TABLE = 3, ERR_WEIGHTS = 4, ERR_LUTACC = 5, ERR_SCALE = 6,
        ERR_OUTLIER = 7, ERR_STORE = 8, ERR_ORDER = 9, ERR_MEMORY = 10, ERR_ARGS = 11, ERR_LAUNCH = 12 };
 
@@ -179,6 +179,37 @@ static void lutacc_f32(const uint8_t* wp, int nwords, int quad, int plane, int64
     }
 }
 
+/* BCQACC with fp32 tables: per (row, plane) float32 sums P = P + (T[kg][lo] + T[kg+1][hi]), then
+ * ACC = ACC + P_j * w_j for planes j = 0, 1 (w: the BCQMUL record's weights as float32). */
+static void bcqacc_f32(const uint8_t* wp, int nwords, int64_t kg0, const float* wts, const float* T,
+                       int64_t tstride, int64_t M, float* ACC) {
+    for (int64_t m = 0; m < M; m++) {
+        const float* tr = T + m * tstride;
+        float part[32] = {0};
+        for (int w = 0; w < nwords; w++) {
+            const uint8_t* b = wp + 32 * (int64_t)w;
+            const float* t0 = tr + (kg0 + 2 * w) * 16;
+            const float* t1 = t0 + 16;
+            for (int i = 0; i < 32; i++) part[i] = part[i] + (t0[b[i] & 15] + t1[b[i] >> 4]);
+        }
+        float* acc = ACC + m * 16;
+        for (int r = 0; r < 16; r++) {
+            acc[r] = acc[r] + part[2 * r] * wts[2 * r];
+            acc[r] = acc[r] + part[2 * r + 1] * wts[2 * r + 1];
+        }
+    }
+}
+
+/* A BCQMUL record's plane weights as float32 [16 rows][2 planes] (kind 0: int16 in the lane
+ * order of the int8-table accumulators, rows 0-3, 8-11, 4-7, 12-15). */
+static void bcq_weights_f32(const uint8_t* rec, int kind, float* out) {
+    if (kind) { memcpy(out, rec, 32 * sizeof(float)); return; }
+    static const int rows[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
+    int16_t v[32];
+    memcpy(v, rec, sizeof(v));
+    for (int q = 0; q < 16; q++) { out[2 * rows[q]] = (float)v[2 * q]; out[2 * rows[q] + 1] = (float)v[2 * q + 1]; }
+}
+
 /* ------------------------------------------------------------------ validation */
 
 typedef struct {
@@ -188,6 +219,10 @@ typedef struct {
     uint8_t *built, *covered; /* per block / per quad: some TABLE builds it (validation only) */
     uint8_t *stored;          /* per output row: some STORE writes it (validation only) */
 } plan_t;
+
+#define BCQ_INT_WORDS 2   /* BCQMUL kind 0: int16 plane weights [2 halves][2 lanes][4 rows][2 planes] */
+#define BCQ_FLOAT_WORDS 4 /* BCQMUL kind 1: float32 plane weights [16 rows][2 planes] */
+#define BCQ_SLOTS 4
 
 static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t pblocks, int64_t nout, plan_t* p) {
     if (nw < HEADER_WORDS + 1 || s[0] != LUT_MAGIC || (s[1] & 0xff) != LUT_VERSION || s[1] >> 16)
@@ -211,6 +246,7 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
     p->ntables = p->nsegs = 0;
     int phase = 0; /* 0 tables, 1 between tiles, 2 inside a tile, 3 ended */
     int64_t wptr = 0;
+    int slots = 0; /* BCQMUL slots set in the current tile */
     for (int64_t i = HEADER_WORDS; i < nw; i++) {
         const uint64_t w = s[i];
         const int op = (int)(w & 0xff);
@@ -236,6 +272,7 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
             wptr = (int64_t)FIELD(w, 8, 56);
             p->segs[p->nsegs++] = i;
             phase = 2;
+            slots = 0;
             break;
         case OP_LUTACC: {
             const int quad = FIELD(w, 8, 1) == 0;
@@ -247,6 +284,26 @@ static int64_t validate(const uint64_t* s, int64_t nw, int64_t wwords, int64_t p
                 || kg0 + (quad ? nwords : 2 * nwords) > p->kg + 1) return fail(i, ERR_LUTACC);
             if (wptr < 0 || wptr + nwords > wwords) return fail(i, ERR_WEIGHTS);
             wptr += nwords;
+            break;
+        }
+        case OP_BCQMUL: {
+            const int64_t words = FIELD(w, 10, 1) ? BCQ_FLOAT_WORDS : BCQ_INT_WORDS;
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if (w >> 11) return fail(i, ERR_LUTACC);
+            if (wptr < 0 || wptr + words > wwords) return fail(i, ERR_WEIGHTS);
+            wptr += words;
+            slots |= 1 << FIELD(w, 8, 2);
+            break;
+        }
+        case OP_BCQACC: {
+            const int64_t npairs = FIELD(w, 8, 2) + 1, kg0 = FIELD(w, 10, 20), nwords = FIELD(w, 30, 6) + 1,
+                          block = FIELD(w, 36, 20);
+            const int need = (1 << npairs) - 1;
+            if (phase != 2) return fail(i, ERR_ORDER);
+            if (w >> 56 || block >= p->blocks || !p->built[block] || (slots & need) != need
+                || kg0 + 2 * nwords > p->kg + 1) return fail(i, ERR_LUTACC);
+            if (wptr < 0 || wptr + npairs * nwords > wwords) return fail(i, ERR_WEIGHTS);
+            wptr += npairs * nwords;
             break;
         }
         case OP_SCALE: {
@@ -292,6 +349,7 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
                         const outlier_t* O, const float* X, int64_t M, float* Y, const float* tables,
                         int64_t tstride, const float* XS, float* acc, float* yt) {
     int64_t wptr = (int64_t)FIELD(s[i], 8, 56);
+    float mulw[BCQ_SLOTS][32] = {{0}};
     memset(acc, 0, sizeof(float) * 16 * M);
     memset(yt, 0, sizeof(float) * 16 * M);
     for (i = i + 1;; i++) {
@@ -303,6 +361,20 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
             const int nwords = (int)FIELD(w, 33, 7) + 1;
             lutacc_f32(W + 32 * wptr, nwords, quad, plane, kg0, tables, tstride, M, acc);
             wptr += nwords;
+            break;
+        }
+        case OP_BCQMUL: {
+            const int kind = (int)FIELD(w, 10, 1);
+            bcq_weights_f32(W + 32 * wptr, kind, mulw[FIELD(w, 8, 2)]);
+            wptr += kind ? BCQ_FLOAT_WORDS : BCQ_INT_WORDS;
+            break;
+        }
+        case OP_BCQACC: {
+            const int npairs = (int)FIELD(w, 8, 2) + 1, nwords = (int)FIELD(w, 30, 6) + 1;
+            for (int q = 0; q < npairs; q++)
+                bcqacc_f32(W + 32 * (wptr + (int64_t)q * nwords), nwords, FIELD(w, 10, 20), mulw[q], tables, tstride,
+                           M, acc);
+            wptr += (int64_t)npairs * nwords;
             break;
         }
         case OP_SCALE: {
@@ -358,7 +430,7 @@ static int same_shape(const uint64_t* s, const int64_t* tile, int nt) {
         for (int t = 1; t < nt; t++) {
             const uint64_t w = s[tile[t] + rel];
             if ((int)(w & 0xff) != op) return 0;
-            if (op == OP_LUTACC && w != w0) return 0;
+            if ((op == OP_LUTACC || op == OP_BCQMUL || op == OP_BCQACC) && w != w0) return 0;
             if (op == OP_SCALE && (w & SCALE_PIDX_MASK) != (w0 & SCALE_PIDX_MASK)) return 0;
         }
         if (op == OP_STORE) return 1;
@@ -380,6 +452,9 @@ typedef __m512i vec_t;
 #define V_SLLI32 _mm512_slli_epi32
 #define V_UNPACKLO16 _mm512_unpacklo_epi16
 #define V_UNPACKHI16 _mm512_unpackhi_epi16
+#define V_UNPACKLO8 _mm512_unpacklo_epi8
+#define V_UNPACKHI8 _mm512_unpackhi_epi8
+#define V_STORE(p, v) _mm512_storeu_si512((void*)(p), v)
 #define TILES_PER_VEC 2
 #define V_SET1_8 _mm512_set1_epi8
 #define V_SET1_16 _mm512_set1_epi16
@@ -409,6 +484,9 @@ typedef __m256i vec_t;
 #define V_SLLI32 _mm256_slli_epi32
 #define V_UNPACKLO16 _mm256_unpacklo_epi16
 #define V_UNPACKHI16 _mm256_unpackhi_epi16
+#define V_UNPACKLO8 _mm256_unpacklo_epi8
+#define V_UNPACKHI8 _mm256_unpackhi_epi8
+#define V_STORE(p, v) _mm256_storeu_si256((__m256i*)(p), v)
 #define TILES_PER_VEC 1
 #define V_SET1_8 _mm256_set1_epi8
 #define V_SET1_16 _mm256_set1_epi16
@@ -545,6 +623,86 @@ static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad,
     }
 }
 
+/* ------------------------------------------------------------------ binary-coded planes (BCQACC) */
+
+/* Float plane weights (BCQMUL kind 1) for one tile: the int16 per-row, per-plane sums `a`
+ * (lo: rows 0-3 and 8-11, hi: rows 4-7 and 12-15, two planes per row, as the lookups left
+ * them) times TS, times the row's float weight of each plane, added in plane order. */
+static void bcq_float_rows(const int16_t* alo, const int16_t* ahi, const float* wts, float tsv, float* acc) {
+    for (int r = 0; r < 16; r++) {
+        const int16_t* a = ((r >> 2) & 1 ? ahi : alo) + 8 * (r >> 3) + 2 * (r & 3);
+        acc[r] = acc[r] + ((float)a[0] * tsv) * wts[2 * r];
+        acc[r] = acc[r] + ((float)a[1] * tsv) * wts[2 * r + 1];
+    }
+}
+
+/* NV vectors of tiles, one activation row m, plane pair q: pair-mode words (lo nibbles quad kg,
+ * hi nibbles quad kg+1; byte 2r+j = plane j of the pair). The two lookups of a byte position are
+ * interleaved and summed into one int16 lane per (row, plane) (at most 64 x 2 x 127 < 2^15), so
+ * the two planes stay apart; kind 0 then weighs them by their int16 powers of two into int32 row
+ * sums (vpmaddwd: an integer shift per plane, no float multiply), added over the pairs (int32,
+ * wrapping; code generation keeps them in range) and converted once per instruction. */
+#define BCQ_BODY(NV)                                                                                  \
+    {                                                                                                 \
+        vec_t s_lo[NV], s_hi[NV];                                                                     \
+        for (int v = 0; v < NV; v++) s_lo[v] = s_hi[v] = V_ZERO();                                   \
+        for (int q = 0; q < npairs; q++) {                                                            \
+            const int64_t base = 32 * (int64_t)q * nwords;                                            \
+            vec_t a_lo[NV], a_hi[NV];                                                                 \
+            for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                               \
+            for (int w = 0; w < nwords; w++) {                                                        \
+                const int64_t k0 = kg0 + 2 * w;                                                       \
+                const vec_t t0 = V_TABLE(tr + k0 * 16), t1 = V_TABLE(tr + (k0 + 1) * 16);             \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    const vec_t x = load_word(wp, v, nt, base + 32 * (int64_t)w);                     \
+                    const vec_t l0 = V_SHUF(t0, V_AND(x, mask)), l1 = V_SHUF(t1, V_AND(V_SRLI16(x, 4), mask)); \
+                    a_lo[v] = V_ADD16(a_lo[v], V_MADDUBS(ones, V_UNPACKLO8(l0, l1)));                 \
+                    a_hi[v] = V_ADD16(a_hi[v], V_MADDUBS(ones, V_UNPACKHI8(l0, l1)));                 \
+                }                                                                                     \
+            }                                                                                         \
+            for (int v = 0; v < NV; v++) {                                                            \
+                if (!kind[q]) {                                                                       \
+                    s_lo[v] = V_ADD32(s_lo[v], V_MADD(a_lo[v], load_word(mul[q], v, nt, 0)));         \
+                    s_hi[v] = V_ADD32(s_hi[v], V_MADD(a_hi[v], load_word(mul[q], v, nt, 32)));        \
+                    continue;                                                                         \
+                }                                                                                     \
+                int16_t lo16[TILES_PER_VEC * 16], hi16[TILES_PER_VEC * 16];                           \
+                V_STORE(lo16, a_lo[v]);                                                               \
+                V_STORE(hi16, a_hi[v]);                                                               \
+                for (int h = 0; h < TILES_PER_VEC && TILES_PER_VEC * v + h < nt; h++) {               \
+                    const int t = TILES_PER_VEC * v + h;                                              \
+                    bcq_float_rows(lo16 + 16 * h, hi16 + 16 * h, (const float*)mul[q][t], tsv,        \
+                                   ACC + (t * M + m) * 16);                                           \
+                }                                                                                     \
+            }                                                                                         \
+        }                                                                                             \
+        if (any_int)                                                                                  \
+            for (int v = 0; v < NV; v++) add_parts(s_lo[v], s_hi[v], v, nt, M, m, tsv, ACC);         \
+    }
+
+/* One BCQACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word; mul[q]: each tile's
+ * BCQMUL record of pair q, kind[q] its kind). Float-weighted pairs are added to ACC as they come,
+ * the int32 total of the int16-weighted pairs after the last pair. */
+static void group_bcqacc(const uint8_t* const* wp, const uint8_t* const (*mul)[GROUP_TILES], const int* kind,
+                         int npairs, int nt, int nwords, int64_t kg0, const int8_t* T, int64_t tstride,
+                         const float* TS, int64_t tsstride, int64_t M, float* ACC) {
+    const vec_t mask = V_SET1_8(0x0f);
+    const vec_t ones = V_SET1_8(1);
+    const int nv = (nt + TILES_PER_VEC - 1) / TILES_PER_VEC;
+    int any_int = 0;
+    for (int q = 0; q < npairs; q++) any_int |= !kind[q];
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t* tr = T + m * tstride;
+        const float tsv = TS[m * tsstride];
+        switch (nv) {
+        case 4: BCQ_BODY(4) break;
+        case 3: BCQ_BODY(3) break;
+        case 2: BCQ_BODY(2) break;
+        default: BCQ_BODY(1) break;
+        }
+    }
+}
+
 /* YT = YT + (ACC * s - so * xs); ACC = 0 for one tile's 16 rows (the spec's order, per lane). */
 static inline void scale_rows(float* y, float* a, const float* blk, float xs) {
 #if LUT_ISA == 2
@@ -569,6 +727,8 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
                       const float* P, const outlier_t* O, const float* X, int64_t M, float* Y, const int8_t* tables,
                       int64_t tstride, int a8, const float* TS, const float* XS, float* acc, float* yt) {
     const uint8_t* wp[GROUP_TILES];
+    const uint8_t* mul[BCQ_SLOTS][GROUP_TILES] = {{0}}; /* each tile's BCQMUL record per slot */
+    int mulkind[BCQ_SLOTS] = {0};
     for (int t = 0; t < nt; t++) wp[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
     memset(acc, 0, sizeof(float) * 16 * M * nt);
     memset(yt, 0, sizeof(float) * 16 * M * nt);
@@ -581,6 +741,22 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
             group_lutacc(wp, nt, nwords, quad, plane, FIELD(w, 13, 20), tables, tstride, a8, TS + FIELD(w, 40, 20),
                          p->blocks, M, acc);
             for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
+            break;
+        }
+        case OP_BCQMUL: { /* same word in every tile of the group (same_shape) */
+            const int slot = (int)FIELD(w, 8, 2);
+            mulkind[slot] = (int)FIELD(w, 10, 1);
+            for (int t = 0; t < nt; t++) {
+                mul[slot][t] = wp[t];
+                wp[t] += 32 * (mulkind[slot] ? BCQ_FLOAT_WORDS : BCQ_INT_WORDS);
+            }
+            break;
+        }
+        case OP_BCQACC: {
+            const int npairs = (int)FIELD(w, 8, 2) + 1, nwords = (int)FIELD(w, 30, 6) + 1;
+            group_bcqacc(wp, (const uint8_t* const (*)[GROUP_TILES])mul, mulkind, npairs, nt, nwords, FIELD(w, 10, 20),
+                         tables, tstride, TS + FIELD(w, 36, 20), p->blocks, M, acc);
+            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)npairs * nwords;
             break;
         }
         case OP_SCALE: {
@@ -859,6 +1035,14 @@ static void pool_run(job_t* j, int threads) {
     pthread_mutex_unlock(&pool.lock);
 }
 
+/* Whether a validated stream has binary-coded-plane instructions (they take float activations). */
+static int has_bcq(const uint64_t* s, const int64_t* tile, int64_t nsegs) {
+    for (int64_t t = 0; t < nsegs; t++)
+        for (int64_t i = tile[t] + 1; (s[i] & 0xff) != OP_STORE; i++)
+            if ((s[i] & 0xff) == OP_BCQMUL || (s[i] & 0xff) == OP_BCQACC) return 1;
+    return 0;
+}
+
 /* Runs a stream that lut_plan accepted (with the same operand sizes). X: [M, Kpad] float32;
  * Y: [M, N] float32, zero on entry. kind: TABLES_INT8, TABLES_FP32 or TABLES_A8. threads: 1 = this thread only; otherwise the tables, then
  * the tiles, are split over `launch` (if not NULL: all of its pool) or the engine's pool (0 = one
@@ -870,6 +1054,7 @@ int64_t lut_exec_tables(const uint64_t* s, const int64_t* pos, int64_t ntables, 
                         const float* P, const void* O, const float* X, int64_t M, float* Y, int kind, int threads,
                         void* launch) {
     if (kind < TABLES_INT8 || kind > TABLES_A8) return fail(0, ERR_ARGS);
+    if (kind == TABLES_A8 && has_bcq(s, pos + ntables, nsegs)) return fail(0, ERR_ARGS);
     job_t j = {0};
     j.s = s; j.pos = pos; j.ntables = ntables; j.nsegs = nsegs; j.W = W; j.P = P; j.O = (const outlier_t*)O;
     j.X = X; j.M = M; j.Y = Y; j.fp32 = kind == TABLES_FP32; j.a8 = kind == TABLES_A8;
