@@ -25,7 +25,9 @@ def random_qlinear(rng: np.random.Generator, scheme: str, n: int, k: int, group_
         if role == "codes":
             ops.append(pack_codes(rng.integers(0, len(sc.candidates[0].values), (n, k)), sc.bits))
         elif role == "scales":
-            ops.append(rng.uniform(0.005, 0.2, (n, groups)).astype(np.float16))
+            ops.append(rng.uniform(0.005, 0.2, (n, groups)).astype(sc.scale_dtype))
+        elif role == "offsets":  # GGUF Q4_1 m / K-quant -dmin*m: about the size of a few weights
+            ops.append(rng.normal(0, 0.3, (n, groups)).astype(sc.scale_dtype))
         elif role == "zeros":
             ops.append(rng.integers(0, 1 << sc.bits, (n, groups)).astype(np.uint8))
         elif role == "selectors":
