@@ -1,0 +1,160 @@
+"""GGUF types (and the 8-bit rtn-int8 head) run natively on the CPU targets: the tvm-llvm qlinear
+kernels and the LUT engine against numpy's product with the IR's dequantized weight (the oracle).
+
+Tolerances are first-order float32 summation bounds, ``(terms summed in sequence) * eps * sum |x||w|``:
+a wrong code, scale, offset or group index moves an output by about ``|x||w|`` of one weight,
+orders of magnitude above them. Measured (tvm kernels, K <= 300): at most 5e-8 of ``sum |x||w|``,
+against a bound of (K/16 + 32) * 1.2e-7 >= 3.8e-6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bitsmith.backends.lut import native, reference_executor
+from bitsmith.backends.lut.codegen import generate
+from bitsmith.backends.lut.decompose import decompose, native_scheme as lut_native
+from bitsmith.backends.tvm.qlinear_layout import native_scheme, native_scheme_llvm
+from bitsmith.gguf.blocks import FORMATS
+from bitsmith.ir.quant_grids import get_scheme
+from bitsmith.ir.quantized import dequantize
+
+from lut_operands import random_qlinear
+
+EPS32 = float(np.finfo(np.float32).eps)
+GGUF = tuple(sorted(f.scheme_name for f in FORMATS.values()))
+TVM_NEW = GGUF + ("rtn-int8",)  # what the CPU kernels decode now and dense float32 ran before
+
+
+def _qlinear(scheme: str, n: int, k: int, seed: int):
+    sc = get_scheme(scheme)
+    rng = np.random.default_rng(seed)
+    attrs, ops = random_qlinear(rng, scheme, n, k, sc.block_size or 128)
+    return attrs, ops, rng
+
+
+def _summation_bound(x: np.ndarray, w: np.ndarray, terms: float) -> np.ndarray:
+    return terms * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)) + 1e-30
+
+
+def test_every_gguf_type_is_native_on_both_cpu_targets_and_cuda_keeps_its_set():
+    assert all(native_scheme_llvm(get_scheme(s)) and lut_native(get_scheme(s)) for s in TVM_NEW)
+    assert not any(native_scheme(get_scheme(s)) for s in ("gguf-q4_1", "gguf-q8_0", "rtn-int8"))
+
+
+@pytest.fixture(scope="module")
+def tvm_kernels():
+    pytest.importorskip("tvm")
+    from bitsmith.backends.tvm.matmul import compile_qlinear
+    return compile_qlinear
+
+
+@settings(max_examples=8, deadline=None)
+@given(scheme=st.sampled_from(TVM_NEW), n=st.integers(1, 40), k=st.integers(33, 300), m=st.integers(1, 6),
+       seed=st.integers(0, 2**32 - 1))
+def test_tvm_kernel_equals_the_dequantized_product(tvm_kernels, scheme, n, k, m, seed):
+    """Ragged K (not a multiple of the block) included: the IR allows it, the kernel's short last
+    group runs its whole 16-weight chunks vectorized and the rest scalar. K > 32: every example
+    has at least one whole group on the vector path (tiny K would test only the scalar tail)."""
+    attrs, ops, rng = _qlinear(scheme, n, k, seed)
+    w = dequantize(attrs, ops)
+    x = rng.normal(0, 1, (m, k)).astype(np.float32)
+    y = tvm_kernels(attrs, ops)(x)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    # 16 lane sums of K/16 terms, a tree over 16 lanes and a few accumulators, the scalar tail
+    assert np.all(np.abs(y - want) <= _summation_bound(x, w, k / 16 + 32))
+
+
+def test_tvm_gguf_kernels_use_the_vector_schedule():
+    pytest.importorskip("tvm")
+    from bitsmith.backends.tvm.kernel import KernelDef  # noqa: F401  (the type choose_schedule takes)
+    from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
+    from bitsmith.backends.tvm.matmul_cpu import VECTOR_QLINEAR, choose_schedule
+    for scheme in ("gguf-q4_1", "gguf-q8_0", "gguf-q6_k", "rtn-int8"):
+        attrs, ops, _ = _qlinear(scheme, 16, 256, 0)
+        assert choose_schedule(qlinear_kernel(attrs, qlinear_operands(attrs, ops, "float32"), "float32")) \
+            == VECTOR_QLINEAR, scheme
+
+
+@st.composite
+def lut_layers(draw):
+    scheme = draw(st.sampled_from(GGUF))
+    n, k, m = draw(st.integers(1, 40)), draw(st.integers(1, 300)), draw(st.integers(1, 6))
+    attrs, ops, rng = _qlinear(scheme, n, k, draw(st.integers(0, 2**32 - 1)))
+    return attrs, ops, rng.normal(0, 1, (m, k)).astype(np.float32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lut_layers())
+def test_lut_integer_form_with_float_offsets_is_exactly_the_dequantized_weight(layer):
+    attrs, ops, _ = layer
+    w = decompose(attrs, ops)
+    assert (w.float_offsets is not None) == get_scheme(attrs["scheme"]).offsets
+    assert np.array_equal(w.dense(), dequantize(attrs, ops))
+
+
+def _lut_magnitude(attrs, ops, x):
+    """sum_k |x_k| (|s| (u + o) + |f|): the terms the engine adds (the float offset enters once per
+    group through the activation sum)."""
+    w = decompose(attrs, ops)
+    gi = np.arange(w.u.shape[1]) // w.group_size
+    mag = np.abs(w.scales[:, gi]) * (w.u + w.offsets[:, gi]).astype(np.float64)
+    if w.float_offsets is not None:
+        mag += np.abs(w.float_offsets[:, gi])
+    return np.abs(x).astype(np.float64) @ mag.T, w
+
+
+@settings(max_examples=40, deadline=None)
+@given(lut_layers())
+def test_lut_fp32_tables_match_the_dense_product(layer):
+    attrs, ops, x = layer
+    y = reference_executor.run(generate(decompose(attrs, ops)), x, int8_tables=False)
+    want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
+    mag, _ = _lut_magnitude(attrs, ops, x)
+    # as tests/test_lut_executor.py: float32 sums of at most K/4 + 8 terms, each at most `mag`
+    assert np.all(np.abs(y - want) <= (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lut_layers())
+def test_lut_int8_tables_stay_within_the_table_quantization_bound(layer):
+    """The offset term multiplies the exact float activation sum, so the bound is the one of the
+    schemes without offsets (tests/test_lut_executor.py): |s| * ts/2 * quads * (2^P - 1) per block."""
+    attrs, ops, x = layer
+    y = reference_executor.run(generate(decompose(attrs, ops)), x, int8_tables=True)
+    want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
+    mag, w = _lut_magnitude(attrs, ops, x)
+    bound = np.zeros_like(want)
+    gs = w.group_size
+    for g0 in range(0, x.shape[1], gs):
+        width = min(gs, x.shape[1] - g0)
+        xq = np.zeros((x.shape[0], -(-width // 4) * 4), np.float32)
+        xq[:, :width] = x[:, g0:g0 + width]
+        _, ts, _ = reference_executor.build_tables(xq.reshape(x.shape[0], -1, 4), True)
+        bound += (ts[:, None] / 2 * (xq.shape[1] // 4) * (2**w.planes - 1)) * np.abs(w.scales[:, g0 // gs])[None, :]
+    bound = bound * (1 + 1e-5) + (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
+    assert np.all(np.abs(y - want) <= bound)
+
+
+@pytest.fixture(scope="module", params=sorted(native.ENGINE_ISAS))
+def fast(request):
+    """Each build of the engine this CPU runs (AVX2; AVX-512 where the CPU has it)."""
+    if not native.cpu_runs(request.param):
+        pytest.skip(f"this CPU cannot run the {request.param} build of the fast executor")
+    return native.load_library(native.build_library(isa=request.param), request.param)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lut_layers(), st.booleans())
+def test_lut_fast_and_reference_executors_agree_bit_exactly(fast, layer, int8):
+    attrs, ops, x = layer
+    prog = generate(decompose(attrs, ops))
+    assert np.array_equal(fast.run(prog, x, int8, threads=2), reference_executor.run(prog, x, int8))
+
+
+def test_lut_refuses_float_offsets_with_outliers():
+    from bitsmith.backends.lut.decompose import qlinear_reason
+    attrs, _, _ = _qlinear("gguf-q4_1", 8, 64, 0)
+    assert "offsets" in qlinear_reason({**attrs, "outliers": True})
