@@ -21,7 +21,7 @@ from bitsmith.gguf.blocks import FORMATS
 from bitsmith.ir.quant_grids import get_scheme
 from bitsmith.ir.quantized import dequantize
 
-from lut_operands import random_qlinear
+from lut_operands import engine_magnitude, int8_table_bound, random_qlinear
 
 EPS32 = float(np.finfo(np.float32).eps)
 GGUF = tuple(sorted(f.scheme_name for f in FORMATS.values()))
@@ -69,7 +69,6 @@ def test_tvm_kernel_equals_the_dequantized_product(tvm_kernels, scheme, n, k, m,
 
 def test_tvm_gguf_kernels_use_the_vector_schedule():
     pytest.importorskip("tvm")
-    from bitsmith.backends.tvm.kernel import KernelDef  # noqa: F401  (the type choose_schedule takes)
     from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
     from bitsmith.backends.tvm.matmul_cpu import VECTOR_QLINEAR, choose_schedule
     for scheme in ("gguf-q4_1", "gguf-q8_0", "gguf-q6_k", "rtn-int8"):
@@ -95,24 +94,13 @@ def test_lut_integer_form_with_float_offsets_is_exactly_the_dequantized_weight(l
     assert np.array_equal(w.dense(), dequantize(attrs, ops))
 
 
-def _lut_magnitude(attrs, ops, x):
-    """sum_k |x_k| (|s| (u + o) + |f|): the terms the engine adds (the float offset enters once per
-    group through the activation sum)."""
-    w = decompose(attrs, ops)
-    gi = np.arange(w.u.shape[1]) // w.group_size
-    mag = np.abs(w.scales[:, gi]) * (w.u + w.offsets[:, gi]).astype(np.float64)
-    if w.float_offsets is not None:
-        mag += np.abs(w.float_offsets[:, gi])
-    return np.abs(x).astype(np.float64) @ mag.T, w
-
-
 @settings(max_examples=40, deadline=None)
 @given(lut_layers())
 def test_lut_fp32_tables_match_the_dense_product(layer):
     attrs, ops, x = layer
     y = reference_executor.run(generate(decompose(attrs, ops)), x, int8_tables=False)
     want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
-    mag, _ = _lut_magnitude(attrs, ops, x)
+    mag, _ = engine_magnitude(attrs, ops, x)
     # as tests/test_lut_executor.py: float32 sums of at most K/4 + 8 terms, each at most `mag`
     assert np.all(np.abs(y - want) <= (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30)
 
@@ -125,16 +113,8 @@ def test_lut_int8_tables_stay_within_the_table_quantization_bound(layer):
     attrs, ops, x = layer
     y = reference_executor.run(generate(decompose(attrs, ops)), x, int8_tables=True)
     want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
-    mag, w = _lut_magnitude(attrs, ops, x)
-    bound = np.zeros_like(want)
-    gs = w.group_size
-    for g0 in range(0, x.shape[1], gs):
-        width = min(gs, x.shape[1] - g0)
-        xq = np.zeros((x.shape[0], -(-width // 4) * 4), np.float32)
-        xq[:, :width] = x[:, g0:g0 + width]
-        _, ts, _ = reference_executor.build_tables(xq.reshape(x.shape[0], -1, 4), True)
-        bound += (ts[:, None] / 2 * (xq.shape[1] // 4) * (2**w.planes - 1)) * np.abs(w.scales[:, g0 // gs])[None, :]
-    bound = bound * (1 + 1e-5) + (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
+    mag, w = engine_magnitude(attrs, ops, x)
+    bound = int8_table_bound(x, w) * (1 + 1e-5) + (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
     assert np.all(np.abs(y - want) <= bound)
 
 
