@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bitsmith.gguf.blocks import FORMATS
 from bitsmith.ir.quant_grids import get_scheme
 
 from bitsmith.ir.code_packing import group_count, pack_codes
@@ -11,6 +12,7 @@ from bitsmith.ir.quantized import operand_types
 
 LUT_SCHEMES = ("rtn-int2", "rtn-int3", "rtn-int4", "rtn-int2-sym", "rtn-int3-sym", "rtn-int4-sym",
                "fp3", "fp4", "bitmod-w3", "bitmod-w4")
+GGUF_SCHEMES = tuple(sorted(f.scheme_name for f in FORMATS.values()))  # a GGUF file's blocks (offsets: _1, K)
 
 
 def random_qlinear(rng: np.random.Generator, scheme: str, n: int, k: int, group_size: int,

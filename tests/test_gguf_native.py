@@ -1,5 +1,7 @@
 """GGUF types (and the 8-bit rtn-int8 head) run natively on the CPU targets: the tvm-llvm qlinear
-kernels and the LUT engine against numpy's product with the IR's dequantized weight (the oracle).
+kernels against numpy's product with the IR's dequantized weight (the oracle). The LUT engine's
+GGUF types (float offsets included) run through every property test of tests/test_lut_executor.py
+(its ``layers`` draw them).
 
 Tolerances are first-order float32 summation bounds, ``(terms summed in sequence) * eps * sum |x||w|``:
 a wrong code, scale, offset or group index moves an output by about ``|x||w|`` of one weight,
@@ -13,19 +15,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from bitsmith.backends.lut import native, reference_executor
-from bitsmith.backends.lut.codegen import generate
-from bitsmith.backends.lut.decompose import decompose, native_scheme as lut_native
+from bitsmith.backends.lut.decompose import native_scheme as lut_native
 from bitsmith.backends.tvm.qlinear_layout import native_scheme, native_scheme_llvm
-from bitsmith.gguf.blocks import FORMATS
 from bitsmith.ir.quant_grids import get_scheme
 from bitsmith.ir.quantized import dequantize
 
-from lut_operands import engine_magnitude, int8_table_bound, random_qlinear
+from lut_operands import GGUF_SCHEMES, random_qlinear
 
 EPS32 = float(np.finfo(np.float32).eps)
-GGUF = tuple(sorted(f.scheme_name for f in FORMATS.values()))
-TVM_NEW = GGUF + ("rtn-int8",)  # what the CPU kernels decode now and dense float32 ran before
+TVM_NEW = GGUF_SCHEMES + ("rtn-int8",)  # what the CPU kernels decode now and dense float32 ran before
 
 
 def _qlinear(scheme: str, n: int, k: int, seed: int):
@@ -75,63 +73,6 @@ def test_tvm_gguf_kernels_use_the_vector_schedule():
         attrs, ops, _ = _qlinear(scheme, 16, 256, 0)
         assert choose_schedule(qlinear_kernel(attrs, qlinear_operands(attrs, ops, "float32"), "float32")) \
             == VECTOR_QLINEAR, scheme
-
-
-@st.composite
-def lut_layers(draw):
-    scheme = draw(st.sampled_from(GGUF))
-    n, k, m = draw(st.integers(1, 40)), draw(st.integers(1, 300)), draw(st.integers(1, 6))
-    attrs, ops, rng = _qlinear(scheme, n, k, draw(st.integers(0, 2**32 - 1)))
-    return attrs, ops, rng.normal(0, 1, (m, k)).astype(np.float32)
-
-
-@settings(max_examples=40, deadline=None)
-@given(lut_layers())
-def test_lut_integer_form_with_float_offsets_is_exactly_the_dequantized_weight(layer):
-    attrs, ops, _ = layer
-    w = decompose(attrs, ops)
-    assert (w.float_offsets is not None) == get_scheme(attrs["scheme"]).offsets
-    assert np.array_equal(w.dense(), dequantize(attrs, ops))
-
-
-@settings(max_examples=40, deadline=None)
-@given(lut_layers())
-def test_lut_fp32_tables_match_the_dense_product(layer):
-    attrs, ops, x = layer
-    y = reference_executor.run(generate(decompose(attrs, ops)), x, int8_tables=False)
-    want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
-    mag, _ = engine_magnitude(attrs, ops, x)
-    # as tests/test_lut_executor.py: float32 sums of at most K/4 + 8 terms, each at most `mag`
-    assert np.all(np.abs(y - want) <= (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30)
-
-
-@settings(max_examples=40, deadline=None)
-@given(lut_layers())
-def test_lut_int8_tables_stay_within_the_table_quantization_bound(layer):
-    """The offset term multiplies the exact float activation sum, so the bound is the one of the
-    schemes without offsets (tests/test_lut_executor.py): |s| * ts/2 * quads * (2^P - 1) per block."""
-    attrs, ops, x = layer
-    y = reference_executor.run(generate(decompose(attrs, ops)), x, int8_tables=True)
-    want = x.astype(np.float64) @ dequantize(attrs, ops).T.astype(np.float64)
-    mag, w = engine_magnitude(attrs, ops, x)
-    bound = int8_table_bound(x, w) * (1 + 1e-5) + (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
-    assert np.all(np.abs(y - want) <= bound)
-
-
-@pytest.fixture(scope="module", params=sorted(native.ENGINE_ISAS))
-def fast(request):
-    """Each build of the engine this CPU runs (AVX2; AVX-512 where the CPU has it)."""
-    if not native.cpu_runs(request.param):
-        pytest.skip(f"this CPU cannot run the {request.param} build of the fast executor")
-    return native.load_library(native.build_library(isa=request.param), request.param)
-
-
-@settings(max_examples=30, deadline=None)
-@given(lut_layers(), st.booleans())
-def test_lut_fast_and_reference_executors_agree_bit_exactly(fast, layer, int8):
-    attrs, ops, x = layer
-    prog = generate(decompose(attrs, ops))
-    assert np.array_equal(fast.run(prog, x, int8, threads=2), reference_executor.run(prog, x, int8))
 
 
 def test_lut_refuses_float_offsets_with_outliers():

@@ -12,7 +12,8 @@ from bitsmith.backends.lut.decompose import decompose
 from bitsmith.errors import UnsupportedOpError
 from bitsmith.ir.quantized import dequantize
 
-from lut_operands import LUT_SCHEMES, engine_magnitude as _magnitude, int8_table_bound, random_qlinear
+from bitsmith.ir.quant_grids import get_scheme
+from lut_operands import GGUF_SCHEMES, LUT_SCHEMES, engine_magnitude as _magnitude, int8_table_bound, random_qlinear
 
 EPS32 = float(np.finfo(np.float32).eps)
 needs_avx2 = pytest.mark.skipif(not native.cpu_has_avx2(), reason="the fast executor needs AVX2/FMA")
@@ -28,12 +29,13 @@ def fast(request):
 
 @st.composite
 def layers(draw):
-    scheme = draw(st.sampled_from(LUT_SCHEMES))
+    """Every LUT scheme, the GGUF types included (their fixed block size; float offsets refuse outliers)."""
+    scheme = draw(st.sampled_from(LUT_SCHEMES + GGUF_SCHEMES))
     n, k = draw(st.integers(1, 40)), draw(st.integers(1, 300))
-    gs = 4 * draw(st.integers(1, 80))
+    gs = get_scheme(scheme).block_size or 4 * draw(st.integers(1, 80))
     m = draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**32 - 1))
-    outliers = draw(st.booleans())
+    outliers = draw(st.booleans()) and not get_scheme(scheme).offsets
     rng = np.random.default_rng(seed)
     attrs, ops = random_qlinear(rng, scheme, n, k, gs, outliers)
     x = rng.normal(0, 1, (m, k)).astype(np.float32)
