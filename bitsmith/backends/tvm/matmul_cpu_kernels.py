@@ -12,10 +12,11 @@ weights). The branch on m happens at run time, so one compiled kernel serves eve
 
 A row's reduction runs over chunks of 16 weights. qlinear: the chunk's codes come out of 16
 aligned bytes (shift + mask, see ``qlinear_layout``), become grid values through ``pshufb``
-with the group's 16-entry int8 table (or ``code - zero``), are widened to float32x16 and
+with the group's 16-entry int8 table (or ``code - zero``; affine GGUF grids: ``code + low``), are widened to float32x16 and
 multiplied by 16 activations (gathered at the kept columns under N:M). With one activation
 row, products are summed per group and scaled once per group (``Tiling.grouped``); in m-tiles
-each chunk is scaled before use. ``Tiling.acc1`` independent accumulators hide FMA latency.
+each chunk is scaled before use, and so is every chunk of a scheme with float offsets
+(``value * scale + offset``, one FMA: the dequantized weight itself). ``Tiling.acc1`` independent accumulators hide FMA latency.
 A short last group's whole chunks run the same path; its last ``len % 16`` weights, the CSR
 outliers (exact per-row range) and the bias are scalar. Dense: same skeleton without decode;
 with one activation row ``Tiling.row_block`` weight rows share each activation load.
