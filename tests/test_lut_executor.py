@@ -12,7 +12,8 @@ from bitsmith.backends.lut.decompose import decompose
 from bitsmith.errors import UnsupportedOpError
 from bitsmith.ir.quantized import dequantize
 
-from lut_operands import LUT_SCHEMES, random_qlinear
+from bitsmith.ir.quant_grids import get_scheme
+from lut_operands import GGUF_SCHEMES, LUT_SCHEMES, engine_magnitude as _magnitude, int8_table_bound, random_qlinear
 
 EPS32 = float(np.finfo(np.float32).eps)
 needs_avx2 = pytest.mark.skipif(not native.cpu_has_avx2(), reason="the fast executor needs AVX2/FMA")
@@ -28,12 +29,13 @@ def fast(request):
 
 @st.composite
 def layers(draw):
-    scheme = draw(st.sampled_from(LUT_SCHEMES))
+    """Every LUT scheme, the GGUF types included (their fixed block size; float offsets refuse outliers)."""
+    scheme = draw(st.sampled_from(LUT_SCHEMES + GGUF_SCHEMES))
     n, k = draw(st.integers(1, 40)), draw(st.integers(1, 300))
-    gs = 4 * draw(st.integers(1, 80))
+    gs = get_scheme(scheme).block_size or 4 * draw(st.integers(1, 80))
     m = draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**32 - 1))
-    outliers = draw(st.booleans())
+    outliers = draw(st.booleans()) and not get_scheme(scheme).offsets
     rng = np.random.default_rng(seed)
     attrs, ops = random_qlinear(rng, scheme, n, k, gs, outliers)
     x = rng.normal(0, 1, (m, k)).astype(np.float32)
@@ -47,16 +49,6 @@ def test_integer_form_is_exactly_the_dequantized_weight(layer):
     w = decompose(attrs, ops)
     assert w.u.max(initial=0) < 1 << w.planes
     assert np.array_equal(w.dense(), dequantize(attrs, ops))
-
-
-def _magnitude(attrs, ops, x):
-    """sum_k |x_k| * (|s| * (u + o) + |outlier|): the size of the terms the engine adds (float
-    error scales with it; an outlier's lookup part s*(o - o) is still computed, then cancels)."""
-    w = decompose(attrs, ops)
-    gi = np.arange(w.u.shape[1]) // w.group_size
-    mag = np.abs(w.scales[:, gi]) * (w.u + w.offsets[:, gi]).astype(np.float64)
-    mag[w.outlier_rows, w.outlier_cols] += np.abs(w.outlier_values)
-    return np.abs(x).astype(np.float64) @ mag.T, w
 
 
 @settings(max_examples=60, deadline=None)
@@ -81,14 +73,7 @@ def test_int8_tables_stay_within_the_table_quantization_bound(layer):
     mag, w = _magnitude(attrs, ops, x)
     # each int8 entry is off by at most ts/2 = max|T|/254 of its group; a weight's planes weigh
     # 1 + 2 + ... + 2**(P-1), so group g contributes at most |s| * ts_g/2 * quads_g * (2**P - 1)
-    bound = np.zeros_like(want)
-    gs = w.group_size
-    for g0 in range(0, x.shape[1], gs):
-        xq = np.zeros((x.shape[0], -(-min(gs, x.shape[1] - g0) // 4) * 4), np.float32)
-        xq[:, :min(gs, x.shape[1] - g0)] = x[:, g0:g0 + gs]
-        _, ts, _ = reference_executor.build_tables(xq.reshape(x.shape[0], -1, 4), True)
-        bound += (ts[:, None] / 2 * (xq.shape[1] // 4) * (2**w.planes - 1)) * np.abs(w.scales[:, g0 // gs])[None, :]
-    bound = bound * (1 + 1e-5) + (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
+    bound = int8_table_bound(x, w) * (1 + 1e-5) + (x.shape[1] / 4 + 8) * EPS32 * mag + 1e-30
     assert np.all(np.abs(y - want) <= bound)
 
 

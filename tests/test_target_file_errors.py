@@ -372,15 +372,15 @@ def test_operand_specs_are_the_derived_operands_shapes(kw):
     derivation itself (``qlinear_operands``) on every qlinear of a quantized model."""
     import bitsmith
     from bitsmith.testing.hf_configs import make_model
-    from bitsmith.backends.tvm.qlinear_layout import native_scheme, operand_specs, qlinear_operands
+    from bitsmith.backends.tvm.qlinear_layout import native_scheme_llvm, operand_specs, qlinear_operands
     from bitsmith.ir.quant_grids import get_scheme
     cm = bitsmith.compile(make_model("llama"), target="reference", **kw)
     seen = 0
     for fn in cm.module.functions:
         producers = fn.producers()
         for node in fn.nodes:
-            # the default rtn-int8 lm_head is not a tvm kernel scheme (tvm runs it dense)
-            if node.op != "qlinear" or not native_scheme(get_scheme(node.attr("scheme"))):
+            # every qlinear tvm-llvm runs as a kernel (the default rtn-int8 lm_head included)
+            if node.op != "qlinear" or not native_scheme_llvm(get_scheme(node.attr("scheme"))):
                 continue
             arrays = [cm.module.tensors[producers[i].attr("name")] for i in node.inputs[1:]]
             got = qlinear_operands(node.attr_dict, arrays, "float32")

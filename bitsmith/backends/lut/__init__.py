@@ -197,7 +197,7 @@ class LUTBackend(Backend):
 
     def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
         """Calls inlined: the host plans one function at a time; qlinears the engine cannot
-        hold exactly (float offsets) become dense layers on their exact weights, for the host."""
+        hold exactly (more than 8 bit planes) become dense layers on their exact weights, for the host."""
         from ..scheme_fallback import dequantize_specs
         from .decompose import native_scheme
         return Pipeline(legalize=("inline",) + dequantize_specs(native_scheme))

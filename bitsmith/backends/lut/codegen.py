@@ -135,6 +135,8 @@ def generate(weight: IntegerWeight, table_group: int = 32) -> LayerProgram:
     s[:n] = weight.scales
     so = np.zeros_like(s)
     so[:n] = weight.scales * weight.offsets.astype(np.float32)  # exact: fp16 value x small integer
+    if weight.float_offsets is not None:  # w = s*(u - o) + f: the activation sum's coefficient is s*o - f
+        so[:n] = so[:n] - weight.float_offsets  # exact where o = 0 (every GGUF type with offsets)
     params = np.concatenate([s.reshape(tiles, 16, -1).transpose(0, 2, 1),
                              so.reshape(tiles, 16, -1).transpose(0, 2, 1)], axis=2)  # [tiles, G, 32]
 

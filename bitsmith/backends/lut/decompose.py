@@ -9,6 +9,9 @@ rewritten exactly as ``w[n, k] = s[n, g] * (u[n, k] - o[n, g])`` with ``0 <= u <
   bits of the largest grid range among the scheme's candidates (bitmod-w4: range 28 -> 5).
 * outliers replace the decoded value (see ``bitsmith.ir.quantized.dequantize``): their ``u`` is
   set to ``o`` so the lookup part contributes exactly 0 and a correction adds ``val * x``.
+* schemes with float per-group offsets (GGUF Q4_1 ``m``, K-quants ``-dmin*m``) add ``f[n, g]``:
+  ``w = s * (u - o) + f``. The engine already multiplies each group's activation sum by a
+  per-row coefficient (SCALE's ``so``), so the offset costs nothing: ``so = s*o - f``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ TARGET = "lut-cpu"
 
 @dataclass(frozen=True)
 class IntegerWeight:
-    """``w = scales[:, g] * (u - offsets[:, g])`` plus outliers that replace single weights."""
+    """``w = scales[:, g] * (u - offsets[:, g]) + float_offsets[:, g]`` (the last term only for
+    schemes with float offsets) plus outliers that replace single weights."""
 
     u: np.ndarray            # uint8 [N, K]
     offsets: np.ndarray      # int32 [N, G]
@@ -38,11 +42,14 @@ class IntegerWeight:
     outlier_rows: np.ndarray  # int32 [nnz]
     outlier_cols: np.ndarray  # int32 [nnz]
     outlier_values: np.ndarray  # float32 [nnz]
+    float_offsets: np.ndarray | None = None  # float32 [N, G]
 
     def dense(self) -> np.ndarray:
         """The float32 weight this form stands for (the test oracle's view)."""
         gi = group_index(self.u.shape[1], self.group_size)
         w = self.scales[:, gi] * (self.u.astype(np.float32) - self.offsets[:, gi].astype(np.float32))
+        if self.float_offsets is not None:
+            w = w + self.float_offsets[:, gi]
         w[self.outlier_rows, self.outlier_cols] = self.outlier_values
         return w
 
@@ -56,19 +63,21 @@ def scheme_planes(scheme_name: str) -> int:
 
 
 def native_scheme(scheme: Scheme) -> bool:
-    """Whether the engine's integer form ``s * (u - o)`` holds the scheme exactly: no float
-    offsets, at most 8 planes. lut-cpu runs the others as dense float32 on its host
+    """Whether the engine's integer form ``s * (u - o) (+ f)`` holds the scheme exactly: at most
+    8 planes. lut-cpu runs the others as dense float32 on its host
     (``backends/scheme_fallback.py``)."""
-    if scheme.offsets:
-        return False
     return scheme.asymmetric or max(max(g.values) - min(g.values) for g in scheme.candidates) < 256
 
 
 def qlinear_reason(attrs: Mapping) -> str | None:
     """Why the engine cannot run a qlinear with these attributes (None: it can)."""
-    if not native_scheme(get_scheme(attrs["scheme"])):
-        return (f"scheme {attrs['scheme']} has float offsets the engine's integer form cannot hold "
+    scheme = get_scheme(attrs["scheme"])
+    if not native_scheme(scheme):
+        return (f"scheme {attrs['scheme']} has more than 8 bit planes "
                 f"(lut-cpu's pipeline dequantizes such layers for its host)")
+    if scheme.offsets and attrs["outliers"]:
+        return (f"scheme {attrs['scheme']} has float offsets, which an outlier (a replaced weight) "
+                "would still add; compile it without outliers")
     if parse_sparsity(attrs["sparsity"]) is not None:
         return (f"N:M sparsity ({attrs['sparsity']}) has no LUT lowering; "
                 "compile without sparsity or use another target")
@@ -116,4 +125,6 @@ def decompose(attrs: Mapping, operands: Sequence[np.ndarray], where: str = "") -
         vals = ov.astype(np.float32)
         u[rows, cols] = offsets[rows, gi[cols]]
     assert u.min() >= 0 and u.max() < 1 << planes, "integer form out of plane range"
-    return IntegerWeight(u.astype(np.uint8), offsets.astype(np.int32), scales, planes, gs, rows, cols, vals)
+    floats = ops["offsets"].astype(np.float32) if scheme.offsets else None
+    return IntegerWeight(u.astype(np.uint8), offsets.astype(np.int32), scales, planes, gs, rows, cols, vals,
+                         floats)

@@ -30,7 +30,7 @@ from ..files import target_files
 from .plan import (EXTERN_PREFIX, PLAN_FORMAT, Call, FunctionPlan, PlanError, read_function_plans, read_native_spec,
                    read_plan_doc)
 from .schedule_cpu import SCHEDULE_ID, describe_cpu_schedule, schedule_cpu
-from .targets import TargetSpec, register_target
+from .targets import TargetSpec, llvm_pipeline, register_target
 
 TARGET = "tvm-llvm"
 KERNEL_KIND = "tvm-llvm-kernel"
@@ -395,4 +395,5 @@ def load(module: Module, options: Mapping[str, Any], files: Mapping[str, bytes])
 
 
 register_target(TargetSpec(TARGET, option_defaults, build, load,
-                           doc="CPU kernels compiled by LLVM (TVM TIR), run from a flat plan on numpy arrays"))
+                           doc="CPU kernels compiled by LLVM (TVM TIR), run from a flat plan on numpy arrays",
+                           pipeline=llvm_pipeline))

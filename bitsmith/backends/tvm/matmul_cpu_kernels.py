@@ -12,10 +12,11 @@ weights). The branch on m happens at run time, so one compiled kernel serves eve
 
 A row's reduction runs over chunks of 16 weights. qlinear: the chunk's codes come out of 16
 aligned bytes (shift + mask, see ``qlinear_layout``), become grid values through ``pshufb``
-with the group's 16-entry int8 table (or ``code - zero``), are widened to float32x16 and
+with the group's 16-entry int8 table (or ``code - zero``; affine GGUF grids: ``code + low``), are widened to float32x16 and
 multiplied by 16 activations (gathered at the kept columns under N:M). With one activation
 row, products are summed per group and scaled once per group (``Tiling.grouped``); in m-tiles
-each chunk is scaled before use. ``Tiling.acc1`` independent accumulators hide FMA latency.
+each chunk is scaled before use, and so is every chunk of a scheme with float offsets
+(``value * scale + offset``, one FMA: the dequantized weight itself). ``Tiling.acc1`` independent accumulators hide FMA latency.
 A short last group's whole chunks run the same path; its last ``len % 16`` weights, the CSR
 outliers (exact per-row range) and the bias are scalar. Dense: same skeleton without decode;
 with one activation row ``Tiling.row_block`` weight rows share each activation load.
@@ -212,12 +213,14 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
     k, n, gs = lay.in_features, lay.out_features, lay.group_size
     two_streams = len(lay.code_streams) == 2
     w0 = lay.code_streams[0][0]
-    asym, has_sel, has_bias = lay.asymmetric, lay.has_selectors, lay.has_bias
+    asym, has_sel, has_bias, offs = lay.asymmetric, lay.has_selectors, lay.has_bias, lay.offsets
     nm = lay.nm is not None
     nm_keep, nm_block = lay.nm if nm else (1, 1)
     nm_w = lay.nm_width if nm else 1
     ell = lay.outlier_width
     cg = gs // V  # chunks per group
+    # group sums scaled once need no per-weight offset; with offsets every chunk is decoded in full
+    grouped = t.grouped and not offs
     unroll = next(u for u in (8, 4, 2, 1) if cg % u == 0)
     gfull = lay.kept // gs
     tail = lay.kept - gfull * gs
@@ -245,6 +248,9 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
         code = code_vec(C0, C1, r, c)
         if asym:
             return tirx.Cast(VF32, code) - tirx.Broadcast(tirx.Cast(F32, Z[r, g]), V)
+        if lay.affine:
+            value = tirx.Cast(VF32, code)
+            return value + tirx.Broadcast(tirx.const(float(lay.grid_low), F32), V) if lay.grid_low else value
         sel = tirx.Cast("int32", SEL[r, g]) if has_sel else 0
         if use_pshufb:
             return tirx.Cast(VF32, _pshufb(G[sel, tirx.Ramp(0, 1, V)], code))
@@ -254,6 +260,8 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
         code = code_scalar(C0, C1, r, kk)
         if asym:
             return tirx.Cast(F32, code) - tirx.Cast(F32, Z[r, g])
+        if lay.affine:
+            return tirx.Cast(F32, code) + tirx.const(float(lay.grid_low), F32)
         sel = tirx.Cast("int32", SEL[r, g]) if has_sel else 0
         return tirx.Cast(F32, G[sel, tirx.Cast("int32", code)])
 
@@ -273,10 +281,20 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
     def scale_vec(S, r, g):
         return tirx.Broadcast(tirx.Cast(F32, S[r, g]), V)
 
+    def weight_vec(C0, C1, S, Z, O, G, SEL, r, g, c):
+        """The chunk's float32 weights: value * scale (+ offset, one FMA: value * scale is exact
+        for the GGUF types, so this is the dequantized weight bit for bit)."""
+        w = value_vec(C0, C1, Z, G, SEL, r, g, c) * scale_vec(S, r, g)
+        return w + tirx.Broadcast(tirx.Cast(F32, O[r, g]), V) if offs else w
+
+    def weight_scalar(C0, C1, S, Z, O, G, SEL, r, g, kk):
+        w = value_scalar(C0, C1, Z, G, SEL, r, g, kk) * tirx.Cast(F32, S[r, g])
+        return w + tirx.Cast(F32, O[r, g]) if offs else w
+
     @T.macro
-    def chunk(X, C0, C1, S, Z, G, SEL, NMI, acc, mt, acc_count, slot, m0, r, g, c, scaled):
+    def chunk(X, C0, C1, S, Z, O, G, SEL, NMI, acc, mt, acc_count, slot, m0, r, g, c, scaled):
         if scaled:
-            wv = T.bind(value_vec(C0, C1, Z, G, SEL, r, g, c) * scale_vec(S, r, g))
+            wv = T.bind(weight_vec(C0, C1, S, Z, O, G, SEL, r, g, c))
         else:
             wv = T.bind(value_vec(C0, C1, Z, G, SEL, r, g, c))
         for mi in T.unroll(mt):
@@ -284,7 +302,7 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
                 acc[T.Ramp((mi * acc_count + slot) * V, 1, V)] + xvec(X, NMI, m0 + mi, r, c) * wv)
 
     @T.macro
-    def row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, mt, acc_count, grouped, m0, r):
+    def row(X, C0, C1, S, Z, O, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, mt, acc_count, grouped, m0, r):
         for z in T.unroll(mt * acc_count):
             acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for g in range(gfull):
@@ -293,7 +311,7 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
                     gacc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
                 for cb in range(cg // unroll):
                     for u in T.unroll(unroll):
-                        chunk(X, C0, C1, S, Z, G, SEL, NMI, gacc, 1, acc_count, u % acc_count, m0, r, g,
+                        chunk(X, C0, C1, S, Z, O, G, SEL, NMI, gacc, 1, acc_count, u % acc_count, m0, r, g,
                               g * cg + cb * unroll + u, False)
                 for z in T.unroll(acc_count - 1):
                     gacc[T.Ramp(0, 1, V)] = gacc[T.Ramp(0, 1, V)] + gacc[T.Ramp((z + 1) * V, 1, V)]
@@ -301,10 +319,10 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
             else:
                 for cb in range(cg // unroll):
                     for u in T.unroll(unroll):
-                        chunk(X, C0, C1, S, Z, G, SEL, NMI, acc, mt, acc_count, u % acc_count, m0, r, g,
+                        chunk(X, C0, C1, S, Z, O, G, SEL, NMI, acc, mt, acc_count, u % acc_count, m0, r, g,
                               g * cg + cb * unroll + u, True)
         for c in range(tail_chunks):
-            chunk(X, C0, C1, S, Z, G, SEL, NMI, acc, mt, acc_count, 0, m0, r, gfull, gfull * cg + c, True)
+            chunk(X, C0, C1, S, Z, O, G, SEL, NMI, acc, mt, acc_count, 0, m0, r, gfull, gfull * cg + c, True)
         for mi in T.unroll(mt):
             for a in T.unroll(acc_count - 1):
                 acc[T.Ramp(mi * acc_count * V, 1, V)] = (acc[T.Ramp(mi * acc_count * V, 1, V)]
@@ -312,9 +330,8 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
             hsum(acc, mi * acc_count * V)
             for j in range(tail_scalar):
                 acc[mi * acc_count * V] = acc[mi * acc_count * V] + xscalar(
-                    X, NMI, m0 + mi, r, gfull * gs + tail_chunks * V + j) * (
-                    value_scalar(C0, C1, Z, G, SEL, r, gfull, gfull * gs + tail_chunks * V + j)
-                    * T.Cast(F32, S[r, gfull]))
+                    X, NMI, m0 + mi, r, gfull * gs + tail_chunks * V + j) * weight_scalar(
+                    C0, C1, S, Z, O, G, SEL, r, gfull, gfull * gs + tail_chunks * V + j)
             if ell > 0:
                 for e in range(RP[r + 1] - RP[r]):  # loops starting at 0: see scratch_layout
                     acc[mi * acc_count * V] = acc[mi * acc_count * V] + T.Cast(
@@ -325,7 +342,7 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
 
     @T.prim_func(s_tir=True)
     def main(x: T.handle, c0: T.handle, c1: T.handle, scales: T.handle, zeros: T.handle, grid: T.handle,
-             selectors: T.handle, nm_index: T.handle, ocols: T.handle, ocorr: T.handle, optr: T.handle,
+             offsets: T.handle, selectors: T.handle, nm_index: T.handle, ocols: T.handle, ocorr: T.handle, optr: T.handle,
              bias: T.handle,
              y: T.handle):
         T.func_attr({"tirx.noalias": True})
@@ -333,9 +350,10 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
         X = T.match_buffer(x, (m, k), act)
         C0 = T.match_buffer(c0, shp("codes0"), "uint8")
         C1 = T.match_buffer(c1, shp("codes1"), "uint8")
-        S = T.match_buffer(scales, shp("scales"), "float16")
+        S = T.match_buffer(scales, shp("scales"), lay.scale_dtype)
         Z = T.match_buffer(zeros, shp("zeros"), "uint8")
         G = T.match_buffer(grid, shp("grid"), "int8")
+        O = T.match_buffer(offsets, shp("offsets"), lay.scale_dtype)
         SEL = T.match_buffer(selectors, shp("selectors"), "uint8")
         NMI = T.match_buffer(nm_index, shp("nm_index"), "uint8")
         OC = T.match_buffer(ocols, shp("outlier_cols"), "int32")
@@ -352,15 +370,15 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
                 for mo in range(m // t.mtile):
                     for rr in range(rows):
                         if task * rows + rr < n:
-                            row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, t.mtile, 1, False,
+                            row(X, C0, C1, S, Z, O, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, t.mtile, 1, False,
                                 mo * t.mtile, task * rows + rr)
                 for mi in range(m % t.mtile):
                     for rr in range(rows):
                         if task * rows + rr < n:
-                            row(X, C0, C1, S, Z, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, 1, acc_n, t.grouped,
+                            row(X, C0, C1, S, Z, O, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, 1, acc_n, grouped,
                                 m // t.mtile * t.mtile + mi, task * rows + rr)
 
-    names = ["x", "codes0", "codes1", "scales", "zeros", "grid", "selectors", "nm_index",
+    names = ["x", "codes0", "codes1", "scales", "zeros", "grid", "offsets", "selectors", "nm_index",
              "outlier_cols", "outlier_corrections", "outlier_rowptr", "bias", "y"]
     keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)

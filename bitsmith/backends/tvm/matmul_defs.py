@@ -4,7 +4,7 @@ Both are TE computations turned into a PrimFunc with ``te.create_prim_func``; ``
 x) is a ``tir.Var``. Blocks, in order:
 
 * ``decode`` (qlinear only): ``W[n, kk]`` = grid value of code ``kk`` of row ``n`` times its
-  group's scale, float32, computed from the sliced16 codes (see ``qlinear_layout``). It is
+  group's scale (plus the group's float offset, for schemes that have one), float32, computed from the sliced16 codes (see ``qlinear_layout``). It is
   injective: schedulers inline it into the reduction, so no dense weight is ever stored.
 * ``matmul``: ``acc[i, n] = sum_kk f32(x[i, col(n, kk)]) * W[n, kk]`` in float32, ``col`` the
   dense column of kept weight ``kk`` (``kk`` itself without N:M sparsity).
@@ -82,10 +82,13 @@ def qlinear_func(lay: QLinearLayout, operand_shapes: list[tuple[tuple[int, ...],
         g = kk // lay.group_size
         if lay.asymmetric:
             value = tirx.Cast(ACCUM, code) - tirx.Cast(ACCUM, ph["zeros"][n, g])
+        elif lay.affine:
+            value = tirx.Cast(ACCUM, code + lay.grid_low)
         else:
             sel = tirx.Cast("int32", ph["selectors"][n, g]) if lay.has_selectors else 0
             value = tirx.Cast(ACCUM, ph["grid"][sel, code])
-        return value * tirx.Cast(ACCUM, ph["scales"][n, g])
+        scaled = value * tirx.Cast(ACCUM, ph["scales"][n, g])
+        return scaled + tirx.Cast(ACCUM, ph["offsets"][n, g]) if lay.offsets else scaled
 
     w = te.compute((lay.out_features, lay.kept), weight, name="decode")
 

@@ -15,6 +15,11 @@ are zero-padded to whole chunks (padding is never read as a weight: loops stop a
   of M = 8 are stored in 4 bits: it is metadata read once per kept weight).
 * Grid values (symmetric and BitMoD schemes): a small int8 table ``[candidates, 16]`` (grid
   values are integers with |v| <= 16); selectors are unpacked to one byte per group.
+* Affine grids (one grid holding every code's value consecutively, ``value = code + low``: the
+  GGUF types, e.g. Q4_1 0..15, Q8_0 -128..127) need no table: the kernel adds the constant
+  ``low``. 5- to 8-bit codes use one 8-bit stream (a byte per code). Scales keep the scheme's
+  dtype (float16, or float32 for K-quants); float per-group ``offsets`` (Q4_1 ``m``,
+  K-quants ``-dmin*m``) are a kernel operand of the same shape and dtype, added after scaling.
 * Outliers: the IR's CSR (cols int32, rowptr int32 [out+1]) is kept; its fp16 values become
   float32 *corrections* ``value - decoded(row, col)``. The reference (``quantized.dequantize``)
   *replaces* the decoded weight at an outlier position, so adding the correction gives the same
@@ -101,10 +106,16 @@ class QLinearLayout:
     nm_width: int  # field width of the N:M index stream (0 without sparsity)
     outlier_width: int  # most outliers in one row (0 without outliers)
     has_bias: bool
+    affine: bool = False  # value = code + grid_low (no grid table)
+    grid_low: int = 0
+    offsets: bool = False  # float per-group offsets added after scaling
+    scale_dtype: str = "float16"
 
     @property
     def code_streams(self) -> tuple[tuple[int, int], ...]:
         """(field width, shift into the code) of each code stream, low bits first."""
+        if self.bits > 4:
+            return ((8, 0),)
         if self.bits == 3:
             return ((2, 0), (1, 2))
         return ((self.bits, 0),)
@@ -114,8 +125,10 @@ class QLinearLayout:
         out = [f"codes{i}" for i in range(len(self.code_streams))] + ["scales"]
         if self.asymmetric:
             out.append("zeros")
-        else:
+        elif not self.affine:
             out.append("grid")
+        if self.offsets:
+            out.append("offsets")
         if self.has_selectors:
             out.append("selectors")
         if self.nm is not None:
@@ -139,12 +152,38 @@ def _check_attrs(attrs: Mapping[str, Any]) -> None:
 
 
 def native_scheme(scheme: Scheme) -> bool:
-    """Whether the tvm kernels decode this scheme: 2/3/4-bit codes, float16 scales, no float
-    offsets, grid values in the int8 table (asymmetric schemes use zero points instead). The
-    tvm targets run the others as dense float32 (``backends/scheme_fallback.py``)."""
+    """Whether every tvm target's kernels (CUDA's too) decode this scheme: 2/3/4-bit codes,
+    float16 scales, no float offsets, grid values in the int8 table (asymmetric schemes use zero
+    points instead). The tvm targets run the others as dense float32
+    (``backends/scheme_fallback.py``)."""
     if scheme.bits not in (2, 3, 4) or scheme.offsets or scheme.scale_dtype != "float16":
         return False
     return scheme.asymmetric or all(-128 <= v <= 127 for g in scheme.candidates for v in g.values)
+
+
+def affine_low(scheme: Scheme) -> int | None:
+    """``low`` when the scheme's one grid is ``code + low`` for every code (the GGUF types),
+    else None: such a grid decodes with one add and needs no table, at any width."""
+    if scheme.asymmetric or len(scheme.candidates) != 1:
+        return None
+    values = scheme.candidates[0].values
+    low = values[0]
+    return low if tuple(values) == tuple(range(low, low + (1 << scheme.bits))) else None
+
+
+def native_scheme_llvm(scheme: Scheme) -> bool:
+    """What the CPU kernels decode: ``native_scheme``, plus 8-bit asymmetric codes (rtn-int8,
+    the default lm_head), affine grids up to 8 bits (every GGUF type: Q4_1, Q8_0, K-quants),
+    float per-group offsets and float32 scales (``matmul_defs.qlinear_func``,
+    ``matmul_cpu_kernels.qlinear_kernel``)."""
+    if native_scheme(scheme):
+        return True
+    if scheme.scale_dtype not in ("float16", "float32") or scheme.bits > 8:
+        return False
+    if scheme.asymmetric:
+        return not scheme.offsets
+    return affine_low(scheme) is not None or (
+        scheme.bits <= 4 and all(-128 <= v <= 127 for g in scheme.candidates for v in g.values))
 
 
 def layout_from_attrs(a: Mapping[str, Any]) -> QLinearLayout:
@@ -155,26 +194,30 @@ def layout_from_attrs(a: Mapping[str, Any]) -> QLinearLayout:
         group_size=int(a["group_size"]), scheme=str(a["scheme"]), bits=int(a["bits"]), kept=int(a["kept"]),
         groups=int(a["groups"]), asymmetric=bool(a["asymmetric"]), candidates=int(a["candidates"]),
         has_selectors=bool(a["has_selectors"]), nm=tuple(int(p) for p in nm.split(":")) if nm else None,
-        nm_width=int(a["nm_width"]), outlier_width=int(a["outlier_width"]), has_bias=bool(a["has_bias"]))
+        nm_width=int(a["nm_width"]), outlier_width=int(a["outlier_width"]), has_bias=bool(a["has_bias"]),
+        affine=bool(a["affine"]), grid_low=int(a["grid_low"]), offsets=bool(a["offsets"]),
+        scale_dtype=str(a["scale_dtype"]))
 
 
 def layout_for(attrs: Mapping[str, Any], outlier_width: int) -> QLinearLayout:
     _check_attrs(attrs)
     scheme = get_scheme(str(attrs["scheme"]))
-    if not native_scheme(scheme):
+    if not native_scheme_llvm(scheme):
         raise BitsmithError(f"qlinear scheme {scheme.name}: {scheme.bits}-bit codes, {scheme.scale_dtype} scales"
                             f"{' and float offsets' if scheme.offsets else ''} are not supported by the tvm "
                             f"kernels (the tvm pipelines dequantize such layers first)")
+    low = affine_low(scheme)
     k, gs = int(attrs["in_features"]), int(attrs["group_size"])
     kept = kept_per_row(k, str(attrs["sparsity"]))
     nm = parse_sparsity(str(attrs["sparsity"]))
     return QLinearLayout(
         in_features=k, out_features=int(attrs["out_features"]), group_size=gs, scheme=scheme.name,
         bits=scheme.bits, kept=kept, groups=group_count(kept, gs), asymmetric=scheme.asymmetric,
-        candidates=0 if scheme.asymmetric else len(scheme.candidates),
+        candidates=0 if scheme.asymmetric or low is not None else len(scheme.candidates),
         has_selectors=bool(scheme.selector_bits), nm=nm,
         nm_width=field_width(index_bits(nm[1])) if nm else 0,
-        outlier_width=outlier_width if attrs["outliers"] else 0, has_bias=bool(attrs["bias"]))
+        outlier_width=outlier_width if attrs["outliers"] else 0, has_bias=bool(attrs["bias"]),
+        affine=low is not None, grid_low=low or 0, offsets=scheme.offsets, scale_dtype=scheme.scale_dtype)
 
 
 def grid_table(scheme: Scheme) -> np.ndarray:
@@ -204,7 +247,9 @@ def _decoded_at(attrs, ops: dict, scheme: Scheme, rows: np.ndarray, cols: np.nda
     k, gs = int(attrs["in_features"]), int(attrs["group_size"])
     kept = kept_per_row(k, str(attrs["sparsity"]))
     nm = parse_sparsity(str(attrs["sparsity"]))
-    table = grid_table(scheme).astype(np.float32) if not scheme.asymmetric else None
+    table = np.zeros((len(scheme.candidates), 1 << scheme.bits), dtype=np.float32)
+    for i, g in enumerate(scheme.candidates):
+        table[i, :len(g.values)] = g.values
     out = np.zeros(len(rows), dtype=np.float32)
     for r in np.unique(rows):
         sel_i = np.flatnonzero(rows == r)
@@ -229,6 +274,8 @@ def _decoded_at(attrs, ops: dict, scheme: Scheme, rows: np.ndarray, cols: np.nda
             sel = unpack_codes(ops["selectors"][r:r + 1], scheme.selector_bits, group_count(kept, gs))[0][g] \
                 if scheme.selector_bits else np.zeros_like(c)
             v = table[sel, c] * scale
+        if scheme.offsets:
+            v = v + ops["offsets"][r, g].astype(np.float32)
         out[sel_i] = np.where(present, v, np.float32(0))
     return out
 
@@ -259,11 +306,13 @@ def qlinear_operands(attrs: Mapping[str, Any], arrays: Sequence[np.ndarray], act
     layout = layout_for(attrs, width)
     codes = unpack_codes(ops["codes"], scheme.bits, layout.kept)
     out = [pack_sliced((codes >> shift) & ((1 << w) - 1), w) for w, shift in layout.code_streams]
-    out.append(np.ascontiguousarray(ops["scales"], dtype=np.float16))
+    out.append(np.ascontiguousarray(ops["scales"], dtype=layout.scale_dtype))
     if scheme.asymmetric:
         out.append(np.ascontiguousarray(ops["zeros"], dtype=np.uint8))
-    else:
+    elif not layout.affine:
         out.append(grid_table(scheme))
+    if layout.offsets:
+        out.append(np.ascontiguousarray(ops["offsets"], dtype=layout.scale_dtype))
     if scheme.selector_bits:
         out.append(unpack_codes(ops["selectors"], scheme.selector_bits, layout.groups))
     if layout.nm is not None:
@@ -289,8 +338,13 @@ def operand_specs(attrs: Mapping[str, Any], arrays: Sequence[np.ndarray], act_dt
     layout = layout_for(attrs, 1)
     rows = tuple(ops["codes"].shape[:-1])
     out = [(rows + (sliced_length(layout.kept, w),), "uint8") for w, _ in layout.code_streams]
-    out.append((tuple(ops["scales"].shape), "float16"))
-    out.append((tuple(ops["zeros"].shape), "uint8") if scheme.asymmetric else ((len(scheme.candidates), 16), "int8"))
+    out.append((tuple(ops["scales"].shape), layout.scale_dtype))
+    if scheme.asymmetric:
+        out.append((tuple(ops["zeros"].shape), "uint8"))
+    elif not layout.affine:
+        out.append(((len(scheme.candidates), 16), "int8"))
+    if layout.offsets:
+        out.append((tuple(ops["offsets"].shape), layout.scale_dtype))
     if scheme.selector_bits:
         out.append((tuple(ops["selectors"].shape[:-1]) + (layout.groups,), "uint8"))
     if layout.nm is not None:

@@ -34,18 +34,25 @@ BuildFn = Callable[[Module, Mapping[str, Any]], Executable]
 LoadFn = Callable[[Module, Mapping[str, Any], Mapping[str, bytes]], Executable]
 
 
-def legalize_specs() -> tuple[str, ...]:
+def legalize_specs(native: Callable[[Any], bool] | None = None) -> tuple[str, ...]:
     """Calls inlined (kernels are planned per function); qlinears of schemes the kernels lack
-    become dense layers on their exact weights."""
+    (``native``, default: what every tvm target decodes) become dense layers on their exact weights."""
     from ..scheme_fallback import dequantize_specs
     from .qlinear_layout import native_scheme
-    return ("inline",) + dequantize_specs(native_scheme)
+    return ("inline",) + dequantize_specs(native or native_scheme)
 
 
 def inline_only(options: Mapping[str, Any]) -> Pipeline:
     """Kernels are planned per function: calls between functions are inlined first (and
     unsupported weight formats dequantized, see ``legalize_specs``)."""
     return Pipeline(legalize=legalize_specs())
+
+
+def llvm_pipeline(options: Mapping[str, Any]) -> Pipeline:
+    """``inline_only`` with the CPU kernels' wider set of schemes (8-bit codes, affine GGUF grids,
+    float offsets: ``qlinear_layout.native_scheme_llvm``)."""
+    from .qlinear_layout import native_scheme_llvm
+    return Pipeline(legalize=legalize_specs(native_scheme_llvm))
 
 
 @dataclass(frozen=True)
