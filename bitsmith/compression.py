@@ -49,6 +49,7 @@ class CompressionOptions:
     head_quant: str = DEFAULT_HEAD_QUANT
     shiftadd_scale: str = "pow2"  # quant="shiftadd-*" only (pass shiftadd, docs/shiftadd.md)
     shiftadd_iterations: int = 10
+    shiftadd_offset: bool = False  # quant="shiftadd-*" with pow2/apot2: per-group offset (a level 0)
     bits_budget: float | None = None  # quant="shiftadd-auto" only; None: 3.0
 
     @classmethod
@@ -140,7 +141,8 @@ class CompressionOptions:
 
     def _validate_shiftadd(self) -> None:
         from .ir.bcq import SCALE_KINDS
-        set_here = [k for k, default in (("shiftadd_scale", "pow2"), ("shiftadd_iterations", 10))
+        set_here = [k for k, default in (("shiftadd_scale", "pow2"), ("shiftadd_iterations", 10),
+                                         ("shiftadd_offset", False))
                     if getattr(self, k) != default]
         if set_here and not self.shiftadd:
             raise ValueError(f"{set_here[0]} is an option of quant='shiftadd-w2|w3|w4|auto', not of quant={self.quant!r}")
@@ -148,6 +150,10 @@ class CompressionOptions:
             raise ValueError(f"bits_budget allocates bits per layer for quant='shiftadd-auto', not quant={self.quant!r}")
         if self.shiftadd_scale not in SCALE_KINDS:
             raise UnknownOptionError("shiftadd scale", self.shiftadd_scale, list(SCALE_KINDS))
+        if not isinstance(self.shiftadd_offset, bool):
+            raise ValueError(f"shiftadd_offset must be True or False, got {self.shiftadd_offset!r}")
+        if self.shiftadd_offset and self.shiftadd_scale == "fp16":
+            raise ValueError("shiftadd_offset needs shiftadd_scale='pow2' or 'apot2' (fp16 is plain BCQ)")
         it = self.shiftadd_iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ValueError(f"shiftadd_iterations must be an integer >= 0, got {it!r}")
@@ -205,6 +211,7 @@ class CompressionOptions:
         if self.shiftadd:
             bits = "auto" if self.quant == "shiftadd-auto" else int(self.quant[len("shiftadd-w"):])
             out.append(get_pass("shiftadd", bits=bits, group_size=self.group_size, scale=self.shiftadd_scale,
+                                offset=bool(self.shiftadd_offset),
                                 iterations=self.shiftadd_iterations,
                                 bits_budget=3.0 if self.bits_budget is None else float(self.bits_budget),
                                 layers=self.layers, calibrate=bool(self.calibrate), calibration=calibration,
