@@ -47,6 +47,18 @@ keeps only states with a level 0, but a pow2 code pays for it in levels (3 bits:
 ``(2c, c, c)``, levels 0, ±2c, ±4c; 2 bits: ``(c, c)``) and measured worse on the whole model
 (3 bits: perplexity 939005 vs 150937), so it is off by default; apot2 3 bits can hold
 ``(3c, 2c, c)``, the 7-level symmetric grid with a 0.
+
+Offset (``offset=True``). A per-group offset ``z = c · α_last`` (``c`` an int8, ``α_last`` the
+group's smallest scale) gives the ±1 code a zero point without losing levels: with scales
+``(2^(bits-1) h, ..., 2h, h)`` and ``c`` odd the levels are ``2h·(j - j0)``, ``j`` in
+``0..2^bits-1``, ``j0 = (2^bits - 1 - c) / 2``: round-to-nearest with a zero point, its step a
+power of two (apot2: also 1.125, 1.25, 1.5 times one). This is the extended BCQ of LUT-GEMM
+(Park et al., ICLR 2024, "BCQ with an offset" represents uniform quantization), with the offset
+tied to the last scale so it stays a shift times a small integer. The fit searches the step per
+group from covering the group's range down to ``OFFSET_CLIP_OCTAVES`` below it (clipping when
+that lowers the error, weighted by the Hessian diagonal when calibrating) and every zero point,
+then refines like the plain fit keeping only states with a level 0; with a Hessian the column
+loop's levels include the offset and the scale refits treat the last plane as ``s + c``.
 """
 
 from __future__ import annotations
