@@ -27,7 +27,8 @@ HEAD_PATH = ("*lm_head",)
 # models usable, every pow2/apot2 compile says so instead of handing back a silently poor model.
 SHIFTADD_QUALITY_WARNING = ("quant='shiftadd-*' with power-of-two scales is experimental: on SmolLM2 "
                             "its perplexity is still far above rtn at the same width (docs/shiftadd.md, "
-                            "Quality); shiftadd_scale='fp16' is plain BCQ")
+                            "Quality); shiftadd_offset=True (a per-group zero point) is far better; "
+                            "shiftadd_scale='fp16' is plain BCQ")
 
 
 @dataclass(frozen=True)
