@@ -48,6 +48,17 @@ def _bcq_weights(module):
             for n in fn.nodes if n.op == "bcq_linear"}
 
 
+def assert_graph_computes_with(out, stored, weights):
+    """The whole graph computes with the stored weights (reference interpreter vs numpy)."""
+    x = np.random.default_rng(1).standard_normal((2, 40)).astype(np.float32)
+    h = x.astype(np.float64) @ stored["q"][1].T.astype(np.float64)
+    h = h / (1 + np.exp(-h))
+    h = h @ stored["o"][1].T.astype(np.float64) + out.tensors["o.bias"]
+    want = h @ weights["lm_head"].T.astype(np.float64)
+    got = run_function(out, "main", [x])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("scale", ["pow2", "apot2", "fp16"])
 def test_linears_become_bcq_linear_with_the_fits_weights(scale):
     module, weights = two_linears()
@@ -66,14 +77,7 @@ def test_linears_become_bcq_linear_with_the_fits_weights(scale):
             np.testing.assert_allclose(w, want, rtol=0, atol=2e-3 * np.abs(want).max())
         else:
             np.testing.assert_array_equal(w, want)
-    # the whole graph computes with those weights (reference interpreter vs numpy)
-    x = np.random.default_rng(1).standard_normal((2, 40)).astype(np.float32)
-    h = x.astype(np.float64) @ stored["q"][1].T.astype(np.float64)
-    h = h / (1 + np.exp(-h))
-    h = h @ stored["o"][1].T.astype(np.float64) + out.tensors["o.bias"]
-    want = h @ weights["lm_head"].T.astype(np.float64)
-    got = run_function(out, "main", [x])[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert_graph_computes_with(out, stored, weights)
 
 
 @pytest.mark.parametrize("scale", ["pow2", "apot2"])
@@ -86,13 +90,7 @@ def test_offset_stores_the_offset_fit_and_computes_with_it(scale):
         attrs, w = stored[path]
         assert attrs["offset"] is True
         np.testing.assert_array_equal(w, fit_bcq(weights[path], 2, 16, scale, 2, offset=True).reconstruct())
-    x = np.random.default_rng(1).standard_normal((2, 40)).astype(np.float32)
-    h = x.astype(np.float64) @ stored["q"][1].T.astype(np.float64)
-    h = h / (1 + np.exp(-h))
-    h = h @ stored["o"][1].T.astype(np.float64) + out.tensors["o.bias"]
-    want = h @ weights["lm_head"].T.astype(np.float64)
-    got = run_function(out, "main", [x])[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert_graph_computes_with(out, stored, weights)
 
 
 def test_idempotent_and_layer_globs():
