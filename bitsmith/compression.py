@@ -27,8 +27,8 @@ HEAD_PATH = ("*lm_head",)
 # models usable, every pow2/apot2 compile says so instead of handing back a silently poor model.
 SHIFTADD_QUALITY_WARNING = ("quant='shiftadd-*' with power-of-two scales is experimental: on SmolLM2 "
                             "its perplexity is still far above rtn at the same width (docs/shiftadd.md, "
-                            "Quality); shiftadd_offset=True (a per-group zero point) is far better; "
-                            "shiftadd_scale='fp16' is plain BCQ")
+                            "Quality) unless shiftadd_offset=True with calibrate=True (a per-group zero "
+                            "point, calibrated: below rtn-int3+calibrate); shiftadd_scale='fp16' is plain BCQ")
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,8 @@ class CompressionOptions:
         b = self.bits_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 2.0 <= b <= 4.0):
             raise ValueError(f"bits_budget is the average bits per weight shiftadd-auto allocates, in [2, 4]; got {b!r}")
-        if self.shiftadd and self.shiftadd_scale != "fp16":
+        # offset + calibration passed on SmolLM2 (w3 pow2 47.4 vs rtn-int3+calibrate 116.3, docs/shiftadd.md)
+        if self.shiftadd and self.shiftadd_scale != "fp16" and not (self.shiftadd_offset and self.calibrate):
             warnings.warn(SHIFTADD_QUALITY_WARNING, UserWarning, stacklevel=4)
         if self.shiftadd and (self.outliers or self.sparsity is not None):
             raise ValueError(f"quant={self.quant!r} does not combine with outliers or N:M sparsity")

@@ -283,4 +283,9 @@ def test_power_of_two_scales_warn_that_quality_is_experimental():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_scale": "fp16"})
+        # the configuration that passed the goal on SmolLM2 (docs/shiftadd.md, Quality)
+        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_offset": True, "calibrate": True,
+                                         "calib_text": __file__})
+    with pytest.warns(UserWarning, match="experimental"):
+        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_offset": True})
     assert "docs/shiftadd.md" in SHIFTADD_QUALITY_WARNING
