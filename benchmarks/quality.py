@@ -105,6 +105,13 @@ SHIFTADD_ROWS = tuple(Row(f"shiftadd-w{b}{suffix}", f"shiftadd-w{b}", opts) for 
     Row("rtn-int2", "rtn-int2"),
     Row("rtn-int2+calibrate", "rtn-int2", CAL),
 )
+# shiftadd with a per-group offset (a zero point, shiftadd_offset=True; docs/shiftadd.md "Offset")
+OFFSET = {"shiftadd_offset": True}
+SHIFTADD_ROWS += tuple(Row(f"shiftadd-w{b}+offset{suffix}", f"shiftadd-w{b}", {**OFFSET, **opts}) for b in (2, 3, 4)
+                       for suffix, opts in (("", {}), ("+calibrate", CAL))) + (
+    Row("shiftadd-auto3.0+offset", "shiftadd-auto", {**BUDGET, **OFFSET}),
+    Row("shiftadd-auto3.0+offset+calibrate", "shiftadd-auto", {**BUDGET, **OFFSET, **CAL}),
+)
 ROWS = ROWS + SHIFTADD_ROWS
 ROW_BY_KEY = {r.key: r for r in ROWS}
 SMOKE_ROWS = ("fp32", "rtn-int4")

@@ -10,7 +10,7 @@ script answers "which fit works" quickly: a few windows, weights swapped in plac
 
 Row names: ``fp32``; ``rtn-int{2,3,4}``; ``shiftadd-w{2,3,4}-{pow2,apot2,fp16}``; suffix ``+cal``
 (GPTQ loop with calibration Hessians, 16 windows of 512 tokens of sensesensibility.txt, one run of
-the fp32 model: non-sequential) and ``+act`` (act-order). ``--only REGEX`` quantizes only
+the fp32 model: non-sequential), ``+act`` (act-order) and ``+off`` (per-group offset, ``fit_bcq(offset=True)``). ``--only REGEX`` quantizes only
 the linear layers whose name matches (per-layer ablation). Results are appended to
 benchmarks/results/shiftadd_quality_numpy.md.
 """
@@ -101,7 +101,7 @@ def quantize_weight(row: str, w: np.ndarray, hessian: np.ndarray | None, iterati
         raise SystemExit(f"unknown row {row!r}")
     from bitsmith.passes.quantization.bcq_fit import fit_bcq
     return fit_bcq(w, int(m.group(1)), GROUP_SIZE, m.group(2), iterations, hessian=hessian,
-                   act_order=act, refits=refits).reconstruct()
+                   act_order=act, refits=refits, offset="+off" in row).reconstruct()
 
 
 def main() -> None:

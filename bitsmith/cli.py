@@ -50,7 +50,7 @@ def _parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 _QUANT_FLAGS = ("quant", "group_size", "outliers", "sparsity", "sparsity_method", "calib_text",
                 "calib_sequences", "calib_seq_len", "calib_damp", "calib_target", "head_quant",
-                "shiftadd_scale", "shiftadd_iterations", "bits_budget")
+                "shiftadd_scale", "shiftadd_iterations", "bits_budget", "shiftadd_offset")
 _QUANT_SWITCHES = ("calibrate", "calib_sequential", "act_order")
 
 
@@ -60,6 +60,8 @@ def _quant_options(args: argparse.Namespace) -> dict[str, Any]:
     from .compression import CompressionOptions
 
     options = {k: getattr(args, k) for k in _QUANT_FLAGS if getattr(args, k) is not None}
+    if "shiftadd_offset" in options:
+        options["shiftadd_offset"] = options["shiftadd_offset"] == "on"
     options.update({k: True for k in _QUANT_SWITCHES if getattr(args, k)})
     if args.layers:
         options["layers"] = list(args.layers)
@@ -408,6 +410,8 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
                    help="shiftadd-* scales: pow2 (default; a shift), apot2 (two shifts), fp16 (plain BCQ)")
     g.add_argument("--shiftadd-iterations", type=int, metavar="N",
                    help="shiftadd-* alternating refinement steps (default 10)")
+    g.add_argument("--shiftadd-offset", choices=("on", "off"), type=str.lower,
+                   help="shiftadd-* (pow2/apot2): a per-group offset so every group keeps a level 0 (default off)")
     g.add_argument("--bits-budget", type=float, metavar="B",
                    help="shiftadd-auto: average bits per weight over the layers, 2 to 4 (default 3.0)")
     g.add_argument("--layers", nargs="+", action="extend", default=[], metavar="GLOB",

@@ -27,7 +27,8 @@ HEAD_PATH = ("*lm_head",)
 # models usable, every pow2/apot2 compile says so instead of handing back a silently poor model.
 SHIFTADD_QUALITY_WARNING = ("quant='shiftadd-*' with power-of-two scales is experimental: on SmolLM2 "
                             "its perplexity is still far above rtn at the same width (docs/shiftadd.md, "
-                            "Quality); shiftadd_scale='fp16' is plain BCQ")
+                            "Quality) unless shiftadd_offset=True with calibrate=True (a per-group zero "
+                            "point, calibrated: below rtn-int3+calibrate); shiftadd_scale='fp16' is plain BCQ")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class CompressionOptions:
     head_quant: str = DEFAULT_HEAD_QUANT
     shiftadd_scale: str = "pow2"  # quant="shiftadd-*" only (pass shiftadd, docs/shiftadd.md)
     shiftadd_iterations: int = 10
+    shiftadd_offset: bool = False  # quant="shiftadd-*" with pow2/apot2: per-group offset (a level 0)
     bits_budget: float | None = None  # quant="shiftadd-auto" only; None: 3.0
 
     @classmethod
@@ -140,7 +142,8 @@ class CompressionOptions:
 
     def _validate_shiftadd(self) -> None:
         from .ir.bcq import SCALE_KINDS
-        set_here = [k for k, default in (("shiftadd_scale", "pow2"), ("shiftadd_iterations", 10))
+        set_here = [k for k, default in (("shiftadd_scale", "pow2"), ("shiftadd_iterations", 10),
+                                         ("shiftadd_offset", False))
                     if getattr(self, k) != default]
         if set_here and not self.shiftadd:
             raise ValueError(f"{set_here[0]} is an option of quant='shiftadd-w2|w3|w4|auto', not of quant={self.quant!r}")
@@ -148,13 +151,18 @@ class CompressionOptions:
             raise ValueError(f"bits_budget allocates bits per layer for quant='shiftadd-auto', not quant={self.quant!r}")
         if self.shiftadd_scale not in SCALE_KINDS:
             raise UnknownOptionError("shiftadd scale", self.shiftadd_scale, list(SCALE_KINDS))
+        if not isinstance(self.shiftadd_offset, bool):
+            raise ValueError(f"shiftadd_offset must be True or False, got {self.shiftadd_offset!r}")
+        if self.shiftadd_offset and self.shiftadd_scale == "fp16":
+            raise ValueError("shiftadd_offset needs shiftadd_scale='pow2' or 'apot2' (fp16 is plain BCQ)")
         it = self.shiftadd_iterations
         if isinstance(it, bool) or not isinstance(it, int) or it < 0:
             raise ValueError(f"shiftadd_iterations must be an integer >= 0, got {it!r}")
         b = self.bits_budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 2.0 <= b <= 4.0):
             raise ValueError(f"bits_budget is the average bits per weight shiftadd-auto allocates, in [2, 4]; got {b!r}")
-        if self.shiftadd and self.shiftadd_scale != "fp16":
+        # offset + calibration passed on SmolLM2 (w3 pow2 47.4 vs rtn-int3+calibrate 116.3, docs/shiftadd.md)
+        if self.shiftadd and self.shiftadd_scale != "fp16" and not (self.shiftadd_offset and self.calibrate):
             warnings.warn(SHIFTADD_QUALITY_WARNING, UserWarning, stacklevel=4)
         if self.shiftadd and (self.outliers or self.sparsity is not None):
             raise ValueError(f"quant={self.quant!r} does not combine with outliers or N:M sparsity")
@@ -205,6 +213,7 @@ class CompressionOptions:
         if self.shiftadd:
             bits = "auto" if self.quant == "shiftadd-auto" else int(self.quant[len("shiftadd-w"):])
             out.append(get_pass("shiftadd", bits=bits, group_size=self.group_size, scale=self.shiftadd_scale,
+                                offset=bool(self.shiftadd_offset),
                                 iterations=self.shiftadd_iterations,
                                 bits_budget=3.0 if self.bits_budget is None else float(self.bits_budget),
                                 layers=self.layers, calibrate=bool(self.calibrate), calibration=calibration,

@@ -33,52 +33,69 @@ def random_operands(rng: np.random.Generator, bits: int, n: int, k: int, gs: int
     return signs, scales
 
 
-def scalar_weight(signs, scales, scale: str, gs: int) -> np.ndarray:
-    """W[n, k] = sum_i alpha_i * s_i by loops and Python floats: the oracle, written apart from bcq.py."""
+def random_offsets(rng: np.random.Generator, n: int, k: int, gs: int) -> np.ndarray:
+    """int8 offset units [n, groups], the fit's range (odd, |c| < 2^bits) and beyond."""
+    return rng.integers(-20, 21, (n, -(-k // gs))).astype(np.int8)
+
+
+def scalar_weight(signs, scales, scale: str, gs: int, offsets=None) -> np.ndarray:
+    """W[n, k] = c * alpha_last + sum_i alpha_i * s_i by loops and Python floats: the oracle,
+    written apart from bcq.py."""
     bits, n, k = signs.shape
     w = np.zeros((n, k), dtype=np.float64)
 
     def term(e):
         return 0.0 if int(e) == -128 else math.ldexp(1.0, int(e))
-    for i in range(bits):
-        for r in range(n):
-            for c in range(k):
-                s = scales[i, r, c // gs]
-                alpha = float(s) if scale == "fp16" else (term(s) if scale == "pow2" else term(s[0]) + term(s[1]))
-                w[r, c] += alpha * int(signs[i, r, c])
+
+    def alpha(i, r, c):
+        s = scales[i, r, c // gs]
+        return float(s) if scale == "fp16" else (term(s) if scale == "pow2" else term(s[0]) + term(s[1]))
+    for r in range(n):
+        for c in range(k):
+            for i in range(bits):
+                w[r, c] += alpha(i, r, c) * int(signs[i, r, c])
+            if offsets is not None:
+                w[r, c] += int(offsets[r, c // gs]) * alpha(bits - 1, r, c)
     return w
 
 
-def bcq_module(signs, scales, scale: str, gs: int, x_shape, bias=None, x_dtype="float32"):
+def bcq_module(signs, scales, scale: str, gs: int, x_shape, bias=None, x_dtype="float32", offsets=None):
     bits, n, k = signs.shape
     b = GraphBuilder()
     x = b.param("x", TensorType(tuple(x_shape), x_dtype))
     inputs = [x, b.constant("w.planes", pack_planes(signs)), b.constant("w.scales", scales)]
+    if offsets is not None:
+        inputs.append(b.constant("w.offsets", offsets))
     if bias is not None:
         inputs.append(b.constant("w.bias", bias))
     attrs = dict(bits=bits, group_size=gs, in_features=k, out_features=n, scale=scale, bias=bias is not None)
+    if offsets is not None:
+        attrs["offset"] = True
     return b.module([b.op("bcq_linear", inputs, attrs)]), attrs
 
 
 @settings(max_examples=40, deadline=None)
 @given(bits=st.integers(1, 4), n=st.integers(1, 5), k=st.integers(1, 40), gs=st.sampled_from([1, 3, 8, 16, 32]),
-       scale=st.sampled_from(["pow2", "apot2", "fp16"]), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_op_equals_dense_matmul_with_the_reconstructed_weight(bits, n, k, gs, scale, bias, seed):
+       scale=st.sampled_from(["pow2", "apot2", "fp16"]), bias=st.booleans(), offset=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_op_equals_dense_matmul_with_the_reconstructed_weight(bits, n, k, gs, scale, bias, offset, seed):
     """Tolerance: the interpreter rounds the float32 weight once (<= 2^-24 relative per weight)
     and the result once (float32): |y - x W^T| <= 2^-22 * (|x| |W|^T) covers both with margin."""
     rng = np.random.default_rng(seed)
     signs, scales = random_operands(rng, bits, n, k, gs, scale)
     b = rng.standard_normal(n).astype(np.float32) if bias else None
-    module, attrs = bcq_module(signs, scales, scale, gs, (2, 3, k), b)
+    c = random_offsets(rng, n, k, gs) if offset else None
+    module, attrs = bcq_module(signs, scales, scale, gs, (2, 3, k), b, offsets=c)
     verify_module(module)
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
-    w = scalar_weight(signs, scales, scale, gs)
+    w = scalar_weight(signs, scales, scale, gs, c)
     want = x.astype(np.float64) @ w.T + (0 if b is None else b.astype(np.float64))
     got = run_function(module, "main", [x])[0]
     assert got.shape == (2, 3, n) and got.dtype == np.float32
     bound = 2.0 ** -22 * (np.abs(x).astype(np.float64) @ np.abs(w).T + (0 if b is None else np.abs(b)))
     assert (np.abs(got - want) <= bound + 1e-30).all()
-    np.testing.assert_array_equal(dequantize(attrs, [pack_planes(signs), scales]), w.astype(np.float32))
+    operands = [pack_planes(signs), scales] + ([c] if offset else [])
+    np.testing.assert_array_equal(dequantize(attrs, operands), w.astype(np.float32))
 
 
 @settings(max_examples=50, deadline=None)
@@ -119,6 +136,8 @@ def _node_types(bits=2, n=3, k=10, gs=4, scale="pow2"):
     (lambda x, p, s, a: (TensorType((5, 11), "float32"), p, s, a), "input features"),
     (lambda x, p, s, a: (TensorType((5, 10), "int8"), p, s, a), "activations must be float"),
     (lambda x, p, s, a: (x, p, s, {**a, "bias": True}), "expected 4 operands"),
+    (lambda x, p, s, a: (x, p, s, {**a, "offset": True}), "expected 4 operands \\(x, planes, exponents, offsets\\)"),
+    (lambda x, p, s, a: (x, p, s, {**a, "offset": 1}), "offset must be a bool"),
 ])
 def test_verifier_refusals(change, words):
     from bitsmith.ir.ops import get_op
@@ -145,11 +164,15 @@ def test_check_scales_refuses_exponents_outside_float32_normals():
 
 @pytest.mark.parametrize("scale, scale_bytes", [("pow2", 1), ("apot2", 2), ("fp16", 2)])
 @pytest.mark.parametrize("k, gs", [(64, 32), (20, 8), (576, 128)])
-def test_bits_per_weight_counts_every_stored_byte(scale, scale_bytes, k, gs):
+@pytest.mark.parametrize("offset", [False, True])
+def test_bits_per_weight_counts_every_stored_byte(scale, scale_bytes, k, gs, offset):
     bits, n = 3, 5
-    signs, scales = random_operands(np.random.default_rng(0), bits, n, k, gs, scale)
-    module, attrs = bcq_module(signs, scales, scale, gs, (1, k), np.zeros(n, np.float32))
+    rng = np.random.default_rng(0)
+    signs, scales = random_operands(rng, bits, n, k, gs, scale)
+    c = random_offsets(rng, n, k, gs) if offset else None
+    module, attrs = bcq_module(signs, scales, scale, gs, (1, k), np.zeros(n, np.float32), offsets=c)
     stored = bits * n * ((k + 7) // 8) + bits * n * (-(-k // gs)) * scale_bytes  # bias never counts
+    stored += n * (-(-k // gs)) if offset else 0  # one int8 offset per row and group
     assert storage_bits_per_weight(attrs) == pytest.approx(8 * stored / (n * k))
     from bitsmith.runtime.model import linear_storage
     assert linear_storage(module) == (stored, n * k, 1)
@@ -174,7 +197,7 @@ def test_artifact_round_trip(target, tmp_path):
     rng = np.random.default_rng(3)
     signs, scales = random_operands(rng, 3, 6, 40, 16, "apot2")
     module, _ = bcq_module(signs, np.clip(scales, -8, 2).astype(np.int8), "apot2", 16, ("batch", 40),
-                           rng.standard_normal(6).astype(np.float32))
+                           rng.standard_normal(6).astype(np.float32), offsets=random_offsets(rng, 6, 40, 16))
     backend = backend_for_target(target)
     options = backend.option_defaults(target)
     cm = CompiledModel(module, backend.build(module, target, options), target, options)
@@ -182,22 +205,25 @@ def test_artifact_round_trip(target, tmp_path):
     loaded = bitsmith.load(str(tmp_path / "a"))
     x = rng.standard_normal((3, 40)).astype(np.float32)
     np.testing.assert_array_equal(loaded(x).numpy(), cm(x).numpy())
-    assert loaded.report()["op_counts"] == {"bcq_linear": 1, "constant": 3}
-    assert loaded.report()["bits_per_layer"] == {"v3": 3}
+    assert loaded.report()["op_counts"] == {"bcq_linear": 1, "constant": 4}
+    assert loaded.report()["bits_per_layer"] == {"v4": 3}
 
 
 @pytest.mark.skipif(not HAS_TVM, reason="apache-tvm not installed")
-@settings(max_examples=6, deadline=None)
+@pytest.mark.parametrize("offset", [False, True])
+@settings(max_examples=4, deadline=None)
 @given(bits=st.integers(1, 4), k=st.sampled_from([8, 37, 56, 64]), gs=st.sampled_from([8, 16, 32]),
        scale=st.sampled_from(["pow2", "apot2", "fp16"]), m=st.integers(1, 5), seed=st.integers(0, 1000))
-def test_tvm_llvm_kernel_equals_the_reference(bits, k, gs, scale, m, seed):
+def test_tvm_llvm_kernel_equals_the_reference(bits, k, gs, scale, m, offset, seed):
     """Within the tvm backend's Tolerance (float32 sums in another order than the oracle)."""
     from bitsmith.backends import backend_for_target
     rng = np.random.default_rng(seed)
     signs, scales = random_operands(rng, bits, 6, k, gs, scale)
     if scale != "fp16":
         scales = np.where(scales == ZERO_EXPONENT, scales, np.clip(scales, -8, 2)).astype(np.int8)
-    module, _ = bcq_module(signs, scales, scale, gs, ("batch", k), rng.standard_normal(6).astype(np.float32))
+    c = random_offsets(rng, 6, k, gs) if offset else None
+    module, _ = bcq_module(signs, scales, scale, gs, ("batch", k), rng.standard_normal(6).astype(np.float32),
+                           offsets=c)
     tvm_backend, ref = backend_for_target("tvm-llvm"), backend_for_target("reference")
     opts = tvm_backend.option_defaults("tvm-llvm")
     x = rng.standard_normal((m, k)).astype(np.float32)

@@ -169,7 +169,36 @@ def test_shiftadd_fp16_greedy_planes_and_scales():
     assert info("model.up_proj.weight.alphas").sha256 == sha256_of(np.stack(alphas).astype(np.float16))
 
 
+def test_shiftadd_pow2_offset_is_the_exact_zero_point_grid():
+    """shiftadd/pow2_offset_w3: every group of 4 lies on exactly one grid 2h(j - j0), j in 0..7,
+    h a power of two (found here by brute force over h and j0: the only grid with zero error);
+    the op stores scales (4h, 2h, h) as exponents, the offset c = 7 - 2 j0 in units of h, and the
+    binary digits of j as the three sign planes (MSB in plane 0)."""
+    c = case("shiftadd/pow2_offset_w3")
+    w = data_of(c)["model.up_proj.weight"].astype(np.float64)
+    exponents = np.zeros((3, 4, 2), np.int8)
+    offsets = np.zeros((4, 2), np.int8)
+    digits = np.zeros((3, 4, 8))
+    for r in range(4):
+        for g in range(2):
+            vals = w[r, 4 * g:4 * g + 4]
+            exact = [(e, j0) for e in range(-10, 6) for j0 in range(8)
+                     if all(any(v == 2 * 2.0 ** e * (j - j0) for j in range(8)) for v in vals)]
+            assert len(exact) == 1, (r, g, exact)
+            e, j0 = exact[0]
+            exponents[:, r, g] = (e + 2, e + 1, e)
+            offsets[r, g] = 7 - 2 * j0
+            for col in range(4):
+                j = int(round(vals[col] / 2.0 ** (e + 1))) + j0
+                digits[:, r, 4 * g + col] = [(j >> 2) & 1, (j >> 1) & 1, j & 1]
+    planes = np.packbits(digits > 0, axis=-1, bitorder="little")
+    info = c.expected().tensors.info
+    assert info("model.up_proj.weight.planes").sha256 == sha256_of(planes)
+    assert info("model.up_proj.weight.exponents").sha256 == sha256_of(exponents)
+    assert info("model.up_proj.weight.offsets").sha256 == sha256_of(offsets)
+
+
 def test_oracle_cases_exist():
     for ident in ("fold/constants", "fold/max_elements", "sparsify/magnitude", "quantize/rtn_int4",
-                  "quantize/sparse_outliers", "shiftadd/fp16_w2"):
+                  "quantize/sparse_outliers", "shiftadd/fp16_w2", "shiftadd/pow2_offset_w3"):
         assert case(ident).file(".after.ir").exists(), ident

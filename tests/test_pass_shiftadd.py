@@ -44,8 +44,19 @@ def two_linears(k=40, n=24, seed=0):
 def _bcq_weights(module):
     fn = module.function("main")
     consts = {n.output.name: module.tensors[n.attr("name")] for n in fn.nodes if n.op == "constant"}
-    return {n.loc.module_path: (n.attr_dict, dequantize(n.attr_dict, [consts[v] for v in n.inputs[1:3]]))
+    return {n.loc.module_path: (n.attr_dict, dequantize(n.attr_dict, [consts[v] for v in n.inputs[1:]]))
             for n in fn.nodes if n.op == "bcq_linear"}
+
+
+def assert_graph_computes_with(out, stored, weights):
+    """The whole graph computes with the stored weights (reference interpreter vs numpy)."""
+    x = np.random.default_rng(1).standard_normal((2, 40)).astype(np.float32)
+    h = x.astype(np.float64) @ stored["q"][1].T.astype(np.float64)
+    h = h / (1 + np.exp(-h))
+    h = h @ stored["o"][1].T.astype(np.float64) + out.tensors["o.bias"]
+    want = h @ weights["lm_head"].T.astype(np.float64)
+    got = run_function(out, "main", [x])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("scale", ["pow2", "apot2", "fp16"])
@@ -66,14 +77,20 @@ def test_linears_become_bcq_linear_with_the_fits_weights(scale):
             np.testing.assert_allclose(w, want, rtol=0, atol=2e-3 * np.abs(want).max())
         else:
             np.testing.assert_array_equal(w, want)
-    # the whole graph computes with those weights (reference interpreter vs numpy)
-    x = np.random.default_rng(1).standard_normal((2, 40)).astype(np.float32)
-    h = x.astype(np.float64) @ stored["q"][1].T.astype(np.float64)
-    h = h / (1 + np.exp(-h))
-    h = h @ stored["o"][1].T.astype(np.float64) + out.tensors["o.bias"]
-    want = h @ weights["lm_head"].T.astype(np.float64)
-    got = run_function(out, "main", [x])[0]
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert_graph_computes_with(out, stored, weights)
+
+
+@pytest.mark.parametrize("scale", ["pow2", "apot2"])
+def test_offset_stores_the_offset_fit_and_computes_with_it(scale):
+    module, weights = two_linears()
+    out = get_pass("shiftadd", bits=2, group_size=16, scale=scale, offset=True, iterations=2).apply(module)
+    verify_module(out)
+    stored = _bcq_weights(out)
+    for path in ("q", "o"):
+        attrs, w = stored[path]
+        assert attrs["offset"] is True
+        np.testing.assert_array_equal(w, fit_bcq(weights[path], 2, 16, scale, 2, offset=True).reconstruct())
+    assert_graph_computes_with(out, stored, weights)
 
 
 def test_idempotent_and_layer_globs():
@@ -149,6 +166,9 @@ def test_auto_allocates_under_the_budget_through_the_pass():
     ({"quant": "shiftadd-auto", "bits_budget": 5}, "in \\[2, 4\\]"),
     ({"quant": "shiftadd-w3", "outliers": 0.01}, "does not combine with outliers"),
     ({"quant": "shiftadd-w5"}, "shiftadd-w5"),
+    ({"quant": "rtn-int4", "shiftadd_offset": True}, "shiftadd_offset is an option of quant='shiftadd"),
+    ({"quant": "shiftadd-w3", "shiftadd_scale": "fp16", "shiftadd_offset": True}, "needs shiftadd_scale='pow2'"),
+    ({"quant": "shiftadd-w3", "shiftadd_offset": "yes"}, "shiftadd_offset must be True or False"),
 ])
 def test_option_errors(options, words):
     from bitsmith.errors import UnknownOptionError
@@ -161,6 +181,7 @@ def test_pass_option_errors():
                            ({"group_size": 0}, "group_size must be a positive integer"),
                            ({"bits": "auto", "bits_budget": 1.5}, "bits_budget must lie in"),
                            ({"act_order": True}, "act_order needs calibrate=true"),
+                           ({"scale": "fp16", "offset": True}, "offset needs scale pow2 or apot2"),
                            ({"bits": "auto", "calibrate": True, "sequential": True}, "not supported")]:
         with pytest.raises(ValueError, match=words):
             get_pass("shiftadd", **options)
@@ -173,11 +194,13 @@ def test_cli_flags_reach_the_compile_options(capsys):
     from test_cli import assert_one_line_error, run_cli
     for command in ("compile", "eval"):
         argv = [command, "m", "--quant", "shiftadd-auto", "--group-size", "64", "--shiftadd-scale", "apot2",
-                "--shiftadd-iterations", "3", "--bits-budget", "2.5"]
+                "--shiftadd-iterations", "3", "--bits-budget", "2.5", "--shiftadd-offset", "on"]
         argv += ["--target", "reference", "--out", "o"] if command == "compile" else ["--text", __file__]
         assert _quant_options(build_parser().parse_args(argv)) == {
             "quant": "shiftadd-auto", "group_size": 64, "shiftadd_scale": "apot2", "shiftadd_iterations": 3,
-            "bits_budget": 2.5}
+            "bits_budget": 2.5, "shiftadd_offset": True}
+        off = argv[:-2 - (4 if command == "compile" else 2)] + ["--shiftadd-offset", "off"] + argv[-(4 if command == "compile" else 2):]
+        assert _quant_options(build_parser().parse_args(off))["shiftadd_offset"] is False
         bad = [command, "m", "--quant", "shiftadd-w3", "--bits-budget", "3"]
         bad += ["--target", "reference", "--out", "o"] if command == "compile" else ["--text", __file__]
         code, _, err = run_cli(capsys, *bad)
@@ -191,10 +214,12 @@ def tiny_llama():
 
 
 @pytest.mark.skipif(not HAS_TVM, reason="apache-tvm not installed")
-def test_tiny_llama_reference_and_tvm_llvm_agree(tiny_llama):
+@pytest.mark.parametrize("offset", [False, True])
+def test_tiny_llama_reference_and_tvm_llvm_agree(tiny_llama, offset):
     from bitsmith.backends import backend_for_target
     from bitsmith.testing.hf_configs import VOCAB
-    kwargs = dict(quant="shiftadd-w3", group_size=32, shiftadd_iterations=3, head_quant="fp32")  # bits: BCQ layers only
+    kwargs = dict(quant="shiftadd-w3", group_size=32, shiftadd_iterations=3, head_quant="fp32",  # bits: BCQ layers only
+                  shiftadd_offset=offset)
     ref = bitsmith.compile(tiny_llama, "reference", **kwargs)
     cpu = bitsmith.compile(tiny_llama, "tvm-llvm", **kwargs)
     assert ref.report()["op_counts"]["bcq_linear"] == cpu.report()["op_counts"]["bcq_linear"] == 14
@@ -203,7 +228,8 @@ def test_tiny_llama_reference_and_tvm_llvm_agree(tiny_llama):
     assert tol.compare([cpu(ids).numpy()], [ref(ids).numpy()]) is None
     report = ref.report()
     assert set(report["bits_per_layer"].values()) == {3}
-    assert report["bits_per_weight"] == pytest.approx(3 + 3 * 8 / 32)  # planes + int8 exponent per group
+    # planes + an int8 exponent per plane and group (+ an int8 offset per group)
+    assert report["bits_per_weight"] == pytest.approx(3 + 3 * 8 / 32 + (8 / 32 if offset else 0))
 
 
 def test_lut_cpu_takes_bcq_linear_and_refuses_what_its_tables_cannot_hold_naming_the_op():
@@ -258,4 +284,9 @@ def test_power_of_two_scales_warn_that_quality_is_experimental():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_scale": "fp16"})
+        # the configuration that passed the issue's goal on SmolLM2 (docs/shiftadd.md, Quality)
+        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_offset": True, "calibrate": True,
+                                         "calib_text": __file__})
+    with pytest.warns(UserWarning, match="experimental"):
+        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_offset": True})
     assert "docs/shiftadd.md" in SHIFTADD_QUALITY_WARNING

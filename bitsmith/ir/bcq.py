@@ -14,8 +14,16 @@ Operands, in order:
       apot2: exponents i8 [bits, out, groups, 2]    alpha = 2**e0 + 2**e1,
       fp16:  alphas f16 [bits, out, groups]          alpha as stored,
       where an exponent of -128 (``ZERO_EXPONENT``) stands for a zero term,
+  offsets i8 [out, groups] (``offset`` attribute, optional, default false): the group's offset
+      in units of its last plane's scale, ``z[n, g] = c[n, g] * alpha_{bits-1}[n, g]``,
   bias [out] in x's dtype (``bias`` attribute).
 ``groups = ceil(in / group_size)``; the last group of a row may be shorter.
+
+With an offset, ``W[n, k] = z[n, k // group_size] + sum_i alpha_i * s_i``: a ±1 code with a
+zero point, so a group keeps an exact level 0 and all ``2^bits`` levels (without one, SmolLM2
+does not survive the power-of-two fit, docs/shiftadd.md). It costs one product per group and
+row, ``c * alpha_last * sum_k x_k``, not one per plane; with pow2 scales ``alpha_last`` is a
+shift and ``c`` a small integer.
 
 Meaning (the reference interpreter's): the weight is the exact sum rounded once to float32,
 then ``x @ W.T (+ bias)`` under the interpreter's accuracy scheme (float64 products and sums).
@@ -38,6 +46,7 @@ from .types import IRTypeError, TensorType
 
 OP = "bcq_linear"
 BCQ_ATTRS = ("bias", "bits", "group_size", "in_features", "out_features", "scale")
+BCQ_OPTIONAL_ATTRS = ("offset",)  # absent means false
 SCALE_KINDS = ("pow2", "apot2", "fp16")
 PLANE_BITS = (1, 2, 3, 4, 5, 6, 7, 8)  # planes the op accepts; the shiftadd pass fits 2..4
 ZERO_EXPONENT = -128  # an exponent that stands for a zero scale term
@@ -48,8 +57,20 @@ def plane_bytes(in_features: int) -> int:
     return (in_features + 7) // 8
 
 
+def has_offset(attrs: dict) -> bool:
+    return bool(attrs.get("offset", False))
+
+
 def operand_types(attrs: dict) -> list[tuple[str, TensorType]]:
-    """The (role, type) of the planes and scales operands (after x, before bias)."""
+    """The (role, type) of the planes, scales and (``offset``) offsets operands (after x, before bias)."""
+    types = _plane_and_scale_types(attrs)
+    if has_offset(attrs):
+        types.append(("offsets", TensorType((attrs["out_features"], group_count(attrs["in_features"],
+                                                                                  attrs["group_size"])), "int8")))
+    return types
+
+
+def _plane_and_scale_types(attrs: dict) -> list[tuple[str, TensorType]]:
     bits, k, n, gs, scale = (attrs[a] for a in ("bits", "in_features", "out_features", "group_size", "scale"))
     for name, v in (("bits", bits), ("in_features", k), ("out_features", n), ("group_size", gs)):
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -67,7 +88,7 @@ def operand_types(attrs: dict) -> list[tuple[str, TensorType]]:
     return [planes, ("alphas", TensorType((bits, n, g), "float16"))]
 
 
-@register_op(OP, (3, 4), attrs=BCQ_ATTRS,
+@register_op(OP, (3, 5), attrs=BCQ_ATTRS, optional=BCQ_OPTIONAL_ATTRS,
              doc="x @ (sum_i alpha_i * signs_i).T (+ bias), binary-coded weights; see bitsmith/ir/bcq.py",
              traits=(PURE, CONTRACTION, LINEAR_LIKE, QUANTIZED))
 def _infer_bcq_linear(types: tuple[TensorType, ...], attrs: dict) -> tuple[TensorType, ...]:
@@ -76,8 +97,9 @@ def _infer_bcq_linear(types: tuple[TensorType, ...], attrs: dict) -> tuple[Tenso
         raise IRTypeError(f"{OP}: activations must be float32 or float16, got {x.dtype}")
     if x.rank < 1 or not sym.dims_equal(x.shape[-1], attrs["in_features"]):
         raise IRTypeError(f"{OP}: input features {x.shape[-1:]} != in_features {attrs['in_features']}")
-    if not isinstance(attrs["bias"], bool):
-        raise IRTypeError(f"{OP}: bias must be a bool, got {attrs['bias']!r}")
+    for flag in ("bias", "offset"):
+        if not isinstance(attrs.get(flag, False), bool):
+            raise IRTypeError(f"{OP}: {flag} must be a bool, got {attrs[flag]!r}")
     expected = operand_types(attrs)
     want_count = 1 + len(expected) + (1 if attrs["bias"] else 0)
     if len(types) != want_count:
@@ -134,7 +156,10 @@ def dequantize(attrs: dict, operands: Sequence[np.ndarray]) -> np.ndarray:
     planes, scales = operands[0], operands[1]
     signs = unpack_planes(planes, k).astype(np.float64)
     a = alphas(attrs, scales)[:, :, group_index(k, gs)]  # [bits, out, in]
-    return (a * signs).sum(axis=0).astype(np.float32)
+    w = (a * signs).sum(axis=0)
+    if has_offset(attrs):  # c * alpha_last: |c| < 2^8 times a (sum of two) power(s) of two or an fp16: exact
+        w += np.asarray(operands[2]).astype(np.float64)[:, group_index(k, gs)] * a[-1]
+    return w.astype(np.float32)
 
 
 def check_scales(attrs: dict, scales: np.ndarray) -> None:
@@ -160,7 +185,8 @@ def storage_bits_per_weight(attrs: dict) -> float:
 
 def quant_label(attrs: dict) -> str:
     """A short name of the format, e.g. "shiftadd-w3" (plus the scale kind unless pow2)."""
-    return f"shiftadd-w{attrs['bits']}" + ("" if attrs["scale"] == "pow2" else f"-{attrs['scale']}")
+    return (f"shiftadd-w{attrs['bits']}" + ("" if attrs["scale"] == "pow2" else f"-{attrs['scale']}")
+            + ("-offset" if has_offset(attrs) else ""))
 
 
 # ---------------------------------------------------------------- reference meaning
@@ -172,10 +198,10 @@ DECODE_CACHE = _DecodeCache(decode=dequantize)  # each layer's planes decoded on
 def _bcq_linear_rule(xs, node, ctx):
     attrs = node.attr_dict
     x = xs[0]
-    weight = DECODE_CACHE.get(attrs, xs[1:3])
+    weight = DECODE_CACHE.get(attrs, xs[1:1 + len(operand_types(attrs))])
     y = wide_matmul(x, weight.T)
     if attrs["bias"]:
-        y += wide(xs[3])
+        y += wide(xs[-1])
     return [y.astype(x.dtype, copy=False)]
 
 

@@ -33,8 +33,8 @@ AUTO_BITS = (2, 3, 4)  # the widths shiftadd-auto chooses from
 
 
 def bcq_operands(fit: Any, attrs: dict) -> list[np.ndarray]:
-    """The planes and scales operands of one fit (``bcq_fit.BCQFit``), checked against the op's
-    types and, for pow2/apot2, against the alphas the fit used (no silent re-rounding)."""
+    """The planes, scales (and offsets) operands of one fit (``bcq_fit.BCQFit``), checked against
+    the op's types and, for pow2/apot2, against the alphas the fit used (no silent re-rounding)."""
     planes = pack_planes(fit.signs)
     if attrs["scale"] == "fp16":
         scales = np.asarray(fit.alphas).astype(np.float16)
@@ -44,10 +44,13 @@ def bcq_operands(fit: Any, attrs: dict) -> list[np.ndarray]:
         if not np.array_equal(alphas(attrs, scales).astype(np.float32), used):
             raise ValueError(f"bcq fit: exponents do not reproduce the fit's alphas ({attrs['scale']})")
     check_scales(attrs, scales)
-    for (role, want), got in zip(operand_types(attrs), (planes, scales)):
+    operands = [planes, scales]
+    if attrs.get("offset", False):
+        operands.append(np.asarray(fit.offset_units).astype(np.int8))
+    for (role, want), got in zip(operand_types(attrs), operands):
         if (tuple(got.shape), str(got.dtype)) != (tuple(want.shape), want.dtype):
             raise ValueError(f"{OP} operand {role}: {got.dtype}{list(got.shape)} != {want}")
-    return [planes, scales]
+    return operands
 
 
 def output_error(weight: np.ndarray, approx: np.ndarray, hessian: np.ndarray | None) -> float:
@@ -85,8 +88,9 @@ def allocate_bits(errors: dict[str, dict[int, float]], sizes: dict[str, int], bu
 @dataclass(frozen=True)
 class ShiftAdd(Pass):
     """Options: ``bits`` (2, 3, 4 or "auto"), ``group_size`` (weights per scale group along a
-    row, default 128), ``scale`` (pow2 | apot2 | fp16), ``iterations`` (alternating refinement
-    steps), ``bits_budget`` (average bits for bits="auto", default 3.0), ``layers`` (module-path
+    row, default 128), ``scale`` (pow2 | apot2 | fp16), ``offset`` (pow2/apot2: a per-group
+    offset, a multiple of the last plane's scale, so every group keeps a level 0; the op's
+    ``offsets`` operand), ``iterations`` (alternating refinement steps), ``bits_budget`` (average bits for bits="auto", default 3.0), ``layers`` (module-path
     globs; default every linear but ``*lm_head``), ``calibrate`` with ``calibration`` (a source of
     Hessians, as for ``quantize``), and with calibrate ``sequential``, ``act_order``, ``damp``."""
 
@@ -95,6 +99,7 @@ class ShiftAdd(Pass):
     bits: Any = 3
     group_size: int = 128
     scale: str = "pow2"
+    offset: bool = False
     iterations: int = 10
     bits_budget: float = 3.0
     layers: tuple[str, ...] = ()
@@ -111,6 +116,10 @@ class ShiftAdd(Pass):
             raise ValueError(f"shiftadd: scale must be one of {', '.join(SCALE_KINDS)}, got {self.scale!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
             raise ValueError(f"shiftadd: group_size must be a positive integer, got {self.group_size!r}")
+        if not isinstance(self.offset, bool):
+            raise ValueError(f"shiftadd: offset must be true or false, got {self.offset!r}")
+        if self.offset and self.scale == "fp16":
+            raise ValueError("shiftadd: offset needs scale pow2 or apot2 (fp16 is the plain-BCQ ablation)")
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
             raise ValueError(f"shiftadd: iterations must be an integer >= 0, got {self.iterations!r}")
         if self.bits == "auto":
@@ -132,7 +141,7 @@ class ShiftAdd(Pass):
         hessian = None if stats is None else np.asarray(stats.hessian, dtype=np.float64)
         return fit_bcq(np.asarray(weight, dtype=np.float32), bits, group_size=self.group_size, scale=self.scale,
                        iterations=self.iterations, hessian=hessian, damp=float(self.damp),
-                       act_order=bool(self.act_order))
+                       act_order=bool(self.act_order), offset=self.offset)
 
     def apply(self, module: Module) -> Module:
         if self.calibrate and self.calibration is None:
@@ -206,6 +215,8 @@ class ShiftAdd(Pass):
         out_features, in_features = site.weight_type.shape
         attrs = {"bits": bits, "group_size": self.group_size, "in_features": int(in_features),
                  "out_features": int(out_features), "scale": self.scale, "bias": len(node.inputs) == 3}
+        if self.offset:
+            attrs["offset"] = True
         roles = [r for r, _ in operand_types(attrs)]
         key = (site.weight_name, node.inputs[0] if self.calibrate else None, bits)
         if key not in prefixes:

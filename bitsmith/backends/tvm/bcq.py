@@ -7,7 +7,8 @@ GEMV scheduler and the CPU generic schedule take it unchanged):
 
 * ``decode``: ``W[n, k] = sum_i (bit_i(n, k) ? alpha : -alpha)_i`` in float32, where a pow2
   alpha is built from its exponent's bits (``(e + 127) << 23`` reinterpreted as float32: an
-  exponent add, no multiply; e = -128 gives 0) and apot2 adds two such terms. It is injective
+  exponent add, no multiply; e = -128 gives 0) and apot2 adds two such terms; with an
+  ``offsets`` operand the group's ``c * alpha_last`` is added. It is injective
   and inlined into the reduction by every schedule, so no dense weight is stored;
 * ``matmul``: ``acc[i, n] = sum_k f32(x[i, k]) * W[n, k]``;
 * ``epilogue``: ``y = cast(acc (+ bias))``.
@@ -42,12 +43,13 @@ def _pow2(e):
 
 def bcq_func(attrs: Mapping[str, Any], act_dtype: str):
     bits, k, n, gs = (int(attrs[a]) for a in ("bits", "in_features", "out_features", "group_size"))
-    scale, has_bias = str(attrs["scale"]), bool(attrs["bias"])
+    scale, has_bias, has_offset = str(attrs["scale"]), bool(attrs["bias"]), bool(attrs.get("offset", False))
     m = tirx.Var("m", "int32")
     x = te.placeholder((m, k), act_dtype, name="x")
-    (_, pt), (srole, st) = operand_types(dict(attrs))
+    (_, pt), (srole, st) = operand_types(dict(attrs))[:2]
     planes = te.placeholder(tuple(int(d) for d in pt.shape), "uint8", name="planes")
     scales = te.placeholder(tuple(int(d) for d in st.shape), st.dtype, name=srole)
+    offsets = te.placeholder((n, -(-k // gs)), "int8", name="offsets") if has_offset else None
 
     def alpha(i, r, g):
         if scale == "pow2":
@@ -64,6 +66,8 @@ def bcq_func(attrs: Mapping[str, Any], act_dtype: str):
             a = alpha(i, r, g)
             term = tirx.Select(bit == 1, a, -a)
             total = term if total is None else total + term
+        if has_offset:
+            total = total + tirx.Cast(ACCUM, offsets[r, g]) * alpha(bits - 1, r, g)
         return total
 
     w = te.compute((n, k), weight, name="decode")
@@ -71,25 +75,26 @@ def bcq_func(attrs: Mapping[str, Any], act_dtype: str):
     acc = te.compute((m, n), lambda i, r: te.sum(tirx.Cast(ACCUM, x[i, kk]) * w[r, kk], axis=kk), name="matmul")
     bias = te.placeholder((n,), act_dtype, name="bias") if has_bias else None
     y = _epilogue(acc, None, bias, m, n, act_dtype)
-    params = [x, planes, scales] + ([bias] if has_bias else []) + [y]
+    params = [x, planes, scales] + ([offsets] if has_offset else []) + ([bias] if has_bias else []) + [y]
     meta = {"op": OP, "bits": bits, "in_features": k, "out_features": n, "group_size": gs, "scale": scale,
-            "has_bias": has_bias, "act_dtype": act_dtype}
+            "has_bias": has_bias, "has_offset": has_offset, "act_dtype": act_dtype}
     return te.create_prim_func(params).with_attr(ATTR, meta)
 
 
 def bcq_kernel(attrs: Mapping[str, Any], act_dtype: str) -> KernelDef:
-    """Params: x [m, in], planes, scales, [bias], y [m, out]."""
+    """Params: x [m, in], planes, scales, [offsets], [bias], y [m, out]."""
     if act_dtype not in ("float32", "float16"):
         raise BitsmithError(f"tvm {OP}: activation dtype {act_dtype!r} is not supported")
     name = (f"bcq_{attrs['scale']}_w{attrs['bits']}_g{attrs['group_size']}_{attrs['in_features']}x"
-            f"{attrs['out_features']}{'_bias' if attrs['bias'] else ''}_{act_dtype}")
+            f"{attrs['out_features']}{'_offset' if attrs.get('offset') else ''}{'_bias' if attrs['bias'] else ''}"
+            f"_{act_dtype}")
     return KernelDef(name, bcq_func(attrs, act_dtype), KIND)
 
 
 @register_anchor(OP)
 def _bcq_linear(node: Node, ctx) -> None:
     if any(ctx.constant_of(v) is None for v in node.inputs[1:]):
-        raise ctx.unsupported(node, "planes, scales and bias must be constants")
+        raise ctx.unsupported(node, "planes, scales, offsets and bias must be constants")
     kdef = bcq_kernel(node.attr_dict, ctx.types[node.inputs[0]].dtype)
     x2, lead = flatten_in(node, ctx)
     out = matmul_out(node, ctx, lead)

@@ -5,7 +5,8 @@ Per output row and group, each plane ``i`` keeps a float32x16 partial sum of ``+
 activations with their sign flipped where the plane's bit is 0: a select, no multiply); after
 the group the partial sums are scaled by the plane's alpha (a power of two built from the
 exponent's bits, see ``bcq.py``) and added to the row's accumulator: ``bits`` multiplies per
-group instead of one per weight. The 16 bits of a chunk are two bytes of the IR's own planes
+group instead of one per weight. With offsets, one more float32x16 partial sum holds the plain
+sum of the group's activations, scaled once per group by ``c * alpha_last``. The 16 bits of a chunk are two bytes of the IR's own planes
 (LSB first), read as one int32 word, broadcast and shifted by the lane index; a cleared bit
 flips the activation's float sign bit (xor). Activation rows are walked one at a time (decode re-done per row: prefill
 is slower than the integer-code kernels; decode, m = 1, is the case this serves). Needs
@@ -62,9 +63,12 @@ def applies(attrs: Mapping[str, Any]) -> bool:
 
 
 def bcq_kernel(attrs: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], str]]):
-    """PrimFunc main(x [m, k], planes, scales, [bias], y [m, n]) with ``bcq.bcq_func``'s params."""
+    """PrimFunc main(x [m, k], planes, scales, [offsets], [bias], y [m, n]) with ``bcq.bcq_func``'s params."""
     bits, k, n, gs = (int(attrs[a]) for a in ("bits", "in_features", "out_features", "group_size"))
     scale, has_bias, act = str(attrs["scale"]), bool(attrs["has_bias"]), str(attrs["act_dtype"])
+    has_offset = bool(attrs.get("has_offset", False))
+    groups = -(-k // gs)
+    sums = bits + 1  # partial-sum slot of the plain activation sum (offsets only)
     if gs % V:
         raise ValueError(f"the vector bcq kernel needs group_size % {V} == 0, got {gs}")
     (pshape, _), (sshape, sdtype) = shapes[0], shapes[1]
@@ -73,8 +77,8 @@ def bcq_kernel(attrs: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], str
     tail = k - gfull * gs
     tail_chunks, tail_scalar = tail // V, tail % V
     tasks = -(-n // ROWS)
-    # per slab: the row accumulator (16) and one partial sum per plane (bits * 16)
-    slabs, per_task, per_slab = scratch_layout(tasks, (1 + bits) * V)
+    # per slab: the row accumulator (16), one partial sum per plane (bits * 16) and the plain sum
+    slabs, per_task, per_slab = scratch_layout(tasks, (2 + bits) * V)
 
     @T.macro
     def plane_sums(X, P, part, i0, r, c0, chunks):
@@ -83,21 +87,28 @@ def bcq_kernel(attrs: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], str
             for p in T.unroll(bits):
                 part[T.Ramp((p + 1) * V, 1, V)] = part[T.Ramp((p + 1) * V, 1, V)] + _negate_where_clear(
                     xv, P, p, r, c0 + c)
+            if has_offset:
+                part[T.Ramp(sums * V, 1, V)] = part[T.Ramp(sums * V, 1, V)] + xv
 
     @T.macro
-    def flush(S, part, r, g):
+    def flush(S, O, part, r, g):
         for p in T.unroll(bits):
             part[T.Ramp(0, 1, V)] = part[T.Ramp(0, 1, V)] + part[T.Ramp((p + 1) * V, 1, V)] * T.Broadcast(
                 _alpha(S, scale, p, r, g), V)
             part[T.Ramp((p + 1) * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        if has_offset:
+            part[T.Ramp(0, 1, V)] = part[T.Ramp(0, 1, V)] + part[T.Ramp(sums * V, 1, V)] * T.Broadcast(
+                T.Cast(F32, O[r, g]) * _alpha(S, scale, bits - 1, r, g), V)
+            part[T.Ramp(sums * V, 1, V)] = T.Broadcast(T.float32(0), V)
 
     @T.prim_func(s_tir=True)
-    def main(x: T.handle, planes: T.handle, scales: T.handle, bias: T.handle, y: T.handle):
+    def main(x: T.handle, planes: T.handle, scales: T.handle, offsets: T.handle, bias: T.handle, y: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int32()
         X = T.match_buffer(x, (m, k), act)
         P = T.match_buffer(planes, pshape, "uint8")
         S = T.match_buffer(scales, sshape, sdtype)
+        O = T.match_buffer(offsets, (n, groups), "int8")
         B = T.match_buffer(bias, (n,), act)
         Y = T.match_buffer(y, (m, n), act)
         ws = T.alloc_buffer((slabs * per_slab,), F32)
@@ -108,14 +119,14 @@ def bcq_kernel(attrs: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], str
                 for i0 in range(m):
                     for rr in range(ROWS):
                         if task * ROWS + rr < n:
-                            for z in T.unroll(bits + 1):
+                            for z in T.unroll(bits + 2):
                                 part[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
                             for g in range(gfull):
                                 plane_sums(X, P, part, i0, task * ROWS + rr, g * cg, cg)
-                                flush(S, part, task * ROWS + rr, g)
+                                flush(S, O, part, task * ROWS + rr, g)
                             if tail_chunks > 0:
                                 plane_sums(X, P, part, i0, task * ROWS + rr, gfull * cg, tail_chunks)
-                                flush(S, part, task * ROWS + rr, gfull)
+                                flush(S, O, part, task * ROWS + rr, gfull)
                             hsum(part, 0)
                             for j in range(tail_scalar):
                                 for p in T.unroll(bits):
@@ -123,9 +134,13 @@ def bcq_kernel(attrs: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], str
                                         _bit_scalar(P, p, task * ROWS + rr, gfull * gs + tail_chunks * V + j)
                                         == T.uint8(1), _alpha(S, scale, p, task * ROWS + rr, gfull),
                                         -_alpha(S, scale, p, task * ROWS + rr, gfull))
+                                if has_offset:
+                                    part[0] = part[0] + T.Cast(F32, X[i0, gfull * gs + tail_chunks * V + j]) * (
+                                        T.Cast(F32, O[task * ROWS + rr, gfull])
+                                        * _alpha(S, scale, bits - 1, task * ROWS + rr, gfull))
                             if has_bias:
                                 part[0] = part[0] + T.Cast(F32, B[task * ROWS + rr])
                             Y[i0, task * ROWS + rr] = T.Cast(act, part[0])
 
-    keep = [0, 1, 2] + ([3] if has_bias else []) + [4]
+    keep = [0, 1, 2] + ([3] if has_offset else []) + ([4] if has_bias else []) + [5]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)

@@ -47,6 +47,18 @@ keeps only states with a level 0, but a pow2 code pays for it in levels (3 bits:
 ``(2c, c, c)``, levels 0, ±2c, ±4c; 2 bits: ``(c, c)``) and measured worse on the whole model
 (3 bits: perplexity 939005 vs 150937), so it is off by default; apot2 3 bits can hold
 ``(3c, 2c, c)``, the 7-level symmetric grid with a 0.
+
+Offset (``offset=True``). A per-group offset ``z = c · α_last`` (``c`` an int8, ``α_last`` the
+group's smallest scale) gives the ±1 code a zero point without losing levels: with scales
+``(2^(bits-1) h, ..., 2h, h)`` and ``c`` odd the levels are ``2h·(j - j0)``, ``j`` in
+``0..2^bits-1``, ``j0 = (2^bits - 1 - c) / 2``: round-to-nearest with a zero point, its step a
+power of two (apot2: also 1.125, 1.25, 1.5 times one). This is the extended BCQ of LUT-GEMM
+(Park et al., ICLR 2024, "BCQ with an offset" represents uniform quantization), with the offset
+tied to the last scale so it stays a shift times a small integer. The fit searches the step per
+group from covering the group's range down to ``OFFSET_CLIP_OCTAVES`` below it (clipping when
+that lowers the error, weighted by the Hessian diagonal when calibrating) and every zero point,
+then refines like the plain fit keeping only states with a level 0; with a Hessian the column
+loop's levels include the offset and the scale refits treat the last plane as ``s + c``.
 """
 
 from __future__ import annotations
@@ -76,6 +88,7 @@ class BCQFit:
     exponents: np.ndarray | None  # pow2: int8 [bits, N, G]; apot2: int8 [bits, N, G, 2]; fp16: None
     group_size: int
     scale: str
+    offset_units: np.ndarray | None = None  # int8 [N, G]: offset = units · alphas[-1] (``offset=True``)
 
     @property
     def bits(self) -> int:
@@ -85,7 +98,11 @@ class BCQFit:
         """float32 [N, K]: ``Σ_i α[i]`` (broadcast over its group) ``· B[i]``."""
         k = self.signs.shape[2]
         per_column = np.repeat(self.alphas, self.group_size, axis=2)[:, :, :k]
-        return np.sum(per_column * self.signs.astype(np.float32), axis=0, dtype=np.float32)
+        planes = np.sum(per_column * self.signs.astype(np.float32), axis=0, dtype=np.float32)
+        if self.offset_units is None:
+            return planes
+        z = self.offset_units.astype(np.float32) * self.alphas[-1]  # exact: |c| < 2^7, α a (sum of) power(s) of two
+        return planes + np.repeat(z, self.group_size, axis=1)[:, :k]
 
 
 # ----------------------------------------------------------------------------- scale grids
@@ -331,14 +348,105 @@ def _pow2_dictionary(w: np.ndarray, mask: np.ndarray, bits: int,
     return best, _best_signs(w, best) * mask
 
 
-def _has_zero_level(alphas: np.ndarray) -> np.ndarray:
-    """Per group (``alphas`` [bits, ...]): whether some ±1 pattern sums to exactly 0."""
+def _has_zero_level(alphas: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Per group (``alphas`` [bits, ...], ``offsets`` [...]): whether some ±1 pattern plus the
+    group's offset is exactly 0."""
     values = np.einsum("pb,b...->p...", _sign_patterns(alphas.shape[0]), alphas)
+    if offsets is not None:
+        values = values + offsets
     return np.any(values == 0, axis=0)
 
 
 def _wants_zero_level(bits: int, scale: str, zero_level: bool) -> bool:
     return zero_level and scale != "fp16" and bits >= 2
+
+
+# ----------------------------------------------------------------------------- offset grids
+
+OFFSET_UNIT_MAX = 127  # offsets are int8 multiples of the group's last (smallest) scale
+_OFFSET_MANTISSAS = {"pow2": (1.0,), "apot2": (1.0, 1.125, 1.25, 1.5)}  # h = mantissa · 2^e
+OFFSET_CLIP_OCTAVES = 3  # offset grids: steps searched down to this many octaves below covering the range
+
+
+def _offset_values(alphas: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """The offset ``z = c · α_last`` of every group (``units`` c [...], ``alphas`` [bits, ...])."""
+    return units * alphas[-1]
+
+
+def _offset_grid(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group the best uniform grid with a level 0: scales ``(2^(bits-1) h, ..., 2h, h)``
+    (``h`` a power of two; apot2 also ``1.125, 1.25, 1.5`` times one) and offset ``c·h`` with
+    ``c`` odd, so the levels are ``2h·(j - j0)``, ``j`` in ``0..2^bits-1``, ``j0 = (2^bits - 1 -
+    c) / 2``: round-to-nearest with a zero point and a power-of-two step. The step is searched
+    from one octave above covering the group's range down to ``OFFSET_CLIP_OCTAVES`` below
+    (clipping the extremes where that lowers the error), by the squared error weighted per
+    column by ``weights`` (the Hessian diagonal when calibrating). Returns (alphas [bits, R, G],
+    signs [bits, R, G, L], units c [R, G])."""
+    levels = 2 ** bits
+    wt = mask * (1.0 if weights is None else weights)
+    lo = np.minimum(np.min(np.where(mask, w, 0.0), axis=-1), 0.0)  # the grid holds 0: its range does too
+    hi = np.maximum(np.max(np.where(mask, w, 0.0), axis=-1), 0.0)
+    span = np.maximum(hi - lo, np.finfo(np.float64).tiny)
+    top = np.ceil(np.log2(span / (2 * (levels - 1)))) + 1  # h = 2^top covers the range twice over
+    best_err = np.full(span.shape, np.inf)
+    best_h, best_c = np.zeros(span.shape), np.zeros(span.shape)
+    for d in range(OFFSET_CLIP_OCTAVES + 2):
+        base = np.exp2(np.clip(top - d, _EXP_MIN + 2, _EXP_MAX - bits - 2))
+        for mant in _OFFSET_MANTISSAS[scale]:
+            h = (mant * base)[..., None]
+            for j0 in range(levels):
+                q = 2 * h * np.clip(np.rint(w / (2 * h)), -j0, levels - 1 - j0)
+                err = np.sum(wt * (w - q) ** 2, axis=-1)
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_h, best_c = np.where(better, h[..., 0], best_h), np.where(better, levels - 1 - 2 * j0, best_c)
+    best_h = np.where(hi > lo, best_h, 0.0)
+    h = np.where(best_h > 0, best_h, 1.0)[..., None]
+    j0 = ((levels - 1 - best_c) // 2)[..., None]
+    index = (np.clip(np.rint(w / (2 * h)), -j0, levels - 1 - j0) + j0).astype(np.int64)
+    alphas = np.stack([best_h * 2.0 ** (bits - 1 - i) for i in range(bits)])
+    signs = np.stack([((index >> (bits - 1 - i)) & 1) * 2.0 - 1 for i in range(bits)]) * mask
+    return alphas, signs, np.where(best_h > 0, best_c, 0.0)
+
+
+def _offset_units(z: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """The int8 multiple ``c`` of the last scale nearest the offset ``z`` (0 where that scale is 0)."""
+    last = alphas[-1]
+    c = np.rint(z / np.where(last > 0, last, 1.0))
+    return np.where(last > 0, np.clip(c, -OFFSET_UNIT_MAX, OFFSET_UNIT_MAX), 0.0)
+
+
+def _fit_offset_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str, iterations: int,
+                       weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BCQ with a per-group offset (``offset=True``): the best offset grid, then alternating
+    refinement (the offset by least squares jointly with the scales, the scales of ``w - z``
+    snapped, the offset rounded to a multiple of the last scale, the signs), keeping each
+    group's best state among those with a level 0. Returns (alphas, signs, units c)."""
+    alphas, signs, units = _offset_grid(w, mask, bits, scale, weights)
+    wt = mask * (1.0 if weights is None else weights)
+
+    def error(a: np.ndarray, s: np.ndarray, c: np.ndarray) -> np.ndarray:
+        z = _offset_values(a, c)
+        err = np.sum(wt * (w - z[..., None] * mask - np.einsum("irg,irgl->rgl", a, s)) ** 2, axis=-1)
+        return np.where(_has_zero_level(a, z), err, np.inf)
+
+    best = (alphas, signs, units)
+    best_err = error(*best)
+    for _ in range(iterations):
+        gram, rhs = _gram(np.concatenate([signs, mask[None].astype(np.float64)]), w)
+        z = np.einsum("rgj,rgj->rg", np.linalg.pinv(gram)[..., -1, :], rhs)
+        shifted = w - z[..., None] * mask
+        alphas, signs = _least_squares_alphas(signs, shifted)
+        alphas = _snap_alphas(alphas, signs, shifted, scale)
+        units = _offset_units(z, alphas)
+        signs = _best_signs(w - _offset_values(alphas, units)[..., None] * mask, alphas) * mask
+        err = error(alphas, signs, units)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (np.where(better, alphas, best[0]), np.where(better[..., None], signs, best[1]),
+                np.where(better, units, best[2]))
+    return best
 
 
 def _fit_groups(w: np.ndarray, mask: np.ndarray, bits: int, scale: str,
@@ -413,19 +521,22 @@ def _validate(weight: np.ndarray, bits: int, group_size: int, scale: str, iterat
     return w.astype(np.float64)
 
 
-def _result(alphas: np.ndarray, signs: np.ndarray, k: int, group_size: int, scale: str) -> BCQFit:
+def _result(alphas: np.ndarray, signs: np.ndarray, k: int, group_size: int, scale: str,
+            offsets: np.ndarray | None = None) -> BCQFit:
     bits, n = alphas.shape[:2]
     if scale == "fp16":
         alphas = alphas.astype(np.float16)
     alphas32 = alphas.astype(np.float32)
     flat_signs = signs.reshape(bits, n, -1)[:, :, :k]
     return BCQFit(signs=np.where(flat_signs < 0, -1, 1).astype(np.int8), alphas=alphas32,
-                  exponents=_exponents_of(alphas32, scale), group_size=group_size, scale=scale)
+                  exponents=_exponents_of(alphas32, scale), group_size=group_size, scale=scale,
+                  offset_units=None if offsets is None else offsets.astype(np.int8))
 
 
 def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "pow2",
             iterations: int = 10, hessian: np.ndarray | None = None, damp: float = 0.01,
-            act_order: bool = False, refits: int = 2, zero_level: bool = False) -> BCQFit:
+            act_order: bool = False, refits: int = 2, zero_level: bool = False,
+            offset: bool = False) -> BCQFit:
     """BCQ of ``weight`` [N, K] with ``bits`` planes and groups of ``group_size`` along K.
 
     Without ``hessian``: minimises the weight error (greedy + ``iterations`` rounds of
@@ -434,19 +545,28 @@ def fit_bcq(weight: np.ndarray, bits: int, group_size: int = 128, scale: str = "
 
     ``zero_level`` (pow2/apot2, bits >= 2): every group's scales give a level of exactly 0
     (e.g. pow2 3 bits: ``α = (2c, c, c)``, levels 0, ±2c, ±4c), at the cost of levels (see the
-    module docstring); off: the best grid by weight error alone."""
+    module docstring); off: the best grid by weight error alone.
+
+    ``offset`` (pow2/apot2): every group also gets a signed offset ``z`` (a pow2/apot2 value or
+    0), ``W ≈ z + Σ α_i B_i``, and keeps a level 0 without losing levels (see "Offset" in the
+    module docstring)."""
     w = _validate(weight, bits, group_size, scale, iterations)
+    if offset and scale == "fp16":
+        raise BCQFitError("offset needs pow2 or apot2 scales (fp16 is the plain-BCQ ablation)")
     if hessian is None:
         grouped, mask = _grouped(w, group_size)
+        if offset:
+            alphas, signs, offsets = _fit_offset_groups(grouped, mask, bits, scale, iterations)
+            return _result(alphas, signs, w.shape[1], group_size, scale, offsets)
         alphas, signs = _fit_groups(grouped, mask, bits, scale, iterations, zero_level)
         return _result(alphas, signs, w.shape[1], group_size, scale)
     return _fit_bcq_hessian(w, bits, group_size, scale, iterations, hessian, damp, act_order, refits,
-                            zero_level)
+                            zero_level, offset)
 
 
 def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iterations: int,
                      hessian: np.ndarray, damp: float, act_order: bool, refits: int,
-                     zero_level: bool = False) -> BCQFit:
+                     zero_level: bool = False, offset: bool = False) -> BCQFit:
     n, k = w.shape
     h = np.array(hessian, dtype=np.float64)
     if h.shape != (k, k):
@@ -459,17 +579,20 @@ def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iter
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0  # as GPTQ: a dead input's weight has no effect on the output
-    loop = _ColumnLoop(w, h, group_size, damp, act_order, zero_level)
-    alphas, signs = loop.run(bits, scale, iterations)
-    best_alphas, best_signs = alphas, signs
-    best_err = _row_output_errors(w, h, alphas, signs, group_size)
+    loop = _ColumnLoop(w, h, group_size, damp, act_order, zero_level, offset)
+    alphas, signs, offsets = loop.run(bits, scale, iterations)
+    best_alphas, best_signs, best_offsets = alphas, signs, offsets
+    best_err = _row_output_errors(w, h, alphas, signs, group_size, offsets)
     # refitted scales must still cover each group's peak (_coverage), or what the loop covered
     floor = np.minimum(_coverage(bits) * np.max(np.abs(_grouped(w, group_size)[0]), axis=-1), alphas.sum(axis=0))
     for _ in range(refits):  # output-optimal scales for these signs, then the loop's signs for them
-        alphas, signs = _refit_alphas(w, h, alphas, signs, group_size, scale)
-        for candidate in ((alphas, signs), loop.run(bits, scale, iterations, alphas)):
-            err = _row_output_errors(w, h, *candidate, group_size)
-            if scale != "fp16":
+        alphas, signs, offsets = _refit_alphas(w, h, alphas, signs, group_size, scale, offsets)
+        for candidate in ((alphas, signs, offsets), loop.run(bits, scale, iterations, alphas, offsets)):
+            err = _row_output_errors(w, h, candidate[0], candidate[1], group_size, candidate[2])
+            if offset:  # the offset keeps a level 0 and replaces the coverage floor (clip searched)
+                z = _offset_values(candidate[0], candidate[2])
+                err = np.where(np.all(_has_zero_level(candidate[0], z), axis=-1), err, np.inf)
+            elif scale != "fp16":
                 err = np.where(np.all(candidate[0].sum(axis=0) >= floor * (1 - 1e-12), axis=-1), err, np.inf)
                 if _wants_zero_level(bits, scale, zero_level):
                     err = np.where(np.all(_has_zero_level(candidate[0]), axis=-1), err, np.inf)
@@ -477,8 +600,10 @@ def _fit_bcq_hessian(w: np.ndarray, bits: int, group_size: int, scale: str, iter
             best_err = np.where(better, err, best_err)
             best_alphas = np.where(better[None, :, None], candidate[0], best_alphas)
             best_signs = np.where(better[None, :, None], candidate[1], best_signs)
-        alphas, signs = candidate
-    return _result(best_alphas, best_signs, k, group_size, scale)
+            if offset:
+                best_offsets = np.where(better[:, None], candidate[2], best_offsets)
+        alphas, signs, offsets = candidate
+    return _result(best_alphas, best_signs, k, group_size, scale, best_offsets)
 
 
 class _ColumnLoop:
@@ -486,10 +611,12 @@ class _ColumnLoop:
     the scales are fitted at the group's first column on the compensated weights, or given."""
 
     def __init__(self, w: np.ndarray, h: np.ndarray, group_size: int, damp: float, act_order: bool,
-                 zero_level: bool = False, block_size: int = 128):
+                 zero_level: bool = False, offset: bool = False, block_size: int = 128):
         from .gptq import inverse_hessian_cholesky
         k = w.shape[1]
         self.w, self.group_size, self.act_order, self.zero_level = w, group_size, act_order, zero_level
+        self.offset = offset
+        self.diag = np.diag(h).copy()  # per-column weights of the offset grids' clip search
         if act_order:  # columns by decreasing H diagonal; groups fitted up front (static groups)
             self.perm = np.argsort(-np.diag(h), kind="stable")
             h = h[np.ix_(self.perm, self.perm)]
@@ -499,17 +626,24 @@ class _ColumnLoop:
             self.width = group_size * max(1, block_size // group_size)
         self.u = inverse_hessian_cholesky(h, damp)
 
-    def run(self, bits: int, scale: str, iterations: int,
-            alphas: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(alphas [bits, N, G], signs [bits, N, K]); ``alphas`` given: kept, only signs chosen."""
+    def run(self, bits: int, scale: str, iterations: int, alphas: np.ndarray | None = None,
+            units: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(alphas [bits, N, G], signs [bits, N, K], offset units [N, G] or None); ``alphas``
+        (and ``units``) given: kept, only signs chosen."""
         n, k = self.w.shape
         gs = self.group_size
         groups = -(-k // gs)
         fixed = alphas is not None
         alphas = np.zeros((bits, n, groups)) if alphas is None else alphas.copy()
+        units = (np.zeros((n, groups)) if units is None else units.copy()) if self.offset else None
 
         def fit(g: int, weights: np.ndarray) -> None:
             grouped, mask = _grouped(weights, weights.shape[1])
+            if self.offset:
+                cols = np.arange(g * gs, g * gs + weights.shape[1])
+                a, _, z = _fit_offset_groups(grouped, mask, bits, scale, iterations, self.diag[cols])
+                alphas[:, :, g], units[:, g] = a[:, :, 0], z[:, 0]
+                return
             alphas[:, :, g] = _fit_groups(grouped, mask, bits, scale, iterations, self.zero_level)[0][:, :, 0]
 
         work = self.w[:, self.perm].copy()
@@ -533,6 +667,8 @@ class _ColumnLoop:
                     fit(g, block[:, j:j + min(gs, k - col)])
                 if values is None or col % gs == 0 or self.act_order:
                     values = alphas[:, :, g].T @ patterns.T  # [N, P]: every level of the group
+                    if units is not None:
+                        values = values + (units[:, g] * alphas[-1, :, g])[:, None]
                 target = block[:, j]
                 best = np.argmin(np.abs(target[:, None] - values), axis=1)
                 chosen[:, col] = best
@@ -540,18 +676,20 @@ class _ColumnLoop:
                 errors[:, j] = err
                 block[:, j + 1:] -= np.outer(err, u[pos, pos + 1:b1])
             work[:, b1:] -= errors @ u[b0:b1, b1:]
-        return alphas, np.moveaxis(patterns[chosen], -1, 0)
+        return alphas, np.moveaxis(patterns[chosen], -1, 0), units
 
 
-def _dense(alphas: np.ndarray, signs: np.ndarray, group_size: int) -> np.ndarray:
+def _dense(alphas: np.ndarray, signs: np.ndarray, group_size: int,
+           units: np.ndarray | None = None) -> np.ndarray:
     k = signs.shape[2]
-    return np.einsum("ink,ink->nk", np.repeat(alphas, group_size, axis=2)[:, :, :k], signs)
+    q = np.einsum("ink,ink->nk", np.repeat(alphas, group_size, axis=2)[:, :, :k], signs)
+    return q if units is None else q + np.repeat(_offset_values(alphas, units), group_size, axis=1)[:, :k]
 
 
 def _row_output_errors(w: np.ndarray, h: np.ndarray, alphas: np.ndarray, signs: np.ndarray,
-                       group_size: int) -> np.ndarray:
+                       group_size: int, units: np.ndarray | None = None) -> np.ndarray:
     """``(w_n - q_n) H (w_n - q_n)ᵀ`` per row: the calibration output error of each output."""
-    d = w - _dense(alphas, signs, group_size)
+    d = w - _dense(alphas, signs, group_size, units)
     return np.einsum("nk,nk->n", d @ h, d)
 
 
@@ -565,12 +703,28 @@ def _group_sums(x: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def _refit_alphas(w: np.ndarray, h: np.ndarray, alphas: np.ndarray, signs: np.ndarray, group_size: int,
-                  scale: str, sweeps: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                  scale: str, units: np.ndarray | None = None,
+                  sweeps: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Scales given the signs that minimise the output error ``(w - q) H (w - q)ᵀ`` of each row
     (``q`` is linear in the row's ``bits · G`` scales): least squares for fp16; for pow2/apot2
     coordinate descent from the current scales, each step the representable value nearest the
     one-variable optimum (never worse: the error is a convex quadratic in one scale). A negative
-    scale flips its plane's signs in its group."""
+    scale flips its plane's signs in its group. With offset ``units`` c (kept), the last plane
+    is ``s + c``: its scale also scales the offset, and a flip negates ``c``."""
+    k = signs.shape[2]
+    planes = signs
+    if units is not None:
+        planes = signs.copy()
+        planes[-1] = signs[-1] + np.repeat(units, group_size, axis=1)[:, :k]
+    a = _refit_planes(w, h, alphas, planes, group_size, scale, sweeps)
+    flip = np.where(a < 0, -1.0, 1.0)
+    per_column = np.repeat(flip, group_size, axis=2)[:, :, :k]
+    return np.abs(a), signs * per_column, None if units is None else units * flip[-1]
+
+
+def _refit_planes(w: np.ndarray, h: np.ndarray, alphas: np.ndarray, signs: np.ndarray, group_size: int,
+                  scale: str, sweeps: int) -> np.ndarray:
+    """The signed scales [bits, N, G] of :func:`_refit_alphas` for planes ``signs`` (any values)."""
     bits, n, k = signs.shape
     groups = alphas.shape[2]
     v = bits * groups
@@ -593,7 +747,4 @@ def _refit_alphas(w: np.ndarray, h: np.ndarray, alphas: np.ndarray, signs: np.nd
                 rest = rhs[:, t] - np.einsum("nj,nj->n", gram[:, t, :], a) + diag * a[:, t]
                 opt = np.where(diag > 0, rest / np.where(diag > 0, diag, 1.0), 0.0)
                 a[:, t] = np.sign(opt) * _nearest(np.abs(opt), scale)
-    a = a.reshape(n, bits, groups).transpose(1, 0, 2)
-    flip = np.where(a < 0, -1.0, 1.0)
-    per_column = np.repeat(flip, group_size, axis=2)[:, :, :k]
-    return np.abs(a), signs * per_column
+    return a.reshape(n, bits, groups).transpose(1, 0, 2)
