@@ -15,7 +15,7 @@ from bitsmith.backends.lut.codegen_bcq import generate_bcq
 from bitsmith.ir import run_function
 from bitsmith.ir.bcq import ZERO_EXPONENT, alphas, pack_planes
 
-from test_bcq_op import bcq_module, random_operands
+from test_bcq_op import bcq_module, random_offsets, random_operands
 
 from test_lut_executor import EPS32, fast, needs_avx2  # noqa: F401 - the per-build engine fixture
 
@@ -81,6 +81,25 @@ def test_fast_and_reference_executors_agree_bit_exactly(fast, layer, int8, table
     attrs, signs, scales, x = layer
     prog = generate_bcq(attrs, [pack_planes(signs), scales], table_group)
     assert np.array_equal(fast.run(prog, x, int8, threads=threads), reference_executor.run(prog, x, int8))
+
+
+@settings(max_examples=40, deadline=None)
+@given(bcq_layers(), st.booleans(), st.sampled_from([4, 32, 256]), st.integers(0, 2**32 - 1))
+def test_group_offsets_ride_on_scale_and_match_the_op_meaning(layer, int8, table_group, seed):
+    # bcq_linear's offset c * alpha_last per group (the zero point of shiftadd_offset) enters SCALE's
+    # activation-sum coefficient; the oracle is the interpreter on the module with the offsets
+    # operand, the bound _bound's plus the offset term's own float32 rounding (|c| |alpha_last|
+    # weighs every activation once more)
+    attrs, signs, scales, x = layer
+    c = random_offsets(np.random.default_rng(seed), attrs["out_features"], attrs["in_features"], attrs["group_size"])
+    attrs = {**attrs, "offset": True}
+    prog = generate_bcq(attrs, [pack_planes(signs), scales, c], table_group)
+    module, _ = bcq_module(signs, scales, attrs["scale"], attrs["group_size"], x.shape, offsets=c)
+    want = run_function(module, "main", [x])[0].astype(np.float64)
+    k, gs = attrs["in_features"], attrs["group_size"]
+    off = np.abs(c.astype(np.float64) * alphas(attrs, scales)[-1])[:, np.arange(k) // gs]
+    bound = _bound(attrs, scales, x, table_group, int8) + (k / 4 + 16) * EPS32 * (np.abs(x).astype(np.float64) @ off.T)
+    assert np.all(np.abs(reference_executor.run(prog, x, int8_tables=int8) - want) <= bound)
 
 
 def _kinds(prog: LayerProgram) -> set[int]:
@@ -175,8 +194,8 @@ def test_lut_cpu_runs_bcq_linear_on_the_engine_and_round_trips(tables, tmp_path)
     np.testing.assert_array_equal(loaded(x).numpy(), got)
 
 
-@pytest.mark.parametrize("scale", ["pow2", "fp16"])
-def test_tiny_llama_shiftadd_on_lut_cpu_equals_the_reference_of_the_same_module(scale):
+@pytest.mark.parametrize("scale,offset", [("pow2", False), ("fp16", False), ("pow2", True)])
+def test_tiny_llama_shiftadd_on_lut_cpu_equals_the_reference_of_the_same_module(scale, offset):
     # one quantization: lut-cpu's build runs the bcq_linear layers on the engine (fp32 tables:
     # float32 summation order only, the 1e-3 bound of tests/test_lut_smollm2.py) and the
     # reference target interprets the same IR; greedy tokens must agree
@@ -184,7 +203,8 @@ def test_tiny_llama_shiftadd_on_lut_cpu_equals_the_reference_of_the_same_module(
     from bitsmith.backends import backend_for_target
     from bitsmith.testing.hf_configs import VOCAB, make_model
     lut = bitsmith.compile(make_model("llama"), "lut-cpu", quant="shiftadd-w3", group_size=32, shiftadd_iterations=2,
-                           shiftadd_scale=scale, head_quant="fp32", lut_tables="fp32", lut_host="reference")
+                           shiftadd_scale=scale, shiftadd_offset=offset, head_quant="fp32", lut_tables="fp32",
+                           lut_host="reference")
     assert lut.report()["executable"]["streams"]["instructions"]["BCQACC"] > 0
     rb = backend_for_target("reference")
     ref = dataclasses.replace(lut, executable=rb.build(lut.module, "reference", rb.option_defaults("reference")),

@@ -94,7 +94,8 @@ def engine_nodes(module: Module):
 
 def _lower_bcq(module: Module, fn, node, constants, table_group: int) -> LayerEntry:
     attrs = node.attr_dict
-    names = [constants.get(v) for v in node.inputs[1:3]]
+    from ...ir.bcq import has_offset
+    names = [constants.get(v) for v in node.inputs[1:4 if has_offset(attrs) else 3]]
     where = node.loc.module_path if node.loc is not None else ""
     if None in names:
         raise UnsupportedOpError("bcq_linear", module_path=where, target=TARGET,

@@ -10,10 +10,11 @@ A sign is ``2b - 1`` with ``b`` its stored bit, so with 0/1 tables ``T`` of the 
 The bits are pair-mode weight words (planes ``2q, 2q+1`` of each row in bytes ``2r, 2r+1``),
 the int16 ``m_i`` (a power of two per pow2 term, so the weighting is an integer shift) go to a
 BCQMUL record per plane pair, tile and group, and the group's SCALE multiplies by ``2**emin``
-(exact) and subtracts the offset term ``(sum_i alpha_i) * xs``: the same SCALE a per-group
-zero or offset would use (add it to ``so``). Where a row-group's exponents span too far for
-int16 weights (or the scales are fp16), its tile-group's records are float32 ``2 alpha_i``
-(kind 1, one float multiply per plane) and the SCALE multiplies by 1.
+(exact) and subtracts the offset term ``(sum_i alpha_i - c * alpha_last) * xs``: a group's
+offset ``c * alpha_last`` (bcq_linear's ``offset`` attribute) costs nothing more per call.
+Where a row-group's exponents span too far for int16 weights (or the scales are fp16), its
+tile-group's records are float32 ``2 alpha_i`` (kind 1, one float multiply per plane) and the
+SCALE multiplies by 1.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def plane_terms(attrs: Mapping, scales: np.ndarray, block_quads: int) -> tuple[n
     return np.where(fits[None], m, -1), emin
 
 
+def offset_terms(attrs: Mapping, operands: Sequence[np.ndarray], alpha: np.ndarray) -> np.ndarray:
+    """float64 [out, groups]: each group's offset ``c * alpha_last`` (zero without the attribute)."""
+    if not bcq.has_offset(attrs):
+        return np.zeros(alpha.shape[1:])
+    return np.asarray(operands[2]).astype(np.float64) * alpha[-1]
+
+
 def generate_bcq(attrs: Mapping, operands: Sequence[np.ndarray], table_group: int = 32) -> LayerProgram:
     """Lowers one bcq_linear (planes, scales operands) to a LUT stream (module doc)."""
     bits, k, n, gs = (attrs[a] for a in ("bits", "in_features", "out_features", "group_size"))
@@ -100,7 +108,7 @@ def generate_bcq(attrs: Mapping, operands: Sequence[np.ndarray], table_group: in
     row_int = np.repeat(tile_int, 16, axis=0)
     s = np.where(row_int, s, np.float32(1))
     so = np.zeros((npad, groups), np.float32)
-    so[:n] = alpha.sum(axis=0).astype(np.float32)
+    so[:n] = (alpha.sum(axis=0) - offset_terms(attrs, operands, alpha)).astype(np.float32)
     params = np.concatenate([s.reshape(tiles, 16, -1).transpose(0, 2, 1),
                              so.reshape(tiles, 16, -1).transpose(0, 2, 1)], axis=2)   # [tiles, G, 32]
 
