@@ -89,7 +89,8 @@ class CompiledModel:
 
     # generate() on in-place KV caches where the executable offers them (``kv_session``);
     # False: every step returns concat(past, new) (comparisons, benchmarks)
-    kv_inplace: bool = field(default=True, repr=False, compare=False)
+    # keyword-only: subclasses (OffloadedModel) add positional fields after these
+    kv_inplace: bool = field(default=True, repr=False, compare=False, kw_only=True)
 
     @property
     def is_language_model(self) -> bool:
