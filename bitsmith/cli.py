@@ -411,7 +411,7 @@ def _add_quant_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shiftadd-iterations", type=int, metavar="N",
                    help="shiftadd-* alternating refinement steps (default 10)")
     g.add_argument("--shiftadd-offset", choices=("on", "off"), type=str.lower,
-                   help="shiftadd-* (pow2/apot2): a per-group offset so every group keeps a level 0 (default off)")
+                   help="shiftadd-* (pow2/apot2): a per-group offset so every group keeps a level 0 (default on; off with fp16)")
     g.add_argument("--bits-budget", type=float, metavar="B",
                    help="shiftadd-auto: average bits per weight over the layers, 2 to 4 (default 3.0)")
     g.add_argument("--layers", nargs="+", action="extend", default=[], metavar="GLOB",

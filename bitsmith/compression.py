@@ -25,10 +25,10 @@ DEFAULT_HEAD_QUANT = "int8"
 HEAD_PATH = ("*lm_head",)
 # Measured, not assumed (docs/shiftadd.md, Quality): until the power-of-two fit keeps trained
 # models usable, every pow2/apot2 compile says so instead of handing back a silently poor model.
-SHIFTADD_QUALITY_WARNING = ("quant='shiftadd-*' with power-of-two scales is experimental: on SmolLM2 "
-                            "its perplexity is still far above rtn at the same width (docs/shiftadd.md, "
-                            "Quality) unless shiftadd_offset=True with calibrate=True (a per-group zero "
-                            "point, calibrated: below rtn-int3+calibrate); shiftadd_scale='fp16' is plain BCQ")
+SHIFTADD_QUALITY_WARNING = ("quant='shiftadd-*' with power-of-two scales needs the per-group offset "
+                            "(shiftadd_offset, on by default) and calibrate=True to keep a trained model "
+                            "usable: on SmolLM2 uncalibrated pow2 fits are far above rtn at the same width "
+                            "(docs/shiftadd.md, Quality); calibrated with the offset, below rtn+calibrate")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class CompressionOptions:
     head_quant: str = DEFAULT_HEAD_QUANT
     shiftadd_scale: str = "pow2"  # quant="shiftadd-*" only (pass shiftadd, docs/shiftadd.md)
     shiftadd_iterations: int = 10
-    shiftadd_offset: bool = False  # quant="shiftadd-*" with pow2/apot2: per-group offset (a level 0)
+    # quant="shiftadd-*": per-group offset (a level 0); None = on for pow2/apot2, off for fp16
+    shiftadd_offset: bool | None = None
     bits_budget: float | None = None  # quant="shiftadd-auto" only; None: 3.0
 
     @classmethod
@@ -86,6 +87,14 @@ class CompressionOptions:
     def shiftadd(self) -> bool:
         from .ir.bcq import SHIFTADD_QUANTS
         return self.quant in SHIFTADD_QUANTS
+
+    @property
+    def use_offset(self) -> bool:
+        """Offsets by default with power-of-two scales: without a level 0 the fit breaks trained
+        models (SmolLM2 shiftadd-w3: perplexity 150,705 without, 308 with; docs/shiftadd.md)."""
+        if self.shiftadd_offset is not None:
+            return self.shiftadd_offset
+        return self.shiftadd and self.shiftadd_scale != "fp16"
 
     @property
     def keeps_source(self) -> bool:
@@ -143,7 +152,7 @@ class CompressionOptions:
     def _validate_shiftadd(self) -> None:
         from .ir.bcq import SCALE_KINDS
         set_here = [k for k, default in (("shiftadd_scale", "pow2"), ("shiftadd_iterations", 10),
-                                         ("shiftadd_offset", False))
+                                         ("shiftadd_offset", None))
                     if getattr(self, k) != default]
         if set_here and not self.shiftadd:
             raise ValueError(f"{set_here[0]} is an option of quant='shiftadd-w2|w3|w4|auto', not of quant={self.quant!r}")
@@ -151,7 +160,7 @@ class CompressionOptions:
             raise ValueError(f"bits_budget allocates bits per layer for quant='shiftadd-auto', not quant={self.quant!r}")
         if self.shiftadd_scale not in SCALE_KINDS:
             raise UnknownOptionError("shiftadd scale", self.shiftadd_scale, list(SCALE_KINDS))
-        if not isinstance(self.shiftadd_offset, bool):
+        if self.shiftadd_offset is not None and not isinstance(self.shiftadd_offset, bool):
             raise ValueError(f"shiftadd_offset must be True or False, got {self.shiftadd_offset!r}")
         if self.shiftadd_offset and self.shiftadd_scale == "fp16":
             raise ValueError("shiftadd_offset needs shiftadd_scale='pow2' or 'apot2' (fp16 is plain BCQ)")
@@ -162,7 +171,7 @@ class CompressionOptions:
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 2.0 <= b <= 4.0):
             raise ValueError(f"bits_budget is the average bits per weight shiftadd-auto allocates, in [2, 4]; got {b!r}")
         # offset + calibration passed on SmolLM2 (w3 pow2 47.4 vs rtn-int3+calibrate 116.3, docs/shiftadd.md)
-        if self.shiftadd and self.shiftadd_scale != "fp16" and not (self.shiftadd_offset and self.calibrate):
+        if self.shiftadd and self.shiftadd_scale != "fp16" and not (self.use_offset and self.calibrate):
             warnings.warn(SHIFTADD_QUALITY_WARNING, UserWarning, stacklevel=4)
         if self.shiftadd and (self.outliers or self.sparsity is not None):
             raise ValueError(f"quant={self.quant!r} does not combine with outliers or N:M sparsity")
@@ -174,6 +183,8 @@ class CompressionOptions:
     def as_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = list(self.layers)
+        if self.shiftadd:
+            d["shiftadd_offset"] = self.use_offset  # the resolved default, as the artifact was built
         return d
 
     def check_model(self, model: Any) -> None:
@@ -213,7 +224,7 @@ class CompressionOptions:
         if self.shiftadd:
             bits = "auto" if self.quant == "shiftadd-auto" else int(self.quant[len("shiftadd-w"):])
             out.append(get_pass("shiftadd", bits=bits, group_size=self.group_size, scale=self.shiftadd_scale,
-                                offset=bool(self.shiftadd_offset),
+                                offset=self.use_offset,
                                 iterations=self.shiftadd_iterations,
                                 bits_budget=3.0 if self.bits_budget is None else float(self.bits_budget),
                                 layers=self.layers, calibrate=bool(self.calibrate), calibration=calibration,

@@ -275,18 +275,32 @@ def test_tvm_cuda_logits_equal_the_reference_on_gpu(tiny_llama):
     assert tol.compare([gpu(ids).numpy()], [ref(ids).numpy()]) is None
 
 
-def test_power_of_two_scales_warn_that_quality_is_experimental():
+def test_power_of_two_scales_warn_unless_offset_and_calibrate():
     import warnings
 
     from bitsmith.compression import SHIFTADD_QUALITY_WARNING, CompressionOptions
-    with pytest.warns(UserWarning, match="experimental"):
+    with pytest.warns(UserWarning, match="needs the per-group offset"):
         CompressionOptions.from_options({"quant": "shiftadd-w3"})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_scale": "fp16"})
-        # the configuration that passed the goal on SmolLM2 (docs/shiftadd.md, Quality)
-        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_offset": True, "calibrate": True,
+        # the configuration that passed the goal on SmolLM2 (docs/shiftadd.md, Quality);
+        # the offset is on by default with power-of-two scales
+        for offset in ({"shiftadd_offset": True}, {}):
+            CompressionOptions.from_options({"quant": "shiftadd-w3", "calibrate": True, "calib_text": __file__,
+                                             **offset})
+    with pytest.warns(UserWarning, match="needs the per-group offset"):
+        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_offset": False, "calibrate": True,
                                          "calib_text": __file__})
-    with pytest.warns(UserWarning, match="experimental"):
-        CompressionOptions.from_options({"quant": "shiftadd-w3", "shiftadd_offset": True})
     assert "docs/shiftadd.md" in SHIFTADD_QUALITY_WARNING
+
+
+def test_offset_defaults_on_for_power_of_two_scales_only():
+    from bitsmith.compression import CompressionOptions
+    resolved = {scale: CompressionOptions(quant="shiftadd-w3", shiftadd_scale=scale).use_offset
+                for scale in ("pow2", "apot2", "fp16")}
+    assert resolved == {"pow2": True, "apot2": True, "fp16": False}
+    assert CompressionOptions(quant="shiftadd-w3", shiftadd_offset=False).use_offset is False
+    assert CompressionOptions(quant="rtn-int4").use_offset is False
+    # the artifact records the resolved value, not "default"
+    assert CompressionOptions(quant="shiftadd-w2").as_json()["shiftadd_offset"] is True
