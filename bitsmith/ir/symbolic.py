@@ -116,7 +116,9 @@ def sub(a: Dim, b: Dim) -> Dim:
     return add(a, mul(b, -1))
 
 
+@functools.lru_cache(maxsize=4096)
 def mul(a: Dim, b: Dim) -> Dim:
+    # pure on hashable dims; lowering asks for the same products (``[batch*seq, hidden]``) per layer
     out: Poly = {}
     for ka, va in _to_poly(a).items():
         for kb, vb in _to_poly(b).items():
