@@ -23,6 +23,7 @@ import os
 import stat
 import tempfile
 import time
+from importlib import metadata
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,14 +61,20 @@ def source_digest(package: Path) -> bytes:
 
 
 def code_salt() -> str:
-    """``source_digest`` of bitsmith and TVM's version and its shared libraries' names, sizes and
-    mtimes: changes whenever bitsmith's kernel code or the TVM install changes. Computed once per
-    process (~60 small files)."""
+    """``source_digest`` of bitsmith, TVM's version, the RECORD files of the TVM wheels (the digest
+    of every file installed: TVM's Python TE/TIR code a builder runs included) and the names,
+    sizes and mtimes of TVM's shared libraries: changes whenever bitsmith's kernel code or the TVM
+    install changes. Computed once per process (~60 small files, ~20 ms)."""
     global _salt
     if _salt is None:
         h = hashlib.sha256(b"bitsmith-kernel-code-1\0" + source_digest(Path(__file__).resolve().parents[2]))
         h.update(f"tvm={tvm.__version__}\0".encode())
-        for lib in sorted(Path(tvm.__file__).parent.rglob("*.so")):
+        for dist in ("apache-tvm", "apache-tvm-ffi"):  # RECORD: the sha256 of every file pip installed
+            try:
+                h.update((metadata.distribution(dist).read_text("RECORD") or "").encode() + b"\0")
+            except metadata.PackageNotFoundError:
+                h.update(f"{dist}=-\0".encode())
+        for lib in sorted(Path(tvm.__file__).parent.rglob("*.so")):  # a local rebuild of TVM's libraries
             st = lib.stat()
             h.update(f"{lib.name}:{st.st_size}:{st.st_mtime_ns}\0".encode())
         _salt = h.hexdigest()
@@ -81,11 +88,13 @@ def kernel_key(kdef: KernelDef, schedule_id: str, target: Any) -> str:
     library is a deterministic function of (scheduled TIR, target, TVM + LLVM + linker).
     The scheduled TIR is ``scheduler(builder(*args), target)``: ``builder`` and ``args`` are in
     the spec (args are plain literals compared by an injective text, ``Recipe``), the builder is
-    a module-level function of its args alone (no closure), and its code, every rule and
+    a module-level function of its args alone (no closure; the kernel code reads no
+    environment variable or mutable global, only module constants), and its code, every rule and
     scheduler it reaches (``backends/tvm``) and the IR helpers they use (``ir``: dims, dtypes)
     are in ``code_salt()``; ``schedule_id`` names the scheduler, the kind selects its branch,
-    the scratch specs are listed; the target is its full JSON; TVM's version and libraries are
-    in the salt. A kernel without a recipe is keyed by its TIR text instead. Tests:
+    the scratch specs are listed; the target is its full JSON; TVM's version, installed files
+    (wheel RECORDs) and libraries are in the salt. Not in the key (as before recipes): the
+    system linker's version. A kernel without a recipe is keyed by its TIR text instead. Tests:
     tests/test_kernel_cache_key.py (distinct kernels, distinct keys; changed salt or schedule
     misses).
     """
