@@ -174,6 +174,19 @@ def test_hit_builds_no_tir_and_parallel_build_equals_serial(tmp_path):
     assert not any("_built" in k.__dict__ for k in fresh.values())
 
 
+def test_pass_context_is_keyed_and_reaches_the_build_threads(tmp_path):
+    """A PassContext config that changes the code (no argument asserts) changes the key, and the
+    worker threads compile under it as the calling thread would."""
+    kdefs = {"e": embedding_kernel(100, 8, "int64", "float32"), "l": linear_kernel(16, 32, False, "float32", "float32")}
+    plain = _cache(tmp_path, "plain").libraries(kdefs, schedule_cpu, SCHEDULE_ID, TARGET, jobs=1)
+    with tvm.transform.PassContext(config={"tirx.disable_assert": True}):
+        serial = _cache(tmp_path, "serial").libraries(kdefs, schedule_cpu, SCHEDULE_ID, TARGET, jobs=1)
+        parallel = _cache(tmp_path, "parallel").libraries(kdefs, schedule_cpu, SCHEDULE_ID, TARGET, jobs=2)
+    assert serial == parallel
+    for name in kdefs:
+        assert serial[name][0] != plain[name][0] and serial[name][1] != plain[name][1]
+
+
 def test_build_jobs_option(monkeypatch):
     monkeypatch.setenv("BITSMITH_BUILD_JOBS", "3")
     assert kcache.build_jobs() == 3

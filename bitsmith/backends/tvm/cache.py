@@ -25,6 +25,7 @@ import tempfile
 import time
 from importlib import metadata
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -81,6 +82,15 @@ def code_salt() -> str:
     return _salt
 
 
+def pass_context_text() -> str:
+    """The caller's TVM PassContext (opt level, config, required and disabled passes): a config
+    such as ``tirx.disable_assert`` changes the compiled code, so it is part of every key."""
+    ctx = tvm.transform.PassContext.current()
+    config = sorted((str(k), str(v)) for k, v in ctx.config.items())
+    return (f"opt_level={ctx.opt_level} config={config} required={sorted(map(str, ctx.required_pass))} "
+            f"disabled={sorted(map(str, ctx.disabled_pass))}")
+
+
 def kernel_key(kdef: KernelDef, schedule_id: str, target: Any) -> str:
     """The cache key of ``kdef`` compiled with schedule ``schedule_id`` for ``target``.
 
@@ -92,14 +102,15 @@ def kernel_key(kdef: KernelDef, schedule_id: str, target: Any) -> str:
     environment variable or mutable global, only module constants), and its code, every rule and
     scheduler it reaches (``backends/tvm``) and the IR helpers they use (``ir``: dims, dtypes)
     are in ``code_salt()``; ``schedule_id`` names the scheduler, the kind selects its branch,
-    the scratch specs are listed; the target is its full JSON; TVM's version, installed files
-    (wheel RECORDs) and libraries are in the salt. Not in the key (as before recipes): the
+    the scratch specs are listed; the target is its full JSON; the caller's PassContext is
+    listed (``pass_context_text``); TVM's version, installed files (wheel RECORDs) and libraries
+    are in the salt. Not in the key (as before recipes): the
     system linker's version. A kernel without a recipe is keyed by its TIR text instead. Tests:
     tests/test_kernel_cache_key.py (distinct kernels, distinct keys; changed salt or schedule
     misses).
     """
     salt = code_salt() if kdef.recipe is not None else ""
-    text = "\n".join((kdef.definition(), schedule_id, target_json(target), tvm.__version__, salt))
+    text = "\n".join((kdef.definition(), schedule_id, target_json(target), tvm.__version__, salt, pass_context_text()))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -187,9 +198,9 @@ class KernelCache:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 if workers == 1:
                     found[key] = self._compile(key, scheduled, target)
-                else:
+                else:  # a worker compiles under the caller's PassContext (it is per thread in TVM)
                     pool = pool or ThreadPoolExecutor(workers, thread_name_prefix="bitsmith-kernel-build")
-                    found[key] = pool.submit(self._compile, key, scheduled, target)
+                    found[key] = pool.submit(self._compile, key, scheduled, target, tvm.transform.PassContext.current())
                 self.compile_seconds += time.perf_counter() - t1
             t1 = time.perf_counter()
             done = {k: v.result() if isinstance(v, Future) else v for k, v in found.items()}
@@ -200,8 +211,9 @@ class KernelCache:
                 pool.shutdown(wait=True, cancel_futures=True)
         return {name: (key, done[key]) for name, key in keys.items()}
 
-    def _compile(self, key: str, scheduled: Any, target: Any) -> bytes:
-        lib = tvm.compile(scheduled, target=target)
+    def _compile(self, key: str, scheduled: Any, target: Any, context: Any = None) -> bytes:
+        with context if context is not None else nullcontext():
+            lib = tvm.compile(scheduled, target=target)
         with tempfile.TemporaryDirectory(dir=self.directory) as tmp:
             tmp_path = Path(tmp) / f"{key}.so"
             lib.export_library(str(tmp_path))
