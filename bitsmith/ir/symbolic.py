@@ -116,7 +116,9 @@ def sub(a: Dim, b: Dim) -> Dim:
     return add(a, mul(b, -1))
 
 
+@functools.lru_cache(maxsize=4096)
 def mul(a: Dim, b: Dim) -> Dim:
+    # pure on hashable dims; lowering asks for the same products (``[batch*seq, hidden]``) per layer
     out: Poly = {}
     for ka, va in _to_poly(a).items():
         for kb, vb in _to_poly(b).items():
@@ -138,7 +140,13 @@ def terms(d: Dim) -> dict[tuple[str, ...], int]:
 
 
 def symbols(d: Dim) -> set[str]:
-    return {s for mono in _to_poly(d) for s in mono}
+    return set(_symbols(d))
+
+
+@functools.lru_cache(maxsize=4096)
+def _symbols(d: Dim) -> frozenset[str]:
+    # plan checks ask for the same few dims' symbols once per shape of every step
+    return frozenset(s for mono in _to_poly(d) for s in mono)
 
 
 def evaluate(d: Dim, bindings: Mapping[str, int]) -> int:

@@ -10,9 +10,10 @@ caller's other nodes, which is what a split across two devices pays for on every
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-import networkx as nx
+if TYPE_CHECKING:  # imported where used: networkx costs ~0.3 s and only cut reports need it
+    import networkx as nx
 
 from bitsmith.ir import Function, Location, Module, TensorType
 from bitsmith.ir import symbolic as sym
@@ -90,6 +91,7 @@ class PartitionReport:
 
 def data_flow_graph(fn: Function) -> nx.DiGraph:
     """Nodes are node indices; an edge ``i -> j`` when node j reads a value node i defines."""
+    import networkx as nx
     g = nx.DiGraph()
     g.add_nodes_from(range(len(fn.nodes)))
     producer = {o.name: i for i, n in enumerate(fn.nodes) for o in n.outputs}
@@ -102,6 +104,7 @@ def _function_cuts(fn: Function) -> list[CallCut]:
     calls = [i for i, n in enumerate(fn.nodes) if n.op == "call"]
     if not calls:
         return []
+    import networkx as nx
     generation = {i: k for k, layer in enumerate(nx.topological_generations(data_flow_graph(fn))) for i in layer}
     types = fn.value_types()
     params = {p.name for p in fn.params}

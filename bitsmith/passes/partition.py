@@ -21,8 +21,10 @@ generation of each call (calls of one generation are independent of each other).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
+if TYPE_CHECKING:  # imported where used (~0.1-0.3 s): only partitioning needs it
+    import networkx as nx
 
 from bitsmith.errors import PassError
 from bitsmith.ir import Function, Module, Node, Value
@@ -33,6 +35,7 @@ from .partition_patterns import FunctionIndex, NodePredicate, get_partition_patt
 
 
 def _quotient(g: nx.DiGraph, unit_of: dict[int, object]) -> nx.DiGraph:
+    import networkx as nx
     q = nx.DiGraph()
     q.add_nodes_from(set(unit_of.values()))
     q.add_edges_from((unit_of[u], unit_of[v]) for u, v in g.edges if unit_of[u] != unit_of[v])
@@ -58,6 +61,7 @@ def _joined_elsewhere(q: nx.DiGraph, a: object, b: object) -> bool:
 def _grow_regions(g: nx.DiGraph, components: list[set[int]]) -> list[set[int]]:
     """Splits components so that contracting every region keeps ``g`` acyclic: starts from
     single nodes and merges along matched edges while no other path joins the two sides."""
+    import networkx as nx
     q = g.copy()
     rep = {i: i for c in components for i in c}
     members = {i: {i} for i in rep}
@@ -79,6 +83,7 @@ def _grow_regions(g: nx.DiGraph, components: list[set[int]]) -> list[set[int]]:
 
 def find_regions(fn: Function, matched: set[int]) -> list[list[int]]:
     """Regions (sorted node indices) to outline, ordered by their first node."""
+    import networkx as nx
     g = data_flow_graph(fn)
     components = [set(c) for c in nx.weakly_connected_components(g.subgraph(matched))]
     unit_of: dict[int, object] = {i: i for i in g.nodes}
@@ -116,6 +121,7 @@ def _outline(fn: Function, region: list[int], name: str, attrs: dict, users: dic
 def partition_function(fn: Function, predicate: NodePredicate, label: str, attrs: dict,
                        taken_names: set[str]) -> tuple[Function, list[Function]]:
     """``fn`` with every matched region replaced by a call, and the new callees."""
+    import networkx as nx
     index = FunctionIndex.of(fn)
     matched = {i for i, n in enumerate(fn.nodes) if predicate(n, index)}
     if not matched:

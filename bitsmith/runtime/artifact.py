@@ -34,7 +34,7 @@ from . import trust
 from .artifact_files import ArtifactFiles, FileEntry, check_size, open_file, read_bytes, read_checked
 from .model import CompiledModel, LanguageModelInfo
 from .weights_file import read_weights
-from .weights_writer import write_weights
+from .weights_writer import digest_cache_dir, write_weights
 
 __all__ = ["NativeArtifactError", "file_entries", "load_artifact", "op_counts", "read_manifest", "save_artifact",
            "verify_files"]
@@ -91,7 +91,7 @@ def _write_payload(staging: Path, cm: CompiledModel) -> dict[str, dict[str, Any]
     """Writes weights, tokenizer and target files; returns {relative name: {sha256, size}}."""
     files: dict[str, dict[str, Any]] = {}
     tensors = cm.module.tensors
-    files[WEIGHTS] = write_weights(staging / WEIGHTS, tensors)  # one tensor in memory at a time
+    files[WEIGHTS] = write_weights(staging / WEIGHTS, tensors, digest_cache_dir())  # one tensor in memory at a time
     blobs: dict[str, bytes] = {}
     if cm.lm is not None and cm.lm.tokenizer_json is not None:
         blobs[TOKENIZER] = cm.lm.tokenizer_json.encode("utf-8")

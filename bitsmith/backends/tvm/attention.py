@@ -22,14 +22,24 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from .kernel import KernelDef
+from .kernel import KernelDef, Recipe
 
 
 def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
                      dtype: str, mask_dtype: str | None = None, capacity: bool = False) -> KernelDef:
-    b, s, t = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len"))
+    """The kernel (built from a ``Recipe`` of ``attention_func``: its TIR is made only when needed)."""
     if capacity and mask_dtype is None:
         raise ValueError("a capacity-sized KV cache needs the mask: its length is the live length")
+    args = (int(heads), int(kv_heads), int(head_dim), int(value_dim), float(scale), bool(causal), str(dtype),
+            None if mask_dtype is None else str(mask_dtype), bool(capacity))
+    name = (f"attention_h{heads}_kv{kv_heads}_d{head_dim}_{dtype}{'_causal' if causal else ''}"
+            f"{'_mask_' + mask_dtype if mask_dtype else ''}{'_kvcap' if capacity else ''}")
+    return KernelDef(name, Recipe(attention_func, args), "attention")
+
+
+def attention_func(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
+                   dtype: str, mask_dtype: str | None, capacity: bool) -> tirx.PrimFunc:
+    b, s, t = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len"))
     cap = tirx.Var("kv_capacity", "int64") if capacity else t
     g = heads // kv_heads
     acc = "float32" if dtype == "float16" else dtype
@@ -84,16 +94,18 @@ def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, s
         return tirx.Cast(dtype, tirx.Select(den[bi, hi, i] > tirx.const(0.0, acc), ratio, tirx.const(0.0, acc)))
 
     out = te.compute((b, heads, s, value_dim), normalised, name="out")
-    func = te.create_prim_func([q, k, v] + ([mask] if mask is not None else []) + [out])
-    name = (f"attention_h{heads}_kv{kv_heads}_d{head_dim}_{dtype}{'_causal' if causal else ''}"
-            f"{'_mask_' + mask_dtype if mask_dtype else ''}{'_kvcap' if capacity else ''}")
-    return KernelDef(name, func, "attention")
+    return te.create_prim_func([q, k, v] + ([mask] if mask is not None else []) + [out])
 
 
 def embedding_kernel(vocab: int, dim: int, id_dtype: str, dtype: str) -> KernelDef:
     """rows[n, dim] = table[ids[n]]; ids are range-checked by the executor before the call."""
+    return KernelDef(f"embedding_{vocab}x{dim}_{dtype}", Recipe(embedding_func, (int(vocab), int(dim), str(id_dtype),
+                                                                                  str(dtype))), "injective")
+
+
+def embedding_func(vocab: int, dim: int, id_dtype: str, dtype: str) -> tirx.PrimFunc:
     n = tirx.Var("n", "int64")
     table = te.placeholder((vocab, dim), dtype, name="table")
     ids = te.placeholder((n,), id_dtype, name="ids")
     out = te.compute((n, dim), lambda i, j: table[tirx.Cast("int64", ids[i]), j], name="rows")
-    return KernelDef(f"embedding_{vocab}x{dim}_{dtype}", te.create_prim_func([table, ids, out]), "injective")
+    return te.create_prim_func([table, ids, out])

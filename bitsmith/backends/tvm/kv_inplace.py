@@ -38,7 +38,7 @@ from ...ir.graph import Function, Node
 from ...ir.traits import ATTENTION, has_trait
 from .binder import ExecutionError
 from .executor import ALIGN, aligned_empty
-from .kernel import KernelDef
+from .kernel import KernelDef, Recipe
 from .plan import Call, FunctionPlan, View
 
 FUNCTION = "main"
@@ -56,7 +56,11 @@ class KVInplaceUnavailable(BitsmithError):
 def kv_write_kernel(dtype: str, mask_dtype: str) -> KernelDef:
     """cache[b, h, t - s + i, d] = new[b, h, i, d] for i < s, t = the mask's length; slots outside
     [0, capacity) are skipped (the executor refuses such a t before any kernel runs)."""
+    return KernelDef(f"kv_write_{dtype}_mask_{mask_dtype}", Recipe(kv_write_func, (str(dtype), str(mask_dtype))),
+                     "injective")
 
+
+def kv_write_func(dtype: str, mask_dtype: str) -> Any:
     @T.prim_func(s_tir=True)
     def kv_write(var_new: T.handle, var_mask: T.handle, var_cache: T.handle):
         b, h, s, d, t, c = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
@@ -69,7 +73,7 @@ def kv_write_kernel(dtype: str, mask_dtype: str) -> KernelDef:
                 if t - s + vi >= T.int64(0) and t - s + vi < c:
                     cache[vb, vh, t - s + vi, vd] = new[vb, vh, vi, vd]
 
-    return KernelDef(f"kv_write_{dtype}_mask_{mask_dtype}", kv_write, "injective")
+    return kv_write
 
 
 @dataclass(frozen=True)

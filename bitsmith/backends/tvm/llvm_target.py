@@ -278,8 +278,8 @@ def compile_host(module: Module, options: Mapping[str, Any],
         variant = _inplace_variant(module, fn, plan, kdefs) if fn.name == kv_inplace.FUNCTION else None
         lower_seconds += time.perf_counter() - t1
         rename: dict[str, str] = {}
-        for digest, kdef in kdefs.items():
-            key, data = cache.library(kdef, schedule_cpu, SCHEDULE_ID, target)
+        for digest, (key, data) in cache.libraries(kdefs, schedule_cpu, SCHEDULE_ID, target).items():
+            kdef = kdefs[digest]
             rename[digest] = key
             schedules[key] = {"kernel": kdef.name, "schedule": describe_cpu_schedule(kdef)}
             if key not in loaded:

@@ -8,21 +8,21 @@ raises UnsupportedOpError naming the op, the node's location and the target.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from tvm import te
 
 from ...errors import UnsupportedOpError
 from ...ir import Module
-from ...ir.graph import Function, Node
+from ...ir.graph import Function, Node, Value
 from ...ir.traits import LITERAL, has_trait, ops_with
-from ...ir.types import numpy_dtype
+from ...ir.types import TensorType, numpy_dtype
 from ..base import LegalOps
 from .anchor_rules import ANCHOR_RULES, attrs_reason
 from .fused_rules import FUSED_RULES, RuleContext
 from .fusion import Step, group_nodes
-from .kernel import KernelDef
+from .kernel import KernelDef, Recipe
 from .lazy import Lazy, from_tensor, materialize
 from .plan import EXTERN_PREFIX, Call, Const, FunctionPlan, View, checked_kernel_key
 from .symbols import DimEnv
@@ -51,6 +51,7 @@ class LoweringContext:
         self.kernels: dict[str, KernelDef] = {}
         self._shape_ids: dict[tuple, int] = {}
         self.const_arrays: dict[int, np.ndarray] = {}  # derived constants computed while lowering
+        self.scalar_values = {o.name for n in fn.nodes if n.op == "scalar" for o in n.outputs}  # inlined in kernels
 
     def slot(self, value: str) -> int:
         if value not in self.slots:
@@ -161,47 +162,81 @@ def _lower_kernel(nodes: list[Node], ctx: LoweringContext, users: Mapping[str, l
                   extra_outputs: set[str]) -> None:
     produced = {o.name for n in nodes for o in n.outputs}
     members = {id(n) for n in nodes}
-    scalars = {o.name for n in ctx.fn.nodes if n.op == "scalar" for o in n.outputs}
     inputs: list[str] = []
     for n in nodes:
         for i in n.inputs:
-            if i not in produced and i not in scalars and i not in inputs:
+            if i not in produced and i not in ctx.scalar_values and i not in inputs:
                 inputs.append(i)
     outputs = [o.name for n in nodes for o in n.outputs
                if o.name in results or o.name in extra_outputs
                or any(id(u) not in members for u in users.get(o.name, []))]
-    in_group_uses: dict[str, int] = {}
-    for n in nodes:
-        for i in n.inputs:
-            in_group_uses[i] = in_group_uses.get(i, 0) + 1
-
-    env = DimEnv([ctx.types[v].shape for v in inputs + outputs])
-    rctx = RuleContext(env)
-    vals: dict[str, Lazy] = {}
-    placeholders = []
-    for k, v in enumerate(inputs):
-        t = ctx.types[v]
-        ph = te.placeholder(env.shape(t.shape), t.dtype, name=f"in{k}")
-        placeholders.append(ph)
-        vals[v] = from_tensor(ph, t.shape)
-    out_tensors: dict[str, te.Tensor] = {}
-    for n in nodes:
-        xs = [vals[i] if i in vals else _scalar_lazy(i, ctx, rctx) for i in n.inputs]
-        y = FUSED_RULES[n.op](n, xs, rctx)
-        name = n.output.name
-        if name in outputs:
-            t, y = materialize(y, f"out{outputs.index(name)}")
-            out_tensors[name] = t
-        elif in_group_uses.get(name, 0) > 1 and y.literal is None:
-            _, y = materialize(y, rctx.name("t"))
-        vals[name] = y
-    func = te.create_prim_func(placeholders + [out_tensors[o] for o in outputs])
     ops = "_".join(dict.fromkeys(n.op for n in nodes))[:60]
-    kdef = KernelDef(f"fused_{ops}", func, "fused")
+    kdef = KernelDef(f"fused_{ops}", Recipe(fused_func, (group_spec(nodes, inputs, outputs, ctx),)), "fused")
     ctx.call(kdef, [ctx.slot(v) for v in inputs],
              [ctx.out(ctx.slot(o), ctx.types[o].shape, ctx.types[o].dtype) for o in outputs])
 
 
-def _scalar_lazy(value: str, ctx: LoweringContext, rctx: RuleContext) -> Lazy:
-    node = ctx.producers[value]
-    return FUSED_RULES["scalar"](node, [], rctx)
+def _type_spec(t: TensorType) -> tuple:
+    return (tuple(t.shape), t.dtype)
+
+
+def group_spec(nodes: list[Node], inputs: list[str], outputs: list[str], ctx: LoweringContext) -> tuple:
+    """Everything ``fused_func`` builds a fused group's kernel from, as plain literals, with the
+    IR's value names replaced by positions (so equal groups of different layers share a key):
+    (input types, nodes, outputs). A node is (op, attrs, input refs, output types); a ref is
+    ("in", k) for kernel input k, ("val", j, o) for output o of node j of the group, or
+    ("scalar", attrs, type) for a scalar node outside the group (its value is inlined)."""
+    where: dict[str, tuple] = {v: ("in", k) for k, v in enumerate(inputs)}
+    node_specs = []
+    for j, n in enumerate(nodes):
+        refs = []
+        for i in n.inputs:
+            if i in where:
+                refs.append(where[i])
+            else:
+                sn = ctx.producers[i]
+                refs.append(("scalar", sn.attrs, _type_spec(sn.output.type)))
+        node_specs.append((n.op, n.attrs, tuple(refs), tuple(_type_spec(o.type) for o in n.outputs)))
+        for o, out in enumerate(n.outputs):
+            where[out.name] = ("val", j, o)
+    return (tuple(_type_spec(ctx.types[v]) for v in inputs), tuple(node_specs), tuple(where[o] for o in outputs))
+
+
+def fused_func(spec: tuple) -> Any:
+    """The TIR function of a fused group from its ``group_spec`` alone: each node is rebuilt with
+    positional value names and lowered by its ``FUSED_RULES`` entry; kernel outputs, and values
+    used more than once that are not literals, are materialised."""
+    input_types, node_specs, output_refs = spec
+    output_of = {ref: k for k, ref in enumerate(output_refs)}
+    uses: dict[tuple, int] = {}
+    for _, _, refs, _ in node_specs:
+        for r in refs:
+            uses[r] = uses.get(r, 0) + 1
+    env = DimEnv([dims for dims, _ in input_types]
+                 + [node_specs[r[1]][3][r[2]][0] for r in output_refs])
+    rctx = RuleContext(env)
+    vals: dict[tuple, Lazy] = {}
+    placeholders = []
+    for k, (dims, dtype) in enumerate(input_types):
+        ph = te.placeholder(env.shape(dims), dtype, name=f"in{k}")
+        placeholders.append(ph)
+        vals[("in", k)] = from_tensor(ph, dims)
+    out_tensors: dict[int, te.Tensor] = {}
+    for j, (op, attrs, refs, out_types) in enumerate(node_specs):
+        xs = [vals[r] if r[0] != "scalar" else FUSED_RULES["scalar"](_spec_node("scalar", r[1], (), (r[2],), "s"), [], rctx)
+              for r in refs]
+        node = _spec_node(op, attrs, tuple(f"r{k}" for k in range(len(refs))), out_types, f"v{j}")
+        y = FUSED_RULES[op](node, xs, rctx)
+        ref = ("val", j, 0)
+        if ref in output_of:
+            t, y = materialize(y, f"out{output_of[ref]}")
+            out_tensors[output_of[ref]] = t
+        elif uses.get(ref, 0) > 1 and y.literal is None:
+            _, y = materialize(y, rctx.name("t"))
+        vals[ref] = y
+    return te.create_prim_func(placeholders + [out_tensors[k] for k in range(len(output_refs))])
+
+
+def _spec_node(op: str, attrs: tuple, inputs: tuple[str, ...], out_types: tuple, prefix: str) -> Node:
+    outs = tuple(Value(f"{prefix}_{o}", TensorType(dims, dtype)) for o, (dims, dtype) in enumerate(out_types))
+    return Node(op, inputs, outs, attrs)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ...errors import BitsmithError
-from .kernel import KernelDef
+from .kernel import KernelDef, Recipe
 from .matmul_defs import linear_func, qlinear_func
 from .qlinear_layout import layout_for, qlinear_operands
 
@@ -40,9 +40,9 @@ def linear_kernel(in_features: int, out_features: int, has_bias: bool, act_dtype
     _check_dtype("weight", weight_dtype)
     if in_features <= 0 or out_features <= 0:
         raise BitsmithError(f"tvm linear: bad shape in={in_features} out={out_features}")
-    func = linear_func(int(in_features), int(out_features), bool(has_bias), act_dtype, weight_dtype)
+    recipe = Recipe(linear_func, (int(in_features), int(out_features), bool(has_bias), str(act_dtype), str(weight_dtype)))
     name = f"linear_{in_features}x{out_features}_{act_dtype}_{weight_dtype}{'_bias' if has_bias else ''}"
-    return KernelDef(name, func, "gemv")
+    return KernelDef(name, recipe, "gemv")
 
 
 def _outlier_width(attrs: Mapping[str, Any], operands: Sequence[np.ndarray]) -> int:
