@@ -31,7 +31,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model_id = args.model_id or os.path.basename(os.path.normpath(args.artifact))
     app = create_app(cm, ServeConfig(model_id, api_key, args.max_batch, args.max_queue, args.timeout))
     print(f"bitsmith serve: {model_id} ({cm.target}) on http://{args.host}:{args.port}/v1 "
-          f"(max batch {args.max_batch}, queue {args.max_queue}, timeout {args.timeout:g} s"
+          f"(max batch {args.max_batch}, queue {args.max_queue}, timeout {args.timeout:g} s, "
+          f"KV cache {app.state.engine.stats()['kv_cache']}"
           f"{', API key required' if api_key else ''})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

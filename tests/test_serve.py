@@ -9,7 +9,6 @@ import concurrent.futures as futures
 import json
 import time
 
-import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
@@ -45,6 +44,7 @@ def test_models_and_health(server):
     assert client(url).models.retrieve("tiny-chat").id == "tiny-chat"
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 4
+    assert health["kv_cache"] == "concat"  # the reference target has no in-place variant
 
 
 def test_completion_greedy_equals_generate(server, model):
@@ -107,7 +107,20 @@ def test_stop_strings_cut_the_reply(server, model):
 def test_concurrent_requests_equal_each_alone(server, model):
     """8 requests at once through 4 batch slots: greedy ones equal generate alone, seeded sampled
     ones equal the same seed sent alone, and steps really carried several rows."""
-    url, app = server
+    _concurrent_requests_equal_each_alone(*server, model)
+
+
+def test_served_in_place_on_tvm_llvm(tmp_path_factory):
+    """The same on tvm-llvm, whose DecodeBatch writes its KV caches in place (runtime/batch_caches.py):
+    /health says so, and the replies still equal generate alone."""
+    import bitsmith
+    model = bitsmith.load(str(tiny_chat_artifact(tmp_path_factory.mktemp("serve-llvm"), "tvm-llvm")))
+    with serving(model, max_batch=4, max_queue=32) as (url, app):
+        assert httpx.get(url + "/health").json()["kv_cache"] == "in place"
+        _concurrent_requests_equal_each_alone(url, app, model)
+
+
+def _concurrent_requests_equal_each_alone(url, app, model):
     c = client(url)
     lengths = [5, 17, 9, 23, 2, 14, 11, 30]
     alone = [greedy_alone(model, encode(model, p), n)[0] for p, n in zip(PROMPTS, lengths)]

@@ -7,9 +7,13 @@ engine thread drives it; it is not thread-safe.
 
 Layout: one shared cache per layer, [rows, kv_heads, width, dim], each row right-aligned
 (its tokens fill the last ``length`` columns; the columns before are zeros that the
-attention mask hides). ``main`` appends every row's new key at the same column, so rows stay
+attention mask hides). Every step writes every row's new key at the same column, so rows stay
 right-aligned; admitting a longer row widens every row on the left, and releasing rows trims
-the columns no row uses any more.
+the columns no row uses any more. Where the artifact has the in-place KV variant (tvm-llvm,
+lut-cpu) the caches live in buffers with headroom that the kernels write in place; elsewhere
+(reference, tvm-cuda, artifacts from before the variant, ``CompiledModel.kv_inplace=False``)
+``main`` concatenates them every step. ``kv_cache`` says which; both give the same bits
+(``batch_caches``, which also says why the layout suits the in-place kernels).
 
 A row's logits do not depend on which other rows share the batch: hidden keys add exact
 zeros to the attention sums, and the kernels' reductions run in an order fixed per row
@@ -24,22 +28,13 @@ from typing import TYPE_CHECKING, Hashable, Mapping, Sequence
 
 import numpy as np
 
+from .batch_caches import RowCaches, row_caches
 from .generate import empty_cache, has_attention_mask, main_args, positions
 
 if TYPE_CHECKING:
     from .model import CompiledModel
 
-SEQ_AXIS = 2  # caches are [batch, kv_heads, seq, dim]
-
-
-def _pad_left(a: np.ndarray, width: int) -> np.ndarray:
-    """``a`` [rows, heads, n, dim] with zero columns in front, to ``width`` columns."""
-    extra = width - a.shape[SEQ_AXIS]
-    if extra == 0:
-        return a
-    pad = [(0, 0)] * a.ndim
-    pad[SEQ_AXIS] = (extra, 0)
-    return np.pad(a, pad)
+PER_ROW = "per row (main has no attention mask: each row steps on its own batch-1 cache)"
 
 
 class DecodeBatch:
@@ -57,7 +52,7 @@ class DecodeBatch:
         self.shared = has_attention_mask(model.module)
         self._keys: list[Hashable] = []          # row order of the shared arrays
         self._lengths: dict[Hashable, int] = {}
-        self._cache: list[np.ndarray] = []       # shared: per layer [rows, heads, width, dim]
+        self._rows: RowCaches = row_caches(model, max_rows, self.max_positions)  # shared: the rows' caches
         self._own: dict[Hashable, list[np.ndarray]] = {}  # not shared: each row's batch-1 cache
 
     def __len__(self) -> int:
@@ -72,6 +67,11 @@ class DecodeBatch:
             return self._lengths[key]
         except KeyError:
             raise KeyError(f"no row {key!r} in this batch") from None
+
+    @property
+    def kv_cache(self) -> str:
+        """How the rows' caches are kept: ``"in place"``, ``"concat"`` or per row (``PER_ROW``)."""
+        return self._rows.path if self.shared else PER_ROW
 
     @property
     def width(self) -> int:
@@ -94,17 +94,12 @@ class DecodeBatch:
         logits, *cache = self.model.run("main", main_args(module, ids[None, :], positions(1, 0, ids.size),
                                                           empty_cache(module, 1)))
         if self.shared:
-            width = max(self.width, ids.size)
-            if self._cache:
-                self._cache = [np.concatenate([_pad_left(old, width), _pad_left(new, width)])
-                               for old, new in zip(self._cache, cache)]
-            else:
-                self._cache = list(cache)
+            self._rows.add(cache)
         else:
             self._own[key] = list(cache)
         self._keys.append(key)
         self._lengths[key] = int(ids.size)
-        return np.asarray(logits[0, -1], dtype=np.float32)
+        return np.array(logits[0, -1], dtype=np.float32)  # a copy: a view would pin the run's whole output arena
 
     def step(self, tokens: Mapping[Hashable, int]) -> dict[Hashable, np.ndarray]:
         """Feeds one token to every admitted row (the keys must equal the admitted set);
@@ -124,17 +119,17 @@ class DecodeBatch:
         logits = step(tokens)
         for key in self._keys:
             self._lengths[key] += 1
-        return {key: np.asarray(logits[r], dtype=np.float32) for r, key in enumerate(self._keys)}
+        # copies: a view would keep the step's whole output arena (on the concat path every
+        # present cache with it) alive for as long as the caller keeps the logits
+        return {key: np.array(logits[r], dtype=np.float32) for r, key in enumerate(self._keys)}
 
     def _step_shared(self, tokens: Mapping[Hashable, int]) -> np.ndarray:
         lengths = np.array([self._lengths[k] for k in self._keys], dtype=np.int64)
-        width = self._cache[0].shape[SEQ_AXIS]
+        width = self.width
         ids = np.array([[int(tokens[k])] for k in self._keys], dtype=np.int64)
         # row r's tokens fill the last lengths[r] columns, then the new token
         mask = (np.arange(width + 1)[None, :] >= (width - lengths)[:, None]).astype(np.int64)
-        args = main_args(self.model.module, ids, lengths[:, None], self._cache, mask)
-        logits, *self._cache = self.model.run("main", args)
-        return logits[:, -1]
+        return self._rows.step(ids, lengths[:, None], mask)
 
     def _step_each(self, tokens: Mapping[Hashable, int]) -> list[np.ndarray]:
         out = []
@@ -152,10 +147,5 @@ class DecodeBatch:
         self._keys.pop(r)
         del self._lengths[key]
         self._own.pop(key, None)
-        if not self.shared:
-            return
-        if not self._keys:
-            self._cache = []
-            return
-        drop = self._cache[0].shape[SEQ_AXIS] - self.width
-        self._cache = [np.ascontiguousarray(np.delete(c, r, axis=0)[:, :, drop:]) for c in self._cache]
+        if self.shared:
+            self._rows.remove(r, self.width)

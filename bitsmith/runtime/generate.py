@@ -32,7 +32,11 @@ def round_capacity(tokens: int, step: int = CAPACITY_STEP) -> int:
 
 class CacheSession(Protocol):
     """KV caches of fixed capacity updated in place (an executable's ``kv_session()``): slot j of
-    each cache is column j of the attention mask, as ``present``'s column j is on the concat path."""
+    each cache is column j of the attention mask, as ``present``'s column j is on the concat path.
+    ``caches`` (one [rows, kv_heads, capacity, dim] array per cache input, zeros after ``start``)
+    may be read and written between steps; ``step`` runs on their first ``batch`` rows."""
+
+    caches: list[np.ndarray]
 
     def start(self, batch: int, capacity: int) -> None: ...
 

@@ -55,7 +55,8 @@ Sink = Callable[[Event], None]
 
 
 class Batch(Protocol):
-    """What the engine needs of ``bitsmith.runtime.batching.DecodeBatch``."""
+    """What the engine needs of ``bitsmith.runtime.batching.DecodeBatch`` (its ``kv_cache``
+    string, when it has one, is reported by ``stats``)."""
 
     def admit(self, key: Hashable, prompt_ids: Sequence[int]) -> np.ndarray: ...
 
@@ -143,10 +144,12 @@ class Engine:
             job.cancelled = True
             self._cond.notify_all()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | str]:
+        """Counts for /health, and how the batch keeps its KV caches (``DecodeBatch.kv_cache``)."""
         with self._cond:
             return {"active": len(self._active), "waiting": len(self._waiting), "max_batch": self.max_batch,
-                    "max_queue": self.max_queue, "steps": self.steps}
+                    "max_queue": self.max_queue, "steps": self.steps,
+                    "kv_cache": getattr(self._batch, "kv_cache", "unknown")}
 
     # ---- engine thread ----
     def _loop(self) -> None:

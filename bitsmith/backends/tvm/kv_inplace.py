@@ -254,13 +254,18 @@ class KVSession:
         return int(self.caches[0].shape[2]) if self.caches else 0
 
     def step(self, ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Logits of ``ids`` [batch, seq], whose keys go to slots [t - seq, t), t = the mask's length."""
+        """Logits of ``ids`` [batch, seq], whose keys go to slots [t - seq, t), t = the mask's length.
+        ``batch`` may be less than the caches' rows: the step runs on their first ``batch`` rows
+        (a leading slice of a C-contiguous array is one, at the same address) and leaves the
+        others alone (spare rows: ``DecodeBatch``'s headroom)."""
         if not self.caches:
             raise ValueError("KVSession.step before start()")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         pos = np.ascontiguousarray(position_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        if ids.shape[0] != self.caches[0].shape[0]:
-            raise ValueError(f"batch {ids.shape[0]} but the session holds caches for {self.caches[0].shape[0]}")
-        (logits,) = self._run(KEY, [ids, pos, *self.caches, mask])
+        rows = self.caches[0].shape[0]
+        if not 1 <= ids.shape[0] <= rows:
+            raise ValueError(f"batch {ids.shape[0]} but the session holds caches for {rows} rows")
+        caches = self.caches if ids.shape[0] == rows else [c[:ids.shape[0]] for c in self.caches]
+        (logits,) = self._run(KEY, [ids, pos, *caches, mask])
         return logits
