@@ -104,3 +104,12 @@ def _bcq_linear(node: Node, ctx) -> None:
 
 def is_bcq_kernel(matmul_attrs: Mapping[str, Any]) -> bool:
     return str(matmul_attrs.get("op")) == OP
+
+
+def compile_bcq(attrs: Mapping[str, Any], arrays: list, *, act_dtype: str = "float32",
+                target=None):
+    """x [m, in] -> y [m, out] for one bcq_linear (``arrays``: its constant operands in IR order:
+    planes, scales, [offsets], [bias]); a standalone convenience for benchmarks and tests."""
+    from .matmul import _compile
+    kdef = bcq_kernel(attrs, act_dtype)
+    return _compile(kdef, list(arrays), int(attrs["out_features"]), act_dtype, target)
