@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bitsmith.ir import GraphBuilder, TensorType, parse_module, print_module, run_function, verify_module
@@ -235,6 +235,8 @@ def test_tvm_llvm_kernel_equals_the_reference(bits, k, gs, scale, m, offset, see
 @pytest.mark.skipif(not HAS_TVM, reason="apache-tvm not installed")
 @pytest.mark.parametrize("scale", ["pow2", "apot2", "fp16"])
 @settings(max_examples=6, deadline=None)
+@example(bits=3, span=9, gs=64, groups=2, ragged=10, offset=True, zeros=False, m=1, seed=1)  # wide spans: float path
+@example(bits=4, span=2, gs=64, groups=3, ragged=40, offset=True, zeros=True, m=2, seed=2)  # byte codes, q = 4 and 1
 @given(bits=st.integers(1, 5), span=st.integers(0, 9), gs=st.sampled_from([16, 32, 64]), groups=st.integers(1, 3),
        ragged=st.integers(0, 63), offset=st.booleans(), zeros=st.booleans(), m=st.integers(1, 3),
        seed=st.integers(0, 2**31 - 1))

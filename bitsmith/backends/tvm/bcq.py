@@ -13,8 +13,8 @@ GEMV scheduler and the CPU generic schedule take it unchanged):
 * ``matmul``: ``acc[i, n] = sum_k f32(x[i, k]) * W[n, k]``;
 * ``epilogue``: ``y = cast(acc (+ bias))``.
 
-On tvm-llvm this runs under the generic (scalar) CPU schedule of ``matmul_cpu``: correct,
-decoded in registers, not yet hand-vectorized (docs/shiftadd.md). Summation order differs from
+On tvm-llvm the hand-vectorized kernel of ``bcq_cpu`` (same params) replaces this definition
+when ``group_size % 16 == 0`` (else the generic scalar schedule). Summation order differs from
 the reference (float64 over a float32-rounded weight): the targets' Tolerance covers it.
 """
 

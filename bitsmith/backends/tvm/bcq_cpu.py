@@ -1,18 +1,32 @@
-"""Hand-vectorized llvm (CPU) kernel of ``bcq_linear``: sign planes decoded 16 weights at a time
-in registers, shift-and-add per plane, one scale per plane and group.
+"""Hand-vectorized llvm (CPU) kernel of ``bcq_linear``: sign planes decoded in registers, two
+paths per group of ``group_size`` weights of a row, chosen at run time.
 
-Per output row and group, each plane ``i`` keeps a float32x16 partial sum of ``+-x`` (the 16
-activations with their sign flipped where the plane's bit is 0: a select, no multiply); after
-the group the partial sums are scaled by the plane's alpha (a power of two built from the
-exponent's bits, see ``bcq.py``) and added to the row's accumulator: ``bits`` multiplies per
-group instead of one per weight. With offsets, one more float32x16 partial sum holds the plain
-sum of the group's activations, scaled once per group by ``c * alpha_last``. The 16 bits of a chunk are two bytes of the IR's own planes
-(LSB first), read as one int32 word, broadcast and shifted by the lane index; a cleared bit
-flips the activation's float sign bit (xor). Activation rows are walked one at a time (decode re-done per row: prefill
-is slower than the integer-code kernels; decode, m = 1, is the case this serves). Needs
-``group_size % 16 == 0``; a short last group's whole chunks take the same path, the last
-``in % 16`` weights are scalar. Parallel over tasks of ``ROWS`` output rows, one scratch slab
-per parallel item (TVM 0.27 allocates locals from a workspace, see matmul_cpu_kernels).
+Identity both use: with ``pos_p`` the sum of the activations whose plane-p sign is +1 and
+``xsum`` the group's plain activation sum, ``sum_k x_k W_k = sum_p alpha_p (2 pos_p - xsum) +
+c alpha_last xsum``, so the offset costs nothing per weight and ``xsum`` is computed once per
+activation row and group (shared by all output rows), the coefficient ``c alpha_last - sum_p
+alpha_p`` and the ``2 alpha_p`` once per row and group, in a table loop that vectorizes (rows
+are contiguous in the scales operand).
+
+* Byte-code path (pow2, a group whose nonzero exponents span few octaves): the weights are
+  ``2**emin * (code - zero)`` with the integer ``code = sum_p bit_p 2**(e_p - emin + 1)``; when
+  the increments sum to at most 255 the code fits a byte and is exact. 64 weights at a time,
+  each plane's 8 bytes are bit-cast to 64 one-bit lanes (AVX-512: one ``kmovq`` into a mask
+  register) and add the plane's increment to the lanes whose bit is set (one masked byte add);
+  the 64 byte codes are widened to float32 16 at a time and multiplied by x (one FMA per
+  weight, as the qlinear kernels do), and the group's sum is scaled once by ``2**emin``. The
+  term ``-zero * 2**emin`` is the coefficient of ``xsum`` above.
+* Float path (apot2, fp16, and pow2 groups whose code would not fit a byte): per plane, the
+  activations whose bit is set are summed (``acc + select(bit, x, -0.0)``: a masked add, the
+  chunk's two bytes read as a 16-lane mask), then scaled by ``2 alpha_p``.
+
+A group is one expression (no store inside it: the partial sums stay in registers). Activation
+rows are walked one at a time (decode re-done per row: prefill is slower than the integer-code
+kernels; decode, m = 1, is the case this serves). Needs ``group_size % 16 == 0``; a short last
+group's whole chunks take the same paths, the last ``in % 16`` weights are scalar. Parallel
+over tasks of ``ROWS`` output rows, one scratch slab per parallel item (TVM 0.27 allocates
+locals from a workspace, see matmul_cpu_kernels). Targets without AVX-512 get the same
+selects legalized by LLVM (correct, slower).
 """
 
 from __future__ import annotations
@@ -44,16 +58,6 @@ def _alpha_of(scale: str, term):
 
 def _alpha(S, scale: str, i, r, g):
     return _alpha_of(scale, lambda t: S[i, r, g, t] if scale == "apot2" else S[i, r, g])
-
-
-def _plane_mask(P, i, r, c):
-    """boolx16: lane j set where bit j of chunk ``c`` of plane ``i``, row ``r`` is 1 (s = +1): the
-    chunk's two bytes as one word, broadcast and tested against the lane's bit (AVX-512: one
-    ``vpbroadcastd`` + one ``vptestmd`` into a mask register)."""
-    word = tirx.bitwise_or(tirx.Cast("int32", P[i, r, c * 2]),
-                           tirx.shift_left(tirx.Cast("int32", P[i, r, c * 2 + 1]), 8))
-    lane_bit = tirx.shift_left(tirx.Broadcast(tirx.const(1, "int32"), V), tirx.Ramp(0, 1, V))
-    return tirx.bitwise_and(tirx.Broadcast(word, V), lane_bit) != tirx.Broadcast(tirx.const(0, "int32"), V)
 
 
 def _block_mask(P, i, r, c, q: int):
@@ -182,7 +186,7 @@ def bcq_kernel(attrs: Mapping[str, Any], shapes: list[tuple[tuple[int, ...], str
         xs = [tirx.Cast(VF32, X[i0, tirx.Ramp((g * cg + c) * V, 1, V)]) for c in range(chunks)]
         total = vec(part, xs0 + g * V) * tirx.Broadcast(part[tb0 + bits * tg + j], V)
         for p in range(bits):
-            picked = [tirx.Select(_plane_mask(P, p, r, g * cg + c), xs[c], NEG_ZERO) for c in range(chunks)]
+            picked = [tirx.Select(_block_mask(P, p, r, g * cg + c, 1), xs[c], NEG_ZERO) for c in range(chunks)]
             total = total + _chains_sum(picked) * tirx.Broadcast(part[tb0 + p * tg + j], V)
         return total
 
