@@ -8,7 +8,7 @@
 ``--bcq``: the binary-coded ``bcq_linear`` kernel (pow2 scales, w2/w3/w4, w3 also with offsets)
 beside the rtn-int/bitmod qlinear kernels of the same width, at decode (m = 1), 1 thread, timed
 in process CPU time (robust on a shared machine); prints ms per call, the ratio to rtn-int of the
-same bits, the machine and the load average before and after.
+same bits, the machine and the load average before and after (results: benchmarks/results/tvm_bcq.md).
 
 Prints one table per thread count: shape, m, torch fp32 ms, tvm ms and GB/s (bytes of the
 weight operands the kernel reads: fp32 weights, or codes + scales + metadata), speed-up over torch.
