@@ -3,6 +3,12 @@
     python benchmarks/tvm_matmul.py                 # both thread counts, each in a fresh process
     python benchmarks/tvm_matmul.py --threads 1 --shapes 4096x4096 --schemes bitmod-w4
     python benchmarks/tvm_matmul.py --cold     # weights rotated through > 64 MiB: read from DRAM, as in decode
+    python benchmarks/tvm_matmul.py --bcq      # bcq_linear (shiftadd) vs qlinear of the same bits, m = 1, 1 thread
+
+``--bcq``: the binary-coded ``bcq_linear`` kernel (pow2 scales, w2/w3/w4, w3 also with offsets)
+beside the rtn-int/bitmod qlinear kernels of the same width, at decode (m = 1), 1 thread, timed
+in process CPU time (robust on a shared machine); prints ms per call, the ratio to rtn-int of the
+same bits, the machine and the load average before and after (results: benchmarks/results/tvm_bcq.md).
 
 Prints one table per thread count: shape, m, torch fp32 ms, tvm ms and GB/s (bytes of the
 weight operands the kernel reads: fp32 weights, or codes + scales + metadata), speed-up over torch.
@@ -55,6 +61,80 @@ def _random_qlinear(scheme_name: str, k: int, n: int, group_size: int, rng):
     attrs = dict(scheme=scheme_name, group_size=group_size, in_features=k, out_features=n,
                  sparsity="", outliers=0, bias=False)
     return attrs, arrays
+
+
+def _random_bcq(k: int, n: int, bits: int, group_size: int, offset: bool, rng):
+    """bcq_linear attrs and constants (planes, pow2 exponents, [offsets]) shaped like a greedy fit's:
+    plane i about 2**-i of plane 0, offsets odd with |c| < 2**bits."""
+    import numpy as np
+    from bitsmith.ir.bcq import pack_planes
+    from bitsmith.ir.code_packing import group_count
+    groups = group_count(k, group_size)
+    e = rng.integers(-9, -5, (1, n, groups)) - np.arange(bits)[:, None, None] - rng.integers(0, 2, (bits, n, groups))
+    arrays = [pack_planes(rng.choice(np.array([-1, 1], np.int8), (bits, n, k))), e.astype(np.int8)]
+    if offset:
+        arrays.append((2 * rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (n, groups)) + 1).astype(np.int8))
+    attrs = dict(bits=bits, group_size=group_size, in_features=k, out_features=n, scale="pow2", bias=False,
+                 offset=offset)
+    return attrs, arrays
+
+
+BCQ_ROWS = (("shiftadd-w2", 2, False, "rtn-int2"), ("shiftadd-w3", 3, False, "rtn-int3"),
+            ("shiftadd-w3-offset", 3, True, "rtn-int3"), ("shiftadd-w4", 4, False, "rtn-int4"))
+BCQ_SHAPES = ["4096x4096", "576x576", "576x1536", "1536x576"]  # in x out
+
+
+def _cpu_per_call(fn, min_time: float = 0.3, repeats: int = 5) -> float:
+    """Best over ``repeats`` of the mean process CPU time per call (1 thread: what the call costs,
+    whatever else the machine runs)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        calls, c0 = 0, time.process_time()
+        while time.process_time() - c0 < min_time or calls < 3:
+            fn()
+            calls += 1
+        best = min(best, (time.process_time() - c0) / calls)
+    return best
+
+
+def run_bcq(shapes: list[str], group_size: int) -> None:
+    """bcq_linear pow2 vs qlinear of the same bits at m = 1, 1 thread, CPU time per call."""
+    os.environ["TVM_NUM_THREADS"] = "1"
+    import numpy as np
+    import tvm
+    from bitsmith.backends.tvm.bcq import compile_bcq
+    from bitsmith.backends.tvm.matmul import compile_qlinear, qlinear_operands
+    from machine import machine_line
+    rng = np.random.default_rng(0)
+    load0 = os.getloadavg()
+    print(f"\n## bcq_linear vs qlinear, m = 1, 1 thread, group {group_size}, process CPU time per call, "
+          f"weights hot\nmachine: {machine_line()}; load average before {load0[0]:.2f} {load0[1]:.2f}")
+    print("| shape (in x out) | kernel | ms / call | GB/s | vs rtn-int same bits |")
+    print("|---|---|---|---|---|")
+    for shape in shapes:
+        k, n = (int(v) for v in shape.split("x"))
+        x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32))
+        y = tvm.runtime.tensor(np.empty((1, n), np.float32))
+        base: dict[str, float] = {}
+        qnames = sorted({q for *_, q in BCQ_ROWS} | {"bitmod-w3", "bitmod-w4"})
+        kernels = []
+        for name in qnames:
+            attrs, arrays = _random_qlinear(name, k, n, group_size, rng)
+            ops = qlinear_operands(attrs, arrays, "float32")
+            kernels.append((name, compile_qlinear(attrs, arrays), ops, None))
+        for label, bits, offset, vs in BCQ_ROWS:
+            attrs, arrays = _random_bcq(k, n, bits, group_size, offset, rng)
+            kernels.append((label, compile_bcq(attrs, arrays), arrays, vs))
+        for label, fn, ops, vs in kernels:
+            consts = [tvm.runtime.tensor(a) for a in ops]
+            t = _cpu_per_call(lambda: fn.function(x, *consts, y))
+            base.setdefault(label, t)
+            ratio = f"{t / base[vs]:.2f}x" if vs else ""
+            print(f"| {shape} | {label} | {t * 1e3:.4f} | {sum(a.nbytes for a in ops) / t / 1e9:.1f} | {ratio} |",
+                  flush=True)
+    load1 = os.getloadavg()
+    print(f"load average after {load1[0]:.2f} {load1[1]:.2f}")
 
 
 def _copies(nbytes: int, cold: bool) -> int:
@@ -122,8 +202,13 @@ def main() -> None:
     p.add_argument("--cold", action="store_true", help="rotate weight copies (> 64 MiB) so reads come from DRAM")
     p.add_argument("--cpu-time", action="store_true",
                    help="time with the calling thread's CPU time (1 thread only: robust on a shared machine)")
+    p.add_argument("--bcq", action="store_true",
+                   help="bcq_linear (shiftadd pow2) vs qlinear of the same bits, m = 1, 1 thread, CPU time")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.bcq:
+        run_bcq(a.shapes if a.shapes != SHAPES else BCQ_SHAPES, a.group_size)
+        return
     if a.cpu_time:
         if a.threads != [1]:
             p.error("--cpu-time needs --threads 1 (other threads' time is not counted)")

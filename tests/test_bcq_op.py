@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bitsmith.ir import GraphBuilder, TensorType, parse_module, print_module, run_function, verify_module
@@ -230,6 +230,42 @@ def test_tvm_llvm_kernel_equals_the_reference(bits, k, gs, scale, m, offset, see
     got = tvm_backend.build(module, "tvm-llvm", opts).run("main", [x])
     want = ref.build(module, "reference", {}).run("main", [x])
     assert tvm_backend.tolerance("tvm-llvm", opts).compare(got, want) is None
+
+
+@pytest.mark.skipif(not HAS_TVM, reason="apache-tvm not installed")
+@pytest.mark.parametrize("scale", ["pow2", "apot2", "fp16"])
+@settings(max_examples=6, deadline=None)
+@example(bits=3, span=9, gs=64, groups=2, ragged=10, offset=True, zeros=False, m=1, seed=1)  # wide spans: float path
+@example(bits=4, span=2, gs=64, groups=3, ragged=40, offset=True, zeros=True, m=2, seed=2)  # byte codes, q = 4 and 1
+@given(bits=st.integers(1, 5), span=st.integers(0, 9), gs=st.sampled_from([16, 32, 64]), groups=st.integers(1, 3),
+       ragged=st.integers(0, 63), offset=st.booleans(), zeros=st.booleans(), m=st.integers(1, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_tvm_llvm_vector_kernel_against_a_scalar_oracle(scale, bits, span, gs, groups, ragged, offset, zeros, m, seed):
+    """The hand-vectorized kernel (bcq_cpu.py) against ``scalar_weight`` (loops, float64), with
+    x @ W.T in float64. pow2 groups whose exponents span few octaves take the byte-code path,
+    wider spans (or apot2/fp16) the float path: ``span`` draws both, ``ragged`` a short last
+    group and a k that is no multiple of 16, ``zeros`` zero terms. Tolerance: the tvm backend's
+    (float32 sums in another order than the oracle; see its ``tolerance``)."""
+    from bitsmith.backends import backend_for_target
+    rng = np.random.default_rng(seed)
+    n, k = 11, max(1, (groups - 1) * gs + ragged % gs + (gs if ragged < gs // 2 else 0))
+    g = -(-k // gs)
+    signs = rng.choice(np.array([-1, 1], dtype=np.int8), (bits, n, k))
+    shape = (bits, n, g) if scale != "apot2" else (bits, n, g, 2)
+    exps = rng.integers(-12, 3, (1, n, g) + shape[3:]) + rng.integers(0, span + 1, shape)
+    if zeros:
+        exps[rng.random(shape) < 0.2] = ZERO_EXPONENT
+    scales = np.ldexp(1.0, exps).astype(np.float16) if scale == "fp16" else exps.astype(np.int8)
+    c = random_offsets(rng, n, k, gs) if offset else None
+    module, _ = bcq_module(signs, scales, scale, gs, ("batch", k), offsets=c)
+    tvm_backend = backend_for_target("tvm-llvm")
+    opts = tvm_backend.option_defaults("tvm-llvm")
+    cm = tvm_backend.build(module, "tvm-llvm", opts)
+    schedules = str(cm.info["kernel_schedules"])
+    assert "vector-bcq" in schedules and "generic" not in schedules, schedules
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    want = (x.astype(np.float64) @ scalar_weight(signs, scales, scale, gs, c).T).astype(np.float32)
+    assert tvm_backend.tolerance("tvm-llvm", opts).compare(cm.run("main", [x]), [want]) is None
 
 
 def test_mlir_export_keeps_bcq_linear_in_generic_form():

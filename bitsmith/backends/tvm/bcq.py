@@ -13,8 +13,8 @@ GEMV scheduler and the CPU generic schedule take it unchanged):
 * ``matmul``: ``acc[i, n] = sum_k f32(x[i, k]) * W[n, k]``;
 * ``epilogue``: ``y = cast(acc (+ bias))``.
 
-On tvm-llvm this runs under the generic (scalar) CPU schedule of ``matmul_cpu``: correct,
-decoded in registers, not yet hand-vectorized (docs/shiftadd.md). Summation order differs from
+On tvm-llvm the hand-vectorized kernel of ``bcq_cpu`` (same params) replaces this definition
+when ``group_size % 16 == 0`` (else the generic scalar schedule). Summation order differs from
 the reference (float64 over a float32-rounded weight): the targets' Tolerance covers it.
 """
 
@@ -104,3 +104,12 @@ def _bcq_linear(node: Node, ctx) -> None:
 
 def is_bcq_kernel(matmul_attrs: Mapping[str, Any]) -> bool:
     return str(matmul_attrs.get("op")) == OP
+
+
+def compile_bcq(attrs: Mapping[str, Any], arrays: list, *, act_dtype: str = "float32",
+                target=None):
+    """x [m, in] -> y [m, out] for one bcq_linear (``arrays``: its constant operands in IR order:
+    planes, scales, [offsets], [bias]); a standalone convenience for benchmarks and tests."""
+    from .matmul import _compile
+    kdef = bcq_kernel(attrs, act_dtype)
+    return _compile(kdef, list(arrays), int(attrs["out_features"]), act_dtype, target)

@@ -17,7 +17,7 @@ import tvm
 
 from .kernel import KernelDef
 
-SCHEDULE_ID = "cpu-v2"
+SCHEDULE_ID = "cpu-v3"  # v3: bcq_linear byte-code kernel (bcq_cpu.py)
 CpuSchedule = Callable[[KernelDef, Any], Any]
 CPU_SCHEDULES: dict[str, CpuSchedule] = {}
 
