@@ -59,7 +59,7 @@ def main() -> None:
     for tables, cm in builds.items():
         b = forward_logits(cm.run, cm.module, ids)[0]
         got = np.asarray(cm.generate(ids[:, :8], max_new_tokens=32))[0, 8:]
-        print(f"{tables} tables vs reference: max |dlogit| {np.abs(a - b).max() / np.abs(a).max():.3f} of max|logit|, "
+        print(f"{tables} tables vs reference: max |dlogit| {np.abs(a - b).max() / np.abs(a).max():.2e} of max|logit|, "
               f"argmax {(a.argmax(-1) == b.argmax(-1)).sum()}/{len(a)}, greedy {(got == want).sum()}/32 equal")
     nodes = {(fn.name, node.outputs[0].name): (node, c) for fn, node, c in engine_nodes(base.module)}
     fast = builds["int8"].executable.fast

@@ -26,9 +26,8 @@ def shiftadd_pair(request, smollm2):
     per form (2 refinement rounds, to keep the test's time sane), and the reference target
     interprets the quantized IR the lut-cpu build runs."""
     model, tokenizer = smollm2
-    with pytest.warns(UserWarning, match="experimental"):
-        lut = bitsmith.compile(model, target="lut-cpu", quant="shiftadd-w3", shiftadd_iterations=2,
-                               shiftadd_offset=request.param, lut_tables="fp32")
+    lut = bitsmith.compile(model, target="lut-cpu", quant="shiftadd-w3", shiftadd_iterations=2,
+                           shiftadd_offset=request.param, lut_tables="fp32")
     ref_backend = backend_for_target("reference")
     ref_options = ref_backend.option_defaults("reference")
     ref = dataclasses.replace(lut, executable=ref_backend.build(lut.module, "reference", ref_options),
