@@ -37,6 +37,13 @@ VARIANTS = {"fp32 tables": {"lut_tables": "fp32"}, "int8 tables (default)": {},
             "activation_bits=8 (W4A8)": {"activation_bits": 8}}
 
 
+def eval_windows(tokenizer, count: int, ctx: int) -> list[np.ndarray]:
+    """The first ``count`` windows of ``ctx`` token ids of the evaluation text."""
+    ids = np.asarray(tokenizer(EVAL_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"],
+                     dtype=np.int64)
+    return [ids[w * ctx:(w + 1) * ctx] for w in range(count)]
+
+
 def main() -> None:
     import bitsmith
     from bitsmith.frontend.models import load_pretrained
@@ -50,9 +57,7 @@ def main() -> None:
     ap.add_argument("--markdown", help="write the table here")
     args = ap.parse_args()
     model, tokenizer = load_pretrained(MODEL)
-    ids = np.asarray(tokenizer(EVAL_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"],
-                     dtype=np.int64)
-    windows = [ids[w * args.ctx:(w + 1) * args.ctx] for w in range(args.windows)]
+    windows = eval_windows(tokenizer, args.windows, args.ctx)
     logits, rows = {}, []
     for name, extra in VARIANTS.items():
         t0 = time.perf_counter()
