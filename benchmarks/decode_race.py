@@ -258,22 +258,34 @@ def compiled_worker(artifact: str, new_tokens: int, prompt: dict, ppl: dict | No
     import bitsmith
     from bitsmith.runtime.generate import empty_cache, positions
     from bitsmith.runtime.perplexity import perplexity
+    from bitsmith.runtime.generate import has_attention_mask, round_capacity
     cm = bitsmith.load(artifact)
     state = {}
+    # the KV cache generate() uses: in place where the executable offers it, else concat
+    session = cm.executable.kv_session() if has_attention_mask(cm.module) else None
 
     def step(ids, prefill):
-        if prefill:
-            state["cache"], state["pos"] = empty_cache(cm.module, 1), 0
         inp = np.asarray([ids], dtype=np.int64)
-        logits, *state["cache"] = cm.run("main", [inp, positions(1, state["pos"], inp.shape[1]), *state["cache"]])
+        if prefill:
+            state["pos"] = 0
+            if session is not None:
+                session.start(1, round_capacity(prompt["n_ctx"]))
+            else:
+                state["cache"] = empty_cache(cm.module, 1)
+        pos = positions(1, state["pos"], inp.shape[1])
         state["pos"] += inp.shape[1]
+        if session is not None:
+            logits = session.step(inp, pos, np.ones((1, state["pos"]), dtype=np.int64))
+        else:
+            logits, *state["cache"] = cm.run("main", [inp, pos, *state["cache"]])
         return int(logits[0, -1].argmax())
 
     tok = cm.tokenizer()
     res = _time_row(step, lambda text: tok.encode(text).ids, prompt, new_tokens)
     rep = cm.report()
     ex = rep.get("executable", {})
-    res["executor"] = str(ex.get("executor", cm.target)) + (f"; host {ex['host']}" if "host" in ex else "")
+    res["executor"] = (str(ex.get("executor", cm.target)) + (f"; host {ex['host']}" if "host" in ex else "")
+                       + ("; KV in place" if session is not None else "; KV concat"))
     if ppl:
         ids = np.asarray([t for w in ppl["windows"] for t in w], dtype=np.int64)
         p = perplexity(cm, ids, ctx=ppl["ctx"], windows=len(ppl["windows"]))

@@ -234,3 +234,24 @@ def test_qlinear_matches_reference_many(scheme, k_blocks, n, group_size, sparsit
     k = k_blocks * 16 + (0 if sparsity else int(rng.integers(0, 16)))
     attrs, arrays = make_qlinear(rng, scheme, k, n, group_size, sparsity, outliers, bias)
     check_qlinear(rng, attrs, arrays, ms=(1, 3, 5, 64))
+
+
+# ---------------------------------------------------------------- parallel work split
+
+@given(tasks=st.integers(1, 5000), floats=st.integers(1, 300))
+def test_scratch_layout_covers_every_task_with_no_empty_slab(tasks, floats):
+    from bitsmith.backends.tvm.matmul_cpu_kernels import SLABS, V, scratch_layout
+    slabs, per_task, per_slab = scratch_layout(tasks, floats)
+    assert 1 <= slabs <= SLABS
+    assert slabs * per_task >= tasks > (slabs - 1) * per_task  # all covered, the last slab busy
+    assert per_slab >= floats and per_slab % V == 0
+
+
+@pytest.mark.parametrize("n", [576, 1000])  # 72 and 125 tasks of 8 rows: slabs of 2 tasks, the last one short
+def test_qlinear_and_linear_with_several_tasks_per_slab(n):
+    rng = np.random.default_rng(n)
+    check_qlinear(rng, *make_qlinear(rng, "rtn-int4", 96, n, 32, bias=True), ms=(1, 5))
+    w = rng.standard_normal((n * 3, 40)).astype(np.float32)  # dense: 16 rows per task
+    fn = mm.compile_linear(w, None)
+    x = rng.standard_normal((2, 40)).astype(np.float32)
+    assert_close(fn(x), x.astype(np.float64) @ w.T.astype(np.float64), x, w)
