@@ -10,7 +10,9 @@ One run, same prompt, same thread count for every row. Rows:
 * ``eager`` — the transformers model loaded from the same GGUF (fp32), DynamicCache;
 * ``<target>/<scheme>`` — ``bitsmith.compile("smollm2-135m", target, quant=scheme)`` for
   target in tvm-llvm, lut-cpu and scheme in gguf (the file's own blocks), rtn-int4,
-  bitmod-w4, bitmod-w3, rtn-int2 (groups of 128) and fp32 (no quant).
+  bitmod-w4, bitmod-w3, shiftadd-w3 (uncalibrated: speed only, its quality needs calibrate),
+  rtn-int2 (groups of 128) and fp32 (no quant); decoding on the KV cache ``generate()`` uses
+  (in place where the executable offers it).
 ``--head-rows`` adds the lm_head variants of issue 15 part 4 for bitmod-w4 and bitmod-w3
 (``/head-fp32``, ``/head-int8``, ``/head-same``: compile option ``head_quant``) other than the
 default, which the plain rows use.
@@ -53,7 +55,7 @@ TEXT_DIR = next((p / "shared" / "data" / "text" for p in HERE.parents
 EVAL_TEXT = TEXT_DIR / "prideprejudice.txt"
 PROMPT_TEXT = TEXT_DIR / "sensesensibility.txt"
 TARGETS = ("tvm-llvm", "lut-cpu")
-SCHEMES = ("gguf", "rtn-int4", "bitmod-w4", "bitmod-w3", "rtn-int2", "fp32")
+SCHEMES = ("gguf", "rtn-int4", "bitmod-w4", "bitmod-w3", "shiftadd-w3", "rtn-int2", "fp32")
 HEAD_VARIANTS = ("head-fp32", "head-int8", "head-same")  # lm_head: fp32, rtn-int8, the scheme's width
 HEAD_SCHEMES = ("bitmod-w4", "bitmod-w3")
 GROUP_SIZE = 128

@@ -294,7 +294,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=64)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--rows", nargs="+", choices=list(ROW_BY_KEY), metavar="ROW",
-                   help=f"rows to measure (default all): {', '.join(ROW_BY_KEY)}")
+                   help=f"rows to measure (default all): {', '.join(ROW_BY_KEY).replace('%', '%%')}")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--smoke", action="store_true", help="2 windows of 128 tokens, fp32 + rtn-int4")
     p.add_argument("--target", default="reference", help="compile and evaluate on this target (e.g. tvm-llvm)")
