@@ -62,6 +62,7 @@ def test_stamped_capture_equals_full_export(make, monkeypatch):
     assert used
     _assert_same(stamped, _full(model, monkeypatch, name="t"))
     assert model.config.num_hidden_layers == len(model.model.layers)  # the cut model was restored
+    assert len(getattr(model.config, "layer_types", None) or model.model.layers) == len(model.model.layers)
 
 
 def test_streamed_stamped_capture_equals_streamed_full_export(monkeypatch):

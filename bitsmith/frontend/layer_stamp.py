@@ -100,20 +100,23 @@ def _storage_key(t: torch.Tensor) -> tuple:
 @contextlib.contextmanager
 def truncated(model: torch.nn.Module, keep: int) -> Iterator[None]:
     """While active, ``model`` (see ``decoder_layers``) runs only its first ``keep`` layers."""
-    inner, cfg = model.model, model.config
-    saved_layers, saved_n = inner.layers, cfg.num_hidden_layers
-    saved_types = getattr(cfg, "layer_types", None)
+    inner = model.model
+    configs = list({id(c): c for c in (model.config, getattr(inner, "config", model.config))}.values())
+    saved_layers = inner.layers
+    saved = [(c, c.num_hidden_layers, getattr(c, "layer_types", None)) for c in configs]
     inner.layers = torch.nn.ModuleList(list(saved_layers)[:keep])
-    cfg.num_hidden_layers = keep
-    if saved_types is not None:
-        cfg.layer_types = list(saved_types)[:keep]
+    for c, _, types in saved:
+        c.num_hidden_layers = keep
+        if types is not None:
+            c.layer_types = list(types)[:keep]
     try:
         yield
     finally:
         inner.layers = saved_layers
-        cfg.num_hidden_layers = saved_n
-        if saved_types is not None:
-            cfg.layer_types = saved_types
+        for c, n, types in saved:
+            c.num_hidden_layers = n
+            if types is not None:
+                c.layer_types = types
 
 
 def tensor_reader(model: torch.nn.Module, to_numpy: Callable[[torch.Tensor], np.ndarray],
