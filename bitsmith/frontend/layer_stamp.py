@@ -149,20 +149,20 @@ def _split(fn: Function) -> tuple[list[list[Node]], list[list[Node]], list[list[
             runs[-1][1].append(node)
         else:
             runs.append((layer, [node]))
-    ids = [r[0] for r in runs]
     layers = list(range(CAPTURED_LAYERS))
-    if ids and ids[0] is not None:
+    if runs and runs[0][0] is not None:
         runs.insert(0, (None, []))
-    if runs[-1][0] is not None:
+    if runs and runs[-1][0] is not None:
         runs.append((None, []))
     ids = [r[0] for r in runs]
     if ids != [None, *layers, None, *layers, None]:
         return None
     nodes = [r[1] for r in runs]
     k = CAPTURED_LAYERS
-    if any(n.op != "constant" for n in sum(nodes[1:1 + k], [])) or any(n.op == "constant" for n in sum(nodes[k + 2:2 * k + 2], [])):
+    consts, compute = nodes[1:1 + k], nodes[k + 2:2 * k + 2]
+    if any(n.op != "constant" for c in consts for n in c) or any(n.op == "constant" for c in compute for n in c):
         return None
-    return [nodes[0], nodes[k + 1], nodes[2 * k + 2]], nodes[1:1 + k], nodes[k + 2:2 * k + 2]
+    return [nodes[0], nodes[k + 1], nodes[2 * k + 2]], consts, compute
 
 
 def _rename_layer(text: str, src: int, dst: int) -> str:

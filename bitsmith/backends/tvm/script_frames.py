@@ -10,9 +10,9 @@ TVM reads only ``frame`` of each entry, and the source line of the third one (``
 class-scope check, ``tvm.script.parser.core.utils.is_defined_in_class``). While
 ``cheap_stacks`` is active, ``inspect.stack`` and ``inspect.getouterframes`` give the first
 three entries as before; deeper ones carry the frame, its code's file name, line and function
-name, and no source (``code_context = None``, as ``context=0`` gives). The patch is process-wide while active: bitsmith enters it around
-its own kernel scheduling only (``cache.KernelCache.libraries``), where nothing else reads
-deeper source lines.
+name, and no source (``code_context = None``, as ``context=0`` gives). The patch is
+process-wide while active: bitsmith enters it around its own kernel scheduling only
+(``cache.KernelCache.libraries``), where nothing else reads deeper source lines.
 """
 
 from __future__ import annotations
