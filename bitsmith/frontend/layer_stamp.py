@@ -7,8 +7,8 @@ and buffer names, shapes and dtypes; no per-layer variation in the config; no we
 with another tensor), ``capture_causal_lm`` exports the model cut to ``CAPTURED_LAYERS``
 layers, and ``stamp_layers`` copies layer 1's nodes for layers 3..N-1: constant names and
 locations ``model.layers.1.`` -> ``model.layers.i.``, values defined in layer 0 (the residual
-stream entering layer 1) -> layer i-1's, then every value renumbered in node order, as the
-full lowering numbers them.
+stream entering layer 1) -> layer i-1's value at the same position in its layer, then every
+value renumbered in node order, as the full lowering numbers them.
 
 Layer 2 is exported only to check the copy: stamping layer 2 from layer 1 must give exactly
 the nodes the export gave. Where it does not, or the graph is not laid out as prelude /
