@@ -33,7 +33,7 @@ def _needed_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
     return needed
 
 
-def _tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
+def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.float()
@@ -92,7 +92,7 @@ def lower_exported_program(ep: ExportedProgram, input_dims: Sequence[Sequence[st
                                                    node_location(node, module_prefix))
                 continue
             data = b.tensors.get(tname)
-            ctx.env[node] = b.constant(tname, data if data is not None else _tensor_to_numpy(tensor),
+            ctx.env[node] = b.constant(tname, data if data is not None else tensor_to_numpy(tensor),
                                        node_location(node, module_prefix))
             continue
         if node.op != "call_function":

@@ -19,7 +19,7 @@ from ..errors import UnsupportedOpError
 from ..ir import GraphBuilder, Location, Module, TensorTable, TensorType, verify_module
 from ..ir import symbolic as sym
 from .aten_lowering import LoweringContext, ir_dtype, node_location
-from .export_capture import _tensor_to_numpy
+from .export_capture import tensor_to_numpy
 from .hf_capture import CapturedModel
 
 FxRule = Callable[["FxContext", torch.fx.Node, list[Any]], Any]
@@ -65,7 +65,7 @@ class FxContext(LoweringContext):
 
     def param_tensor(self, name: str, tensor: torch.Tensor) -> str:
         data = self.b.tensors.get(name)
-        return self.b.constant(name, data if data is not None else _tensor_to_numpy(tensor), self.loc())
+        return self.b.constant(name, data if data is not None else tensor_to_numpy(tensor), self.loc())
 
 
 def _rules(table: dict, *keys: Any) -> Callable[[FxRule], FxRule]:

@@ -5,6 +5,10 @@ sizes 0 and 1, so the capture uses batch 2 and sequence 8), with ``position_ids`
 explicit input and attention routed through bitsmith's causal op. The KV cache is then
 added in the IR by the ``kv-cache`` pass (``passes/kv_cache.py``), which the capture asks the
 compiler to run first (``CapturedModel.passes``), rather than exported from HF's cache classes.
+
+A decoder whose layers are interchangeable (Llama, Qwen2 without sliding windows; checked by
+``layer_stamp.decoder_layers``) is exported with three layers and the rest stamped in the IR
+(``layer_stamp``): the same module as exporting every layer, in a fraction of the time.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from typing import Any, Iterator
 
 import torch
 
-from ..ir import Module, verify_module
+from ..ir import Function, Module, TensorTable, verify_module
 from .attention import ATTENTION_IMPL
 from .captured import CapturedModel, model_name  # noqa: F401  (model_name: re-exported)
-from .export_capture import lower_exported_program
+from . import layer_stamp
+from .export_capture import lower_exported_program, tensor_to_numpy
 
 CAPTURE_BATCH, CAPTURE_SEQ = 2, 8
 
@@ -54,6 +59,21 @@ def _first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+def _export(model: torch.nn.Module, vocab: int) -> torch.export.ExportedProgram:
+    ids = torch.arange(CAPTURE_BATCH * CAPTURE_SEQ).reshape(CAPTURE_BATCH, CAPTURE_SEQ) % vocab
+    pos = torch.arange(CAPTURE_SEQ).expand(CAPTURE_BATCH, CAPTURE_SEQ)
+    batch = torch.export.Dim("batch")
+    seq = torch.export.Dim("seq", max=_max_positions(model))
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    with _bitsmith_attention(model), torch.no_grad():
+        return torch.export.export(_LogitsOnly(model), (ids, pos), dynamic_shapes=dyn)
+
+
+def _lower(ep: torch.export.ExportedProgram, unmaterialized: Any) -> tuple[Function, TensorTable]:
+    return lower_exported_program(ep, [("batch", "seq"), ("batch", "seq")], ["input_ids", "position_ids"],
+                                  module_prefix="m.", unmaterialized=unmaterialized)
+
+
 def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str | None = None,
                       source: Any = None) -> CapturedModel:
     """Exports ``model`` (an HF causal LM in eval mode) to an IR module whose ``passes``
@@ -67,21 +87,26 @@ def capture_causal_lm(model: torch.nn.Module, tokenizer: Any = None, name: str |
         model = model.train(False)  # inference mode
     t0 = time.perf_counter()
     vocab = int(model.config.vocab_size)
-    ids = torch.arange(CAPTURE_BATCH * CAPTURE_SEQ).reshape(CAPTURE_BATCH, CAPTURE_SEQ) % vocab
-    pos = torch.arange(CAPTURE_SEQ).expand(CAPTURE_BATCH, CAPTURE_SEQ)
-    batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("seq", max=_max_positions(model))
-    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq})
-    with _bitsmith_attention(model), torch.no_grad():
-        ep = torch.export.export(_LogitsOnly(model), (ids, pos), dynamic_shapes=dyn)
-    t1 = time.perf_counter()
-    streamed = None
+    unmaterialized = None
     if source is not None:
         from . import streamed_capture as streamed
-    fn, tensors = lower_exported_program(ep, [("batch", "seq"), ("batch", "seq")],
-                                         ["input_ids", "position_ids"], module_prefix="m.",
-                                         unmaterialized=None if streamed is None else streamed.is_placeholder)
-    if streamed is not None:
+        unmaterialized = streamed.is_placeholder
+    layers = layer_stamp.decoder_layers(model)
+    stamped = None
+    if layers is not None:  # export three layers, stamp the others (layer_stamp)
+        with layer_stamp.truncated(model, layer_stamp.CAPTURED_LAYERS):
+            ep = _export(model, vocab)
+        t1 = time.perf_counter()
+        fn, tensors = _lower(ep, unmaterialized)
+        reader = layer_stamp.tensor_reader(model, tensor_to_numpy, unmaterialized)
+        stamped = layer_stamp.stamp_layers(fn, tensors, len(layers), reader)
+        if stamped is not None:
+            fn, tensors = stamped[0], TensorTable(stamped[1], hashed=tensors)
+    if stamped is None:
+        ep = _export(model, vocab)
+        t1 = time.perf_counter()
+        fn, tensors = _lower(ep, unmaterialized)
+    if source is not None:
         tensors = streamed.provided_table(fn, tensors, source)
     cfg = model.config
     attrs = {  # the kv-cache pass adds the cache layout (num_layers, kv_heads, key/value dims)

@@ -216,10 +216,11 @@ class QuantizedRows:
     def dequantize(self) -> np.ndarray:
         gs = self.fmt.group_size
         rows, cols = self.codes.shape
-        values = self.codes.astype(np.float32).reshape(rows, -1, gs)
+        # in place: one float32 array for the whole matrix (a second one costs its page faults)
+        w = self.codes.astype(np.float32).reshape(rows, -1, gs)
         if self.fmt.bias:
-            values -= np.float32(self.fmt.bias)
-        w = values * self.scales.astype(np.float32)[:, :, None]
+            w -= np.float32(self.fmt.bias)
+        w *= self.scales.astype(np.float32)[:, :, None]
         if self.offsets is not None:
             w += self.offsets.astype(np.float32)[:, :, None]
         return w.reshape(rows, cols)

@@ -34,6 +34,7 @@ import tvm
 
 from ...errors import BitsmithError
 from .kernel import KernelDef
+from .script_frames import cheap_stacks
 
 Scheduler = Callable[[KernelDef, Any], Any]  # (kdef, tvm target) -> scheduled IRModule
 
@@ -194,7 +195,8 @@ class KernelCache:
                     self.rejected += 1
                 self.misses += 1
                 t1 = time.perf_counter()
-                scheduled = scheduler(kdef, target)
+                with cheap_stacks():  # TVMScript's stack walks: see script_frames
+                    scheduled = scheduler(kdef, target)
                 self.directory.mkdir(parents=True, exist_ok=True)
                 if workers == 1:
                     found[key] = self._compile(key, scheduled, target)
