@@ -255,3 +255,21 @@ def test_qlinear_and_linear_with_several_tasks_per_slab(n):
     fn = mm.compile_linear(w, None)
     x = rng.standard_normal((2, 40)).astype(np.float32)
     assert_close(fn(x), x.astype(np.float64) @ w.T.astype(np.float64), x, w)
+
+
+@pytest.mark.parametrize("avx512_tiling", [False, True])
+def test_qlinear_m_tiles_of_8_then_4_then_single_rows(avx512_tiling, monkeypatch):
+    """Every m from the tile walk's cases: 8-row tiles (AVX-512's tiling), one 4-row tile, single
+    rows. The tiling is forced through the feature check so both run on any host (the choice
+    is a register budget, not an instruction set: the code runs on the host's ISA)."""
+    from bitsmith.backends.tvm import matmul_cpu
+    real = matmul_cpu._has
+    monkeypatch.setattr(matmul_cpu, "_has", lambda target, f: avx512_tiling if f == "avx512f" else real(target, f))
+    rng = np.random.default_rng(21)
+    for scheme, gs in (("rtn-int4", 32), ("bitmod-w3", 64)):
+        attrs, arrays = make_qlinear(rng, scheme, 160, 27, gs, bias=True)
+        fn = mm.compile_qlinear(attrs, arrays)
+        for m in (1, 3, 4, 7, 8, 12, 13, 21):
+            x = rng.standard_normal((m, 160)).astype(np.float32)
+            ref, w = reference(attrs, arrays, x)
+            assert_close(fn(x), ref, x, w)

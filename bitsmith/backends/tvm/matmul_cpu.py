@@ -98,6 +98,7 @@ def schedule(kdef: KernelDef, target):
         func = kern.dense_kernel(int(a["in_features"]), int(a["out_features"]), bool(a["has_bias"]),
                                  str(a["act_dtype"]), str(a["weight_dtype"]))
     else:
+        tiling = kern.QLINEAR_TILING_AVX512 if _has(target, "avx512f") else kern.Tiling()
         func = kern.qlinear_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]),
-                                   use_pshufb=_has(target, "ssse3"))
+                                   use_pshufb=_has(target, "ssse3"), t=tiling)
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})

@@ -17,7 +17,7 @@ import tvm
 
 from .kernel import KernelDef
 
-SCHEDULE_ID = "cpu-v3"  # v3: bcq_linear byte-code kernel (bcq_cpu.py)
+SCHEDULE_ID = "cpu-v4"  # v4: qlinear m-tiles of 8 on AVX-512; v3: bcq_linear byte-code kernel (bcq_cpu.py)
 CpuSchedule = Callable[[KernelDef, Any], Any]
 CPU_SCHEDULES: dict[str, CpuSchedule] = {}
 
