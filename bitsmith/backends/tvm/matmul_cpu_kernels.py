@@ -11,7 +11,8 @@ mtile times: prefill) and then the leftover rows one at a time (m == 1 decode: o
 weights). qlinear on AVX-512 (``QLINEAR_TILING_AVX512``) takes tiles of 8, then one of 4, then
 single rows: 8 accumulators fit AVX-512's 32 registers; on AVX2 (16 registers, two per float32x16)
 they spill and tiles of 4 stay faster (SmolLM2 prefill of 512 tokens, one thread: 209 -> 249
-tokens/s on Zen 4 with 8, 182 -> 151 with 8 on code built for znver3). The branch on m happens at run time, so one compiled kernel serves every m.
+tokens/s on Zen 4 with 8, 182 -> 151 with 8 on code built for znver3). The branch on m happens
+at run time, so one compiled kernel serves every m.
 
 A row's reduction runs over chunks of 16 weights. qlinear: the chunk's codes come out of 16
 aligned bytes (shift + mask, see ``qlinear_layout``), become grid values through ``pshufb``
