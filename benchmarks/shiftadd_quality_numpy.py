@@ -37,7 +37,7 @@ GROUP_SIZE = 128
 def load():
     from bitsmith.frontend.models import load_pretrained
     model, tok = load_pretrained("smollm2-135m")
-    return model.eval(), tok
+    return model.train(False), tok  # inference mode
 
 
 def token_ids(tok, path: Path) -> np.ndarray:
