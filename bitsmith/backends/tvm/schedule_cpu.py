@@ -3,7 +3,10 @@
 * ``fused`` / ``injective``: left as TE builds them (one loop nest per materialised stage);
   whether a block is large enough to pay for a thread-pool launch is not known statically,
   so only the attention and matmul kernels go parallel; LLVM vectorises the inner loops.
-* ``attention``: one parallel loop over (batch, head); every stage computed per query row.
+* ``attention``: ``attention_cpu``'s hand-vectorized kernel (one task per batch row, kv head
+  and query row, all query heads of the group together) where head and value dims are
+  multiples of 16; else the TE definition with one parallel loop over (batch, head), every
+  stage computed per query row.
 * ``gemv`` / ``qgemv``: ``matmul.schedule_matmul_cpu`` (the matmul helper's schedules).
 
 ``SCHEDULE_ID`` is part of the kernel-cache key: bump it when a schedule changes.
@@ -15,9 +18,9 @@ from typing import Any, Callable
 
 import tvm
 
-from .kernel import KernelDef
+from .kernel import KernelDef, Recipe
 
-SCHEDULE_ID = "cpu-v4"  # v4: qlinear m-tiles of 8 on AVX-512; v3: bcq_linear byte-code kernel (bcq_cpu.py)
+SCHEDULE_ID = "cpu-v5"  # v5: vector GQA attention (attention_cpu.py); v4: qlinear m-tiles of 8 on AVX-512; v3: bcq_linear byte-code kernel (bcq_cpu.py)
 CpuSchedule = Callable[[KernelDef, Any], Any]
 CPU_SCHEDULES: dict[str, CpuSchedule] = {}
 
@@ -44,7 +47,9 @@ def describe_cpu_schedule(kdef: KernelDef) -> str:
     if kdef.kind in ("gemv", "qgemv"):
         from .matmul_cpu import choose_schedule
         return choose_schedule(kdef)
-    return {"fused": "te-default", "injective": "te-default", "attention": "attention-rows"}.get(kdef.kind, kdef.kind)
+    if kdef.kind == "attention":
+        return "attention-gqa-vector" if _vector_attention_args(kdef) else "attention-rows"
+    return {"fused": "te-default", "injective": "te-default"}.get(kdef.kind, kdef.kind)
 
 
 @register_cpu_schedule("fused", "injective")
@@ -58,8 +63,22 @@ def _matmul(kdef: KernelDef, target: Any) -> Any:
     return schedule_matmul_cpu(kdef, target)
 
 
+def _vector_attention_args(kdef: KernelDef) -> tuple | None:
+    """The arguments of the hand-vectorized kernel (``attention_cpu``) where it covers ``kdef``."""
+    from .attention import attention_func
+    from .attention_cpu import supported
+    src = kdef.source
+    if isinstance(src, Recipe) and src.builder is attention_func and supported(src.args[2], src.args[3]):
+        return src.args
+    return None
+
+
 @register_cpu_schedule("attention")
 def _attention(kdef: KernelDef, target: Any) -> Any:
+    args = _vector_attention_args(kdef)
+    if args is not None:
+        from .attention_cpu import attention_cpu_func
+        return tvm.IRModule({"main": attention_cpu_func(*args)})
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": kdef.func}))
     out = sch.get_sblock("out")
     b, h, i, e = sch.get_loops(out)

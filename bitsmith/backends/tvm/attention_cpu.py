@@ -1,0 +1,186 @@
+"""Hand-vectorized llvm (CPU) kernel of ``attention`` (same signature and meaning as
+``attention.attention_func``).
+
+Why hand-written: the scheduled TE definition walks each query head on its own (the kv head's
+keys and values streamed once per query head), keeps scores, probabilities and partial sums in
+buffers the size of the context, and calls libm's scalar ``expf`` once per key: at a 512-token
+context a SmolLM2 layer took ~57 us hot / ~71 us cold at one thread, a quarter of a decode step.
+Here one parallel task takes one (batch row, kv head, query row) and all the query heads that
+share that kv head (grouped-query attention), so each key and value row is read once per task:
+
+1. scores: each key row is loaded once and dotted with the group's query rows (16 lanes over
+   the head dim, then a tree sum); keys the row may not see (causal future: never visited;
+   mask zero: -inf) get -inf;
+2. max over keys, 16 lanes at a time (max is exact in any order);
+3. probabilities ``exp(score - max)``, 16 at a time, by a Cephes-style float32 expf (range
+   reduction by ln 2 in two parts, a degree-6 polynomial, the exponent built from bits;
+   Moshier, Cephes Math Library: relative error ~2 ulp); below -87.3 (float32's smallest normal)
+   the result is exactly 0, so a hidden key (-inf) contributes nothing;
+4. one pass over the value rows: each value row is loaded once and added into the group's
+   accumulators, and the probability sums are accumulated in the same key order.
+
+Sums over keys (2 and 4) run in key order, one key after another, as the TE kernel does: a
+hidden key adds an exact 0, so a row's result does not depend on how many padding keys its batch
+adds (decode stays batch-invariant, docs/ragged-batches.md), and the compact and capacity forms
+(they are the same code: the capacity form reads slots [0, t) of a larger cache) give the same
+bits. Needs ``head_dim % 16 == 0`` and ``value_dim % 16 == 0`` (``supported``); other shapes
+keep the TE schedule.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .matmul_cpu_kernels import F32, V, VF32, hsum
+
+SLABS = 64  # parallel work items per call (see matmul_cpu_kernels.scratch_layout)
+
+# Cephes expf constants (published formula): exp(x) = 2^n * exp(r), x = n ln2 + r, |r| <= ln2 / 2
+LOG2E = 1.44269504088896341
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+EXP_FLOOR = -87.3365478515625  # exp below this is not a normal float32: taken as 0
+
+
+def supported(head_dim: int, value_dim: int) -> bool:
+    return head_dim % V == 0 and value_dim % V == 0
+
+
+def _c(x: float):
+    return tirx.Broadcast(tirx.const(x, F32), V)
+
+
+def vexp(x):
+    """float32x16 exp of ``x`` (every lane <= 0 here: scores minus their max)."""
+    xc = tirx.max(x, _c(EXP_FLOOR))
+    n = tirx.floor(xc * _c(LOG2E) + _c(0.5))
+    r = xc - n * _c(LN2_HI) - n * _c(LN2_LO)
+    p = _c(EXP_POLY[0])
+    for c in EXP_POLY[1:]:
+        p = p * r + _c(c)
+    y = p * r * r + r + _c(1.0)
+    two_n = tirx.reinterpret(VF32, tirx.shift_left(tirx.Cast(f"int32x{V}", n) + tirx.Broadcast(tirx.const(127, "int32"), V),
+                                                   tirx.Broadcast(tirx.const(23, "int32"), V)))
+    return tirx.Select(x < _c(EXP_FLOOR), _c(0.0), y * two_n)
+
+
+@T.macro
+def hmax(acc, base):
+    """acc[base] = max of the 16 lanes at acc[base:], as a tree (exact in any order)."""
+    acc[T.Ramp(base, 1, 8)] = T.max(acc[T.Ramp(base, 1, 8)], acc[T.Ramp(base + 8, 1, 8)])
+    acc[T.Ramp(base, 1, 4)] = T.max(acc[T.Ramp(base, 1, 4)], acc[T.Ramp(base + 4, 1, 4)])
+    acc[T.Ramp(base, 1, 2)] = T.max(acc[T.Ramp(base, 1, 2)], acc[T.Ramp(base + 2, 1, 2)])
+    acc[base] = T.max(acc[base], acc[base + 1])
+
+
+def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
+                       dtype: str, mask_dtype: str | None, capacity: bool) -> tirx.PrimFunc:
+    """PrimFunc main(q, k, v, [mask], out), the parameters of ``attention_func`` with the same
+    arguments (``capacity`` only names the cache's length dim: both forms run the same code)."""
+    if not supported(head_dim, value_dim):
+        raise ValueError(f"the vector attention kernel needs head and value dims divisible by {V}")
+    g = heads // kv_heads
+    dc, ec = head_dim // V, value_dim // V
+    neg_inf = tirx.const(float("-inf"), F32)
+    has_mask = mask_dtype is not None
+    # per slab: g rows of probabilities (t rounded up to 16), g * value_dim accumulators, g lane
+    # vectors for the tree sums, g sums
+    fixed = g * value_dim + g * V + -(-g // V) * V
+
+    def _key_end(t, s, i):  # causal: keys past the row's own position are never visited
+        return tirx.min(t, i + t - s + 1) if causal else t
+
+    def _visible(M, bi, j):  # a bool mask is the condition itself
+        return M[bi, j] if mask_dtype == "bool" else M[bi, j] != tirx.const(0, mask_dtype)
+
+    @T.macro
+    def task(Q, K, Vv, M, O, ws, base, tp, t, s, bi, kv, i):
+        P = T.bind(base)                # probabilities [g, tp]
+        W = T.bind(base + g * tp)       # accumulators [g, value_dim]
+        L = T.bind(W + g * value_dim)   # lane vectors [g, 16]
+        D = T.bind(L + g * V)           # sums [g]
+        jend = T.bind(_key_end(t, s, i))
+        nch = T.bind((jend + V - 1) // V)
+        # 1. scores
+        for j in range(jend):
+            for gi in T.unroll(g):
+                ws[T.Ramp(L + gi * V, 1, V)] = (T.Cast(VF32, Q[bi, kv * g + gi, i, T.Ramp(0, 1, V)])
+                                              * T.Cast(VF32, K[bi, kv, j, T.Ramp(0, 1, V)]))
+                for c in T.unroll(1, dc):
+                    ws[T.Ramp(L + gi * V, 1, V)] = ws[T.Ramp(L + gi * V, 1, V)] + (
+                        T.Cast(VF32, Q[bi, kv * g + gi, i, T.Ramp(c * V, 1, V)])
+                        * T.Cast(VF32, K[bi, kv, j, T.Ramp(c * V, 1, V)]))
+                hsum(ws, L + gi * V)
+                if has_mask:
+                    ws[P + gi * tp + j] = T.Select(_visible(M, bi, j), ws[L + gi * V] * T.float32(scale), neg_inf)
+                else:
+                    ws[P + gi * tp + j] = ws[L + gi * V] * T.float32(scale)
+        for gi in T.unroll(g):
+            for j in range(nch * V - jend):
+                ws[P + gi * tp + jend + j] = neg_inf
+            # 2. max (lanes, then a tree); a row that sees no key: max 0, every probability 0
+            ws[T.Ramp(L + gi * V, 1, V)] = T.Broadcast(neg_inf, V)
+            for c in range(nch):
+                ws[T.Ramp(L + gi * V, 1, V)] = T.max(ws[T.Ramp(L + gi * V, 1, V)], ws[T.Ramp(P + gi * tp + c * V, 1, V)])
+            hmax(ws, L + gi * V)
+            mx = T.bind(T.Select(ws[L + gi * V] == neg_inf, T.float32(0), ws[L + gi * V]))
+            # 3. probabilities
+            for c in range(nch):
+                ws[T.Ramp(P + gi * tp + c * V, 1, V)] = vexp(ws[T.Ramp(P + gi * tp + c * V, 1, V)] - T.Broadcast(mx, V))
+            ws[D + gi] = T.float32(0)
+            for e in T.unroll(ec):
+                ws[T.Ramp(W + gi * value_dim + e * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        # 4. probabilities times values, and their sums, in key order
+        for j in range(jend):
+            for e in T.unroll(ec):
+                vv = T.bind(T.Cast(VF32, Vv[bi, kv, j, T.Ramp(e * V, 1, V)]))
+                for gi in T.unroll(g):
+                    ws[T.Ramp(W + gi * value_dim + e * V, 1, V)] = (ws[T.Ramp(W + gi * value_dim + e * V, 1, V)]
+                                                                  + T.Broadcast(ws[P + gi * tp + j], V) * vv)
+            for gi in T.unroll(g):
+                ws[D + gi] = ws[D + gi] + ws[P + gi * tp + j]
+        for gi in T.unroll(g):
+            for e in T.unroll(ec):
+                O[bi, kv * g + gi, i, T.Ramp(e * V, 1, V)] = T.Cast(f"{dtype}x{V}", T.Select(
+                    T.Broadcast(ws[D + gi], V) > T.Broadcast(T.float32(0), V),
+                    ws[T.Ramp(W + gi * value_dim + e * V, 1, V)] / T.Broadcast(ws[D + gi], V),
+                    T.Broadcast(T.float32(0), V)))
+
+    @T.macro
+    def body(Q, K, Vv, M, O, b, s, t):
+        total = T.bind(b * kv_heads * s)
+        slabs = T.bind(T.max(T.min(total, T.int64(SLABS)), T.int64(1)))
+        per_task = T.bind((total + slabs - 1) // slabs)
+        tp = T.bind((t + V - 1) // V * V)
+        per_slab = T.bind(g * tp + fixed)
+        ws = T.alloc_buffer((slabs * per_slab,), F32)
+        for slab in T.parallel(slabs):
+            for n in range(per_task):
+                if slab * per_task + n < total:
+                    item = T.bind(slab * per_task + n)
+                    task(Q, K, Vv, M, O, ws, slab * per_slab, tp, t, s, item // (kv_heads * s),
+                         item // s % kv_heads, item % s)
+
+    if has_mask:
+        @T.prim_func(s_tir=True)
+        def main(q: T.handle, k: T.handle, v: T.handle, mask: T.handle, out: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b, s, t, c = T.int64(), T.int64(), T.int64(), T.int64()
+            Q = T.match_buffer(q, (b, heads, s, head_dim), dtype)
+            K = T.match_buffer(k, (b, kv_heads, c, head_dim), dtype)
+            Vv = T.match_buffer(v, (b, kv_heads, c, value_dim), dtype)
+            M = T.match_buffer(mask, (b, t), mask_dtype)
+            O = T.match_buffer(out, (b, heads, s, value_dim), dtype)
+            body(Q, K, Vv, M, O, b, s, t)
+    else:
+        @T.prim_func(s_tir=True)
+        def main(q: T.handle, k: T.handle, v: T.handle, out: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            b, s, t = T.int64(), T.int64(), T.int64()
+            Q = T.match_buffer(q, (b, heads, s, head_dim), dtype)
+            K = T.match_buffer(k, (b, kv_heads, t, head_dim), dtype)
+            Vv = T.match_buffer(v, (b, kv_heads, t, value_dim), dtype)
+            O = T.match_buffer(out, (b, heads, s, value_dim), dtype)
+            body(Q, K, Vv, None, O, b, s, t)
+    return main
