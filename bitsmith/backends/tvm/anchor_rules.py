@@ -70,7 +70,7 @@ def _linear(node: Node, ctx) -> None:
 
 
 @register_anchor("qlinear")
-def _qlinear(node: Node, ctx) -> None:
+def _qlinear(node: Node, ctx, activation_bits: int = 32) -> None:
     from . import matmul
     arrays = [ctx.constant_of(v) for v in node.inputs[1:]]
     if any(a is None for a in arrays):
@@ -78,12 +78,18 @@ def _qlinear(node: Node, ctx) -> None:
     x_dtype = ctx.types[node.inputs[0]].dtype
     attrs = node.attr_dict
     operands = matmul.qlinear_operands(attrs, arrays, x_dtype)
-    kdef = matmul.qlinear_kernel(attrs, operands, x_dtype)
+    kdef = matmul.qlinear_kernel(attrs, operands, x_dtype, activation_bits)
     slots = [ctx.derived_const(node.output.name, k, a) for k, a in enumerate(operands)]
     x2, lead = flatten_in(node, ctx)
     out = matmul_out(node, ctx, lead)
     ctx.call(kdef, [x2] + slots, [out])
     finish_out(node, ctx, out[0])
+
+
+def qlinear_a8(node: Node, ctx) -> None:
+    """The qlinear rule of tvm-llvm's ``activation_bits=8`` (int8 activations where the W4A8
+    kernel covers the layer, ``qlinear_a8.applies``; float kernels elsewhere)."""
+    _qlinear(node, ctx, activation_bits=8)
 
 
 def attention_args(node: Node, ctx) -> tuple:

@@ -75,7 +75,8 @@ def hmax(acc, base):
 
 
 def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
-                       dtype: str, mask_dtype: str | None, capacity: bool) -> tirx.PrimFunc:
+                       dtype: str, mask_dtype: str | None, capacity: bool,
+                       heads_per_task: int | None = None) -> tirx.PrimFunc:
     """PrimFunc main(q, k, v, [mask], out), the parameters of ``attention_func`` with the same
     arguments (``capacity`` only names the cache's length dim: both forms run the same code)."""
     if not supported(head_dim, value_dim):
@@ -86,7 +87,8 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
     has_mask = mask_dtype is not None
     # per slab: g rows of probabilities (t rounded up to 16), g * value_dim accumulators, g lane
     # vectors for the tree sums, g sums
-    fixed = g * value_dim + g * V + -(-g // V) * V
+    hp = g if heads_per_task is None else heads_per_task
+    fixed = hp * value_dim + hp * V + -(-hp // V) * V
 
     def _key_end(t, s, i):  # causal: keys past the row's own position are never visited
         return tirx.min(t, i + t - s + 1) if causal else t
@@ -95,28 +97,29 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
         return M[bi, j] if mask_dtype == "bool" else M[bi, j] != tirx.const(0, mask_dtype)
 
     @T.macro
-    def task(Q, K, Vv, M, O, ws, base, tp, t, s, bi, kv, i):
+    def task(Q, K, Vv, M, O, ws, base, tp, t, s, bi, h0, i):
+        kv = T.bind(h0 // g)
         P = T.bind(base)                # probabilities [g, tp]
-        W = T.bind(base + g * tp)       # accumulators [g, value_dim]
-        L = T.bind(W + g * value_dim)   # lane vectors [g, 16]
-        D = T.bind(L + g * V)           # sums [g]
+        W = T.bind(base + hp * tp)       # accumulators [g, value_dim]
+        L = T.bind(W + hp * value_dim)   # lane vectors [g, 16]
+        D = T.bind(L + hp * V)           # sums [g]
         jend = T.bind(_key_end(t, s, i))
         nch = T.bind((jend + V - 1) // V)
         # 1. scores
         for j in range(jend):
-            for gi in T.unroll(g):
-                ws[T.Ramp(L + gi * V, 1, V)] = (T.Cast(VF32, Q[bi, kv * g + gi, i, T.Ramp(0, 1, V)])
+            for gi in T.unroll(hp):
+                ws[T.Ramp(L + gi * V, 1, V)] = (T.Cast(VF32, Q[bi, h0 + gi, i, T.Ramp(0, 1, V)])
                                               * T.Cast(VF32, K[bi, kv, j, T.Ramp(0, 1, V)]))
                 for c in T.unroll(1, dc):
                     ws[T.Ramp(L + gi * V, 1, V)] = ws[T.Ramp(L + gi * V, 1, V)] + (
-                        T.Cast(VF32, Q[bi, kv * g + gi, i, T.Ramp(c * V, 1, V)])
+                        T.Cast(VF32, Q[bi, h0 + gi, i, T.Ramp(c * V, 1, V)])
                         * T.Cast(VF32, K[bi, kv, j, T.Ramp(c * V, 1, V)]))
                 hsum(ws, L + gi * V)
                 if has_mask:
                     ws[P + gi * tp + j] = T.Select(_visible(M, bi, j), ws[L + gi * V] * T.float32(scale), neg_inf)
                 else:
                     ws[P + gi * tp + j] = ws[L + gi * V] * T.float32(scale)
-        for gi in T.unroll(g):
+        for gi in T.unroll(hp):
             for j in range(nch * V - jend):
                 ws[P + gi * tp + jend + j] = neg_inf
             # 2. max (lanes, then a tree); a row that sees no key: max 0, every probability 0
@@ -135,32 +138,32 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
         for j in range(jend):
             for e in T.unroll(ec):
                 vv = T.bind(T.Cast(VF32, Vv[bi, kv, j, T.Ramp(e * V, 1, V)]))
-                for gi in T.unroll(g):
+                for gi in T.unroll(hp):
                     ws[T.Ramp(W + gi * value_dim + e * V, 1, V)] = (ws[T.Ramp(W + gi * value_dim + e * V, 1, V)]
                                                                   + T.Broadcast(ws[P + gi * tp + j], V) * vv)
-            for gi in T.unroll(g):
+            for gi in T.unroll(hp):
                 ws[D + gi] = ws[D + gi] + ws[P + gi * tp + j]
-        for gi in T.unroll(g):
+        for gi in T.unroll(hp):
             for e in T.unroll(ec):
-                O[bi, kv * g + gi, i, T.Ramp(e * V, 1, V)] = T.Cast(f"{dtype}x{V}", T.Select(
+                O[bi, h0 + gi, i, T.Ramp(e * V, 1, V)] = T.Cast(f"{dtype}x{V}", T.Select(
                     T.Broadcast(ws[D + gi], V) > T.Broadcast(T.float32(0), V),
                     ws[T.Ramp(W + gi * value_dim + e * V, 1, V)] / T.Broadcast(ws[D + gi], V),
                     T.Broadcast(T.float32(0), V)))
 
     @T.macro
     def body(Q, K, Vv, M, O, b, s, t):
-        total = T.bind(b * kv_heads * s)
+        total = T.bind(b * (heads // hp) * s)
         slabs = T.bind(T.max(T.min(total, T.int64(SLABS)), T.int64(1)))
         per_task = T.bind((total + slabs - 1) // slabs)
         tp = T.bind((t + V - 1) // V * V)
-        per_slab = T.bind(g * tp + fixed)
+        per_slab = T.bind(hp * tp + fixed)
         ws = T.alloc_buffer((slabs * per_slab,), F32)
         for slab in T.parallel(slabs):
             for n in range(per_task):
                 if slab * per_task + n < total:
                     item = T.bind(slab * per_task + n)
-                    task(Q, K, Vv, M, O, ws, slab * per_slab, tp, t, s, item // (kv_heads * s),
-                         item // s % kv_heads, item % s)
+                    task(Q, K, Vv, M, O, ws, slab * per_slab, tp, t, s, item // (heads // hp * s),
+                         item // s % (heads // hp) * hp, item % s)
 
     if has_mask:
         @T.prim_func(s_tir=True)

@@ -1,7 +1,9 @@
 """Target ``tvm-llvm``: fused TIR kernels compiled by LLVM for the host CPU.
 
 Options: ``mcpu`` ("host" = ``llvm_get_system_cpu()``; or an LLVM CPU name such as the
-portable baseline "x86-64-v3") and ``threads`` (0 = every core; see ``runtime_cpu``).
+portable baseline "x86-64-v3"), ``threads`` (0 = every core; see ``runtime_cpu``) and
+``activation_bits`` (32; 8 = W4A8: activations quantized to int8 per group of 32 with integer
+dot products in the layers ``qlinear_a8`` covers, GGUF Q4_0 / Q4_1, as llama.cpp computes them).
 The artifact stores ``plan.json`` (with ``isa``: the concrete CPU name ``mcpu`` resolved to and
 the cpuinfo flags it implies) and ``kernels/<key>.so``; loading hands those bytes to
 ``native_loader`` (trust, CPU and private-copy checks) and never calls the compiler.
@@ -36,8 +38,19 @@ TARGET = "tvm-llvm"
 KERNEL_KIND = "tvm-llvm-kernel"
 
 
+ACTIVATION_BITS = (32, 8)
+
+
 def option_defaults() -> dict[str, Any]:
-    return {"mcpu": "host", "threads": 0}
+    return {"mcpu": "host", "threads": 0, "activation_bits": 32}
+
+
+def _activation_bits(options: Mapping[str, Any]) -> int:
+    a = options.get("activation_bits", 32)
+    if isinstance(a, bool) or a not in ACTIVATION_BITS:
+        raise OptionError(f"tvm-llvm option activation_bits must be one of {ACTIVATION_BITS} (8: int8 activations, "
+                          f"W4A8, in the GGUF Q4 layers), got {a!r}")
+    return int(a)
 
 
 def resolve_mcpu(mcpu: Any) -> str:
@@ -262,6 +275,9 @@ def compile_host(module: Module, options: Mapping[str, Any],
     """Lowers and compiles (or takes from the kernel cache) every function's kernels."""
     target = make_target(options)
     _threads(options)
+    if _activation_bits(options) == 8:
+        from .anchor_rules import qlinear_a8
+        anchor_rules = {"qlinear": qlinear_a8, **(anchor_rules or {})}
     spec = native_loader.llvm_spec(KERNEL_KIND, target)
     cache = KernelCache()
     t0 = time.perf_counter()
@@ -298,6 +314,7 @@ def compile_host(module: Module, options: Mapping[str, Any],
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
             "cache_rejected": cache.rejected, "cache_dir": str(cache.directory),
             "mcpu": str(target.attrs.get("mcpu", "")), "isa": spec.describe(), "target": str(target),
+            "activation_bits": _activation_bits(options),
             "kernel_schedules": schedules}
     driver = native_step.build_driver()
     info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (no C compiler)"

@@ -18,7 +18,8 @@ import numpy as np
 
 from ...errors import BitsmithError
 from .kernel import KernelDef, Recipe
-from .matmul_defs import linear_func, qlinear_func
+from . import qlinear_a8
+from .matmul_defs import ATTR, linear_func, matmul_attrs, qlinear_func
 from .qlinear_layout import layout_for, qlinear_operands
 
 __all__ = ["linear_kernel", "qlinear_kernel", "qlinear_operands", "schedule_matmul_cpu",
@@ -55,8 +56,11 @@ def _outlier_width(attrs: Mapping[str, Any], operands: Sequence[np.ndarray]) -> 
     return max(1, int(np.diff(ptr).max()))
 
 
-def qlinear_kernel(attrs: Mapping[str, Any], operands: Sequence[np.ndarray], act_dtype: str) -> KernelDef:
-    """Params: x [m, in], *operands (from :func:`qlinear_operands`), y [m, out]."""
+def qlinear_kernel(attrs: Mapping[str, Any], operands: Sequence[np.ndarray], act_dtype: str,
+                   activation_bits: int = 32) -> KernelDef:
+    """Params: x [m, in], *operands (from :func:`qlinear_operands`), y [m, out].
+    ``activation_bits=8``: the W4A8 kernel (``qlinear_a8``) where it covers the layout (the
+    definition then carries ``activation_bits`` for the CPU schedule; other layouts stay float)."""
     _check_dtype("activation", act_dtype)
     lay = layout_for(attrs, _outlier_width(attrs, operands))
     roles = lay.roles()
@@ -64,9 +68,12 @@ def qlinear_kernel(attrs: Mapping[str, Any], operands: Sequence[np.ndarray], act
         raise BitsmithError(f"qlinear kernel expects operands {roles}, got {len(operands)} arrays")
     shapes = [(tuple(int(s) for s in a.shape), str(a.dtype)) for a in operands]
     func = qlinear_func(lay, shapes, act_dtype)
+    a8 = activation_bits == 8 and qlinear_a8.applies(lay) is None
+    if a8:
+        func = func.with_attr(ATTR, {**matmul_attrs(func), "activation_bits": 8})
     sp = f"_{lay.nm[0]}of{lay.nm[1]}" if lay.nm else ""
     name = (f"qlinear_{lay.scheme.replace('-', '_')}_g{lay.group_size}_{lay.in_features}x{lay.out_features}"
-            f"{sp}{'_ol' if lay.outlier_width else ''}{'_bias' if lay.has_bias else ''}_{act_dtype}")
+            f"{sp}{'_ol' if lay.outlier_width else ''}{'_bias' if lay.has_bias else ''}_{act_dtype}{'_a8' if a8 else ''}")
     return KernelDef(name, func, "qgemv")
 
 

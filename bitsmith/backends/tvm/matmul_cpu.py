@@ -53,6 +53,7 @@ def _param_shapes(func, skip_first: int = 1) -> list[tuple[tuple[int, ...], str]
 
 VECTOR_DENSE = "vector-dense"
 VECTOR_QLINEAR = "vector-qlinear"
+VECTOR_QLINEAR_A8 = "vector-qlinear-a8"
 VECTOR_BCQ = "vector-bcq"
 GENERIC = "generic"
 
@@ -73,6 +74,8 @@ def choose_schedule(kdef: KernelDef) -> str:
         from .bcq_cpu import applies
         return VECTOR_BCQ if applies(a) else (
             f"{GENERIC}: bcq_linear group_size {a['group_size']} is not a multiple of {LANES} (scalar decode)")
+    if int(a.get("activation_bits", 32)) == 8:  # set only where qlinear_a8 covers the layout
+        return VECTOR_QLINEAR_A8
     group_size = int(a["group_size"])
     if group_size % LANES:
         return (f"{GENERIC}: group_size {group_size} is not a multiple of {LANES}, so the vector kernel's "
@@ -97,6 +100,10 @@ def schedule(kdef: KernelDef, target):
     elif chosen == VECTOR_DENSE:
         func = kern.dense_kernel(int(a["in_features"]), int(a["out_features"]), bool(a["has_bias"]),
                                  str(a["act_dtype"]), str(a["weight_dtype"]))
+    elif chosen == VECTOR_QLINEAR_A8:
+        from .qlinear_a8 import qlinear_a8_kernel
+        vnni = (_has(target, "avx512vnni") and _has(target, "avx512vl")) or _has(target, "avxvnni")
+        func = qlinear_a8_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni)
     else:
         tiling = kern.QLINEAR_TILING_AVX512 if _has(target, "avx512f") else kern.Tiling()
         func = kern.qlinear_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]),

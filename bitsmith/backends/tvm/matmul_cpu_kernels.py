@@ -32,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -80,6 +82,30 @@ def hsum(acc, base):
     acc[T.Ramp(base, 1, 4)] = acc[T.Ramp(base, 1, 4)] + acc[T.Ramp(base + 4, 1, 4)]
     acc[T.Ramp(base, 1, 2)] = acc[T.Ramp(base, 1, 2)] + acc[T.Ramp(base + 2, 1, 2)]
     acc[base] = acc[base] + acc[base + 1]
+
+
+PREFETCH_ROWS = 16  # weight rows ahead that a one-activation-row pass asks the cache for
+
+
+def _prefetch(buf, row, col):
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[row, col]), tirx.const(0, "int32"),
+                                 tirx.const(3, "int32"), tirx.const(1, "int32"))
+
+
+def row_lines(shape, dtype: str) -> tuple[int, int]:
+    """(cache lines per row, elements per cache line) of a 2-D operand (for ``prefetch_row``)."""
+    bits = np.dtype(dtype).itemsize * 8
+    per_line = 512 // bits
+    return -(-int(shape[1]) // per_line), per_line
+
+
+@T.macro
+def prefetch_row(buf, lines, per_line, r, n):
+    """Software prefetch of row ``min(r, n - 1)`` of ``buf``: one activation row makes a kernel a
+    single pass over its weights, and the hardware prefetcher alone kept one thread at ~13 GB/s of
+    ~25 (SmolLM2 1536 x 576 Q4_1 rows from DRAM: 42 -> 26 us)."""
+    for ln in T.unroll(lines):
+        T.evaluate(_prefetch(buf, T.min(r, n - 1), ln * per_line))
 
 
 SLABS = 64  # parallel work items per call: each owns one slice of a per-call scratch buffer
@@ -240,6 +266,11 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
     small = t.mtile // 2 if t.mtile >= 8 else t.mtile  # leftover rows: tiles of ``small``, then singles
     slabs, per_task, per_slab = scratch_layout(tasks, acc_len + acc_n * V)
 
+    pf_c0, pf_s = row_lines(shp("codes0"), "uint8"), row_lines(shp("scales"), lay.scale_dtype)
+    pf_c1 = row_lines(shp("codes1"), "uint8") if two_streams else (0, 1)
+    pf_z = row_lines(shp("zeros"), "uint8") if asym else (0, 1)
+    pf_o = row_lines(shp("offsets"), lay.scale_dtype) if offs else (0, 1)
+
     def code_vec(C0, C1, r, c):
         code = _field_vec(C0, w0, r, c)
         if two_streams:
@@ -312,6 +343,15 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
 
     @T.macro
     def row(X, C0, C1, S, Z, O, G, SEL, NMI, OC, OD, RP, B, Y, acc, gacc, mt, acc_count, grouped, m0, r):
+        if mt == 1:  # one activation row: a single pass over the weights, memory-bound
+            prefetch_row(C0, pf_c0[0], pf_c0[1], r + PREFETCH_ROWS, n)
+            if two_streams:
+                prefetch_row(C1, pf_c1[0], pf_c1[1], r + PREFETCH_ROWS, n)
+            prefetch_row(S, pf_s[0], pf_s[1], r + PREFETCH_ROWS, n)
+            if asym:
+                prefetch_row(Z, pf_z[0], pf_z[1], r + PREFETCH_ROWS, n)
+            if offs:
+                prefetch_row(O, pf_o[0], pf_o[1], r + PREFETCH_ROWS, n)
         for z in T.unroll(mt * acc_count):
             acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for g in range(gfull):

@@ -1,0 +1,246 @@
+"""W4A8 llvm (CPU) kernel of ``qlinear``: activations quantized to int8 per group, integer dot
+products (AVX-512 VNNI ``vpdpbusd``; AVX2 ``pmaddubsw`` + ``pmaddwd``), the option
+``activation_bits=8`` of tvm-llvm.
+
+Why: the float kernel (``matmul_cpu_kernels.qlinear_kernel``) widens every 4-bit code to float32
+and spends ~7 vector instructions per 16 weights; one thread then streams a GGUF Q4_1 model at
+about half the memory's read bandwidth. With int8 activations 64 weights cost one 32-byte load,
+a mask, a shift and two integer dot instructions, as in llama.cpp's Q4 x Q8 dot products (the
+like-for-like comparison, issue 15). Accuracy cost: per group of 32 activations, x is replaced
+by ``dx * round(x / dx)`` with ``dx = max|x| / 127`` (relative error <= 1/254 of the group's
+largest activation per element, unbiased); ``benchmarks/w4a8_accuracy.py`` measures it on
+SmolLM2.
+
+Applies to affine 4-bit grids with groups of 32 (``value = code + low``: GGUF Q4_0, Q4_1; with
+``offsets``: Q4_1's ``m``), ``in_features % 64 == 0``, no sparsity, selectors or outliers
+(``applies``); other layers keep the float kernel.
+
+Math, per activation row and group g (32 weights, codes c, activations x):
+``sum_k (d_g (c_k + low) + m_g) x_k = d_g sum_k c_k x_k + (d_g low + m_g) xs_g``, ``xs_g`` the
+group's float sum of x. The first term becomes ``d_g dx_g sum_k c_k q_k`` with ``q = round(x /
+dx_g)`` (nearest even), exact in int32 (|c q| <= 15 * 127, 32 terms). The codes' layout
+(``qlinear_layout``, sliced16) holds group g in 16 bytes: low nibbles weights 0..15, high
+nibbles 16..31; 32 bytes hold two groups, so the quantized activations are stored per pair of
+groups as [low halves of both | high halves of both] (64 bytes) and one mask / one shift give
+the two byte vectors that line up with them. Of the 8 int32 lanes of the dot, lanes 0-3 belong
+to the pair's first group and 4-7 to the second: each lane is scaled by its group's
+``d_g dx_g`` (dx expanded x4 when the activations are quantized) and summed in float32. The
+``(d_g low + m_g) xs_g`` terms are one vector dot product over groups per output row.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, hsum, prefetch_row, row_lines, scratch_layout
+from .qlinear_layout import QLinearLayout
+
+GROUP = 32      # weights per group (GGUF Q4 blocks)
+PAIR = 64       # weights per integer dot (two groups, 32 code bytes)
+LANES8 = 8      # int32 lanes of one 32-byte dot
+ROWS = 8        # output rows per parallel task
+MTILE = 4       # activation rows sharing one decoded pair of groups
+R4 = 4          # output rows walked together for one activation row
+
+
+def applies(lay: QLinearLayout) -> str | None:
+    """None where the kernel covers ``lay``, else why not (reported with the schedule)."""
+    if not lay.affine or lay.bits != 4:
+        return "W4A8 needs an affine 4-bit grid (GGUF Q4_0 / Q4_1)"
+    if lay.group_size != GROUP:
+        return f"W4A8 needs groups of {GROUP}"
+    if lay.in_features % PAIR or lay.kept != lay.in_features:
+        return f"W4A8 needs in_features % {PAIR} == 0 and no sparsity"
+    if lay.has_selectors or lay.nm is not None or lay.outlier_width:
+        return "W4A8 does not cover selectors, N:M or outliers"
+    return None
+
+
+def _dot_u8s8(acc, codes, acts, vnni: bool):
+    """int32x8: acc + sum of 4 consecutive u8 codes * s8 activations per lane."""
+    if vnni:
+        return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc,
+                                          tirx.reinterpret("int8x32", codes), acts)
+    # |code * q| <= 15 * 127, so the pairwise int16 sums of pmaddubsw never saturate
+    pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, acts)
+    return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
+                                            tirx.Broadcast(tirx.const(1, "int16"), 16))
+
+
+def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]], act: str, vnni: bool):
+    """PrimFunc with the params of ``matmul_defs.qlinear_func(lay, shapes, act)``."""
+    why = applies(lay)
+    if why:
+        raise ValueError(why)
+    roles = lay.roles()
+    shape_of = dict(zip(roles, shapes))
+
+    def shp(role):
+        return shape_of[role][0] if role in shape_of else (1,)
+
+    def dt(role, default):
+        return shape_of[role][1] if role in shape_of else default
+
+    k, n = lay.in_features, lay.out_features
+    groups, pairs = k // GROUP, k // PAIR
+    offs, has_bias, low = lay.offsets, lay.has_bias, float(lay.grid_low)
+    tasks = -(-n // ROWS)
+    slabs, per_task, per_slab = scratch_layout(tasks, max(MTILE, R4) * V + R4 * groups * 4)
+    gv = groups // V * V  # groups covered by 16-wide vectors in the offset term
+    pf_c0, pf_s = row_lines(shp("codes0"), "uint8"), row_lines(shp("scales"), lay.scale_dtype)
+    pf_o = row_lines(shp("offsets"), lay.scale_dtype) if offs else (0, 1)
+
+    def _coef(S, O, r, g):
+        """(d_g low + m_g) as float32 (a vector where g is a Ramp of groups)."""
+        lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
+        ty = F32 if lanes == 1 else f"float32x{lanes}"
+        c = T.Cast(ty, S[r, g]) * (tirx.const(low, F32) if lanes == 1 else tirx.Broadcast(tirx.const(low, F32), lanes))
+        return c + T.Cast(ty, O[r, g]) if offs else c
+
+    @T.macro
+    def quantize(X, QA, DXE, XS, i):
+        """Row i of x: int8 activations (pair layout), dx expanded x4, group sums."""
+        for g in range(groups):
+            lo = T.bind(T.Cast(f"float32x{V}", X[i, T.Ramp(g * GROUP, 1, V)]))
+            hi = T.bind(T.Cast(f"float32x{V}", X[i, T.Ramp(g * GROUP + V, 1, V)]))
+            amax = T.bind(T.max(T.abs(lo), T.abs(hi)))
+            top = T.bind(_hmax16(amax))
+            inv = T.bind(T.Select(top > T.float32(0), T.float32(127) / top, T.float32(0)))
+            dx = T.bind(top / T.float32(127))
+            base = T.bind(i * k + (g // 2) * PAIR + (g % 2) * V)
+            QA[T.Ramp(base, 1, V)] = T.Cast(f"int8x{V}", T.Cast(f"int32x{V}", T.nearbyint(lo * T.Broadcast(inv, V))))
+            QA[T.Ramp(base + GROUP, 1, V)] = T.Cast(f"int8x{V}",
+                                                   T.Cast(f"int32x{V}", T.nearbyint(hi * T.Broadcast(inv, V))))
+            DXE[T.Ramp(i * groups * 4 + g * 4, 1, 4)] = T.Broadcast(dx, 4)
+            XS[i * groups + g] = _hsum16(lo + hi)
+
+    @T.macro
+    def rows_tile(QA, DXE, XS, C0, S, O, B, Y, acc, se, mt, m0, r):
+        # the row's scales, each repeated over its group's 4 int32 lanes (once per row, 4 groups
+        # per shuffle), so the loop below reads lane scales with one load
+        for gb in range(groups // 4):
+            se[T.Ramp(gb * V, 1, V)] = T.Shuffle([T.Cast("float32x4", S[r, T.Ramp(gb * 4, 1, 4)])] * 4,
+                                                 [a for a in range(4) for _ in range(4)])
+        for g in range(groups % 4):
+            se[T.Ramp((groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(T.Cast(F32, S[r, groups // 4 * 4 + g]), 4)
+        for z in T.unroll(mt):
+            acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        for p in range(pairs):
+            raw = T.bind(C0[r, T.Ramp(p * PAIR // 2, 1, PAIR // 2)])
+            lo = T.bind(T.bitwise_and(raw, T.Broadcast(T.uint8(15), PAIR // 2)))
+            hi = T.bind(T.shift_right(raw, T.Broadcast(T.uint8(4), PAIR // 2)))
+            for mi in T.unroll(mt):
+                isum = T.bind(_dot_u8s8(_dot_u8s8(T.Broadcast(T.int32(0), LANES8), lo,
+                                                  QA[T.Ramp((m0 + mi) * k + p * PAIR, 1, PAIR // 2)], vnni),
+                                        hi, QA[T.Ramp((m0 + mi) * k + p * PAIR + PAIR // 2, 1, PAIR // 2)], vnni))
+                slot = T.bind(mi * V + (p % 2) * LANES8)  # two accumulators per row: FMA latency
+                acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast("float32x8", isum) * (
+                    se[T.Ramp(p * LANES8, 1, LANES8)] * DXE[T.Ramp((m0 + mi) * groups * 4 + p * LANES8, 1, LANES8)])
+        for mi in T.unroll(mt):
+            # offset term: sum_g (d_g low + m_g) xs_g, 16 groups at a time
+            for gb in range(gv // V):
+                coef = T.bind(_coef(S, O, r, T.Ramp(gb * V, 1, V)))
+                acc[T.Ramp(mi * V, 1, V)] = acc[T.Ramp(mi * V, 1, V)] + coef * XS[T.Ramp((m0 + mi) * groups + gb * V, 1, V)]
+            hsum(acc, mi * V)
+            for g in range(groups - gv):
+                acc[mi * V] = acc[mi * V] + _coef(S, O, r, gv + g) * XS[(m0 + mi) * groups + gv + g]
+            if has_bias:
+                acc[mi * V] = acc[mi * V] + T.Cast(F32, B[r])
+            Y[m0 + mi, r] = T.Cast(act, acc[mi * V])
+
+    @T.macro
+    def rows4_one_x(QA, DXE, XS, C0, S, O, B, Y, acc, se, i, r0):
+        """Four output rows against one activation row: independent chains overlap (a row of
+        576 weights is only 9 pairs; one row at a time leaves the core waiting on latencies)."""
+        for ri in T.unroll(R4):
+            prefetch_row(C0, pf_c0[0], pf_c0[1], r0 + ri + PREFETCH_ROWS, n)
+            prefetch_row(S, pf_s[0], pf_s[1], r0 + ri + PREFETCH_ROWS, n)
+            if offs:
+                prefetch_row(O, pf_o[0], pf_o[1], r0 + ri + PREFETCH_ROWS, n)
+            for gb in range(groups // 4):
+                se[T.Ramp(ri * groups * 4 + gb * V, 1, V)] = T.Shuffle(
+                    [T.Cast("float32x4", S[r0 + ri, T.Ramp(gb * 4, 1, 4)])] * 4, [a for a in range(4) for _ in range(4)])
+            for g in range(groups % 4):
+                se[T.Ramp(ri * groups * 4 + (groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(
+                    T.Cast(F32, S[r0 + ri, groups // 4 * 4 + g]), 4)
+            acc[T.Ramp(ri * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        for p in range(pairs):
+            alo = T.bind(QA[T.Ramp(i * k + p * PAIR, 1, PAIR // 2)])
+            ahi = T.bind(QA[T.Ramp(i * k + p * PAIR + PAIR // 2, 1, PAIR // 2)])
+            dxe = T.bind(DXE[T.Ramp(i * groups * 4 + p * LANES8, 1, LANES8)])
+            for ri in T.unroll(R4):
+                raw = T.bind(C0[r0 + ri, T.Ramp(p * PAIR // 2, 1, PAIR // 2)])
+                isum = T.bind(_dot_u8s8(_dot_u8s8(T.Broadcast(T.int32(0), LANES8),
+                                                  T.bitwise_and(raw, T.Broadcast(T.uint8(15), PAIR // 2)), alo, vnni),
+                                        T.shift_right(raw, T.Broadcast(T.uint8(4), PAIR // 2)), ahi, vnni))
+                slot = T.bind(ri * V + (p % 2) * LANES8)
+                acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast("float32x8", isum) * (
+                    se[T.Ramp(ri * groups * 4 + p * LANES8, 1, LANES8)] * dxe)
+        for ri in T.unroll(R4):
+            for gb in range(gv // V):
+                acc[T.Ramp(ri * V, 1, V)] = acc[T.Ramp(ri * V, 1, V)] + _coef(S, O, r0 + ri, T.Ramp(gb * V, 1, V)) * XS[
+                    T.Ramp(i * groups + gb * V, 1, V)]
+            hsum(acc, ri * V)
+            for g in range(groups - gv):
+                acc[ri * V] = acc[ri * V] + _coef(S, O, r0 + ri, gv + g) * XS[i * groups + gv + g]
+            if has_bias:
+                acc[ri * V] = acc[ri * V] + T.Cast(F32, B[r0 + ri])
+            Y[i, r0 + ri] = T.Cast(act, acc[ri * V])
+
+    @T.prim_func(s_tir=True)
+    def main(x: T.handle, c0: T.handle, scales: T.handle, offsets: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int32()
+        X = T.match_buffer(x, (m, k), act)
+        C0 = T.match_buffer(c0, shp("codes0"), "uint8")
+        S = T.match_buffer(scales, shp("scales"), lay.scale_dtype)
+        O = T.match_buffer(offsets, shp("offsets"), lay.scale_dtype)
+        B = T.match_buffer(bias, shp("bias"), dt("bias", act))
+        Y = T.match_buffer(y, (m, n), act)
+        QA = T.alloc_buffer((m * k,), "int8")
+        DXE = T.alloc_buffer((m * groups * 4,), F32)
+        XS = T.alloc_buffer((m * groups,), F32)
+        ws = T.alloc_buffer((slabs * per_slab,), F32)
+        for i in range(m):
+            quantize(X, QA, DXE, XS, i)
+        for slab in T.parallel(slabs):
+            acc = T.decl_buffer((max(MTILE, R4) * V,), F32, data=ws.data, elem_offset=slab * per_slab)
+            se = T.decl_buffer((R4 * groups * 4,), F32, data=ws.data, elem_offset=slab * per_slab + max(MTILE, R4) * V)
+            for task_in_slab in range(per_task):
+                task = T.bind(slab * per_task + task_in_slab)
+                for mo in range(m // MTILE):
+                    for rr in range(ROWS):
+                        if task * ROWS + rr < n:
+                            rows_tile(QA, DXE, XS, C0, S, O, B, Y, acc, se, MTILE, mo * MTILE, task * ROWS + rr)
+                for mi in range(m % MTILE):
+                    for rb in range(ROWS // R4):
+                        if task * ROWS + rb * R4 + R4 <= n:
+                            rows4_one_x(QA, DXE, XS, C0, S, O, B, Y, acc, se, m - m % MTILE + mi, task * ROWS + rb * R4)
+                        else:
+                            for rr in range(R4):
+                                if task * ROWS + rb * R4 + rr < n:
+                                    rows_tile(QA, DXE, XS, C0, S, O, B, Y, acc, se, 1, m - m % MTILE + mi,
+                                              task * ROWS + rb * R4 + rr)
+
+    names = ["x", "codes0", "scales", "offsets", "bias", "y"]
+    keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
+    return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
+
+
+def _tree(v, op):
+    lanes = V
+    while lanes > 1:
+        lanes //= 2
+        v = op(tirx.Shuffle([v], list(range(lanes))), tirx.Shuffle([v], list(range(lanes, 2 * lanes))))
+    return v
+
+
+def _hmax16(v):
+    """Largest lane of a float32x16 (a tree of vector maxima on registers)."""
+    return _tree(v, tirx.max)
+
+
+def _hsum16(v):
+    """Sum of the lanes of a float32x16, as a tree (fixed order)."""
+    return _tree(v, lambda a, b: a + b)
