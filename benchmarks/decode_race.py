@@ -12,7 +12,9 @@ One run, same prompt, same thread count for every row. Rows:
   target in tvm-llvm, lut-cpu and scheme in gguf (the file's own blocks), rtn-int4,
   bitmod-w4, bitmod-w3, shiftadd-w3 (uncalibrated: speed only, its quality needs calibrate),
   rtn-int2 (groups of 128) and fp32 (no quant); decoding on the KV cache ``generate()`` uses
-  (in place where the executable offers it).
+  (in place where the executable offers it);
+* ``tvm-llvm/gguf-a8`` — gguf with the option ``activation_bits=8`` (W4A8: the Q4 layers take
+  int8 activations per group of 32 and integer dot products, as llama.cpp's Q4 x Q8 dots do).
 ``--head-rows`` adds the lm_head variants of issue 15 part 4 for bitmod-w4 and bitmod-w3
 (``/head-fp32``, ``/head-int8``, ``/head-same``: compile option ``head_quant``) other than the
 default, which the plain rows use.
@@ -66,8 +68,10 @@ def compile_kwargs(row: str) -> dict:
     parts = row.split("/")
     target, scheme, head = parts[0], parts[1], (parts[2] if len(parts) > 2 else None)
     kw: dict = {"target": target}
-    if scheme == "gguf":
+    if scheme in ("gguf", "gguf-a8"):
         kw["quant"] = "gguf"
+        if scheme == "gguf-a8":
+            kw["activation_bits"] = 8
     elif scheme != "fp32":
         kw.update(quant=scheme, group_size=GROUP_SIZE)
     if head is not None:
@@ -76,7 +80,7 @@ def compile_kwargs(row: str) -> dict:
 
 
 def all_rows(head_rows: bool) -> list[str]:
-    rows = ["llama.cpp", "eager"] + [f"{t}/{s}" for t in TARGETS for s in SCHEMES]
+    rows = ["llama.cpp", "eager"] + [f"{t}/{s}" for t in TARGETS for s in SCHEMES] + ["tvm-llvm/gguf-a8"]
     if head_rows:  # the variants that differ from the default (the plain rows)
         from bitsmith.compression import CompressionOptions
         default = f"head-{CompressionOptions().head_quant}"

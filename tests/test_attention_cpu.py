@@ -124,7 +124,9 @@ def test_vector_exp_within_two_ulp_and_exactly_zero_below_the_floor():
     n = 4096
 
     @T.prim_func(s_tir=True)
-    def main(x: T.Buffer((n,), "float32"), y: T.Buffer((n,), "float32")):
+    def main(xh: T.handle, yh: T.handle):
+        x = T.match_buffer(xh, (n,), "float32")
+        y = T.match_buffer(yh, (n,), "float32")
         for c in range(n // 16):
             y[T.Ramp(c * 16, 1, 16)] = vexp(x[T.Ramp(c * 16, 1, 16)])
 

@@ -107,6 +107,22 @@ def test_changed_salt_schedule_or_target_misses(monkeypatch):
     assert key(k) != base
 
 
+def test_a_kernel_keyed_by_its_tir_text_misses_when_the_code_salt_changes(monkeypatch):
+    """qlinear definitions are TIR (no recipe); their scheduled code comes from the hand-written
+    generators, which only the code salt covers."""
+    from bitsmith.backends.tvm.matmul_defs import qlinear_func
+    from bitsmith.backends.tvm.qlinear_layout import QLinearLayout
+    lay = QLinearLayout(in_features=64, out_features=8, group_size=32, scheme="gguf-test", bits=4, kept=64, groups=2,
+                        asymmetric=False, candidates=1, has_selectors=False, nm=None, nm_width=0, outlier_width=0,
+                        has_bias=False, affine=True, grid_low=0, offsets=False, scale_dtype="float16")
+    from bitsmith.backends.tvm.kernel import KernelDef
+    kdef = KernelDef("q", qlinear_func(lay, [((8, 32), "uint8"), ((8, 2), "float16")], "float32"), "qgemv")
+    assert kdef.recipe is None
+    base = key(kdef)
+    monkeypatch.setattr(kcache, "_salt", "1" * 64)
+    assert key(kdef) != base
+
+
 def test_code_salt_changes_with_any_source_byte(tmp_path):
     pkg = tmp_path / "bitsmith"
     src = kcache.Path(kcache.__file__).resolve().parents[2]

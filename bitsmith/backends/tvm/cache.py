@@ -106,11 +106,14 @@ def kernel_key(kdef: KernelDef, schedule_id: str, target: Any) -> str:
     the scratch specs are listed; the target is its full JSON; the caller's PassContext is
     listed (``pass_context_text``); TVM's version, installed files (wheel RECORDs) and libraries
     are in the salt. Not in the key (as before recipes): the
-    system linker's version. A kernel without a recipe is keyed by its TIR text instead. Tests:
-    tests/test_kernel_cache_key.py (distinct kernels, distinct keys; changed salt or schedule
-    misses).
+    system linker's version. A kernel without a recipe is keyed by its TIR text (the
+    definition) and the salt too: its scheduled code comes from hand-written generators in
+    ``backends/tvm`` (``matmul_cpu_kernels``, ``qlinear_a8``, ...) whose output the definition
+    text does not show (without the salt, an edited generator returned the old kernels from the
+    cache until ``SCHEDULE_ID`` was bumped). Tests: tests/test_kernel_cache_key.py (distinct
+    kernels, distinct keys; changed salt or schedule misses, for TIR-keyed kernels too).
     """
-    salt = code_salt() if kdef.recipe is not None else ""
+    salt = code_salt()
     text = "\n".join((kdef.definition(), schedule_id, target_json(target), tvm.__version__, salt, pass_context_text()))
     return hashlib.sha256(text.encode()).hexdigest()
 
