@@ -19,6 +19,9 @@ share that kv head (grouped-query attention), so each key and value row is read 
 4. one pass over the value rows: each value row is loaded once and added into the group's
    accumulators, and the probability sums are accumulated in the same key order.
 
+Steps 1 and 4 prefetch the key / value row 16 ahead (one thread, SmolLM2 layer at t = 512 from
+DRAM: ~40 -> ~32 us; the hardware prefetcher alone left the stream at ~20 GB/s).
+
 Sums over keys (2 and 4) run in key order, one key after another, as the TE kernel does: a
 hidden key adds an exact 0, so a row's result does not depend on how many padding keys its batch
 adds (decode stays batch-invariant, docs/ragged-batches.md), and the compact and capacity forms
@@ -29,12 +32,14 @@ keep the TE schedule.
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
 from .matmul_cpu_kernels import F32, V, VF32, hsum
 
 SLABS = 64  # parallel work items per call (see matmul_cpu_kernels.scratch_layout)
+PREFETCH_KEYS = 16  # key / value rows ahead asked of the cache while streaming them
 
 # Cephes expf constants (published formula): exp(x) = 2^n * exp(r), x = n ln2 + r, |r| <= ln2 / 2
 LOG2E = 1.44269504088896341
@@ -88,7 +93,14 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
     # per slab: g rows of probabilities (t rounded up to 16), g * value_dim accumulators, g lane
     # vectors for the tree sums, g sums
     hp = g if heads_per_task is None else heads_per_task
+    per_line = 64 // np.dtype(dtype).itemsize
+    k_lines, k_per_line = -(-head_dim // per_line), per_line
+    v_lines, v_per_line = -(-value_dim // per_line), per_line
     fixed = hp * value_dim + hp * V + -(-hp // V) * V
+
+    def _prefetch(buf, bi, kv, j, col):
+        return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[bi, kv, j, col]),
+                                     tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
 
     def _key_end(t, s, i):  # causal: keys past the row's own position are never visited
         return tirx.min(t, i + t - s + 1) if causal else t
@@ -97,7 +109,7 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
         return M[bi, j] if mask_dtype == "bool" else M[bi, j] != tirx.const(0, mask_dtype)
 
     @T.macro
-    def task(Q, K, Vv, M, O, ws, base, tp, t, s, bi, h0, i):
+    def task(Q, K, Vv, M, O, ws, base, tp, t, s, cap, bi, h0, i):
         kv = T.bind(h0 // g)
         P = T.bind(base)                # probabilities [g, tp]
         W = T.bind(base + hp * tp)       # accumulators [g, value_dim]
@@ -107,6 +119,8 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
         nch = T.bind((jend + V - 1) // V)
         # 1. scores
         for j in range(jend):
+            for ln in T.unroll(k_lines):  # the key row PREFETCH_KEYS ahead (slots < capacity: in bounds)
+                T.evaluate(_prefetch(K, bi, kv, T.min(j + PREFETCH_KEYS, cap - 1), ln * k_per_line))
             for gi in T.unroll(hp):
                 ws[T.Ramp(L + gi * V, 1, V)] = (T.Cast(VF32, Q[bi, h0 + gi, i, T.Ramp(0, 1, V)])
                                               * T.Cast(VF32, K[bi, kv, j, T.Ramp(0, 1, V)]))
@@ -136,6 +150,8 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
                 ws[T.Ramp(W + gi * value_dim + e * V, 1, V)] = T.Broadcast(T.float32(0), V)
         # 4. probabilities times values, and their sums, in key order
         for j in range(jend):
+            for ln in T.unroll(v_lines):
+                T.evaluate(_prefetch(Vv, bi, kv, T.min(j + PREFETCH_KEYS, cap - 1), ln * v_per_line))
             for e in T.unroll(ec):
                 vv = T.bind(T.Cast(VF32, Vv[bi, kv, j, T.Ramp(e * V, 1, V)]))
                 for gi in T.unroll(hp):
@@ -151,7 +167,7 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
                     T.Broadcast(T.float32(0), V)))
 
     @T.macro
-    def body(Q, K, Vv, M, O, b, s, t):
+    def body(Q, K, Vv, M, O, b, s, t, cap):
         total = T.bind(b * (heads // hp) * s)
         slabs = T.bind(T.max(T.min(total, T.int64(SLABS)), T.int64(1)))
         per_task = T.bind((total + slabs - 1) // slabs)
@@ -162,7 +178,7 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
             for n in range(per_task):
                 if slab * per_task + n < total:
                     item = T.bind(slab * per_task + n)
-                    task(Q, K, Vv, M, O, ws, slab * per_slab, tp, t, s, item // (heads // hp * s),
+                    task(Q, K, Vv, M, O, ws, slab * per_slab, tp, t, s, cap, item // (heads // hp * s),
                          item // s % (heads // hp) * hp, item % s)
 
     if has_mask:
@@ -175,7 +191,7 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
             Vv = T.match_buffer(v, (b, kv_heads, c, value_dim), dtype)
             M = T.match_buffer(mask, (b, t), mask_dtype)
             O = T.match_buffer(out, (b, heads, s, value_dim), dtype)
-            body(Q, K, Vv, M, O, b, s, t)
+            body(Q, K, Vv, M, O, b, s, t, c)
     else:
         @T.prim_func(s_tir=True)
         def main(q: T.handle, k: T.handle, v: T.handle, out: T.handle):
@@ -185,5 +201,5 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
             K = T.match_buffer(k, (b, kv_heads, t, head_dim), dtype)
             Vv = T.match_buffer(v, (b, kv_heads, t, value_dim), dtype)
             O = T.match_buffer(out, (b, heads, s, value_dim), dtype)
-            body(Q, K, Vv, None, O, b, s, t)
+            body(Q, K, Vv, None, O, b, s, t, t)
     return main
