@@ -3,7 +3,7 @@
 Options: ``mcpu`` ("host" = ``llvm_get_system_cpu()``; or an LLVM CPU name such as the
 portable baseline "x86-64-v3"), ``threads`` (0 = every core; see ``runtime_cpu``) and
 ``activation_bits`` (32; 8 = W4A8: activations quantized to int8 per group of 32 with integer
-dot products in the layers ``qlinear_a8`` covers, GGUF Q4_0 / Q4_1, as llama.cpp computes them).
+dot products in the layers ``qlinear_a8`` covers, GGUF Q4_0 / Q4_1 / Q8_0, as llama.cpp computes them).
 The artifact stores ``plan.json`` (with ``isa``: the concrete CPU name ``mcpu`` resolved to and
 the cpuinfo flags it implies) and ``kernels/<key>.so``; loading hands those bytes to
 ``native_loader`` (trust, CPU and private-copy checks) and never calls the compiler.
@@ -49,7 +49,7 @@ def _activation_bits(options: Mapping[str, Any]) -> int:
     a = options.get("activation_bits", 32)
     if isinstance(a, bool) or a not in ACTIVATION_BITS:
         raise OptionError(f"tvm-llvm option activation_bits must be one of {ACTIVATION_BITS} (8: int8 activations, "
-                          f"W4A8, in the GGUF Q4 layers), got {a!r}")
+                          f"W4A8, in the GGUF Q4_0 / Q4_1 / Q8_0 layers), got {a!r}")
     return int(a)
 
 

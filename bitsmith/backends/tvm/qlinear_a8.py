@@ -15,8 +15,11 @@ largest activation per element, unbiased); on SmolLM2 perplexity 20.832 -> 20.84
 kernel) -> 24 us.
 
 Applies to affine 4-bit grids with groups of 32 (``value = code + low``: GGUF Q4_0, Q4_1; with
-``offsets``: Q4_1's ``m``), ``in_features % 64 == 0``, no sparsity, selectors or outliers
-(``applies``); other layers keep the float kernel.
+``offsets``: Q4_1's ``m``) and to GGUF Q8_0 (int8 values stored as ``code - 128``: SmolLM2's tied
+lm_head), ``in_features % 64 == 0``, no sparsity, selectors or outliers (``applies``); other
+layers keep the float kernel. Q8_0 weights are signed, and both dot instructions take one
+unsigned operand: ``|w|`` meets ``q`` carrying w's sign (``psignb``), llama.cpp's Q8_0 x Q8_0
+trick; the 8 lanes of each group's dot are folded to 4 so both widths share what follows.
 
 Math, per activation row and group g (32 weights, codes c, activations x quantized to
 ``x^ = dx_g q``, ``q = round(x / dx_g)`` nearest even): the dot product with x^,
@@ -53,8 +56,8 @@ R4 = 4          # output rows walked together for one activation row
 
 def applies(lay: QLinearLayout) -> str | None:
     """None where the kernel covers ``lay``, else why not (reported with the schedule)."""
-    if not lay.affine or lay.bits != 4:
-        return "W4A8 needs an affine 4-bit grid (GGUF Q4_0 / Q4_1)"
+    if not lay.affine or not (lay.bits == 4 or (lay.bits == 8 and lay.grid_low == -128 and not lay.offsets)):
+        return "W4A8 needs an affine 4-bit grid (GGUF Q4_0 / Q4_1) or int8 values (GGUF Q8_0)"
     if lay.group_size != GROUP:
         return f"W4A8 needs groups of {GROUP}"
     if lay.in_features % PAIR or lay.kept != lay.in_features:
@@ -75,6 +78,34 @@ def _dot_u8s8(acc, codes, acts, vnni: bool):
                                             tirx.Broadcast(tirx.const(1, "int16"), 16))
 
 
+def _dot_s8s8(codes, acts, vnni: bool):
+    """int32x8: sums of 4 consecutive int8 weights (u8 codes - 128) * s8 activations per lane.
+    pmaddubsw / vpdpbusd take one unsigned operand: |w| (<= 128) meets q with w's sign, and
+    |w| * |q| <= 128 * 127 keeps pmaddubsw's pairwise int16 sums from saturating."""
+    w = tirx.reinterpret("int8x32", tirx.bitwise_xor(codes, tirx.Broadcast(tirx.const(128, "uint8"), 32)))
+    a = tirx.reinterpret("uint8x32", tirx.call_llvm_pure_intrin("int8x32", "llvm.abs.v32i8", w, tirx.const(False, "bool")))
+    b = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", acts, w)
+    return _dot_u8s8(tirx.Broadcast(tirx.const(0, "int32"), LANES8), a, b, vnni)
+
+
+def _pair_isum(C0, QA, r, qbase, p, bits: int, vnni: bool):
+    """int32x8 of pair p (groups 2p, 2p + 1) of row r against activations at ``qbase``: lanes 0-3
+    sum to group 2p's integer dot product, lanes 4-7 to group 2p + 1's."""
+    if bits == 4:  # 32 code bytes, activations in pair layout (module doc)
+        raw = C0[r, tirx.Ramp(p * (PAIR // 2), 1, PAIR // 2)]
+        lo = tirx.bitwise_and(raw, tirx.Broadcast(tirx.const(15, "uint8"), PAIR // 2))
+        hi = tirx.shift_right(raw, tirx.Broadcast(tirx.const(4, "uint8"), PAIR // 2))
+        zero = tirx.Broadcast(tirx.const(0, "int32"), LANES8)
+        return _dot_u8s8(_dot_u8s8(zero, lo, QA[tirx.Ramp(qbase + p * PAIR, 1, PAIR // 2)], vnni), hi,
+                         QA[tirx.Ramp(qbase + p * PAIR + PAIR // 2, 1, PAIR // 2)], vnni)
+    # 8-bit: 64 code bytes, one group per 32, activations in natural order; fold each group's 8
+    # lanes to 4 so the lanes line up with the 4-bit form
+    ia = _dot_s8s8(C0[r, tirx.Ramp(p * PAIR, 1, GROUP)], QA[tirx.Ramp(qbase + p * PAIR, 1, GROUP)], vnni)
+    ib = _dot_s8s8(C0[r, tirx.Ramp(p * PAIR + GROUP, 1, GROUP)], QA[tirx.Ramp(qbase + p * PAIR + GROUP, 1, GROUP)], vnni)
+    return (tirx.Shuffle([ia, ib], [0, 1, 2, 3, 8, 9, 10, 11])
+            + tirx.Shuffle([ia, ib], [4, 5, 6, 7, 12, 13, 14, 15]))
+
+
 def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]], act: str, vnni: bool):
     """PrimFunc with the params of ``matmul_defs.qlinear_func(lay, shapes, act)``."""
     why = applies(lay)
@@ -91,17 +122,26 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
 
     k, n = lay.in_features, lay.out_features
     groups, pairs = k // GROUP, k // PAIR
-    offs, has_bias, low = lay.offsets, lay.has_bias, float(lay.grid_low)
+    offs, has_bias, low, bits = lay.offsets, lay.has_bias, float(lay.grid_low), lay.bits
+    coef_term = bits == 4 or offs  # the per-group sum(q) term (Q8_0 has none)
     tasks = -(-n // ROWS)
     slabs, per_task, per_slab = scratch_layout(tasks, max(MTILE, R4) * V + R4 * groups * 4)
     gv = groups // V * V  # groups covered by 16-wide vectors in the offset term
     pf_c0, pf_s = row_lines(shp("codes0"), "uint8"), row_lines(shp("scales"), lay.scale_dtype)
     pf_o = row_lines(shp("offsets"), lay.scale_dtype) if offs else (0, 1)
 
+    hi_off = GROUP if bits == 4 else V  # where a group's second 16 activations go
+
+    def _qa_base(i, g):
+        """Where group g's first 16 activations go: pair layout (4-bit), natural (8-bit)."""
+        return i * k + (g // 2) * PAIR + (g % 2) * V if bits == 4 else i * k + g * GROUP
+
     def _coef(S, O, r, g):
         """(d_g low + m_g) as float32 (a vector where g is a Ramp of groups)."""
         lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
         ty = F32 if lanes == 1 else f"float32x{lanes}"
+        if bits == 8:  # low is in the int8 weights themselves: only offsets remain
+            return T.Cast(ty, O[r, g])
         c = T.Cast(ty, S[r, g]) * (tirx.const(low, F32) if lanes == 1 else tirx.Broadcast(tirx.const(low, F32), lanes))
         return c + T.Cast(ty, O[r, g]) if offs else c
 
@@ -115,11 +155,11 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
             top = T.bind(_hmax16(amax))
             inv = T.bind(T.Select(top > T.float32(0), T.float32(127) / top, T.float32(0)))
             dx = T.bind(top / T.float32(127))
-            base = T.bind(i * k + (g // 2) * PAIR + (g % 2) * V)
+            base = T.bind(_qa_base(i, g))
             qlo = T.bind(T.nearbyint(lo * T.Broadcast(inv, V)))  # integers, exact in float32
             qhi = T.bind(T.nearbyint(hi * T.Broadcast(inv, V)))
             QA[T.Ramp(base, 1, V)] = T.Cast(f"int8x{V}", T.Cast(f"int32x{V}", qlo))
-            QA[T.Ramp(base + GROUP, 1, V)] = T.Cast(f"int8x{V}", T.Cast(f"int32x{V}", qhi))
+            QA[T.Ramp(base + hi_off, 1, V)] = T.Cast(f"int8x{V}", T.Cast(f"int32x{V}", qhi))
             DXE[T.Ramp(i * groups * 4 + g * 4, 1, 4)] = T.Broadcast(dx, 4)
             XS[i * groups + g] = dx * _hsum16(qlo + qhi)  # |sum| <= 32 * 127: exact before the scaling
 
@@ -135,24 +175,22 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
         for z in T.unroll(mt):
             acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for p in range(pairs):
-            raw = T.bind(C0[r, T.Ramp(p * PAIR // 2, 1, PAIR // 2)])
-            lo = T.bind(T.bitwise_and(raw, T.Broadcast(T.uint8(15), PAIR // 2)))
-            hi = T.bind(T.shift_right(raw, T.Broadcast(T.uint8(4), PAIR // 2)))
             for mi in T.unroll(mt):
-                isum = T.bind(_dot_u8s8(_dot_u8s8(T.Broadcast(T.int32(0), LANES8), lo,
-                                                  QA[T.Ramp((m0 + mi) * k + p * PAIR, 1, PAIR // 2)], vnni),
-                                        hi, QA[T.Ramp((m0 + mi) * k + p * PAIR + PAIR // 2, 1, PAIR // 2)], vnni))
+                isum = T.bind(_pair_isum(C0, QA, r, (m0 + mi) * k, p, bits, vnni))
                 slot = T.bind(mi * V + (p % 2) * LANES8)  # two accumulators per row: FMA latency
                 acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast("float32x8", isum) * (
                     se[T.Ramp(p * LANES8, 1, LANES8)] * DXE[T.Ramp((m0 + mi) * groups * 4 + p * LANES8, 1, LANES8)])
         for mi in T.unroll(mt):
             # offset term: sum_g (d_g low + m_g) xs_g, 16 groups at a time
-            for gb in range(gv // V):
-                coef = T.bind(_coef(S, O, r, T.Ramp(gb * V, 1, V)))
-                acc[T.Ramp(mi * V, 1, V)] = acc[T.Ramp(mi * V, 1, V)] + coef * XS[T.Ramp((m0 + mi) * groups + gb * V, 1, V)]
+            if coef_term:
+                for gb in range(gv // V):
+                    coef = T.bind(_coef(S, O, r, T.Ramp(gb * V, 1, V)))
+                    acc[T.Ramp(mi * V, 1, V)] = acc[T.Ramp(mi * V, 1, V)] + coef * XS[
+                        T.Ramp((m0 + mi) * groups + gb * V, 1, V)]
             hsum(acc, mi * V)
-            for g in range(groups - gv):
-                acc[mi * V] = acc[mi * V] + _coef(S, O, r, gv + g) * XS[(m0 + mi) * groups + gv + g]
+            if coef_term:
+                for g in range(groups - gv):
+                    acc[mi * V] = acc[mi * V] + _coef(S, O, r, gv + g) * XS[(m0 + mi) * groups + gv + g]
             if has_bias:
                 acc[mi * V] = acc[mi * V] + T.Cast(F32, B[r])
             Y[m0 + mi, r] = T.Cast(act, acc[mi * V])
@@ -174,24 +212,21 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
                     T.Cast(F32, S[r0 + ri, groups // 4 * 4 + g]), 4)
             acc[T.Ramp(ri * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for p in range(pairs):
-            alo = T.bind(QA[T.Ramp(i * k + p * PAIR, 1, PAIR // 2)])
-            ahi = T.bind(QA[T.Ramp(i * k + p * PAIR + PAIR // 2, 1, PAIR // 2)])
             dxe = T.bind(DXE[T.Ramp(i * groups * 4 + p * LANES8, 1, LANES8)])
             for ri in T.unroll(R4):
-                raw = T.bind(C0[r0 + ri, T.Ramp(p * PAIR // 2, 1, PAIR // 2)])
-                isum = T.bind(_dot_u8s8(_dot_u8s8(T.Broadcast(T.int32(0), LANES8),
-                                                  T.bitwise_and(raw, T.Broadcast(T.uint8(15), PAIR // 2)), alo, vnni),
-                                        T.shift_right(raw, T.Broadcast(T.uint8(4), PAIR // 2)), ahi, vnni))
+                isum = T.bind(_pair_isum(C0, QA, r0 + ri, i * k, p, bits, vnni))
                 slot = T.bind(ri * V + (p % 2) * LANES8)
                 acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast("float32x8", isum) * (
                     se[T.Ramp(ri * groups * 4 + p * LANES8, 1, LANES8)] * dxe)
         for ri in T.unroll(R4):
-            for gb in range(gv // V):
-                acc[T.Ramp(ri * V, 1, V)] = acc[T.Ramp(ri * V, 1, V)] + _coef(S, O, r0 + ri, T.Ramp(gb * V, 1, V)) * XS[
-                    T.Ramp(i * groups + gb * V, 1, V)]
+            if coef_term:
+                for gb in range(gv // V):
+                    acc[T.Ramp(ri * V, 1, V)] = acc[T.Ramp(ri * V, 1, V)] + _coef(
+                        S, O, r0 + ri, T.Ramp(gb * V, 1, V)) * XS[T.Ramp(i * groups + gb * V, 1, V)]
             hsum(acc, ri * V)
-            for g in range(groups - gv):
-                acc[ri * V] = acc[ri * V] + _coef(S, O, r0 + ri, gv + g) * XS[i * groups + gv + g]
+            if coef_term:
+                for g in range(groups - gv):
+                    acc[ri * V] = acc[ri * V] + _coef(S, O, r0 + ri, gv + g) * XS[i * groups + gv + g]
             if has_bias:
                 acc[ri * V] = acc[ri * V] + T.Cast(F32, B[r0 + ri])
             Y[i, r0 + ri] = T.Cast(act, acc[ri * V])
