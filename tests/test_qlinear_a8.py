@@ -166,3 +166,11 @@ def test_bad_activation_bits_is_refused(tiny_gguf):
     from bitsmith.errors import OptionError
     with pytest.raises(OptionError, match="activation_bits must be one of"):
         bitsmith.compile(str(tiny_gguf), target="tvm-llvm", quant="gguf", activation_bits=4)
+
+
+def test_a_cpu_without_integer_dots_is_refused_by_name(tiny_gguf, tmp_path, monkeypatch):
+    import bitsmith
+    from bitsmith.errors import BitsmithError
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path))
+    with pytest.raises(BitsmithError, match="activation_bits=8 needs integer dot instructions.*x86-64 has neither"):
+        bitsmith.compile(str(tiny_gguf), target="tvm-llvm", quant="gguf", activation_bits=8, mcpu="x86-64")

@@ -102,6 +102,9 @@ def schedule(kdef: KernelDef, target):
                                  str(a["act_dtype"]), str(a["weight_dtype"]))
     elif chosen == VECTOR_QLINEAR_A8:
         from .qlinear_a8 import qlinear_a8_kernel
+        if not _has(target, "avx2"):
+            raise BitsmithError(f"activation_bits=8 needs integer dot instructions (AVX2 or AVX-512 VNNI); "
+                                f"mcpu {target.attrs.get('mcpu', '?')!s} has neither (kernel {kdef.name})")
         vnni = (_has(target, "avx512vnni") and _has(target, "avx512vl")) or _has(target, "avxvnni")
         func = qlinear_a8_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni)
     else:
