@@ -310,6 +310,11 @@ def compile_host(module: Module, options: Mapping[str, Any],
         if variant is not None:
             inplace = variant
         derived_by_fn[fn.name] = derived
+    if _activation_bits(options) == 8 and not any(v["schedule"] == "vector-qlinear-a8" for v in schedules.values()):
+        from ...ir.quantized import qlinear_nodes
+        found = sorted({n.attr("scheme") for _f, n, _c in qlinear_nodes(module)})
+        raise OptionError("tvm-llvm activation_bits=8: no layer has a W4A8 kernel (it covers GGUF Q4_0 / Q4_1 / Q8_0 "
+                          f"blocks in groups of 32, quant='gguf'); this model's quantized layers: {found or 'none'}")
     info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
             "cache_rejected": cache.rejected, "cache_dir": str(cache.directory),
