@@ -40,6 +40,7 @@ from .matmul_cpu_kernels import F32, V, VF32, hsum
 
 SLABS = 64  # parallel work items per call (see matmul_cpu_kernels.scratch_layout)
 PREFETCH_KEYS = 16  # key / value rows ahead asked of the cache while streaming them
+GROUPED_MIN_TASKS = 8  # fewer (batch, kv head, query row) tasks than this: one task per query head
 
 # Cephes expf constants (published formula): exp(x) = 2^n * exp(r), x = n ln2 + r, |r| <= ln2 / 2
 LOG2E = 1.44269504088896341
@@ -90,13 +91,10 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
     dc, ec = head_dim // V, value_dim // V
     neg_inf = tirx.const(float("-inf"), F32)
     has_mask = mask_dtype is not None
-    # per slab: g rows of probabilities (t rounded up to 16), g * value_dim accumulators, g lane
-    # vectors for the tree sums, g sums
-    hp = g if heads_per_task is None else heads_per_task
+    hp_grouped = g if heads_per_task is None else heads_per_task  # heads per task when tasks are many
     per_line = 64 // np.dtype(dtype).itemsize
     k_lines, k_per_line = -(-head_dim // per_line), per_line
     v_lines, v_per_line = -(-value_dim // per_line), per_line
-    fixed = hp * value_dim + hp * V + -(-hp // V) * V
 
     def _prefetch(buf, bi, kv, j, col):
         return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[bi, kv, j, col]),
@@ -109,7 +107,7 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
         return M[bi, j] if mask_dtype == "bool" else M[bi, j] != tirx.const(0, mask_dtype)
 
     @T.macro
-    def task(Q, K, Vv, M, O, ws, base, tp, t, s, cap, bi, h0, i):
+    def task(Q, K, Vv, M, O, ws, base, tp, t, s, cap, bi, h0, i, hp):
         kv = T.bind(h0 // g)
         P = T.bind(base)                # probabilities [g, tp]
         W = T.bind(base + hp * tp)       # accumulators [g, value_dim]
@@ -167,19 +165,31 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
                     T.Broadcast(T.float32(0), V)))
 
     @T.macro
-    def body(Q, K, Vv, M, O, b, s, t, cap):
+    def tasks(Q, K, Vv, M, O, b, s, t, cap, hp):
         total = T.bind(b * (heads // hp) * s)
         slabs = T.bind(T.max(T.min(total, T.int64(SLABS)), T.int64(1)))
         per_task = T.bind((total + slabs - 1) // slabs)
         tp = T.bind((t + V - 1) // V * V)
-        per_slab = T.bind(hp * tp + fixed)
+        # per slab: hp rows of probabilities (t rounded up to 16), hp * value_dim accumulators,
+        # hp lane vectors for the tree sums, hp sums
+        per_slab = T.bind(hp * tp + hp * value_dim + hp * V + -(-hp // V) * V)
         ws = T.alloc_buffer((slabs * per_slab,), F32)
         for slab in T.parallel(slabs):
             for n in range(per_task):
                 if slab * per_task + n < total:
                     item = T.bind(slab * per_task + n)
                     task(Q, K, Vv, M, O, ws, slab * per_slab, tp, t, s, cap, item // (heads // hp * s),
-                         item // s % (heads // hp) * hp, item % s)
+                         item // s % (heads // hp) * hp, item % s, hp)
+
+    @T.macro
+    def body(Q, K, Vv, M, O, b, s, t, cap):
+        # few (kv head, query row) pairs, as in decode (SmolLM2: 3): one task per query head
+        # instead, so two threads split 9 tasks 5:4 rather than 3 tasks 2:1 (the group's later
+        # heads find the kv rows in cache; the same bits either way: each head's sums are the same)
+        if b * kv_heads * s >= GROUPED_MIN_TASKS or g == 1:
+            tasks(Q, K, Vv, M, O, b, s, t, cap, hp_grouped)
+        else:
+            tasks(Q, K, Vv, M, O, b, s, t, cap, 1)
 
     if has_mask:
         @T.prim_func(s_tir=True)
