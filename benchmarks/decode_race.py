@@ -13,8 +13,11 @@ One run, same prompt, same thread count for every row. Rows:
   bitmod-w4, bitmod-w3, shiftadd-w3 (uncalibrated: speed only, its quality needs calibrate),
   rtn-int2 (groups of 128) and fp32 (no quant); decoding on the KV cache ``generate()`` uses
   (in place where the executable offers it);
-* ``tvm-llvm/gguf-a8`` — gguf with the option ``activation_bits=8`` (W4A8: the Q4 layers take
-  int8 activations per group of 32 and integer dot products, as llama.cpp's Q4 x Q8 dots do).
+* ``tvm-llvm/gguf-a8``, ``-kv16``, ``-a8-kv16`` — gguf with what llama.cpp also does: the option
+  ``activation_bits=8`` (W4A8: the Q4 / Q8_0 layers take int8 activations per group of 32 and
+  integer dot products, as llama.cpp's Q4 x Q8 dots do) and/or ``kv_dtype="float16"`` (the
+  in-place KV cache in float16, llama.cpp's default cache type). Perplexity is scored through
+  the in-place cache generate() uses, so the float16 cache's cost is in it.
 ``--head-rows`` adds the lm_head variants of issue 15 part 4 for bitmod-w4 and bitmod-w3
 (``/head-fp32``, ``/head-int8``, ``/head-same``: compile option ``head_quant``) other than the
 default, which the plain rows use.
@@ -60,6 +63,7 @@ TARGETS = ("tvm-llvm", "lut-cpu")
 SCHEMES = ("gguf", "rtn-int4", "bitmod-w4", "bitmod-w3", "shiftadd-w3", "rtn-int2", "fp32")
 HEAD_VARIANTS = ("head-fp32", "head-int8", "head-same")  # lm_head: fp32, rtn-int8, the scheme's width
 HEAD_SCHEMES = ("bitmod-w4", "bitmod-w3")
+LIKE_LLAMA_CPP = ("a8", "kv16", "a8-kv16")  # gguf with llama.cpp's own approximations (docstring)
 GROUP_SIZE = 128
 
 
@@ -68,10 +72,12 @@ def compile_kwargs(row: str) -> dict:
     parts = row.split("/")
     target, scheme, head = parts[0], parts[1], (parts[2] if len(parts) > 2 else None)
     kw: dict = {"target": target}
-    if scheme in ("gguf", "gguf-a8"):
+    if scheme.split("-")[0] == "gguf":  # gguf[-a8][-kv16]
         kw["quant"] = "gguf"
-        if scheme == "gguf-a8":
+        if "-a8" in scheme:
             kw["activation_bits"] = 8
+        if "-kv16" in scheme:
+            kw["kv_dtype"] = "float16"
     elif scheme != "fp32":
         kw.update(quant=scheme, group_size=GROUP_SIZE)
     if head is not None:
@@ -80,7 +86,8 @@ def compile_kwargs(row: str) -> dict:
 
 
 def all_rows(head_rows: bool) -> list[str]:
-    rows = ["llama.cpp", "eager"] + [f"{t}/{s}" for t in TARGETS for s in SCHEMES] + ["tvm-llvm/gguf-a8"]
+    rows = ["llama.cpp", "eager"] + [f"{t}/{s}" for t in TARGETS for s in SCHEMES] + [
+        f"tvm-llvm/gguf-{v}" for v in LIKE_LLAMA_CPP]
     if head_rows:  # the variants that differ from the default (the plain rows)
         from bitsmith.compression import CompressionOptions
         default = f"head-{CompressionOptions().head_quant}"

@@ -156,6 +156,6 @@ def test_one_task_per_head_gives_the_grouped_bits():
     target = host_target()
     outs = []
     for hp in (None, 1):
-        f = attention_cpu_func(9, 3, 64, 64, 0.125, True, "float32", "int64", False, hp)
+        f = attention_cpu_func(9, 3, 64, 64, 0.125, True, "float32", "int64", False, heads_per_task=hp)
         outs.append(run(tvm.compile(tvm.IRModule({"main": f}), target=target)["main"], q, k, v, mask, np.float32))
     assert np.array_equal(outs[0], outs[1])

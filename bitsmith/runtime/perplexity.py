@@ -18,9 +18,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .generate import forward_logits
+from .generate import forward_logits, positions
 
 ProgressFn = Callable[[int, int], None]
+
+
+def _session(cm: Any) -> Any:
+    """The in-place KV session generate() would decode on (None: the concat path). Scoring through
+    it measures what generation computes, e.g. a float16 cache (tvm-llvm ``kv_dtype``); with the
+    model's own cache type both paths give the same bits (tests/test_kv_inplace.py)."""
+    exe = getattr(cm, "executable", None)
+    if exe is None or not getattr(cm, "kv_inplace", True) or not hasattr(exe, "kv_session"):
+        return None
+    from .generate import has_attention_mask
+    return exe.kv_session() if has_attention_mask(cm.module) else None
 
 
 def window_count(n_tokens: int, ctx: int, windows: int) -> int:
@@ -67,9 +78,14 @@ def perplexity(cm: Any, token_ids: np.ndarray, ctx: int = 1024, windows: int = 1
     total_nll, scored = 0.0, 0
     if progress is not None:
         progress(0, n)
+    session = _session(cm)
     for w in range(n):
         window = ids[w * ctx:(w + 1) * ctx]
-        logits = forward_logits(cm.run, cm.module, window[None, :])[0]
+        if session is None:
+            logits = forward_logits(cm.run, cm.module, window[None, :])[0]
+        else:  # the caches generate() uses (their kv_dtype included), from empty
+            session.start(1, ctx)
+            logits = session.step(window[None, :], positions(1, 0, ctx), np.ones((1, ctx), np.int64))[0]
         nll = token_nll(logits[:-1], window[1:])
         total_nll += float(nll.sum())
         scored += len(nll)

@@ -26,26 +26,31 @@ from .kernel import KernelDef, Recipe
 
 
 def attention_kernel(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
-                     dtype: str, mask_dtype: str | None = None, capacity: bool = False) -> KernelDef:
-    """The kernel (built from a ``Recipe`` of ``attention_func``: its TIR is made only when needed)."""
+                     dtype: str, mask_dtype: str | None = None, capacity: bool = False,
+                     kv_dtype: str | None = None) -> KernelDef:
+    """The kernel (built from a ``Recipe`` of ``attention_func``: its TIR is made only when needed).
+    ``kv_dtype``: keys and values stored in another float type than q (the in-place cache's
+    ``kv_dtype`` option, float16), widened to the accumulation type when read."""
     if capacity and mask_dtype is None:
         raise ValueError("a capacity-sized KV cache needs the mask: its length is the live length")
+    kv_dtype = None if kv_dtype in (None, dtype) else str(kv_dtype)
     args = (int(heads), int(kv_heads), int(head_dim), int(value_dim), float(scale), bool(causal), str(dtype),
-            None if mask_dtype is None else str(mask_dtype), bool(capacity))
+            None if mask_dtype is None else str(mask_dtype), bool(capacity)) + ((kv_dtype,) if kv_dtype else ())
     name = (f"attention_h{heads}_kv{kv_heads}_d{head_dim}_{dtype}{'_causal' if causal else ''}"
-            f"{'_mask_' + mask_dtype if mask_dtype else ''}{'_kvcap' if capacity else ''}")
+            f"{'_mask_' + mask_dtype if mask_dtype else ''}{'_kvcap' if capacity else ''}"
+            f"{'_kv_' + kv_dtype if kv_dtype else ''}")
     return KernelDef(name, Recipe(attention_func, args), "attention")
 
 
 def attention_func(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
-                   dtype: str, mask_dtype: str | None, capacity: bool) -> tirx.PrimFunc:
+                   dtype: str, mask_dtype: str | None, capacity: bool, kv_dtype: str | None = None) -> tirx.PrimFunc:
     b, s, t = (tirx.Var(n, "int64") for n in ("batch", "seq", "kv_len"))
     cap = tirx.Var("kv_capacity", "int64") if capacity else t
     g = heads // kv_heads
     acc = "float32" if dtype == "float16" else dtype
     q = te.placeholder((b, heads, s, head_dim), dtype, name="q")
-    k = te.placeholder((b, kv_heads, cap, head_dim), dtype, name="k")
-    v = te.placeholder((b, kv_heads, cap, value_dim), dtype, name="v")
+    k = te.placeholder((b, kv_heads, cap, head_dim), kv_dtype or dtype, name="k")
+    v = te.placeholder((b, kv_heads, cap, value_dim), kv_dtype or dtype, name="v")
     mask = te.placeholder((b, t), mask_dtype, name="mask") if mask_dtype else None
     # q.k in LANES independent partial sums (a spatial axis the schedule vectorises; a plain
     # float reduction would stay scalar without fast-math reassociation), then summed

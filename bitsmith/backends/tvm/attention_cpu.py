@@ -81,7 +81,7 @@ def hmax(acc, base):
 
 
 def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int, scale: float, causal: bool,
-                       dtype: str, mask_dtype: str | None, capacity: bool,
+                       dtype: str, mask_dtype: str | None, capacity: bool, kv_dtype: str | None = None,
                        heads_per_task: int | None = None) -> tirx.PrimFunc:
     """PrimFunc main(q, k, v, [mask], out), the parameters of ``attention_func`` with the same
     arguments (``capacity`` only names the cache's length dim: both forms run the same code)."""
@@ -92,7 +92,8 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
     neg_inf = tirx.const(float("-inf"), F32)
     has_mask = mask_dtype is not None
     hp_grouped = g if heads_per_task is None else heads_per_task  # heads per task when tasks are many
-    per_line = 64 // np.dtype(dtype).itemsize
+    kvt = kv_dtype or dtype  # keys and values: the cache's type (widened to float32 when read)
+    per_line = 64 // np.dtype(kvt).itemsize
     k_lines, k_per_line = -(-head_dim // per_line), per_line
     v_lines, v_per_line = -(-value_dim // per_line), per_line
 
@@ -197,8 +198,8 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
             T.func_attr({"tirx.noalias": True})
             b, s, t, c = T.int64(), T.int64(), T.int64(), T.int64()
             Q = T.match_buffer(q, (b, heads, s, head_dim), dtype)
-            K = T.match_buffer(k, (b, kv_heads, c, head_dim), dtype)
-            Vv = T.match_buffer(v, (b, kv_heads, c, value_dim), dtype)
+            K = T.match_buffer(k, (b, kv_heads, c, head_dim), kvt)
+            Vv = T.match_buffer(v, (b, kv_heads, c, value_dim), kvt)
             M = T.match_buffer(mask, (b, t), mask_dtype)
             O = T.match_buffer(out, (b, heads, s, value_dim), dtype)
             body(Q, K, Vv, M, O, b, s, t, c)
@@ -208,8 +209,8 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
             T.func_attr({"tirx.noalias": True})
             b, s, t = T.int64(), T.int64(), T.int64()
             Q = T.match_buffer(q, (b, heads, s, head_dim), dtype)
-            K = T.match_buffer(k, (b, kv_heads, t, head_dim), dtype)
-            Vv = T.match_buffer(v, (b, kv_heads, t, value_dim), dtype)
+            K = T.match_buffer(k, (b, kv_heads, t, head_dim), kvt)
+            Vv = T.match_buffer(v, (b, kv_heads, t, value_dim), kvt)
             O = T.match_buffer(out, (b, heads, s, value_dim), dtype)
             body(Q, K, Vv, None, O, b, s, t, t)
     return main

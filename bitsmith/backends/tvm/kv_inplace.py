@@ -53,25 +53,30 @@ class KVInplaceUnavailable(BitsmithError):
     """``main``'s plan has a shape the in-place variant does not cover (the message says which)."""
 
 
-def kv_write_kernel(dtype: str, mask_dtype: str) -> KernelDef:
+def kv_write_kernel(dtype: str, mask_dtype: str, cache_dtype: str | None = None) -> KernelDef:
     """cache[b, h, t - s + i, d] = new[b, h, i, d] for i < s, t = the mask's length; slots outside
-    [0, capacity) are skipped (the executor refuses such a t before any kernel runs)."""
-    return KernelDef(f"kv_write_{dtype}_mask_{mask_dtype}", Recipe(kv_write_func, (str(dtype), str(mask_dtype))),
-                     "injective")
+    [0, capacity) are skipped (the executor refuses such a t before any kernel runs). A cache of
+    another float type (``kv_dtype``) gets the values rounded to it (nearest even)."""
+    cache_dtype = None if cache_dtype in (None, dtype) else str(cache_dtype)
+    args = (str(dtype), str(mask_dtype)) + ((cache_dtype,) if cache_dtype else ())
+    return KernelDef(f"kv_write_{dtype}_mask_{mask_dtype}{'_to_' + cache_dtype if cache_dtype else ''}",
+                     Recipe(kv_write_func, args), "injective")
 
 
-def kv_write_func(dtype: str, mask_dtype: str) -> Any:
+def kv_write_func(dtype: str, mask_dtype: str, cache_dtype: str | None = None) -> Any:
+    cdt = cache_dtype or dtype
+
     @T.prim_func(s_tir=True)
     def kv_write(var_new: T.handle, var_mask: T.handle, var_cache: T.handle):
         b, h, s, d, t, c = T.int64(), T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         new = T.match_buffer(var_new, (b, h, s, d), dtype)
         T.match_buffer(var_mask, (b, t), mask_dtype)
-        cache = T.match_buffer(var_cache, (b, h, c, d), dtype)
+        cache = T.match_buffer(var_cache, (b, h, c, d), cdt)
         for bi, hi, i, di in T.grid(b, h, s, d):
             with T.sblock("write"):
                 vb, vh, vi, vd = T.axis.remap("SSSS", [bi, hi, i, di])
                 if t - s + vi >= T.int64(0) and t - s + vi < c:
-                    cache[vb, vh, t - s + vi, vd] = new[vb, vh, vi, vd]
+                    cache[vb, vh, t - s + vi, vd] = T.Cast(cdt, new[vb, vh, vi, vd])
 
     return kv_write
 
@@ -87,11 +92,13 @@ class CacheSpec:
 
 
 def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[Node], KernelDef],
-                kernels: dict[str, KernelDef]) -> FunctionPlan:
+                kernels: dict[str, KernelDef], kv_dtype: str | None = None) -> FunctionPlan:
     """The in-place variant of ``plan`` (``fn``'s lowering, see the module doc). New kernels are
     added to ``kernels`` (digest -> KernelDef, as ``lower_function`` returns them);
     ``attention_kernel(node)`` is the capacity form of ``node``'s attention kernel.
-    KVInplaceUnavailable where the plan is not the kv-cache pass's shape."""
+    KVInplaceUnavailable where the plan is not the kv-cache pass's shape. ``kv_dtype``: the caches'
+    float type when it differs from the model's (keys and values rounded to it when written;
+    ``attention_kernel`` must then read that type)."""
     names = [p.name for p in fn.params]
     if fn.name != FUNCTION or not names or names[-1] != MASK_PARAM:
         raise KVInplaceUnavailable(f"function {fn.name!r} has no trailing {MASK_PARAM}")
@@ -145,7 +152,7 @@ def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[No
         if key not in empties:
             empties[key] = num_slots
             num_slots += 1
-        types[c] = ([dims[0], dims[1], KV_CAPACITY, dims[3]], dt)
+        types[c] = ([dims[0], dims[1], KV_CAPACITY, dims[3]], kv_dtype or dt)
     mask_dims, mask_dt = types[mask]
     types[mask] = ([mask_dims[0], KV_LEN], mask_dt)
     write_keys: dict[str, str] = {}
@@ -154,7 +161,7 @@ def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[No
         if k in attention_steps:
             node = nodes[attention_steps.index(k)]
             kdef = attention_kernel(node)
-            if kdef.name != s.name + "_kvcap":
+            if not kdef.name.startswith(s.name + "_kvcap"):
                 raise KVInplaceUnavailable(f"attention step {k} ({s.name}) does not match node {node.loc}")
             kernels.setdefault(kdef.digest(), kdef)
             s.kernel, s.name = kdef.digest(), kdef.name
@@ -164,17 +171,17 @@ def derive_plan(fn: Function, plan: FunctionPlan, attention_kernel: Callable[[No
         new_steps.append(s)
         if isinstance(s, Call) and any(o[0] in present for o in s.outputs):
             for c in set(s.inputs) & set(present.values()):
-                s.inputs = [empties[(tuple(plan.param_types[plan.params.index(c)][0]), types[c][1])]
-                            if i == c else i for i in s.inputs]
+                dims0, dt0 = plan.param_types[plan.params.index(c)]  # the concat's past: the model's type
+                s.inputs = [empties[(tuple(dims0), dt0)] if i == c else i for i in s.inputs]
             for slot, _, dt in s.outputs:
                 if slot not in present:
                     continue
                 if dt not in write_keys:
-                    kdef = kv_write_kernel(dt, mask_dt)
+                    kdef = kv_write_kernel(dt, mask_dt, kv_dtype)
                     kernels.setdefault(kdef.digest(), kdef)
                     write_keys[dt] = kdef.digest()
                 new_steps.append(Call(write_keys[dt], [slot, mask, present[slot]], [], None,
-                                      f"kv_write_{dt}"))
+                                      f"kv_write_{dt}" + (f"_to_{kv_dtype}" if kv_dtype else "")))
     out.steps = new_steps
     out.num_slots = num_slots
     out.param_types = [types[p] for p in out.params] + [(list(d), dt) for d, dt in empties]

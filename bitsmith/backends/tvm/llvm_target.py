@@ -41,8 +41,20 @@ KERNEL_KIND = "tvm-llvm-kernel"
 ACTIVATION_BITS = (32, 8)
 
 
+KV_DTYPES = ("float32", "float16")
+
+
 def option_defaults() -> dict[str, Any]:
-    return {"mcpu": "host", "threads": 0, "activation_bits": 32}
+    return {"mcpu": "host", "threads": 0, "activation_bits": 32, "kv_dtype": "float32"}
+
+
+def _kv_dtype(options: Mapping[str, Any]) -> str | None:
+    """The in-place KV cache's type when it differs from float32 (None: the model's own)."""
+    d = options.get("kv_dtype", "float32")
+    if d not in KV_DTYPES:
+        raise OptionError(f"tvm-llvm option kv_dtype must be one of {KV_DTYPES} (the in-place KV cache of "
+                          f"generate(); float16 halves what attention reads), got {d!r}")
+    return None if d == "float32" else d
 
 
 def _activation_bits(options: Mapping[str, Any]) -> int:
@@ -291,7 +303,8 @@ def compile_host(module: Module, options: Mapping[str, Any],
     for fn in module.functions:
         t1 = time.perf_counter()
         plan, kdefs, derived = lower_function(module, fn, TARGET, anchor_rules)
-        variant = _inplace_variant(module, fn, plan, kdefs) if fn.name == kv_inplace.FUNCTION else None
+        variant = (_inplace_variant(module, fn, plan, kdefs, _kv_dtype(options)) if fn.name == kv_inplace.FUNCTION
+                   else None)
         lower_seconds += time.perf_counter() - t1
         rename: dict[str, str] = {}
         for digest, (key, data) in cache.libraries(kdefs, schedule_cpu, SCHEDULE_ID, target).items():
@@ -319,7 +332,7 @@ def compile_host(module: Module, options: Mapping[str, Any],
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,
             "cache_rejected": cache.rejected, "cache_dir": str(cache.directory),
             "mcpu": str(target.attrs.get("mcpu", "")), "isa": spec.describe(), "target": str(target),
-            "activation_bits": _activation_bits(options),
+            "activation_bits": _activation_bits(options), "kv_dtype": _kv_dtype(options) or "float32",
             "kernel_schedules": schedules}
     driver = native_step.build_driver()
     info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (no C compiler)"
@@ -327,16 +340,23 @@ def compile_host(module: Module, options: Mapping[str, Any],
     return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec, driver=driver, inplace=inplace)
 
 
-def _inplace_variant(module: Module, fn: Any, plan: FunctionPlan, kdefs: dict) -> FunctionPlan | None:
+def _inplace_variant(module: Module, fn: Any, plan: FunctionPlan, kdefs: dict,
+                     kv_dtype: str | None = None) -> FunctionPlan | None:
     """main's in-place KV variant (its new kernels added to ``kdefs``), or None where main's plan
-    does not have the kv-cache pass's shape (a module without attention mask, say)."""
+    does not have the kv-cache pass's shape (a module without attention mask, say); with
+    ``kv_dtype`` its caches hold that type. OptionError where kv_dtype is asked for and there is
+    no variant (nothing would use it)."""
     from .anchor_rules import attention_args
     from .attention import attention_kernel
     ctx = LoweringContext(module, fn, TARGET)
     try:
         return kv_inplace.derive_plan(fn, plan, lambda node: attention_kernel(*attention_args(node, ctx),
-                                                                              capacity=True), kdefs)
-    except kv_inplace.KVInplaceUnavailable:
+                                                                              capacity=True, kv_dtype=kv_dtype),
+                                      kdefs, kv_dtype)
+    except kv_inplace.KVInplaceUnavailable as e:
+        if kv_dtype:
+            raise OptionError(f"tvm-llvm kv_dtype={kv_dtype!r} is the in-place KV cache's type, and this model "
+                              f"has none: {e}") from None
         return None
 
 
