@@ -641,6 +641,119 @@ static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad,
     }
 }
 
+/* ------------------------------------------------------------------ runs of LUTACCs (int8 tables) */
+
+/* A tile's float ACC in the order the int32 row sums leave the lookups: per tile, `c0` holds rows
+ * 0-3, 8-11 and `c1` rows 4-7, 12-15 (AVX-512: tile a in the low half, b in the high half). A
+ * run of LUTACCs keeps ACC in registers in this order and permutes from and to row order once per
+ * run, where add_parts permutes and goes through memory once per instruction. Permuting moves
+ * values, so every row sees the same float operations in the same order. */
+#if LUT_ISA == 2
+typedef __m512 fvec_t;
+#define F_SET1 _mm512_set1_ps
+#define F_ACC(f, ints, ts) f = _mm512_add_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(ints), ts))
+static inline __m512 perm64(__m512 a, __m512i idx, __m512 b) {
+    return _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(a), idx, _mm512_castps_pd(b)));
+}
+static inline void acc_to_lanes(const float* ACC, int v, int nt, int64_t M, int64_t m, fvec_t* c0, fvec_t* c1) {
+    const __m512 a = _mm512_loadu_ps(ACC + ((2 * v) * M + m) * 16);
+    const __m512 b = 2 * v + 1 < nt ? _mm512_loadu_ps(ACC + ((2 * v + 1) * M + m) * 16) : a;
+    *c0 = perm64(a, _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), b);
+    *c1 = perm64(a, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), b);
+}
+static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, int64_t m, float* ACC) {
+    _mm512_storeu_ps(ACC + ((2 * v) * M + m) * 16, perm64(c0, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), c1));
+    if (2 * v + 1 < nt)
+        _mm512_storeu_ps(ACC + ((2 * v + 1) * M + m) * 16, perm64(c0, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), c1));
+}
+#else
+typedef __m256 fvec_t;
+#define F_SET1 _mm256_set1_ps
+#define F_ACC(f, ints, ts) f = _mm256_add_ps(f, _mm256_mul_ps(_mm256_cvtepi32_ps(ints), ts))
+static inline void acc_to_lanes(const float* ACC, int v, int nt, int64_t M, int64_t m, fvec_t* c0, fvec_t* c1) {
+    (void)nt;
+    const __m256 r0 = _mm256_loadu_ps(ACC + (v * M + m) * 16), r8 = _mm256_loadu_ps(ACC + (v * M + m) * 16 + 8);
+    *c0 = _mm256_permute2f128_ps(r0, r8, 0x20);
+    *c1 = _mm256_permute2f128_ps(r0, r8, 0x31);
+}
+static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, int64_t m, float* ACC) {
+    (void)nt;
+    _mm256_storeu_ps(ACC + (v * M + m) * 16, _mm256_permute2f128_ps(c0, c1, 0x20));
+    _mm256_storeu_ps(ACC + (v * M + m) * 16 + 8, _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+#endif
+
+/* The word loop of one LUTACC for NV vectors of tiles (float activations): quad mode, lo nibbles
+ * -> a_lo, hi -> a_hi (planes p+j, p+2+j); pair mode, both lookups of a word -> a_lo (32 words x
+ * 2 x 381 < 2^15), a_hi stays 0. */
+#define RUN_WORDS(NV)                                                                                 \
+    for (int w = 0; w < nwords; w++) {                                                                \
+        const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                     \
+        const vec_t t0 = V_TABLE(tr + k0 * 16), t1 = V_TABLE(tr + k1 * 16);                           \
+        for (int v = 0; v < NV; v++) {                                                                \
+            const vec_t x = load_word(wq, v, nt, 32 * (int64_t)w);                                    \
+            const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                        \
+            LOOKUP(a_lo[v], t0, lo);                                                                  \
+            if (quad) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                          \
+        }                                                                                             \
+    }
+
+/* `count` LUTACC words (ins) for NV vectors of tiles, one activation row m. Per instruction and
+ * row the int32 part is a_lo 2^p + a_hi 2^(p+2) (quad) or a_lo 2^p (pair), as in group_lutacc,
+ * and ACC = ACC + float32(part) * TS[block]. */
+#define RUN_BODY(NV)                                                                                  \
+    {                                                                                                 \
+        fvec_t c0[NV], c1[NV];                                                                        \
+        const uint8_t* wq[GROUP_TILES];                                                               \
+        for (int t = 0; t < nt; t++) wq[t] = wp[t];                                                   \
+        for (int v = 0; v < NV; v++) acc_to_lanes(ACC, v, nt, M, m, &c0[v], &c1[v]);                 \
+        for (int i = 0; i < count; i++) {                                                             \
+            const uint64_t w = ins[i];                                                                \
+            const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);                        \
+            const int64_t kg0 = FIELD(w, 13, 20);                                                     \
+            const int nwords = (int)FIELD(w, 33, 7) + 1;                                              \
+            if (m == 0) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                  \
+            const fvec_t ts = F_SET1(TS[m * tsstride + (int64_t)FIELD(w, 40, 20)]);                  \
+            const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
+            vec_t a_lo[NV], a_hi[NV];                                                                 \
+            for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                               \
+            if (quad) { const int quad = 1; RUN_WORDS(NV) } else { const int quad = 0; RUN_WORDS(NV) } \
+            for (int v = 0; v < NV; v++) {                                                            \
+                F_ACC(c0[v], V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw), ts);                         \
+                F_ACC(c1[v], V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw), ts);                         \
+            }                                                                                         \
+            for (int t = 0; t < nt; t++) wq[t] += 32 * (int64_t)nwords;                               \
+        }                                                                                             \
+        for (int v = 0; v < NV; v++) lanes_to_acc(c0[v], c1[v], v, nt, M, m, ACC);                   \
+    }
+
+/* `count` consecutive LUTACC words (ins; the same in every tile of the group) for nt tiles with
+ * int8 tables of float activations (wp: each tile's next weight word; TS: [M][blocks]). */
+static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* ins, int count, const int8_t* T,
+                             int64_t tstride, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
+    const vec_t mask = V_SET1_8(0x0f);
+    const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t* tr = T + m * tstride;
+#if LUT_ISA == 2
+        if (nt > TILES_PER_VEC) RUN_BODY(2) else RUN_BODY(1)
+#else
+        /* two tiles per pass (registers: 4 int16 and 4 float accumulators) */
+        for (int t0 = 0; t0 < nt; t0 += 2) {
+            const uint8_t* const* wp0 = wp;
+            float* ACC0 = ACC;
+            const int nt0 = nt;
+            {
+                const uint8_t* const* wp = wp0 + t0;
+                float* ACC = ACC0 + t0 * M * 16;
+                const int nt = nt0 - t0 >= 2 ? 2 : 1;
+                if (nt == 2) RUN_BODY(2) else RUN_BODY(1)
+            }
+        }
+#endif
+    }
+}
+
 /* ------------------------------------------------------------------ binary-coded planes (BCQACC) */
 
 /* Float plane weights (BCQMUL kind 1) for one tile: the int16 per-row, per-plane sums `a`
@@ -754,6 +867,17 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
         const uint64_t w = s[tile[0] + rel];
         switch ((int)(w & 0xff)) {
         case OP_LUTACC: {
+            if (!a8) { /* the run of LUTACCs up to the next other instruction, ACC in registers
+                        * (each instruction prefetches its span: spread out, not one burst a run) */
+                int count = 1;
+                int64_t words = (int64_t)FIELD(w, 33, 7) + 1;
+                for (uint64_t u; ((u = s[tile[0] + rel + count]) & 0xff) == OP_LUTACC; count++)
+                    words += (int64_t)FIELD(u, 33, 7) + 1;
+                group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, TS, p->blocks, M, acc);
+                for (int t = 0; t < nt; t++) wp[t] += 32 * words;
+                rel += count - 1;
+                break;
+            }
             const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
             const int nwords = (int)FIELD(w, 33, 7) + 1;
             prefetch_span(wp, nt, 32 * (int64_t)nwords);
