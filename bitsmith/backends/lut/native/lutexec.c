@@ -531,116 +531,6 @@ static inline void add_parts(vec_t l0x, vec_t l1x, int v, int nt, int64_t M, int
 #endif
 }
 
-/* Pair mode, float activations: both lookups of a word went to one int16 accumulator (32 words
- * x 2 x 381 < 2^15), so the row sums are its lanes widened and shifted by the plane: no
- * interleave or lane permutation. Same integers as the general path, so the same floats. */
-static inline void add_pair_rows(vec_t a, int plane, int v, int nt, int64_t M, int64_t m, float tsv, float* ACC) {
-    const __m128i sh = _mm_cvtsi32_si128(plane);
-#if LUT_ISA == 2
-    const __m512 ts = _mm512_set1_ps(tsv);
-    for (int h = 0; h < 2 && 2 * v + h < nt; h++) {
-        const __m512i rows = _mm512_sll_epi32(_mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(a, 1)
-                                                                      : _mm512_castsi512_si256(a)), sh);
-        float* acc = ACC + ((2 * v + h) * M + m) * 16;
-        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_mul_ps(_mm512_cvtepi32_ps(rows), ts)));
-    }
-#else
-    (void)nt;
-    const __m256 ts = _mm256_set1_ps(tsv);
-    float* acc = ACC + (v * M + m) * 16;
-    const __m256i l0 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)), sh);
-    const __m256i l1 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)), sh);
-    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));
-    _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));
-#endif
-}
-
-/* NV vectors of tiles, one activation row m. Quad mode: lo nibbles -> a_lo, hi -> a_hi (planes
- * p+j and p+2+j); pair mode: lo nibbles (quad kg) -> a_lo, hi (quad kg+1) -> a_hi, both plane p+j.
- * A8 (int8 activations): the TH lookups go to a_*, the TL lookups to b_*, part = 16 a + b. */
-#define GROUP_BODY(NV, A8)                                                                            \
-    {                                                                                                 \
-        vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                                 \
-        for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();               \
-        for (int w = 0; w < nwords; w++) {                                                            \
-            const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                 \
-            const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                       \
-            vec_t u0 = t0, u1 = t1;                                                                   \
-            if (A8) { u0 = V_TABLE(tr + k0 * tq + 16); u1 = V_TABLE(tr + k1 * tq + 16); }             \
-            for (int v = 0; v < NV; v++) {                                                            \
-                const vec_t x = load_word(wp, v, nt, 32 * (int64_t)w);                                \
-                const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                    \
-                LOOKUP(a_lo[v], t0, lo);                                                              \
-                if (quad || A8) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                \
-                if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                         \
-            }                                                                                         \
-        }                                                                                             \
-        for (int v = 0; v < NV; v++) {                                                                \
-            if (!quad && !A8) { add_pair_rows(a_lo[v], plane, v, nt, M, m, tsv, ACC); continue; }    \
-            vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                                   \
-            vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                                   \
-            if (A8) {                                                                                 \
-                l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));          \
-                l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));          \
-            }                                                                                         \
-            add_parts(l0x, l1x, v, nt, M, m, tsv, ACC);                                               \
-        }                                                                                             \
-    }
-
-/* GROUP_BODY with the LUTACC's mode as a constant (the inner constant shadows the argument), so
- * the word loop carries no per-word test of it. */
-#define GROUP_BODY_Q(NV, A8)                                                                          \
-    { if (quad) { const int quad = 1; GROUP_BODY(NV, A8) } else { const int quad = 0; GROUP_BODY(NV, A8) } }
-
-/* One LUTACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word). */
-static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad, int plane, int64_t kg0,
-                         const int8_t* T, int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M,
-                         float* ACC) {
-    const vec_t mask = V_SET1_8(0x0f);
-    const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
-    /* int16 weights of (a_lo, a_hi) in the int32 row sums: 2^p and 2^(p+2) (quad), 2^p and 2^p (pair) */
-    const int pwv = (int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16));
-    const vec_t pw = V_SET1_32(pwv);
-    const int64_t tq = a8 ? 32 : 16;  /* table bytes per quad */
-    const int nv = (nt + TILES_PER_VEC - 1) / TILES_PER_VEC;
-    for (int64_t m = 0; m < M; m++) {
-        const int8_t* tr = T + m * tstride;
-        const float tsv = TS[m * tsstride];
-        if (a8) {
-#if LUT_ISA == 2
-            if (nv == 2) GROUP_BODY_Q(2, 1) else GROUP_BODY_Q(1, 1)
-#else
-            /* 8 accumulators per tile: at most 2 tiles at a time in AVX2's 16 registers */
-            for (int t0 = 0; t0 < nt; t0 += 2) {
-                const uint8_t* const* wp0 = wp;
-                float* ACC0 = ACC;
-                {
-                    const uint8_t* const* wp = wp0 + t0;
-                    float* ACC = ACC0 + t0 * M * 16;
-                    if (nt - t0 >= 2) GROUP_BODY_Q(2, 1) else GROUP_BODY_Q(1, 1)
-                }
-            }
-#endif
-        } else {
-#if LUT_ISA == 2
-            if (nv == 2) GROUP_BODY_Q(2, 0) else GROUP_BODY_Q(1, 0)
-#else
-            /* two tiles per pass: with 4 tiles' 8 accumulators gcc spilled them to the stack (a
-             * store-forwarding chain per word); the second pass reloads the tables from L1 */
-            for (int t0 = 0; t0 < nt; t0 += 2) {
-                const uint8_t* const* wp0 = wp;
-                float* ACC0 = ACC;
-                {
-                    const uint8_t* const* wp = wp0 + t0;
-                    float* ACC = ACC0 + t0 * M * 16;
-                    if (nt - t0 >= 2) GROUP_BODY_Q(2, 0) else GROUP_BODY_Q(1, 0)
-                }
-            }
-#endif
-        }
-    }
-}
-
 /* ------------------------------------------------------------------ runs of LUTACCs (int8 tables) */
 
 /* A tile's float ACC in the order the int32 row sums leave the lookups: per tile, `c0` holds rows
@@ -683,25 +573,30 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
 }
 #endif
 
-/* The word loop of one LUTACC for NV vectors of tiles (float activations): quad mode, lo nibbles
- * -> a_lo, hi -> a_hi (planes p+j, p+2+j); pair mode, both lookups of a word -> a_lo (32 words x
- * 2 x 381 < 2^15), a_hi stays 0. */
-#define RUN_WORDS(NV)                                                                                 \
+/* The word loop of one LUTACC for NV vectors of tiles. Quad mode: lo nibbles -> a_lo, hi -> a_hi
+ * (planes p+j and p+2+j); pair mode: lo nibbles (quad kg) and hi (quad kg+1), both plane p+j, ->
+ * a_lo (32 words x 2 x 381 < 2^15; a_hi stays 0). A8 (int8 activations, tables TH then TL per
+ * quad): the TH lookups go to a_*, the TL lookups to b_* (hi nibbles to a_hi/b_hi in both modes),
+ * part = 16 a + b. */
+#define RUN_WORDS(NV, A8)                                                                             \
     for (int w = 0; w < nwords; w++) {                                                                \
         const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                     \
-        const vec_t t0 = V_TABLE(tr + k0 * 16), t1 = V_TABLE(tr + k1 * 16);                           \
+        const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                           \
+        vec_t u0 = t0, u1 = t1;                                                                       \
+        if (A8) { u0 = V_TABLE(tr + k0 * tq + 16); u1 = V_TABLE(tr + k1 * tq + 16); }                 \
         for (int v = 0; v < NV; v++) {                                                                \
             const vec_t x = load_word(wq, v, nt, 32 * (int64_t)w);                                    \
             const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                        \
             LOOKUP(a_lo[v], t0, lo);                                                                  \
-            if (quad) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                          \
+            if (quad || A8) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                    \
+            if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                             \
         }                                                                                             \
     }
 
 /* `count` LUTACC words (ins) for NV vectors of tiles, one activation row m. Per instruction and
- * row the int32 part is a_lo 2^p + a_hi 2^(p+2) (quad) or a_lo 2^p (pair), as in group_lutacc,
- * and ACC = ACC + float32(part) * TS[block]. */
-#define RUN_BODY(NV)                                                                                  \
+ * row the int32 part is a_lo 2^p + a_hi 2^(p+2) (quad) or (a_lo + a_hi) 2^p (pair), with A8
+ * 16 part(a) + part(b), and ACC = ACC + float32(part) * TS[block] (the spec's order). */
+#define RUN_BODY(NV, A8)                                                                              \
     {                                                                                                 \
         fvec_t c0[NV], c1[NV];                                                                        \
         const uint8_t* wq[GROUP_TILES];                                                               \
@@ -715,30 +610,40 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             if (m == 0) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                  \
             const fvec_t ts = F_SET1(TS[m * tsstride + (int64_t)FIELD(w, 40, 20)]);                  \
             const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
-            vec_t a_lo[NV], a_hi[NV];                                                                 \
-            for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                               \
-            if (quad) { const int quad = 1; RUN_WORDS(NV) } else { const int quad = 0; RUN_WORDS(NV) } \
+            vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                             \
+            for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();           \
+            if (quad) { const int quad = 1; RUN_WORDS(NV, A8) } else { const int quad = 0; RUN_WORDS(NV, A8) } \
             for (int v = 0; v < NV; v++) {                                                            \
-                F_ACC(c0[v], V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw), ts);                         \
-                F_ACC(c1[v], V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw), ts);                         \
+                vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                               \
+                vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                               \
+                if (A8) {                                                                             \
+                    l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));      \
+                    l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));      \
+                }                                                                                     \
+                F_ACC(c0[v], l0x, ts);                                                                \
+                F_ACC(c1[v], l1x, ts);                                                                \
             }                                                                                         \
             for (int t = 0; t < nt; t++) wq[t] += 32 * (int64_t)nwords;                               \
         }                                                                                             \
         for (int v = 0; v < NV; v++) lanes_to_acc(c0[v], c1[v], v, nt, M, m, ACC);                   \
     }
 
-/* `count` consecutive LUTACC words (ins; the same in every tile of the group) for nt tiles with
- * int8 tables of float activations (wp: each tile's next weight word; TS: [M][blocks]). */
+/* `count` consecutive LUTACC words (ins; the same in every tile of the group, same_shape) for nt
+ * tiles with int8 tables (a8: of int8 activations; wp: each tile's next weight word; TS:
+ * [M][blocks]). Activation rows run one after the other over the run's words (they stay in L1). */
 static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* ins, int count, const int8_t* T,
-                             int64_t tstride, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
+                             int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
     const vec_t mask = V_SET1_8(0x0f);
     const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
+    const int64_t tq = a8 ? 32 : 16;     /* table bytes per quad */
     for (int64_t m = 0; m < M; m++) {
         const int8_t* tr = T + m * tstride;
 #if LUT_ISA == 2
-        if (nt > TILES_PER_VEC) RUN_BODY(2) else RUN_BODY(1)
+        if (a8) { if (nt > TILES_PER_VEC) RUN_BODY(2, 1) else RUN_BODY(1, 1) }
+        else if (nt > TILES_PER_VEC) RUN_BODY(2, 0) else RUN_BODY(1, 0)
 #else
-        /* two tiles per pass (registers: 4 int16 and 4 float accumulators) */
+        /* two tiles per pass: with 4 tiles' accumulators gcc spilled them to the stack (a
+         * store-forwarding chain per word); each pass reloads the tables from L1 */
         for (int t0 = 0; t0 < nt; t0 += 2) {
             const uint8_t* const* wp0 = wp;
             float* ACC0 = ACC;
@@ -747,7 +652,8 @@ static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* i
                 const uint8_t* const* wp = wp0 + t0;
                 float* ACC = ACC0 + t0 * M * 16;
                 const int nt = nt0 - t0 >= 2 ? 2 : 1;
-                if (nt == 2) RUN_BODY(2) else RUN_BODY(1)
+                if (a8) { if (nt == 2) RUN_BODY(2, 1) else RUN_BODY(1, 1) }
+                else if (nt == 2) RUN_BODY(2, 0) else RUN_BODY(1, 0)
             }
         }
 #endif
@@ -866,24 +772,14 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
     for (int64_t rel = 1;; rel++) {
         const uint64_t w = s[tile[0] + rel];
         switch ((int)(w & 0xff)) {
-        case OP_LUTACC: {
-            if (!a8) { /* the run of LUTACCs up to the next other instruction, ACC in registers
-                        * (each instruction prefetches its span: spread out, not one burst a run) */
-                int count = 1;
-                int64_t words = (int64_t)FIELD(w, 33, 7) + 1;
-                for (uint64_t u; ((u = s[tile[0] + rel + count]) & 0xff) == OP_LUTACC; count++)
-                    words += (int64_t)FIELD(u, 33, 7) + 1;
-                group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, TS, p->blocks, M, acc);
-                for (int t = 0; t < nt; t++) wp[t] += 32 * words;
-                rel += count - 1;
-                break;
-            }
-            const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
-            const int nwords = (int)FIELD(w, 33, 7) + 1;
-            prefetch_span(wp, nt, 32 * (int64_t)nwords);
-            group_lutacc(wp, nt, nwords, quad, plane, FIELD(w, 13, 20), tables, tstride, a8, TS + FIELD(w, 40, 20),
-                         p->blocks, M, acc);
-            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
+        case OP_LUTACC: { /* the run of LUTACCs up to the next other instruction, ACC in registers */
+            int count = 1;
+            int64_t words = (int64_t)FIELD(w, 33, 7) + 1;
+            for (uint64_t u; ((u = s[tile[0] + rel + count]) & 0xff) == OP_LUTACC; count++)
+                words += (int64_t)FIELD(u, 33, 7) + 1;
+            group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, a8, TS, p->blocks, M, acc);
+            for (int t = 0; t < nt; t++) wp[t] += 32 * words;
+            rel += count - 1;
             break;
         }
         case OP_BCQMUL: { /* same word in every tile of the group (same_shape) */
