@@ -420,20 +420,21 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
  * path's, in the same order, so grouping changes no bit of the result. With AVX-512 two tiles
  * share one 512-bit register (tile a in the low half, b in the high half). */
 #define GROUP_TILES 4
-/* Software prefetch of the weight and parameter streams: each instruction that reads `bytes` of
- * a tile's stream prefetches the same span GROUP_PREFETCH bytes (PARAM_PREFETCH SCALE blocks)
- * further on, once per cache line and outside the word loops. A group runs GROUP_TILES streams
- * side by side; on one core the hardware prefetcher alone kept too few lines in flight
- * (4-bit N = K = 4096, 1 thread, cold: 0.52 ms at 512 bytes ahead against ~0.40 at 2-3 KiB). */
+/* Software prefetch of the weight and parameter streams: each LUTACC prefetches the span it
+ * reads GROUP_PREFETCH bytes further on in each tile's stream, once per cache line and outside the
+ * word loops (non-temporal: the weights are read once per call), each SCALE the parameter blocks
+ * PARAM_PREFETCH blocks on. A group reads GROUP_TILES weight streams side by side; on one core the
+ * hardware prefetcher alone kept too few lines in flight (4-bit N = K = 4096, 1 thread, cold, C
+ * driver, medians: 512 bytes ahead in the word loop 0.52 ms, 2 KiB 0.40, 3 KiB non-temporal 0.31-0.34). */
 #ifndef GROUP_PREFETCH
-#define GROUP_PREFETCH 2048
+#define GROUP_PREFETCH 3072
 #endif
 #ifndef PARAM_PREFETCH
 #define PARAM_PREFETCH 4
 #endif
 static inline void prefetch_span(const uint8_t* const* wp, int nt, int64_t bytes) {
     for (int t = 0; t < nt; t++)
-        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch((const char*)(wp[t] + GROUP_PREFETCH + off), _MM_HINT_T0);
+        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch((const char*)(wp[t] + GROUP_PREFETCH + off), _MM_HINT_NTA);
 }
 #define SCALE_PIDX_MASK (~(((1ULL << 28) - 1) << 36))
 
@@ -841,7 +842,11 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
 
 /* Validates a stream against its operands' sizes and outlier records (they index X and YT),
  * and writes the positions of its TABLE instructions, then of its TILE instructions, to pos
- * (room for nw entries); counts[0], counts[1] = their numbers. Returns 0 or (word << 8) | error. */
+ * (room for nw entries); counts[0], counts[1] = their numbers. After them, per tile g, the number
+ * of same-shape tiles starting at g (at most GROUP_TILES; same_shape), which lut_exec_tables reads
+ * instead of comparing every tile's words on every call (about 10% of a 2-bit N = K = 4096 call
+ * when the weights are in cache): a stream has more than ntables + 2 nsegs words (each tile has a
+ * TILE and a STORE), so they fit. Returns 0 or (word << 8) | error. */
 int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats, const void* O, int64_t nout,
                  int64_t* pos, int64_t* counts) {
     if (wbytes % 32 || pfloats % 32) return fail(0, ERR_ARGS);
@@ -854,6 +859,11 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
     if (!err) {
         memcpy(pos, p.tables, sizeof(int64_t) * p.ntables);
         memcpy(pos + p.ntables, p.segs, sizeof(int64_t) * p.nsegs);
+        for (int64_t g = 0; g < p.nsegs; g++) {
+            int n = p.nsegs - g < GROUP_TILES ? (int)(p.nsegs - g) : GROUP_TILES;
+            while (n > 1 && !same_shape(s, p.segs + g, n)) n--;
+            pos[p.ntables + p.nsegs + g] = n;
+        }
         counts[0] = p.ntables;
         counts[1] = p.nsegs;
     }
@@ -909,13 +919,14 @@ static void segments_range(job_t* j, int64_t begin, int64_t end) {
     float* acc = aligned_alloc(64, bytes);
     float* yt = aligned_alloc(64, bytes);
     const int64_t* tile = j->pos + j->ntables;
+    const int64_t* same = tile + j->nsegs; /* lut_plan: same-shape tiles from each tile on */
     if (!acc || !yt) __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
     else
         for (int64_t g = begin; g < end;) {
             int nt = 1;
             if (!j->fp32) /* the longest run of same-shape tiles that fits a group */
-                for (int n = end - g < GROUP_TILES ? (int)(end - g) : GROUP_TILES; n > 1; n--)
-                    if (same_shape(j->s, tile + g, n)) { nt = n; break; }
+                nt = (int)(same[g] < end - g ? same[g] : end - g);
+            nt = nt < 1 ? 1 : nt > GROUP_TILES ? GROUP_TILES : nt; /* acc, yt hold GROUP_TILES tiles */
             if (j->fp32)
                 run_segment(j->s, tile[g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
                             j->XS, acc, yt);
