@@ -577,9 +577,12 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
 /* The word loop of one LUTACC for NV vectors of tiles. Quad mode: lo nibbles -> a_lo, hi -> a_hi
  * (planes p+j and p+2+j); pair mode: lo nibbles (quad kg) and hi (quad kg+1), both plane p+j, ->
  * a_lo (32 words x 2 x 381 < 2^15; a_hi stays 0). A8 (int8 activations, tables TH then TL per
- * quad): the TH lookups go to a_*, the TL lookups to b_* (hi nibbles to a_hi/b_hi in both modes),
- * part = 16 a + b. */
-#define RUN_WORDS(NV, A8)                                                                             \
+ * quad; hi nibbles to a_hi/b_hi in both modes): the TH lookups go to a_*, the TL lookups to b_*,
+ * part = 16 a + b. A8 fused (at most A8_FUSED_WORDS words): TH is looked up with byte weights
+ * (16, 32) instead of (1, 2), so 16 TH + TL of a word (|.| <= 16 x 3 x 32 = 1536) is summed in
+ * one int16 accumulator: 21 x 1536 < 2^15, half the accumulators and the same exact integers. */
+#define A8_FUSED_WORDS 21
+#define RUN_WORDS(NV, A8, FUSED)                                                                      \
     for (int w = 0; w < nwords; w++) {                                                                \
         const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                     \
         const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                           \
@@ -588,15 +591,23 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
         for (int v = 0; v < NV; v++) {                                                                \
             const vec_t x = load_word(wq, v, nt, 32 * (int64_t)w);                                    \
             const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                        \
+            if (A8 && FUSED) {                                                                        \
+                a_lo[v] = V_ADD16(a_lo[v], V_ADD16(V_MADDUBS(w1632, V_SHUF(t0, lo)), V_MADDUBS(w12, V_SHUF(u0, lo)))); \
+                a_hi[v] = V_ADD16(a_hi[v], V_ADD16(V_MADDUBS(w1632, V_SHUF(t1, hi)), V_MADDUBS(w12, V_SHUF(u1, hi)))); \
+                continue;                                                                             \
+            }                                                                                         \
             LOOKUP(a_lo[v], t0, lo);                                                                  \
             if (quad || A8) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                    \
             if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                             \
         }                                                                                             \
     }
+#define RUN_WORDS_Q(NV, A8, FUSED)                                                                    \
+    { if (quad) { const int quad = 1; RUN_WORDS(NV, A8, FUSED) } else { const int quad = 0; RUN_WORDS(NV, A8, FUSED) } }
 
 /* `count` LUTACC words (ins) for NV vectors of tiles, one activation row m. Per instruction and
  * row the int32 part is a_lo 2^p + a_hi 2^(p+2) (quad) or (a_lo + a_hi) 2^p (pair), with A8
- * 16 part(a) + part(b), and ACC = ACC + float32(part) * TS[block] (the spec's order). */
+ * 16 part(a) + part(b) (fused: already in a), and ACC = ACC + float32(part) * TS[block] (the
+ * spec's order). */
 #define RUN_BODY(NV, A8)                                                                              \
     {                                                                                                 \
         fvec_t c0[NV], c1[NV];                                                                        \
@@ -613,11 +624,12 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
             vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                             \
             for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();           \
-            if (quad) { const int quad = 1; RUN_WORDS(NV, A8) } else { const int quad = 0; RUN_WORDS(NV, A8) } \
+            const int fused = A8 && nwords <= A8_FUSED_WORDS;                                        \
+            if (fused) RUN_WORDS_Q(NV, A8, 1) else RUN_WORDS_Q(NV, A8, 0)                             \
             for (int v = 0; v < NV; v++) {                                                            \
                 vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                               \
                 vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                               \
-                if (A8) {                                                                             \
+                if (A8 && !fused) {                                                                   \
                     l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));      \
                     l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));      \
                 }                                                                                     \
@@ -636,6 +648,7 @@ static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* i
                              int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
     const vec_t mask = V_SET1_8(0x0f);
     const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
+    const vec_t w1632 = V_SET1_16(0x2010); /* 16 and 32: the TH lookups of fused A8 */
     const int64_t tq = a8 ? 32 : 16;     /* table bytes per quad */
     for (int64_t m = 0; m < M; m++) {
         const int8_t* tr = T + m * tstride;
