@@ -2,8 +2,9 @@
  *
  * It decodes the 64-bit instructions of one layer's stream and dispatches each to a vectorized
  * loop: TABLE builds activation tables, LUTACC looks 16 rows x 4 table indices up per weight
- * word with pshufb (int8 tables; up to 4 same-shape tiles per pass, see run_group) or scalar
- * loads (fp32 tables), SCALE/OUTLIER/STORE finish a tile. One source, two builds (native.py
+ * word with pshufb (int8 tables: up to 4 same-shape tiles together, a run of consecutive LUTACCs
+ * per call with ACC in registers, see run_group and group_lutacc_run) or scalar loads (fp32
+ * tables), SCALE/OUTLIER/STORE finish a tile. One source, two builds (native.py
  * ENGINE_ISAS): AVX2, and AVX-512 F/BW/VL (two tiles per 512-bit register), told apart by
  * LUT_ISA. Every float operation follows the order the spec gives (build with
  * -ffp-contract=off, no -ffast-math), so results equal the Python reference executor's bit for
