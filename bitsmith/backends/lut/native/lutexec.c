@@ -423,11 +423,12 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
 #define GROUP_TILES 4
 /* Software prefetch of the weight and parameter streams: each LUTACC prefetches the span it
  * reads GROUP_PREFETCH bytes further on in each tile's stream, once per cache line and outside the
- * word loops (non-temporal: the weights are read once per call), each SCALE the parameter blocks
- * PARAM_PREFETCH blocks on and the tiles' instruction words STREAM_PREFETCH words on (a layer's
- * stream is read once per call too: 0.33 MB at N = K = 4096, cold in a model). A group reads GROUP_TILES weight streams side by side; on one core the
- * hardware prefetcher alone kept too few lines in flight (4-bit N = K = 4096, 1 thread, cold, C
- * driver, medians: 512 bytes ahead in the word loop 0.52 ms, 2 KiB 0.40, 3 KiB non-temporal 0.31-0.34). */
+ * word loops (non-temporal: the weights are read once per call); each SCALE prefetches the
+ * parameter blocks PARAM_PREFETCH blocks on and the tiles' instruction words STREAM_PREFETCH
+ * words on (a stream is read once per call too: 0.33 MB at N = K = 4096). A group reads
+ * GROUP_TILES weight streams side by side; on one core the hardware prefetcher alone kept too few
+ * lines in flight (4-bit N = K = 4096, 1 thread, cold, C driver, medians: 512 bytes ahead in the
+ * word loop 0.52 ms, 2 KiB 0.40, 3 KiB non-temporal 0.31-0.34). */
 #ifndef GROUP_PREFETCH
 #define GROUP_PREFETCH 3072
 #endif
@@ -439,7 +440,8 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
 #endif
 static inline void prefetch_span(const uint8_t* const* wp, int nt, int64_t bytes) {
     for (int t = 0; t < nt; t++)
-        for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch((const char*)(wp[t] + GROUP_PREFETCH + off), _MM_HINT_NTA);
+        for (int64_t off = 0; off < bytes; off += 64)
+            _mm_prefetch((const char*)(wp[t] + GROUP_PREFETCH + off), _MM_HINT_NTA);
 }
 #define SCALE_PIDX_MASK (~(((1ULL << 28) - 1) << 36))
 
@@ -560,7 +562,8 @@ static inline void acc_to_lanes(const float* ACC, int v, int nt, int64_t M, int6
 static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, int64_t m, float* ACC) {
     _mm512_storeu_ps(ACC + ((2 * v) * M + m) * 16, perm64(c0, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), c1));
     if (2 * v + 1 < nt)
-        _mm512_storeu_ps(ACC + ((2 * v + 1) * M + m) * 16, perm64(c0, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), c1));
+        _mm512_storeu_ps(ACC + ((2 * v + 1) * M + m) * 16,
+                         perm64(c0, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), c1));
 }
 #else
 typedef __m256 fvec_t;
