@@ -78,6 +78,18 @@ def timeit_cpu(fn: Callable[[], object], min_seconds: float, repeats: int) -> tu
     return wall, cpu
 
 
+def cold_copies(prog: LayerProgram, cold_mib: int) -> list[LayerProgram]:
+    """Copies of a layer program totalling >= ``cold_mib`` MiB of weights, so that rotating through
+    them reads each call's weights from DRAM. Each copy has its own stream, as each layer of a
+    compiled model has: the executor caches a validated plan per stream array, and copies sharing
+    one stream re-validated it on every call (~0.1 ms at N = K = 4096, charged to the engine until
+    this was found)."""
+    read = prog.weights.nbytes + prog.params.nbytes
+    copies = max(1, min(4096, (cold_mib << 20) // read))
+    return [LayerProgram(prog.stream.copy(), prog.weights.copy(), prog.params.copy(), prog.outliers,
+                         prog.in_features) for _ in range(copies)]
+
+
 def timeit(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
     """Min over ``repeats`` of the mean time of a call, each mean over >= min_seconds."""
     return timeit_cpu(fn, min_seconds, repeats)[0]
@@ -130,9 +142,8 @@ def goal_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, table
         attrs, ops = quantized_layer(n, k, bits, rng)
         prog = generate(decompose(attrs, ops), table_group)
         read = prog.weights.nbytes + prog.params.nbytes
-        copies = max(1, min(4096, (cold_mib << 20) // read))
-        progs = [LayerProgram(prog.stream, prog.weights.copy(), prog.params.copy(), prog.outliers, k)
-                 for _ in range(copies)]
+        progs = cold_copies(prog, cold_mib)
+        copies = len(progs)
         dense_w = torch.from_numpy(dequantize(attrs, ops))
         for threads in (1, 2):
             for isa, lut in libraries.items():
@@ -217,9 +228,8 @@ def shiftadd_table(libraries: dict[str, native.NativeExecutor], cold_mib: int, t
         else:
             prog = generate(decompose(*qlinear_layer(n, k, label, rng)), table_group)
         read = prog.weights.nbytes + prog.params.nbytes
-        copies = max(1, min(4096, (cold_mib << 20) // read))
-        progs = [LayerProgram(prog.stream, prog.weights.copy(), prog.params.copy(), prog.outliers, k)
-                 for _ in range(copies)]
+        progs = cold_copies(prog, cold_mib)
+        copies = len(progs)
         for isa, lut in libraries.items():
             state = {"i": 0}
 
@@ -361,9 +371,8 @@ def main() -> None:
             attrs, ops = quantized_layer(n, k, bits, rng)
             prog = generate(decompose(attrs, ops), args.table_group)
             read = prog.weights.nbytes + prog.params.nbytes
-            copies = max(1, min(4096, (args.cold_mib << 20) // read))
-            progs = [LayerProgram(prog.stream, prog.weights.copy(), prog.params.copy(), prog.outliers, k)
-                     for _ in range(copies)]
+            progs = cold_copies(prog, args.cold_mib)
+            copies = len(progs)
             w = dequantize(attrs, ops)
             dense_w = torch.from_numpy(w)
             for m in (1, 4, 16):

@@ -11,8 +11,8 @@ from hypothesis import given, settings, strategies as st
 
 import bitsmith
 from bitsmith.backends import native_loader
-from bitsmith.backends.lut import native, reference_executor
-from bitsmith.backends.lut.codegen import generate
+from bitsmith.backends.lut import isa, native, reference_executor
+from bitsmith.backends.lut.codegen import LayerProgram, generate
 from bitsmith.backends.lut.decompose import decompose
 from bitsmith.ir.quantized import dequantize
 from bitsmith.runtime.artifact import NativeArtifactError
@@ -122,6 +122,80 @@ def test_grouped_tiles_match_the_reference_bit_exactly(engine, layer, table_grou
     prog = generate(decompose(attrs, ops), table_group)
     got = engine.run(prog, x, True, threads, activation_bits=activation_bits)
     assert np.array_equal(got, reference_executor.run(prog, x, True, activation_bits))
+
+
+@st.composite
+def long_run_layers(draw):
+    """Layers whose groups hold long runs of LUTACCs (the engine keeps ACC in registers across a
+    run): groups of up to 256 inputs cut into table blocks of 4-256 activations, so a run has 1-64
+    instructions of 1-64 (quad) or 1-32 (pair) words, quad and pair units mixed (bitmod-w4: 5 planes)."""
+    scheme = draw(st.sampled_from(LUT_SCHEMES))
+    gs = 4 * draw(st.integers(1, 64))
+    k = draw(st.integers(1, 2 * gs + 3))
+    n = draw(st.integers(1, 6 * 16 + 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    attrs, ops = random_qlinear(rng, scheme, n, k, gs, draw(st.booleans()))
+    x = rng.normal(0, 1, (draw(st.integers(1, 4)), k)).astype(np.float32)
+    return attrs, ops, x, draw(st.sampled_from([4, 8, 32, 256]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(long_run_layers(), st.sampled_from([1, 2]), st.sampled_from([32, 8]))
+def test_lutacc_runs_match_the_reference_bit_exactly(engine, layer, threads, activation_bits):
+    # a run reorders no float operation of a row (ACC is permuted, not recombined): exact equality
+    attrs, ops, x, table_group = layer
+    prog = generate(decompose(attrs, ops), table_group)
+    got = engine.run(prog, x, True, threads, activation_bits=activation_bits)
+    assert np.array_equal(got, reference_executor.run(prog, x, True, activation_bits))
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["rtn-int2", "rtn-int4", "bitmod-w4"]), st.integers(1, 3))
+def test_a_lutacc_run_after_another_instruction_continues_acc(engine, seed, scheme, m):
+    """Code generation starts every run of LUTACCs with ACC = 0 (after TILE or SCALE); a stream may
+    also put an OUTLIER between two LUTACCs of a group, so the second run starts from the first's
+    ACC (the engine loads it into registers, permuted to the lanes' order). Each tile's OUTLIER is
+    moved right after its first LUTACC; tiles with and without one also differ in shape."""
+    rng = np.random.default_rng(seed)
+    attrs, ops = random_qlinear(rng, scheme, 5 * 16 + 3, 72, 32, outliers=True)
+    prog = generate(decompose(attrs, ops), 8)
+    words = [int(w) for w in prog.stream]
+    op = [w & 0xFF for w in words]
+    tiles = [i for i, o in enumerate(op) if o == isa.FORMATS["TILE"].opcode] + [len(words)]
+    out = words[:tiles[0]]
+    for a, b in zip(tiles, tiles[1:]):
+        tile = words[a:b]
+        kinds = [w & 0xFF for w in tile]
+        if isa.FORMATS["OUTLIER"].opcode in kinds:
+            o = kinds.index(isa.FORMATS["OUTLIER"].opcode)
+            moved = tile.pop(o)
+            tile.insert(kinds.index(isa.FORMATS["LUTACC"].opcode) + 1, moved)
+        out += tile
+    moved_prog = LayerProgram(np.array(out, np.uint64), prog.weights, prog.params, prog.outliers, prog.in_features)
+    x = rng.normal(0, 1, (m, 72)).astype(np.float32)
+    for bits in (32, 8):
+        want = reference_executor.run(moved_prog, x, True, bits)
+        assert np.array_equal(engine.run(moved_prog, x, True, 1, activation_bits=bits), want)
+
+
+def test_plan_records_same_shape_tile_groups(engine):
+    """lut_plan writes, after the TABLE and TILE positions, how many same-shape tiles start at each
+    tile (at most 4); exec groups tiles by it. Outliers in one tile change its shape."""
+    rng = np.random.default_rng(5)
+    attrs, ops = random_qlinear(rng, "rtn-int4", 7 * 16, 64, 32)
+    bound = engine.plan(generate(decompose(attrs, ops)))
+    same = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    assert same.tolist() == [4, 4, 4, 4, 3, 2, 1]
+    attrs, ops = random_qlinear(rng, "rtn-int4", 6 * 16, 64, 32, outliers=True)
+    ptr = np.zeros(6 * 16 + 1, np.int32)
+    ptr[16 * 2 + 1:] = 1  # one outlier, in row 32: tile 2 alone has an OUTLIER instruction
+    ops[-3:] = [np.ones(1, np.float16), np.array([3], np.int32), ptr]
+    prog = generate(decompose(attrs, ops))
+    bound = engine.plan(prog)
+    same = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    assert same.tolist() == [2, 1, 1, 3, 2, 1]
+    x = rng.normal(0, 1, (2, 64)).astype(np.float32)
+    assert np.array_equal(engine.run(prog, x, True, 1), reference_executor.run(prog, x, True))
 
 
 def _q8_blocks(x: np.ndarray, group_size: int, table_group: int) -> np.ndarray:

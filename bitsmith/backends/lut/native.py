@@ -226,6 +226,7 @@ class _BoundStream:
     def __init__(self, fn: Any, program: LayerProgram, pos: np.ndarray, ntables: int, nsegs: int) -> None:
         head = program.header
         self.program, self.pos = program, pos  # keep the arrays alive with their pointers
+        self.ntables, self.nsegs = ntables, nsegs  # pos: tables, tiles, then same-shape group lengths
         self.n, self.kpad, self.k = head.out_features, head.padded_in, program.in_features
         self.sizes = (program.weights.size, program.params.size)
         self.macs_per_row = head.out_features * head.padded_in

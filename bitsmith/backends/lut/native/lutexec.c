@@ -2,8 +2,9 @@
  *
  * It decodes the 64-bit instructions of one layer's stream and dispatches each to a vectorized
  * loop: TABLE builds activation tables, LUTACC looks 16 rows x 4 table indices up per weight
- * word with pshufb (int8 tables; up to 4 same-shape tiles per pass, see run_group) or scalar
- * loads (fp32 tables), SCALE/OUTLIER/STORE finish a tile. One source, two builds (native.py
+ * word with pshufb (int8 tables: up to 4 same-shape tiles together, a run of consecutive LUTACCs
+ * per call with ACC in registers, see run_group and group_lutacc_run) or scalar loads (fp32
+ * tables), SCALE/OUTLIER/STORE finish a tile. One source, two builds (native.py
  * ENGINE_ISAS): AVX2, and AVX-512 F/BW/VL (two tiles per 512-bit register), told apart by
  * LUT_ISA. Every float operation follows the order the spec gives (build with
  * -ffp-contract=off, no -ffast-math), so results equal the Python reference executor's bit for
@@ -420,7 +421,28 @@ static void run_segment(const uint64_t* s, int64_t i, const plan_t* p, const uin
  * path's, in the same order, so grouping changes no bit of the result. With AVX-512 two tiles
  * share one 512-bit register (tile a in the low half, b in the high half). */
 #define GROUP_TILES 4
-#define GROUP_PREFETCH 512 /* bytes ahead in each tile's weight stream, one prefetch per cache line */
+/* Software prefetch of the weight and parameter streams: each LUTACC prefetches the span it
+ * reads GROUP_PREFETCH bytes further on in each tile's stream, once per cache line and outside the
+ * word loops (non-temporal: the weights are read once per call); each SCALE prefetches the
+ * parameter blocks PARAM_PREFETCH blocks on and the tiles' instruction words STREAM_PREFETCH
+ * words on (a stream is read once per call too: 0.33 MB at N = K = 4096). A group reads
+ * GROUP_TILES weight streams side by side; on one core the hardware prefetcher alone kept too few
+ * lines in flight (4-bit N = K = 4096, 1 thread, cold, C driver, medians: 512 bytes ahead in the
+ * word loop 0.52 ms, 2 KiB 0.40, 3 KiB non-temporal 0.31-0.34). */
+#ifndef GROUP_PREFETCH
+#define GROUP_PREFETCH 3072
+#endif
+#ifndef PARAM_PREFETCH
+#define PARAM_PREFETCH 4
+#endif
+#ifndef STREAM_PREFETCH
+#define STREAM_PREFETCH 32 /* instruction words ahead in each tile's stream, at each SCALE */
+#endif
+static inline void prefetch_span(const uint8_t* const* wp, int nt, int64_t bytes) {
+    for (int t = 0; t < nt; t++)
+        for (int64_t off = 0; off < bytes; off += 64)
+            _mm_prefetch((const char*)(wp[t] + GROUP_PREFETCH + off), _MM_HINT_NTA);
+}
 #define SCALE_PIDX_MASK (~(((1ULL << 28) - 1) << 36))
 
 static int same_shape(const uint64_t* s, const int64_t* tile, int nt) {
@@ -463,10 +485,6 @@ typedef __m512i vec_t;
 static inline vec_t load_word(const uint8_t* const* wp, int v, int nt, int64_t off) {
     const uint8_t* a = wp[2 * v];
     const uint8_t* b = wp[2 * v + 1 < nt ? 2 * v + 1 : 2 * v];
-    if (!(off & 63)) {
-        _mm_prefetch((const char*)(a + off + GROUP_PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char*)(b + off + GROUP_PREFETCH), _MM_HINT_T0);
-    }
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(a + off))),
                               _mm256_loadu_si256((const __m256i*)(b + off)), 1);
 }
@@ -493,7 +511,6 @@ typedef __m256i vec_t;
 #define V_SET1_32 _mm256_set1_epi32
 static inline vec_t load_word(const uint8_t* const* wp, int v, int nt, int64_t off) {
     (void)nt;
-    if (!(off & 63)) _mm_prefetch((const char*)(wp[v] + off + GROUP_PREFETCH), _MM_HINT_T0);
     return _mm256_loadu_si256((const __m256i*)(wp[v] + off));
 }
 #endif
@@ -522,104 +539,146 @@ static inline void add_parts(vec_t l0x, vec_t l1x, int v, int nt, int64_t M, int
 #endif
 }
 
-/* Pair mode, float activations: both lookups of a word went to one int16 accumulator (32 words
- * x 2 x 381 < 2^15), so the row sums are its lanes widened and shifted by the plane: no
- * interleave or lane permutation. Same integers as the general path, so the same floats. */
-static inline void add_pair_rows(vec_t a, int plane, int v, int nt, int64_t M, int64_t m, float tsv, float* ACC) {
-    const __m128i sh = _mm_cvtsi32_si128(plane);
+/* ------------------------------------------------------------------ runs of LUTACCs (int8 tables) */
+
+/* A tile's float ACC in the order the int32 row sums leave the lookups: per tile, `c0` holds rows
+ * 0-3, 8-11 and `c1` rows 4-7, 12-15 (AVX-512: tile a in the low half, b in the high half). A
+ * run of LUTACCs keeps ACC in registers in this order and permutes from and to row order once per
+ * run, where add_parts permutes and goes through memory once per instruction. Permuting moves
+ * values, so every row sees the same float operations in the same order. */
 #if LUT_ISA == 2
-    const __m512 ts = _mm512_set1_ps(tsv);
-    for (int h = 0; h < 2 && 2 * v + h < nt; h++) {
-        const __m512i rows = _mm512_sll_epi32(_mm512_cvtepi16_epi32(h ? _mm512_extracti64x4_epi64(a, 1)
-                                                                      : _mm512_castsi512_si256(a)), sh);
-        float* acc = ACC + ((2 * v + h) * M + m) * 16;
-        _mm512_storeu_ps(acc, _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_mul_ps(_mm512_cvtepi32_ps(rows), ts)));
-    }
-#else
-    (void)nt;
-    const __m256 ts = _mm256_set1_ps(tsv);
-    float* acc = ACC + (v * M + m) * 16;
-    const __m256i l0 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(a)), sh);
-    const __m256i l1 = _mm256_sll_epi32(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(a, 1)), sh);
-    _mm256_storeu_ps(acc, _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_mul_ps(_mm256_cvtepi32_ps(l0), ts)));
-    _mm256_storeu_ps(acc + 8, _mm256_add_ps(_mm256_loadu_ps(acc + 8), _mm256_mul_ps(_mm256_cvtepi32_ps(l1), ts)));
-#endif
+typedef __m512 fvec_t;
+#define F_SET1 _mm512_set1_ps
+#define F_ACC(f, ints, ts) f = _mm512_add_ps(f, _mm512_mul_ps(_mm512_cvtepi32_ps(ints), ts))
+static inline __m512 perm64(__m512 a, __m512i idx, __m512 b) {
+    return _mm512_castpd_ps(_mm512_permutex2var_pd(_mm512_castps_pd(a), idx, _mm512_castps_pd(b)));
 }
+static inline void acc_to_lanes(const float* ACC, int v, int nt, int64_t M, int64_t m, fvec_t* c0, fvec_t* c1) {
+    const __m512 a = _mm512_loadu_ps(ACC + ((2 * v) * M + m) * 16);
+    const __m512 b = 2 * v + 1 < nt ? _mm512_loadu_ps(ACC + ((2 * v + 1) * M + m) * 16) : a;
+    *c0 = perm64(a, _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), b);
+    *c1 = perm64(a, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), b);
+}
+static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, int64_t m, float* ACC) {
+    _mm512_storeu_ps(ACC + ((2 * v) * M + m) * 16, perm64(c0, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), c1));
+    if (2 * v + 1 < nt)
+        _mm512_storeu_ps(ACC + ((2 * v + 1) * M + m) * 16,
+                         perm64(c0, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), c1));
+}
+#else
+typedef __m256 fvec_t;
+#define F_SET1 _mm256_set1_ps
+#define F_ACC(f, ints, ts) f = _mm256_add_ps(f, _mm256_mul_ps(_mm256_cvtepi32_ps(ints), ts))
+static inline void acc_to_lanes(const float* ACC, int v, int nt, int64_t M, int64_t m, fvec_t* c0, fvec_t* c1) {
+    (void)nt;
+    const __m256 r0 = _mm256_loadu_ps(ACC + (v * M + m) * 16), r8 = _mm256_loadu_ps(ACC + (v * M + m) * 16 + 8);
+    *c0 = _mm256_permute2f128_ps(r0, r8, 0x20);
+    *c1 = _mm256_permute2f128_ps(r0, r8, 0x31);
+}
+static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, int64_t m, float* ACC) {
+    (void)nt;
+    _mm256_storeu_ps(ACC + (v * M + m) * 16, _mm256_permute2f128_ps(c0, c1, 0x20));
+    _mm256_storeu_ps(ACC + (v * M + m) * 16 + 8, _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+#endif
 
-/* NV vectors of tiles, one activation row m. Quad mode: lo nibbles -> a_lo, hi -> a_hi (planes
- * p+j and p+2+j); pair mode: lo nibbles (quad kg) -> a_lo, hi (quad kg+1) -> a_hi, both plane p+j.
- * A8 (int8 activations): the TH lookups go to a_*, the TL lookups to b_*, part = 16 a + b. */
-#define GROUP_BODY(NV, A8)                                                                            \
-    {                                                                                                 \
-        vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                                 \
-        for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();               \
-        for (int w = 0; w < nwords; w++) {                                                            \
-            const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                 \
-            const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                       \
-            vec_t u0 = t0, u1 = t1;                                                                   \
-            if (A8) { u0 = V_TABLE(tr + k0 * tq + 16); u1 = V_TABLE(tr + k1 * tq + 16); }             \
-            for (int v = 0; v < NV; v++) {                                                            \
-                const vec_t x = load_word(wp, v, nt, 32 * (int64_t)w);                                \
-                const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                    \
-                LOOKUP(a_lo[v], t0, lo);                                                              \
-                if (quad || A8) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                \
-                if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                         \
-            }                                                                                         \
-        }                                                                                             \
+/* The word loop of one LUTACC for NV vectors of tiles. Quad mode: lo nibbles -> a_lo, hi -> a_hi
+ * (planes p+j and p+2+j); pair mode: lo nibbles (quad kg) and hi (quad kg+1), both plane p+j, ->
+ * a_lo (32 words x 2 x 381 < 2^15; a_hi stays 0). A8 (int8 activations, tables TH then TL per
+ * quad; hi nibbles to a_hi/b_hi in both modes): the TH lookups go to a_*, the TL lookups to b_*,
+ * part = 16 a + b. A8 fused (at most A8_FUSED_WORDS words): TH is looked up with byte weights
+ * (16, 32) instead of (1, 2), so 16 TH + TL of a word (|.| <= 16 x 3 x 32 = 1536) is summed in
+ * one int16 accumulator: 21 x 1536 < 2^15, half the accumulators and the same exact integers. */
+#define A8_FUSED_WORDS 21
+#define RUN_WORDS(NV, A8, FUSED)                                                                      \
+    for (int w = 0; w < nwords; w++) {                                                                \
+        const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                     \
+        const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                           \
+        vec_t u0 = t0, u1 = t1;                                                                       \
+        if (A8) { u0 = V_TABLE(tr + k0 * tq + 16); u1 = V_TABLE(tr + k1 * tq + 16); }                 \
         for (int v = 0; v < NV; v++) {                                                                \
-            if (!quad && !A8) { add_pair_rows(a_lo[v], plane, v, nt, M, m, tsv, ACC); continue; }    \
-            vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                                   \
-            vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                                   \
-            if (A8) {                                                                                 \
-                l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));          \
-                l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));          \
+            const vec_t x = load_word(wq, v, nt, 32 * (int64_t)w);                                    \
+            const vec_t lo = V_AND(x, mask), hi = V_AND(V_SRLI16(x, 4), mask);                        \
+            if (A8 && FUSED) {                                                                        \
+                a_lo[v] = V_ADD16(a_lo[v], V_ADD16(V_MADDUBS(w1632, V_SHUF(t0, lo)), V_MADDUBS(w12, V_SHUF(u0, lo)))); \
+                a_hi[v] = V_ADD16(a_hi[v], V_ADD16(V_MADDUBS(w1632, V_SHUF(t1, hi)), V_MADDUBS(w12, V_SHUF(u1, hi)))); \
+                continue;                                                                             \
             }                                                                                         \
-            add_parts(l0x, l1x, v, nt, M, m, tsv, ACC);                                               \
+            LOOKUP(a_lo[v], t0, lo);                                                                  \
+            if (quad || A8) LOOKUP(a_hi[v], t1, hi); else LOOKUP(a_lo[v], t1, hi);                    \
+            if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                             \
         }                                                                                             \
     }
+#define RUN_WORDS_Q(NV, A8, FUSED)                                                                    \
+    { if (quad) { const int quad = 1; RUN_WORDS(NV, A8, FUSED) } else { const int quad = 0; RUN_WORDS(NV, A8, FUSED) } }
 
-/* GROUP_BODY with the LUTACC's mode as a constant (the inner constant shadows the argument), so
- * the word loop carries no per-word test of it. */
-#define GROUP_BODY_Q(NV, A8)                                                                          \
-    { if (quad) { const int quad = 1; GROUP_BODY(NV, A8) } else { const int quad = 0; GROUP_BODY(NV, A8) } }
+/* `count` LUTACC words (ins) for NV vectors of tiles, one activation row m. Per instruction and
+ * row the int32 part is a_lo 2^p + a_hi 2^(p+2) (quad) or (a_lo + a_hi) 2^p (pair), with A8
+ * 16 part(a) + part(b) (fused: already in a), and ACC = ACC + float32(part) * TS[block] (the
+ * spec's order). */
+#define RUN_BODY(NV, A8)                                                                              \
+    {                                                                                                 \
+        fvec_t c0[NV], c1[NV];                                                                        \
+        const uint8_t* wq[GROUP_TILES];                                                               \
+        for (int t = 0; t < nt; t++) wq[t] = wp[t];                                                   \
+        for (int v = 0; v < NV; v++) acc_to_lanes(ACC, v, nt, M, m, &c0[v], &c1[v]);                 \
+        for (int i = 0; i < count; i++) {                                                             \
+            const uint64_t w = ins[i];                                                                \
+            const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);                        \
+            const int64_t kg0 = FIELD(w, 13, 20);                                                     \
+            const int nwords = (int)FIELD(w, 33, 7) + 1;                                              \
+            if (m == 0) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                  \
+            const fvec_t ts = F_SET1(TS[m * tsstride + (int64_t)FIELD(w, 40, 20)]);                  \
+            const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
+            vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                             \
+            for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();           \
+            const int fused = A8 && nwords <= A8_FUSED_WORDS;                                        \
+            if (fused) RUN_WORDS_Q(NV, A8, 1) else RUN_WORDS_Q(NV, A8, 0)                             \
+            for (int v = 0; v < NV; v++) {                                                            \
+                vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                               \
+                vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                               \
+                if (A8 && !fused) {                                                                   \
+                    l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));      \
+                    l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));      \
+                }                                                                                     \
+                F_ACC(c0[v], l0x, ts);                                                                \
+                F_ACC(c1[v], l1x, ts);                                                                \
+            }                                                                                         \
+            for (int t = 0; t < nt; t++) wq[t] += 32 * (int64_t)nwords;                               \
+        }                                                                                             \
+        for (int v = 0; v < NV; v++) lanes_to_acc(c0[v], c1[v], v, nt, M, m, ACC);                   \
+    }
 
-/* One LUTACC for nt <= GROUP_TILES tiles (wp: each tile's next weight word). */
-static void group_lutacc(const uint8_t* const* wp, int nt, int nwords, int quad, int plane, int64_t kg0,
-                         const int8_t* T, int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M,
-                         float* ACC) {
+/* `count` consecutive LUTACC words (ins; the same in every tile of the group, same_shape) for nt
+ * tiles with int8 tables (a8: of int8 activations; wp: each tile's next weight word; TS:
+ * [M][blocks]). Activation rows run one after the other over the run's words (they stay in L1). */
+static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* ins, int count, const int8_t* T,
+                             int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
     const vec_t mask = V_SET1_8(0x0f);
     const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
-    /* int16 weights of (a_lo, a_hi) in the int32 row sums: 2^p and 2^(p+2) (quad), 2^p and 2^p (pair) */
-    const int pwv = (int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16));
-    const vec_t pw = V_SET1_32(pwv);
-    const int64_t tq = a8 ? 32 : 16;  /* table bytes per quad */
-    const int nv = (nt + TILES_PER_VEC - 1) / TILES_PER_VEC;
+    const vec_t w1632 = V_SET1_16(0x2010); /* 16 and 32: the TH lookups of fused A8 */
+    const int64_t tq = a8 ? 32 : 16;     /* table bytes per quad */
     for (int64_t m = 0; m < M; m++) {
         const int8_t* tr = T + m * tstride;
-        const float tsv = TS[m * tsstride];
-        if (a8) {
 #if LUT_ISA == 2
-            if (nv == 2) GROUP_BODY_Q(2, 1) else GROUP_BODY_Q(1, 1)
+        if (a8) { if (nt > TILES_PER_VEC) RUN_BODY(2, 1) else RUN_BODY(1, 1) }
+        else if (nt > TILES_PER_VEC) RUN_BODY(2, 0) else RUN_BODY(1, 0)
 #else
-            /* 8 accumulators per tile: at most 2 tiles at a time in AVX2's 16 registers */
-            for (int t0 = 0; t0 < nt; t0 += 2) {
-                const uint8_t* const* wp0 = wp;
-                float* ACC0 = ACC;
-                {
-                    const uint8_t* const* wp = wp0 + t0;
-                    float* ACC = ACC0 + t0 * M * 16;
-                    if (nt - t0 >= 2) GROUP_BODY_Q(2, 1) else GROUP_BODY_Q(1, 1)
-                }
-            }
-#endif
-        } else {
-            switch (nv) {
-            case 4: GROUP_BODY_Q(4, 0) break;
-            case 3: GROUP_BODY_Q(3, 0) break;
-            case 2: GROUP_BODY_Q(2, 0) break;
-            default: GROUP_BODY_Q(1, 0) break;
+        /* two tiles per pass: with 4 tiles' accumulators gcc spilled them to the stack (a
+         * store-forwarding chain per word); each pass reloads the tables from L1 */
+        for (int t0 = 0; t0 < nt; t0 += 2) {
+            const uint8_t* const* wp0 = wp;
+            float* ACC0 = ACC;
+            const int nt0 = nt;
+            {
+                const uint8_t* const* wp = wp0 + t0;
+                float* ACC = ACC0 + t0 * M * 16;
+                const int nt = nt0 - t0 >= 2 ? 2 : 1;
+                if (a8) { if (nt == 2) RUN_BODY(2, 1) else RUN_BODY(1, 1) }
+                else if (nt == 2) RUN_BODY(2, 0) else RUN_BODY(1, 0)
             }
         }
+#endif
     }
 }
 
@@ -735,12 +794,14 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
     for (int64_t rel = 1;; rel++) {
         const uint64_t w = s[tile[0] + rel];
         switch ((int)(w & 0xff)) {
-        case OP_LUTACC: {
-            const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);
-            const int nwords = (int)FIELD(w, 33, 7) + 1;
-            group_lutacc(wp, nt, nwords, quad, plane, FIELD(w, 13, 20), tables, tstride, a8, TS + FIELD(w, 40, 20),
-                         p->blocks, M, acc);
-            for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)nwords;
+        case OP_LUTACC: { /* the run of LUTACCs up to the next other instruction, ACC in registers */
+            int count = 1;
+            int64_t words = (int64_t)FIELD(w, 33, 7) + 1;
+            for (uint64_t u; ((u = s[tile[0] + rel + count]) & 0xff) == OP_LUTACC; count++)
+                words += (int64_t)FIELD(u, 33, 7) + 1;
+            group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, a8, TS, p->blocks, M, acc);
+            for (int t = 0; t < nt; t++) wp[t] += 32 * words;
+            rel += count - 1;
             break;
         }
         case OP_BCQMUL: { /* same word in every tile of the group (same_shape) */
@@ -754,6 +815,7 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
         }
         case OP_BCQACC: {
             const int npairs = (int)FIELD(w, 8, 2) + 1, nwords = (int)FIELD(w, 30, 6) + 1;
+            prefetch_span(wp, nt, 32 * (int64_t)npairs * nwords);
             group_bcqacc(wp, (const uint8_t* const (*)[GROUP_TILES])mul, mulkind, npairs, nt, nwords, FIELD(w, 10, 20),
                          tables, tstride, TS + FIELD(w, 36, 20), p->blocks, M, acc);
             for (int t = 0; t < nt; t++) wp[t] += 32 * (int64_t)npairs * nwords;
@@ -761,6 +823,12 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
         }
         case OP_SCALE: {
             const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;
+            for (int t = 0; t < nt; t++) {
+                const char* next = (const char*)(P + 32 * ((int64_t)FIELD(s[tile[t] + rel], 36, 28) + PARAM_PREFETCH));
+                _mm_prefetch(next, _MM_HINT_T0);
+                _mm_prefetch(next + 64, _MM_HINT_T0);
+                _mm_prefetch((const char*)(s + tile[t] + rel + STREAM_PREFETCH), _MM_HINT_T0);
+            }
             for (int64_t m = 0; m < M; m++) {
                 float xs = XS[m * p->blocks + b0];
                 for (int64_t b = b0 + 1; b < b0 + nb; b++) xs = xs + XS[m * p->blocks + b];
@@ -796,7 +864,11 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
 
 /* Validates a stream against its operands' sizes and outlier records (they index X and YT),
  * and writes the positions of its TABLE instructions, then of its TILE instructions, to pos
- * (room for nw entries); counts[0], counts[1] = their numbers. Returns 0 or (word << 8) | error. */
+ * (room for nw entries); counts[0], counts[1] = their numbers. After them, per tile g, the number
+ * of same-shape tiles starting at g (at most GROUP_TILES; same_shape), which lut_exec_tables reads
+ * instead of comparing every tile's words on every call (about 10% of a 2-bit N = K = 4096 call
+ * when the weights are in cache): a stream has more than ntables + 2 nsegs words (each tile has a
+ * TILE and a STORE), so they fit. Returns 0 or (word << 8) | error. */
 int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats, const void* O, int64_t nout,
                  int64_t* pos, int64_t* counts) {
     if (wbytes % 32 || pfloats % 32) return fail(0, ERR_ARGS);
@@ -809,6 +881,11 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
     if (!err) {
         memcpy(pos, p.tables, sizeof(int64_t) * p.ntables);
         memcpy(pos + p.ntables, p.segs, sizeof(int64_t) * p.nsegs);
+        for (int64_t g = 0; g < p.nsegs; g++) {
+            int n = p.nsegs - g < GROUP_TILES ? (int)(p.nsegs - g) : GROUP_TILES;
+            while (n > 1 && !same_shape(s, p.segs + g, n)) n--;
+            pos[p.ntables + p.nsegs + g] = n;
+        }
         counts[0] = p.ntables;
         counts[1] = p.nsegs;
     }
@@ -864,13 +941,14 @@ static void segments_range(job_t* j, int64_t begin, int64_t end) {
     float* acc = aligned_alloc(64, bytes);
     float* yt = aligned_alloc(64, bytes);
     const int64_t* tile = j->pos + j->ntables;
+    const int64_t* same = tile + j->nsegs; /* lut_plan: same-shape tiles from each tile on */
     if (!acc || !yt) __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
     else
         for (int64_t g = begin; g < end;) {
             int nt = 1;
             if (!j->fp32) /* the longest run of same-shape tiles that fits a group */
-                for (int n = end - g < GROUP_TILES ? (int)(end - g) : GROUP_TILES; n > 1; n--)
-                    if (same_shape(j->s, tile + g, n)) { nt = n; break; }
+                nt = (int)(same[g] < end - g ? same[g] : end - g);
+            nt = nt < 1 ? 1 : nt > GROUP_TILES ? GROUP_TILES : nt; /* acc, yt hold GROUP_TILES tiles */
             if (j->fp32)
                 run_segment(j->s, tile[g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
                             j->XS, acc, yt);
