@@ -3,8 +3,9 @@
 Oracle for the kernel: a numpy simulation of the same arithmetic (activations quantized per
 group of 32 as ``round_half_even(x * (127 / max|x|))`` in float32, exact integer dot products,
 the group terms combined in float64). The integer parts match exactly, so the kernel and the
-simulation differ only by float32 rounding of the combination: at most (groups + 4) roundings
-of a sum of |terms| (bounded by summing absolute values). That bound is ~1e-6 of the output where the quantization
+simulation differ only by float32 rounding of the combination: at most (groups + 8) roundings
+of the sum of |w q| terms (the kernel scales per-lane partial sums of a group, which the group's
+sum of absolute products bounds; a seed where the signed total cancelled failed a bound on it). That bound is ~1e-6 of the output where the quantization
 itself moves it by ~1e-2: a kernel computing float activations (or wrong codes, scales, group
 order) fails it. Whole models: the target's declared tolerance for the option (8% of
 max|logit|; measured 1.8% on the random two-layer Llama here, 4.1% on SmolLM2).
@@ -55,14 +56,18 @@ def simulate(x, codes, s, o, bias, low):
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
     dx = (amax / np.float32(127)).astype(np.float32)
     q = np.rint(xg * inv[..., None]).astype(np.int64)
-    isum = np.einsum("ngk,mgk->mng", codes.reshape(-1, g, 32).astype(np.int64) + low, q)  # exact
+    w = codes.reshape(-1, g, 32).astype(np.int64) + low
+    isum = np.einsum("ngk,mgk->mng", w, q)  # exact
     s64, xs = s.astype(np.float64), dx.astype(np.float64) * q.sum(-1)
     coef = o.astype(np.float64) if o is not None else np.zeros_like(s64)
     t1 = isum * s64[None] * dx[:, None, :]
     t2 = coef[None] * xs[:, None, :]
     y = t1.sum(-1) + t2.sum(-1) + (bias[None].astype(np.float64) if bias is not None else 0)
-    size = np.abs(t1).sum(-1) + np.abs(t2).sum(-1) + (np.abs(bias)[None] if bias is not None else 0)
-    return y, (g + 4) * EPS32 * size
+    # the kernel scales partial sums of each group (int32 lanes) before adding them: a partial
+    # sum is at most the group's sum of |w q|, not its (possibly cancelling) total
+    partial = np.einsum("ngk,mgk->mng", np.abs(w), np.abs(q)) * np.abs(s64)[None] * dx[:, None, :]
+    size = partial.sum(-1) + np.abs(t2).sum(-1) + (np.abs(bias)[None] if bias is not None else 0)
+    return y, (g + 8) * EPS32 * size
 
 
 def run(fn, x, ops, n):
