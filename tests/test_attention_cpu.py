@@ -143,19 +143,3 @@ def test_vector_exp_within_two_ulp_and_exactly_zero_below_the_floor():
     assert (np.abs(got[normal] - want[normal]) <= 2 * ulp).all()
     assert (got[~normal] == 0).all()
 
-
-def test_one_task_per_head_gives_the_grouped_bits():
-    """Decode (few kv-head tasks) runs one task per query head; larger calls group the heads of
-    a kv head: each head's sums are the same either way."""
-    from bitsmith.backends.tvm.attention_cpu import attention_cpu_func
-    rng = np.random.default_rng(7)
-    q = rng.standard_normal((2, 9, 4, 64)).astype(np.float32)  # 2 * 3 * 4 = 24 tasks: grouped
-    k = rng.standard_normal((2, 3, 50, 64)).astype(np.float32)
-    v = rng.standard_normal((2, 3, 50, 64)).astype(np.float32)
-    mask = (rng.random((2, 50)) < 0.8).astype(np.int64)
-    target = host_target()
-    outs = []
-    for hp in (None, 1):
-        f = attention_cpu_func(9, 3, 64, 64, 0.125, True, "float32", "int64", False, heads_per_task=hp)
-        outs.append(run(tvm.compile(tvm.IRModule({"main": f}), target=target)["main"], q, k, v, mask, np.float32))
-    assert np.array_equal(outs[0], outs[1])
