@@ -224,6 +224,20 @@ def dense_kernel(k: int, n: int, has_bias: bool, act: str, wdt: str, t: Tiling =
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
 
 
+def role_lookup(roles: list[str], shapes: list[tuple[tuple[int, ...], str]]):
+    """(shape of role, dtype of role or a default): the operands a layout has, by role name; a role
+    the layout lacks gets shape (1,) (its parameter is dropped from the kernel afterwards)."""
+    shape_of = dict(zip(roles, shapes))
+
+    def shp(role):
+        return shape_of[role][0] if role in shape_of else (1,)
+
+    def dt(role, default):
+        return shape_of[role][1] if role in shape_of else default
+
+    return shp, dt
+
+
 def _pshufb(table, idx):
     return tirx.call_llvm_pure_intrin(f"int8x{V}", "llvm.x86.ssse3.pshuf.b.128", table,
                                       tirx.reinterpret(f"int8x{V}", idx))
@@ -236,14 +250,7 @@ def qlinear_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]]
     if lay.group_size % V:
         raise ValueError("the vector qlinear kernel needs group_size % 16 == 0")
     roles = lay.roles()
-    shape_of = dict(zip(roles, shapes))
-
-    def shp(role):
-        return shape_of[role][0] if role in shape_of else (1,)
-
-    def dt(role, default):
-        return shape_of[role][1] if role in shape_of else default
-
+    shp, dt = role_lookup(roles, shapes)
     k, n, gs = lay.in_features, lay.out_features, lay.group_size
     two_streams = len(lay.code_streams) == 2
     w0 = lay.code_streams[0][0]

@@ -43,7 +43,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, hsum, prefetch_row, row_lines, scratch_layout
+from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, hsum, prefetch_row, role_lookup, row_lines, scratch_layout
 from .qlinear_layout import QLinearLayout
 
 GROUP = 32      # weights per group (GGUF Q4 blocks)
@@ -112,14 +112,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
     if why:
         raise ValueError(why)
     roles = lay.roles()
-    shape_of = dict(zip(roles, shapes))
-
-    def shp(role):
-        return shape_of[role][0] if role in shape_of else (1,)
-
-    def dt(role, default):
-        return shape_of[role][1] if role in shape_of else default
-
+    shp, dt = role_lookup(roles, shapes)
     k, n = lay.in_features, lay.out_features
     groups, pairs = k // GROUP, k // PAIR
     offs, has_bias, low, bits = lay.offsets, lay.has_bias, float(lay.grid_low), lay.bits
