@@ -8,7 +8,7 @@ about half the memory's read bandwidth. With int8 activations 64 weights cost on
 a mask, a shift and two integer dot instructions, as in llama.cpp's Q4 x Q8 dot products (the
 like-for-like comparison, issue 15). Accuracy cost: per group of 32 activations, x is replaced
 by ``dx * round(x / dx)`` with ``dx = max|x| / 127`` (relative error <= 1/254 of the group's
-largest activation per element, unbiased); on SmolLM2 perplexity 20.832 -> 20.846
+largest activation per element, unbiased); on SmolLM2 perplexity 20.832 -> 20.854
 (benchmarks/decode_race.py, row ``tvm-llvm/gguf-a8``). Four output rows are walked together
 (independent chains: a 576-weight row is only 9 integer dots) and rows 16 ahead are prefetched
 (``matmul_cpu_kernels.prefetch_row``): 1536 x 576 Q4_1 from DRAM, one thread, 42 us (float
@@ -28,7 +28,7 @@ both integer sums exact (|c q| <= 15 * 127, 32 terms). Using x^ in the offset te
 llama.cpp's Q8_1 sums do) keeps the rounding errors multiplied by the centred weights
 ``d c + m`` rather than by the all-positive ``d c``: with the float sum of x there instead,
 SmolLM2's perplexity rose 0.63% (20.832 -> 20.964), with x^ 0.07% (20.846; 4 windows of 512
-tokens, benchmarks/decode_race.py). The codes' layout (``qlinear_layout``, sliced16) holds group g in 16 bytes: low nibbles weights 0..15, high
+tokens, benchmarks/decode_race.py; Q4_1 layers only, 20.854 with the Q8_0 lm_head too). The codes' layout (``qlinear_layout``, sliced16) holds group g in 16 bytes: low nibbles weights 0..15, high
 nibbles 16..31; 32 bytes hold two groups, so the quantized activations are stored per pair of
 groups as [low halves of both | high halves of both] (64 bytes) and one mask / one shift give
 the two byte vectors that line up with them. Of the 8 int32 lanes of the dot, lanes 0-3 belong
