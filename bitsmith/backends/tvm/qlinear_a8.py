@@ -28,8 +28,10 @@ both integer sums exact (|c q| <= 15 * 127, 32 terms). Using x^ in the offset te
 llama.cpp's Q8_1 sums do) keeps the rounding errors multiplied by the centred weights
 ``d c + m`` rather than by the all-positive ``d c``: with the float sum of x there instead,
 SmolLM2's perplexity rose 0.63% (20.832 -> 20.964), with x^ 0.07% (20.846; 4 windows of 512
-tokens, benchmarks/decode_race.py; Q4_1 layers only, 20.854 with the Q8_0 lm_head too). The codes' layout (``qlinear_layout``, sliced16) holds group g in 16 bytes: low nibbles weights 0..15, high
-nibbles 16..31; 32 bytes hold two groups, so the quantized activations are stored per pair of
+tokens, benchmarks/decode_race.py; Q4_1 layers only, 20.854 with the Q8_0 lm_head too).
+
+The codes' layout (``qlinear_layout``, sliced16) holds group g in 16 bytes: low nibbles weights
+0..15, high nibbles 16..31; 32 bytes hold two groups, so the quantized activations are stored per pair of
 groups as [low halves of both | high halves of both] (64 bytes) and one mask / one shift give
 the two byte vectors that line up with them. Of the 8 int32 lanes of the dot, lanes 0-3 belong
 to the pair's first group and 4-7 to the second: each lane is scaled by its group's
@@ -83,7 +85,8 @@ def _dot_s8s8(codes, acts, vnni: bool):
     pmaddubsw / vpdpbusd take one unsigned operand: |w| (<= 128) meets q with w's sign, and
     |w| * |q| <= 128 * 127 keeps pmaddubsw's pairwise int16 sums from saturating."""
     w = tirx.reinterpret("int8x32", tirx.bitwise_xor(codes, tirx.Broadcast(tirx.const(128, "uint8"), 32)))
-    a = tirx.reinterpret("uint8x32", tirx.call_llvm_pure_intrin("int8x32", "llvm.abs.v32i8", w, tirx.const(False, "bool")))
+    a = tirx.reinterpret("uint8x32", tirx.call_llvm_pure_intrin("int8x32", "llvm.abs.v32i8", w,
+                                                                tirx.const(False, "bool")))
     b = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", acts, w)
     return _dot_u8s8(tirx.Broadcast(tirx.const(0, "int32"), LANES8), a, b, vnni)
 
@@ -101,7 +104,8 @@ def _pair_isum(C0, QA, r, qbase, p, bits: int, vnni: bool):
     # 8-bit: 64 code bytes, one group per 32, activations in natural order; fold each group's 8
     # lanes to 4 so the lanes line up with the 4-bit form
     ia = _dot_s8s8(C0[r, tirx.Ramp(p * PAIR, 1, GROUP)], QA[tirx.Ramp(qbase + p * PAIR, 1, GROUP)], vnni)
-    ib = _dot_s8s8(C0[r, tirx.Ramp(p * PAIR + GROUP, 1, GROUP)], QA[tirx.Ramp(qbase + p * PAIR + GROUP, 1, GROUP)], vnni)
+    ib = _dot_s8s8(C0[r, tirx.Ramp(p * PAIR + GROUP, 1, GROUP)],
+                   QA[tirx.Ramp(qbase + p * PAIR + GROUP, 1, GROUP)], vnni)
     return (tirx.Shuffle([ia, ib], [0, 1, 2, 3, 8, 9, 10, 11])
             + tirx.Shuffle([ia, ib], [4, 5, 6, 7, 12, 13, 14, 15]))
 
