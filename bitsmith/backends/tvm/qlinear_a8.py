@@ -54,6 +54,7 @@ LANES8 = 8      # int32 lanes of one 32-byte dot
 ROWS = 8        # output rows per parallel task
 MTILE = 4       # activation rows sharing one decoded pair of groups
 R4 = 4          # output rows walked together for one activation row
+EXPAND4 = [a for a in range(4) for _ in range(4)]  # 4 group scales -> each over its 4 int32 lanes
 
 
 def applies(lay: QLinearLayout) -> str | None:
@@ -165,8 +166,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
         # the row's scales, each repeated over its group's 4 int32 lanes (once per row, 4 groups
         # per shuffle), so the loop below reads lane scales with one load
         for gb in range(groups // 4):
-            se[T.Ramp(gb * V, 1, V)] = T.Shuffle([T.Cast("float32x4", S[r, T.Ramp(gb * 4, 1, 4)])] * 4,
-                                                 [a for a in range(4) for _ in range(4)])
+            se[T.Ramp(gb * V, 1, V)] = T.Shuffle([T.Cast("float32x4", S[r, T.Ramp(gb * 4, 1, 4)])] * 4, EXPAND4)
         for g in range(groups % 4):
             se[T.Ramp((groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(T.Cast(F32, S[r, groups // 4 * 4 + g]), 4)
         for z in T.unroll(mt):
@@ -203,7 +203,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
                 prefetch_row(O, pf_o[0], pf_o[1], r0 + ri + PREFETCH_ROWS, n)
             for gb in range(groups // 4):
                 se[T.Ramp(ri * groups * 4 + gb * V, 1, V)] = T.Shuffle(
-                    [T.Cast("float32x4", S[r0 + ri, T.Ramp(gb * 4, 1, 4)])] * 4, [a for a in range(4) for _ in range(4)])
+                    [T.Cast("float32x4", S[r0 + ri, T.Ramp(gb * 4, 1, 4)])] * 4, EXPAND4)
             for g in range(groups % 4):
                 se[T.Ramp(ri * groups * 4 + (groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(
                     T.Cast(F32, S[r0 + ri, groups // 4 * 4 + g]), 4)
