@@ -211,7 +211,8 @@ def test_mcpu_and_threads_options(monkeypatch):
         build(module, threads=-1)
     with pytest.raises(BitsmithError, match="mcpu"):
         build(module, mcpu="")
-    assert get_target("tvm-llvm").option_defaults() == {"mcpu": "host", "threads": 0, "activation_bits": 32}
+    assert get_target("tvm-llvm").option_defaults() == {"mcpu": "host", "threads": 0, "activation_bits": 32,
+                                                         "kv_dtype": "float32"}
 
 
 # ---------------------------------------------------------------- whole models
