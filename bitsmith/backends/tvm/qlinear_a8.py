@@ -162,13 +162,34 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
             XS[i * groups + g] = dx * _hsum16(qlo + qhi)  # |sum| <= 32 * 127: exact before the scaling
 
     @T.macro
-    def rows_tile(QA, DXE, XS, C0, S, O, B, Y, acc, se, mt, m0, r):
-        # the row's scales, each repeated over its group's 4 int32 lanes (once per row, 4 groups
-        # per shuffle), so the loop below reads lane scales with one load
+    def expand_scales(S, se, base, r):
+        """Row r's scales at se[base:], each repeated over its group's 4 int32 lanes (once per row, 4
+        groups per shuffle), so the pair loop reads lane scales with one load."""
         for gb in range(groups // 4):
-            se[T.Ramp(gb * V, 1, V)] = T.Shuffle([T.Cast("float32x4", S[r, T.Ramp(gb * 4, 1, 4)])] * 4, EXPAND4)
+            se[T.Ramp(base + gb * V, 1, V)] = T.Shuffle([T.Cast("float32x4", S[r, T.Ramp(gb * 4, 1, 4)])] * 4, EXPAND4)
         for g in range(groups % 4):
-            se[T.Ramp((groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(T.Cast(F32, S[r, groups // 4 * 4 + g]), 4)
+            se[T.Ramp(base + (groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(T.Cast(F32, S[r, groups // 4 * 4 + g]), 4)
+
+    @T.macro
+    def finish(XS, S, O, B, Y, acc, a, i, r):
+        """y[i, r] from the accumulator lanes at acc[a:]: the offset term sum_g (d_g low + m_g) xs_g
+        (16 groups at a time, then the rest), the lane sum, the bias."""
+        if coef_term:
+            for gb in range(gv // V):
+                acc[T.Ramp(a, 1, V)] = acc[T.Ramp(a, 1, V)] + _coef(S, O, r, T.Ramp(gb * V, 1, V)) * XS[
+                    T.Ramp(i * groups + gb * V, 1, V)]
+        hsum(acc, a)
+        if coef_term:
+            for g in range(groups - gv):
+                acc[a] = acc[a] + _coef(S, O, r, gv + g) * XS[i * groups + gv + g]
+        if has_bias:
+            acc[a] = acc[a] + T.Cast(F32, B[r])
+        Y[i, r] = T.Cast(act, acc[a])
+
+    @T.macro
+    def rows_tile(QA, DXE, XS, C0, S, O, B, Y, acc, se, mt, m0, r):
+        """One output row against ``mt`` activation rows (each pair of groups decoded once)."""
+        expand_scales(S, se, 0, r)
         for z in T.unroll(mt):
             acc[T.Ramp(z * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for p in range(pairs):
@@ -178,19 +199,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
                 acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast("float32x8", isum) * (
                     se[T.Ramp(p * LANES8, 1, LANES8)] * DXE[T.Ramp((m0 + mi) * groups * 4 + p * LANES8, 1, LANES8)])
         for mi in T.unroll(mt):
-            # offset term: sum_g (d_g low + m_g) xs_g, 16 groups at a time
-            if coef_term:
-                for gb in range(gv // V):
-                    coef = T.bind(_coef(S, O, r, T.Ramp(gb * V, 1, V)))
-                    acc[T.Ramp(mi * V, 1, V)] = acc[T.Ramp(mi * V, 1, V)] + coef * XS[
-                        T.Ramp((m0 + mi) * groups + gb * V, 1, V)]
-            hsum(acc, mi * V)
-            if coef_term:
-                for g in range(groups - gv):
-                    acc[mi * V] = acc[mi * V] + _coef(S, O, r, gv + g) * XS[(m0 + mi) * groups + gv + g]
-            if has_bias:
-                acc[mi * V] = acc[mi * V] + T.Cast(F32, B[r])
-            Y[m0 + mi, r] = T.Cast(act, acc[mi * V])
+            finish(XS, S, O, B, Y, acc, mi * V, m0 + mi, r)
 
     @T.macro
     def rows4_one_x(QA, DXE, XS, C0, S, O, B, Y, acc, se, i, r0):
@@ -201,12 +210,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
             prefetch_row(S, pf_s[0], pf_s[1], r0 + ri + PREFETCH_ROWS, n)
             if offs:
                 prefetch_row(O, pf_o[0], pf_o[1], r0 + ri + PREFETCH_ROWS, n)
-            for gb in range(groups // 4):
-                se[T.Ramp(ri * groups * 4 + gb * V, 1, V)] = T.Shuffle(
-                    [T.Cast("float32x4", S[r0 + ri, T.Ramp(gb * 4, 1, 4)])] * 4, EXPAND4)
-            for g in range(groups % 4):
-                se[T.Ramp(ri * groups * 4 + (groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(
-                    T.Cast(F32, S[r0 + ri, groups // 4 * 4 + g]), 4)
+            expand_scales(S, se, ri * groups * 4, r0 + ri)
             acc[T.Ramp(ri * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for p in range(pairs):
             dxe = T.bind(DXE[T.Ramp(i * groups * 4 + p * LANES8, 1, LANES8)])
@@ -216,17 +220,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
                 acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast("float32x8", isum) * (
                     se[T.Ramp(ri * groups * 4 + p * LANES8, 1, LANES8)] * dxe)
         for ri in T.unroll(R4):
-            if coef_term:
-                for gb in range(gv // V):
-                    acc[T.Ramp(ri * V, 1, V)] = acc[T.Ramp(ri * V, 1, V)] + _coef(
-                        S, O, r0 + ri, T.Ramp(gb * V, 1, V)) * XS[T.Ramp(i * groups + gb * V, 1, V)]
-            hsum(acc, ri * V)
-            if coef_term:
-                for g in range(groups - gv):
-                    acc[ri * V] = acc[ri * V] + _coef(S, O, r0 + ri, gv + g) * XS[i * groups + gv + g]
-            if has_bias:
-                acc[ri * V] = acc[ri * V] + T.Cast(F32, B[r0 + ri])
-            Y[i, r0 + ri] = T.Cast(act, acc[ri * V])
+            finish(XS, S, O, B, Y, acc, ri * V, i, r0 + ri)
 
     @T.prim_func(s_tir=True)
     def main(x: T.handle, c0: T.handle, scales: T.handle, offsets: T.handle, bias: T.handle, y: T.handle):
