@@ -38,7 +38,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .matmul_cpu_kernels import F32, V, VF32, hsum
+from .matmul_cpu_kernels import F32, V, VF32, hsum, prefetch
 
 SLABS = 64  # parallel work items per call (see matmul_cpu_kernels.scratch_layout)
 PREFETCH_KEYS = 16  # key / value rows ahead asked of the cache while streaming them
@@ -97,10 +97,6 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
     k_lines, k_per_line = -(-head_dim // per_line), per_line
     v_lines, v_per_line = -(-value_dim // per_line), per_line
 
-    def _prefetch(buf, bi, kv, j, col):
-        return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[bi, kv, j, col]),
-                                     tirx.const(0, "int32"), tirx.const(3, "int32"), tirx.const(1, "int32"))
-
     def _key_end(t, s, i):  # causal: keys past the row's own position are never visited
         return tirx.min(t, i + t - s + 1) if causal else t
 
@@ -119,7 +115,7 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
         # 1. scores
         for j in range(jend):
             for ln in T.unroll(k_lines):  # the key row PREFETCH_KEYS ahead (slots < capacity: in bounds)
-                T.evaluate(_prefetch(K, bi, kv, T.min(j + PREFETCH_KEYS, cap - 1), ln * k_per_line))
+                T.evaluate(prefetch(K, bi, kv, T.min(j + PREFETCH_KEYS, cap - 1), ln * k_per_line))
             for gi in T.unroll(hp):
                 ws[T.Ramp(L + gi * V, 1, V)] = (T.Cast(VF32, Q[bi, h0 + gi, i, T.Ramp(0, 1, V)])
                                               * T.Cast(VF32, K[bi, kv, j, T.Ramp(0, 1, V)]))
@@ -150,7 +146,7 @@ def attention_cpu_func(heads: int, kv_heads: int, head_dim: int, value_dim: int,
         # 4. probabilities times values, and their sums, in key order
         for j in range(jend):
             for ln in T.unroll(v_lines):
-                T.evaluate(_prefetch(Vv, bi, kv, T.min(j + PREFETCH_KEYS, cap - 1), ln * v_per_line))
+                T.evaluate(prefetch(Vv, bi, kv, T.min(j + PREFETCH_KEYS, cap - 1), ln * v_per_line))
             for e in T.unroll(ec):
                 vv = T.bind(T.Cast(VF32, Vv[bi, kv, j, T.Ramp(e * V, 1, V)]))
                 for gi in T.unroll(hp):

@@ -87,8 +87,9 @@ def hsum(acc, base):
 PREFETCH_ROWS = 16  # weight rows ahead that a one-activation-row pass asks the cache for
 
 
-def _prefetch(buf, row, col):
-    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[row, col]), tirx.const(0, "int32"),
+def prefetch(buf, *index):
+    """``llvm.prefetch`` (read, keep in all cache levels) of ``buf[index]``'s cache line."""
+    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", tirx.address_of(buf[index]), tirx.const(0, "int32"),
                                  tirx.const(3, "int32"), tirx.const(1, "int32"))
 
 
@@ -105,7 +106,7 @@ def prefetch_row(buf, lines, per_line, r, n):
     single pass over its weights, and the hardware prefetcher alone kept one thread at ~13 GB/s of
     ~25 (SmolLM2 1536 x 576 Q4_1 rows from DRAM: 42 -> 26 us)."""
     for ln in T.unroll(lines):
-        T.evaluate(_prefetch(buf, T.min(r, n - 1), ln * per_line))
+        T.evaluate(prefetch(buf, T.min(r, n - 1), ln * per_line))
 
 
 SLABS = 64  # parallel work items per call: each owns one slice of a per-call scratch buffer
