@@ -129,11 +129,11 @@ def test_artifact_keeps_the_variant_and_older_artifacts_decode_on_concat(tmp_pat
     want = np.asarray(cm.generate(IDS, 5, attention_mask=MASK))
     assert np.array_equal(np.asarray(loaded.generate(IDS, 5, attention_mask=MASK)), want)
     host = cm.executable.host
-    variant, host.inplace = host.inplace, None  # what an artifact from before the variant holds
+    variants, host.variants = host.variants, {}  # what an artifact from before the variant holds
     try:
         cm.save(str(tmp_path / "old"))
     finally:
-        host.inplace = variant
+        host.variants = variants
     old = bitsmith.load(str(tmp_path / "old"))
     assert old.executable.kv_session() is None and old.report()["executable"]["kv_cache"].startswith("concat")
     assert np.array_equal(np.asarray(old.generate(IDS, 5, attention_mask=MASK)), want)

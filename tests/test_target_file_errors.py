@@ -83,6 +83,8 @@ F0 = lambda d: d["functions"][0]  # noqa: E731
     (_edit(lambda d: d.update(operands={})), "operands: expected a list"),
     (_edit(lambda d: d.update(operands=[{"function": "main"}])), "operands[0]: missing field 'slot'"),
     (_plan_doc(), f"calls kernel {KEY} but kernels/{KEY}.so is not listed"),
+    (_edit(lambda d: d.update(kv_inplace_last=[F0(d)])), "kv_inplace_last: needs the in-place variant"),
+    (_edit(lambda d: d.update(kv_inplace_last=[{**F0(d), "name": "other"}])), "kv_inplace_last: a variant of 'other'"),
 ])
 def test_tvm_plan_json_failures_name_file_and_field(doc, words: str):
     _expect_plan_refusal(doc, words)

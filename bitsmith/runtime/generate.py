@@ -34,13 +34,15 @@ class CacheSession(Protocol):
     """KV caches of fixed capacity updated in place (an executable's ``kv_session()``): slot j of
     each cache is column j of the attention mask, as ``present``'s column j is on the concat path.
     ``caches`` (one [rows, kv_heads, capacity, dim] array per cache input, zeros after ``start``)
-    may be read and written between steps; ``step`` runs on their first ``batch`` rows."""
+    may be read and written between steps; ``step`` runs on their first ``batch`` rows and with
+    ``last_only`` returns the logits of the last position only, [batch, 1, vocab]."""
 
     caches: list[np.ndarray]
 
     def start(self, batch: int, capacity: int) -> None: ...
 
-    def step(self, ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+    def step(self, ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+             last_only: bool = False) -> np.ndarray: ...
 
 
 class RaggedBatchError(ValueError):
@@ -169,7 +171,7 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
             logits, *cache = run("main", main_args(module, step_ids, pos, cache, mask))
         else:
             live = mask if mask is not None else np.ones((b, start + n), dtype=np.int64)
-            logits = session.step(step_ids, pos, live)
+            logits = session.step(step_ids, pos, live, last_only=True)
         start += n
         if mask is not None:
             mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)

@@ -134,6 +134,7 @@ class TVMHost:
         return {"host": self.name, "host_kernels": self.program.kernel_count, "host_engine_calls": self.externs,
                 "host_executor": step_executor_name(self.executors, self.python_steps),
                 "host_kv_cache": info.get("kv_cache", "concat"),
+                "host_prefill_logits": info.get("prefill_logits", "every position"),
                 "engine_threads": "TVM thread pool" if self.parallel_launcher else "engine thread pool",
                 **{f"host_{k}": info[k] for k in keep if k in info}}
 

@@ -39,6 +39,7 @@ from ...ir.traits import ATTENTION, has_trait
 from .binder import ExecutionError
 from .executor import ALIGN, aligned_empty
 from .kernel import KernelDef, Recipe
+from .last_logits import KEY as LAST_KEY
 from .plan import Call, FunctionPlan, View
 
 FUNCTION = "main"
@@ -240,11 +241,13 @@ class KVInplaceExecutor:
 class KVSession:
     """One generation's capacity-sized caches and the variant that writes them (``run(key, args)``
     is the executable's run, so its thread settings apply). Not shared between threads: every
-    ``generate`` call makes its own, so concurrent generations never share a cache."""
+    ``generate`` call makes its own, so concurrent generations never share a cache. ``last``: the
+    executor of the last-position-logits variant (``last_logits``), None for older artifacts."""
 
     def __init__(self, run: Callable[[str, Sequence[np.ndarray]], list[np.ndarray]],
-                 executor: KVInplaceExecutor) -> None:
+                 executor: KVInplaceExecutor, last: KVInplaceExecutor | None = None) -> None:
         self._run, self.specs = run, executor.caches
+        self._last_key = LAST_KEY if last is not None else None
         self.caches: list[np.ndarray] = []
 
     def start(self, batch: int, capacity: int) -> None:
@@ -260,11 +263,14 @@ class KVSession:
     def capacity(self) -> int:
         return int(self.caches[0].shape[2]) if self.caches else 0
 
-    def step(self, ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    def step(self, ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+             last_only: bool = False) -> np.ndarray:
         """Logits of ``ids`` [batch, seq], whose keys go to slots [t - seq, t), t = the mask's length.
         ``batch`` may be less than the caches' rows: the step runs on their first ``batch`` rows
         (a leading slice of a C-contiguous array is one, at the same address) and leaves the
-        others alone (spare rows: ``DecodeBatch``'s headroom)."""
+        others alone (spare rows: ``DecodeBatch``'s headroom). ``last_only``: logits [batch, 1,
+        vocab] of the last position only (what generation reads; computed alone where the
+        artifact has the variant, else sliced)."""
         if not self.caches:
             raise ValueError("KVSession.step before start()")
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -274,5 +280,8 @@ class KVSession:
         if not 1 <= ids.shape[0] <= rows:
             raise ValueError(f"batch {ids.shape[0]} but the session holds caches for {rows} rows")
         caches = self.caches if ids.shape[0] == rows else [c[:ids.shape[0]] for c in self.caches]
+        if last_only and self._last_key is not None and ids.shape[1] > 1:
+            (logits,) = self._run(self._last_key, [ids, pos, *caches, mask])
+            return logits
         (logits,) = self._run(KEY, [ids, pos, *caches, mask])
-        return logits
+        return logits[:, -1:] if last_only else logits

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -24,7 +24,7 @@ from ...ir import Module
 from .. import native_loader
 from ..json_fields import Field
 from ..base import Executable
-from . import kv_inplace, native_step, runtime_cpu, stored_operands
+from . import kv_inplace, last_logits, native_step, runtime_cpu, stored_operands
 from .cache import KernelCache
 from .executor import PlanExecutor
 from .lowering import LoweringContext, lower_function
@@ -194,7 +194,12 @@ class LLVMExecutable(Executable):
 
 def kv_session(executors: Mapping[str, Any], run: Callable) -> "kv_inplace.KVSession | None":
     ex = executors.get(kv_inplace.KEY)
-    return kv_inplace.KVSession(run, ex) if ex is not None else None
+    return kv_inplace.KVSession(run, ex, executors.get(last_logits.KEY)) if ex is not None else None
+
+
+# main's variants (executor key -> plan.json field), each sharing main's constants; the last-logits
+# variant is derived from the in-place one and runs on the same caches
+VARIANT_FIELDS = {kv_inplace.KEY: kv_inplace.PLAN_FIELD, last_logits.KEY: last_logits.PLAN_FIELD}
 
 
 def step_executor_name(executors: Mapping[str, Any], python_steps: bool = False) -> str:
@@ -219,7 +224,7 @@ class HostBuild:
     spec: native_loader.NativeSpec | None = None  # what the kernels were built for (None: unrecorded)
     plan_file: str = "plan.json"  # the artifact path of plan.json that errors name
     driver: bytes | None = None   # native_step's driver library (None: plans run on the Python executor)
-    inplace: FunctionPlan | None = None  # main's in-place KV variant (kv_inplace; None: older artifact)
+    variants: dict[str, FunctionPlan] = field(default_factory=dict)  # VARIANT_FIELDS' keys (older artifacts: fewer)
 
     def executors(self, module: Module, externs: Mapping[str, Callable] | None = None) -> dict[str, Any]:
         """Per function, a NativePlanExecutor (one C call per run) where the driver is here and
@@ -229,20 +234,19 @@ class HostBuild:
         python = {name: PlanExecutor(p, kernels, resolve_consts(module, p, self.derived.get(name), self.plan_file),
                                      self.plan_file)
                   for name, p in self.plans.items()}
-        if self.inplace is not None:  # main's constants, shared (not copied)
+        for key, variant in self.variants.items():  # main's constants, shared (not copied)
             if kv_inplace.FUNCTION not in python:
-                raise PlanError(self.plan_file, f"{kv_inplace.PLAN_FIELD}: a variant of {kv_inplace.FUNCTION!r}, "
+                raise PlanError(self.plan_file, f"{VARIANT_FIELDS[key]}: a variant of {kv_inplace.FUNCTION!r}, "
                                                 "which has no plan")
-            if self.inplace.consts != self.plans[kv_inplace.FUNCTION].consts:
-                raise PlanError(self.plan_file, f"{kv_inplace.PLAN_FIELD}: constants differ from "
+            if variant.consts != self.plans[kv_inplace.FUNCTION].consts:
+                raise PlanError(self.plan_file, f"{VARIANT_FIELDS[key]}: constants differ from "
                                                 f"{kv_inplace.FUNCTION!r}'s, whose arrays it shares")
-            python[kv_inplace.KEY] = PlanExecutor(self.inplace, kernels, {}, self.plan_file,
-                                                  shared=python[kv_inplace.FUNCTION])
+            python[key] = PlanExecutor(variant, kernels, {}, self.plan_file, shared=python[kv_inplace.FUNCTION])
         driver = self.step_driver()
         if driver is not None and all(isinstance(fn, native_step.NativeExtern) for fn in (externs or {}).values()):
             python = {name: native_step.NativePlanExecutor(ex, kernels, driver) for name, ex in python.items()}
-        if kv_inplace.KEY in python:
-            python[kv_inplace.KEY] = kv_inplace.KVInplaceExecutor(python[kv_inplace.KEY], self.plans[kv_inplace.FUNCTION])
+        for key in self.variants:
+            python[key] = kv_inplace.KVInplaceExecutor(python[key], self.plans[kv_inplace.FUNCTION])
         return python
 
     def step_driver(self) -> "native_step.Driver | None":
@@ -255,7 +259,7 @@ class HostBuild:
 
     def used_kernels(self) -> set[str]:
         """Kernel keys the stored plans call (the variant's included): what an artifact keeps."""
-        plans = [*self.plans.values(), *([self.inplace] if self.inplace is not None else [])]
+        plans = [*self.plans.values(), *self.variants.values()]
         return {s.kernel for p in plans for s in p.steps if isinstance(s, Call) and s.kernel in self.libraries}
 
     def files(self) -> dict[str, bytes]:
@@ -264,8 +268,8 @@ class HostBuild:
         plan = {"format": PLAN_FORMAT, "target": TARGET, "mcpu": self.info["mcpu"],
                 "functions": [p.to_json() for p in self.plans.values()], "operands": operands,
                 "schedules": {k: v for k, v in self.info["kernel_schedules"].items() if k in used}}
-        if self.inplace is not None:
-            plan[kv_inplace.PLAN_FIELD] = [self.inplace.to_json()]
+        for key, variant in self.variants.items():
+            plan[VARIANT_FIELDS[key]] = [variant.to_json()]
         if self.spec is not None:
             plan["isa"] = self.spec.to_json()
         if self.driver is not None:
@@ -299,12 +303,13 @@ def compile_host(module: Module, options: Mapping[str, Any],
     derived_by_fn: dict[str, dict[int, np.ndarray]] = {}
     schedules: dict[str, dict[str, str]] = {}
     lower_seconds = 0.0
-    inplace: FunctionPlan | None = None
+    variants: dict[str, FunctionPlan] = {}
     for fn in module.functions:
         t1 = time.perf_counter()
         plan, kdefs, derived = lower_function(module, fn, TARGET, anchor_rules)
         variant = (_inplace_variant(module, fn, plan, kdefs, _kv_dtype(options)) if fn.name == kv_inplace.FUNCTION
                    else None)
+        last = _last_logits_variant(variant, kdefs) if variant is not None else None
         lower_seconds += time.perf_counter() - t1
         rename: dict[str, str] = {}
         for digest, (key, data) in cache.libraries(kdefs, schedule_cpu, SCHEDULE_ID, target).items():
@@ -315,13 +320,15 @@ def compile_host(module: Module, options: Mapping[str, Any],
                 libraries[key] = data
                 native_loader.grant_built(data, spec)  # compiled here, or a digest-checked cache entry
                 loaded[key] = runtime_cpu.load_module(data, f"kernels/{key}.so")["main"]
-        for p in (plan, variant):
+        for p in (plan, variant, last):
             for s in p.steps if p is not None else ():
                 if isinstance(s, Call) and not s.kernel.startswith(EXTERN_PREFIX):
                     s.kernel = rename[s.kernel]
         plans[fn.name] = plan
         if variant is not None:
-            inplace = variant
+            variants[kv_inplace.KEY] = variant
+        if last is not None:
+            variants[last_logits.KEY] = last
         derived_by_fn[fn.name] = derived
     if _activation_bits(options) == 8 and not any(v["schedule"] == "vector-qlinear-a8" for v in schedules.values()):
         from ...ir.quantized import qlinear_nodes
@@ -336,8 +343,9 @@ def compile_host(module: Module, options: Mapping[str, Any],
             "kernel_schedules": schedules}
     driver = native_step.build_driver()
     info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (no C compiler)"
-    info["kv_cache"] = "in place" if inplace is not None else "concat (main has no in-place variant)"
-    return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec, driver=driver, inplace=inplace)
+    info["kv_cache"] = "in place" if variants else "concat (main has no in-place variant)"
+    info["prefill_logits"] = "last position" if last_logits.KEY in variants else "every position"
+    return HostBuild(plans, libraries, loaded, derived_by_fn, info, spec, driver=driver, variants=variants)
 
 
 def _inplace_variant(module: Module, fn: Any, plan: FunctionPlan, kdefs: dict,
@@ -360,6 +368,15 @@ def _inplace_variant(module: Module, fn: Any, plan: FunctionPlan, kdefs: dict,
         return None
 
 
+def _last_logits_variant(inplace: FunctionPlan, kdefs: dict) -> FunctionPlan | None:
+    """The in-place variant computing the last position's logits only, or None where the plan's
+    logits do not have the shape it cuts (generation then slices the full logits)."""
+    try:
+        return last_logits.derive_plan(inplace, kdefs)
+    except last_logits.LastLogitsUnavailable:
+        return None
+
+
 def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.LibraryDir]:
     """The plans and kernel libraries of an artifact (each file hash-checked as it is read, see
     ``backends.files``); the LibraryDir must live as long as the kernels are used. Extern
@@ -374,13 +391,17 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
     libdir = runtime_cpu.LibraryDir()
     libraries: dict[str, bytes] = {}
     loaded: dict[str, Callable] = {}
-    inplace = None
-    if doc.has(kv_inplace.PLAN_FIELD):  # artifacts since the in-place KV cache
-        (variant,) = doc[kv_inplace.PLAN_FIELD].list(1)
-        inplace = FunctionPlan.from_json(variant)
-        if inplace.name != kv_inplace.FUNCTION:  # whether main's plan is there: executors() (module first)
-            doc[kv_inplace.PLAN_FIELD].fail(f"an in-place variant of {inplace.name!r}, not of {kv_inplace.FUNCTION!r}")
-    for plan in [*plans.values(), *([inplace] if inplace else [])]:
+    variants: dict[str, FunctionPlan] = {}
+    for key, name in VARIANT_FIELDS.items():  # in-place KV since issue 15, last-position logits later
+        if not doc.has(name):
+            continue
+        (variant,) = doc[name].list(1)
+        variants[key] = FunctionPlan.from_json(variant)
+        if variants[key].name != kv_inplace.FUNCTION:  # whether main's plan is there: executors() (module first)
+            doc[name].fail(f"a variant of {variants[key].name!r}, not of {kv_inplace.FUNCTION!r}")
+    if last_logits.KEY in variants and kv_inplace.KEY not in variants:
+        doc[last_logits.PLAN_FIELD].fail(f"needs the in-place variant {kv_inplace.PLAN_FIELD}, which is absent")
+    for plan in [*plans.values(), *variants.values()]:
         for s in plan.steps:
             if isinstance(s, Call) and s.kernel not in loaded and not s.kernel.startswith(EXTERN_PREFIX):
                 name = f"kernels/{s.kernel}.so"
@@ -406,8 +427,9 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
                                                      "is not listed in the artifact")
         driver = files[native_step.DRIVER_FILE]
     info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (artifact has no driver)"
-    info["kv_cache"] = "in place" if inplace is not None else "concat (artifact has no in-place variant)"
-    return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json"), driver, inplace), libdir
+    info["kv_cache"] = "in place" if variants else "concat (artifact has no in-place variant)"
+    info["prefill_logits"] = "last position" if last_logits.KEY in variants else "every position"
+    return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json"), driver, variants), libdir
 
 
 def _read_schedules(doc: Field, libraries: Mapping[str, bytes]) -> dict[str, dict[str, str]]:
