@@ -65,14 +65,16 @@ def test_tvm_kernel_equals_the_dequantized_product(tvm_kernels, scheme, n, k, m,
     assert np.all(np.abs(y - want) <= _summation_bound(x, w, k / 16 + 32))
 
 
-def test_tvm_gguf_kernels_use_the_vector_schedule():
+def test_tvm_gguf_kernels_use_the_vector_schedules():
     pytest.importorskip("tvm")
     from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
-    from bitsmith.backends.tvm.matmul_cpu import VECTOR_QLINEAR, choose_schedule
-    for scheme in ("gguf-q4_1", "gguf-q8_0", "gguf-q6_k", "rtn-int8"):
+    from bitsmith.backends.tvm.matmul_cpu import VECTOR_QLINEAR, VECTOR_QLINEAR_GROUPED, choose_schedule
+    for scheme, want in (("gguf-q4_0", VECTOR_QLINEAR_GROUPED), ("gguf-q4_1", VECTOR_QLINEAR_GROUPED),
+                         ("gguf-q8_0", VECTOR_QLINEAR_GROUPED), ("gguf-q6_k", VECTOR_QLINEAR),
+                         ("rtn-int8", VECTOR_QLINEAR)):
         attrs, ops, _ = _qlinear(scheme, 16, 256, 0)
         assert choose_schedule(qlinear_kernel(attrs, qlinear_operands(attrs, ops, "float32"), "float32")) \
-            == VECTOR_QLINEAR, scheme
+            == want, scheme
 
 
 def test_lut_refuses_float_offsets_with_outliers():

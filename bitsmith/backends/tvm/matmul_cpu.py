@@ -54,6 +54,7 @@ def _param_shapes(func, skip_first: int = 1) -> list[tuple[tuple[int, ...], str]
 VECTOR_DENSE = "vector-dense"
 VECTOR_QLINEAR = "vector-qlinear"
 VECTOR_QLINEAR_A8 = "vector-qlinear-a8"
+VECTOR_QLINEAR_GROUPED = "vector-qlinear-grouped"  # GGUF Q4_0 / Q4_1 / Q8_0 blocks, float (qlinear_grouped)
 VECTOR_BCQ = "vector-bcq"
 GENERIC = "generic"
 
@@ -63,7 +64,7 @@ def _matmul_attrs(kdef: KernelDef) -> dict[str, Any] | None:
 
 
 def choose_schedule(kdef: KernelDef) -> str:
-    """The schedule ``schedule`` gives this kernel: VECTOR_DENSE, VECTOR_QLINEAR, or GENERIC with
+    """The schedule ``schedule`` gives this kernel: VECTOR_DENSE, VECTOR_QLINEAR(_GROUPED, _A8), or GENERIC with
     the reason after a colon (reported per kernel, so the slow path is never taken silently)."""
     a = _matmul_attrs(kdef)
     if a is None:
@@ -76,6 +77,9 @@ def choose_schedule(kdef: KernelDef) -> str:
             f"{GENERIC}: bcq_linear group_size {a['group_size']} is not a multiple of {LANES} (scalar decode)")
     if int(a.get("activation_bits", 32)) == 8:  # set only where qlinear_a8 covers the layout
         return VECTOR_QLINEAR_A8
+    from .qlinear_grouped import applies as grouped_applies
+    if grouped_applies(_layout_from_attrs(a)) is None:
+        return VECTOR_QLINEAR_GROUPED
     group_size = int(a["group_size"])
     if group_size % LANES:
         return (f"{GENERIC}: group_size {group_size} is not a multiple of {LANES}, so the vector kernel's "
@@ -107,6 +111,9 @@ def schedule(kdef: KernelDef, target):
                                 f"mcpu {target.attrs.get('mcpu', '?')!s} has neither (kernel {kdef.name})")
         vnni = (_has(target, "avx512vnni") and _has(target, "avx512vl")) or _has(target, "avxvnni")
         func = qlinear_a8_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni)
+    elif chosen == VECTOR_QLINEAR_GROUPED:
+        from .qlinear_grouped import qlinear_grouped_kernel
+        func = qlinear_grouped_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]))
     else:
         tiling = kern.QLINEAR_TILING_AVX512 if _has(target, "avx512f") else kern.Tiling()
         func = kern.qlinear_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]),
