@@ -203,7 +203,9 @@ def test_float16_cache_option(tmp_path):
     # the concat path keeps the model's type (float32 past and present)
     assert np.array_equal(concat_logits(f16, IDS, MASK, 1)[1], concat_logits(f32, IDS, MASK, 1)[1])
     f16.save(tmp_path / "a")
-    loaded = bitsmith.load(tmp_path / "a").executable.kv_session()
+    reloaded = bitsmith.load(tmp_path / "a")
+    assert reloaded.report()["executable"]["kv_dtype"] == "float16"  # read back from the variant
+    loaded = reloaded.executable.kv_session()
     loaded.start(1, 8)
     assert loaded.caches[0].dtype == np.float16
 

@@ -163,7 +163,9 @@ def test_option_runs_gguf_q4_layers_in_int8_within_tolerance(tiny_gguf, tmp_path
     assert not np.array_equal(got, np.asarray(fp(ids)))  # the option changed the arithmetic
     path = tmp_path / "a8"
     a8.save(path)
-    assert np.array_equal(np.asarray(bitsmith.load(path)(ids)), got)
+    loaded = bitsmith.load(path)
+    assert np.array_equal(np.asarray(loaded(ids)), got)
+    assert loaded.report()["executable"]["activation_bits"] == 8  # read back from the kernels' schedules
 
 
 def test_bad_activation_bits_is_refused(tiny_gguf):

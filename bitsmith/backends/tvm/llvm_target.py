@@ -427,6 +427,10 @@ def load_host(files: Mapping[str, bytes]) -> tuple[HostBuild, runtime_cpu.Librar
                                                      "is not listed in the artifact")
         driver = files[native_step.DRIVER_FILE]
     info["step_driver"] = "native (driver/stepdrv.so)" if driver is not None else "python (artifact has no driver)"
+    info["activation_bits"] = 8 if any(v["schedule"] == "vector-qlinear-a8" for v in schedules.values()) else 32
+    if kv_inplace.KEY in variants and kv_inplace.FUNCTION in plans:  # the caches' type, as compiled
+        specs, _, _ = kv_inplace.cache_specs(variants[kv_inplace.KEY], plans[kv_inplace.FUNCTION])
+        info["kv_dtype"] = str(specs[0].dtype) if specs else "float32"
     info["kv_cache"] = "in place" if variants else "concat (artifact has no in-place variant)"
     info["prefill_logits"] = "last position" if last_logits.KEY in variants else "every position"
     return HostBuild(plans, libraries, loaded, derived, info, spec, files.path("plan.json"), driver, variants), libdir
