@@ -17,6 +17,7 @@ from bitsmith.backends import backend_for_target
 from bitsmith.backends.tvm import kv_inplace
 from bitsmith.backends.tvm.binder import ExecutionError
 from bitsmith.backends.tvm.executor import aligned_empty
+from bitsmith.errors import OptionError
 from bitsmith.runtime.generate import empty_cache, main_args, round_capacity
 from bitsmith.runtime.padding import mask_positions
 from bitsmith.testing.hf_configs import make_model
@@ -210,7 +211,30 @@ def test_float16_cache_option(tmp_path):
     assert loaded.caches[0].dtype == np.float16
 
 
+def test_lut_cpu_passes_kv_dtype_to_its_host(tmp_path):
+    """lut-cpu's tvm-llvm host takes ``kv_dtype`` too: float16 caches, logits within the float16
+    rounding bound of the float32 test above of lut-cpu's own float32-cache run (fp32 tables:
+    int8 tables would re-round the perturbed activations, a step of 1/254 of a block's largest);
+    refused with the reference host (no in-place cache there)."""
+    from test_native_step import CASES as BUILDS
+    target, options = BUILDS["lut-cpu"]
+    options = {**options, "lut_tables": "fp32"}
+    f32 = bitsmith.compile(make_model("llama"), target=target, **options)
+    f16 = bitsmith.compile(make_model("llama"), target=target, **options, kv_dtype="float16")
+    assert f16.report()["executable"]["host_kv_dtype"] == "float16"
+    sessions = [cm.executable.kv_session() for cm in (f16, f32)]
+    for sn in sessions:
+        sn.start(2, 16)
+    assert {c.dtype for c in sessions[0].caches} == {np.dtype("float16")}
+    got, want = (sn.step(IDS, mask_positions(MASK), MASK) for sn in sessions)
+    rows = MASK[:, -1] == 1
+    assert np.abs(got[:, -1] - want[:, -1])[rows].max() <= 1e-3 * float(np.abs(want[:, -1]).max())
+    with pytest.raises(OptionError, match="lut_host='reference' has none"):
+        bitsmith.compile(make_model("llama"), target=target, **options, kv_dtype="float16", lut_host="reference")
+    with pytest.raises(OptionError, match="kv_dtype must be one of"):
+        bitsmith.compile(make_model("llama"), target=target, **options, kv_dtype="int8")
+
+
 def test_bad_kv_dtype_is_refused():
-    from bitsmith.errors import OptionError
     with pytest.raises(OptionError, match="kv_dtype must be one of"):
         bitsmith.compile(make_model("llama"), target="tvm-llvm", kv_dtype="bfloat16")

@@ -28,6 +28,7 @@ from .program import LayerEntry
 TABLE_KINDS = ("int8", "fp32")
 EXECUTORS = ("auto", "fast", "reference")
 ACTIVATION_BITS = (32, 8)
+KV_DTYPES = ("float32", "float16")  # the tvm-llvm host's option (backends/tvm/llvm_target.py)
 
 
 class LUTOptionError(OptionError):
@@ -57,6 +58,12 @@ def _check_options(options: Mapping[str, Any]) -> tuple[bool, int, str]:
     if abits == 8 and tables != "int8":
         raise LUTOptionError("activation_bits=8 computes exact integer tables of int8 activations; it needs "
                              f"lut_tables='int8', got {tables!r}")
+    kv = options.get("kv_dtype", "float32")  # artifacts from before the option: float32 caches
+    if kv not in KV_DTYPES:
+        raise LUTOptionError(f"kv_dtype must be one of {KV_DTYPES} (the tvm-llvm host's in-place KV cache; float16 "
+                             f"halves what attention reads), got {kv!r}")
+    if kv != "float32" and options.get("lut_host", "auto") == "reference":
+        raise LUTOptionError(f"kv_dtype={kv!r} is the tvm-llvm host's in-place KV cache; lut_host='reference' has none")
     return tables == "int8", threads, executor
 
 
@@ -183,7 +190,7 @@ class LUTBackend(Backend):
 
     def option_defaults(self, target: str) -> dict[str, Any]:
         return {"lut_tables": "int8", "lut_table_group": 32, "threads": 0, "lut_executor": "auto",
-                "lut_host": "auto", "mcpu": host.DEFAULT_MCPU, "activation_bits": 32}
+                "lut_host": "auto", "mcpu": host.DEFAULT_MCPU, "activation_bits": 32, "kv_dtype": "float32"}
 
     def tolerance(self, target: str, options: Mapping[str, Any]) -> Tolerance:
         """fp32 tables: float32 sums in another order (tests/test_lut_backend.py: 1e-5).

@@ -129,7 +129,7 @@ class TVMHost:
     def report(self) -> dict[str, Any]:
         info = self.program.info
         keep = ("compile_seconds", "cache_hits", "cache_misses", "kernel_compile_seconds", "mcpu", "load_seconds",
-                "kernel_schedules")
+                "kernel_schedules", "kv_dtype")
         from ..tvm.llvm_target import step_executor_name
         return {"host": self.name, "host_kernels": self.program.kernel_count, "host_engine_calls": self.externs,
                 "host_executor": step_executor_name(self.executors, self.python_steps),
@@ -143,7 +143,7 @@ class TVMHost:
         from ..tvm.host_interface import compile_host
         externs = {key: _extern_name(i) for i, key in enumerate(layers)}
         program = compile_host(module, externs, mcpu=options.get("mcpu", DEFAULT_MCPU),
-                               threads=options.get("threads", 0))
+                               threads=options.get("threads", 0), kv_dtype=options.get("kv_dtype", "float32"))
         return cls(module, layers, run_layer, program, options.get("threads", 0))
 
     @classmethod

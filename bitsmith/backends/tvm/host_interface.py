@@ -69,9 +69,10 @@ class HostProgram:
 
 
 def compile_host(module: Module, externs: Mapping[tuple[str, str], str], *, mcpu: str,
-                 threads: int) -> HostProgram:
+                 threads: int, kv_dtype: str = "float32") -> HostProgram:
     """tvm-llvm kernels for ``module`` with the ``externs`` nodes as extern steps (module doc).
-    A node that cannot be one (not float32 activations) raises UnsupportedOpError."""
+    A node that cannot be one (not float32 activations) raises UnsupportedOpError. ``kv_dtype``:
+    the in-place KV cache's type (tvm-llvm's option)."""
     from . import llvm_target
     from .anchor_rules import finish_out, flatten_in, matmul_out
     from .plan import checked_kernel_key, EXTERN_PREFIX
@@ -103,7 +104,8 @@ def compile_host(module: Module, externs: Mapping[tuple[str, str], str], *, mcpu
                                                 detail="only linear-like nodes can be extern steps")
                 ops.add(n.op)
     rules = {op: functools.partial(extern_rule, ANCHOR_RULES[op]) for op in ops}
-    return HostProgram(llvm_target.compile_host(module, {"mcpu": mcpu, "threads": threads}, anchor_rules=rules))
+    return HostProgram(llvm_target.compile_host(module, {"mcpu": mcpu, "threads": threads, "kv_dtype": kv_dtype},
+                                                anchor_rules=rules))
 
 
 def load_host(files: Mapping[str, bytes]) -> HostProgram:
