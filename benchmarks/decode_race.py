@@ -25,7 +25,9 @@ default, which the plain rows use.
 Every row sees the same token ids (bitsmith's tokenizer of the GGUF; llama.cpp is fed ids,
 no BOS). Per row and thread count, in a fresh process (thread pools are fixed at first use):
 * prefill: one forward over a ``--prompt-tokens`` prompt (the start of sensesensibility.txt)
-  from an empty KV cache; tokens/s = prompt tokens / seconds;
+  from an empty KV cache; tokens/s = prompt tokens / seconds; every runtime computes the last
+  position's logits only (llama.cpp's default, transformers' ``logits_to_keep=1``, bitsmith's
+  ``last_only`` session step), as generation does;
 * time to first token: the row's own tokenizer on the prompt text, then the prefill and argmax
   (the prefill itself runs on the shared ids; whether the row's tokenizer gave the same ids is
   recorded);
@@ -249,7 +251,8 @@ def eager_worker(threads: int, new_tokens: int, prompt: dict, ppl: dict | None) 
         with torch.inference_mode():
             if prefill:
                 state["cache"] = DynamicCache()
-            out = model(input_ids=torch.tensor([ids]), past_key_values=state["cache"], use_cache=True)
+            out = model(input_ids=torch.tensor([ids]), past_key_values=state["cache"], use_cache=True,
+                        logits_to_keep=1)  # the last position's logits only, as generation needs
             state["cache"] = out.past_key_values
             return int(out.logits[0, -1].argmax())
 
@@ -288,7 +291,7 @@ def compiled_worker(artifact: str, new_tokens: int, prompt: dict, ppl: dict | No
         pos = positions(1, state["pos"], inp.shape[1])
         state["pos"] += inp.shape[1]
         if session is not None:
-            logits = session.step(inp, pos, np.ones((1, state["pos"]), dtype=np.int64))
+            logits = session.step(inp, pos, np.ones((1, state["pos"]), dtype=np.int64), last_only=True)
         else:
             logits, *state["cache"] = cm.run("main", [inp, pos, *state["cache"]])
         return int(logits[0, -1].argmax())
