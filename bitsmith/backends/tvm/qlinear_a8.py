@@ -45,10 +45,10 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, hsum, prefetch_row, role_lookup, row_lines, scratch_layout
+from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, prefetch_row, role_lookup, row_lines, scratch_layout
+from .qlinear_blocks import GROUP, finish_macro, hmax16, hsum16, layout_reason
 from .qlinear_layout import QLinearLayout
 
-GROUP = 32      # weights per group (GGUF Q4 blocks)
 PAIR = 64       # weights per integer dot (two groups, 32 code bytes)
 LANES8 = 8      # int32 lanes of one 32-byte dot
 ROWS = 8        # output rows per parallel task
@@ -59,15 +59,7 @@ EXPAND4 = [a for a in range(4) for _ in range(4)]  # 4 group scales -> each over
 
 def applies(lay: QLinearLayout) -> str | None:
     """None where the kernel covers ``lay``, else why not (reported with the schedule)."""
-    if not lay.affine or not (lay.bits == 4 or (lay.bits == 8 and lay.grid_low == -128 and not lay.offsets)):
-        return "W4A8 needs an affine 4-bit grid (GGUF Q4_0 / Q4_1) or int8 values (GGUF Q8_0)"
-    if lay.group_size != GROUP:
-        return f"W4A8 needs groups of {GROUP}"
-    if lay.in_features % PAIR or lay.kept != lay.in_features:
-        return f"W4A8 needs in_features % {PAIR} == 0 and no sparsity"
-    if lay.has_selectors or lay.nm is not None or lay.outlier_width:
-        return "W4A8 does not cover selectors, N:M or outliers"
-    return None
+    return layout_reason(lay, "W4A8", PAIR)
 
 
 def _dot_u8s8(acc, codes, acts, vnni: bool):
@@ -120,11 +112,9 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
     shp, dt = role_lookup(roles, shapes)
     k, n = lay.in_features, lay.out_features
     groups, pairs = k // GROUP, k // PAIR
-    offs, has_bias, low, bits = lay.offsets, lay.has_bias, float(lay.grid_low), lay.bits
-    coef_term = bits == 4 or offs  # the per-group sum(q) term (Q8_0 has none)
+    offs, bits = lay.offsets, lay.bits
     tasks = -(-n // ROWS)
     slabs, per_task, per_slab = scratch_layout(tasks, max(MTILE, R4) * V + R4 * groups * 4)
-    gv = groups // V * V  # groups covered by 16-wide vectors in the offset term
     pf_c0, pf_s = row_lines(shp("codes0"), "uint8"), row_lines(shp("scales"), lay.scale_dtype)
     pf_o = row_lines(shp("offsets"), lay.scale_dtype) if offs else (0, 1)
 
@@ -134,15 +124,6 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
         """Where group g's first 16 activations go: pair layout (4-bit), natural (8-bit)."""
         return i * k + (g // 2) * PAIR + (g % 2) * V if bits == 4 else i * k + g * GROUP
 
-    def _coef(S, O, r, g):
-        """(d_g low + m_g) as float32 (a vector where g is a Ramp of groups)."""
-        lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
-        ty = F32 if lanes == 1 else f"float32x{lanes}"
-        if bits == 8:  # low is in the int8 weights themselves: only offsets remain
-            return T.Cast(ty, O[r, g])
-        c = T.Cast(ty, S[r, g]) * (tirx.const(low, F32) if lanes == 1 else tirx.Broadcast(tirx.const(low, F32), lanes))
-        return c + T.Cast(ty, O[r, g]) if offs else c
-
     @T.macro
     def quantize(X, QA, DXE, XS, i):
         """Row i of x: int8 activations (pair layout), dx expanded x4, group sums."""
@@ -150,7 +131,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
             lo = T.bind(T.Cast(f"float32x{V}", X[i, T.Ramp(g * GROUP, 1, V)]))
             hi = T.bind(T.Cast(f"float32x{V}", X[i, T.Ramp(g * GROUP + V, 1, V)]))
             amax = T.bind(T.max(T.abs(lo), T.abs(hi)))
-            top = T.bind(_hmax16(amax))
+            top = T.bind(hmax16(amax))
             inv = T.bind(T.Select(top > T.float32(0), T.float32(127) / top, T.float32(0)))
             dx = T.bind(top / T.float32(127))
             base = T.bind(_qa_base(i, g))
@@ -159,7 +140,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
             QA[T.Ramp(base, 1, V)] = T.Cast(f"int8x{V}", T.Cast(f"int32x{V}", qlo))
             QA[T.Ramp(base + hi_off, 1, V)] = T.Cast(f"int8x{V}", T.Cast(f"int32x{V}", qhi))
             DXE[T.Ramp(i * groups * 4 + g * 4, 1, 4)] = T.Broadcast(dx, 4)
-            XS[i * groups + g] = dx * _hsum16(qlo + qhi)  # |sum| <= 32 * 127: exact before the scaling
+            XS[i * groups + g] = dx * hsum16(qlo + qhi)  # |sum| <= 32 * 127: exact before the scaling
 
     @T.macro
     def expand_scales(S, se, base, r):
@@ -170,21 +151,7 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
         for g in range(groups % 4):
             se[T.Ramp(base + (groups // 4 * 4 + g) * 4, 1, 4)] = T.Broadcast(T.Cast(F32, S[r, groups // 4 * 4 + g]), 4)
 
-    @T.macro
-    def finish(XS, S, O, B, Y, acc, a, i, r):
-        """y[i, r] from the accumulator lanes at acc[a:]: the offset term sum_g (d_g low + m_g) xs_g
-        (16 groups at a time, then the rest), the lane sum, the bias."""
-        if coef_term:
-            for gb in range(gv // V):
-                acc[T.Ramp(a, 1, V)] = acc[T.Ramp(a, 1, V)] + _coef(S, O, r, T.Ramp(gb * V, 1, V)) * XS[
-                    T.Ramp(i * groups + gb * V, 1, V)]
-        hsum(acc, a)
-        if coef_term:
-            for g in range(groups - gv):
-                acc[a] = acc[a] + _coef(S, O, r, gv + g) * XS[i * groups + gv + g]
-        if has_bias:
-            acc[a] = acc[a] + T.Cast(F32, B[r])
-        Y[i, r] = T.Cast(act, acc[a])
+    finish = finish_macro(lay, act)
 
     @T.macro
     def rows_tile(QA, DXE, XS, C0, S, O, B, Y, acc, se, mt, m0, r):
@@ -260,21 +227,3 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
     names = ["x", "codes0", "scales", "offsets", "bias", "y"]
     keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
-
-
-def _tree(v, op):
-    lanes = V
-    while lanes > 1:
-        lanes //= 2
-        v = op(tirx.Shuffle([v], list(range(lanes))), tirx.Shuffle([v], list(range(lanes, 2 * lanes))))
-    return v
-
-
-def _hmax16(v):
-    """Largest lane of a float32x16 (a tree of vector maxima on registers)."""
-    return _tree(v, tirx.max)
-
-
-def _hsum16(v):
-    """Sum of the lanes of a float32x16, as a tree (fixed order)."""
-    return _tree(v, lambda a, b: a + b)

@@ -33,9 +33,9 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, hsum, prefetch_row, role_lookup, row_lines, scratch_layout
+from .qlinear_blocks import GROUP, finish_macro, hsum16, layout_reason
 from .qlinear_layout import QLinearLayout
 
-GROUP = 32      # weights per group (GGUF blocks)
 ROWS = 8        # output rows per parallel task
 MTILE = 8       # activation rows sharing one dequantized group (prefill)
 R4 = 2          # output rows walked together for one activation row
@@ -44,15 +44,7 @@ VF = f"float32x{V}"
 
 def applies(lay: QLinearLayout) -> str | None:
     """None where the kernel covers ``lay``, else why not (reported with the schedule)."""
-    if not lay.affine or not (lay.bits == 4 or (lay.bits == 8 and lay.grid_low == -128 and not lay.offsets)):
-        return "grouped float kernel needs an affine 4-bit grid (GGUF Q4_0 / Q4_1) or int8 values (GGUF Q8_0)"
-    if lay.group_size != GROUP:
-        return f"grouped float kernel needs groups of {GROUP}"
-    if lay.in_features % GROUP or lay.kept != lay.in_features:
-        return f"grouped float kernel needs in_features % {GROUP} == 0 and no sparsity"
-    if lay.has_selectors or lay.nm is not None or lay.outlier_width:
-        return "grouped float kernel does not cover selectors, N:M or outliers"
-    return None
+    return layout_reason(lay, "grouped float kernel", GROUP)
 
 
 def _codes(C0, r, g, half: int, bits: int):
@@ -78,22 +70,12 @@ def qlinear_grouped_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
     k, n = lay.in_features, lay.out_features
     groups = k // GROUP
     offs, has_bias, low, bits = lay.offsets, lay.has_bias, float(lay.grid_low), lay.bits
-    coef_term = bits == 4 or offs  # the per-group sum(x) term (Q8_0 has none: low is in its values)
     tasks = -(-n // ROWS)
     acc_len = max(MTILE, 2 * R4) * V
     slabs, per_task, per_slab = scratch_layout(tasks, acc_len + R4 * groups)
     gv = groups // V * V  # groups covered by 16-wide vectors in the offset term
     pf_c0, pf_s = row_lines(shp("codes0"), "uint8"), row_lines(shp("scales"), lay.scale_dtype)
     pf_o = row_lines(shp("offsets"), lay.scale_dtype) if offs else (0, 1)
-
-    def _coef(S, O, r, g):
-        """(d_g low + m_g) as float32 (a vector where g is a Ramp of groups)."""
-        lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
-        ty = F32 if lanes == 1 else f"float32x{lanes}"
-        if bits == 8:
-            return T.Cast(ty, O[r, g])
-        c = T.Cast(ty, S[r, g]) * (tirx.const(low, F32) if lanes == 1 else tirx.Broadcast(tirx.const(low, F32), lanes))
-        return c + T.Cast(ty, O[r, g]) if offs else c
 
     def _weights(C0, S, O, r, g, half):
         """float32x16: dequantized weights d (c + low) + m (the prefill tile's form)."""
@@ -106,24 +88,10 @@ def qlinear_grouped_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
     def group_sums(X, XS, i):
         """xs_g = sum of row i's activations over group g."""
         for g in range(groups):
-            XS[i * groups + g] = _hsum16(T.Cast(VF, X[i, T.Ramp(g * GROUP, 1, V)])
+            XS[i * groups + g] = hsum16(T.Cast(VF, X[i, T.Ramp(g * GROUP, 1, V)])
                                          + T.Cast(VF, X[i, T.Ramp(g * GROUP + V, 1, V)]))
 
-    @T.macro
-    def finish(XS, S, O, B, Y, acc, a, i, r):
-        """y[i, r] from the lanes at acc[a:] (the d_g-scaled sums of c x): plus the offset term
-        sum_g (d_g low + m_g) xs_g (16 groups at a time, then the rest), lane sum, bias."""
-        if coef_term:
-            for gb in range(gv // V):
-                acc[T.Ramp(a, 1, V)] = acc[T.Ramp(a, 1, V)] + _coef(S, O, r, T.Ramp(gb * V, 1, V)) * XS[
-                    T.Ramp(i * groups + gb * V, 1, V)]
-        hsum(acc, a)
-        if coef_term:
-            for g in range(groups - gv):
-                acc[a] = acc[a] + _coef(S, O, r, gv + g) * XS[i * groups + gv + g]
-        if has_bias:
-            acc[a] = acc[a] + T.Cast(F32, B[r])
-        Y[i, r] = T.Cast(act, acc[a])
+    finish = finish_macro(lay, act)
 
     @T.macro
     def tile(X, C0, S, O, B, Y, acc, mt, m0, r):
@@ -204,12 +172,3 @@ def qlinear_grouped_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
     names = ["x", "codes0", "scales", "offsets", "bias", "y"]
     keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
-
-
-def _hsum16(v):
-    """Sum of the lanes of a float32x16, as a tree (fixed order)."""
-    lanes = V
-    while lanes > 1:
-        lanes //= 2
-        v = tirx.Shuffle([v], list(range(lanes))) + tirx.Shuffle([v], list(range(lanes, 2 * lanes)))
-    return v
