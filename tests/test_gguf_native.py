@@ -70,6 +70,7 @@ def test_tvm_gguf_kernels_use_the_vector_schedules():
     from bitsmith.backends.tvm.matmul import qlinear_kernel, qlinear_operands
     from bitsmith.backends.tvm.matmul_cpu import VECTOR_QLINEAR, VECTOR_QLINEAR_GROUPED, choose_schedule
     for scheme, want in (("gguf-q4_0", VECTOR_QLINEAR_GROUPED), ("gguf-q4_1", VECTOR_QLINEAR_GROUPED),
+                         ("gguf-q4_k", VECTOR_QLINEAR_GROUPED),
                          ("gguf-q8_0", VECTOR_QLINEAR_GROUPED), ("gguf-q6_k", VECTOR_QLINEAR),
                          ("rtn-int8", VECTOR_QLINEAR)):
         attrs, ops, _ = _qlinear(scheme, 16, 256, 0)

@@ -1,5 +1,5 @@
-"""The grouped float qlinear kernel (backends/tvm/qlinear_grouped.py, GGUF Q4_0 / Q4_1 / Q8_0
-blocks): against numpy's float64 product with the IR's dequantized weight (the oracle), over
+"""The grouped float qlinear kernel (backends/tvm/qlinear_grouped.py, GGUF Q4_0 / Q4_1 / Q4_K /
+Q8_0 blocks): against numpy's float64 product with the IR's dequantized weight (the oracle), over
 random layers and activation counts covering both of its paths (tiles of 8 activation rows, the
 rest two output rows at a time, leftover rows one by one).
 
@@ -26,7 +26,7 @@ from lut_operands import random_qlinear
 pytest.importorskip("tvm")
 
 EPS32 = float(np.finfo(np.float32).eps)
-SCHEMES = ("gguf-q4_0", "gguf-q4_1", "gguf-q8_0")
+SCHEMES = ("gguf-q4_0", "gguf-q4_1", "gguf-q4_k", "gguf-q8_0")  # Q4_K: float32 scales and offsets
 
 
 @pytest.fixture(scope="module")

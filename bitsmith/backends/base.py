@@ -37,8 +37,11 @@ class Executable(ABC):
 
     def kv_session(self) -> Any:
         """A session that keeps a language model's KV caches at a fixed capacity and updates them
-        in place (``start(batch, capacity)``, ``step(ids, positions, mask) -> logits``; see
-        tvm/kv_inplace.py), or None: generation then runs ``main`` on concatenated caches."""
+        in place (``start(batch, capacity)``, ``step(ids, positions, mask) -> logits``, and
+        optionally ``step(..., last_only=True)`` -> the last position's logits [batch, 1, vocab],
+        which generation asks for on the prompt step where ``step`` takes it; see
+        tvm/kv_inplace.py and runtime/generate.py ``CacheSession``), or None: generation then
+        runs ``main`` on concatenated caches."""
         return None
 
     def files(self) -> dict[str, bytes]:

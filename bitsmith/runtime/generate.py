@@ -11,6 +11,7 @@ with zeros (``RaggedBatchError``). See docs/ragged-batches.md.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -137,7 +138,9 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
 
     With ``session`` the caches live in it at capacity prompt + max_new_tokens (rounded) and each
     step writes its keys in place; without, ``main`` returns ``concat(past, new)`` every step.
-    Both give the same tokens and logits.
+    Both give the same logits, except that the prompt step asks a session for the last
+    position's only (``last_only``, where its ``step`` takes it), which may sum in another order
+    (float rounding; greedy tokens then differ only at a near-tie).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -159,6 +162,7 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
     cache = empty_cache(module, b) if session is None else []
     if session is not None:
         session.start(b, round_capacity(s + max_new_tokens))
+        takes_last_only = "last_only" in inspect.signature(session.step).parameters  # plugins' sessions may not
     step_ids, start = ids, 0
     finished = np.zeros(b, dtype=bool)
     out = ids
@@ -171,7 +175,8 @@ def decode_generate(run: RunFn, module: Module, input_ids: np.ndarray, max_new_t
             logits, *cache = run("main", main_args(module, step_ids, pos, cache, mask))
         else:
             live = mask if mask is not None else np.ones((b, start + n), dtype=np.int64)
-            logits = session.step(step_ids, pos, live, last_only=True)
+            logits = (session.step(step_ids, pos, live, last_only=True) if takes_last_only
+                      else session.step(step_ids, pos, live))
         start += n
         if mask is not None:
             mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)

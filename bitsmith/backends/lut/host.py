@@ -208,14 +208,24 @@ def build_host(choice: str, module, layers, run_layer, options):
     else the reference interpreter, with the reason in ``report()["host_note"]``."""
     if choice == "reference":
         return ReferenceHost(module, layers, run_layer)
+    kv = options.get("kv_dtype", "float32")
     if choice == "auto" and not tvm_available():
+        _no_kv_dtype(kv, "apache-tvm is not installed")
         return ReferenceHost(module, layers, run_layer, note="apache-tvm is not installed")
     try:
         return TVMHost.build(module, layers, run_layer, options)
     except (ImportError, UnsupportedOpError) as e:
         if choice == "tvm-llvm":
             raise
+        _no_kv_dtype(kv, f"tvm-llvm host unavailable: {e}")
         return ReferenceHost(module, layers, run_layer, note=f"tvm-llvm host unavailable: {e}")
+
+
+def _no_kv_dtype(kv_dtype: str, why: str) -> None:
+    """A kv_dtype the reference host would drop is an error, not a silent no-op."""
+    if kv_dtype != "float32":
+        raise OptionError(f"lut-cpu kv_dtype={kv_dtype!r} is the tvm-llvm host's in-place KV cache, and this "
+                          f"build falls back to the reference host ({why})")
 
 
 def load_host(recorded: str, choice: str, module, layers, run_layer, options, files):

@@ -205,26 +205,29 @@ class KVInplaceExecutor:
     """The variant's plan executor behind the checks that keep its in-place writes in bounds and
     visible (module doc). ``run(ids, positions, *caches, mask)`` -> [logits]."""
 
-    def __init__(self, inner: Any, base: FunctionPlan) -> None:
-        self.inner, self.plan = inner, inner.plan
+    def __init__(self, inner: Any, base: FunctionPlan, key: str = KEY) -> None:
+        self.inner, self.plan, self.key = inner, inner.plan, key
         self.caches, self.mask_index, self._empty_types = cache_specs(self.plan, base)
 
     def _args(self, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         args = list(args)
+        key = self.key
         if len(args) != self.mask_index + 1:
-            raise ExecutionError(f"{KEY} takes {self.mask_index + 1} inputs, got {len(args)}")
+            raise ExecutionError(f"{key} takes {self.mask_index + 1} inputs, got {len(args)}")
         ids, mask = np.asarray(args[0]), np.asarray(args[self.mask_index])
         if ids.ndim != 2 or mask.ndim != 2:
-            raise ExecutionError(f"{KEY}: ids and mask must be [batch, n], got {ids.shape} and {mask.shape}")
+            raise ExecutionError(f"{key}: ids and mask must be [batch, n], got {ids.shape} and {mask.shape}")
         live, seq, b = mask.shape[1], ids.shape[1], ids.shape[0]
+        if seq < 1:  # nothing to write, and the last-logits variant would read row -1
+            raise ExecutionError(f"{key}: a step takes at least one token, got ids of shape {ids.shape}")
         for c in self.caches:
             a = args[c.index]
             if not (isinstance(a, np.ndarray) and a.dtype == c.dtype and a.ndim == 4 and a.flags.writeable
                     and a.flags.c_contiguous and a.size and a.ctypes.data % ALIGN == 0):
-                raise ExecutionError(f"{KEY}: cache input {c.index} must be a writable, C-contiguous, "
+                raise ExecutionError(f"{key}: cache input {c.index} must be a writable, C-contiguous, "
                                      f"{ALIGN}-byte aligned {c.dtype} array (KVSession makes them)")
             if not seq <= live <= a.shape[2]:
-                raise ExecutionError(f"{KEY}: live length {live} (mask) must be in [{seq}, capacity "
+                raise ExecutionError(f"{key}: live length {live} (mask) must be in [{seq}, capacity "
                                      f"{a.shape[2]}] of cache input {c.index}")
         empties = [aligned_empty(tuple(b if isinstance(x, str) and x != PAST else 0 if x == PAST else x
                                        for x in dims), np.dtype(dt)) for dims, dt in self._empty_types]

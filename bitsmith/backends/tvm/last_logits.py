@@ -25,11 +25,12 @@ from tvm.script import tirx as T
 from ...errors import BitsmithError
 from ...ir import symbolic as sym
 from .kernel import KernelDef, Recipe
-from .plan import Call, FunctionPlan, View
+from .plan import EXTERN_PREFIX, Call, FunctionPlan, View
 
 KEY = "main:kv-inplace-last"     # the variant's executor key (``HostBuild.executors``)
 PLAN_FIELD = "kv_inplace_last"   # plan.json: [variant plan], absent in older artifacts
 SEQ = "seq"
+PROJECTIONS = ("gemv", "qgemv")  # kernel kinds of a linear layer (dense, quantized), row by row
 
 
 class LastLogitsUnavailable(BitsmithError):
@@ -56,8 +57,11 @@ def take_last_func(dtype: str) -> Any:
 
 def derive_plan(plan: FunctionPlan, kernels: dict[str, KernelDef]) -> FunctionPlan:
     """The last-position variant of ``plan`` (the in-place variant: logits its only result).
-    ``take_last`` is added to ``kernels`` (digest -> KernelDef). LastLogitsUnavailable where the
-    logits do not come from one projection of [batch, seq, d] activations through views."""
+    ``take_last`` is added to ``kernels`` (digest -> KernelDef, holding every kernel the plan
+    calls). LastLogitsUnavailable where the logits do not come from one linear kernel (kind
+    PROJECTIONS, or an extern step: the LUT engine's linears) over [batch, seq, d] activations
+    through views only: anything else after the lm_head (a soft-cap, a scale) or a kernel that
+    might mix positions is not cut."""
     if len(plan.results) != 1:
         raise LastLogitsUnavailable(f"the plan has {len(plan.results)} results, not just the logits")
     steps = plan.steps
@@ -85,6 +89,9 @@ def derive_plan(plan: FunctionPlan, kernels: dict[str, KernelDef]) -> FunctionPl
     proj = producer[slot]
     chain.append(proj)
     call = steps[proj]
+    kind = "extern" if call.kernel.startswith(EXTERN_PREFIX) else getattr(kernels.get(call.kernel), "kind", None)
+    if kind not in PROJECTIONS + ("extern",):
+        raise LastLogitsUnavailable(f"the logits come from {call.name or call.kernel!r} (kind {kind}), not a linear kernel")
     acts = [i for i in call.inputs if i not in consts and i not in plan.params]
     if len(call.outputs) != 1 or len(acts) != 1 or call.inputs[0] != acts[0]:
         raise LastLogitsUnavailable(f"the logits' kernel {call.name!r} does not take one activation input first")

@@ -246,7 +246,7 @@ class HostBuild:
         if driver is not None and all(isinstance(fn, native_step.NativeExtern) for fn in (externs or {}).values()):
             python = {name: native_step.NativePlanExecutor(ex, kernels, driver) for name, ex in python.items()}
         for key in self.variants:
-            python[key] = kv_inplace.KVInplaceExecutor(python[key], self.plans[kv_inplace.FUNCTION])
+            python[key] = kv_inplace.KVInplaceExecutor(python[key], self.plans[kv_inplace.FUNCTION], key)
         return python
 
     def step_driver(self) -> "native_step.Driver | None":

@@ -54,7 +54,7 @@ def _param_shapes(func, skip_first: int = 1) -> list[tuple[tuple[int, ...], str]
 VECTOR_DENSE = "vector-dense"
 VECTOR_QLINEAR = "vector-qlinear"
 VECTOR_QLINEAR_A8 = "vector-qlinear-a8"
-VECTOR_QLINEAR_GROUPED = "vector-qlinear-grouped"  # GGUF Q4_0 / Q4_1 / Q8_0 blocks, float (qlinear_grouped)
+VECTOR_QLINEAR_GROUPED = "vector-qlinear-grouped"  # GGUF Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, float (qlinear_grouped)
 VECTOR_BCQ = "vector-bcq"
 GENERIC = "generic"
 

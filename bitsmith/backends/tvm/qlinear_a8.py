@@ -46,7 +46,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, prefetch_row, role_lookup, row_lines, scratch_layout
-from .qlinear_blocks import GROUP, finish_macro, hmax16, hsum16, layout_reason
+from .qlinear_blocks import GROUP, finish_macro, hmax16, hsum16, layout_reason, with_roles
 from .qlinear_layout import QLinearLayout
 
 PAIR = 64       # weights per integer dot (two groups, 32 code bytes)
@@ -224,6 +224,4 @@ def qlinear_a8_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], st
                                     rows_tile(QA, DXE, XS, C0, S, O, B, Y, acc, se, 1, m - m % MTILE + mi,
                                               task * ROWS + rb * R4 + rr)
 
-    names = ["x", "codes0", "scales", "offsets", "bias", "y"]
-    keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
-    return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
+    return with_roles(main, roles)

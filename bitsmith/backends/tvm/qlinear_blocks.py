@@ -19,7 +19,9 @@ GROUP = 32  # weights per group (GGUF Q4_0 / Q4_1 / Q8_0 blocks)
 
 
 def layout_reason(lay: QLinearLayout, kernel: str, k_multiple: int) -> str | None:
-    """None where a GGUF-block kernel covers ``lay`` (``in_features % k_multiple == 0``), else why not."""
+    """None where a GGUF-block kernel covers ``lay`` (``in_features % k_multiple == 0``), else why
+    not: 4-bit affine grids in groups of 32 (Q4_0, Q4_1, Q4_K's sub-blocks, float16 or float32
+    scales) and Q8_0."""
     if not lay.affine or not (lay.bits == 4 or (lay.bits == 8 and lay.grid_low == -128 and not lay.offsets)):
         return f"{kernel} needs an affine 4-bit grid (GGUF Q4_0 / Q4_1) or int8 values (GGUF Q8_0)"
     if lay.group_size != GROUP:
@@ -70,6 +72,16 @@ def finish_macro(lay: QLinearLayout, act: str):
         Y[i, r] = T.Cast(act, acc[a])
 
     return finish
+
+
+PARAMS = ("x", "codes0", "scales", "offsets", "bias", "y")  # the kernels' full parameter list
+
+
+def with_roles(main: tirx.PrimFunc, roles: list[str]) -> tirx.PrimFunc:
+    """``main`` (parameters PARAMS) with only x, the layout's operand ``roles`` and y: the
+    parameters of ``matmul_defs.qlinear_func`` for that layout."""
+    keep = [0] + [PARAMS.index(r) for r in roles] + [len(PARAMS) - 1]
+    return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
 
 
 def _tree(v, op):

@@ -1,4 +1,4 @@
-"""Float llvm (CPU) kernel of ``qlinear`` for GGUF blocks (Q4_0, Q4_1, Q8_0): per-group sums.
+"""Float llvm (CPU) kernel of ``qlinear`` for GGUF blocks of 32 (Q4_0, Q4_1, Q4_K, Q8_0): per-group sums.
 
 Why: the general float kernel (``matmul_cpu_kernels.qlinear_kernel``) dequantizes every weight
 (``d c + m``: one FMA per 16 weights, with the group's fp16 scale and offset converted and
@@ -19,12 +19,12 @@ kernel's). Sums run in another order than the reference's, so results agree to f
 rounding (tests/test_qlinear_grouped.py); for Q4_0 (low = -8) the two terms partly cancel, which
 costs a few ulps of the larger term.
 
-Four or more activation rows (prefill) take tiles of ``MTILE`` rows against one output row with
+Eight or more activation rows (prefill) take tiles of ``MTILE`` rows against one output row with
 each group dequantized once (``d c + m``, then one FMA per row and 16 weights), as the general
 kernel does.
 
-Applies where ``applies`` says (GGUF 4-bit affine grids and Q8_0, groups of 32, no sparsity,
-selectors or outliers); other layouts keep the general kernel.
+Applies where ``applies`` says (4-bit affine grids in groups of 32: GGUF Q4_0, Q4_1, Q4_K's
+sub-blocks; Q8_0; no sparsity, selectors or outliers); other layouts keep the general kernel.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, hsum, prefetch_row, role_lookup, row_lines, scratch_layout
-from .qlinear_blocks import GROUP, finish_macro, hsum16, layout_reason
+from .qlinear_blocks import GROUP, finish_macro, hsum16, layout_reason, with_roles
 from .qlinear_layout import QLinearLayout
 
 ROWS = 8        # output rows per parallel task
@@ -60,7 +60,7 @@ def _codes(C0, r, g, half: int, bits: int):
     return T.Cast(VF, w)
 
 
-def qlinear_grouped_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]], act: str):
+def qlinear_grouped_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]], act: str) -> tirx.PrimFunc:
     """PrimFunc with the params of ``matmul_defs.qlinear_func(lay, shapes, act)``."""
     why = applies(lay)
     if why:
@@ -112,7 +112,7 @@ def qlinear_grouped_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
             Y[m0 + mi, r] = T.Cast(act, acc[mi * V])
 
     @T.macro
-    def rows4(X, XS, C0, S, O, B, Y, acc, se, i, r0, nr):
+    def rows_together(X, XS, C0, S, O, B, Y, acc, se, i, r0, nr):
         """``nr`` (<= R4) output rows against activation row i, walked together (a 576-weight
         row is 18 groups: one row at a time leaves the core waiting on latencies)."""
         for ri in T.unroll(nr):
@@ -162,13 +162,11 @@ def qlinear_grouped_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
                 for mi in range(m % MTILE):
                     for rb in range(ROWS // R4):
                         if task * ROWS + rb * R4 + R4 <= n:
-                            rows4(X, XS, C0, S, O, B, Y, acc, se, m - m % MTILE + mi, task * ROWS + rb * R4, R4)
+                            rows_together(X, XS, C0, S, O, B, Y, acc, se, m - m % MTILE + mi, task * ROWS + rb * R4, R4)
                         else:
                             for rr in range(R4):
                                 if task * ROWS + rb * R4 + rr < n:
-                                    rows4(X, XS, C0, S, O, B, Y, acc, se, m - m % MTILE + mi,
+                                    rows_together(X, XS, C0, S, O, B, Y, acc, se, m - m % MTILE + mi,
                                           task * ROWS + rb * R4 + rr, 1)
 
-    names = ["x", "codes0", "scales", "offsets", "bias", "y"]
-    keep = [0] + [names.index(r) for r in roles] + [len(names) - 1]
-    return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
+    return with_roles(main, roles)
