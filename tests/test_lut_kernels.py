@@ -178,22 +178,31 @@ def test_a_lutacc_run_after_another_instruction_continues_acc(engine, seed, sche
         assert np.array_equal(engine.run(moved_prog, x, True, 1, activation_bits=bits), want)
 
 
+SHAPE_FAST = 1 << 8  # lutexec.c: the tile has only LUTACC and SCALE before its STORE
+
+
 def test_plan_records_same_shape_tile_groups(engine):
-    """lut_plan writes, after the TABLE and TILE positions, how many same-shape tiles start at each
-    tile (at most 4); exec groups tiles by it. Outliers in one tile change its shape."""
+    """lut_plan writes, after the TABLE and TILE positions, per tile a shape word: how many
+    same-shape tiles start at it (at most 4, bits 0-7; exec groups tiles by it), SHAPE_FAST, and
+    from bit 16 the SCALE.pidx step between the group's tiles (code generation: groups per tile).
+    Outliers in one tile change its shape and take it off the fast path."""
     rng = np.random.default_rng(5)
     attrs, ops = random_qlinear(rng, "rtn-int4", 7 * 16, 64, 32)
     bound = engine.plan(generate(decompose(attrs, ops)))
-    same = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    shape = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    same = shape & 0xFF
     assert same.tolist() == [4, 4, 4, 4, 3, 2, 1]
+    assert all(shape & SHAPE_FAST)
+    assert (shape >> 16).tolist() == [2, 2, 2, 2, 2, 2, 0]  # 64 inputs in groups of 32; one tile: no step
     attrs, ops = random_qlinear(rng, "rtn-int4", 6 * 16, 64, 32, outliers=True)
     ptr = np.zeros(6 * 16 + 1, np.int32)
     ptr[16 * 2 + 1:] = 1  # one outlier, in row 32: tile 2 alone has an OUTLIER instruction
     ops[-3:] = [np.ones(1, np.float16), np.array([3], np.int32), ptr]
     prog = generate(decompose(attrs, ops))
     bound = engine.plan(prog)
-    same = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
-    assert same.tolist() == [2, 1, 1, 3, 2, 1]
+    shape = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    assert (shape & 0xFF).tolist() == [2, 1, 1, 3, 2, 1]
+    assert [bool(v & SHAPE_FAST) for v in shape] == [True, True, False, True, True, True]
     x = rng.normal(0, 1, (2, 64)).astype(np.float32)
     assert np.array_equal(engine.run(prog, x, True, 1), reference_executor.run(prog, x, True))
 

@@ -443,6 +443,14 @@ static inline void prefetch_span(const uint8_t* const* wp, int nt, int64_t bytes
         for (int64_t off = 0; off < bytes; off += 64)
             _mm_prefetch((const char*)(wp[t] + GROUP_PREFETCH + off), _MM_HINT_NTA);
 }
+#ifndef LIN_HINT
+#define LIN_HINT _MM_HINT_NTA
+#endif
+/* Prefetches `bytes` from *cur on, in address order, and moves *cur past them. */
+static inline void prefetch_lin(const uint8_t** cur, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch((const char*)(*cur + off), LIN_HINT);
+    *cur += bytes;
+}
 #define SCALE_PIDX_MASK (~(((1ULL << 28) - 1) << 36))
 
 static int same_shape(const uint64_t* s, const int64_t* tile, int nt) {
@@ -627,7 +635,7 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);                        \
             const int64_t kg0 = FIELD(w, 13, 20);                                                     \
             const int nwords = (int)FIELD(w, 33, 7) + 1;                                              \
-            if (m == 0) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                  \
+            if (m == 0) { if (lin) prefetch_lin(lin, 32 * (int64_t)nwords * nt); else prefetch_span(wq, nt, 32 * (int64_t)nwords); } \
             const fvec_t ts = F_SET1(TS[m * tsstride + (int64_t)FIELD(w, 40, 20)]);                  \
             const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
             vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                             \
@@ -653,7 +661,8 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
  * tiles with int8 tables (a8: of int8 activations; wp: each tile's next weight word; TS:
  * [M][blocks]). Activation rows run one after the other over the run's words (they stay in L1). */
 static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* ins, int count, const int8_t* T,
-                             int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
+                             int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M, float* ACC,
+                             const uint8_t** lin) {
     const vec_t mask = V_SET1_8(0x0f);
     const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
     const vec_t w1632 = V_SET1_16(0x2010); /* 16 and 32: the TH lookups of fused A8 */
@@ -680,6 +689,138 @@ static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* i
         }
 #endif
     }
+}
+
+/* ------------------------------------------------------------------ one activation row, state in registers */
+
+/* Decode (M = 1, int8 tables of float activations) runs a group's tiles from TILE to STORE with
+ * ACC and YT in registers, in the lanes' order (c0: rows 0-3, 8-11; c1: rows 4-7, 12-15, per
+ * tile): SCALE permutes its parameters into that order instead of permuting ACC to rows and
+ * going through memory per run and per SCALE, and STORE permutes once. lut_plan marks the tiles
+ * this covers (only LUTACC, SCALE, STORE: SHAPE_FAST). The float operations per row are the
+ * general path's, in the same order, so results are bit-identical. FAST_TILES tiles per pass
+ * (AVX2: two, 16 registers hold no more state). */
+#define FAST_TILES (2 * TILES_PER_VEC)
+/* lut_plan's per-tile shape word: same-shape tiles from this one on (bits 0-7), SHAPE_FAST, and
+ * from bit 16 the SCALE.pidx step between consecutive tiles of the group when every SCALE of
+ * tile t has pidx = pidx(first tile) + t * step (0: not so; the fast path then reads each tile's
+ * SCALE words, otherwise only the first tile's stream). */
+#define SHAPE_TILES(x) ((int)((x) & 0xff))
+#define SHAPE_FAST (1 << 8)
+#define SHAPE_STEP(x) ((int64_t)((uint64_t)(x) >> 16))
+
+#if LUT_ISA == 2
+/* 16 floats per tile (tiles a, b) in the lanes' order of c0 (p0) and c1 (p1). */
+static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_t* p1) {
+    const __m512 va = _mm512_loadu_ps(a), vb = _mm512_loadu_ps(b);
+    *p0 = perm64(va, _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), vb);
+    *p1 = perm64(va, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), vb);
+}
+#define F_ZERO _mm512_setzero_ps
+#define F_MUL _mm512_mul_ps
+#define F_ADD _mm512_add_ps
+#define F_SUB _mm512_sub_ps
+#else
+static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_t* p1) {
+    (void)b;
+    const __m256 r0 = _mm256_loadu_ps(a), r8 = _mm256_loadu_ps(a + 8);
+    *p0 = _mm256_permute2f128_ps(r0, r8, 0x20);
+    *p1 = _mm256_permute2f128_ps(r0, r8, 0x31);
+}
+#define F_ZERO _mm256_setzero_ps
+#define F_MUL _mm256_mul_ps
+#define F_ADD _mm256_add_ps
+#define F_SUB _mm256_sub_ps
+#endif
+
+#define FAST_BODY(NV)                                                                                 \
+    {                                                                                                 \
+        fvec_t c0[NV], c1[NV], y0[NV], y1[NV];                                                        \
+        for (int v = 0; v < NV; v++) c0[v] = c1[v] = y0[v] = y1[v] = F_ZERO();                       \
+        for (int64_t rel = 1;; rel++) {                                                               \
+            const uint64_t w = s[tile[0] + rel];                                                      \
+            const int op = (int)(w & 0xff);                                                           \
+            if (op == OP_LUTACC) {                                                                    \
+                const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);                    \
+                const int64_t kg0 = FIELD(w, 13, 20);                                                 \
+                const int nwords = (int)FIELD(w, 33, 7) + 1;                                          \
+                if (lin) prefetch_lin(&lin, 32 * (int64_t)nwords * nt); else prefetch_span(wq, nt, 32 * (int64_t)nwords); \
+                const fvec_t ts = F_SET1(TS[FIELD(w, 40, 20)]);                                       \
+                const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
+                vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                         \
+                for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                           \
+                RUN_WORDS_Q(NV, 0, 0)                                                                 \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    F_ACC(c0[v], V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw), ts);                    \
+                    F_ACC(c1[v], V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw), ts);                    \
+                }                                                                                     \
+                for (int t = 0; t < nt; t++) wq[t] += 32 * (int64_t)nwords;                           \
+            } else if (op == OP_SCALE) {                                                              \
+                const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;                         \
+                float xsv = XS[b0];                                                                   \
+                for (int64_t b = b0 + 1; b < b0 + nb; b++) xsv = xsv + XS[b];                         \
+                const fvec_t xs = F_SET1(xsv);                                                        \
+                const float* blk[FAST_TILES];                                                         \
+                const int64_t i0 = (int64_t)FIELD(w, 36, 28);                                         \
+                for (int t = 0; t < nt; t++)                                                          \
+                    blk[t] = P + 32 * (step ? i0 + t * step : (int64_t)FIELD(s[tile[t] + rel], 36, 28)); \
+                if (plin) prefetch_lin(&plin, 128 * nt);                                              \
+                else                                                                                  \
+                    for (int t = 0; t < nt; t++) {                                                    \
+                        _mm_prefetch((const char*)(blk[t] + 32 * PARAM_PREFETCH), _MM_HINT_T0);       \
+                        _mm_prefetch((const char*)(blk[t] + 32 * PARAM_PREFETCH) + 64, _MM_HINT_T0);  \
+                    }                                                                                 \
+                if (!step)                                                                            \
+                    for (int t = 1; t < nt; t++) _mm_prefetch((const char*)(s + tile[t] + rel + STREAM_PREFETCH), _MM_HINT_T0); \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    const float* ba = blk[TILES_PER_VEC * v];                                         \
+                    const float* bb = blk[TILES_PER_VEC * v + 1 < nt ? TILES_PER_VEC * v + 1 : TILES_PER_VEC * v]; \
+                    fvec_t s0, s1, o0, o1;                                                            \
+                    param_lanes(ba, bb, &s0, &s1);                                                    \
+                    param_lanes(ba + 16, bb + 16, &o0, &o1);                                          \
+                    y0[v] = F_ADD(y0[v], F_SUB(F_MUL(c0[v], s0), F_MUL(o0, xs)));                     \
+                    y1[v] = F_ADD(y1[v], F_SUB(F_MUL(c1[v], s1), F_MUL(o1, xs)));                     \
+                    c0[v] = c1[v] = F_ZERO();                                                         \
+                }                                                                                     \
+            } else { /* OP_STORE (SHAPE_FAST: nothing else) */                                        \
+                float rows[FAST_TILES * 16];                                                          \
+                for (int v = 0; v < NV; v++) lanes_to_acc(y0[v], y1[v], v, nt, 1, 0, rows);          \
+                for (int t = 0; t < nt; t++) {                                                        \
+                    const uint64_t wt = s[tile[t] + rel];                                             \
+                    memcpy(Y + FIELD(wt, 8, 32), rows + 16 * t, sizeof(float) * (FIELD(wt, 40, 5) + 1)); \
+                }                                                                                     \
+                return;                                                                               \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+/* nt <= FAST_TILES same-shape SHAPE_FAST tiles for one activation row (X, Y: that row; TS, XS:
+ * its table scales and sums). step: SHAPE_STEP. Prefetches the weights and parameters of the nt
+ * tiles after these in address order when the tiles' are laid out one after the other. */
+static void run_tiles_fast(const uint64_t* s, const int64_t* tile, int nt, int64_t step, const uint8_t* W,
+                           const float* P, float* Y, const int8_t* tr, const float* TS, const float* XS) {
+    const vec_t mask = V_SET1_8(0x0f);
+    const vec_t w12 = V_SET1_16(0x0201);
+    const vec_t w1632 = V_SET1_16(0x2010);
+    const int64_t tq = 16;
+    (void)w1632;
+    const uint8_t* wq[FAST_TILES];
+    for (int t = 0; t < nt; t++) wq[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
+    const uint8_t *lin = NULL, *plin = NULL;
+    if (nt > 1) {
+        const int64_t d = wq[1] - wq[0];
+        int ok = d > 0;
+        for (int t = 2; t < nt; t++) ok &= wq[t] - wq[t - 1] == d;
+        if (ok) lin = wq[0] + nt * d;
+        if (step) { /* the first SCALE's block of tile 0, then nt tiles on */
+            for (int64_t rel = 1; (s[tile[0] + rel] & 0xff) != OP_STORE; rel++)
+                if ((s[tile[0] + rel] & 0xff) == OP_SCALE) {
+                    plin = (const uint8_t*)(P + 32 * ((int64_t)FIELD(s[tile[0] + rel], 36, 28) + nt * step));
+                    break;
+                }
+        }
+    }
+    if (nt > TILES_PER_VEC) FAST_BODY(2) else FAST_BODY(1)
 }
 
 /* ------------------------------------------------------------------ binary-coded planes (BCQACC) */
@@ -789,6 +930,14 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
     const uint8_t* mul[BCQ_SLOTS][GROUP_TILES] = {{0}}; /* each tile's BCQMUL record per slot */
     int mulkind[BCQ_SLOTS] = {0};
     for (int t = 0; t < nt; t++) wp[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
+    const uint8_t* wlin = NULL; /* the next group's weights, prefetched in address order (see LIN) */
+    const uint8_t* plin = NULL; int pdone = nt < 2;
+    if (nt > 1) {
+        const int64_t d = wp[1] - wp[0];
+        int ok = d > 0;
+        for (int t = 2; t < nt; t++) ok &= wp[t] - wp[t - 1] == d;
+        if (ok) wlin = wp[0] + nt * d;
+    }
     memset(acc, 0, sizeof(float) * 16 * M * nt);
     memset(yt, 0, sizeof(float) * 16 * M * nt);
     for (int64_t rel = 1;; rel++) {
@@ -799,7 +948,8 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
             int64_t words = (int64_t)FIELD(w, 33, 7) + 1;
             for (uint64_t u; ((u = s[tile[0] + rel + count]) & 0xff) == OP_LUTACC; count++)
                 words += (int64_t)FIELD(u, 33, 7) + 1;
-            group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, a8, TS, p->blocks, M, acc);
+            group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, a8, TS, p->blocks, M, acc,
+                             wlin ? &wlin : NULL);
             for (int t = 0; t < nt; t++) wp[t] += 32 * words;
             rel += count - 1;
             break;
@@ -823,10 +973,20 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
         }
         case OP_SCALE: {
             const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;
+            if (!pdone) {
+                const int64_t i0 = (int64_t)FIELD(s[tile[0] + rel], 36, 28), d = (int64_t)FIELD(s[tile[1] + rel], 36, 28) - i0;
+                int ok = d > 0;
+                for (int t = 2; t < nt; t++) ok &= (int64_t)FIELD(s[tile[t] + rel], 36, 28) - (int64_t)FIELD(s[tile[t - 1] + rel], 36, 28) == d;
+                if (ok) plin = (const uint8_t*)(P + 32 * (i0 + nt * d));
+                pdone = 1;
+            }
+            if (plin) prefetch_lin(&plin, 128 * nt);
             for (int t = 0; t < nt; t++) {
-                const char* next = (const char*)(P + 32 * ((int64_t)FIELD(s[tile[t] + rel], 36, 28) + PARAM_PREFETCH));
-                _mm_prefetch(next, _MM_HINT_T0);
-                _mm_prefetch(next + 64, _MM_HINT_T0);
+                if (!plin) {
+                    const char* next = (const char*)(P + 32 * ((int64_t)FIELD(s[tile[t] + rel], 36, 28) + PARAM_PREFETCH));
+                    _mm_prefetch(next, _MM_HINT_T0);
+                    _mm_prefetch(next + 64, _MM_HINT_T0);
+                }
                 _mm_prefetch((const char*)(s + tile[t] + rel + STREAM_PREFETCH), _MM_HINT_T0);
             }
             for (int64_t m = 0; m < M; m++) {
@@ -862,6 +1022,30 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
     }
 }
 
+/* Whether a tile runs on the fast path (run_tiles_fast): only LUTACC and SCALE before its STORE. */
+static int fast_shape(const uint64_t* s, int64_t tile) {
+    for (int64_t i = tile + 1;; i++) {
+        const int op = (int)(s[i] & 0xff);
+        if (op == OP_STORE) return 1;
+        if (op != OP_LUTACC && op != OP_SCALE) return 0;
+    }
+}
+
+/* SHAPE_STEP of n same-shape tiles: d > 0 if every SCALE of tile t has pidx = that of tile 0 + t d. */
+static int64_t pidx_step(const uint64_t* s, const int64_t* tile, int n) {
+    int64_t d = 0;
+    if (n < 2) return 0;
+    for (int64_t rel = 1; (s[tile[0] + rel] & 0xff) != OP_STORE; rel++) {
+        if ((s[tile[0] + rel] & 0xff) != OP_SCALE) continue;
+        const int64_t i0 = (int64_t)FIELD(s[tile[0] + rel], 36, 28);
+        if (!d) d = (int64_t)FIELD(s[tile[1] + rel], 36, 28) - i0;
+        if (d <= 0) return 0;
+        for (int t = 1; t < n; t++)
+            if ((int64_t)FIELD(s[tile[t] + rel], 36, 28) != i0 + t * d) return 0;
+    }
+    return d;
+}
+
 /* Validates a stream against its operands' sizes and outlier records (they index X and YT),
  * and writes the positions of its TABLE instructions, then of its TILE instructions, to pos
  * (room for nw entries); counts[0], counts[1] = their numbers. After them, per tile g, the number
@@ -884,7 +1068,8 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
         for (int64_t g = 0; g < p.nsegs; g++) {
             int n = p.nsegs - g < GROUP_TILES ? (int)(p.nsegs - g) : GROUP_TILES;
             while (n > 1 && !same_shape(s, p.segs + g, n)) n--;
-            pos[p.ntables + p.nsegs + g] = n;
+            pos[p.ntables + p.nsegs + g] = n | (fast_shape(s, p.segs[g]) ? SHAPE_FAST : 0)
+                                           | pidx_step(s, p.segs + g, n) << 16;
         }
         counts[0] = p.ntables;
         counts[1] = p.nsegs;
@@ -947,9 +1132,13 @@ static void segments_range(job_t* j, int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end;) {
             int nt = 1;
             if (!j->fp32) /* the longest run of same-shape tiles that fits a group */
-                nt = (int)(same[g] < end - g ? same[g] : end - g);
+                nt = (int)(SHAPE_TILES(same[g]) < end - g ? SHAPE_TILES(same[g]) : end - g);
             nt = nt < 1 ? 1 : nt > GROUP_TILES ? GROUP_TILES : nt; /* acc, yt hold GROUP_TILES tiles */
-            if (j->fp32)
+            if (!j->fp32 && !j->a8 && j->M == 1 && (same[g] & SHAPE_FAST))
+                for (int t0 = 0; t0 < nt; t0 += FAST_TILES)
+                    run_tiles_fast(j->s, tile + g + t0, nt - t0 < FAST_TILES ? nt - t0 : FAST_TILES,
+                                   SHAPE_STEP(same[g]), j->W, j->P, j->Y, j->tables, j->TS, j->XS);
+            else if (j->fp32)
                 run_segment(j->s, tile[g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
                             j->XS, acc, yt);
             else
