@@ -301,3 +301,52 @@ def test_activation_bits_option_runs_the_model_and_is_refused_where_it_does_not_
     for bad in (4, True, "8"):
         with pytest.raises(LUTOptionError, match="activation_bits must be one of"):
             _check_options({**defaults, "activation_bits": bad})
+
+
+def _rearranged(prog: LayerProgram, rng: np.random.Generator) -> LayerProgram:
+    """The same layer with its tiles in a random stream order, each tile's weight words at a random
+    place and the parameter blocks shuffled (SCALE.pidx rewritten): the engine must not assume
+    codegen's layout (tiles' words one after the other, pidx = tile * groups + group), which its
+    one-row path only uses to prefetch and to skip reading other tiles' SCALE words."""
+    words = [int(w) for w in prog.stream]
+    op = [w & 0xFF for w in words]
+    starts = [i for i, o in enumerate(op) if i >= 4 and o == isa.FORMATS["TILE"].opcode]  # after the header
+    end = len(words) - 1  # the END word
+    tiles = [words[a:b] for a, b in zip(starts, starts[1:] + [end])]
+    nblocks = prog.params.size // 32
+    perm = rng.permutation(nblocks)
+    params = np.zeros_like(prog.params).reshape(nblocks, 32)
+    params[perm] = prog.params.reshape(nblocks, 32)
+    wptr = [t[0] >> 8 for t in tiles]
+    sizes = [b - a for a, b in zip(wptr, wptr[1:] + [prog.weights.size // 32])]
+    order = rng.permutation(len(tiles))
+    weights, new_tiles, at = [], [], 0
+    pidx_mask = ((1 << 28) - 1) << 36
+    for t in order:
+        tile = list(tiles[t])
+        weights.append(prog.weights[32 * wptr[t]:32 * (wptr[t] + sizes[t])])
+        tile[0] = isa.FORMATS["TILE"].opcode | (at << 8)
+        at += sizes[t]
+        for i, w in enumerate(tile):
+            if w & 0xFF == isa.FORMATS["SCALE"].opcode:
+                tile[i] = (w & ~pidx_mask) | (int(perm[(w >> 36) & ((1 << 28) - 1)]) << 36)
+        new_tiles.append(tile)
+    stream = words[:starts[0]] + [w for t in new_tiles for w in t] + words[end:]
+    return LayerProgram(np.array(stream, np.uint64), np.concatenate(weights), params.reshape(-1), prog.outliers,
+                        prog.in_features)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tiled_layers(), st.sampled_from([4, 32, 128]), st.sampled_from([1, 2]), st.booleans())
+def test_one_row_path_matches_the_reference_bit_exactly(engine, layer, table_group, threads, rearrange):
+    """M = 1 with int8 tables of float activations runs tiles without OUTLIERs on the one-row path
+    (run_tiles_fast: ACC and YT in registers, in the lanes' order); the same layer rearranged in
+    memory (_rearranged) too. Exact equality with the reference executor, as the general path's."""
+    attrs, ops, x = layer
+    prog = generate(decompose(attrs, ops), table_group)
+    if rearrange:
+        prog = _rearranged(prog, np.random.default_rng(int(abs(x[0, 0]) * 1e6)))
+    for row in x[:2]:
+        xr = row[None, :]
+        got = engine.run(prog, xr, True, threads)
+        assert np.array_equal(got, reference_executor.run(prog, xr, True))
