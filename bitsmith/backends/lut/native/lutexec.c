@@ -609,8 +609,9 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
  * (16, 32) instead of (1, 2), so 16 TH + TL of a word (|.| <= 16 x 3 x 32 = 1536) is summed in
  * one int16 accumulator: 21 x 1536 < 2^15, half the accumulators and the same exact integers. */
 #define A8_FUSED_WORDS 21
-#define RUN_WORDS(NV, A8, FUSED)                                                                      \
+#define RUN_WORDS(NV, A8, FUSED, PF)                                                                  \
     for (int w = 0; w < nwords; w++) {                                                                \
+        PF;                                                                                           \
         const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                     \
         const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                           \
         vec_t u0 = t0, u1 = t1;                                                                       \
@@ -628,8 +629,8 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                             \
         }                                                                                             \
     }
-#define RUN_WORDS_Q(NV, A8, FUSED)                                                                    \
-    { if (quad) { const int quad = 1; RUN_WORDS(NV, A8, FUSED) } else { const int quad = 0; RUN_WORDS(NV, A8, FUSED) } }
+#define RUN_WORDS_Q(NV, A8, FUSED, PF)                                                                \
+    { if (quad) { const int quad = 1; RUN_WORDS(NV, A8, FUSED, PF) } else { const int quad = 0; RUN_WORDS(NV, A8, FUSED, PF) } }
 
 /* `count` LUTACC words (ins) for NV vectors of tiles, one activation row m. Per instruction and
  * row the int32 part is a_lo 2^p + a_hi 2^(p+2) (quad) or (a_lo + a_hi) 2^p (pair), with A8
@@ -652,7 +653,7 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                             \
             for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();           \
             const int fused = A8 && nwords <= A8_FUSED_WORDS;                                        \
-            if (fused) RUN_WORDS_Q(NV, A8, 1) else RUN_WORDS_Q(NV, A8, 0)                             \
+            if (fused) RUN_WORDS_Q(NV, A8, 1, (void)0) else RUN_WORDS_Q(NV, A8, 0, (void)0)           \
             for (int v = 0; v < NV; v++) {                                                            \
                 vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                               \
                 vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                               \
@@ -744,6 +745,10 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
 #define F_SUB _mm256_sub_ps
 #endif
 
+/* The word loop's share of the linear prefetch: a word of nt tiles is nt * 32 bytes (<= 128). */
+#define PF_WORD(at, nt)                                                                               \
+    { _mm_prefetch((const char*)(at), LIN_HINT); if ((nt) > 2) _mm_prefetch((const char*)(at) + 64, LIN_HINT); }
+
 #define FAST_BODY(NV)                                                                                 \
     {                                                                                                 \
         fvec_t c0[NV], c1[NV], y0[NV], y1[NV];                                                        \
@@ -755,12 +760,14 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
                 const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);                    \
                 const int64_t kg0 = FIELD(w, 13, 20);                                                 \
                 const int nwords = (int)FIELD(w, 33, 7) + 1;                                          \
-                if (lin) prefetch_lin(&lin, 32 * (int64_t)nwords * nt); else prefetch_span(wq, nt, 32 * (int64_t)nwords); \
+                if (!lin) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                \
                 const fvec_t ts = F_SET1(TS[FIELD(w, 40, 20)]);                                       \
                 const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
                 vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                         \
                 for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                           \
-                RUN_WORDS_Q(NV, 0, 0)                                                                 \
+                if (lin) RUN_WORDS_Q(NV, 0, 0, PF_WORD(lin + (int64_t)w * nt * 32, nt))             \
+                else RUN_WORDS_Q(NV, 0, 0, (void)0)                                                   \
+                if (lin) lin += 32 * (int64_t)nwords * nt;                                            \
                 for (int v = 0; v < NV; v++) {                                                        \
                     F_ACC(c0[v], V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw), ts);                    \
                     F_ACC(c1[v], V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw), ts);                    \
