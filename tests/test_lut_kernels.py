@@ -337,16 +337,19 @@ def _rearranged(prog: LayerProgram, rng: np.random.Generator) -> LayerProgram:
 
 
 @settings(max_examples=25, deadline=None)
-@given(tiled_layers(), st.sampled_from([4, 32, 128]), st.sampled_from([1, 2]), st.booleans())
-def test_one_row_path_matches_the_reference_bit_exactly(engine, layer, table_group, threads, rearrange):
-    """M = 1 with int8 tables of float activations runs tiles without OUTLIERs on the one-row path
-    (run_tiles_fast: ACC and YT in registers, in the lanes' order); the same layer rearranged in
-    memory (_rearranged) too. Exact equality with the reference executor, as the general path's."""
+@given(tiled_layers(), st.sampled_from([4, 32, 128]), st.sampled_from([1, 2]), st.booleans(),
+       st.sampled_from([32, 8]))
+def test_one_row_path_matches_the_reference_bit_exactly(engine, layer, table_group, threads, rearrange,
+                                                         activation_bits):
+    """M = 1 with int8 tables (of float or int8 activations) runs tiles without OUTLIERs on the
+    one-row path (run_tiles_fast: ACC and YT in registers, in the lanes' order); the same layer
+    rearranged in memory (_rearranged) too. Exact equality with the reference executor, as the
+    general path's."""
     attrs, ops, x = layer
     prog = generate(decompose(attrs, ops), table_group)
     if rearrange:
         prog = _rearranged(prog, np.random.default_rng(int(abs(x[0, 0]) * 1e6)))
     for row in x[:2]:
         xr = row[None, :]
-        got = engine.run(prog, xr, True, threads)
-        assert np.array_equal(got, reference_executor.run(prog, xr, True))
+        got = engine.run(prog, xr, True, threads, activation_bits=activation_bits)
+        assert np.array_equal(got, reference_executor.run(prog, xr, True, activation_bits))

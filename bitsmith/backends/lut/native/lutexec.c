@@ -705,13 +705,16 @@ static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* i
 
 /* ------------------------------------------------------------------ one activation row, state in registers */
 
-/* Decode (M = 1, int8 tables of float activations) runs a group's tiles from TILE to STORE with
- * ACC and YT in registers, in the lanes' order (c0: rows 0-3, 8-11; c1: rows 4-7, 12-15, per
- * tile): SCALE permutes its parameters into that order instead of permuting ACC to rows and
- * going through memory per run and per SCALE, and STORE permutes once. lut_plan marks the tiles
- * this covers (only LUTACC, SCALE, STORE: SHAPE_FAST). The float operations per row are the
- * general path's, in the same order, so results are bit-identical. FAST_TILES tiles per pass
- * (AVX2: two, 16 registers hold no more state). */
+/* Decode (M = 1, int8 tables of float or of int8 activations) runs a group's tiles from TILE to
+ * STORE with ACC and YT in registers, in the lanes' order (c0: rows 0-3, 8-11; c1: rows 4-7,
+ * 12-15, per tile): SCALE permutes its parameters into that order instead of permuting ACC to
+ * rows and going through memory per run and per SCALE, and STORE permutes once. lut_plan marks
+ * the tiles this covers (only LUTACC, SCALE, STORE: SHAPE_FAST). The float operations per row
+ * are the general path's, in the same order, so results are bit-identical. FAST_TILES tiles per
+ * pass (AVX2: two, 16 registers hold no more state). Per-call overhead that does not shrink with
+ * the bits (dispatch, ACC permutes and memory round trips per LUTACC run and SCALE) was about
+ * half of a 2-bit call's time (perf, weights in cache): 2-bit N = K = 4096, 1 thread, cache-hot,
+ * C driver, AVX-512 0.18 -> 0.13 ms, AVX2 0.21 -> 0.17. */
 #define FAST_TILES (2 * TILES_PER_VEC)
 /* lut_plan's per-tile shape word: same-shape tiles from this one on (bits 0-7), SHAPE_FAST, and
  * from bit 16 the SCALE.pidx step between consecutive tiles of the group when every SCALE of
@@ -749,8 +752,9 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
 #define PF_WORD(at, nt)                                                                               \
     { _mm_prefetch((const char*)(at), LIN_HINT); if ((nt) > 2) _mm_prefetch((const char*)(at) + 64, LIN_HINT); }
 
-#define FAST_BODY(NV)                                                                                 \
+#define FAST_BODY(NV, A8)                                                                             \
     {                                                                                                 \
+        const int64_t tq = A8 ? 32 : 16; /* table bytes per quad */                                   \
         fvec_t c0[NV], c1[NV], y0[NV], y1[NV];                                                        \
         for (int v = 0; v < NV; v++) c0[v] = c1[v] = y0[v] = y1[v] = F_ZERO();                       \
         for (int64_t rel = 1;; rel++) {                                                               \
@@ -764,13 +768,25 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
                 const fvec_t ts = F_SET1(TS[FIELD(w, 40, 20)]);                                       \
                 const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
                 vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                         \
-                for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = V_ZERO();                           \
-                if (lin) RUN_WORDS_Q(NV, 0, 0, PF_WORD(lin + (int64_t)w * nt * 32, nt))             \
-                else RUN_WORDS_Q(NV, 0, 0, (void)0)                                                   \
+                for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();       \
+                const int fused = A8 && nwords <= A8_FUSED_WORDS;                                    \
+                if (A8 && fused) {                                                                    \
+                    if (lin) RUN_WORDS_Q(NV, A8, 1, PF_WORD(lin + (int64_t)w * nt * 32, nt))          \
+                    else RUN_WORDS_Q(NV, A8, 1, (void)0)                                              \
+                } else {                                                                              \
+                    if (lin) RUN_WORDS_Q(NV, A8, 0, PF_WORD(lin + (int64_t)w * nt * 32, nt))          \
+                    else RUN_WORDS_Q(NV, A8, 0, (void)0)                                              \
+                }                                                                                     \
                 if (lin) lin += 32 * (int64_t)nwords * nt;                                            \
                 for (int v = 0; v < NV; v++) {                                                        \
-                    F_ACC(c0[v], V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw), ts);                    \
-                    F_ACC(c1[v], V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw), ts);                    \
+                    vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                           \
+                    vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                           \
+                    if (A8 && !fused) {                                                               \
+                        l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));  \
+                        l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));  \
+                    }                                                                                 \
+                    F_ACC(c0[v], l0x, ts);                                                            \
+                    F_ACC(c1[v], l1x, ts);                                                            \
                 }                                                                                     \
                 for (int t = 0; t < nt; t++) wq[t] += 32 * (int64_t)nwords;                           \
             } else if (op == OP_SCALE) {                                                              \
@@ -812,16 +828,14 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
         }                                                                                             \
     }
 
-/* nt <= FAST_TILES same-shape SHAPE_FAST tiles for one activation row (X, Y: that row; TS, XS:
- * its table scales and sums). step: SHAPE_STEP. Prefetches the weights and parameters of the nt
+/* nt <= FAST_TILES same-shape SHAPE_FAST tiles for one activation row (Y: that row; tr, TS, XS:
+ * its tables, table scales and sums; a8: tables of int8 activations, TH then TL per quad). step: SHAPE_STEP. Prefetches the weights and parameters of the nt
  * tiles after these in address order when the tiles' are laid out one after the other. */
 static void run_tiles_fast(const uint64_t* s, const int64_t* tile, int nt, int64_t step, const uint8_t* W,
-                           const float* P, float* Y, const int8_t* tr, const float* TS, const float* XS) {
+                           const float* P, float* Y, const int8_t* tr, int a8, const float* TS, const float* XS) {
     const vec_t mask = V_SET1_8(0x0f);
     const vec_t w12 = V_SET1_16(0x0201);
     const vec_t w1632 = V_SET1_16(0x2010);
-    const int64_t tq = 16;
-    (void)w1632;
     const uint8_t* wq[FAST_TILES];
     for (int t = 0; t < nt; t++) wq[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
     const uint8_t *lin = NULL, *plin = NULL;
@@ -838,7 +852,8 @@ static void run_tiles_fast(const uint64_t* s, const int64_t* tile, int nt, int64
                 }
         }
     }
-    if (nt > TILES_PER_VEC) FAST_BODY(2) else FAST_BODY(1)
+    if (a8) { if (nt > TILES_PER_VEC) FAST_BODY(2, 1) else FAST_BODY(1, 1) }
+    else if (nt > TILES_PER_VEC) FAST_BODY(2, 0) else FAST_BODY(1, 0)
 }
 
 /* ------------------------------------------------------------------ binary-coded planes (BCQACC) */
@@ -1152,10 +1167,10 @@ static void segments_range(job_t* j, int64_t begin, int64_t end) {
             if (!j->fp32) /* the longest run of same-shape tiles that fits a group */
                 nt = (int)(SHAPE_TILES(same[g]) < end - g ? SHAPE_TILES(same[g]) : end - g);
             nt = nt < 1 ? 1 : nt > GROUP_TILES ? GROUP_TILES : nt; /* acc, yt hold GROUP_TILES tiles */
-            if (!j->fp32 && !j->a8 && j->M == 1 && (same[g] & SHAPE_FAST))
+            if (!j->fp32 && j->M == 1 && (same[g] & SHAPE_FAST))
                 for (int t0 = 0; t0 < nt; t0 += FAST_TILES)
                     run_tiles_fast(j->s, tile + g + t0, nt - t0 < FAST_TILES ? nt - t0 : FAST_TILES,
-                                   SHAPE_STEP(same[g]), j->W, j->P, j->Y, j->tables, j->TS, j->XS);
+                                   SHAPE_STEP(same[g]), j->W, j->P, j->Y, j->tables, j->a8, j->TS, j->XS);
             else if (j->fp32)
                 run_segment(j->s, tile[g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
                             j->XS, acc, yt);
