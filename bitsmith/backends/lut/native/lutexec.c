@@ -1081,11 +1081,12 @@ static int64_t pidx_step(const uint64_t* s, const int64_t* tile, int n) {
 
 /* Validates a stream against its operands' sizes and outlier records (they index X and YT),
  * and writes the positions of its TABLE instructions, then of its TILE instructions, to pos
- * (room for nw entries); counts[0], counts[1] = their numbers. After them, per tile g, the number
- * of same-shape tiles starting at g (at most GROUP_TILES; same_shape), which lut_exec_tables reads
- * instead of comparing every tile's words on every call (about 10% of a 2-bit N = K = 4096 call
- * when the weights are in cache): a stream has more than ntables + 2 nsegs words (each tile has a
- * TILE and a STORE), so they fit. Returns 0 or (word << 8) | error. */
+ * (room for nw entries); counts[0], counts[1] = their numbers. After them, per tile g, its shape
+ * word: the number of same-shape tiles starting at g (at most GROUP_TILES; same_shape), SHAPE_FAST
+ * and SHAPE_STEP (run_tiles_fast), which lut_exec_tables reads instead of comparing every tile's
+ * words on every call (about 10% of a 2-bit N = K = 4096 call when the weights are in cache): a
+ * stream has more than ntables + 2 nsegs words (each tile has a TILE and a STORE), so they fit.
+ * Returns 0 or (word << 8) | error. */
 int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats, const void* O, int64_t nout,
                  int64_t* pos, int64_t* counts) {
     if (wbytes % 32 || pfloats % 32) return fail(0, ERR_ARGS);
