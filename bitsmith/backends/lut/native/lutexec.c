@@ -748,6 +748,30 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
 #define F_SUB _mm256_sub_ps
 #endif
 
+/* ACC and YT of the one-row path: in registers with AVX-512; in memory with AVX2, whose 16
+ * registers then hold the word loop's accumulators and operands (with ACC and YT in registers
+ * gcc spilled two quad-mode accumulators in the word loop, a store-forwarding chain per word:
+ * 4-bit, 1 thread, weights in cache, ~10% slower than the general path). */
+#if LUT_ISA == 2
+#define FAST_STATE(NV)                                                                                \
+    fvec_t c0[NV], c1[NV], y0[NV], y1[NV];                                                            \
+    for (int v = 0; v < NV; v++) c0[v] = c1[v] = y0[v] = y1[v] = F_ZERO();
+#define C_GET0(v) c0[v]
+#define C_GET1(v) c1[v]
+#define C_PUT(v, a, b) { c0[v] = (a); c1[v] = (b); }
+#define Y_GET0(v) y0[v]
+#define Y_GET1(v) y1[v]
+#define Y_PUT(v, a, b) { y0[v] = (a); y1[v] = (b); }
+#else
+#define FAST_STATE(NV) float cm[NV][16] __attribute__((aligned(32))) = {{0}}, ym[NV][16] __attribute__((aligned(32))) = {{0}};
+#define C_GET0(v) _mm256_load_ps(cm[v])
+#define C_GET1(v) _mm256_load_ps(cm[v] + 8)
+#define C_PUT(v, a, b) { _mm256_store_ps(cm[v], (a)); _mm256_store_ps(cm[v] + 8, (b)); }
+#define Y_GET0(v) _mm256_load_ps(ym[v])
+#define Y_GET1(v) _mm256_load_ps(ym[v] + 8)
+#define Y_PUT(v, a, b) { _mm256_store_ps(ym[v], (a)); _mm256_store_ps(ym[v] + 8, (b)); }
+#endif
+
 /* The word loop's share of the linear prefetch: a word of nt tiles is nt * 32 bytes (<= 128). */
 #define PF_WORD(at, nt)                                                                               \
     { _mm_prefetch((const char*)(at), LIN_HINT); if ((nt) > 2) _mm_prefetch((const char*)(at) + 64, LIN_HINT); }
@@ -755,8 +779,7 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
 #define FAST_BODY(NV, A8)                                                                             \
     {                                                                                                 \
         const int64_t tq = A8 ? 32 : 16; /* table bytes per quad */                                   \
-        fvec_t c0[NV], c1[NV], y0[NV], y1[NV];                                                        \
-        for (int v = 0; v < NV; v++) c0[v] = c1[v] = y0[v] = y1[v] = F_ZERO();                       \
+        FAST_STATE(NV)                                                                                \
         for (int64_t rel = 1;; rel++) {                                                               \
             const uint64_t w = s[tile[0] + rel];                                                      \
             const int op = (int)(w & 0xff);                                                           \
@@ -765,8 +788,6 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
                 const int64_t kg0 = FIELD(w, 13, 20);                                                 \
                 const int nwords = (int)FIELD(w, 33, 7) + 1;                                          \
                 if (!lin) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                \
-                const fvec_t ts = F_SET1(TS[FIELD(w, 40, 20)]);                                       \
-                const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
                 vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                         \
                 for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();       \
                 const int fused = A8 && nwords <= A8_FUSED_WORDS;                                    \
@@ -778,6 +799,9 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
                     else RUN_WORDS_Q(NV, A8, 0, (void)0)                                              \
                 }                                                                                     \
                 if (lin) lin += 32 * (int64_t)nwords * nt;                                            \
+                /* after the word loop: with AVX2 two more live registers spilled its accumulators */ \
+                const fvec_t ts = F_SET1(TS[FIELD(w, 40, 20)]);                                       \
+                const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
                 for (int v = 0; v < NV; v++) {                                                        \
                     vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                           \
                     vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                           \
@@ -785,8 +809,10 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
                         l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));  \
                         l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));  \
                     }                                                                                 \
-                    F_ACC(c0[v], l0x, ts);                                                            \
-                    F_ACC(c1[v], l1x, ts);                                                            \
+                    fvec_t a0 = C_GET0(v), a1 = C_GET1(v);                                            \
+                    F_ACC(a0, l0x, ts);                                                               \
+                    F_ACC(a1, l1x, ts);                                                               \
+                    C_PUT(v, a0, a1)                                                                  \
                 }                                                                                     \
                 for (int t = 0; t < nt; t++) wq[t] += 32 * (int64_t)nwords;                           \
             } else if (op == OP_SCALE) {                                                              \
@@ -812,13 +838,13 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
                     fvec_t s0, s1, o0, o1;                                                            \
                     param_lanes(ba, bb, &s0, &s1);                                                    \
                     param_lanes(ba + 16, bb + 16, &o0, &o1);                                          \
-                    y0[v] = F_ADD(y0[v], F_SUB(F_MUL(c0[v], s0), F_MUL(o0, xs)));                     \
-                    y1[v] = F_ADD(y1[v], F_SUB(F_MUL(c1[v], s1), F_MUL(o1, xs)));                     \
-                    c0[v] = c1[v] = F_ZERO();                                                         \
+                    Y_PUT(v, F_ADD(Y_GET0(v), F_SUB(F_MUL(C_GET0(v), s0), F_MUL(o0, xs))),           \
+                          F_ADD(Y_GET1(v), F_SUB(F_MUL(C_GET1(v), s1), F_MUL(o1, xs))))               \
+                    C_PUT(v, F_ZERO(), F_ZERO())                                                      \
                 }                                                                                     \
             } else { /* OP_STORE (SHAPE_FAST: nothing else) */                                        \
                 float rows[FAST_TILES * 16];                                                          \
-                for (int v = 0; v < NV; v++) lanes_to_acc(y0[v], y1[v], v, nt, 1, 0, rows);          \
+                for (int v = 0; v < NV; v++) lanes_to_acc(Y_GET0(v), Y_GET1(v), v, nt, 1, 0, rows);    \
                 for (int t = 0; t < nt; t++) {                                                        \
                     const uint64_t wt = s[tile[t] + rel];                                             \
                     memcpy(Y + FIELD(wt, 8, 32), rows + 16 * t, sizeof(float) * (FIELD(wt, 40, 5) + 1)); \
