@@ -714,7 +714,7 @@ static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* i
  * pass (AVX2: two, 16 registers hold no more state). Per-call overhead that does not shrink with
  * the bits (dispatch, ACC permutes and memory round trips per LUTACC run and SCALE) was about
  * half of a 2-bit call's time (perf, weights in cache): 2-bit N = K = 4096, 1 thread, cache-hot,
- * C driver, AVX-512 0.18 -> 0.13 ms, AVX2 0.21 -> 0.17. */
+ * C driver, AVX-512 0.18 -> 0.13 ms, AVX2 0.18-0.21 -> 0.15. */
 #define FAST_TILES (2 * TILES_PER_VEC)
 /* lut_plan's per-tile shape word: same-shape tiles from this one on (bits 0-7), SHAPE_FAST, and
  * from bit 16 the SCALE.pidx step between consecutive tiles of the group when every SCALE of
