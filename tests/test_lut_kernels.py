@@ -178,22 +178,31 @@ def test_a_lutacc_run_after_another_instruction_continues_acc(engine, seed, sche
         assert np.array_equal(engine.run(moved_prog, x, True, 1, activation_bits=bits), want)
 
 
+SHAPE_FAST = 1 << 8  # lutexec.c: the tile has only LUTACC and SCALE before its STORE
+
+
 def test_plan_records_same_shape_tile_groups(engine):
-    """lut_plan writes, after the TABLE and TILE positions, how many same-shape tiles start at each
-    tile (at most 4); exec groups tiles by it. Outliers in one tile change its shape."""
+    """lut_plan writes, after the TABLE and TILE positions, per tile a shape word: how many
+    same-shape tiles start at it (at most 4, bits 0-7; exec groups tiles by it), SHAPE_FAST, and
+    from bit 16 the SCALE.pidx step between the group's tiles (code generation: groups per tile).
+    Outliers in one tile change its shape and take it off the fast path."""
     rng = np.random.default_rng(5)
     attrs, ops = random_qlinear(rng, "rtn-int4", 7 * 16, 64, 32)
     bound = engine.plan(generate(decompose(attrs, ops)))
-    same = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    shape = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    same = shape & 0xFF
     assert same.tolist() == [4, 4, 4, 4, 3, 2, 1]
+    assert all(shape & SHAPE_FAST)
+    assert (shape >> 16).tolist() == [2, 2, 2, 2, 2, 2, 0]  # 64 inputs in groups of 32; one tile: no step
     attrs, ops = random_qlinear(rng, "rtn-int4", 6 * 16, 64, 32, outliers=True)
     ptr = np.zeros(6 * 16 + 1, np.int32)
     ptr[16 * 2 + 1:] = 1  # one outlier, in row 32: tile 2 alone has an OUTLIER instruction
     ops[-3:] = [np.ones(1, np.float16), np.array([3], np.int32), ptr]
     prog = generate(decompose(attrs, ops))
     bound = engine.plan(prog)
-    same = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
-    assert same.tolist() == [2, 1, 1, 3, 2, 1]
+    shape = bound.pos[bound.ntables + bound.nsegs:][:bound.nsegs]
+    assert (shape & 0xFF).tolist() == [2, 1, 1, 3, 2, 1]
+    assert [bool(v & SHAPE_FAST) for v in shape] == [True, True, False, True, True, True]
     x = rng.normal(0, 1, (2, 64)).astype(np.float32)
     assert np.array_equal(engine.run(prog, x, True, 1), reference_executor.run(prog, x, True))
 
@@ -292,3 +301,55 @@ def test_activation_bits_option_runs_the_model_and_is_refused_where_it_does_not_
     for bad in (4, True, "8"):
         with pytest.raises(LUTOptionError, match="activation_bits must be one of"):
             _check_options({**defaults, "activation_bits": bad})
+
+
+def _rearranged(prog: LayerProgram, rng: np.random.Generator) -> LayerProgram:
+    """The same layer with its tiles in a random stream order, each tile's weight words at a random
+    place and the parameter blocks shuffled (SCALE.pidx rewritten): the engine must not assume
+    codegen's layout (tiles' words one after the other, pidx = tile * groups + group), which its
+    one-row path only uses to prefetch and to skip reading other tiles' SCALE words."""
+    words = [int(w) for w in prog.stream]
+    op = [w & 0xFF for w in words]
+    starts = [i for i, o in enumerate(op) if i >= 4 and o == isa.FORMATS["TILE"].opcode]  # after the header
+    end = len(words) - 1  # the END word
+    tiles = [words[a:b] for a, b in zip(starts, starts[1:] + [end])]
+    nblocks = prog.params.size // 32
+    perm = rng.permutation(nblocks)
+    params = np.zeros_like(prog.params).reshape(nblocks, 32)
+    params[perm] = prog.params.reshape(nblocks, 32)
+    wptr = [t[0] >> 8 for t in tiles]
+    sizes = [b - a for a, b in zip(wptr, wptr[1:] + [prog.weights.size // 32])]
+    order = rng.permutation(len(tiles))
+    weights, new_tiles, at = [], [], 0
+    pidx_mask = ((1 << 28) - 1) << 36
+    for t in order:
+        tile = list(tiles[t])
+        weights.append(prog.weights[32 * wptr[t]:32 * (wptr[t] + sizes[t])])
+        tile[0] = isa.FORMATS["TILE"].opcode | (at << 8)
+        at += sizes[t]
+        for i, w in enumerate(tile):
+            if w & 0xFF == isa.FORMATS["SCALE"].opcode:
+                tile[i] = (w & ~pidx_mask) | (int(perm[(w >> 36) & ((1 << 28) - 1)]) << 36)
+        new_tiles.append(tile)
+    stream = words[:starts[0]] + [w for t in new_tiles for w in t] + words[end:]
+    return LayerProgram(np.array(stream, np.uint64), np.concatenate(weights), params.reshape(-1), prog.outliers,
+                        prog.in_features)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tiled_layers(), st.sampled_from([4, 32, 128]), st.sampled_from([1, 2]), st.booleans(),
+       st.sampled_from([32, 8]))
+def test_one_row_path_matches_the_reference_bit_exactly(engine, layer, table_group, threads, rearrange,
+                                                         activation_bits):
+    """M = 1 with int8 tables (of float or int8 activations) runs tiles without OUTLIERs on the
+    one-row path (run_tiles_fast: ACC and YT in registers, in the lanes' order); the same layer
+    rearranged in memory (_rearranged) too. Exact equality with the reference executor, as the
+    general path's."""
+    attrs, ops, x = layer
+    prog = generate(decompose(attrs, ops), table_group)
+    if rearrange:
+        prog = _rearranged(prog, np.random.default_rng(int(abs(x[0, 0]) * 1e6)))
+    for row in x[:2]:
+        xr = row[None, :]
+        got = engine.run(prog, xr, True, threads, activation_bits=activation_bits)
+        assert np.array_equal(got, reference_executor.run(prog, xr, True, activation_bits))

@@ -443,6 +443,25 @@ static inline void prefetch_span(const uint8_t* const* wp, int nt, int64_t bytes
         for (int64_t off = 0; off < bytes; off += 64)
             _mm_prefetch((const char*)(wp[t] + GROUP_PREFETCH + off), _MM_HINT_NTA);
 }
+/* Where a group's tiles lie one after the other (codegen's layout), the next group's weights
+ * (and, with SHAPE_STEP, its parameter blocks) are one contiguous span each, and are prefetched
+ * in address order instead: LIN_AHEAD groups ahead, as much per LUTACC (SCALE) as the group
+ * consumes, so the span is in cache when the next group starts. Zen 5, one core: the hardware
+ * streams one or two sequential streams at ~30 GB/s but four interleaved ones at 12-20; a C
+ * model of a 2-bit N = K = 4096 call's reads (4 tiles x 16 KiB + parameters, no compute) went
+ * from 20-24 GB/s with per-tile prefetch to 26-30 (shared machine). Measured on the 2-bit call:
+ * one group ahead and NTA beat two groups ahead and T0/T1 hints. */
+#ifndef LIN_AHEAD
+#define LIN_AHEAD 1
+#endif
+#ifndef LIN_HINT
+#define LIN_HINT _MM_HINT_NTA
+#endif
+/* Prefetches `bytes` from *cur on, in address order, and moves *cur past them. */
+static inline void prefetch_lin(const uint8_t** cur, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch((const char*)(*cur + off), LIN_HINT);
+    *cur += bytes;
+}
 #define SCALE_PIDX_MASK (~(((1ULL << 28) - 1) << 36))
 
 static int same_shape(const uint64_t* s, const int64_t* tile, int nt) {
@@ -590,8 +609,9 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
  * (16, 32) instead of (1, 2), so 16 TH + TL of a word (|.| <= 16 x 3 x 32 = 1536) is summed in
  * one int16 accumulator: 21 x 1536 < 2^15, half the accumulators and the same exact integers. */
 #define A8_FUSED_WORDS 21
-#define RUN_WORDS(NV, A8, FUSED)                                                                      \
+#define RUN_WORDS(NV, A8, FUSED, PF)                                                                  \
     for (int w = 0; w < nwords; w++) {                                                                \
+        PF;                                                                                           \
         const int64_t k0 = quad ? kg0 + w : kg0 + 2 * w, k1 = quad ? k0 : k0 + 1;                     \
         const vec_t t0 = V_TABLE(tr + k0 * tq), t1 = V_TABLE(tr + k1 * tq);                           \
         vec_t u0 = t0, u1 = t1;                                                                       \
@@ -609,8 +629,8 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             if (A8) { LOOKUP(b_lo[v], u0, lo); LOOKUP(b_hi[v], u1, hi); }                             \
         }                                                                                             \
     }
-#define RUN_WORDS_Q(NV, A8, FUSED)                                                                    \
-    { if (quad) { const int quad = 1; RUN_WORDS(NV, A8, FUSED) } else { const int quad = 0; RUN_WORDS(NV, A8, FUSED) } }
+#define RUN_WORDS_Q(NV, A8, FUSED, PF)                                                                \
+    { if (quad) { const int quad = 1; RUN_WORDS(NV, A8, FUSED, PF) } else { const int quad = 0; RUN_WORDS(NV, A8, FUSED, PF) } }
 
 /* `count` LUTACC words (ins) for NV vectors of tiles, one activation row m. Per instruction and
  * row the int32 part is a_lo 2^p + a_hi 2^(p+2) (quad) or (a_lo + a_hi) 2^p (pair), with A8
@@ -627,13 +647,13 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);                        \
             const int64_t kg0 = FIELD(w, 13, 20);                                                     \
             const int nwords = (int)FIELD(w, 33, 7) + 1;                                              \
-            if (m == 0) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                  \
+            if (m == 0) { if (lin) prefetch_lin(lin, 32 * (int64_t)nwords * nt); else prefetch_span(wq, nt, 32 * (int64_t)nwords); } \
             const fvec_t ts = F_SET1(TS[m * tsstride + (int64_t)FIELD(w, 40, 20)]);                  \
             const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
             vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                             \
             for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();           \
             const int fused = A8 && nwords <= A8_FUSED_WORDS;                                        \
-            if (fused) RUN_WORDS_Q(NV, A8, 1) else RUN_WORDS_Q(NV, A8, 0)                             \
+            if (fused) RUN_WORDS_Q(NV, A8, 1, (void)0) else RUN_WORDS_Q(NV, A8, 0, (void)0)           \
             for (int v = 0; v < NV; v++) {                                                            \
                 vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                               \
                 vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                               \
@@ -653,7 +673,8 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
  * tiles with int8 tables (a8: of int8 activations; wp: each tile's next weight word; TS:
  * [M][blocks]). Activation rows run one after the other over the run's words (they stay in L1). */
 static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* ins, int count, const int8_t* T,
-                             int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M, float* ACC) {
+                             int64_t tstride, int a8, const float* TS, int64_t tsstride, int64_t M, float* ACC,
+                             const uint8_t** lin) {
     const vec_t mask = V_SET1_8(0x0f);
     const vec_t w12 = V_SET1_16(0x0201); /* unsigned bytes 1, 2: planes p+j, j = 0, 1 */
     const vec_t w1632 = V_SET1_16(0x2010); /* 16 and 32: the TH lookups of fused A8 */
@@ -680,6 +701,185 @@ static void group_lutacc_run(const uint8_t* const* wp, int nt, const uint64_t* i
         }
 #endif
     }
+}
+
+/* ------------------------------------------------------------------ one activation row, state in registers */
+
+/* Decode (M = 1, int8 tables of float or of int8 activations) runs a group's tiles from TILE to
+ * STORE with ACC and YT in registers, in the lanes' order (c0: rows 0-3, 8-11; c1: rows 4-7,
+ * 12-15, per tile): SCALE permutes its parameters into that order instead of permuting ACC to
+ * rows and going through memory per run and per SCALE, and STORE permutes once. lut_plan marks
+ * the tiles this covers (only LUTACC, SCALE, STORE: SHAPE_FAST). The float operations per row
+ * are the general path's, in the same order, so results are bit-identical. FAST_TILES tiles per
+ * pass (AVX2: two, 16 registers hold no more state). Per-call overhead that does not shrink with
+ * the bits (dispatch, ACC permutes and memory round trips per LUTACC run and SCALE) was about
+ * half of a 2-bit call's time (perf, weights in cache): 2-bit N = K = 4096, 1 thread, cache-hot,
+ * C driver, AVX-512 0.18 -> 0.13 ms, AVX2 0.18-0.21 -> 0.15. */
+#define FAST_TILES (2 * TILES_PER_VEC)
+/* lut_plan's per-tile shape word: same-shape tiles from this one on (bits 0-7), SHAPE_FAST, and
+ * from bit 16 the SCALE.pidx step between consecutive tiles of the group when every SCALE of
+ * tile t has pidx = pidx(first tile) + t * step (0: not so; the fast path then reads each tile's
+ * SCALE words, otherwise only the first tile's stream). */
+#define SHAPE_TILES(x) ((int)((x) & 0xff))
+#define SHAPE_FAST (1 << 8)
+#define SHAPE_STEP(x) ((int64_t)((uint64_t)(x) >> 16))
+
+#if LUT_ISA == 2
+/* 16 floats per tile (tiles a, b) in the lanes' order of c0 (p0) and c1 (p1). */
+static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_t* p1) {
+    const __m512 va = _mm512_loadu_ps(a), vb = _mm512_loadu_ps(b);
+    *p0 = perm64(va, _mm512_setr_epi64(0, 1, 4, 5, 8, 9, 12, 13), vb);
+    *p1 = perm64(va, _mm512_setr_epi64(2, 3, 6, 7, 10, 11, 14, 15), vb);
+}
+#define F_ZERO _mm512_setzero_ps
+#define F_MUL _mm512_mul_ps
+#define F_ADD _mm512_add_ps
+#define F_SUB _mm512_sub_ps
+#else
+static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_t* p1) {
+    (void)b;
+    const __m256 r0 = _mm256_loadu_ps(a), r8 = _mm256_loadu_ps(a + 8);
+    *p0 = _mm256_permute2f128_ps(r0, r8, 0x20);
+    *p1 = _mm256_permute2f128_ps(r0, r8, 0x31);
+}
+#define F_ZERO _mm256_setzero_ps
+#define F_MUL _mm256_mul_ps
+#define F_ADD _mm256_add_ps
+#define F_SUB _mm256_sub_ps
+#endif
+
+/* ACC and YT of the one-row path: in registers with AVX-512; in memory with AVX2, whose 16
+ * registers then hold the word loop's accumulators and operands (with ACC and YT in registers
+ * gcc spilled two quad-mode accumulators in the word loop, a store-forwarding chain per word:
+ * 4-bit, 1 thread, weights in cache, ~10% slower than the general path). */
+#if LUT_ISA == 2
+#define FAST_STATE(NV)                                                                                \
+    fvec_t c0[NV], c1[NV], y0[NV], y1[NV];                                                            \
+    for (int v = 0; v < NV; v++) c0[v] = c1[v] = y0[v] = y1[v] = F_ZERO();
+#define C_GET0(v) c0[v]
+#define C_GET1(v) c1[v]
+#define C_PUT(v, a, b) { c0[v] = (a); c1[v] = (b); }
+#define Y_GET0(v) y0[v]
+#define Y_GET1(v) y1[v]
+#define Y_PUT(v, a, b) { y0[v] = (a); y1[v] = (b); }
+#else
+#define FAST_STATE(NV) float cm[NV][16] __attribute__((aligned(32))) = {{0}}, ym[NV][16] __attribute__((aligned(32))) = {{0}};
+#define C_GET0(v) _mm256_load_ps(cm[v])
+#define C_GET1(v) _mm256_load_ps(cm[v] + 8)
+#define C_PUT(v, a, b) { _mm256_store_ps(cm[v], (a)); _mm256_store_ps(cm[v] + 8, (b)); }
+#define Y_GET0(v) _mm256_load_ps(ym[v])
+#define Y_GET1(v) _mm256_load_ps(ym[v] + 8)
+#define Y_PUT(v, a, b) { _mm256_store_ps(ym[v], (a)); _mm256_store_ps(ym[v] + 8, (b)); }
+#endif
+
+/* The word loop's share of the linear prefetch: a word of nt tiles is nt * 32 bytes (<= 128). */
+#define PF_WORD(at, nt)                                                                               \
+    { _mm_prefetch((const char*)(at), LIN_HINT); if ((nt) > 2) _mm_prefetch((const char*)(at) + 64, LIN_HINT); }
+
+#define FAST_BODY(NV, A8)                                                                             \
+    {                                                                                                 \
+        const int64_t tq = A8 ? 32 : 16; /* table bytes per quad */                                   \
+        FAST_STATE(NV)                                                                                \
+        for (int64_t rel = 1;; rel++) {                                                               \
+            const uint64_t w = s[tile[0] + rel];                                                      \
+            const int op = (int)(w & 0xff);                                                           \
+            if (op == OP_LUTACC) {                                                                    \
+                const int quad = FIELD(w, 8, 1) == 0, plane = (int)FIELD(w, 9, 4);                    \
+                const int64_t kg0 = FIELD(w, 13, 20);                                                 \
+                const int nwords = (int)FIELD(w, 33, 7) + 1;                                          \
+                if (!lin) prefetch_span(wq, nt, 32 * (int64_t)nwords);                                \
+                vec_t a_lo[NV], a_hi[NV], b_lo[NV], b_hi[NV];                                         \
+                for (int v = 0; v < NV; v++) a_lo[v] = a_hi[v] = b_lo[v] = b_hi[v] = V_ZERO();       \
+                const int fused = A8 && nwords <= A8_FUSED_WORDS;                                    \
+                if (A8 && fused) {                                                                    \
+                    if (lin) RUN_WORDS_Q(NV, A8, 1, PF_WORD(lin + (int64_t)w * nt * 32, nt))          \
+                    else RUN_WORDS_Q(NV, A8, 1, (void)0)                                              \
+                } else {                                                                              \
+                    if (lin) RUN_WORDS_Q(NV, A8, 0, PF_WORD(lin + (int64_t)w * nt * 32, nt))          \
+                    else RUN_WORDS_Q(NV, A8, 0, (void)0)                                              \
+                }                                                                                     \
+                if (lin) lin += 32 * (int64_t)nwords * nt;                                            \
+                /* after the word loop: with AVX2 two more live registers spilled its accumulators */ \
+                const fvec_t ts = F_SET1(TS[FIELD(w, 40, 20)]);                                       \
+                const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                           \
+                    vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                           \
+                    if (A8 && !fused) {                                                               \
+                        l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));  \
+                        l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));  \
+                    }                                                                                 \
+                    fvec_t a0 = C_GET0(v), a1 = C_GET1(v);                                            \
+                    F_ACC(a0, l0x, ts);                                                               \
+                    F_ACC(a1, l1x, ts);                                                               \
+                    C_PUT(v, a0, a1)                                                                  \
+                }                                                                                     \
+                for (int t = 0; t < nt; t++) wq[t] += 32 * (int64_t)nwords;                           \
+            } else if (op == OP_SCALE) {                                                              \
+                const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;                         \
+                float xsv = XS[b0];                                                                   \
+                for (int64_t b = b0 + 1; b < b0 + nb; b++) xsv = xsv + XS[b];                         \
+                const fvec_t xs = F_SET1(xsv);                                                        \
+                const float* blk[FAST_TILES];                                                         \
+                const int64_t i0 = (int64_t)FIELD(w, 36, 28);                                         \
+                for (int t = 0; t < nt; t++)                                                          \
+                    blk[t] = P + 32 * (step ? i0 + t * step : (int64_t)FIELD(s[tile[t] + rel], 36, 28)); \
+                if (plin) prefetch_lin(&plin, 128 * nt);                                              \
+                else                                                                                  \
+                    for (int t = 0; t < nt; t++) {                                                    \
+                        _mm_prefetch((const char*)(blk[t] + 32 * PARAM_PREFETCH), _MM_HINT_T0);       \
+                        _mm_prefetch((const char*)(blk[t] + 32 * PARAM_PREFETCH) + 64, _MM_HINT_T0);  \
+                    }                                                                                 \
+                if (!step)                                                                            \
+                    for (int t = 1; t < nt; t++) _mm_prefetch((const char*)(s + tile[t] + rel + STREAM_PREFETCH), _MM_HINT_T0); \
+                for (int v = 0; v < NV; v++) {                                                        \
+                    const float* ba = blk[TILES_PER_VEC * v];                                         \
+                    const float* bb = blk[TILES_PER_VEC * v + 1 < nt ? TILES_PER_VEC * v + 1 : TILES_PER_VEC * v]; \
+                    fvec_t s0, s1, o0, o1;                                                            \
+                    param_lanes(ba, bb, &s0, &s1);                                                    \
+                    param_lanes(ba + 16, bb + 16, &o0, &o1);                                          \
+                    Y_PUT(v, F_ADD(Y_GET0(v), F_SUB(F_MUL(C_GET0(v), s0), F_MUL(o0, xs))),           \
+                          F_ADD(Y_GET1(v), F_SUB(F_MUL(C_GET1(v), s1), F_MUL(o1, xs))))               \
+                    C_PUT(v, F_ZERO(), F_ZERO())                                                      \
+                }                                                                                     \
+            } else { /* OP_STORE (SHAPE_FAST: nothing else) */                                        \
+                float rows[FAST_TILES * 16];                                                          \
+                for (int v = 0; v < NV; v++) lanes_to_acc(Y_GET0(v), Y_GET1(v), v, nt, 1, 0, rows);    \
+                for (int t = 0; t < nt; t++) {                                                        \
+                    const uint64_t wt = s[tile[t] + rel];                                             \
+                    memcpy(Y + FIELD(wt, 8, 32), rows + 16 * t, sizeof(float) * (FIELD(wt, 40, 5) + 1)); \
+                }                                                                                     \
+                return;                                                                               \
+            }                                                                                         \
+        }                                                                                             \
+    }
+
+/* nt <= FAST_TILES same-shape SHAPE_FAST tiles for one activation row (Y: that row; tr, TS, XS:
+ * its tables, table scales and sums; a8: tables of int8 activations, TH then TL per quad). step: SHAPE_STEP. Prefetches the weights and parameters of the nt
+ * tiles after these in address order when the tiles' are laid out one after the other. */
+static void run_tiles_fast(const uint64_t* s, const int64_t* tile, int nt, int64_t step, const uint8_t* W,
+                           const float* P, float* Y, const int8_t* tr, int a8, const float* TS, const float* XS) {
+    const vec_t mask = V_SET1_8(0x0f);
+    const vec_t w12 = V_SET1_16(0x0201);
+    const vec_t w1632 = V_SET1_16(0x2010);
+    const uint8_t* wq[FAST_TILES];
+    for (int t = 0; t < nt; t++) wq[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
+    const uint8_t *lin = NULL, *plin = NULL;
+    if (nt > 1) {
+        const int64_t d = wq[1] - wq[0];
+        int ok = d > 0;
+        for (int t = 2; t < nt; t++) ok &= wq[t] - wq[t - 1] == d;
+        if (ok) lin = wq[0] + LIN_AHEAD * nt * d;
+        if (step) { /* the first SCALE's block of tile 0, then nt tiles on */
+            for (int64_t rel = 1; (s[tile[0] + rel] & 0xff) != OP_STORE; rel++)
+                if ((s[tile[0] + rel] & 0xff) == OP_SCALE) {
+                    plin = (const uint8_t*)(P + 32 * ((int64_t)FIELD(s[tile[0] + rel], 36, 28) + LIN_AHEAD * nt * step));
+                    break;
+                }
+        }
+    }
+    if (a8) { if (nt > TILES_PER_VEC) FAST_BODY(2, 1) else FAST_BODY(1, 1) }
+    else if (nt > TILES_PER_VEC) FAST_BODY(2, 0) else FAST_BODY(1, 0)
 }
 
 /* ------------------------------------------------------------------ binary-coded planes (BCQACC) */
@@ -789,6 +989,14 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
     const uint8_t* mul[BCQ_SLOTS][GROUP_TILES] = {{0}}; /* each tile's BCQMUL record per slot */
     int mulkind[BCQ_SLOTS] = {0};
     for (int t = 0; t < nt; t++) wp[t] = W + 32 * (int64_t)FIELD(s[tile[t]], 8, 56);
+    const uint8_t* wlin = NULL; /* the next group's weights, prefetched in address order (LIN_AHEAD) */
+    const uint8_t* plin = NULL; int pdone = nt < 2;
+    if (nt > 1) {
+        const int64_t d = wp[1] - wp[0];
+        int ok = d > 0;
+        for (int t = 2; t < nt; t++) ok &= wp[t] - wp[t - 1] == d;
+        if (ok) wlin = wp[0] + nt * d;
+    }
     memset(acc, 0, sizeof(float) * 16 * M * nt);
     memset(yt, 0, sizeof(float) * 16 * M * nt);
     for (int64_t rel = 1;; rel++) {
@@ -799,7 +1007,8 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
             int64_t words = (int64_t)FIELD(w, 33, 7) + 1;
             for (uint64_t u; ((u = s[tile[0] + rel + count]) & 0xff) == OP_LUTACC; count++)
                 words += (int64_t)FIELD(u, 33, 7) + 1;
-            group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, a8, TS, p->blocks, M, acc);
+            group_lutacc_run(wp, nt, s + tile[0] + rel, count, tables, tstride, a8, TS, p->blocks, M, acc,
+                             wlin ? &wlin : NULL);
             for (int t = 0; t < nt; t++) wp[t] += 32 * words;
             rel += count - 1;
             break;
@@ -823,10 +1032,20 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
         }
         case OP_SCALE: {
             const int64_t b0 = FIELD(w, 8, 20), nb = FIELD(w, 28, 8) + 1;
+            if (!pdone) {
+                const int64_t i0 = (int64_t)FIELD(s[tile[0] + rel], 36, 28), d = (int64_t)FIELD(s[tile[1] + rel], 36, 28) - i0;
+                int ok = d > 0;
+                for (int t = 2; t < nt; t++) ok &= (int64_t)FIELD(s[tile[t] + rel], 36, 28) - (int64_t)FIELD(s[tile[t - 1] + rel], 36, 28) == d;
+                if (ok) plin = (const uint8_t*)(P + 32 * (i0 + nt * d));
+                pdone = 1;
+            }
+            if (plin) prefetch_lin(&plin, 128 * nt);
             for (int t = 0; t < nt; t++) {
-                const char* next = (const char*)(P + 32 * ((int64_t)FIELD(s[tile[t] + rel], 36, 28) + PARAM_PREFETCH));
-                _mm_prefetch(next, _MM_HINT_T0);
-                _mm_prefetch(next + 64, _MM_HINT_T0);
+                if (!plin) {
+                    const char* next = (const char*)(P + 32 * ((int64_t)FIELD(s[tile[t] + rel], 36, 28) + PARAM_PREFETCH));
+                    _mm_prefetch(next, _MM_HINT_T0);
+                    _mm_prefetch(next + 64, _MM_HINT_T0);
+                }
                 _mm_prefetch((const char*)(s + tile[t] + rel + STREAM_PREFETCH), _MM_HINT_T0);
             }
             for (int64_t m = 0; m < M; m++) {
@@ -862,13 +1081,38 @@ static void run_group(const uint64_t* s, const int64_t* tile, int nt, const plan
     }
 }
 
+/* Whether a tile runs on the fast path (run_tiles_fast): only LUTACC and SCALE before its STORE. */
+static int fast_shape(const uint64_t* s, int64_t tile) {
+    for (int64_t i = tile + 1;; i++) {
+        const int op = (int)(s[i] & 0xff);
+        if (op == OP_STORE) return 1;
+        if (op != OP_LUTACC && op != OP_SCALE) return 0;
+    }
+}
+
+/* SHAPE_STEP of n same-shape tiles: d > 0 if every SCALE of tile t has pidx = that of tile 0 + t d. */
+static int64_t pidx_step(const uint64_t* s, const int64_t* tile, int n) {
+    int64_t d = 0;
+    if (n < 2) return 0;
+    for (int64_t rel = 1; (s[tile[0] + rel] & 0xff) != OP_STORE; rel++) {
+        if ((s[tile[0] + rel] & 0xff) != OP_SCALE) continue;
+        const int64_t i0 = (int64_t)FIELD(s[tile[0] + rel], 36, 28);
+        if (!d) d = (int64_t)FIELD(s[tile[1] + rel], 36, 28) - i0;
+        if (d <= 0) return 0;
+        for (int t = 1; t < n; t++)
+            if ((int64_t)FIELD(s[tile[t] + rel], 36, 28) != i0 + t * d) return 0;
+    }
+    return d;
+}
+
 /* Validates a stream against its operands' sizes and outlier records (they index X and YT),
  * and writes the positions of its TABLE instructions, then of its TILE instructions, to pos
- * (room for nw entries); counts[0], counts[1] = their numbers. After them, per tile g, the number
- * of same-shape tiles starting at g (at most GROUP_TILES; same_shape), which lut_exec_tables reads
- * instead of comparing every tile's words on every call (about 10% of a 2-bit N = K = 4096 call
- * when the weights are in cache): a stream has more than ntables + 2 nsegs words (each tile has a
- * TILE and a STORE), so they fit. Returns 0 or (word << 8) | error. */
+ * (room for nw entries); counts[0], counts[1] = their numbers. After them, per tile g, its shape
+ * word: the number of same-shape tiles starting at g (at most GROUP_TILES; same_shape), SHAPE_FAST
+ * and SHAPE_STEP (run_tiles_fast), which lut_exec_tables reads instead of comparing every tile's
+ * words on every call (about 10% of a 2-bit N = K = 4096 call when the weights are in cache): a
+ * stream has more than ntables + 2 nsegs words (each tile has a TILE and a STORE), so they fit.
+ * Returns 0 or (word << 8) | error. */
 int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats, const void* O, int64_t nout,
                  int64_t* pos, int64_t* counts) {
     if (wbytes % 32 || pfloats % 32) return fail(0, ERR_ARGS);
@@ -884,7 +1128,8 @@ int64_t lut_plan(const uint64_t* s, int64_t nw, int64_t wbytes, int64_t pfloats,
         for (int64_t g = 0; g < p.nsegs; g++) {
             int n = p.nsegs - g < GROUP_TILES ? (int)(p.nsegs - g) : GROUP_TILES;
             while (n > 1 && !same_shape(s, p.segs + g, n)) n--;
-            pos[p.ntables + p.nsegs + g] = n;
+            pos[p.ntables + p.nsegs + g] = n | (fast_shape(s, p.segs[g]) ? SHAPE_FAST : 0)
+                                           | pidx_step(s, p.segs + g, n) << 16;
         }
         counts[0] = p.ntables;
         counts[1] = p.nsegs;
@@ -947,9 +1192,13 @@ static void segments_range(job_t* j, int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end;) {
             int nt = 1;
             if (!j->fp32) /* the longest run of same-shape tiles that fits a group */
-                nt = (int)(same[g] < end - g ? same[g] : end - g);
+                nt = (int)(SHAPE_TILES(same[g]) < end - g ? SHAPE_TILES(same[g]) : end - g);
             nt = nt < 1 ? 1 : nt > GROUP_TILES ? GROUP_TILES : nt; /* acc, yt hold GROUP_TILES tiles */
-            if (j->fp32)
+            if (!j->fp32 && j->M == 1 && (same[g] & SHAPE_FAST))
+                for (int t0 = 0; t0 < nt; t0 += FAST_TILES)
+                    run_tiles_fast(j->s, tile + g + t0, nt - t0 < FAST_TILES ? nt - t0 : FAST_TILES,
+                                   SHAPE_STEP(same[g]), j->W, j->P, j->Y, j->tables, j->a8, j->TS, j->XS);
+            else if (j->fp32)
                 run_segment(j->s, tile[g], &j->p, j->W, j->P, j->O, j->X, j->M, j->Y, j->tables, j->tstride,
                             j->XS, acc, yt);
             else
