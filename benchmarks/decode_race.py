@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import subprocess
 import sys
@@ -371,12 +372,40 @@ def report(results: list[dict], compiles: dict, args, machine: str) -> str:
                 f"{pre:.0f} | {_ratio(pre, base_pre)} | {ttft:.0f} | "
                 f"{_fmt(q.get('bits_per_weight'), '.3f')} | {_fmt(q.get('ppl', {}).get('ppl'), '.3f')} | "
                 f"{loads} | {runs[0]['executor']} |")
+    lines += paired_table(done)
     if compiles:
         lines += ["", "| row | compile s (wall) | bits/weight |", "|---|---:|---:|"]
         for row, c in compiles.items():
             lines.append(f"| {row} | {c['compile_s']:.1f} | {c['bits_per_weight']:.3f} |")
     lines += ["", f"Command: `python benchmarks/decode_race.py {' '.join(sys.argv[1:])}`", ""]
     return "\n".join(lines)
+
+
+def paired_table(done: list[dict]) -> list[str]:
+    """Each row's k-th run of a run (``part`` of a merge) against llama.cpp's k-th at the same
+    thread count: both ran in the same round, minutes apart, so the ratio cancels most of what a
+    shared machine's load does to both (the best-of table above compares rounds that may not)."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in done:
+        runs.setdefault((r.get("part", 0), r["threads"], r["row"]), []).append(r)
+    pairs: dict[tuple, list[tuple[float, float, float, float]]] = {}
+    for (part, threads, row), rs in runs.items():
+        base = runs.get((part, threads, "llama.cpp"), [])
+        for r, b in zip(rs, base):
+            pairs.setdefault((threads, row), []).append(
+                (_decode_tps(r), _decode_tps(r) / _decode_tps(b), _prefill_tps(r), _prefill_tps(r) / _prefill_tps(b)))
+    if not pairs:
+        return []
+    out = ["", "Paired per round (medians over the rounds; decode ratio's range in brackets):", "",
+           "| threads | row | rounds | decode tok/s | decode vs llama.cpp | prefill tok/s | prefill vs llama.cpp |",
+           "|---:|---|---:|---:|---|---:|---:|"]
+    for threads, row in sorted(pairs, key=lambda k: (k[0], k[1] != "llama.cpp", k[1])):
+        v = pairs[(threads, row)]
+        ratios = [x[1] for x in v]
+        out.append(f"| {threads} | {row} | {len(v)} | {statistics.median(x[0] for x in v):.1f} | "
+                   f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                   f"{statistics.median(x[2] for x in v):.0f} | {statistics.median(x[3] for x in v):.2f}× |")
+    return out
 
 
 def _ratio(ours: float, base: float | None) -> str:
@@ -427,7 +456,7 @@ def main() -> None:
 
     if a.merge:
         parts = [json.loads(Path(f).read_text()) for f in a.merge]
-        results = [r for part in parts for r in part["results"]]
+        results = [{**r, "part": r.get("part", k)} for k, part in enumerate(parts) for r in part["results"]]
         compiles = {k: v for part in parts for k, v in part["compiles"].items()}
         for key in ("new_tokens", "prompt_tokens", "ppl_windows", "ppl_ctx"):  # the runs' own settings
             setattr(a, key, max(part["args"][key] for part in parts))
