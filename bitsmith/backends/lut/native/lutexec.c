@@ -608,6 +608,16 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
  * part = 16 a + b. A8 fused (at most A8_FUSED_WORDS words): TH is looked up with byte weights
  * (16, 32) instead of (1, 2), so 16 TH + TL of a word (|.| <= 16 x 3 x 32 = 1536) is summed in
  * one int16 accumulator: 21 x 1536 < 2^15, half the accumulators and the same exact integers. */
+/* A LUTACC run's int16 lane sums widened to int32 with the plane weight pw (lookup lane order):
+ * a_lo/a_hi the low nibbles' sums and, for int8 activations not fused into one sum, b_lo/b_hi
+ * the high nibbles' (x16). Declares l0x, l1x (lanes of the tile's low / high halves). */
+#define WIDEN_RUN(v, A8, l0x, l1x)                                                                    \
+    vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                                           \
+    vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                                           \
+    if (A8 && !fused) {                                                                               \
+        l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));                  \
+        l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));                  \
+    }
 #define A8_FUSED_WORDS 21
 #define RUN_WORDS(NV, A8, FUSED, PF)                                                                  \
     for (int w = 0; w < nwords; w++) {                                                                \
@@ -655,12 +665,7 @@ static inline void lanes_to_acc(fvec_t c0, fvec_t c1, int v, int nt, int64_t M, 
             const int fused = A8 && nwords <= A8_FUSED_WORDS;                                        \
             if (fused) RUN_WORDS_Q(NV, A8, 1, (void)0) else RUN_WORDS_Q(NV, A8, 0, (void)0)           \
             for (int v = 0; v < NV; v++) {                                                            \
-                vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                               \
-                vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                               \
-                if (A8 && !fused) {                                                                   \
-                    l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));      \
-                    l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));      \
-                }                                                                                     \
+                WIDEN_RUN(v, A8, l0x, l1x)                                                            \
                 F_ACC(c0[v], l0x, ts);                                                                \
                 F_ACC(c1[v], l1x, ts);                                                                \
             }                                                                                         \
@@ -803,12 +808,7 @@ static inline void param_lanes(const float* a, const float* b, fvec_t* p0, fvec_
                 const fvec_t ts = F_SET1(TS[FIELD(w, 40, 20)]);                                       \
                 const vec_t pw = V_SET1_32((int)((1u << plane) | ((quad ? 1u << (plane + 2) : 1u << plane) << 16))); \
                 for (int v = 0; v < NV; v++) {                                                        \
-                    vec_t l0x = V_MADD(V_UNPACKLO16(a_lo[v], a_hi[v]), pw);                           \
-                    vec_t l1x = V_MADD(V_UNPACKHI16(a_lo[v], a_hi[v]), pw);                           \
-                    if (A8 && !fused) {                                                               \
-                        l0x = V_ADD32(V_SLLI32(l0x, 4), V_MADD(V_UNPACKLO16(b_lo[v], b_hi[v]), pw));  \
-                        l1x = V_ADD32(V_SLLI32(l1x, 4), V_MADD(V_UNPACKHI16(b_lo[v], b_hi[v]), pw));  \
-                    }                                                                                 \
+                    WIDEN_RUN(v, A8, l0x, l1x)                                                        \
                     fvec_t a0 = C_GET0(v), a1 = C_GET1(v);                                            \
                     F_ACC(a0, l0x, ts);                                                               \
                     F_ACC(a1, l1x, ts);                                                               \
