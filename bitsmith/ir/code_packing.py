@@ -37,6 +37,11 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
         raise ValueError(f"{packed.shape[-1]} bytes per row cannot hold {count} {bits}-bit codes")
     if bits == 8:
         return np.ascontiguousarray(packed[..., :count])
+    if bits == 4 and count % 2 == 0:
+        out = np.empty(lead + (count,), dtype=np.uint8)
+        out[..., 0::2] = packed[..., :count // 2] & np.uint8(15)
+        out[..., 1::2] = packed[..., :count // 2] >> np.uint8(4)
+        return out
     if 8 % bits == 0:  # 1, 2, 4: whole codes per byte
         per = 8 // bits
         shifts = np.arange(per, dtype=np.uint8) * np.uint8(bits)

@@ -71,11 +71,11 @@ def pack_sliced(fields: np.ndarray, width: int) -> np.ndarray:
     chunks = -(-count // cf)
     padded = np.zeros((rows, chunks * cf), dtype=np.uint8)
     padded[:, :count] = fields
-    f = padded.reshape(rows, chunks, per_byte, LANES).astype(np.uint16)  # [row, chunk, h, j]
-    out = np.zeros((rows, chunks, LANES), dtype=np.uint16)
-    for h in range(per_byte):
-        out |= f[:, :, h, :] << (width * h)
-    return out.astype(np.uint8).reshape(rows, chunks * LANES)
+    f = padded.reshape(rows, chunks, per_byte, LANES)  # [row, chunk, h, j]; width * per_byte == 8
+    out = f[:, :, 0, :].copy()
+    for h in range(1, per_byte):
+        out |= f[:, :, h, :] << np.uint8(width * h)
+    return out.reshape(rows, chunks * LANES)
 
 
 def unpack_sliced(packed: np.ndarray, width: int, count: int) -> np.ndarray:
