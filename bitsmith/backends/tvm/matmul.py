@@ -18,7 +18,7 @@ import numpy as np
 
 from ...errors import BitsmithError
 from .kernel import KernelDef, Recipe
-from . import qlinear_a8
+from . import qlinear_a8, qlinear_a8_wide
 from .matmul_defs import ATTR, linear_func, matmul_attrs, qlinear_func
 from .qlinear_layout import layout_for, qlinear_operands
 
@@ -59,7 +59,8 @@ def _outlier_width(attrs: Mapping[str, Any], operands: Sequence[np.ndarray]) -> 
 def qlinear_kernel(attrs: Mapping[str, Any], operands: Sequence[np.ndarray], act_dtype: str,
                    activation_bits: int = 32) -> KernelDef:
     """Params: x [m, in], *operands (from :func:`qlinear_operands`), y [m, out].
-    ``activation_bits=8``: the W4A8 kernel (``qlinear_a8``) where it covers the layout (the
+    ``activation_bits=8``: an int8-activation kernel (``qlinear_a8``: GGUF blocks;
+    ``qlinear_a8_wide``: zero-point codes in wide groups) where one covers the layout (the
     definition then carries ``activation_bits`` for the CPU schedule; other layouts stay float)."""
     _check_dtype("activation", act_dtype)
     lay = layout_for(attrs, _outlier_width(attrs, operands))
@@ -68,7 +69,7 @@ def qlinear_kernel(attrs: Mapping[str, Any], operands: Sequence[np.ndarray], act
         raise BitsmithError(f"qlinear kernel expects operands {roles}, got {len(operands)} arrays")
     shapes = [(tuple(int(s) for s in a.shape), str(a.dtype)) for a in operands]
     func = qlinear_func(lay, shapes, act_dtype)
-    a8 = activation_bits == 8 and qlinear_a8.applies(lay) is None
+    a8 = activation_bits == 8 and (qlinear_a8.applies(lay) is None or qlinear_a8_wide.applies(lay) is None)
     if a8:
         func = func.with_attr(ATTR, {**matmul_attrs(func), "activation_bits": 8})
     sp = f"_{lay.nm[0]}of{lay.nm[1]}" if lay.nm else ""

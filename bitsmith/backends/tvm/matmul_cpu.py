@@ -75,7 +75,7 @@ def choose_schedule(kdef: KernelDef) -> str:
         from .bcq_cpu import applies
         return VECTOR_BCQ if applies(a) else (
             f"{GENERIC}: bcq_linear group_size {a['group_size']} is not a multiple of {LANES} (scalar decode)")
-    if int(a.get("activation_bits", 32)) == 8:  # set only where qlinear_a8 covers the layout
+    if int(a.get("activation_bits", 32)) == 8:  # set only where qlinear_a8 or qlinear_a8_wide covers the layout
         return VECTOR_QLINEAR_A8
     from .qlinear_grouped import applies as grouped_applies
     if grouped_applies(_layout_from_attrs(a)) is None:
@@ -105,12 +105,15 @@ def schedule(kdef: KernelDef, target):
         func = kern.dense_kernel(int(a["in_features"]), int(a["out_features"]), bool(a["has_bias"]),
                                  str(a["act_dtype"]), str(a["weight_dtype"]))
     elif chosen == VECTOR_QLINEAR_A8:
-        from .qlinear_a8 import qlinear_a8_kernel
+        from .qlinear_a8 import applies as gguf_a8_applies, qlinear_a8_kernel
+        from .qlinear_a8_wide import qlinear_a8_wide_kernel
         if not _has(target, "avx2"):
             raise BitsmithError(f"activation_bits=8 needs integer dot instructions (AVX2 or AVX-512 VNNI); "
                                 f"mcpu {target.attrs.get('mcpu', '?')!s} has neither (kernel {kdef.name})")
         vnni = (_has(target, "avx512vnni") and _has(target, "avx512vl")) or _has(target, "avxvnni")
-        func = qlinear_a8_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni)
+        lay = _layout_from_attrs(a)
+        build = qlinear_a8_kernel if gguf_a8_applies(lay) is None else qlinear_a8_wide_kernel
+        func = build(lay, _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni)
     elif chosen == VECTOR_QLINEAR_GROUPED:
         from .qlinear_grouped import qlinear_grouped_kernel
         func = qlinear_grouped_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]))

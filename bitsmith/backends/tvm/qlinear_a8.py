@@ -62,26 +62,35 @@ def applies(lay: QLinearLayout) -> str | None:
     return layout_reason(lay, "W4A8", PAIR)
 
 
-def _dot_u8s8(acc, codes, acts, vnni: bool):
-    """int32x8: acc + sum of 4 consecutive u8 codes * s8 activations per lane."""
+_DOT = {  # lanes of the byte operands -> (vpdpbusd, pmaddubsw, pmaddwd, abs, psignb)
+    32: ("llvm.x86.avx512.vpdpbusd.256", "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd", "llvm.abs.v32i8",
+         "llvm.x86.avx2.psign.b"),
+    16: ("llvm.x86.avx512.vpdpbusd.128", "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd",
+         "llvm.abs.v16i8", "llvm.x86.ssse3.psign.b.128"),
+}
+
+
+def _dot_u8s8(acc, codes, acts, vnni: bool, lanes: int = 32):
+    """int32 x lanes/4: acc + sum of 4 consecutive u8 codes * s8 activations per lane."""
+    dpbusd, maddubs, maddwd, _abs, _sign = _DOT[lanes]
+    out = f"int32x{lanes // 4}"
     if vnni:
-        return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc,
-                                          tirx.reinterpret("int8x32", codes), acts)
+        return tirx.call_llvm_pure_intrin(out, dpbusd, acc, tirx.reinterpret(f"int8x{lanes}", codes), acts)
     # |code * q| <= 15 * 127, so the pairwise int16 sums of pmaddubsw never saturate
-    pairs = tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", codes, acts)
-    return acc + tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs,
-                                            tirx.Broadcast(tirx.const(1, "int16"), 16))
+    pairs = tirx.call_llvm_pure_intrin(f"int16x{lanes // 2}", maddubs, codes, acts)
+    return acc + tirx.call_llvm_pure_intrin(out, maddwd, pairs, tirx.Broadcast(tirx.const(1, "int16"), lanes // 2))
 
 
-def _dot_s8s8(codes, acts, vnni: bool):
-    """int32x8: sums of 4 consecutive int8 weights (u8 codes - 128) * s8 activations per lane.
+def _dot_s8s8(codes, acts, vnni: bool, lanes: int = 32):
+    """int32 x lanes/4: sums of 4 consecutive int8 weights (u8 codes - 128) * s8 activations per lane.
     pmaddubsw / vpdpbusd take one unsigned operand: |w| (<= 128) meets q with w's sign, and
     |w| * |q| <= 128 * 127 keeps pmaddubsw's pairwise int16 sums from saturating."""
-    w = tirx.reinterpret("int8x32", tirx.bitwise_xor(codes, tirx.Broadcast(tirx.const(128, "uint8"), 32)))
-    a = tirx.reinterpret("uint8x32", tirx.call_llvm_pure_intrin("int8x32", "llvm.abs.v32i8", w,
-                                                                tirx.const(False, "bool")))
-    b = tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", acts, w)
-    return _dot_u8s8(tirx.Broadcast(tirx.const(0, "int32"), LANES8), a, b, vnni)
+    _dpbusd, _maddubs, _maddwd, absb, signb = _DOT[lanes]
+    w = tirx.reinterpret(f"int8x{lanes}", tirx.bitwise_xor(codes, tirx.Broadcast(tirx.const(128, "uint8"), lanes)))
+    a = tirx.reinterpret(f"uint8x{lanes}", tirx.call_llvm_pure_intrin(f"int8x{lanes}", absb, w,
+                                                                      tirx.const(False, "bool")))
+    b = tirx.call_llvm_pure_intrin(f"int8x{lanes}", signb, acts, w)
+    return _dot_u8s8(tirx.Broadcast(tirx.const(0, "int32"), lanes // 4), a, b, vnni, lanes)
 
 
 def _pair_isum(C0, QA, r, qbase, p, bits: int, vnni: bool):

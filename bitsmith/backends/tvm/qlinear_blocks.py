@@ -34,14 +34,19 @@ def layout_reason(lay: QLinearLayout, kernel: str, k_multiple: int) -> str | Non
 
 
 def coef_term(lay: QLinearLayout) -> bool:
-    """Whether rows have a ``(d_g low + m_g) xs_g`` term (Q8_0 has none: low is in its int8 values)."""
-    return lay.bits == 4 or lay.offsets
+    """Whether rows have a ``(d_g low + m_g) xs_g`` term (Q8_0 has none: low is in its int8 values)
+    or, with zero points (``qlinear_a8_wide``), a ``-d_g z_g xs_g`` one."""
+    return lay.bits == 4 or lay.offsets or lay.asymmetric
 
 
 def coef(lay: QLinearLayout, S, O, r, g):
-    """(d_g low + m_g) of row r as float32 (a vector where g is a Ramp of groups)."""
+    """(d_g low + m_g) of row r as float32 (a vector where g is a Ramp of groups); with zero
+    points (O holds them) ``d_g (s - z_g)``, s = 128 for 8-bit codes read as ``code - 128``."""
     lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
     ty = F32 if lanes == 1 else f"float32x{lanes}"
+    if lay.asymmetric:
+        shift = tirx.const(128.0 if lay.bits == 8 else 0.0, F32)
+        return T.Cast(ty, S[r, g]) * ((shift if lanes == 1 else tirx.Broadcast(shift, lanes)) - T.Cast(ty, O[r, g]))
     if lay.bits == 8:
         return T.Cast(ty, O[r, g])
     low = tirx.const(float(lay.grid_low), F32)
@@ -53,7 +58,7 @@ def finish_macro(lay: QLinearLayout, act: str):
     """``finish(XS, S, O, B, Y, acc, a, i, r)``: y[i, r] from the 16 lanes at acc[a:] (the main
     loop's d_g-scaled sums), plus the offset term over XS[i * groups:] (16 groups at a time,
     then the rest), the lane sum, the bias."""
-    groups = lay.in_features // GROUP
+    groups = -(-lay.in_features // lay.group_size)  # a shorter last group counts
     gv = groups // V * V  # groups covered by 16-wide vectors
     with_coef, has_bias = coef_term(lay), lay.has_bias
 
@@ -74,13 +79,14 @@ def finish_macro(lay: QLinearLayout, act: str):
     return finish
 
 
-PARAMS = ("x", "codes0", "scales", "offsets", "bias", "y")  # the kernels' full parameter list
+PARAMS = ("x", "codes0", "scales", "offsets", "bias", "y")  # the kernels' full parameter list (zero points
+# take the offsets' place: no layout has both)
 
 
 def with_roles(main: tirx.PrimFunc, roles: list[str]) -> tirx.PrimFunc:
     """``main`` (parameters PARAMS) with only x, the layout's operand ``roles`` and y: the
     parameters of ``matmul_defs.qlinear_func`` for that layout."""
-    keep = [0] + [PARAMS.index(r) for r in roles] + [len(PARAMS) - 1]
+    keep = [0] + [PARAMS.index("offsets" if r == "zeros" else r) for r in roles] + [len(PARAMS) - 1]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
 
 

@@ -1,0 +1,217 @@
+"""Int8-activation llvm (CPU) kernel of ``qlinear`` for zero-point schemes in wide groups
+(rtn-int2, rtn-int4, rtn-int8 with groups of 128, ...): the ``activation_bits=8`` option of
+tvm-llvm beyond the GGUF blocks of ``qlinear_a8``.
+
+Why: the float kernels widen every code to float32 and spend ~4-7 vector instructions per 16
+weights, so a 2-bit layer costs as much time as a 4-bit one although it reads half the bytes
+(SmolLM2 rtn-int2 decoded no faster than the Q4_1 GGUF, issue 15). Here 32 weights cost a shift,
+a mask and a quarter of a 32-byte integer dot (AVX-512 VNNI ``vpdpbusd``; AVX2 ``pmaddubsw`` +
+``pmaddwd``), as llama.cpp's K-quant dots against activations in int8 blocks (Q8_K).
+
+Math, per activation row and group g of G weights (codes c, scale d_g, zero point z_g, value
+``d_g (c - z_g)``): the activations of the group are quantized as in ``qlinear_a8``, one block
+per weight group, ``x^ = dx_g q`` with ``q = round(x / dx_g)`` (nearest even) and
+``dx_g = max|x| / 127``, and
+
+    sum_k d_g (c_k - z_g) x^_k = d_g dx_g sum_k c_k q_k - d_g z_g xs_g,   xs_g = dx_g sum_k q_k,
+
+the integer sum exact in int32; the second term is ``qlinear_blocks.finish_macro``'s coefficient
+term. 8-bit codes (0..255) go in as ``c - 128`` (signed, ``qlinear_a8``'s Q8_0 form) with the
+zero point shifted by 128 alike. Blocks of G activations are coarser than GGUF's 32 (one large
+activation sets the step of its whole block: llama.cpp's Q8_K blocks are 256 wide).
+
+Layout (``qlinear_layout``, sliced16): 16 code bytes hold a chunk of C = 16 * 8 / w weights of
+width w, weight ``16 h + j`` in bits ``w h ..`` of byte j. A 32-byte load (two chunks, 2C
+weights) shifted by ``w h`` and masked gives the codes of weights ``16 h + j`` of both chunks, so
+the quantized activations are stored in that order (``position``) and one integer dot per shift
+covers them. G must be a multiple of 2C (``applies``), so a load never straddles groups.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, prefetch_row, role_lookup, row_lines, scratch_layout
+from .qlinear_a8 import LANES8, _dot_s8s8, _dot_u8s8
+from .qlinear_blocks import finish_macro, hmax16, hsum16, with_roles
+from .qlinear_layout import QLinearLayout, field_width
+
+LOAD = 32       # code bytes per integer dot
+ROWS = 8        # output rows per parallel task
+MTILE = 4       # activation rows against one output row (prefill)
+R4 = 4          # output rows against one activation row (decode)
+
+
+def applies(lay: QLinearLayout) -> str | None:
+    """None where the kernel covers ``lay``, else why not (reported with the schedule)."""
+    if not lay.asymmetric or lay.bits not in (2, 4, 8):
+        return "the wide-group int8-activation kernel needs 2-, 4- or 8-bit codes with zero points (rtn-int*)"
+    unit, c = 2 * chunk(lay.bits), chunk(lay.bits)
+    if lay.group_size % unit or lay.in_features % c or lay.kept != lay.in_features:
+        return (f"the wide-group int8-activation kernel needs {lay.bits}-bit groups of a multiple of {unit} "
+                f"weights, in_features a multiple of {c} and no sparsity")
+    if lay.has_selectors or lay.nm is not None or lay.outlier_width or lay.offsets:
+        return "the wide-group int8-activation kernel does not cover selectors, N:M, outliers or offsets"
+    return None
+
+
+def chunk(bits: int) -> int:
+    """Weights per 16 code bytes."""
+    return V * (8 // field_width(bits))
+
+
+def position(w, bits: int):
+    """Where weight ``w`` of a row goes among the quantized activations (module doc); ``w`` an
+    int or a TIR expression (floor division and modulo alike for the non-negative ``w``)."""
+    c = chunk(bits)
+    return w // (2 * c) * (2 * c) + w % c // V * LOAD + w % (2 * c) // c * V + w % V
+
+
+def zero_shift(lay: QLinearLayout) -> int:
+    return 128 if lay.bits == 8 else 0
+
+
+def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]], act: str, vnni: bool):
+    """PrimFunc with the params of ``matmul_defs.qlinear_func(lay, shapes, act)``."""
+    why = applies(lay)
+    if why:
+        raise ValueError(why)
+    roles = lay.roles()
+    shp, dt = role_lookup(roles, shapes)
+    k, n, gs, bits = lay.in_features, lay.out_features, lay.group_size, lay.bits
+    c, width = chunk(bits), field_width(bits)
+    full, tail = k // gs, k % gs  # whole groups, and the weights of a shorter last group (a multiple of c)
+    groups = full + (1 if tail else 0)
+    kp = -(-k // (2 * c)) * 2 * c  # quantized activations per row: a last half load keeps its slots
+    shifts = 8 // width
+    tasks = -(-n // ROWS)
+    slabs, per_task, per_slab = scratch_layout(tasks, max(MTILE, R4) * V)
+    pf_c0, pf_s = row_lines(shp("codes0"), "uint8"), row_lines(shp("scales"), lay.scale_dtype)
+    pf_z = row_lines(shp("zeros"), "uint8")
+
+    def _dot(raw, acts, h, total, lanes):
+        if bits == 8:
+            part = _dot_s8s8(raw, acts, vnni, lanes)
+            return part if total is None else total + part
+        codes = raw if h == 0 else tirx.shift_right(raw, tirx.Broadcast(tirx.const(width * h, "uint8"), lanes))
+        if h < shifts - 1:
+            codes = tirx.bitwise_and(codes, tirx.Broadcast(tirx.const((1 << width) - 1, "uint8"), lanes))
+        zero = tirx.Broadcast(tirx.const(0, "int32"), lanes // 4)
+        return _dot_u8s8(total if total is not None else zero, codes, acts, vnni, lanes)
+
+    def _isum(C0, QA, r, qbase, g, size):
+        """int32x8 whose lanes sum to row r's integer dot with the ``size`` activations of group g
+        at qbase: a 32-byte load per 2c weights, a 16-byte one for a last odd chunk."""
+        total = None
+        for ld in range(size // (2 * c)):
+            raw = C0[r, tirx.Ramp(g * (gs * width // 8) + ld * LOAD, 1, LOAD)]
+            for h in range(shifts):
+                total = _dot(raw, QA[tirx.Ramp(qbase + g * gs + ld * 2 * c + h * LOAD, 1, LOAD)], h, total, LOAD)
+        if size % (2 * c):
+            ld = size // (2 * c)
+            raw = C0[r, tirx.Ramp(g * (gs * width // 8) + ld * LOAD, 1, V)]
+            half = None
+            for h in range(shifts):
+                half = _dot(raw, QA[tirx.Ramp(qbase + g * gs + ld * 2 * c + h * LOAD, 1, V)], h, half, V)
+            half = tirx.Shuffle([half, tirx.Broadcast(tirx.const(0, "int32"), 4)], list(range(8)))
+            total = half if total is None else total + half
+        return total
+
+    def _piece(X, i, g, p):  # activations 16 p .. 16 p + 15 of group g
+        return T.Cast(f"float32x{V}", X[i, tirx.Ramp(g * gs + p * V, 1, V)])
+
+    def _amax(X, i, g, pieces):
+        out = tirx.abs(_piece(X, i, g, 0))
+        for p in range(1, pieces):
+            out = tirx.max(out, tirx.abs(_piece(X, i, g, p)))
+        return out
+
+    def _q(X, i, g, p, inv):
+        return tirx.nearbyint(_piece(X, i, g, p) * tirx.Broadcast(inv, V))  # integers, exact in float32
+
+    def _qsum(X, i, g, inv, pieces):
+        out = _q(X, i, g, 0, inv)
+        for p in range(1, pieces):
+            out = out + _q(X, i, g, p, inv)
+        return out
+
+    @T.macro
+    def quantize_group(X, QA, DX, XS, i, g, pieces):
+        """Group g of row i of x: int8 activations in ``position`` order, its dx and its sum."""
+        top = T.bind(hmax16(_amax(X, i, g, pieces)))
+        inv = T.bind(T.Select(top > T.float32(0), T.float32(127) / top, T.float32(0)))
+        dx = T.bind(top / T.float32(127))
+        for p in T.unroll(pieces):
+            QA[T.Ramp(i * kp + g * gs + position(p * V, bits), 1, V)] = T.Cast(
+                f"int8x{V}", T.Cast(f"int32x{V}", _q(X, i, g, p, inv)))
+        DX[i * groups + g] = dx
+        XS[i * groups + g] = dx * hsum16(_qsum(X, i, g, inv, pieces))  # |sum| <= gs * 127: exact before the scaling
+
+    finish = finish_macro(lay, act)
+
+    @T.macro
+    def group_step(QA, DX, C0, S, acc, nr, mt, i0, r0, g, size):
+        for ri in T.unroll(nr):
+            for mi in T.unroll(mt):
+                slot = T.bind((ri * mt + mi) * V + (g % 2) * LANES8)  # two chains per output: latency
+                acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast(
+                    "float32x8", _isum(C0, QA, r0 + ri, (i0 + mi) * kp, g, size)) * T.Broadcast(
+                    T.Cast(F32, S[r0 + ri, g]) * DX[(i0 + mi) * groups + g], LANES8)
+
+    @T.macro
+    def tile(QA, DX, XS, C0, S, Z, B, Y, acc, nr, mt, i0, r0):
+        """Output rows r0 .. r0 + nr - 1 against activation rows i0 .. i0 + mt - 1 (nr * mt <= 4)."""
+        for ri in T.unroll(nr):
+            if nr > 1:
+                prefetch_row(C0, pf_c0[0], pf_c0[1], r0 + ri + PREFETCH_ROWS, n)
+                prefetch_row(S, pf_s[0], pf_s[1], r0 + ri + PREFETCH_ROWS, n)
+                prefetch_row(Z, pf_z[0], pf_z[1], r0 + ri + PREFETCH_ROWS, n)
+            for mi in T.unroll(mt):
+                acc[T.Ramp((ri * mt + mi) * V, 1, V)] = T.Broadcast(T.float32(0), V)
+        for g in range(full):
+            group_step(QA, DX, C0, S, acc, nr, mt, i0, r0, g, gs)
+        if tail > 0:
+            group_step(QA, DX, C0, S, acc, nr, mt, i0, r0, full, tail)
+        for ri in T.unroll(nr):
+            for mi in T.unroll(mt):
+                finish(XS, S, Z, B, Y, acc, (ri * mt + mi) * V, i0 + mi, r0 + ri)
+
+    @T.prim_func(s_tir=True)
+    def main(x: T.handle, c0: T.handle, scales: T.handle, zeros: T.handle, bias: T.handle, y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int32()
+        X = T.match_buffer(x, (m, k), act)
+        C0 = T.match_buffer(c0, shp("codes0"), "uint8")
+        S = T.match_buffer(scales, shp("scales"), lay.scale_dtype)
+        Z = T.match_buffer(zeros, shp("zeros"), "uint8")
+        B = T.match_buffer(bias, shp("bias"), dt("bias", act))
+        Y = T.match_buffer(y, (m, n), act)
+        QA = T.alloc_buffer((m * kp,), "int8")
+        DX = T.alloc_buffer((m * groups,), F32)
+        XS = T.alloc_buffer((m * groups,), F32)
+        ws = T.alloc_buffer((slabs * per_slab,), F32)
+        for i in range(m):
+            for g in range(full):
+                quantize_group(X, QA, DX, XS, i, g, gs // V)
+            if tail > 0:
+                quantize_group(X, QA, DX, XS, i, full, tail // V)
+        for slab in T.parallel(slabs):
+            acc = T.decl_buffer((max(MTILE, R4) * V,), F32, data=ws.data, elem_offset=slab * per_slab)
+            for task_in_slab in range(per_task):
+                task = T.bind(slab * per_task + task_in_slab)
+                for mo in range(m // MTILE):
+                    for rr in range(ROWS):
+                        if task * ROWS + rr < n:
+                            tile(QA, DX, XS, C0, S, Z, B, Y, acc, 1, MTILE, mo * MTILE, task * ROWS + rr)
+                for mi in range(m % MTILE):
+                    for rb in range(ROWS // R4):
+                        if task * ROWS + rb * R4 + R4 <= n:
+                            tile(QA, DX, XS, C0, S, Z, B, Y, acc, R4, 1, m - m % MTILE + mi, task * ROWS + rb * R4)
+                        else:
+                            for rr in range(R4):
+                                if task * ROWS + rb * R4 + rr < n:
+                                    tile(QA, DX, XS, C0, S, Z, B, Y, acc, 1, 1, m - m % MTILE + mi,
+                                         task * ROWS + rb * R4 + rr)
+
+    return with_roles(main, roles)
