@@ -17,7 +17,10 @@ One run, same prompt, same thread count for every row. Rows:
   ``activation_bits=8`` (W4A8: the Q4 / Q8_0 layers take int8 activations per group of 32 and
   integer dot products, as llama.cpp's Q4 x Q8 dots do) and/or ``kv_dtype="float16"`` (the
   in-place KV cache in float16, llama.cpp's default cache type). Perplexity is scored through
-  the in-place cache generate() uses, so the float16 cache's cost is in it.
+  the in-place cache generate() uses, so the float16 cache's cost is in it;
+* ``tvm-llvm/rtn-int2-a8``, ``rtn-int4-a8`` — the same option on zero-point codes in groups of
+  128 (``qlinear_a8_wide``: activations in int8 blocks of 128, like llama.cpp's K-quant dots
+  against Q8_K blocks of 256), lm_head (rtn-int8) included.
 ``--head-rows`` adds the lm_head variants of issue 15 part 4 for bitmod-w4 and bitmod-w3
 (``/head-fp32``, ``/head-int8``, ``/head-same``: compile option ``head_quant``) other than the
 default, which the plain rows use.
@@ -67,6 +70,7 @@ SCHEMES = ("gguf", "rtn-int4", "bitmod-w4", "bitmod-w3", "shiftadd-w3", "rtn-int
 HEAD_VARIANTS = ("head-fp32", "head-int8", "head-same")  # lm_head: fp32, rtn-int8, the scheme's width
 HEAD_SCHEMES = ("bitmod-w4", "bitmod-w3")
 LIKE_LLAMA_CPP = ("a8", "kv16", "a8-kv16")  # gguf with llama.cpp's own approximations (docstring)
+LOW_BIT_A8 = ("rtn-int2-a8", "rtn-int4-a8")  # tvm-llvm's int8-activation kernels for zero-point codes
 GROUP_SIZE = 128
 
 
@@ -75,12 +79,12 @@ def compile_kwargs(row: str) -> dict:
     parts = row.split("/")
     target, scheme, head = parts[0], parts[1], (parts[2] if len(parts) > 2 else None)
     kw: dict = {"target": target}
-    if scheme.split("-")[0] == "gguf":  # gguf[-a8][-kv16]
+    if scheme.endswith("-kv16"):  # SCHEME[-a8][-kv16]
+        kw["kv_dtype"], scheme = "float16", scheme.removesuffix("-kv16")
+    if scheme.endswith("-a8"):
+        kw["activation_bits"], scheme = 8, scheme.removesuffix("-a8")
+    if scheme == "gguf":
         kw["quant"] = "gguf"
-        if "-a8" in scheme:
-            kw["activation_bits"] = 8
-        if "-kv16" in scheme:
-            kw["kv_dtype"] = "float16"
     elif scheme != "fp32":
         kw.update(quant=scheme, group_size=GROUP_SIZE)
     if head is not None:
@@ -90,7 +94,7 @@ def compile_kwargs(row: str) -> dict:
 
 def all_rows(head_rows: bool) -> list[str]:
     rows = ["llama.cpp", "eager"] + [f"{t}/{s}" for t in TARGETS for s in SCHEMES] + [
-        f"tvm-llvm/gguf-{v}" for v in LIKE_LLAMA_CPP]
+        f"tvm-llvm/gguf-{v}" for v in LIKE_LLAMA_CPP] + [f"tvm-llvm/{s}" for s in LOW_BIT_A8]
     if head_rows:  # the variants that differ from the default (the plain rows)
         from bitsmith.compression import CompressionOptions
         default = f"head-{CompressionOptions().head_quant}"

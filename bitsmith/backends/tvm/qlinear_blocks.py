@@ -1,5 +1,6 @@
-"""What the two GGUF-block qlinear kernels share (``qlinear_a8``: int8 activations, integer dots;
-``qlinear_grouped``: float activations): which layouts they cover, and the per-row epilogue.
+"""What the per-group qlinear kernels share (``qlinear_a8``: GGUF blocks, int8 activations, integer
+dots; ``qlinear_grouped``: GGUF blocks, float activations; ``qlinear_a8_wide``: zero-point codes
+in wide groups, int8 activations): which GGUF layouts the first two cover, and the per-row epilogue.
 
 Both compute, per output row and group g of 32 weights (grid ``value = code + low``, scale d_g,
 offset m_g), ``d_g * (sum of code x activation)`` in the main loop and add the rest,

@@ -1,0 +1,189 @@
+"""tvm-llvm ``activation_bits=8`` on zero-point codes in wide groups (``backends/tvm/qlinear_a8_wide.py``).
+
+Oracle for the kernel: a numpy simulation of the same arithmetic (activations quantized per
+weight group as ``round_half_even(x * (127 / max|x|))`` in float32, exact integer dot products
+of codes (8-bit: ``code - 128``) and those integers, the group terms combined in float64), as
+in tests/test_qlinear_a8.py: the integer parts match exactly, so the kernel and the simulation
+differ only by float32 rounding of the combination, at most (groups + 8) roundings of the sum of
+the absolute terms (the kernel scales per-lane partial sums of a group, which the group's sum of
+|c q| bounds). That is ~1e-6 of the output where the activation rounding moves it by ~1e-2: a
+kernel on float activations, or with a wrong code, zero point, group or activation position,
+fails it. Whole models: the target's declared tolerance for the option (8% of max|logit|).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+tvm = pytest.importorskip("tvm")
+
+from bitsmith.backends.tvm.matmul import host_target  # noqa: E402
+from bitsmith.backends.tvm.matmul_cpu import _has  # noqa: E402
+from bitsmith.backends.tvm.qlinear_a8_wide import applies, chunk, position, qlinear_a8_wide_kernel  # noqa: E402
+from bitsmith.backends.tvm.qlinear_layout import QLinearLayout, pack_sliced, unpack_sliced  # noqa: E402
+
+EPS32 = float(np.finfo(np.float32).eps)
+HYP = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+VNNI = _has(host_target(), "avx512vnni") and _has(host_target(), "avx512vl")
+
+
+def layout(n, k, g, bits, bias=False, **changes):
+    lay = QLinearLayout(in_features=k, out_features=n, group_size=g, scheme="rtn-test", bits=bits, kept=k,
+                        groups=-(-k // g), asymmetric=True, candidates=0, has_selectors=False, nm=None, nm_width=0,
+                        outlier_width=0, has_bias=bias, affine=False, grid_low=0, offsets=False,
+                        scale_dtype="float16")
+    return QLinearLayout(**{**lay.__dict__, **changes})
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(n, k, g, bits, bias, vnni):
+    groups = -(-k // g)
+    shapes = [((n, k * bits // 8), "uint8"), ((n, groups), "float16"), ((n, groups), "uint8")]
+    shapes += [((n,), "float32")] if bias else []
+    func = qlinear_a8_wide_kernel(layout(n, k, g, bits, bias), shapes, "float32", vnni)
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())["main"]
+
+
+def simulate(x, codes, s, z, bias, g, bits):
+    """y (float64) and a bound on its float32 rounding (module doc)."""
+    m, k = x.shape
+    groups = -(-k // g)
+    pad = groups * g - k  # a shorter last group: zero activations add nothing
+    shift = 128 if bits == 8 else 0
+    xg = np.concatenate([x, np.zeros((m, pad), np.float32)], 1).reshape(m, groups, g)
+    c = np.concatenate([codes, np.full((len(codes), pad), shift, np.uint8)], 1).reshape(-1, groups, g)
+    c = c.astype(np.int64) - shift
+    amax = np.abs(xg).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
+    dx = (amax / np.float32(127)).astype(np.float32)
+    q = np.rint(xg * inv[..., None]).astype(np.int64)
+    isum = np.einsum("ngk,mgk->mng", c, q)  # exact
+    s64, xs = s.astype(np.float64), dx.astype(np.float64) * q.sum(-1)
+    t1 = isum * s64[None] * dx[:, None, :]
+    t2 = (s64 * (shift - z.astype(np.float64)))[None] * xs[:, None, :]
+    y = t1.sum(-1) + t2.sum(-1) + (bias[None].astype(np.float64) if bias is not None else 0)
+    partial = np.einsum("ngk,mgk->mng", np.abs(c), np.abs(q)) * np.abs(s64)[None] * dx[:, None, :]
+    size = partial.sum(-1) + np.abs(t2).sum(-1) + (np.abs(bias)[None] if bias is not None else 0)
+    return y, (groups + 8) * EPS32 * size
+
+
+def run(fn, x, ops, n):
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.zeros((x.shape[0], n), np.float32), dev)
+    fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in ops], y)
+    return y.numpy()
+
+
+def operands(rng, n, k, g, bits, bias):
+    groups = -(-k // g)
+    codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+    codes[0, :2] = (0, (1 << bits) - 1)  # both extremes
+    s = (rng.random((n, groups)) * 0.05).astype(np.float16)
+    z = rng.integers(0, 1 << bits, (n, groups)).astype(np.uint8)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    return codes, s, z, b, [pack_sliced(codes, bits), s, z] + ([b] if bias else [])
+
+
+@HYP
+@given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 21), m=st.integers(1, 10), units=st.integers(1, 3),
+       tail=st.integers(0, 5), bias=st.booleans(), zero_group=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_equals_the_simulation(bits, n, m, units, tail, bias, zero_group, seed):
+    """Groups of 1-3 loads of 32 code bytes, and a shorter last group of 0 to 2 * units - 1
+    chunks (whole loads and/or a 16-byte half: 576 = 4 x 128 + 64, SmolLM2's width, has a one-chunk
+    last group at 2 bits); n covers the 4-row steps and their leftovers, m the 4-row activation
+    tiles and singles."""
+    rng = np.random.default_rng(seed)
+    g = units * 2 * chunk(bits)
+    k = 2 * g + tail % (2 * units) * chunk(bits)
+    codes, s, z, b, ops = operands(rng, n, k, g, bits, bias)
+    x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
+    if zero_group:
+        x[0, :g] = 0  # an all-zero group: step 0, every code times 0
+    got = run(kernel(n, k, g, bits, bias, VNNI), x, ops, n)
+    want, tol = simulate(x, codes, s, z, b, g, bits)
+    assert (np.abs(got - want) <= tol + 1e-30).all(), np.abs(got - want).max()
+    # and it is the int8 computation, not the float one: the float result is farther away
+    groups = -(-k // g)
+    dense = (codes.astype(np.float64) - np.repeat(z.astype(np.float64), g, 1)[:, :k]) * np.repeat(
+        s.astype(np.float64), g, 1)[:, :k]
+    float_y = x.astype(np.float64) @ dense.T + (b if bias else 0)
+    if np.abs(float_y - want).max() > 100 * tol.max():
+        assert np.abs(got - float_y).max() > 10 * tol.max()
+    assert groups == s.shape[1]
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: only the AVX2 path (pmaddubsw) runs here")
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_vnni_and_avx2_paths_give_the_same_bits(bits):
+    rng = np.random.default_rng(bits)
+    n, k, g = 13, 576, 128
+    if k % (2 * chunk(bits)) == 0:
+        k += chunk(bits)  # keep a last short group at every width
+    _c, _s, _z, _b, ops = operands(rng, n, k, g, bits, True)
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    assert np.array_equal(run(kernel(n, k, g, bits, True, True), x, ops, n),
+                          run(kernel(n, k, g, bits, True, False), x, ops, n))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_activation_positions_follow_the_code_layout(bits):
+    """``position`` puts weight w's activation where the shifted 32-byte load of its codes puts
+    its code: decoding the sliced layout load by load must give codes in that order."""
+    k = 4 * 2 * chunk(bits)
+    codes = np.random.default_rng(0).integers(0, 1 << bits, (1, k)).astype(np.uint8)
+    width = bits  # 2, 4 and 8 are their own field widths
+    packed = pack_sliced(codes, width)
+    assert np.array_equal(unpack_sliced(packed, width, k), codes)
+    by_load = []
+    for ld in range(k // (2 * chunk(bits))):
+        raw = packed[0, ld * 32:(ld + 1) * 32]
+        for h in range(8 // width):
+            by_load.append((raw >> (width * h)) & ((1 << width) - 1))
+    seen = np.concatenate(by_load)
+    assert np.array_equal(seen[[position(i, bits) for i in range(k)]], codes[0])
+    assert sorted(position(i, bits) for i in range(k)) == list(range(k))
+
+
+def test_applies_names_what_it_does_not_cover():
+    assert applies(layout(8, 576, 128, 2)) is None
+    assert applies(layout(8, 576, 128, 4)) is None
+    assert applies(layout(8, 576, 128, 8)) is None
+    assert "multiple of 128" in applies(layout(8, 576, 64, 2))
+    assert "zero points" in applies(layout(8, 576, 128, 3))
+    assert "zero points" in applies(layout(8, 576, 128, 4, asymmetric=False, affine=True))
+    assert "in_features" in applies(layout(8, 600, 128, 2))
+    assert "sparsity" in applies(layout(8, 576, 128, 2, kept=288))
+    assert "outliers" in applies(layout(8, 576, 128, 2, outlier_width=3))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random two-layer Llama (hidden 64, mlp 128): with groups of 128 every 64-wide row is
+    one short group, every 128-wide row one whole group."""
+    from bitsmith.testing.hf_configs import make_model
+    return make_model("llama")
+
+
+@pytest.mark.parametrize("scheme", ["rtn-int2", "rtn-int4"])
+def test_option_runs_zero_point_layers_in_int8_within_tolerance(tiny, scheme, tmp_path, monkeypatch):
+    import bitsmith
+    from bitsmith.backends import backend_for_target
+    monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path))
+    ids = np.array([[0, 5, 9, 33, 12, 7, 40, 2]])
+    kw = dict(quant=scheme, group_size=128)
+    ref = np.asarray(bitsmith.compile(tiny, target="reference", **kw)(ids))
+    fp = bitsmith.compile(tiny, target="tvm-llvm", **kw)
+    a8 = bitsmith.compile(tiny, target="tvm-llvm", activation_bits=8, **kw)
+    schedules = [v["schedule"] for v in a8.report()["executable"]["kernel_schedules"].values()]
+    assert "vector-qlinear-a8" in schedules
+    assert a8.report()["executable"]["activation_bits"] == 8
+    got = np.asarray(a8(ids))
+    tol = backend_for_target("tvm-llvm").tolerance("tvm-llvm", a8.options)
+    assert tol.mismatch(got, ref) is None, tol.mismatch(got, ref)
+    assert not np.array_equal(got, np.asarray(fp(ids)))  # the option changed the arithmetic
+    a8.save(tmp_path / "a8")
+    assert np.array_equal(np.asarray(bitsmith.load(tmp_path / "a8")(ids)), got)
