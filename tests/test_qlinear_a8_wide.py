@@ -1,12 +1,13 @@
-"""tvm-llvm ``activation_bits=8`` on zero-point codes in wide groups (``backends/tvm/qlinear_a8_wide.py``).
+"""tvm-llvm ``activation_bits=8`` on codes in wide groups (``backends/tvm/qlinear_a8_wide.py``).
 
 Oracle for the kernel: a numpy simulation of the same arithmetic (activations quantized per
 weight group as ``round_half_even(x * (127 / max|x|))`` in float32, exact integer dot products
-of codes (8-bit: ``code - 128``) and those integers, the group terms combined in float64), as
+of the integer weights (``code - zero point``, or the group's grid value) and those integers,
+the group terms combined in float64), as
 in tests/test_qlinear_a8.py: the integer parts match exactly, so the kernel and the simulation
 differ only by float32 rounding of the combination, at most (groups + 8) roundings of the sum of
-the absolute terms (the kernel scales per-lane partial sums of a group, which the group's sum of
-|c q| bounds). That is ~1e-6 of the output where the activation rounding moves it by ~1e-2: a
+the absolute terms (the kernel scales per-lane partial sums of what its dots see, codes or grid
+values + 64, which the group's sum of those |c q| bounds, and adds a zero-point term per group). That is ~1e-6 of the output where the activation rounding moves it by ~1e-2: a
 kernel on float activations, or with a wrong code, zero point, group or activation position,
 fails it. Whole models: the target's declared tolerance for the option (8% of max|logit|).
 """
@@ -24,50 +25,83 @@ tvm = pytest.importorskip("tvm")
 from bitsmith.backends.tvm.matmul import host_target  # noqa: E402
 from bitsmith.backends.tvm.matmul_cpu import _has  # noqa: E402
 from bitsmith.backends.tvm.qlinear_a8_wide import applies, chunk, position, qlinear_a8_wide_kernel  # noqa: E402
-from bitsmith.backends.tvm.qlinear_layout import QLinearLayout, pack_sliced, unpack_sliced  # noqa: E402
+from bitsmith.backends.tvm.qlinear_blocks import TABLE_BIAS  # noqa: E402
+from bitsmith.backends.tvm.qlinear_layout import QLinearLayout, grid_table, pack_sliced, unpack_sliced  # noqa: E402
+from bitsmith.ir.quant_grids import get_scheme  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
 HYP = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VNNI = _has(host_target(), "avx512vnni") and _has(host_target(), "avx512vl")
 
 
-def layout(n, k, g, bits, bias=False, **changes):
-    lay = QLinearLayout(in_features=k, out_features=n, group_size=g, scheme="rtn-test", bits=bits, kept=k,
-                        groups=-(-k // g), asymmetric=True, candidates=0, has_selectors=False, nm=None, nm_width=0,
-                        outlier_width=0, has_bias=bias, affine=False, grid_low=0, offsets=False,
-                        scale_dtype="float16")
+SCHEMES = ("rtn-int2", "rtn-int3", "rtn-int4", "rtn-int8", "rtn-int2-sym", "fp3", "bitmod-w3", "bitmod-w4")
+
+
+def layout(n, k, g, scheme_name, bias=False, **changes):
+    sch = get_scheme(scheme_name)
+    lay = QLinearLayout(in_features=k, out_features=n, group_size=g, scheme=scheme_name, bits=sch.bits, kept=k,
+                        groups=-(-k // g), asymmetric=sch.asymmetric,
+                        candidates=0 if sch.asymmetric else len(sch.candidates),
+                        has_selectors=bool(sch.selector_bits), nm=None, nm_width=0, outlier_width=0, has_bias=bias,
+                        affine=False, grid_low=0, offsets=False, scale_dtype="float16")
     return QLinearLayout(**{**lay.__dict__, **changes})
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(n, k, g, bits, bias, vnni):
-    groups = -(-k // g)
-    shapes = [((n, k * bits // 8), "uint8"), ((n, groups), "float16"), ((n, groups), "uint8")]
-    shapes += [((n,), "float32")] if bias else []
-    func = qlinear_a8_wide_kernel(layout(n, k, g, bits, bias), shapes, "float32", vnni)
+def kernel(n, k, g, scheme, bias, vnni, shapes):
+    func = qlinear_a8_wide_kernel(layout(n, k, g, scheme, bias), list(shapes), "float32", vnni)
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())["main"]
 
 
-def simulate(x, codes, s, z, bias, g, bits):
+def operands(rng, n, k, g, scheme, bias):
+    """(integer weight values [n, k], scales, bias, the kernel's operands, per weight (the value the
+    kernel's dot sees, its zero-point coefficient per group))."""
+    sch = get_scheme(scheme)
+    groups, bits = -(-k // g), sch.bits
+    codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
+    codes[0, :2] = (0, (1 << bits) - 1)  # both extremes
+    s = (rng.random((n, groups)) * 0.05).astype(np.float16)
+    b = rng.standard_normal(n).astype(np.float32) if bias else None
+    streams = [pack_sliced(codes & 3, 2), pack_sliced(codes >> 2, 1)] if bits == 3 else [pack_sliced(codes, bits)]
+    col_group = np.arange(k) // g
+    if sch.asymmetric:
+        z = rng.integers(0, 1 << bits, (n, groups)).astype(np.uint8)
+        values = codes.astype(np.int64) - z[:, col_group]
+        shift = 128 if bits == 8 else 0
+        seen, coef = np.abs(codes.astype(np.int64) - shift), np.abs(shift - z.astype(np.int64))
+        ops = streams + [s, z]
+    else:
+        grid = grid_table(sch)
+        sel = rng.integers(0, len(sch.candidates), (n, groups)).astype(np.uint8)
+        values = grid[sel[:, col_group], codes].astype(np.int64)
+        seen, coef = values + TABLE_BIAS, np.full((n, groups), TABLE_BIAS)
+        ops = streams + [s, grid] + ([sel] if sch.selector_bits else [])
+    return values, s, b, ops + ([b] if bias else []), (seen, coef)
+
+
+def simulate(x, values, s, bias, g, bound_terms):
     """y (float64) and a bound on its float32 rounding (module doc)."""
     m, k = x.shape
     groups = -(-k // g)
     pad = groups * g - k  # a shorter last group: zero activations add nothing
-    shift = 128 if bits == 8 else 0
-    xg = np.concatenate([x, np.zeros((m, pad), np.float32)], 1).reshape(m, groups, g)
-    c = np.concatenate([codes, np.full((len(codes), pad), shift, np.uint8)], 1).reshape(-1, groups, g)
-    c = c.astype(np.int64) - shift
+
+    def grouped(a):
+        return np.concatenate([a, np.zeros((len(a), pad), a.dtype)], 1).reshape(len(a), groups, g)
+
+    xg = grouped(x)
     amax = np.abs(xg).max(-1)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), np.float32(0)).astype(np.float32)
     dx = (amax / np.float32(127)).astype(np.float32)
     q = np.rint(xg * inv[..., None]).astype(np.int64)
-    isum = np.einsum("ngk,mgk->mng", c, q)  # exact
-    s64, xs = s.astype(np.float64), dx.astype(np.float64) * q.sum(-1)
-    t1 = isum * s64[None] * dx[:, None, :]
-    t2 = (s64 * (shift - z.astype(np.float64)))[None] * xs[:, None, :]
-    y = t1.sum(-1) + t2.sum(-1) + (bias[None].astype(np.float64) if bias is not None else 0)
-    partial = np.einsum("ngk,mgk->mng", np.abs(c), np.abs(q)) * np.abs(s64)[None] * dx[:, None, :]
-    size = partial.sum(-1) + np.abs(t2).sum(-1) + (np.abs(bias)[None] if bias is not None else 0)
+    isum = np.einsum("ngk,mgk->mng", grouped(values), q)  # exact
+    s64 = s.astype(np.float64)
+    y = (isum * s64[None] * dx[:, None, :]).sum(-1) + (bias[None].astype(np.float64) if bias is not None else 0)
+    # the kernel scales partial sums of what its dots see (codes, codes - 128, grid values + 64)
+    # and adds each group's zero-point term: both bounded by their absolute sums
+    seen, coef = bound_terms
+    xs = dx.astype(np.float64) * np.abs(q).sum(-1)
+    size = (np.einsum("ngk,mgk->mng", grouped(seen), np.abs(q)) * s64[None] * dx[:, None, :]).sum(-1)
+    size += (coef[None] * s64[None] * xs[:, None, :]).sum(-1) + (np.abs(bias)[None] if bias is not None else 0)
     return y, (groups + 8) * EPS32 * size
 
 
@@ -78,55 +112,48 @@ def run(fn, x, ops, n):
     return y.numpy()
 
 
-def operands(rng, n, k, g, bits, bias):
-    groups = -(-k // g)
-    codes = rng.integers(0, 1 << bits, (n, k)).astype(np.uint8)
-    codes[0, :2] = (0, (1 << bits) - 1)  # both extremes
-    s = (rng.random((n, groups)) * 0.05).astype(np.float16)
-    z = rng.integers(0, 1 << bits, (n, groups)).astype(np.uint8)
-    b = rng.standard_normal(n).astype(np.float32) if bias else None
-    return codes, s, z, b, [pack_sliced(codes, bits), s, z] + ([b] if bias else [])
+def shapes_of(ops):
+    return tuple((a.shape, str(a.dtype)) for a in ops)
 
 
 @HYP
-@given(bits=st.sampled_from([2, 4, 8]), n=st.integers(1, 21), m=st.integers(1, 10), units=st.integers(1, 3),
+@given(scheme=st.sampled_from(SCHEMES), n=st.integers(1, 21), m=st.integers(1, 10), units=st.integers(1, 3),
        tail=st.integers(0, 5), bias=st.booleans(), zero_group=st.booleans(), seed=st.integers(0, 2**16))
-def test_kernel_equals_the_simulation(bits, n, m, units, tail, bias, zero_group, seed):
-    """Groups of 1-3 loads of 32 code bytes, and a shorter last group of 0 to 2 * units - 1
-    chunks (whole loads and/or a 16-byte half: 576 = 4 x 128 + 64, SmolLM2's width, has a one-chunk
-    last group at 2 bits); n covers the 4-row steps and their leftovers, m the 4-row activation
-    tiles and singles."""
+def test_kernel_equals_the_simulation(scheme, n, m, units, tail, bias, zero_group, seed):
+    """Every kind of layout it covers (zero points at 2/3/4/8 bits, grid tables with and without
+    selectors); groups of 1-3 loads of 32 code bytes, and a shorter last group of 0 to
+    2 * units - 1 chunks (whole loads and/or a 16-byte half: 576 = 4 x 128 + 64, SmolLM2's width,
+    has a one-chunk last group at 2 and 3 bits); n covers the 4-row steps and their leftovers, m
+    the 4-row activation tiles and singles."""
     rng = np.random.default_rng(seed)
+    bits = get_scheme(scheme).bits
     g = units * 2 * chunk(bits)
     k = 2 * g + tail % (2 * units) * chunk(bits)
-    codes, s, z, b, ops = operands(rng, n, k, g, bits, bias)
+    values, s, b, ops, bound_terms = operands(rng, n, k, g, scheme, bias)
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
     if zero_group:
         x[0, :g] = 0  # an all-zero group: step 0, every code times 0
-    got = run(kernel(n, k, g, bits, bias, VNNI), x, ops, n)
-    want, tol = simulate(x, codes, s, z, b, g, bits)
+    got = run(kernel(n, k, g, scheme, bias, VNNI, shapes_of(ops)), x, ops, n)
+    want, tol = simulate(x, values, s, b, g, bound_terms)
     assert (np.abs(got - want) <= tol + 1e-30).all(), np.abs(got - want).max()
     # and it is the int8 computation, not the float one: the float result is farther away
-    groups = -(-k // g)
-    dense = (codes.astype(np.float64) - np.repeat(z.astype(np.float64), g, 1)[:, :k]) * np.repeat(
-        s.astype(np.float64), g, 1)[:, :k]
+    dense = values.astype(np.float64) * np.repeat(s.astype(np.float64), g, 1)[:, :k]
     float_y = x.astype(np.float64) @ dense.T + (b if bias else 0)
     if np.abs(float_y - want).max() > 100 * tol.max():
         assert np.abs(got - float_y).max() > 10 * tol.max()
-    assert groups == s.shape[1]
 
 
 @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: only the AVX2 path (pmaddubsw) runs here")
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_vnni_and_avx2_paths_give_the_same_bits(bits):
-    rng = np.random.default_rng(bits)
-    n, k, g = 13, 576, 128
-    if k % (2 * chunk(bits)) == 0:
-        k += chunk(bits)  # keep a last short group at every width
-    _c, _s, _z, _b, ops = operands(rng, n, k, g, bits, True)
+@pytest.mark.parametrize("scheme", ["rtn-int2", "rtn-int8", "bitmod-w3", "bitmod-w4"])
+def test_vnni_and_avx2_paths_give_the_same_bits(scheme):
+    rng = np.random.default_rng(7)
+    n, g = 13, 128
+    c = chunk(get_scheme(scheme).bits)
+    k = 4 * g + c  # a last short group at every width
+    _v, _s, _b, ops, _t = operands(rng, n, k, g, scheme, True)
     x = rng.standard_normal((5, k)).astype(np.float32)
-    assert np.array_equal(run(kernel(n, k, g, bits, True, True), x, ops, n),
-                          run(kernel(n, k, g, bits, True, False), x, ops, n))
+    assert np.array_equal(run(kernel(n, k, g, scheme, True, True, shapes_of(ops)), x, ops, n),
+                          run(kernel(n, k, g, scheme, True, False, shapes_of(ops)), x, ops, n))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -149,15 +176,16 @@ def test_activation_positions_follow_the_code_layout(bits):
 
 
 def test_applies_names_what_it_does_not_cover():
-    assert applies(layout(8, 576, 128, 2)) is None
-    assert applies(layout(8, 576, 128, 4)) is None
-    assert applies(layout(8, 576, 128, 8)) is None
-    assert "multiple of 128" in applies(layout(8, 576, 64, 2))
-    assert "zero points" in applies(layout(8, 576, 128, 3))
-    assert "zero points" in applies(layout(8, 576, 128, 4, asymmetric=False, affine=True))
-    assert "in_features" in applies(layout(8, 600, 128, 2))
-    assert "sparsity" in applies(layout(8, 576, 128, 2, kept=288))
-    assert "outliers" in applies(layout(8, 576, 128, 2, outlier_width=3))
+    for scheme in SCHEMES:
+        assert applies(layout(8, 576, 128, scheme)) is None, scheme
+    assert "multiple of 128" in applies(layout(8, 576, 64, "rtn-int2"))
+    assert "zero points" in applies(layout(8, 576, 128, "gguf-q4_1", affine=True))  # qlinear_a8's
+    # grid values are read from the scheme: an unknown one is not covered
+    assert "within +-64" in applies(layout(8, 576, 128, "rtn-int4-sym", scheme="no-such-scheme"))
+    assert "zero points" in applies(layout(8, 576, 128, "rtn-int4-sym", bits=5))
+    assert "in_features" in applies(layout(8, 600, 128, "rtn-int2"))
+    assert "sparsity" in applies(layout(8, 576, 128, "rtn-int2", kept=288))
+    assert "outliers" in applies(layout(8, 576, 128, "rtn-int2", outlier_width=3))
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +196,8 @@ def tiny():
     return make_model("llama")
 
 
-@pytest.mark.parametrize("scheme", ["rtn-int2", "rtn-int4"])
-def test_option_runs_zero_point_layers_in_int8_within_tolerance(tiny, scheme, tmp_path, monkeypatch):
+@pytest.mark.parametrize("scheme", ["rtn-int2", "bitmod-w3"])
+def test_option_runs_wide_group_layers_in_int8_within_tolerance(tiny, scheme, tmp_path, monkeypatch):
     import bitsmith
     from bitsmith.backends import backend_for_target
     monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path))

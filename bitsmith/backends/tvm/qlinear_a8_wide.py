@@ -1,12 +1,13 @@
-"""Int8-activation llvm (CPU) kernel of ``qlinear`` for zero-point schemes in wide groups
-(rtn-int2, rtn-int4, rtn-int8 with groups of 128, ...): the ``activation_bits=8`` option of
-tvm-llvm beyond the GGUF blocks of ``qlinear_a8``.
+"""Int8-activation llvm (CPU) kernel of ``qlinear`` for codes in wide groups: zero-point schemes
+(rtn-int2/3/4/8) and integer grid tables (bitmod-w3/w4, fp3/fp4, rtn-int*-sym) in groups of 128,
+...: the ``activation_bits=8`` option of tvm-llvm beyond the GGUF blocks of ``qlinear_a8``.
 
 Why: the float kernels widen every code to float32 and spend ~4-7 vector instructions per 16
 weights, so a 2-bit layer costs as much time as a 4-bit one although it reads half the bytes
 (SmolLM2 rtn-int2 decoded no faster than the Q4_1 GGUF, issue 15). Here 32 weights cost a shift,
 a mask and a quarter of a 32-byte integer dot (AVX-512 VNNI ``vpdpbusd``; AVX2 ``pmaddubsw`` +
-``pmaddwd``), as llama.cpp's K-quant dots against activations in int8 blocks (Q8_K).
+``pmaddwd``), as llama.cpp's K-quant dots against activations in int8 blocks (Q8_K); a grid
+adds one ``pshufb`` (the group's table, 16 bytes), 3-bit codes their third bit from a 1-bit stream.
 
 Math, per activation row and group g of G weights (codes c, scale d_g, zero point z_g, value
 ``d_g (c - z_g)``): the activations of the group are quantized as in ``qlinear_a8``, one block
@@ -17,14 +18,18 @@ per weight group, ``x^ = dx_g q`` with ``q = round(x / dx_g)`` (nearest even) an
 
 the integer sum exact in int32; the second term is ``qlinear_blocks.finish_macro``'s coefficient
 term. 8-bit codes (0..255) go in as ``c - 128`` (signed, ``qlinear_a8``'s Q8_0 form) with the
-zero point shifted by 128 alike. Blocks of G activations are coarser than GGUF's 32 (one large
-activation sets the step of its whole block: llama.cpp's Q8_K blocks are 256 wide).
+zero point shifted by 128 alike. A grid value v (integers within +-64: ``applies`` reads them
+from the scheme) goes in as ``v + 64`` (``TABLE_BIAS``: unsigned) with ``-64`` as the zero point.
+Blocks of G activations are coarser than GGUF's 32 (one large activation sets the step of its
+whole block: llama.cpp's Q8_K blocks are 256 wide).
 
 Layout (``qlinear_layout``, sliced16): 16 code bytes hold a chunk of C = 16 * 8 / w weights of
 width w, weight ``16 h + j`` in bits ``w h ..`` of byte j. A 32-byte load (two chunks, 2C
 weights) shifted by ``w h`` and masked gives the codes of weights ``16 h + j`` of both chunks, so
 the quantized activations are stored in that order (``position``) and one integer dot per shift
-covers them. G must be a multiple of 2C (``applies``), so a load never straddles groups.
+covers them. G must be a multiple of 2C (``applies``), so a load never straddles groups. 3-bit
+codes: the 2-bit stream as above, and 16 bytes of the 1-bit stream hold the third bits of the
+same 128 weights (weight ``16 h + j`` in bit h of byte j).
 """
 
 from __future__ import annotations
@@ -32,33 +37,59 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from ...errors import BitsmithError
+from ...ir.quant_grids import get_scheme
 from .matmul_cpu_kernels import F32, PREFETCH_ROWS, V, prefetch_row, role_lookup, row_lines, scratch_layout
 from .qlinear_a8 import LANES8, _dot_s8s8, _dot_u8s8
-from .qlinear_blocks import finish_macro, hmax16, hsum16, with_roles
+from .qlinear_blocks import TABLE_BIAS, finish_macro, hmax16, hsum16, with_roles
 from .qlinear_layout import QLinearLayout, field_width
 
 LOAD = 32       # code bytes per integer dot
 ROWS = 8        # output rows per parallel task
 MTILE = 4       # activation rows against one output row (prefill)
 R4 = 4          # output rows against one activation row (decode)
+PARAMS = ("x", "codes0", "codes1", "scales", "zeros", "grid", "selectors", "bias", "y")
+_PSHUFB = {32: "llvm.x86.avx2.pshuf.b", 16: "llvm.x86.ssse3.pshuf.b.128"}
+COVERS = ("the wide-group int8-activation kernel needs 2-, 3-, 4- or 8-bit codes with zero points (rtn-int*) "
+          "or 2-, 3- or 4-bit codes of an integer grid table (bitmod-*, fp3, fp4, rtn-int*-sym)")
+
+
+def _grid_values(lay: QLinearLayout) -> list[int] | None:
+    try:
+        scheme = get_scheme(lay.scheme)
+    except (KeyError, ValueError, BitsmithError):
+        return None
+    return [int(v) for g in scheme.candidates for v in g.values]
 
 
 def applies(lay: QLinearLayout) -> str | None:
     """None where the kernel covers ``lay``, else why not (reported with the schedule)."""
-    if not lay.asymmetric or lay.bits not in (2, 4, 8):
-        return "the wide-group int8-activation kernel needs 2-, 4- or 8-bit codes with zero points (rtn-int*)"
+    if lay.asymmetric:
+        if lay.bits not in (2, 3, 4, 8):
+            return COVERS
+    elif lay.affine or lay.bits not in (2, 3, 4):
+        return COVERS
+    else:
+        values = _grid_values(lay)
+        if values is None or min(values) < -TABLE_BIAS or max(values) > TABLE_BIAS:
+            return f"the wide-group int8-activation kernel needs grid values within +-{TABLE_BIAS}"
     unit, c = 2 * chunk(lay.bits), chunk(lay.bits)
     if lay.group_size % unit or lay.in_features % c or lay.kept != lay.in_features:
         return (f"the wide-group int8-activation kernel needs {lay.bits}-bit groups of a multiple of {unit} "
                 f"weights, in_features a multiple of {c} and no sparsity")
-    if lay.has_selectors or lay.nm is not None or lay.outlier_width or lay.offsets:
-        return "the wide-group int8-activation kernel does not cover selectors, N:M, outliers or offsets"
+    if lay.nm is not None or lay.outlier_width or lay.offsets:
+        return "the wide-group int8-activation kernel does not cover N:M, outliers or offsets"
     return None
 
 
+def low_width(bits: int) -> int:
+    """Field width of the first code stream (3-bit codes: 2 low bits here, the third in a 1-bit stream)."""
+    return 2 if bits == 3 else field_width(bits)
+
+
 def chunk(bits: int) -> int:
-    """Weights per 16 code bytes."""
-    return V * (8 // field_width(bits))
+    """Weights per 16 bytes of the first code stream."""
+    return V * (8 // low_width(bits))
 
 
 def position(w, bits: int):
@@ -68,8 +99,8 @@ def position(w, bits: int):
     return w // (2 * c) * (2 * c) + w % c // V * LOAD + w % (2 * c) // c * V + w % V
 
 
-def zero_shift(lay: QLinearLayout) -> int:
-    return 128 if lay.bits == 8 else 0
+def _u8(value: int, lanes: int):
+    return tirx.Broadcast(tirx.const(value, "uint8"), lanes)
 
 
 def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...], str]], act: str, vnni: bool):
@@ -80,42 +111,60 @@ def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
     roles = lay.roles()
     shp, dt = role_lookup(roles, shapes)
     k, n, gs, bits = lay.in_features, lay.out_features, lay.group_size, lay.bits
-    c, width = chunk(bits), field_width(bits)
+    c, width = chunk(bits), low_width(bits)
+    table, third = not lay.asymmetric, bits == 3  # grid lookups; a 1-bit stream of third bits
     full, tail = k // gs, k % gs  # whole groups, and the weights of a shorter last group (a multiple of c)
     groups = full + (1 if tail else 0)
     kp = -(-k // (2 * c)) * 2 * c  # quantized activations per row: a last half load keeps its slots
     shifts = 8 // width
     tasks = -(-n // ROWS)
     slabs, per_task, per_slab = scratch_layout(tasks, max(MTILE, R4) * V)
-    pf_c0, pf_s = row_lines(shp("codes0"), "uint8"), row_lines(shp("scales"), lay.scale_dtype)
-    pf_z = row_lines(shp("zeros"), "uint8")
 
-    def _dot(raw, acts, h, total, lanes):
-        if bits == 8:
-            part = _dot_s8s8(raw, acts, vnni, lanes)
-            return part if total is None else total + part
-        codes = raw if h == 0 else tirx.shift_right(raw, tirx.Broadcast(tirx.const(width * h, "uint8"), lanes))
+    def _codes(raw, hi, h, lanes):
+        """uint8 x lanes: codes of the weights ``16 h + j`` of the one or two chunks in ``raw``
+        (``hi``: the 16 bytes of third bits of those 128 weights, weight ``16 h' + j`` in bit h')."""
+        out = raw if h == 0 else tirx.shift_right(raw, _u8(width * h, lanes))
         if h < shifts - 1:
-            codes = tirx.bitwise_and(codes, tirx.Broadcast(tirx.const((1 << width) - 1, "uint8"), lanes))
+            out = tirx.bitwise_and(out, _u8((1 << width) - 1, lanes))
+        if third:
+            b = [tirx.bitwise_and(tirx.shift_left(tirx.shift_right(hi, _u8(s, V)), _u8(2, V)), _u8(4, V))
+                 for s in ((h,) if lanes == V else (h, 4 + h))]
+            out = tirx.bitwise_or(out, b[0] if lanes == V else tirx.Shuffle(b, list(range(LOAD))))
+        return out
+
+    def _table(GR, SEL, r):
+        """uint8 x 32: row r's grid (its group's selected candidate) plus TABLE_BIAS, twice (pshufb
+        looks up within each 16-byte half)."""
+        row = SEL[r[0], r[1]] if lay.has_selectors else 0
+        t = tirx.reinterpret(f"uint8x{V}", GR[row, tirx.Ramp(0, 1, V)]) + _u8(TABLE_BIAS, V)
+        return tirx.Shuffle([t, t], list(range(LOAD)))
+
+    def _dot(codes, acts, total, lanes, tbl):
+        if lay.asymmetric and bits == 8:
+            part = _dot_s8s8(codes, acts, vnni, lanes)
+            return part if total is None else total + part
+        if table:
+            t = tbl if lanes == LOAD else tirx.Shuffle([tbl], list(range(V)))
+            codes = tirx.call_llvm_pure_intrin(f"uint8x{lanes}", _PSHUFB[lanes], t, codes)
         zero = tirx.Broadcast(tirx.const(0, "int32"), lanes // 4)
         return _dot_u8s8(total if total is not None else zero, codes, acts, vnni, lanes)
 
-    def _isum(C0, QA, r, qbase, g, size):
+    def _isum(C0, C1, GR, SEL, QA, r, qbase, g, size):
         """int32x8 whose lanes sum to row r's integer dot with the ``size`` activations of group g
         at qbase: a 32-byte load per 2c weights, a 16-byte one for a last odd chunk."""
+        tbl = _table(GR, SEL, (r, g)) if table else None
         total = None
-        for ld in range(size // (2 * c)):
-            raw = C0[r, tirx.Ramp(g * (gs * width // 8) + ld * LOAD, 1, LOAD)]
+        for ld in range((size + c) // (2 * c)):
+            lanes = LOAD if (ld + 1) * 2 * c <= size else V
+            raw = C0[r, tirx.Ramp(g * (gs * width // 8) + ld * LOAD, 1, lanes)]
+            hi = C1[r, tirx.Ramp(g * (gs // 8) + ld * V, 1, V)] if third else None
+            part = None
             for h in range(shifts):
-                total = _dot(raw, QA[tirx.Ramp(qbase + g * gs + ld * 2 * c + h * LOAD, 1, LOAD)], h, total, LOAD)
-        if size % (2 * c):
-            ld = size // (2 * c)
-            raw = C0[r, tirx.Ramp(g * (gs * width // 8) + ld * LOAD, 1, V)]
-            half = None
-            for h in range(shifts):
-                half = _dot(raw, QA[tirx.Ramp(qbase + g * gs + ld * 2 * c + h * LOAD, 1, V)], h, half, V)
-            half = tirx.Shuffle([half, tirx.Broadcast(tirx.const(0, "int32"), 4)], list(range(8)))
-            total = half if total is None else total + half
+                acts = QA[tirx.Ramp(qbase + g * gs + ld * 2 * c + h * LOAD, 1, lanes)]
+                part = _dot(_codes(raw, hi, h, lanes), acts, part, lanes, tbl)
+            if lanes == V:
+                part = tirx.Shuffle([part, tirx.Broadcast(tirx.const(0, "int32"), 4)], list(range(8)))
+            total = part if total is None else total + part
         return total
 
     def _piece(X, i, g, p):  # activations 16 p .. 16 p + 15 of group g
@@ -150,41 +199,53 @@ def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
 
     finish = finish_macro(lay, act)
 
+    pf = {role: row_lines(shp(role), dt(role, "uint8")) for role in ("codes0", "codes1", "scales", "zeros", "selectors")
+          if role in roles}
+
     @T.macro
-    def group_step(QA, DX, C0, S, acc, nr, mt, i0, r0, g, size):
+    def group_step(QA, DX, C0, C1, GR, SEL, S, acc, nr, mt, i0, r0, g, size):
         for ri in T.unroll(nr):
             for mi in T.unroll(mt):
                 slot = T.bind((ri * mt + mi) * V + (g % 2) * LANES8)  # two chains per output: latency
                 acc[T.Ramp(slot, 1, LANES8)] = acc[T.Ramp(slot, 1, LANES8)] + T.Cast(
-                    "float32x8", _isum(C0, QA, r0 + ri, (i0 + mi) * kp, g, size)) * T.Broadcast(
+                    "float32x8", _isum(C0, C1, GR, SEL, QA, r0 + ri, (i0 + mi) * kp, g, size)) * T.Broadcast(
                     T.Cast(F32, S[r0 + ri, g]) * DX[(i0 + mi) * groups + g], LANES8)
 
     @T.macro
-    def tile(QA, DX, XS, C0, S, Z, B, Y, acc, nr, mt, i0, r0):
+    def tile(QA, DX, XS, C0, C1, GR, SEL, S, Z, B, Y, acc, nr, mt, i0, r0):
         """Output rows r0 .. r0 + nr - 1 against activation rows i0 .. i0 + mt - 1 (nr * mt <= 4)."""
         for ri in T.unroll(nr):
             if nr > 1:
-                prefetch_row(C0, pf_c0[0], pf_c0[1], r0 + ri + PREFETCH_ROWS, n)
-                prefetch_row(S, pf_s[0], pf_s[1], r0 + ri + PREFETCH_ROWS, n)
-                prefetch_row(Z, pf_z[0], pf_z[1], r0 + ri + PREFETCH_ROWS, n)
+                prefetch_row(C0, pf["codes0"][0], pf["codes0"][1], r0 + ri + PREFETCH_ROWS, n)
+                prefetch_row(S, pf["scales"][0], pf["scales"][1], r0 + ri + PREFETCH_ROWS, n)
+                if third:
+                    prefetch_row(C1, pf["codes1"][0], pf["codes1"][1], r0 + ri + PREFETCH_ROWS, n)
+                if lay.asymmetric:
+                    prefetch_row(Z, pf["zeros"][0], pf["zeros"][1], r0 + ri + PREFETCH_ROWS, n)
+                if lay.has_selectors:
+                    prefetch_row(SEL, pf["selectors"][0], pf["selectors"][1], r0 + ri + PREFETCH_ROWS, n)
             for mi in T.unroll(mt):
                 acc[T.Ramp((ri * mt + mi) * V, 1, V)] = T.Broadcast(T.float32(0), V)
         for g in range(full):
-            group_step(QA, DX, C0, S, acc, nr, mt, i0, r0, g, gs)
+            group_step(QA, DX, C0, C1, GR, SEL, S, acc, nr, mt, i0, r0, g, gs)
         if tail > 0:
-            group_step(QA, DX, C0, S, acc, nr, mt, i0, r0, full, tail)
+            group_step(QA, DX, C0, C1, GR, SEL, S, acc, nr, mt, i0, r0, full, tail)
         for ri in T.unroll(nr):
             for mi in T.unroll(mt):
                 finish(XS, S, Z, B, Y, acc, (ri * mt + mi) * V, i0 + mi, r0 + ri)
 
     @T.prim_func(s_tir=True)
-    def main(x: T.handle, c0: T.handle, scales: T.handle, zeros: T.handle, bias: T.handle, y: T.handle):
+    def main(x: T.handle, c0: T.handle, c1: T.handle, scales: T.handle, zeros: T.handle, grid: T.handle,
+             selectors: T.handle, bias: T.handle, y: T.handle):
         T.func_attr({"tirx.noalias": True})
         m = T.int32()
         X = T.match_buffer(x, (m, k), act)
         C0 = T.match_buffer(c0, shp("codes0"), "uint8")
+        C1 = T.match_buffer(c1, shp("codes1"), "uint8")
         S = T.match_buffer(scales, shp("scales"), lay.scale_dtype)
         Z = T.match_buffer(zeros, shp("zeros"), "uint8")
+        GR = T.match_buffer(grid, shp("grid"), "int8")
+        SEL = T.match_buffer(selectors, shp("selectors"), "uint8")
         B = T.match_buffer(bias, shp("bias"), dt("bias", act))
         Y = T.match_buffer(y, (m, n), act)
         QA = T.alloc_buffer((m * kp,), "int8")
@@ -203,15 +264,15 @@ def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
                 for mo in range(m // MTILE):
                     for rr in range(ROWS):
                         if task * ROWS + rr < n:
-                            tile(QA, DX, XS, C0, S, Z, B, Y, acc, 1, MTILE, mo * MTILE, task * ROWS + rr)
+                            tile(QA, DX, XS, C0, C1, GR, SEL, S, Z, B, Y, acc, 1, MTILE, mo * MTILE, task * ROWS + rr)
                 for mi in range(m % MTILE):
                     for rb in range(ROWS // R4):
                         if task * ROWS + rb * R4 + R4 <= n:
-                            tile(QA, DX, XS, C0, S, Z, B, Y, acc, R4, 1, m - m % MTILE + mi, task * ROWS + rb * R4)
+                            tile(QA, DX, XS, C0, C1, GR, SEL, S, Z, B, Y, acc, R4, 1, m - m % MTILE + mi, task * ROWS + rb * R4)
                         else:
                             for rr in range(R4):
                                 if task * ROWS + rb * R4 + rr < n:
-                                    tile(QA, DX, XS, C0, S, Z, B, Y, acc, 1, 1, m - m % MTILE + mi,
+                                    tile(QA, DX, XS, C0, C1, GR, SEL, S, Z, B, Y, acc, 1, 1, m - m % MTILE + mi,
                                          task * ROWS + rb * R4 + rr)
 
-    return with_roles(main, roles)
+    return with_roles(main, roles, PARAMS)

@@ -34,10 +34,14 @@ def layout_reason(lay: QLinearLayout, kernel: str, k_multiple: int) -> str | Non
     return None
 
 
+TABLE_BIAS = 64  # grid values v enter the integer dots as v + 64 in [0, 128] (unsigned operand;
+# pmaddubsw's pairwise int16 sums stay below 2**15: 128 * 127 * 2), taken back as -64 d_g xs_g
+
+
 def coef_term(lay: QLinearLayout) -> bool:
     """Whether rows have a ``(d_g low + m_g) xs_g`` term (Q8_0 has none: low is in its int8 values)
     or, with zero points (``qlinear_a8_wide``), a ``-d_g z_g xs_g`` one."""
-    return lay.bits == 4 or lay.offsets or lay.asymmetric
+    return lay.bits == 4 or lay.offsets or lay.asymmetric or not lay.affine
 
 
 def coef(lay: QLinearLayout, S, O, r, g):
@@ -45,6 +49,9 @@ def coef(lay: QLinearLayout, S, O, r, g):
     points (O holds them) ``d_g (s - z_g)``, s = 128 for 8-bit codes read as ``code - 128``."""
     lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
     ty = F32 if lanes == 1 else f"float32x{lanes}"
+    if not lay.affine and not lay.asymmetric:  # a grid table (qlinear_a8_wide): the bias taken back
+        return T.Cast(ty, S[r, g]) * (tirx.const(-TABLE_BIAS, F32) if lanes == 1 else
+                                      tirx.Broadcast(tirx.const(-TABLE_BIAS, F32), lanes))
     if lay.asymmetric:
         shift = tirx.const(128.0 if lay.bits == 8 else 0.0, F32)
         return T.Cast(ty, S[r, g]) * ((shift if lanes == 1 else tirx.Broadcast(shift, lanes)) - T.Cast(ty, O[r, g]))
@@ -84,10 +91,10 @@ PARAMS = ("x", "codes0", "scales", "offsets", "bias", "y")  # the kernels' full 
 # take the offsets' place: no layout has both)
 
 
-def with_roles(main: tirx.PrimFunc, roles: list[str]) -> tirx.PrimFunc:
-    """``main`` (parameters PARAMS) with only x, the layout's operand ``roles`` and y: the
+def with_roles(main: tirx.PrimFunc, roles: list[str], params: tuple[str, ...] = PARAMS) -> tirx.PrimFunc:
+    """``main`` (parameters ``params``) with only x, the layout's operand ``roles`` and y: the
     parameters of ``matmul_defs.qlinear_func`` for that layout."""
-    keep = [0] + [PARAMS.index("offsets" if r == "zeros" else r) for r in roles] + [len(PARAMS) - 1]
+    keep = [0] + [params.index(r if r in params else "offsets") for r in roles] + [len(params) - 1]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
 
 
