@@ -122,15 +122,23 @@ def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
 
     def _codes(raw, hi, h, lanes):
         """uint8 x lanes: codes of the weights ``16 h + j`` of the one or two chunks in ``raw``
-        (``hi``: the 16 bytes of third bits of those 128 weights, weight ``16 h' + j`` in bit h')."""
+        (``hi``: their third bits, weight ``16 h + j`` of the first chunk in bit h of byte j, of
+        the second chunk in bit h of byte 16 + j: ``_third_bits``)."""
         out = raw if h == 0 else tirx.shift_right(raw, _u8(width * h, lanes))
         if h < shifts - 1:
             out = tirx.bitwise_and(out, _u8((1 << width) - 1, lanes))
-        if third:
-            b = [tirx.bitwise_and(tirx.shift_left(tirx.shift_right(hi, _u8(s, V)), _u8(2, V)), _u8(4, V))
-                 for s in ((h,) if lanes == V else (h, 4 + h))]
-            out = tirx.bitwise_or(out, b[0] if lanes == V else tirx.Shuffle(b, list(range(LOAD))))
+        if third:  # bit h of hi to bit 2
+            moved = (tirx.shift_left(hi, _u8(2 - h, lanes)) if h < 2 else
+                     hi if h == 2 else tirx.shift_right(hi, _u8(h - 2, lanes)))
+            out = tirx.bitwise_or(out, tirx.bitwise_and(moved, _u8(4, lanes)))
         return out
+
+    def _third_bits(C1, r, g, ld, lanes):
+        """The 1-bit stream's 16 bytes for load ld of group g (128 weights, weight ``16 h' + j`` in
+        bit h' of byte j): once as they are (the load's first chunk, h' < 4) and, for a 32-byte
+        load, shifted down by 4 (its second chunk, h' = 4 + h) next to them."""
+        hi = C1[r, tirx.Ramp(g * (gs // 8) + ld * V, 1, V)]
+        return hi if lanes == V else tirx.Shuffle([hi, tirx.shift_right(hi, _u8(4, V))], list(range(LOAD)))
 
     def _table(GR, SEL, r):
         """uint8 x 32: row r's grid (its group's selected candidate) plus TABLE_BIAS, twice (pshufb
@@ -157,7 +165,7 @@ def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
         for ld in range((size + c) // (2 * c)):
             lanes = LOAD if (ld + 1) * 2 * c <= size else V
             raw = C0[r, tirx.Ramp(g * (gs * width // 8) + ld * LOAD, 1, lanes)]
-            hi = C1[r, tirx.Ramp(g * (gs // 8) + ld * V, 1, V)] if third else None
+            hi = _third_bits(C1, r, g, ld, lanes) if third else None
             part = None
             for h in range(shifts):
                 acts = QA[tirx.Ramp(qbase + g * gs + ld * 2 * c + h * LOAD, 1, lanes)]
