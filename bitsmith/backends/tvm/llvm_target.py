@@ -4,8 +4,8 @@ Options: ``mcpu`` ("host" = ``llvm_get_system_cpu()``; or an LLVM CPU name such 
 portable baseline "x86-64-v3"), ``threads`` (0 = every core; see ``runtime_cpu``) and
 ``activation_bits`` (32; 8 = activations quantized to int8 per weight group with integer dot
 products, as llama.cpp computes them, in the layers an int8 kernel covers: ``qlinear_a8``, GGUF
-Q4_0 / Q4_1 / Q8_0 in groups of 32; ``qlinear_a8_wide``, zero-point 2-/4-/8-bit codes such as
-rtn-int2 in groups of 128; other layers stay float).
+Q4_0 / Q4_1 / Q8_0 in groups of 32; ``qlinear_a8_wide``, zero-point or grid-table codes such as
+rtn-int2 and bitmod-w3 in groups of 128; other layers stay float).
 The artifact stores ``plan.json`` (with ``isa``: the concrete CPU name ``mcpu`` resolved to and
 the cpuinfo flags it implies) and ``kernels/<key>.so``; loading hands those bytes to
 ``native_loader`` (trust, CPU and private-copy checks) and never calls the compiler.
@@ -336,8 +336,9 @@ def compile_host(module: Module, options: Mapping[str, Any],
         from ...ir.quantized import qlinear_nodes
         found = sorted({n.attr("scheme") for _f, n, _c in qlinear_nodes(module)})
         raise OptionError("tvm-llvm activation_bits=8: no layer has an int8-activation kernel (they cover GGUF "
-                          "Q4_0 / Q4_1 / Q8_0 blocks in groups of 32, quant='gguf', and 2-, 4- and 8-bit codes with "
-                          "zero points, rtn-int2 / rtn-int4 / rtn-int8, in groups of a multiple of 128 / 64 / 32); "
+                          "Q4_0 / Q4_1 / Q8_0 blocks in groups of 32, quant='gguf', and zero-point or grid-table "
+                          "codes, rtn-int2/3/4/8, bitmod-w3/w4, fp3/fp4, in groups of a multiple of 128 (2-/3-bit), "
+                          "64 (4-bit) or 32 (8-bit)); "
                           f"this model's quantized layers: {found or 'none'}")
     info = {"compile_seconds": time.perf_counter() - t0, "lower_seconds": lower_seconds,
             "cache_hits": cache.hits, "cache_misses": cache.misses, "kernel_compile_seconds": cache.compile_seconds,

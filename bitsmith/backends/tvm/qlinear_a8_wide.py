@@ -140,10 +140,10 @@ def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
         hi = C1[r, tirx.Ramp(g * (gs // 8) + ld * V, 1, V)]
         return hi if lanes == V else tirx.Shuffle([hi, tirx.shift_right(hi, _u8(4, V))], list(range(LOAD)))
 
-    def _table(GR, SEL, r):
-        """uint8 x 32: row r's grid (its group's selected candidate) plus TABLE_BIAS, twice (pshufb
-        looks up within each 16-byte half)."""
-        row = SEL[r[0], r[1]] if lay.has_selectors else 0
+    def _table(GR, SEL, r, g):
+        """uint8 x 32: the grid of row r's group g (its selected candidate) plus TABLE_BIAS, twice
+        (pshufb looks up within each 16-byte half)."""
+        row = SEL[r, g] if lay.has_selectors else 0
         t = tirx.reinterpret(f"uint8x{V}", GR[row, tirx.Ramp(0, 1, V)]) + _u8(TABLE_BIAS, V)
         return tirx.Shuffle([t, t], list(range(LOAD)))
 
@@ -160,7 +160,7 @@ def qlinear_a8_wide_kernel(lay: QLinearLayout, shapes: list[tuple[tuple[int, ...
     def _isum(C0, C1, GR, SEL, QA, r, qbase, g, size):
         """int32x8 whose lanes sum to row r's integer dot with the ``size`` activations of group g
         at qbase: a 32-byte load per 2c weights, a 16-byte one for a last odd chunk."""
-        tbl = _table(GR, SEL, (r, g)) if table else None
+        tbl = _table(GR, SEL, r, g) if table else None
         total = None
         for ld in range((size + c) // (2 * c)):
             lanes = LOAD if (ld + 1) * 2 * c <= size else V
