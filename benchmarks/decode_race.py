@@ -219,7 +219,7 @@ def llama_worker(threads: int, new_tokens: int, prompt: dict, ppl: dict | None) 
         return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     res = _time_row(step, tokenize, prompt, new_tokens)
     res["executor"] = "llama.cpp (llama-cpp-python)"
-    del llm
+    llm = None  # frees the model before the scorer loads (step and tokenize are done with it)
     if ppl:
         scorer = Llama(model_path=path, n_ctx=ppl["ctx"], n_batch=ppl["ctx"], n_threads=threads,
                        n_threads_batch=threads, logits_all=True, verbose=False)
