@@ -28,3 +28,12 @@ def make_qlinear(rng: np.random.Generator, scheme: str, k: int, n: int, group_si
     if bias:
         arrays.append(rng.standard_normal(n).astype(np.float32))
     return attrs, arrays
+
+
+def run_kernel(fn, x: np.ndarray, ops: list[np.ndarray], n: int) -> np.ndarray:
+    """y [m, n] of a compiled qlinear kernel ``fn(x, *ops, y)`` on the CPU."""
+    import tvm
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.zeros((x.shape[0], n), np.float32), dev)
+    fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in ops], y)
+    return y.numpy()

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 tvm = pytest.importorskip("tvm")
 
 from bitsmith.backends.tvm.matmul import host_target  # noqa: E402
+from qlinear_cases import run_kernel as run  # noqa: E402
 from bitsmith.backends.tvm.matmul_cpu import _has  # noqa: E402
 from bitsmith.backends.tvm.qlinear_a8 import applies, qlinear_a8_kernel  # noqa: E402
 from bitsmith.backends.tvm.qlinear_layout import QLinearLayout, pack_sliced  # noqa: E402
@@ -68,13 +69,6 @@ def simulate(x, codes, s, o, bias, low):
     partial = np.einsum("ngk,mgk->mng", np.abs(w), np.abs(q)) * np.abs(s64)[None] * dx[:, None, :]
     size = partial.sum(-1) + np.abs(t2).sum(-1) + (np.abs(bias)[None] if bias is not None else 0)
     return y, (g + 8) * EPS32 * size
-
-
-def run(fn, x, ops, n):
-    dev = tvm.cpu()
-    y = tvm.runtime.tensor(np.zeros((x.shape[0], n), np.float32), dev)
-    fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in ops], y)
-    return y.numpy()
 
 
 @HYP

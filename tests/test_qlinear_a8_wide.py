@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 tvm = pytest.importorskip("tvm")
 
 from bitsmith.backends.tvm.matmul import host_target  # noqa: E402
+from qlinear_cases import run_kernel as run  # noqa: E402
 from bitsmith.backends.tvm.matmul_cpu import _has  # noqa: E402
 from bitsmith.backends.tvm.qlinear_a8_wide import applies, chunk, position, qlinear_a8_wide_kernel  # noqa: E402
 from bitsmith.backends.tvm.qlinear_blocks import TABLE_BIAS  # noqa: E402
@@ -103,13 +104,6 @@ def simulate(x, values, s, bias, g, bound_terms):
     size = (np.einsum("ngk,mgk->mng", grouped(seen), np.abs(q)) * s64[None] * dx[:, None, :]).sum(-1)
     size += (coef[None] * s64[None] * xs[:, None, :]).sum(-1) + (np.abs(bias)[None] if bias is not None else 0)
     return y, (groups + 8) * EPS32 * size
-
-
-def run(fn, x, ops, n):
-    dev = tvm.cpu()
-    y = tvm.runtime.tensor(np.zeros((x.shape[0], n), np.float32), dev)
-    fn(tvm.runtime.tensor(x, dev), *[tvm.runtime.tensor(a, dev) for a in ops], y)
-    return y.numpy()
 
 
 def shapes_of(ops):
