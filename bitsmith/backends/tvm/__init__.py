@@ -61,7 +61,14 @@ class TVMBackend(Backend):
             # two-layer Llama of tests/test_qlinear_a8.py: 8% is a 2x margin, and a wrong code,
             # scale or group moves logits by O(max|logit|). The kernel itself is held to its exact
             # integer simulation (same test file).
-            return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=0.08)
+            if options.get("quant", "gguf") == "gguf":
+                return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=0.08)
+            # Other schemes take qlinear_a8_wide: one activation block per weight group (128),
+            # coarser steps: SmolLM2 logits (12 tokens) moved 8.7% of max|logit| (rtn-int4) and
+            # 8.2% (bitmod-w3), the tiny Llama of tests/test_qlinear_a8_wide.py 0.5-0.7%: 18% is 2x
+            # the worst. A model its weights already broke (SmolLM2 rtn-int2, perplexity ~7e6)
+            # moved 132%: no bound holds there, and none is claimed.
+            return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=0.18)
         return Tolerance(rtol=1e-5, atol=1e-4, scale_rtol=1e-5)
 
     def pipeline(self, target: str, options: Mapping[str, Any]) -> Pipeline:
