@@ -78,9 +78,11 @@ def problems(draw, min_rows=1, max_rows=12, min_cols=1, max_cols=70):
 @settings(max_examples=30, deadline=None)
 @given(problems(min_rows=16, max_rows=32, min_cols=24, max_cols=96), st.sampled_from(SCHEME_NAMES), GROUP_SIZES)
 def test_output_error_no_worse_than_round_to_nearest(problem, scheme_name, group_size):
-    # GPTQ is greedy, so it can lose to RTN on a single tiny row; summed over >= 16 rows with a
-    # well-determined Hessian (4K tokens) it did not in 400 trials (worst ratio 0.90, median 0.50),
-    # so no slack beyond float rounding is allowed.
+    # GPTQ is greedy, so it can lose to RTN: summed over >= 16 rows and 4 tokens per column, the
+    # error ratio GPTQ / RTN measured median 0.51, 99th percentile 0.88 and worst 1.0001 over 600
+    # random problems (this strategy's ranges), and hypothesis once found 1.020 (rtn-int3, groups
+    # of 4, 26 columns: little left to compensate within such groups). 5% slack is 2.5x that
+    # excess; that GPTQ really gains is held by test_output_error_clearly_better_on_a_layer.
     rng, w = problem
     x = correlated_inputs(rng, 4 * w.shape[1], w.shape[1])
     scheme = fitted_schemes()[scheme_name]
@@ -90,7 +92,7 @@ def test_output_error_no_worse_than_round_to_nearest(problem, scheme_name, group
     def output_error(q):
         return float(np.sum(np.square(x @ (w.astype(np.float64) - q).T)))
 
-    assert output_error(gptq) <= output_error(rtn) * (1 + 1e-9)
+    assert output_error(gptq) <= output_error(rtn) * 1.05
 
 
 def test_output_error_clearly_better_on_a_layer():
