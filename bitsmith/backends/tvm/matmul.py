@@ -60,7 +60,7 @@ def qlinear_kernel(attrs: Mapping[str, Any], operands: Sequence[np.ndarray], act
                    activation_bits: int = 32) -> KernelDef:
     """Params: x [m, in], *operands (from :func:`qlinear_operands`), y [m, out].
     ``activation_bits=8``: an int8-activation kernel (``qlinear_a8``: GGUF blocks;
-    ``qlinear_a8_wide``: zero-point codes in wide groups) where one covers the layout (the
+    ``qlinear_a8_wide``: zero-point or grid-table codes in wide groups) where one covers the layout (the
     definition then carries ``activation_bits`` for the CPU schedule; other layouts stay float)."""
     _check_dtype("activation", act_dtype)
     lay = layout_for(attrs, _outlier_width(attrs, operands))

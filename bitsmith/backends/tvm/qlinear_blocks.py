@@ -1,6 +1,6 @@
 """What the per-group qlinear kernels share (``qlinear_a8``: GGUF blocks, int8 activations, integer
-dots; ``qlinear_grouped``: GGUF blocks, float activations; ``qlinear_a8_wide``: zero-point codes
-in wide groups, int8 activations): which GGUF layouts the first two cover, and the per-row epilogue.
+dots; ``qlinear_grouped``: GGUF blocks, float activations; ``qlinear_a8_wide``: zero-point or grid-table
+codes in wide groups, int8 activations): which GGUF layouts the first two cover, and the per-row epilogue.
 
 Both compute, per output row and group g of 32 weights (grid ``value = code + low``, scale d_g,
 offset m_g), ``d_g * (sum of code x activation)`` in the main loop and add the rest,
@@ -46,7 +46,8 @@ def coef_term(lay: QLinearLayout) -> bool:
 
 def coef(lay: QLinearLayout, S, O, r, g):
     """(d_g low + m_g) of row r as float32 (a vector where g is a Ramp of groups); with zero
-    points (O holds them) ``d_g (s - z_g)``, s = 128 for 8-bit codes read as ``code - 128``."""
+    points (O holds them) ``d_g (s - z_g)``, s = 128 for 8-bit codes read as ``code - 128``; with a
+    grid table ``-TABLE_BIAS d_g``."""
     lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
     ty = F32 if lanes == 1 else f"float32x{lanes}"
     if not lay.affine and not lay.asymmetric:  # a grid table (qlinear_a8_wide): the bias taken back
@@ -87,14 +88,13 @@ def finish_macro(lay: QLinearLayout, act: str):
     return finish
 
 
-PARAMS = ("x", "codes0", "scales", "offsets", "bias", "y")  # the kernels' full parameter list (zero points
-# take the offsets' place: no layout has both)
+PARAMS = ("x", "codes0", "scales", "offsets", "bias", "y")  # the GGUF kernels' full parameter list
 
 
 def with_roles(main: tirx.PrimFunc, roles: list[str], params: tuple[str, ...] = PARAMS) -> tirx.PrimFunc:
     """``main`` (parameters ``params``) with only x, the layout's operand ``roles`` and y: the
     parameters of ``matmul_defs.qlinear_func`` for that layout."""
-    keep = [0] + [params.index(r if r in params else "offsets") for r in roles] + [len(params) - 1]
+    keep = [0] + [params.index(r) for r in roles] + [len(params) - 1]
     return tirx.PrimFunc([main.params[i] for i in keep], main.body, main.ret_type, main.attrs)
 
 
