@@ -371,3 +371,20 @@ def test_rewritten_target_json_loads_identically_or_raises_artifact_error(target
     key, a value of another type) and the file re-hashed in the manifest: the backend's decoder,
     not the hash check, must refuse it (or the result is unchanged)."""
     _check_case(name, "/rewrite", targets[name], edits)
+
+
+def test_lut_program_isa_dropped_or_swapped_is_refused(targets):
+    """program.json's ``isa`` dropped (read as the AVX2 build of old artifacts) or swapped for
+    another build this CPU runs, while lutexec.so stays: the library's own ``lut_isa()`` disagrees,
+    and that is a broken artifact (ArtifactError), not a build error (found by the fuzz above in CI)."""
+    from bitsmith.backends.lut import native
+    t = targets["lut-cpu"]
+    names = [n for n in TARGET_JSON if (t.path / n).is_file()]
+    pick = names.index("target/lut/program.json")
+    doc = json.loads((t.path / names[pick]).read_bytes())
+    leaf = [p for p in _paths(doc) if p].index(("isa",))
+    cases = [("rewrite", pick, leaf, "drop", 0, "", None)]
+    cases += [("rewrite", pick, leaf, "str", 0, other, None) for other in native.ENGINE_ISAS
+              if other != doc["isa"] and native.cpu_runs(other)]
+    for case in cases:
+        _check_case("lut-cpu", "/isa", t, [case])

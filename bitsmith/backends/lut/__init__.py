@@ -242,9 +242,12 @@ class LUTBackend(Backend):
             raise ArtifactError(files.path(program.INDEX_FILE), f"isa: {str(isa)[:40]!r} is not one of "
                                                                 f"{sorted(native.ENGINE_ISAS)}")
         library = files[native.LIBRARY_FILE]
-        exe = LUTExecutable(module, layers, library, options,
-                            lambda lay, run_layer: host.load_host(doc["host"], options.get("lut_host", "auto"),
-                                                                  module, lay, run_layer, options, files), isa)
+        try:
+            exe = LUTExecutable(module, layers, library, options,
+                                lambda lay, run_layer: host.load_host(doc["host"], options.get("lut_host", "auto"),
+                                                                      module, lay, run_layer, options, files), isa)
+        except native.NativeBuildError as e:  # the library disagrees with program.json (isa, ABI): not this artifact's
+            raise ArtifactError(files.path(native.LIBRARY_FILE), str(e)) from e
         _validate_streams(exe, layers, files.path(program.INDEX_FILE))
         return exe
 
