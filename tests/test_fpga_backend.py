@@ -135,11 +135,11 @@ def producers_before_consumers(instrs, timing) -> None:
             readers[key] = []
 
 
-@given(random_modules())
+@given(random_modules(static=True))  # drawn static: filtering 3 in 4 symbolic ones failed the health check in CI
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_static_modules_match_and_respect_dependencies(case):
     module, args = case
-    assume(all(sym.is_static(d) for fn in module.functions for p in fn.params for d in p.type.shape))
+    assert all(sym.is_static(d) for fn in module.functions for p in fn.params for d in p.type.shape)
     try:
         exe, lowered = fpga_build(module)
     except UnsupportedOpError:

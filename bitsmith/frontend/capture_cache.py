@@ -78,6 +78,9 @@ class DeferredBlocks(Mapping[str, Any]):
     def __getitem__(self, name: str) -> Any:
         return self._open()[name]
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources  # Mapping's default would decode the tensor to answer
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.sources)
 

@@ -91,6 +91,9 @@ class LazyBlocks(Mapping[str, QuantizedRows]):
                         *src.info.shape)
         return q if src.order is None else q.take_rows(src.order)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources  # Mapping's default would decode the tensor to answer
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.sources)
 

@@ -42,12 +42,13 @@ class Dims:
 
 
 @st.composite
-def dims(draw: st.DrawFn) -> Dims:
+def dims(draw: st.DrawFn, static: bool = False) -> Dims:
+    """``static``: concrete sizes only (for backends that compile fixed shapes)."""
     bindings: dict[str, int] = {}
     out = []
     for symbol in ("batch", "seq"):
         size = draw(st.integers(1, 3))
-        if draw(st.booleans()):
+        if not static and draw(st.booleans()):
             bindings[symbol] = size
             out.append(symbol)
         else:
@@ -146,9 +147,10 @@ def _step(draw: st.DrawFn, b: GraphBuilder, kind: str, loc: Location | None) -> 
 
 
 @st.composite
-def random_modules(draw: st.DrawFn, max_steps: int = 12) -> tuple[Module, list[np.ndarray]]:
-    """A verified module ``main`` and example inputs for it (float32, plus int64 ids if any)."""
-    d = draw(dims())
+def random_modules(draw: st.DrawFn, max_steps: int = 12, static: bool = False) -> tuple[Module, list[np.ndarray]]:
+    """A verified module ``main`` and example inputs for it (float32, plus int64 ids if any);
+    ``static``: every parameter of concrete shape."""
+    d = draw(dims(static))
     feat = draw(st.integers(1, 4))
     b = GraphBuilder("main")
     b.param("x", TensorType((d.batch, d.seq, feat), "float32"))
