@@ -34,6 +34,7 @@ from bitsmith.ir.quant_grids import get_scheme  # noqa: E402
 EPS32 = float(np.finfo(np.float32).eps)
 HYP = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 VNNI = _has(host_target(), "avx512vnni") and _has(host_target(), "avx512vl")
+ZMM = VNNI and _has(host_target(), "avx512bw")  # the kernel's two-rows-per-zmm decode path
 
 
 SCHEMES = ("rtn-int2", "rtn-int3", "rtn-int4", "rtn-int8", "rtn-int2-sym", "fp3", "bitmod-w3", "bitmod-w4")
@@ -50,8 +51,8 @@ def layout(n, k, g, scheme_name, bias=False, **changes):
 
 
 @functools.lru_cache(maxsize=None)
-def kernel(n, k, g, scheme, bias, vnni, shapes):
-    func = qlinear_a8_wide_kernel(layout(n, k, g, scheme, bias), list(shapes), "float32", vnni)
+def kernel(n, k, g, scheme, bias, vnni, shapes, zmm=False):
+    func = qlinear_a8_wide_kernel(layout(n, k, g, scheme, bias), list(shapes), "float32", vnni, zmm)
     return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())["main"]
 
 
@@ -128,7 +129,7 @@ def test_kernel_equals_the_simulation(scheme, n, m, units, tail, bias, zero_grou
     x = (rng.standard_normal((m, k)) * rng.choice([0.01, 1.0, 30.0])).astype(np.float32)
     if zero_group:
         x[0, :g] = 0  # an all-zero group: step 0, every code times 0
-    got = run(kernel(n, k, g, scheme, bias, VNNI, shapes_of(ops)), x, ops, n)
+    got = run(kernel(n, k, g, scheme, bias, VNNI, shapes_of(ops), ZMM), x, ops, n)
     want, tol = simulate(x, values, s, b, g, bound_terms)
     assert (np.abs(got - want) <= tol + 1e-30).all(), np.abs(got - want).max()
     # and it is the int8 computation, not the float one: the float result is farther away
@@ -149,6 +150,24 @@ def test_vnni_and_avx2_paths_give_the_same_bits(scheme):
     x = rng.standard_normal((5, k)).astype(np.float32)
     assert np.array_equal(run(kernel(n, k, g, scheme, True, True, shapes_of(ops)), x, ops, n),
                           run(kernel(n, k, g, scheme, True, False, shapes_of(ops)), x, ops, n))
+
+
+@pytest.mark.skipif(not ZMM, reason="this CPU has no AVX-512 BW + VNNI: the 64-byte two-row path is not built here")
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("m", [1, 5])
+def test_two_rows_per_64_byte_vector_give_the_same_bits(scheme, m):
+    """The zmm path (two output rows per vector in decode tiles) against the 32-byte path: the
+    same int32 sums, then each row's float steps unchanged, so equal bits; n = 13 leaves a
+    3-row remainder (single rows), k a short last group (the 32-byte path), m = 5 one
+    activation row past the 4-row prefill tile."""
+    rng = np.random.default_rng(11)
+    n, g = 13, 128
+    c = chunk(get_scheme(scheme).bits)
+    k = 3 * g + c
+    _v, _s, _b, ops, _t = operands(rng, n, k, g, scheme, True)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    assert np.array_equal(run(kernel(n, k, g, scheme, True, True, shapes_of(ops), True), x, ops, n),
+                          run(kernel(n, k, g, scheme, True, True, shapes_of(ops), False), x, ops, n))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

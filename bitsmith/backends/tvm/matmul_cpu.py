@@ -112,8 +112,11 @@ def schedule(kdef: KernelDef, target):
                                 f"mcpu {target.attrs.get('mcpu', '?')!s} has neither (kernel {kdef.name})")
         vnni = (_has(target, "avx512vnni") and _has(target, "avx512vl")) or _has(target, "avxvnni")
         lay = _layout_from_attrs(a)
-        build = qlinear_a8_kernel if gguf_a8_applies(lay) is None else qlinear_a8_wide_kernel
-        func = build(lay, _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni)
+        if gguf_a8_applies(lay) is None:
+            func = qlinear_a8_kernel(lay, _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni)
+        else:
+            zmm = _has(target, "avx512vnni") and _has(target, "avx512bw")
+            func = qlinear_a8_wide_kernel(lay, _param_shapes(kdef.func), str(a["act_dtype"]), vnni=vnni, zmm=zmm)
     elif chosen == VECTOR_QLINEAR_GROUPED:
         from .qlinear_grouped import qlinear_grouped_kernel
         func = qlinear_grouped_kernel(_layout_from_attrs(a), _param_shapes(kdef.func), str(a["act_dtype"]))

@@ -63,6 +63,8 @@ def applies(lay: QLinearLayout) -> str | None:
 
 
 _DOT = {  # lanes of the byte operands -> (vpdpbusd, pmaddubsw, pmaddwd, abs, psignb)
+    64: ("llvm.x86.avx512.vpdpbusd.512", "llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512", None,
+         None),  # AVX-512 (BW, VNNI): no psignb at this width, so unsigned codes only (_dot_u8s8)
     32: ("llvm.x86.avx512.vpdpbusd.256", "llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd", "llvm.abs.v32i8",
          "llvm.x86.avx2.psign.b"),
     16: ("llvm.x86.avx512.vpdpbusd.128", "llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd",

@@ -35,27 +35,20 @@ def layout_reason(lay: QLinearLayout, kernel: str, k_multiple: int) -> str | Non
 
 
 TABLE_BIAS = 64  # grid values v enter the integer dots as v + 64 in [0, 128] (unsigned operand;
-# pmaddubsw's pairwise int16 sums stay below 2**15: 128 * 127 * 2), taken back as -64 d_g xs_g
+# pmaddubsw's pairwise int16 sums stay below 2**15: 128 * 127 * 2), taken back in the integer sum
 
 
 def coef_term(lay: QLinearLayout) -> bool:
-    """Whether rows have a ``(d_g low + m_g) xs_g`` term (Q8_0 has none: low is in its int8 values)
-    or, with zero points (``qlinear_a8_wide``), a ``-d_g z_g xs_g`` one."""
-    return lay.bits == 4 or lay.offsets or lay.asymmetric or not lay.affine
+    """Whether rows have a ``(d_g low + m_g) xs_g`` term: GGUF blocks but Q8_0 (low is in its int8
+    values). ``qlinear_a8_wide``'s zero points and grid biases are integers, taken back inside its
+    integer sums."""
+    return lay.affine and (lay.bits == 4 or lay.offsets)
 
 
 def coef(lay: QLinearLayout, S, O, r, g):
-    """(d_g low + m_g) of row r as float32 (a vector where g is a Ramp of groups); with zero
-    points (O holds them) ``d_g (s - z_g)``, s = 128 for 8-bit codes read as ``code - 128``; with a
-    grid table ``-TABLE_BIAS d_g``."""
+    """(d_g low + m_g) of row r as float32 (a vector where g is a Ramp of groups)."""
     lanes = int(g.lanes) if isinstance(g, tirx.Ramp) else 1
     ty = F32 if lanes == 1 else f"float32x{lanes}"
-    if not lay.affine and not lay.asymmetric:  # a grid table (qlinear_a8_wide): the bias taken back
-        return T.Cast(ty, S[r, g]) * (tirx.const(-TABLE_BIAS, F32) if lanes == 1 else
-                                      tirx.Broadcast(tirx.const(-TABLE_BIAS, F32), lanes))
-    if lay.asymmetric:
-        shift = tirx.const(128.0 if lay.bits == 8 else 0.0, F32)
-        return T.Cast(ty, S[r, g]) * ((shift if lanes == 1 else tirx.Broadcast(shift, lanes)) - T.Cast(ty, O[r, g]))
     if lay.bits == 8:
         return T.Cast(ty, O[r, g])
     low = tirx.const(float(lay.grid_low), F32)
@@ -66,7 +59,7 @@ def coef(lay: QLinearLayout, S, O, r, g):
 def finish_macro(lay: QLinearLayout, act: str):
     """``finish(XS, S, O, B, Y, acc, a, i, r)``: y[i, r] from the 16 lanes at acc[a:] (the main
     loop's d_g-scaled sums), plus the offset term over XS[i * groups:] (16 groups at a time,
-    then the rest), the lane sum, the bias."""
+    then the rest; where ``coef_term``), the lane sum, the bias."""
     groups = -(-lay.in_features // lay.group_size)  # a shorter last group counts
     gv = groups // V * V  # groups covered by 16-wide vectors
     with_coef, has_bias = coef_term(lay), lay.has_bias
