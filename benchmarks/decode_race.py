@@ -21,7 +21,7 @@ One run, same prompt, same thread count for every row. Rows:
 * ``tvm-llvm/rtn-int2-a8``, ``rtn-int4-a8``, ``bitmod-w3-a8`` — the same option on codes in
   groups of 128 (``qlinear_a8_wide``: zero points or BitMoD's grid tables; activations in int8
   blocks of 128, like llama.cpp's K-quant dots against Q8_K blocks of 256), lm_head (rtn-int8)
-  included.
+  included; ``bitmod-w3-a8-kv16`` with llama.cpp's float16 KV cache as well.
 ``--head-rows`` adds the lm_head variants of issue 15 part 4 for bitmod-w4 and bitmod-w3
 (``/head-fp32``, ``/head-int8``, ``/head-same``: compile option ``head_quant``) other than the
 default, which the plain rows use.
@@ -71,7 +71,7 @@ SCHEMES = ("gguf", "rtn-int4", "bitmod-w4", "bitmod-w3", "shiftadd-w3", "rtn-int
 HEAD_VARIANTS = ("head-fp32", "head-int8", "head-same")  # lm_head: fp32, rtn-int8, the scheme's width
 HEAD_SCHEMES = ("bitmod-w4", "bitmod-w3")
 LIKE_LLAMA_CPP = ("a8", "kv16", "a8-kv16")  # gguf with llama.cpp's own approximations (docstring)
-LOW_BIT_A8 = ("rtn-int2-a8", "rtn-int4-a8", "bitmod-w3-a8")  # tvm-llvm int8-activation kernels, wide groups
+LOW_BIT_A8 = ("rtn-int2-a8", "rtn-int4-a8", "bitmod-w3-a8", "bitmod-w3-a8-kv16")  # tvm-llvm int8-activation kernels, wide groups
 GROUP_SIZE = 128
 
 
