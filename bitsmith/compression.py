@@ -246,7 +246,8 @@ class CompressionOptions:
         """The scheme the output projection gets from its own (round-to-nearest) quantize pass,
         None when it stays fp32 or ``layers`` chooses the linears. Its own pass because
         calibration collects no statistics past the last decoder layer; a weight tied to the
-        embedding is quantized once (the embedding gather keeps reading the float table)."""
+        embedding is quantized once and the embedding gathers the packed rows
+        (``passes/quantization/tied_embedding.py``)."""
         if self.scheme is None or self.layers or self.head_quant == "fp32":
             return None
         return HEAD_QUANTS[self.head_quant] or self.scheme

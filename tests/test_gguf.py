@@ -198,17 +198,28 @@ def test_reference_gguf_equals_the_fp32_capture(legacy_file, tmp_path, monkeypat
     assert "qlinear" in ops
 
 
-def test_tied_lm_head_is_a_q8_0_qlinear_and_the_embedding_stays_exact(legacy_file, tmp_path, monkeypatch):
+def test_tied_lm_head_is_a_q8_0_qlinear_and_the_embedding_gathers_its_rows_exactly(legacy_file, tmp_path,
+                                                                                   monkeypatch):
+    """The tied table is stored once, as the lm_head's Q8_0 codes (as llama.cpp reads
+    ``token_embd``): the gather reads those constants, every row decodes to the file's embedding
+    bit for bit, and no float copy of the table is left in the module."""
+    from bitsmith.ir.quantized_embedding import gathered_rows
     monkeypatch.setenv("BITSMITH_CACHE_DIR", str(tmp_path))
     cm = bitsmith.compile(str(legacy_file), target="reference", quant="gguf")
-    heads = {n.loc.module_path: n for _f, n, _c in qlinear_nodes(cm.module)}
-    assert heads["lm_head"].attr("scheme") == "gguf-q8_0"
-    gathers = [n for f in cm.module.functions for n in f.nodes if n.op == "embedding"]
-    table = {n.outputs[0].name: n.attr("name") for f in cm.module.functions for n in f.nodes if n.op == "constant"}
-    (gather,) = gathers
-    embedding = cm.module.tensors[table[gather.inputs[0]]] if gather.inputs[0] in table else \
-        cm.module.tensors[table[gather.inputs[1]]]
-    np.testing.assert_array_equal(_bits(embedding), _bits(_file_weights(legacy_file)["model.embed_tokens.weight"]))
+    heads = {n.loc.module_path: (n, c) for _f, n, c in qlinear_nodes(cm.module)}
+    head, head_consts = heads["lm_head"]
+    assert head.attr("scheme") == "gguf-q8_0"
+    nodes = [n for f in cm.module.functions for n in f.nodes]
+    assert not [n for n in nodes if n.op == "embedding"]
+    (gather,) = [n for n in nodes if n.op == "qembedding"]
+    table = {n.outputs[0].name: n.attr("name") for n in nodes if n.op == "constant"}
+    packed = [table[v] for v in gather.inputs[:-1]]
+    assert packed == [head_consts[v] for v in head.inputs[1:]]  # the same tensors, not a copy
+    want = _file_weights(legacy_file)["model.embed_tokens.weight"]
+    rows = gathered_rows(dict(gather.attr_dict), [cm.module.tensors[n] for n in packed], np.arange(want.shape[0]))
+    np.testing.assert_array_equal(_bits(rows), _bits(want))
+    assert not [n for n in cm.module.tensors if cm.module.tensors[n].shape == want.shape
+                and cm.module.tensors[n].dtype == np.float32]
 
 
 def test_layers_pick_which_tensors_stay_quantized(legacy_file, tmp_path, monkeypatch):

@@ -129,6 +129,16 @@ def _gather(node, ins, outs, sizes):
     return 0, _sum((sizes.nbytes(ids), sizes.nbytes(outs[0]), sizes.nbytes(outs[0])))
 
 
+@register_op_cost_rule("qembedding")
+def _packed_gather(node, ins, outs, sizes):
+    """qembedding: reads the ids and one row of each packed operand per id (codes, scales, ...);
+    one decode op per output element; writes the output."""
+    *packed, ids = ins
+    rows = _numel(ids)
+    row_bytes = _sum(sym.mul(rows, sizes.nbytes(TensorType(t.shape[1:], t.dtype))) for t in packed)
+    return _numel(outs[0]), _sum((sizes.nbytes(ids), row_bytes, sizes.nbytes(outs[0])))
+
+
 @register_cost_rule(NORMALIZATION)
 def _normalization(node, ins, outs, sizes):
     """softmax / layer_norm: ~5 ops per input element (max or mean, subtract, exp or square,

@@ -5,7 +5,10 @@ A backend whose kernels do not implement a weight format puts this pass in its l
 with the schemes it lacks (``dequantize{schemes=gguf-q4_1|gguf-q8_0}``), so such a model still
 runs, computing with bit-identical weights in dense float32 (bigger and slower, never wrong).
 Option ``schemes``: globs over scheme names (separated by spaces, ``;`` or ``|``); none: the
-pass changes nothing. A weight shared by several nodes (a tied lm_head) is decoded once.
+pass changes nothing. Option ``gathers``: the same for ``qembedding`` nodes (a tied table's
+packed rows, ``bitsmith/ir/quantized_embedding.py``), which become an ``embedding`` of the
+decoded float32 table. A weight shared by several nodes (a tied lm_head and its embedding) is
+decoded once.
 """
 
 from __future__ import annotations
@@ -29,30 +32,43 @@ class Dequantize(Pass):
     name = "dequantize"
     idempotent = True  # it leaves no qlinear of the named schemes
     schemes: tuple[str, ...] = ()
+    gathers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schemes", normalize_layers(self.schemes))
+        object.__setattr__(self, "gathers", normalize_layers(self.gathers))
 
     def apply(self, module: Module) -> Module:
-        if not self.schemes:
+        if not self.schemes and not self.gathers:
             return module
         decoded: dict[tuple[str, ...], str] = {}
 
-        def to_linear(node: Node, rw: Rewriter) -> None:
-            attrs = node.attr_dict
-            n_weight = len(node.inputs) - 1 - (1 if attrs["bias"] else 0)
-            producers = [rw.producer(v) for v in node.inputs[1:1 + n_weight]]
+        def decoded_weight(node: Node, rw: Rewriter, operands: tuple[str, ...]) -> str | None:
+            producers = [rw.producer(v) for v in operands]
             if any(p is None or p.op != "constant" for p in producers):
-                return  # operands computed at run time: not this pass's business
+                return None  # operands computed at run time: not this pass's business
             names = tuple(p.attr("name") for p in producers)
             if names not in decoded:
-                weight = dequantize(attrs, [rw.tensor(n) for n in names]).astype(np.float32)
+                weight = dequantize(node.attr_dict, [rw.tensor(n) for n in names]).astype(np.float32)
                 decoded[names] = rw.add_tensor(f"{names[0].rsplit('.', 1)[0]}.dequantized", weight)
-            w = rw.constant(decoded[names], f"{node.output.name}.weight", producers[0].loc)
-            rw.replace(Node("linear", (node.inputs[0], w) + node.inputs[1 + n_weight:], node.outputs, {}, node.loc))
+            return rw.constant(decoded[names], f"{node.output.name}.weight", producers[0].loc)
 
-        def named(node: Node, rw: Rewriter) -> bool:
-            return any(fnmatch.fnmatchcase(str(node.attr("scheme")), g) for g in self.schemes)
+        def to_linear(node: Node, rw: Rewriter) -> None:
+            n_weight = len(node.inputs) - 1 - (1 if node.attr("bias") else 0)
+            w = decoded_weight(node, rw, node.inputs[1:1 + n_weight])
+            if w is not None:
+                rw.replace(Node("linear", (node.inputs[0], w) + node.inputs[1 + n_weight:], node.outputs, {},
+                                node.loc))
 
-        pattern = Pattern(to_linear, frozenset({"qlinear"}), where=named, name="dequantize_qlinear")
-        return apply_patterns(module, [pattern], once=True, remove_dead=True).prune_tensors()
+        def to_embedding(node: Node, rw: Rewriter) -> None:
+            table = decoded_weight(node, rw, node.inputs[:-1])
+            if table is not None:
+                rw.replace(Node("embedding", (table, node.inputs[-1]), node.outputs, {}, node.loc))
+
+        def named(globs: tuple[str, ...]):
+            return lambda node, rw: any(fnmatch.fnmatchcase(str(node.attr("scheme")), g) for g in globs)
+
+        patterns = [Pattern(to_linear, frozenset({"qlinear"}), where=named(self.schemes), name="dequantize_qlinear"),
+                    Pattern(to_embedding, frozenset({"qembedding"}), where=named(self.gathers),
+                            name="dequantize_qembedding")]
+        return apply_patterns(module, patterns, once=True, remove_dead=True).prune_tensors()

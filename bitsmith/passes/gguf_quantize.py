@@ -30,6 +30,7 @@ from bitsmith.ir.quant_grids import get_scheme
 from .base import Pass, register_pass
 from .quantize import qlinear_attrs
 from .quantization.pack import operand_roles
+from .quantization.tied_embedding import PackedWeight, share_tied_tables
 from .quantization.sites import LinearSite, linear_site, normalize_layers, rewrite_selected_linears
 from .rewrite import Rewriter
 
@@ -78,6 +79,7 @@ class GGUFQuantize(Pass):
     def apply(self, module: Module) -> Module:
         blocks = self._blocks()
         packed: dict[str, tuple[str, BlockFormat]] = {}  # a tied weight (embedding / lm_head) is packed once
+        tied: dict[str, PackedWeight] = {}
 
         def pack(site: LinearSite) -> tuple[str, BlockFormat]:
             q = blocks[site.weight_name]
@@ -100,9 +102,12 @@ class GGUFQuantize(Pass):
                 packed[site.weight_name] = pack(site)
             prefix, fmt = packed[site.weight_name]
             attrs = _attrs(site, fmt, len(node.inputs) == 3)
+            tied.setdefault(site.weight_name, PackedWeight(prefix, {**attrs, "bias": False},
+                                                           tuple(operand_roles({**attrs, "bias": False}))))
             consts = tuple(rw.constant(f"{prefix}.{r}", f"{node.output.name}.{r}", site.weight_loc)
                            for r in operand_roles(attrs))
             rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))
 
-        return rewrite_selected_linears(module, self.layers or EVERY_LINEAR, keep_source_quantization,
+        kept = rewrite_selected_linears(module, self.layers or EVERY_LINEAR, keep_source_quantization,
                                         "keep_source_quantization")
+        return share_tied_tables(kept, tied)  # the file's token_embd: the lm_head's Q8_0 rows, as llama.cpp reads it

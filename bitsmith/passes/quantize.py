@@ -35,6 +35,7 @@ from .base import Pass, register_pass
 from .quantization.groups import QuantizedMatrix, quantize_matrix, select_outliers
 from .quantization.nm import compress_nm, expand_nm, nm_mask, parse_pattern
 from .quantization.pack import operand_roles, qlinear_operands
+from .quantization.tied_embedding import PackedWeight, gatherable, share_tied_tables
 from .quantization.sites import linear_site, normalize_layers, rewrite_selected_linears, selected_linear_inputs
 from .rewrite import Rewriter
 
@@ -124,26 +125,28 @@ class Quantize(Pass):
                              "(e.g. bitsmith.compile(..., calibrate=True, calib_text=FILE))")
         gptq = GPTQOptions(damp=float(self.damp), act_order=bool(self.act_order))
         prefixes: dict[tuple, str] = {}  # a weight shared by several linears is quantized once
+        tied: dict[str, PackedWeight] = {}  # weight -> its packing, for embeddings reading the same table
 
         def rewrite(mod: Module, stats_by_input: dict, only_input: str | None = None) -> Module:
             def quantize_linear(node: Node, rw: Rewriter) -> None:
                 if only_input is not None and node.inputs[0] != only_input:
                     return
-                self._quantize_linear(node, rw, scheme, stats_by_input, prefixes, gptq)
+                self._quantize_linear(node, rw, scheme, stats_by_input, prefixes, gptq, tied)
             return rewrite_selected_linears(mod, self.layers, quantize_linear, "quantize_linear")
 
         if not self.calibrate:
-            return rewrite(module, {})
+            return share_tied_tables(rewrite(module, {}), tied)
         if not self.sequential:
-            return rewrite(module, self.calibration(module))
+            return share_tied_tables(rewrite(module, self.calibration(module)), tied)
         if not callable(getattr(self.calibration, "sequential", None)):
             raise ValueError("quantize{sequential=true} needs a calibration source with a sequential() method "
                              "(bitsmith.passes.quantization.calibration.TextCalibration)")
         stages = selected_linear_inputs(module, self.layers)
-        return self.calibration.sequential(module, stages, lambda mod, value, stats: rewrite(mod, {value: stats}, value))
+        done = self.calibration.sequential(module, stages, lambda mod, value, stats: rewrite(mod, {value: stats}, value))
+        return share_tied_tables(done, tied)
 
     def _quantize_linear(self, node: Node, rw: Rewriter, scheme: Scheme, stats_by_input: dict,
-                         prefixes: dict[tuple, str], gptq: GPTQOptions) -> None:
+                         prefixes: dict[tuple, str], gptq: GPTQOptions, tied: dict[str, PackedWeight]) -> None:
         site = linear_site(node, rw)
         if site is None:
             return
@@ -167,6 +170,8 @@ class Quantize(Pass):
             except ValueError as e:
                 raise ValueError(f"linear {site.module_path}: {e}") from None
             prefixes[key] = rw.add_tensors(site.weight_name, {f".{r}": a for r, a in zip(roles, operands)})
+            if gatherable(attrs) and not attrs["bias"]:
+                tied.setdefault(site.weight_name, PackedWeight(prefixes[key], attrs, tuple(roles)))
         consts = tuple(rw.constant(f"{prefixes[key]}.{r}", f"{node.output.name}.{r}", site.weight_loc)
                        for r in roles)
         rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))

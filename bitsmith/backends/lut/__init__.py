@@ -207,8 +207,9 @@ class LUTBackend(Backend):
         """Calls inlined: the host plans one function at a time; qlinears the engine cannot
         hold exactly (more than 8 bit planes) become dense layers on their exact weights, for the host."""
         from ..scheme_fallback import dequantize_specs
+        from ..tvm.qlinear_layout import gather_native  # the host's gather (the interpreter gathers any)
         from .decompose import native_scheme
-        return Pipeline(legalize=("inline",) + dequantize_specs(native_scheme))
+        return Pipeline(legalize=("inline",) + dequantize_specs(native_scheme, gather_native))
 
     def legal_ops(self, target: str, options: Mapping[str, Any]) -> LegalOps:
         """The host path's ops (host.py), qlinear within the engine's limits."""

@@ -48,6 +48,11 @@ def attrs_reason(node: Node) -> str | None:
     """Why the anchor rules refuse ``node``'s attributes (None: they take them)."""
     if node.op == "linear" and (node.attr("sparsity") or node.attr("outliers")):
         return "linear with sparsity/outlier annotations (quantize it to qlinear)"
+    if node.op == "qembedding":
+        from ...ir.quant_grids import get_scheme
+        from .qlinear_layout import gather_native
+        if not gather_native(get_scheme(str(node.attr("scheme")))):
+            return f"qembedding of scheme {node.attr('scheme')}: no gather kernel (the dequantize pass decodes it)"
     return None
 
 
@@ -136,6 +141,23 @@ def _embedding(node: Node, ctx) -> None:
     t = node.output.type
     out = ctx.out(ctx.new_slot(), [n, table.shape[1]], t.dtype)
     ctx.call(kdef, [ctx.slot(node.inputs[0]), flat_ids], [out], check_ids=(flat_ids, table.shape[0]))
+    finish_out(node, ctx, out[0])
+
+
+@register_anchor("qembedding")
+def _qembedding(node: Node, ctx) -> None:
+    from .packed_gather import qembedding_kernel
+    attrs = dict(node.attr_dict)
+    ids = ctx.types[node.inputs[-1]]
+    try:
+        kdef = qembedding_kernel(attrs, ids.dtype)
+    except ValueError as e:
+        raise ctx.unsupported(node, str(e)) from None
+    n = sym.product(tuple(ids.shape)) if ids.shape else 1
+    flat_ids = ctx.view(ctx.slot(node.inputs[-1]), [n])
+    out = ctx.out(ctx.new_slot(), [n, attrs["in_features"]], node.output.type.dtype)
+    packed = [ctx.slot(v) for v in node.inputs[:-1]]
+    ctx.call(kdef, packed + [flat_ids], [out], check_ids=(flat_ids, attrs["out_features"]))
     finish_out(node, ctx, out[0])
 
 

@@ -186,6 +186,14 @@ def native_scheme_llvm(scheme: Scheme) -> bool:
         scheme.bits <= 4 and all(-128 <= v <= 127 for g in scheme.candidates for v in g.values))
 
 
+def gather_native(scheme: Scheme) -> bool:
+    """What the CPU gather of a tied table's packed rows decodes (``packed_gather.py``): codes one
+    per byte whose value is an integer difference, 8-bit asymmetric (rtn-int8) or affine (Q8_0)."""
+    if scheme.bits != 8 or scheme.scale_dtype not in ("float16", "float32"):
+        return False
+    return (scheme.asymmetric and not scheme.offsets) or affine_low(scheme) is not None
+
+
 def layout_from_attrs(a: Mapping[str, Any]) -> QLinearLayout:
     """The layout a kernel definition records (``QLinearLayout.as_attrs``, values as TVM or Python scalars)."""
     nm = str(a["nm"])

@@ -34,12 +34,14 @@ BuildFn = Callable[[Module, Mapping[str, Any]], Executable]
 LoadFn = Callable[[Module, Mapping[str, Any], Mapping[str, bytes]], Executable]
 
 
-def legalize_specs(native: Callable[[Any], bool] | None = None) -> tuple[str, ...]:
+def legalize_specs(native: Callable[[Any], bool] | None = None,
+                   native_gather: Callable[[Any], bool] | None = None) -> tuple[str, ...]:
     """Calls inlined (kernels are planned per function); qlinears of schemes the kernels lack
-    (``native``, default: what every tvm target decodes) become dense layers on their exact weights."""
+    (``native``, default: what every tvm target decodes) become dense layers on their exact weights,
+    and tied tables' packed rows (qembedding) that ``native_gather`` lacks (default: all) float tables."""
     from ..scheme_fallback import dequantize_specs
     from .qlinear_layout import native_scheme
-    return ("inline",) + dequantize_specs(native or native_scheme)
+    return ("inline",) + dequantize_specs(native or native_scheme, native_gather or (lambda scheme: False))
 
 
 def inline_only(options: Mapping[str, Any]) -> Pipeline:
@@ -51,8 +53,8 @@ def inline_only(options: Mapping[str, Any]) -> Pipeline:
 def llvm_pipeline(options: Mapping[str, Any]) -> Pipeline:
     """``inline_only`` with the CPU kernels' wider set of schemes (8-bit codes, affine GGUF grids,
     float offsets: ``qlinear_layout.native_scheme_llvm``)."""
-    from .qlinear_layout import native_scheme_llvm
-    return Pipeline(legalize=legalize_specs(native_scheme_llvm))
+    from .qlinear_layout import gather_native, native_scheme_llvm
+    return Pipeline(legalize=legalize_specs(native_scheme_llvm, gather_native))
 
 
 @dataclass(frozen=True)
