@@ -283,6 +283,34 @@ def test_load_threads_sets_tvm_pool_size(tmp_path: Path):
     assert cm.report()["executable"]["threads"] == 1
 
 
+def test_a_one_thread_run_does_not_cap_a_later_two_thread_model(tmp_path: Path):
+    """TVM fixes a pool's worker count when it first builds it: a process (one calling thread)
+    that ran a threads=1 model and then loads one with threads=2 must get 2, not a silent 1
+    (found by benchmarks/decode_step.py, which loads both in one process). A fresh process: the
+    pool of this one's main thread is whatever earlier tests left."""
+    pytest.importorskip("tvm")
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    import bitsmith
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable CPUs")
+    x = np.ones((2, 8), np.float32)
+    bitsmith.compile(torch.nn.Linear(8, 4), target="tvm-llvm", example_inputs=(torch.from_numpy(x),)).save(
+        str(tmp_path / "a"))
+    code = ("import numpy as np, bitsmith; from bitsmith.backends.tvm import runtime_cpu as rc; "
+            "x = np.ones((2, 8), np.float32); seen = []\n"
+            f"for t in (1, 2, 1, 2):\n    bitsmith.load({str(tmp_path / 'a')!r}, threads=t)(x); "
+            "seen.append(rc.num_threads())\nprint(seen)")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[1, 2, 1, 2]"
+
+
 def test_load_threads_refused_where_the_target_has_none(tmp_path: Path):
     from artifact_helpers import language_model
 

@@ -55,7 +55,9 @@ def set_threads(threads: int) -> None:
     n = threads or (int(_USER_CAP) if _USER_CAP.isdigit() and int(_USER_CAP) > 0 else USABLE_CPUS)
     if getattr(_applied, "threads", None) == n:
         return
-    _lift_cap(n)
+    # the cap as high as this process may ever ask: TVM fixes a pool's worker count when it first
+    # builds it, so a pool first sized for 1 thread would run a later threads=2 model on 1, silently
+    _lift_cap(max(n, USABLE_CPUS))
     tvm.get_global_func("runtime.config_threadpool")(0, int(n))
     _applied.threads = n
 
