@@ -102,8 +102,7 @@ class GGUFQuantize(Pass):
                 packed[site.weight_name] = pack(site)
             prefix, fmt = packed[site.weight_name]
             attrs = _attrs(site, fmt, len(node.inputs) == 3)
-            tied.setdefault(site.weight_name, PackedWeight(prefix, {**attrs, "bias": False},
-                                                           tuple(operand_roles({**attrs, "bias": False}))))
+            tied.setdefault(site.weight_name, PackedWeight(prefix, attrs))
             consts = tuple(rw.constant(f"{prefix}.{r}", f"{node.output.name}.{r}", site.weight_loc)
                            for r in operand_roles(attrs))
             rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))

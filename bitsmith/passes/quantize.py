@@ -171,7 +171,7 @@ class Quantize(Pass):
                 raise ValueError(f"linear {site.module_path}: {e}") from None
             prefixes[key] = rw.add_tensors(site.weight_name, {f".{r}": a for r, a in zip(roles, operands)})
             if gatherable(attrs) and not attrs["bias"]:
-                tied.setdefault(site.weight_name, PackedWeight(prefixes[key], attrs, tuple(roles)))
+                tied.setdefault(site.weight_name, PackedWeight(prefixes[key], attrs))
         consts = tuple(rw.constant(f"{prefixes[key]}.{r}", f"{node.output.name}.{r}", site.weight_loc)
                        for r in roles)
         rw.replace(Node("qlinear", (node.inputs[0],) + consts + node.inputs[2:], node.outputs, attrs, node.loc))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from bitsmith.ir import Module, Node
 
 from ..rewrite import Pattern, Rewriter, apply_patterns
+from .pack import operand_roles
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,6 @@ class PackedWeight:
 
     prefix: str
     attrs: dict
-    roles: tuple[str, ...]
 
 
 def gatherable(attrs: dict) -> bool:
@@ -41,8 +41,9 @@ def share_tied_tables(module: Module, packed: dict[str, PackedWeight]) -> Module
         if rw.tensor_type(producer.attr("name")).dtype != "float32":
             return  # the gather's rows are float32: a float16 table keeps its own type
         p = packed[producer.attr("name")]
-        consts = tuple(rw.constant(f"{p.prefix}.{r}", f"{node.output.name}.{r}", producer.loc) for r in p.roles)
         attrs = {**p.attrs, "bias": False}
+        consts = tuple(rw.constant(f"{p.prefix}.{r}", f"{node.output.name}.{r}", producer.loc)
+                       for r in operand_roles(attrs))
         rw.replace(Node("qembedding", consts + (node.inputs[1],), node.outputs, attrs, node.loc))
 
     pattern = Pattern(gather_packed, frozenset({"embedding"}), name="gather_tied_packed_rows")
